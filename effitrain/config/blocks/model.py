@@ -1,0 +1,45 @@
+"""Model block: a `transformers` causal LM from a preset architecture or from a name/path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from effitrain.registry import ConfigError, param, register
+
+
+@register("model", "llama", builder="effitrain.models.build:build_llama",
+          summary="A Llama-architecture causal LM initialised from scratch (LlamaConfig)")
+@dataclass
+class LlamaParams:
+    hidden_size: int = param(128, ge=8)
+    num_layers: int = param(4, ge=1)
+    num_heads: int = param(4, ge=1)
+    num_kv_heads: Optional[int] = param(None, ge=1, help="grouped-query attention; null = num_heads")
+    intermediate_size: int = param(352, ge=8)
+    max_position_embeddings: int = param(2048, ge=16)
+    rope_theta: float = param(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    tokenizer: str = param("bpe", help="'bpe' trains a byte-level BPE on the training split; else a HF name/path")
+    vocab_size: int = param(4096, ge=260, help="vocabulary of the trained BPE (ignored for a named tokenizer)")
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{path}.num_heads: {self.num_heads} must divide hidden_size={self.hidden_size}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ConfigError(f"{path}.num_kv_heads: {kv} must divide num_heads={self.num_heads}")
+
+
+@register("model", "pretrained", builder="effitrain.models.build:build_pretrained",
+          summary="Any AutoModelForCausalLM from a hub name or a local save_pretrained folder")
+@dataclass
+class PretrainedParams:
+    path: str = param(help="hub id or local folder written by save_pretrained")
+    tokenizer: Optional[str] = param(None, help="null = the tokenizer saved with the model")
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    gradient_checkpointing: bool = False

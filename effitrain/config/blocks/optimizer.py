@@ -1,0 +1,19 @@
+"""Optimizer block: a torch optimizer over the model's trainable parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from effitrain.registry import param, register
+
+
+@register("optimizer", "adamw", builder="effitrain.optim.adamw:build_adamw",
+          summary="torch.optim.AdamW, no decay on biases and norms (Loshchilov & Hutter, 1711.05101)")
+@dataclass
+class AdamWParams:
+    lr: float = param(1e-3, gt=0)
+    weight_decay: float = param(0.1, ge=0)
+    beta1: float = param(0.9, ge=0, lt=1)
+    beta2: float = param(0.95, ge=0, lt=1)
+    eps: float = param(1e-8, gt=0)
+    fused: bool = param(False, help="torch's fused kernel (GPU)")

@@ -1,0 +1,115 @@
+"""The run-level schema and :func:`validate`, which turns a composed config into a typed :class:`RunSpec`.
+
+Validation is complete before anything is built: every block's name and parameters, the run-level keys, the
+methods, the plugins and the compatibility rules.  It imports neither torch nor deepspeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_builtin_blocks,
+                                load_plugins, param, parse_params)
+
+BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
+                "parallelism", "logger")
+
+
+@dataclass
+class TrainParams:
+    max_steps: int = param(300, ge=1, help="optimizer steps")
+    micro_batch_size: int = param(16, ge=1, help="sequences per process per forward pass")
+    grad_accum: int = param(1, ge=1, help="micro-batches per optimizer step")
+    global_batch_size: Optional[int] = param(None, ge=1, help="if set, must equal micro x accum x world size")
+    seed: int = 0
+    eval_every: int = param(100, ge=0, help="steps between evaluations (0: only at the start and the end)")
+    eval_batches: int = param(4, ge=1, help="micro-batches per domain in each evaluation")
+    save_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = param(2, ge=1, help="complete checkpoints kept on disk")
+    log_every: int = param(10, ge=1, help="steps between log lines (the only host syncs of the loop)")
+    clip_grad_norm: float = param(1.0, ge=0, help="0 disables clipping")
+    max_bad_steps: int = param(5, ge=1, help="stop after this many non-finite steps in a row")
+    save_final_model: bool = param(True, help="write the final model with save_pretrained")
+
+
+@dataclass
+class RecipeInfo:
+    """The ``recipe:`` block at the top of every recipe file: what the method is and where it comes from."""
+    name: str
+    paper: str
+    arxiv: Optional[str] = None
+    claim: str = ""
+    requires: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    notes: str = ""
+
+
+@dataclass
+class RunSpec:
+    blocks: dict[str, Block]
+    methods: dict[str, Block]
+    train: TrainParams
+    run_dir: Optional[str]
+    resume: Optional[str]
+    overwrite: bool
+    plugins: list[str]
+    recipes: list[RecipeInfo]
+
+    def block(self, group: str) -> Block:
+        return self.blocks[group]
+
+
+ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", *BLOCK_GROUPS}
+
+
+def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None) -> RunSpec:
+    """Validate a composed config (a resolved mapping).  ``recipes`` are the ``recipe:`` blocks of the stacked
+    recipe files, in order; by default the single ``recipe`` key of ``cfg`` is used."""
+    load_builtin_blocks()
+    plugins = cfg.get("plugins") or []
+    if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    load_plugins(plugins)
+
+    for key in cfg:
+        if key not in ROOT_KEYS:
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, ROOT_KEYS)}; valid: {choices_text(ROOT_KEYS)}")
+    blocks = {}
+    for group in BLOCK_GROUPS:
+        if group not in cfg:
+            raise ConfigError(f"{group}: required block is missing; valid: {choices_text(REGISTRY.names(group))}")
+        blocks[group] = REGISTRY.parse(group, cfg[group], group)
+
+    methods_cfg = cfg.get("methods") or {}
+    if not isinstance(methods_cfg, Mapping):
+        raise ConfigError(f"methods: expected a mapping of method name to its parameters, got {methods_cfg!r}")
+    methods = {}
+    for name, params in methods_cfg.items():
+        if params is None:  # `methods: {lisa: null}` switches a method off without deleting recipe lines
+            continue
+        body = dict(params)
+        body.setdefault("name", name)
+        methods[name] = REGISTRY.parse("method", body, f"methods.{name}")
+
+    train = parse_params(TrainParams, cfg.get("train") or {}, "train")
+    resume = cfg.get("resume")
+    if resume is not None and not isinstance(resume, str):
+        raise ConfigError(f"resume: expected 'auto' or a checkpoint path, got {resume!r}")
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite: expected true or false, got {overwrite!r}")
+    run_dir = cfg.get("run_dir")
+    if run_dir is not None and not isinstance(run_dir, str):
+        raise ConfigError(f"run_dir: expected a path, got {run_dir!r}")
+
+    if recipes is None:
+        recipes = [cfg["recipe"]] if cfg.get("recipe") else []
+    infos = [parse_params(RecipeInfo, r, f"recipe[{r.get('name', i)}]") for i, r in enumerate(recipes)]
+
+    spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                   plugins=list(plugins), recipes=infos)
+    from effitrain.config.rules import check_rules
+    check_rules(spec)
+    return spec

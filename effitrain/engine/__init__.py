@@ -1,0 +1,1 @@
+"""The DeepSpeed training loop, its events, checkpointing and metrics."""
