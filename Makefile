@@ -1,0 +1,38 @@
+# Set-up is part of every target: a fresh machine needs only Python 3.10+ and these commands.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch==2.13.0 takes the CPU build on this machine's disk; a GPU cluster installs its own torch first
+# (pyproject.toml only asks for torch>=2.4), then `pip install -e .[loggers,methods]`.
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test test-fast bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[loggers,methods,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The default job: a tiny Llama on the built-in demo corpus, about a minute on a laptop CPU.
+run: $(STAMP)
+	$(VENV)/bin/effitrain run_dir=outputs/default overwrite=true $(ARGS)
+
+## The whole test suite (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+## Unit tests only (seconds).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not multiproc" $(ARGS)
+
+## Benchmarks; results and their commands go to docs/benchmarks.md.
+bench: $(STAMP)
+	$(PY) scripts/bench_overhead.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,206 @@
+"""Compose configs with Hydra's compose API (for the tool verbs and the CLI's pre-flight), torch-free.
+
+Hydra does the composing; this module adds what Hydra leaves to the application: a readable one-line error with a
+did-you-mean for a misspelt group option, recipe or key, and the rule that two stacked recipes may not set the
+same key.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from effitrain.registry import ConfigError, choices_text, did_you_mean
+
+CONFIG_MODULE = "effitrain.configs"
+PRIMARY = "train"
+RECIPE_GROUP = "recipe"
+MAX_VALIDATED_SWEEP = 256
+
+
+def config_root() -> Path:
+    return Path(str(resources.files(CONFIG_MODULE)))
+
+
+@functools.lru_cache(maxsize=None)
+def group_options(group: str) -> tuple[str, ...]:
+    folder = config_root() / group
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else ()
+
+
+def groups() -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in config_root().iterdir() if p.is_dir() and not p.name.startswith("_")))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    options = group_options(RECIPE_GROUP)
+    if name not in options:
+        raise ConfigError(f"recipe: unknown recipe '{name}'{did_you_mean(name, options)}; "
+                          f"valid: {choices_text(options)}")
+    with open(config_root() / RECIPE_GROUP / f"{name}.yaml") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+    else:
+        out[prefix] = node
+
+
+def recipe_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The keys a recipe sets, dotted, including the block options it selects (``optimizer`` for
+    ``override /optimizer: galore``); the ``recipe:`` metadata itself is not a setting."""
+    keys: dict[str, Any] = {}
+    for entry in recipe.get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                keys[str(key).replace("override", "").strip().lstrip("/")] = value
+    body = {k: v for k, v in recipe.items() if k not in ("defaults", "recipe")}
+    _flatten("", body, keys)
+    return keys
+
+
+def touched_blocks(recipe: dict[str, Any]) -> list[str]:
+    return sorted({key.split(".")[0] for key in recipe_keys(recipe)})
+
+
+def check_recipe_conflicts(names: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        for key in recipe_keys(load_recipe(name)):
+            for other_key, owner in seen.items():
+                overlap = key == other_key or key.startswith(other_key + ".") or other_key.startswith(key + ".")
+                if overlap and owner != name:
+                    raise ConfigError(f"recipe: '{owner}' and '{name}' both set '{min(key, other_key, key=len)}'; "
+                                      f"stacked recipes must not overlap (override the key on the command line "
+                                      f"after choosing one recipe)")
+        for key in recipe_keys(load_recipe(name)):
+            seen.setdefault(key, name)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def parse_overrides(args: Iterable[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args = list(args)
+    try:
+        return OverridesParser.create().parse_overrides(args)
+    except OverrideParseException as exc:
+        raise ConfigError(f"cannot parse overrides {' '.join(args)}: {str(exc).splitlines()[0]}") from None
+
+
+def _values(override: Any) -> list[Any]:
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    value = override.value()
+    return list(value) if isinstance(value, list) else [value]
+
+
+def recipe_names(overrides: list[Any]) -> list[str]:
+    """The recipes selected by ``+recipe=NAME`` or ``'+recipe=[a,b]'`` (the first sweep value if swept)."""
+    for o in overrides:
+        if o.key_or_group == RECIPE_GROUP and not o.is_delete():
+            value = o.value()
+            if o.is_sweep_override():
+                value = next(iter(o.sweep_string_iterator()))
+            return [str(v) for v in (value if isinstance(value, list) else [value])]
+    return []
+
+
+def check_group_choices(overrides: list[Any]) -> None:
+    """``model=nope`` and ``+recipe=galroe`` are reported with the valid options before Hydra sees them."""
+    all_groups = groups()
+    for o in overrides:
+        group = o.key_or_group
+        if group not in all_groups or o.is_delete() or o.package:
+            continue
+        options = group_options(group)
+        for value in _values(o):
+            names = value if isinstance(value, list) else [value]
+            if group == RECIPE_GROUP and isinstance(value, str) and value.startswith("["):
+                names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+            for name in names:
+                if str(name) not in options:
+                    kind = "recipe" if group == RECIPE_GROUP else f"{group} option"
+                    raise ConfigError(f"{group}: unknown {kind} '{name}'{did_you_mean(name, options)}; "
+                                      f"valid: {choices_text(options)}")
+        if group == RECIPE_GROUP and not o.is_add() and not o.is_force_add():
+            raise ConfigError(f"recipe: train.yaml selects no recipe, so add one with '+recipe={o.value()}'")
+
+
+def expand_sweeps(args: list[str]) -> list[list[str]]:
+    """The overrides of every job of a ``-m`` sweep (up to MAX_VALIDATED_SWEEP jobs are validated)."""
+    overrides = parse_overrides(args)
+    axes = []
+    for o, text in zip(overrides, args):
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([text])
+    return [list(combo) for combo in itertools.islice(itertools.product(*axes), MAX_VALIDATED_SWEEP)]
+
+
+# ---------------------------------------------------------------------------------------------- compose
+@dataclass
+class Composed:
+    cfg: dict[str, Any]           # resolved, without the `hydra` key
+    recipes: list[dict[str, Any]]  # the `recipe:` blocks of the stacked recipes, in order
+
+
+def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
+    cause = exc.__cause__
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    full_key = getattr(cause, "full_key", None)
+    if full_key:
+        parent, _, leaf = str(full_key).rpartition(".")
+        valid = _keys_at(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(full_key)])
+        hint = did_you_mean(leaf, valid)
+        return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}"
+                           f" (use '+{full_key}=...' only to add a key a block really takes)")
+    return ConfigError(message)
+
+
+def _keys_at(parent: str, overrides: list[str]) -> list[str]:
+    try:
+        node = compose_raw(overrides)
+    except Exception:  # noqa: BLE001 - a best-effort hint only
+        return []
+    for part in [p for p in parent.split(".") if p]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return list(node) if isinstance(node, dict) else []
+
+
+def compose_raw(overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(PRIMARY, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def compose_config(overrides: list[str]) -> Composed:
+    """Compose ``train.yaml`` with the overrides, checked: unknown options, recipe conflicts, unknown keys."""
+    parsed = parse_overrides(overrides)
+    check_group_choices(parsed)
+    names = recipe_names(parsed)
+    check_recipe_conflicts(names)
+    try:
+        cfg = compose_raw(overrides)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf errors: turn them into one readable line
+        raise _translate(exc, overrides) from None
+    cfg.pop("hydra", None)
+    recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
+    return Composed(cfg, recipes)

@@ -1,0 +1,260 @@
+"""The training loop over a DeepSpeed engine.
+
+It knows nothing of particular methods: everything method-specific happens in hooks (``effitrain.engine.events``)
+or in the blocks that built the model, optimizer and sampler.  Per step it does the forward/backward/step calls,
+keeps the loss on the device, and ticks the progress bar; host syncs happen only at log, eval and save points (plus
+the one inside the non-finite guard).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from effitrain.engine import checkpoint as ckpt
+from effitrain.engine.events import EventBus
+from effitrain.engine.guard import NonFiniteGuard
+from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_memory_bytes
+from effitrain.engine.rundir import CHECKPOINTS
+from effitrain.engine.state import State
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what SLURM sends before pre-emption) ask the loop to save and exit at the next check."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _all_reduce_max(value: float, device: torch.device) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+    return value
+
+
+class Trainer:
+    def __init__(self, *, state: State, bus: EventBus, packed_train: Any, eval_sets: dict[str, Any],
+                 sinks: Any, guard: NonFiniteGuard, seq_len: int,
+                 save_final_model: Callable[[], None]) -> None:
+        self.state = state
+        self.bus = bus
+        self.train_ids = packed_train           # numpy int array [N, seq_len]
+        self.eval_sets = eval_sets              # domain -> numpy int array
+        self.sinks = sinks
+        self.guard = guard
+        self.seq_len = seq_len
+        self.save_final_model = save_final_model
+        self.train_cfg = state.spec.train
+        self.device = state.engine.device
+        self.stop = StopSignal()
+        self.is_main = state.rank == 0
+        self.global_batch = (self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size)
+        self._flops_per_token = flops_per_token(state.model, seq_len)
+        self._peak_flops = device_peak_flops()
+        self.tokens_per_s: float = 0.0
+        self._train_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------------- batches
+    def _to_batch(self, array: np.ndarray) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=torch.long, non_blocking=True)
+        return {"input_ids": ids, "labels": ids}
+
+    # ------------------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss per domain on the held-out split; each rank takes a strided share of the sequences."""
+        engine, st = self.state.engine, self.state
+        engine.eval()
+        mb = self.train_cfg.micro_batch_size
+        sums = torch.zeros(len(self.eval_sets), 2, dtype=torch.float64, device=self.device)  # loss sum, count
+        for i, (domain, rows) in enumerate(self.eval_sets.items()):
+            limit = min(len(rows), self.train_cfg.eval_batches * mb)
+            mine = np.arange(st.rank, limit, st.world_size)
+            for start in range(0, len(mine), mb):
+                batch = self._to_batch(rows[mine[start:start + mb]])
+                loss = engine(**batch).loss
+                n = batch["input_ids"].shape[0]
+                sums[i, 0] += loss.double() * n
+                sums[i, 1] += n
+        if dist.is_initialized() and st.world_size > 1:
+            dist.all_reduce(sums)
+        engine.train()
+        values = sums.cpu().numpy()
+        result = {f"eval_loss/{d}": float(values[i, 0] / max(values[i, 1], 1)) for i, d in enumerate(self.eval_sets)}
+        result["eval_loss"] = float(values[:, 0].sum() / max(values[:, 1].sum(), 1))
+        return result
+
+    def _eval_and_log(self) -> None:
+        st = self.state
+        st.eval_metrics = self.evaluate()
+        self.bus.emit("eval_end", st)
+        if self.is_main:
+            self.sinks.log({"step": st.step, "tokens": st.tokens, **st.eval_metrics})
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        st = self.state
+        root = st.run_dir / CHECKPOINTS
+        client = {"step": st.step, "micro_step": st.micro_step, "tokens": st.tokens,
+                  "sampler": st.sampler.state_dict(), "hooks": self.bus.state_dict(),
+                  "guard": self.guard.state_dict(), "train_seconds": self._train_seconds}
+
+        def write(tmp: Path) -> None:
+            st.engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
+            torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       tmp / f"rank{st.rank}.pt")
+            if self.is_main:
+                torch.save(client, tmp / "state.pt")
+
+        barrier = dist.barrier if dist.is_initialized() and st.world_size > 1 else (lambda: None)
+        path = ckpt.write_atomically(root, st.step, write, is_writer=self.is_main, barrier=barrier,
+                                     meta={"tokens": st.tokens})
+        if self.is_main:
+            ckpt.prune(root, self.train_cfg.keep_checkpoints)
+        self.bus.emit("checkpoint", st)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        st = self.state
+        loaded, _ = st.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        client = torch.load(path / "state.pt", weights_only=False)
+        st.step, st.micro_step, st.tokens = client["step"], client["micro_step"], client["tokens"]
+        st.sampler.load_state_dict(client["sampler"])
+        self.bus.load_state_dict(client["hooks"])
+        self.guard.load_state_dict(client["guard"])
+        self._train_seconds = client.get("train_seconds", 0.0)
+        rng_file = path / f"rank{st.rank}.pt"
+        if rng_file.exists():  # absent when resuming with more ranks than saved: fresh RNG for the new ones
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        st, cfg, engine = self.state, self.train_cfg, self.state.engine
+        self.stop.install()
+        try:
+            return self._fit(st, cfg, engine)
+        finally:
+            self.stop.restore()
+            self.sinks.close()
+
+    def _fit(self, st: State, cfg: Any, engine: Any) -> dict[str, Any]:
+        self.bus.emit("fit_start", st)
+        engine.train()
+        if st.step == 0:
+            self._eval_and_log()
+        batches = iter(st.sampler)
+        tokens_per_step = self.global_batch * self.seq_len
+        loss_sum = torch.zeros((), device=self.device)  # summed micro-batch losses since the last log line
+        window_steps = 0
+        window_start, paused = time.perf_counter(), 0.0
+        last_saved = st.step if st.step > 0 else -1
+        stopped_by: Optional[str] = None
+
+        while st.step < cfg.max_steps:
+            step_loss = torch.zeros((), device=self.device)
+            for _ in range(cfg.grad_accum):
+                st.batch = self._to_batch(self.train_ids[next(batches)])
+                self.bus.emit("batch_start", st)
+                st.loss = engine(**st.batch).loss
+                self.bus.emit("after_forward", st)
+                engine.backward(st.loss)
+                self.bus.emit("after_backward", st)
+                step_loss += st.loss.detach()
+                if engine.is_gradient_accumulation_boundary():
+                    self.guard.arm(step_loss)
+                engine.step()
+                st.micro_step += 1
+            st.step += 1
+            st.tokens += tokens_per_step
+            loss_sum += step_loss / cfg.grad_accum
+            window_steps += 1
+            self.bus.emit("step_end", st)
+            if self.is_main:
+                self.sinks.on_step(st.step)
+            if self.guard.should_stop:
+                st.should_stop, st.stop_reason = True, f"{self.guard.consecutive_bad} non-finite steps in a row"
+
+            at_log = st.step % cfg.log_every == 0 or st.step == cfg.max_steps
+            if at_log:
+                mean_loss = loss_sum.item() / window_steps  # the host sync: the window's work is done after it
+                if dist.is_initialized() and st.world_size > 1:
+                    t = torch.tensor([mean_loss], dtype=torch.float64, device=self.device)
+                    dist.all_reduce(t)
+                    mean_loss = float(t.item()) / st.world_size
+                elapsed = time.perf_counter() - window_start - paused
+                self._train_seconds += elapsed
+                self.tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                line = {"step": st.step, "tokens": st.tokens, "loss": mean_loss,
+                        "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_s,
+                        "step_time_s": elapsed / window_steps, "peak_memory_bytes": peak_memory_bytes(),
+                        "skipped_steps": self.guard.total_skipped}
+                if self.guard.last_grad_norm is not None:
+                    line["grad_norm"] = float(self.guard.last_grad_norm.item())
+                if self._peak_flops:
+                    achieved = self.tokens_per_s * self._flops_per_token / st.world_size
+                    line["mfu"] = achieved / self._peak_flops
+                line.update(st.metrics)
+                st.metrics = {}
+                if self.is_main:
+                    self.sinks.log(line)
+                loss_sum.zero_()
+                window_steps = 0
+            # one process sees a signal at the next step; several agree on it at log points (a collective)
+            signalled = self.stop.received is not None
+            if st.world_size > 1:
+                signalled = at_log and _all_reduce_max(float(signalled), self.device) > 0
+            if signalled:
+                stopped_by = f"signal {self.stop.received or 'on another rank'}"
+
+            if at_log:
+                window_start, paused = time.perf_counter(), 0.0
+            pause_start = time.perf_counter()  # evaluation and saving do not count towards tokens/s
+            if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.max_steps:
+                self._eval_and_log()
+            if (cfg.save_every and st.step % cfg.save_every == 0) or stopped_by or st.should_stop:
+                self.save_checkpoint()
+                last_saved = st.step
+            if stopped_by or st.should_stop:
+                break
+            paused += time.perf_counter() - pause_start
+
+        finished = st.step >= cfg.max_steps and not st.should_stop
+        if finished:
+            self._eval_and_log()
+            if last_saved != st.step:
+                self.save_checkpoint()
+            self.save_final_model()
+        self.bus.emit("fit_end", st)
+        return {"finished": finished, "stopped_by": stopped_by or st.stop_reason,
+                "train_seconds": self._train_seconds}

@@ -1,0 +1,44 @@
+"""Throughput, memory and MFU figures for the log lines."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (without sparsity).
+_PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                    "L4": 121e12, "RTX 4090": 165e12}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return peak_rss_bytes()
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls with the parameters plus the attention scores (PaLM, App. B)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in _PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,1 @@
+"""Metric sinks: console (progress bar and lines), metrics.jsonl, wandb, tensorboard."""

@@ -1,0 +1,1 @@
+"""Model builders: `transformers` causal LMs from presets or from a name/path."""

@@ -1,0 +1,52 @@
+"""Model block builders.  Both return a plain `transformers` causal LM, so the final model saves with
+``save_pretrained`` and loads back with ``AutoModelForCausalLM.from_pretrained``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from effitrain.registry import ConfigError
+
+
+def build_llama(params, *, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=params.hidden_size,
+        num_hidden_layers=params.num_layers,
+        num_attention_heads=params.num_heads,
+        num_key_value_heads=params.num_kv_heads or params.num_heads,
+        intermediate_size=params.intermediate_size,
+        max_position_embeddings=params.max_position_embeddings,
+        rope_theta=params.rope_theta,
+        tie_word_embeddings=params.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=params.attn_implementation,
+    )
+    model = LlamaForCausalLM(config)
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_pretrained(params, *, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    local = Path(params.path).expanduser()
+    if (local.is_absolute() or params.path.startswith(".")) and not local.exists():
+        raise ConfigError(f"model.path: '{params.path}' does not exist")
+    kwargs = {"revision": params.revision, "trust_remote_code": params.trust_remote_code}
+    if params.attn_implementation:
+        kwargs["attn_implementation"] = params.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else params.path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.path: cannot load '{params.path}': {str(exc).splitlines()[0]}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model

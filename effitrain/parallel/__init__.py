@@ -1,0 +1,1 @@
+"""Parallelism: the DeepSpeed ZeRO section and the distributed launch environment."""

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning blocks (through `peft`)."""

@@ -1,0 +1,29 @@
+"""Precision block -> the DeepSpeed mixed-precision section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    mode: str                  # the resolved mode: fp32, bf16 or fp16 ("auto" is resolved here)
+    ds_config: dict[str, Any]  # merged into the DeepSpeed config
+
+
+def build_precision(params, *, device_type: str, bf16_supported: bool) -> PrecisionPlan:
+    mode = params.mode
+    if mode == "auto":
+        # bf16 is only a win where there are bf16 matrix units; on a CPU it is emulated and slower than fp32
+        mode = "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    if mode == "bf16":
+        section: dict[str, Any] = {"bf16": {"enabled": True}}
+        if params.grad_accum_dtype == "fp32":
+            section["data_types"] = {"grad_accum_dtype": "fp32"}
+        return PrecisionPlan(mode, section)
+    if mode == "fp16":
+        return PrecisionPlan(mode, {"fp16": {"enabled": True, "loss_scale": 0,
+                                             "initial_scale_power": params.initial_scale_power,
+                                             "loss_scale_window": params.loss_scale_window}})
+    return PrecisionPlan("fp32", {})
