@@ -49,6 +49,9 @@ def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclas
     return dataclasses.field(default=default, metadata=meta)
 
 
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -59,7 +62,7 @@ def _type_name(tp: Any) -> str:
         return "null"
     if origin in (list, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"a list of {_PLURAL.get(args[0], _type_name(args[0]))}" if args else "a list"
     if origin is dict:
         return "a mapping"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))

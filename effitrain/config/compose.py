@@ -165,8 +165,7 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
         parent, _, leaf = str(full_key).rpartition(".")
         valid = _keys_at(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(full_key)])
         hint = did_you_mean(leaf, valid)
-        return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}"
-                           f" (use '+{full_key}=...' only to add a key a block really takes)")
+        return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")
     return ConfigError(message)
 
 

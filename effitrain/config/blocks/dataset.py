@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from effitrain.registry import param, register
 
@@ -28,10 +28,16 @@ class DemoParams(_Common):
           summary="Local jsonl / json / parquet / txt files (one file, a glob, or a list)")
 @dataclass
 class LocalParams(_Common):
-    path: list[str] = param(default_factory=list, help="files or globs; the format follows the extension")
-    eval_path: Optional[list[str]] = None
+    path: Union[str, list[str]] = param(default_factory=list, help="a file or glob, or a list; format by extension")
+    eval_path: Optional[Union[str, list[str]]] = None
     text_field: str = "text"
     domain_field: Optional[str] = param(None, help="column with a domain label; null = one domain 'all'")
+
+    def __post_init__(self) -> None:  # one file on the command line (dataset.path=x.jsonl) is a list of one
+        if isinstance(self.path, str):
+            self.path = [self.path]
+        if isinstance(self.eval_path, str):
+            self.eval_path = [self.eval_path]
 
 
 @register("dataset", "hub", builder="effitrain.data.build:build_hub",

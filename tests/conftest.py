@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated cache, the tiny-run overrides, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for a test: seconds on two CPU cores, yet the real blocks, data pipeline and DeepSpeed engine.
+TINY = [
+    "dataset.max_docs_per_domain=120", "dataset.eval_examples_per_domain=8", "dataset.seq_len=64",
+    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
+    "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every=0", "train.eval_batches=1",
+    "train.log_every=1", "scheduler.warmup_steps=1", "logger.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Caches (demo corpus, tokenizers, selection manifests) live in one temporary folder per test session."""
+    cache = tmp_path_factory.mktemp("effitrain-cache")
+    os.environ["EFFITRAIN_CACHE"] = str(cache)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return cache
+
+
+def effitrain_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
+    """Run the installed `effitrain` command in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "effitrain.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def train_in_process():
+    """Compose with overrides and call effitrain.train.train in this process (DeepSpeed initialises once)."""
+    from effitrain.config.compose import compose_config
+    from effitrain.train import train
+
+    def run(overrides: list[str], run_dir: Path) -> dict:
+        composed = compose_config([*TINY, *overrides, f"run_dir={run_dir}"])
+        return train(composed.cfg, run_dir=run_dir, argv=["effitrain", *overrides], recipes=composed.recipes)
+
+    return run

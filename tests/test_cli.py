@@ -1,0 +1,96 @@
+"""The command line: bad input is one readable line with exit status 2, and the tool verbs stay torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, effitrain_cli
+from effitrain.config.compose import compose_config, group_options, groups
+from effitrain.config.spec import validate
+from effitrain.registry import ConfigError
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["optimizer.lrr=1"], "optimizer.lrr: unknown key (did you mean 'lr'?)"),
+    (["+recipe=wds"], "recipe: unknown recipe 'wds' (did you mean 'wsd'?)"),
+    (["optimizer.lr=abc"], "optimizer.lr: expected a number, got 'abc'"),
+    (["model=nope"], "model: unknown model option 'nope'"),
+    (["trian.max_steps=3"], "trian: unknown key (did you mean 'train'?)"),
+    (["train.max_steps=0"], "train.max_steps: 0 is out of range, it must be >= 1"),
+    (["+recipe=[wsd,cpt_rewarm]"], "recipe: 'wsd' and 'cpt_rewarm' both set 'scheduler'"),
+    (["parallelism.stage=7"], "parallelism.stage: 7 is out of range, it must be <= 3"),
+    (["train.max_steps=[1"], "cannot parse overrides"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    result = effitrain_cli(*args, f"run_dir={run_dir}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"effitrain: error: {expected}"), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not run_dir.exists()
+
+
+def test_every_option_of_every_group_validates():
+    for group in groups():
+        if group == "recipe":
+            continue
+        for option in group_options(group):
+            overrides = [f"{group}={option}"]
+            if option in ("pretrained", "local", "hub"):
+                overrides.append(f"{group}.path=somewhere")
+            composed = compose_config(overrides)
+            assert validate(composed.cfg).blocks[group].entry.group == group
+
+
+def test_stacked_recipes_compose_when_they_do_not_overlap():
+    composed = compose_config(["+recipe=[baseline]", "optimizer.lr=3e-3"])
+    spec = validate(composed.cfg, composed.recipes)
+    assert [r.name for r in spec.recipes] == ["baseline"]
+    assert spec.blocks["optimizer"].params.lr == 3e-3
+
+
+def test_recipe_must_be_added_not_assigned():
+    with pytest.raises(ConfigError, match=r"add one with '\+recipe=wsd'"):
+        compose_config(["recipe=wsd"])
+
+
+def test_tool_verbs_import_neither_torch_nor_deepspeed():
+    code = ("import sys; from effitrain.cli import main; "
+            "codes = [main(['recipes']), main(['show', 'wsd']), main(['check', '+recipe=wsd']), main(['rules']), "
+            "main(['diff', 'baseline', 'wsd'])]; "
+            "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets') if m in sys.modules]; "
+            "print('HEAVY', heavy, codes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "HEAVY [] [0, 0, 0, 0, 0]" in out.stdout, out.stdout + out.stderr
+
+
+def test_recipes_table_lists_every_recipe_with_its_paper():
+    result = effitrain_cli("recipes")
+    assert result.returncode == 0
+    for name in group_options("recipe"):
+        assert any(line.split()[0] == name for line in result.stdout.splitlines()[1:])
+    assert "2404.06395" in result.stdout  # wsd's arXiv id
+
+
+def test_show_prints_the_resolved_recipe_config():
+    result = effitrain_cli("show", "wsd", "optimizer.lr=0.005")
+    assert result.returncode == 0, result.stderr
+    assert "name: wsd" in result.stdout and "decay_shape: exp" in result.stdout and "lr: 0.005" in result.stdout
+
+
+def test_diff_names_the_keys_a_recipe_changes():
+    result = effitrain_cli("diff", "baseline", "wsd")
+    assert result.returncode == 0, result.stderr
+    assert "scheduler.name: 'cosine' -> 'wsd'" in result.stdout
+
+
+def test_check_refuses_an_existing_run_dir(tmp_path):
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    result = effitrain_cli("check", f"run_dir={tmp_path}")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert effitrain_cli("check", f"run_dir={tmp_path}", "resume=auto").returncode == 0
+    assert (tmp_path / "config.yaml").read_text() == "x: 1\n"
