@@ -1,0 +1,331 @@
+"""Data-selection methods: typed parameters of the selection presets, their scorers and their selectors.
+
+Selection is split the way the Data Efficacy paper splits it: a **scorer** gives every candidate example a score
+(and, for the clustering methods, a cluster label; for dedup, a keep/drop mask), and a **selector** turns the scores
+into the chosen set under a **budget**.  Ordering is not selection's business (that is the curriculum block).
+
+A selection YAML names a *preset* (``name: dsir``) that fixes the scorer; the selector defaults to the paper's and may
+be swapped for an ablation (``selector: {name: topk}``).  ``name: scored`` combines any scorer with any selector::
+
+    name: dsir
+    target: {domain: code, max_examples: 64}    # what the selection should look like
+    budget: {fraction: 0.25, unit: tokens}      # keep a quarter of the pool's tokens
+    scorer: {name: dsir, num_buckets: 10000}
+    selector: {name: gumbel_topk}
+
+Scorer and selector parameters are registered blocks of the groups ``scorer`` and ``selector`` (this module imports
+neither torch nor deepspeed; the builders live in ``effitrain.selection``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from effitrain.registry import REGISTRY, Block, ConfigError, param, register
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces: the target, the budget, a reference model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetParams:
+    """What the selected data should resemble.  Exactly one of ``domain``, ``path`` or ``dataset``.
+
+    ``domain`` with ``split: train`` (the default) draws ``max_examples`` documents of that domain from the pool's
+    train split and **removes them from the candidates**, so the target is held out of training and the eval split
+    stays untouched for measuring.  ``split: eval`` takes them from the eval split instead (then target-domain eval
+    loss is measured on documents the selection has seen; use it only when the pool is too small to hold out).
+    """
+    domain: Optional[str] = param(None, help="a domain of the pool (the dataset's `domain` column)")
+    split: Literal["train", "eval"] = param("train", help="where domain examples come from (train: held out of the pool)")
+    path: Optional[list[str]] = param(None, help="local jsonl / json / parquet / txt files with the target texts")
+    dataset: Optional[str] = param(None, help="a `datasets` id (from the local cache when offline)")
+    dataset_split: str = param("train", help="split of `dataset`")
+    text_field: str = param("text", help="text column of `path` / `dataset`")
+    max_examples: int = param(64, ge=1, help="target examples used (the first ones, shuffled by the seed)")
+
+    def validate(self, path: str) -> None:
+        given = [k for k in ("domain", "path", "dataset") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(f"{path}: set exactly one of {path}.domain, {path}.path, {path}.dataset "
+                              f"(got {', '.join(given) or 'none'})")
+
+
+@dataclass
+class BudgetParams:
+    """How much of the candidate pool to keep.
+
+    ``unit: tokens`` counts pre-tokenizer word pieces (``\\w+`` runs and single punctuation marks), a count that does
+    not depend on the BPE trained later on the selection; examples are taken in the selector's order until the
+    running total reaches ``fraction`` of the pool's total (at most one document over).  ``unit: examples`` keeps
+    ``round(fraction * N)`` examples.  The pool is the train split after the target hold-out.
+    """
+    fraction: float = param(0.25, gt=0, le=1, help="share of the pool kept")
+    unit: Literal["tokens", "examples"] = param("tokens", help="what the fraction counts")
+
+
+@dataclass
+class _ReferenceModel:
+    model_path: Optional[str] = param(None, help="a save_pretrained causal LM folder with its tokenizer")
+    max_length: int = param(128, ge=8, help="tokens per example fed to the model")
+    batch_size: int = param(16, ge=1, help="examples per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", help="auto = cuda when available")
+
+
+@dataclass
+class _ProxyModel:
+    """A byte-level Llama trained briefly inside the selection stage when no ``model_path`` is given."""
+    proxy_hidden_size: int = param(64, ge=8)
+    proxy_layers: int = param(2, ge=1)
+    proxy_lr: float = param(2e-3, gt=0)
+    proxy_batch_size: int = param(16, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorers
+# ----------------------------------------------------------------------------------------------------------------
+# Class attributes (not dataclass fields): NEEDS_TARGET, CLUSTERS (emits cluster labels), NEEDS_MODEL.
+
+
+@register("scorer", "uniform", builder="effitrain.selection.scorers.simple:UniformScorer",
+          summary="Every example scores 0 (pair with the random selector); free")
+@dataclass
+class UniformScorerParams:
+    NEEDS_TARGET = False
+    CLUSTERS = False
+
+
+@register("scorer", "dsir", builder="effitrain.selection.scorers.dsir:DSIRScorer",
+          summary="DSIR log importance weight of hashed unigram+bigram features (target vs pool); 2 passes, CPU")
+@dataclass
+class DSIRScorerParams:
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    num_buckets: int = param(10000, ge=16, help="hash buckets of the n-gram features")
+    ngram: int = param(2, ge=1, le=3, help="1 = unigrams, 2 = unigrams+bigrams, 3 = +trigrams")
+    lowercase: bool = True
+    smoothing: float = param(0.01, gt=0, help="pseudo-count added to every bucket of both distributions (small: a tiny target must not be flattened to uniform)")
+    pool_mix: float = param(0.1, ge=0, lt=1, help="target distribution mixed with this share of the pool's: "
+                            "bounds the penalty of n-grams a small target never shows (0 = the paper's estimate)")
+    length_normalize: bool = param(False, help="divide the log weight by the feature count (off in the paper)")
+
+
+@register("scorer", "zip_fit", builder="effitrain.selection.scorers.zip_fit:ZipFitScorer",
+          summary="ZIP-FIT: 1 - mean gzip normalized compression distance to target examples; N x T compressions")
+@dataclass
+class ZipFitScorerParams:
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    max_target: int = param(32, ge=1, help="target examples compared against each candidate")
+    max_chars: int = param(2000, ge=16, help="characters of each text compressed")
+    level: int = param(9, ge=1, le=9, help="deflate compression level")
+
+
+@register("scorer", "perplexity", builder="effitrain.selection.scorers.lm:PerplexityScorer",
+          summary="Mean token loss under a reference model (score = loss); one forward pass per example")
+@dataclass
+class PerplexityScorerParams(_ReferenceModel):
+    NEEDS_TARGET = False
+    CLUSTERS = False
+
+    def validate(self, path: str) -> None:
+        if not self.model_path:
+            raise ConfigError(f"{path}.model_path: the perplexity scorer needs a reference model "
+                              f"(a save_pretrained folder with its tokenizer)")
+
+
+@register("scorer", "embedding_kmeans", builder="effitrain.selection.scorers.lm:EmbeddingKMeansScorer",
+          summary="k-means clusters of mean-pooled reference-model hidden states; one forward pass per example")
+@dataclass
+class EmbeddingKMeansScorerParams(_ReferenceModel):
+    NEEDS_TARGET = False
+    CLUSTERS = True
+    num_clusters: int = param(8, ge=2)
+    layer: int = param(-1, help="hidden-state layer (-1 = last)")
+    normalize: bool = param(True, help="L2-normalize embeddings before k-means (spherical k-means)")
+
+    def validate(self, path: str) -> None:
+        if not self.model_path:
+            raise ConfigError(f"{path}.model_path: the embedding_kmeans scorer needs a reference model "
+                              f"(a save_pretrained folder with its tokenizer)")
+
+
+@register("scorer", "loss_trajectory", builder="effitrain.selection.scorers.s2l:LossTrajectoryScorer",
+          summary="S2L: per-example loss trajectories of a small proxy run, k-means clustered; "
+                  "proxy_steps train steps + (checkpoints x N) forward passes")
+@dataclass
+class LossTrajectoryScorerParams(_ReferenceModel, _ProxyModel):
+    NEEDS_TARGET = False
+    CLUSTERS = True
+    proxy_steps: int = param(120, ge=1, help="training steps of the proxy on the pool")
+    checkpoints: int = param(6, ge=2, help="points of each loss trajectory, evenly spaced over the proxy run")
+    num_clusters: int = param(8, ge=2)
+
+
+@register("scorer", "less", builder="effitrain.selection.scorers.less:LESSScorer",
+          summary="LESS: cosine of randomly projected LoRA gradients to the target's; one backward pass per example")
+@dataclass
+class LESSScorerParams(_ReferenceModel, _ProxyModel):
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    warmup_steps: int = param(40, ge=0, help="LoRA warm-up steps on a random pool sample before taking gradients")
+    warmup_fraction: float = param(0.05, gt=0, le=1, help="share of the pool the warm-up trains on")
+    proxy_steps: int = param(100, ge=0, help="steps of the byte-level proxy pre-training (no model_path)")
+    lora_r: int = param(8, ge=1)
+    lora_alpha: int = param(16, ge=1)
+    lora_targets: list[str] = param(default_factory=lambda: ["q_proj", "v_proj"], help="module names given LoRA")
+    proj_dim: int = param(256, ge=8, help="random projection size of the gradient features")
+    max_target: int = param(32, ge=1, help="target examples whose gradients are averaged")
+
+
+@register("scorer", "minhash_dedup", builder="effitrain.selection.scorers.dedup:DedupScorer",
+          summary="Exact (normalized text hash) + MinHash-LSH near-duplicates; keeps the first of each group")
+@dataclass
+class DedupScorerParams:
+    NEEDS_TARGET = False
+    CLUSTERS = False
+    exact: bool = True
+    near: bool = True
+    threshold: float = param(0.8, gt=0, lt=1, help="Jaccard similarity above which two documents are duplicates")
+    num_perm: int = param(128, ge=16, help="MinHash permutations")
+    shingle: Literal["word", "char"] = "word"
+    shingle_size: int = param(5, ge=1, help="n of the n-gram shingles")
+
+
+@register("scorer", "quality_classifier", builder="effitrain.selection.scorers.quality:QualityClassifierScorer",
+          summary="Log-odds of a hashed n-gram logistic regression trained on target (1) vs pool sample (0)")
+@dataclass
+class QualityClassifierScorerParams:
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    n_features: int = param(2 ** 18, ge=64, help="hashing-vectorizer width")
+    ngram_max: int = param(2, ge=1, le=3, help="word n-grams 1..ngram_max")
+    negatives: int = param(1000, ge=1, help="pool examples sampled as the negative class")
+    C: float = param(1.0, gt=0, help="inverse L2 regularization of the logistic regression")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selectors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register("selector", "random", builder="effitrain.selection.selectors:RandomSelector",
+          summary="Uniformly random examples up to the budget")
+@dataclass
+class RandomSelectorParams:
+    NEEDS_CLUSTERS = False
+
+
+@register("selector", "topk", builder="effitrain.selection.selectors:TopKSelector",
+          summary="Best scores first up to the budget")
+@dataclass
+class TopKSelectorParams:
+    NEEDS_CLUSTERS = False
+    descending: bool = param(True, help="true = highest scores first")
+
+
+@register("selector", "gumbel_topk", builder="effitrain.selection.selectors:GumbelTopKSelector",
+          summary="Importance resampling without replacement: top-k of score/T + Gumbel noise (scores = log weights)")
+@dataclass
+class GumbelTopKSelectorParams:
+    NEEDS_CLUSTERS = False
+    temperature: float = param(1.0, gt=0, help="divides the log weights; large = closer to random")
+
+
+@register("selector", "band", builder="effitrain.selection.selectors:BandSelector",
+          summary="Keep scores between two quantiles, then random up to the budget")
+@dataclass
+class BandSelectorParams:
+    NEEDS_CLUSTERS = False
+    low: float = param(0.1, ge=0, le=1, help="lower quantile of the kept band")
+    high: float = param(0.9, ge=0, le=1, help="upper quantile of the kept band")
+
+    def validate(self, path: str) -> None:
+        if self.low >= self.high:
+            raise ConfigError(f"{path}.low: {self.low} must be below {path}.high={self.high}")
+
+
+@register("selector", "cluster_balanced", builder="effitrain.selection.selectors:ClusterBalancedSelector",
+          summary="Equal share of the budget per cluster, smallest clusters first, leftovers passed on")
+@dataclass
+class ClusterBalancedSelectorParams:
+    NEEDS_CLUSTERS = True
+    within: Literal["random", "score"] = param("random", help="order inside a cluster")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection presets (the `selection` group)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoredSelection:
+    """Any scorer with any selector.  The presets below fix the scorer and default the selector."""
+    PRESET_SCORER = None      # scorer name fixed by a preset (None = free)
+    DEFAULT_SELECTOR = None   # selector used when `selector` is omitted
+
+    scorer: dict[str, Any] = param(default_factory=dict, help="scorer block: {name: ..., params}")
+    selector: dict[str, Any] = param(default_factory=dict, help="selector block: {name: ..., params}")
+    target: Optional[TargetParams] = param(None, help="target data (needed by dsir, zip_fit, less, quality_classifier)")
+    budget: BudgetParams = param(default_factory=BudgetParams)
+    num_proc: int = param(1, ge=1, help="worker processes for the batched feature passes (datasets.map)")
+    batch_size: int = param(512, ge=1, help="examples per datasets.map batch")
+    cache: bool = param(True, help="reuse a manifest written for the same pool, target, method and parameters")
+
+    def validate(self, path: str) -> None:
+        scorer = dict(self.scorer)
+        if self.PRESET_SCORER is not None:
+            scorer.setdefault("name", self.PRESET_SCORER)
+            if scorer["name"] != self.PRESET_SCORER:
+                raise ConfigError(f"{path}.scorer.name: preset uses scorer '{self.PRESET_SCORER}', got "
+                                  f"'{scorer['name']}'; use `name: scored` to combine a scorer and a selector freely")
+        selector = dict(self.selector)
+        if self.DEFAULT_SELECTOR is not None:
+            selector.setdefault("name", self.DEFAULT_SELECTOR)
+        self.scorer_block: Block = REGISTRY.parse("scorer", scorer, f"{path}.scorer")
+        self.selector_block: Block = REGISTRY.parse("selector", selector, f"{path}.selector")
+        self.scorer = {"name": self.scorer_block.name, **_plain(self.scorer_block.params)}
+        self.selector = {"name": self.selector_block.name, **_plain(self.selector_block.params)}
+        sp = self.scorer_block.params
+        if getattr(sp, "NEEDS_TARGET", False) and self.target is None:
+            raise ConfigError(f"{path}.target: scorer '{self.scorer_block.name}' needs target data; set "
+                              f"{path}.target.domain (or .path / .dataset)")
+        if getattr(self.selector_block.params, "NEEDS_CLUSTERS", False) and not getattr(sp, "CLUSTERS", False):
+            raise ConfigError(f"{path}.selector.name: 'cluster_balanced' needs a scorer that emits clusters "
+                              f"(embedding_kmeans, loss_trajectory), not '{self.scorer_block.name}'")
+
+
+def _plain(params: Any) -> dict[str, Any]:
+    import dataclasses
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+
+
+_BUILDER = "effitrain.selection.pipeline:build_scored"
+
+
+def _preset(name: str, scorer: Optional[str], selector: Optional[str], summary: str) -> type:
+    cls = type(f"{name.title().replace('_', '')}Selection", (ScoredSelection,),
+               {"PRESET_SCORER": scorer, "DEFAULT_SELECTOR": selector, "__doc__": summary,
+                "__module__": __name__})
+    cls = dataclass(cls)
+    register("selection", name, builder=_BUILDER, summary=summary)(cls)
+    globals()[cls.__name__] = cls
+    return cls
+
+
+_preset("scored", None, None, "Any registered scorer with any selector (both required)")
+_preset("random", "uniform", "random", "Uniformly random examples up to the budget (the baseline of every method)")
+_preset("dsir", "dsir", "gumbel_topk",
+        "DSIR (2302.03169): hashed-n-gram importance weights vs the target, resampled without replacement")
+_preset("zip_fit", "zip_fit", "topk", "ZIP-FIT (2410.18194): gzip compression alignment with the target, top-k")
+_preset("perplexity", "perplexity", "band", "Perplexity filtering: reference-model loss, keep a quantile band")
+_preset("diversity_kmeans", "embedding_kmeans", "cluster_balanced",
+        "Diversify and Conquer: k-means on reference-model embeddings, cluster-balanced sampling")
+_preset("s2l", "loss_trajectory", "cluster_balanced",
+        "S2L (2403.07384): clusters of small-proxy loss trajectories, balanced sampling")
+_preset("less", "less", "topk", "LESS (2402.04333): LoRA-gradient cosine similarity to the target, top-k")
+_preset("dedup", "minhash_dedup", "random", "Exact + MinHash near-duplicate removal (then random up to the budget)")
+_preset("quality_classifier", "quality_classifier", "topk",
+        "PreSelect / BETR style: a classifier of target vs pool, top-k by log-odds")

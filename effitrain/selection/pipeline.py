@@ -1,0 +1,141 @@
+"""The builder behind every scored selection preset: target -> cache look-up -> scorer -> selector -> manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from effitrain.selection import manifest as mf
+from effitrain.selection.base import Context, Scores, Selection, add_token_counts, column_numpy
+from effitrain.selection.target import resolve_target
+
+log = logging.getLogger("effitrain.selection")
+
+ORIGINAL_COLUMNS = ("id", "text", "domain")
+
+
+def params_dict(params: Any) -> dict:
+    """Every parameter that changes the output (num_proc, batch_size and cache do not)."""
+    out = {"scorer": params.scorer, "selector": params.selector,
+           "budget": dataclasses.asdict(params.budget),
+           "target": dataclasses.asdict(params.target) if params.target is not None else None}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def map_fingerprint(ds: Any, tag: str, payload: Any = None) -> str:
+    """An explicit fingerprint for ``datasets.map`` (so it never has to hash a model or a closure)."""
+    blob = json.dumps([getattr(ds, "_fingerprint", None), tag, payload], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def cache_root(cache_dir: Optional[Any]) -> Path:
+    if cache_dir is None:
+        from effitrain.paths import cache_dir as default_cache
+        return default_cache("selection")
+    return Path(cache_dir)
+
+
+def _domain_counts(ds: Any) -> dict:
+    if "domain" not in ds.column_names or len(ds) == 0:
+        return {}
+    counts: Counter = Counter()
+    for batch in ds.select_columns(["domain"]).with_format("arrow").iter(batch_size=65536):
+        counts.update(batch.column("domain").to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0,
+                 method: Optional[str] = None, force: bool = False) -> Selection:
+    """Run (or reuse) a scored selection.  ``method`` defaults to the preset's registered name."""
+    from effitrain.registry import REGISTRY
+
+    if method is None:
+        method = next(n for n in REGISTRY.names("selection")
+                      if REGISTRY.get("selection", n).params is type(params))
+    t0 = time.perf_counter()
+    target, candidates = resolve_target(params.target, pool, seed)
+    pool_hash = mf.content_hash(pool["train"])
+    target_hash = mf.content_hash(target, columns=("text",)) if target is not None else None
+    pdict = params_dict(params)
+    key = mf.manifest_key(pool_hash=pool_hash, target_hash=target_hash, method=method, params=pdict, seed=seed)
+    folder = mf.manifest_dir(cache_root(cache_dir), method, key)
+
+    cached = mf.load(folder, key) if (params.cache and not force) else None
+    if cached is not None:
+        header, index = cached
+        train = candidates.select(index).select_columns([c for c in ORIGINAL_COLUMNS if c in candidates.column_names])
+        info = {**header["info"], "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3),
+                "scoring_seconds": header["info"].get("seconds")}
+        log.info("selection %s: reused manifest %s (%d of %d examples)", method, folder, len(train),
+                 len(candidates))
+        return Selection(train=train, manifest_path=str(folder / "manifest.json"), info=info)
+
+    log.info("selection %s: scoring %d candidates (scorer %s, selector %s)", method, len(candidates),
+             params.scorer["name"], params.selector["name"])
+    counted = candidates.map(add_token_counts, batched=True, batch_size=params.batch_size,
+                             num_proc=_num_proc(params.num_proc, len(candidates)),
+                             new_fingerprint=map_fingerprint(candidates, "n_tokens"),
+                             desc="selection: token counts")
+    n_tokens = column_numpy(counted, "n_tokens", np.int64)
+
+    ctx = Context(target=target, seed=seed, num_proc=params.num_proc, batch_size=params.batch_size,
+                  work_dir=str(folder.parent))
+    scorer = params.scorer_block.build()
+    t_score = time.perf_counter()
+    result: Scores = scorer.score(counted, ctx)
+    score_s = time.perf_counter() - t_score
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if scores.shape != (len(candidates),):
+        raise RuntimeError(f"scorer {params.scorer['name']} returned {scores.shape} scores for "
+                           f"{len(candidates)} candidates")
+
+    weights = n_tokens.astype(np.float64) if params.budget.unit == "tokens" else np.ones(len(candidates))
+    budget = params.budget.fraction * float(weights.sum())
+    allowed = np.flatnonzero(result.keep) if result.keep is not None else np.arange(len(candidates))
+    selector = params.selector_block.build()
+    rng = np.random.default_rng(seed)
+    sub = selector.select(scores[allowed], None if result.clusters is None else result.clusters[allowed],
+                          weights[allowed], budget, rng)
+    index = np.sort(allowed[np.asarray(sub, dtype=np.int64)])
+
+    train = candidates.select(index).select_columns([c for c in ORIGINAL_COLUMNS if c in candidates.column_names])
+    seconds = time.perf_counter() - t0
+    kept_tokens = int(n_tokens[index].sum())
+    info = {
+        "method": method, "scorer": params.scorer["name"], "selector": params.selector["name"],
+        "pool_examples": len(candidates), "pool_tokens": int(n_tokens.sum()),
+        "target_examples": len(target) if target is not None else 0,
+        "after_filter_examples": int(len(allowed)),
+        "kept_examples": int(len(index)), "kept_tokens": kept_tokens,
+        "kept_token_fraction": round(kept_tokens / max(1, int(n_tokens.sum())), 4),
+        "budget": dataclasses.asdict(params.budget),
+        "kept_domains": _domain_counts(train),
+        "seconds": round(seconds, 3), "scoring_seconds": round(score_s, 3),
+        "examples_per_s": round(len(candidates) / max(score_s, 1e-9), 1),
+        "cache_hit": False, "manifest_key": key, **{f"scorer_{k}": v for k, v in result.info.items()},
+    }
+    ids = train["id"] if "id" in train.column_names else [str(i) for i in index]
+    header = {"key": key, "method": method, "params": pdict, "seed": seed,
+              "inputs": {"pool": pool_hash, "target": target_hash},
+              "counts": {"pool_examples": len(candidates), "kept_examples": int(len(index))}, "info": info}
+    path = mf.write(folder, header, index, ids, scores[index],
+                    None if result.clusters is None else result.clusters[index])
+    log.info("selection %s: kept %d / %d examples (%.1f%% of tokens) in %.1fs, %.0f examples/s; manifest %s",
+             method, len(index), len(candidates), 100 * info["kept_token_fraction"], seconds,
+             info["examples_per_s"], path)
+    return Selection(train=train, manifest_path=str(path), info=info)
+
+
+def _num_proc(num_proc: int, n: int) -> Optional[int]:
+    """``datasets.map`` wants None for one process; never more processes than batches make sense for."""
+    if num_proc <= 1 or n < 2 * num_proc:
+        return None
+    return num_proc

@@ -1,0 +1,143 @@
+"""Reference and proxy models for the model-based scorers (perplexity, embedding_kmeans, loss_trajectory, less).
+
+A *reference model* is any ``transformers`` causal LM saved with ``save_pretrained`` together with its tokenizer
+(``model_path``; e.g. the ``final_model`` folder of an earlier effitrain run).  A *proxy* is a byte-level Llama
+(vocabulary 256 bytes + pad + bos, ``proxy_hidden_size`` x ``proxy_layers``, about 0.1 M parameters by default)
+trained briefly inside the selection stage: it needs no tokenizer and no download.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+PAD, BOS, BYTE_VOCAB = 256, 257, 258
+
+
+def device_of(params: Any) -> str:
+    import torch
+    if params.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return params.device
+
+
+class ByteEncoder:
+    """UTF-8 bytes with a leading BOS, right-padded with PAD."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]):
+        import torch
+        seqs = [[BOS] + list(t.encode("utf-8"))[:self.max_length - 1] for t in texts]
+        width = max(2, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return ids, mask
+
+
+class HFEncoder:
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token if self.tok.eos_token is not None else self.tok.unk_token
+        if self.tok.pad_token_id is None:
+            self.tok.add_special_tokens({"pad_token": "<pad>"})
+        self.tok.padding_side = "right"
+
+    def __call__(self, texts: list[str]):
+        enc = self.tok(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] < 2:  # empty texts: one pad column more so that there is a next-token target
+            import torch
+            ids = torch.cat([ids, torch.full_like(ids, self.tok.pad_token_id)], 1)
+            mask = torch.cat([mask, torch.zeros_like(mask)], 1)
+        return ids, mask
+
+
+def load_reference(params: Any) -> tuple[Any, Callable]:
+    """``(model in eval mode on its device, encoder)`` for ``params.model_path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effitrain.registry import ConfigError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(params.model_path)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"selection.scorer.model_path: no tokenizer loadable from '{params.model_path}' "
+                          f"(save it next to the model with save_pretrained): {exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(params.model_path, torch_dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"selection.scorer.model_path: cannot load a causal LM from '{params.model_path}': "
+                          f"{exc}") from None
+    model.to(device_of(params)).eval()
+    return model, HFEncoder(tok, params.max_length)
+
+
+def byte_proxy(params: Any, seed: int) -> tuple[Any, Callable]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    h = params.proxy_hidden_size
+    heads = max(1, h // 32)
+    cfg = LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=params.proxy_layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=params.max_length + 8,
+                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=PAD, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).to(device_of(params))
+    return model, ByteEncoder(params.max_length)
+
+
+def token_losses(model: Any, ids: Any, mask: Any):
+    """Per-example mean next-token loss (a tensor of shape [batch]) and the model output."""
+    import torch.nn.functional as F
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=False)
+    logits = out.logits[:, :-1].float()
+    tgt = ids[:, 1:]
+    m = mask[:, 1:].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view_as(m)
+    return (nll * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def example_losses(model: Any, encode: Callable, texts: list[str], device: str) -> list[float]:
+    import torch
+    ids, mask = encode(texts)
+    with torch.no_grad():
+        return token_losses(model, ids.to(device), mask.to(device)).cpu().tolist()
+
+
+def train_steps(model: Any, encode: Callable, ds: Any, *, steps: int, batch_size: int, lr: float, seed: int,
+                device: str, indices: Optional[np.ndarray] = None,
+                on_step: Optional[Callable[[int], None]] = None) -> list[float]:
+    """A few AdamW steps on random batches of ``ds['text']`` (rows ``indices``, default all); returns the losses.
+
+    ``on_step(step)`` is called after every step (and with 0 before the first)."""
+    import torch
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    if on_step is not None:
+        on_step(0)
+    for step in range(1, steps + 1):
+        model.train()
+        pick = np.sort(rng.choice(rows, size=min(batch_size, len(rows)), replace=False))
+        ids, mask = encode(ds.select(pick)["text"])
+        loss = token_losses(model, ids.to(device), mask.to(device)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+    return losses

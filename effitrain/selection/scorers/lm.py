@@ -1,0 +1,102 @@
+"""Reference-model scorers.
+
+``perplexity``: the mean next-token loss of each example under a reference model (score = loss, so the ``band``
+selector keeps a quantile band of losses, dropping both the gibberish tail and the boiler-plate head, as in
+perplexity filtering for CCNet / "Perplexed by Perplexity").
+Needs: ``model_path``.  Cost: one forward pass per example (``batch_size`` per pass, ``max_length`` tokens).
+
+``embedding_kmeans`` (Diversify and Conquer, arXiv 2409.11378): mean-pooled hidden states
+of a reference model, optionally L2-normalized, clustered with scikit-learn k-means; the ``cluster_balanced``
+selector then takes an equal share from every cluster.  Score = minus the distance to the cluster centre (used when
+``within: score``).  Needs: ``model_path``.  Cost: one forward pass per example plus k-means on an N x hidden matrix
+held in memory (N x hidden x 4 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from effitrain.selection.base import Scores, column_numpy
+from effitrain.selection.refmodel import device_of, example_losses, load_reference
+
+
+def _model_tag(path: str) -> str:
+    """Name + modification times of the model folder's files: a changed model gives a new fingerprint."""
+    h = hashlib.sha256(os.path.abspath(path).encode())
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            st = os.stat(os.path.join(path, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _map_main(ds, fn, tag, payload, batch_size):
+    from effitrain.selection.pipeline import map_fingerprint
+    return ds.map(fn, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+                  new_fingerprint=map_fingerprint(ds, tag, payload), desc=f"selection: {tag}")
+
+
+class PerplexityScorer:
+    def __init__(self, params) -> None:
+        self.params = params
+
+    def score(self, candidates, ctx) -> Scores:
+        p = self.params
+        model, encode = load_reference(p)
+        dev = device_of(p)
+
+        def fn(batch):
+            return {"loss": example_losses(model, encode, batch["text"], dev)}
+
+        out = _map_main(candidates.select_columns(["text"]), fn, "perplexity",
+                        {"model": _model_tag(p.model_path), "max_length": p.max_length}, p.batch_size)
+        return Scores(scores=column_numpy(out, "loss", np.float64))
+
+
+def embed(model, encode, texts, device, layer: int):
+    import torch
+    ids, mask = encode(texts)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states[layer].float()
+    m = mask.unsqueeze(-1).float()
+    return ((hs * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu().numpy()
+
+
+def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and distance to own centre; MiniBatchKMeans beyond 20k points."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    k = max(1, min(k, len(x)))
+    algo = (MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096) if len(x) > 20000
+            else KMeans(n_clusters=k, random_state=seed, n_init=4))
+    labels = algo.fit_predict(x)
+    dist = np.linalg.norm(x - algo.cluster_centers_[labels], axis=1)
+    return labels.astype(np.int64), dist
+
+
+class EmbeddingKMeansScorer:
+    def __init__(self, params) -> None:
+        self.params = params
+
+    def score(self, candidates, ctx) -> Scores:
+        p = self.params
+        model, encode = load_reference(p)
+        dev = device_of(p)
+
+        def fn(batch):
+            return {"emb": embed(model, encode, batch["text"], dev, p.layer).astype(np.float32).tolist()}
+
+        out = _map_main(candidates.select_columns(["text"]), fn, "embedding",
+                        {"model": _model_tag(p.model_path), "max_length": p.max_length, "layer": p.layer},
+                        p.batch_size)
+        x = column_numpy(out, "emb", np.float32)
+        if p.normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+        labels, dist = kmeans(x, p.num_clusters, ctx.seed)
+        return Scores(scores=-dist, clusters=labels,
+                      info={"clusters": int(labels.max() + 1) if len(labels) else 0,
+                            "embedding_dim": int(x.shape[1]) if x.ndim == 2 else 0})
