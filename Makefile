@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 
 ## Benchmarks; results and their commands go to docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) scripts/bench_overhead.py $(ARGS)
+	$(PY) scripts/bench_overhead.py --write docs/benchmarks.md $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

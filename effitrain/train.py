@@ -66,10 +66,18 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     from effitrain.parallel.dist import dist_env
     env = dist_env()
 
-    import deepspeed
-    import numpy as np
+    import os
+
     import torch
+    # name the accelerator ourselves: DeepSpeed's auto-detection warns on every CPU start
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import datasets
+    import deepspeed
     import torch.distributed as dist
+
+    datasets.disable_progress_bars()  # the run's own progress bar and log lines are the console output
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
 
     from effitrain.config.rules import Environment, check_rules
     from effitrain.engine.events import EventBus
@@ -109,14 +117,14 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     _seed_everything(spec.train.seed)
 
     # ---- data: source -> selection -> tokenizer -> packing.  Rank 0 fills the caches first, the others reuse them.
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy, build_packed_splits
 
     t0 = time.perf_counter()
     selection = None
     packed = None
     for turn in ((0,) if world == 1 else (0, 1)):
         if (turn == 0) == is_main:
-            pool = spec.block("dataset").build(cache_dir=cache_dir("datasets"))
+            pool = spec.block("dataset").build(cache_dir=None)
             selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
             from datasets import DatasetDict
             packed = build_packed_splits(spec.block("dataset").params, spec.block("model").params,

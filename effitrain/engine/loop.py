@@ -219,8 +219,11 @@ class Trainer:
                         "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_s,
                         "step_time_s": elapsed / window_steps, "peak_memory_bytes": peak_memory_bytes(),
                         "skipped_steps": self.guard.total_skipped}
-                if self.guard.last_grad_norm is not None:
-                    line["grad_norm"] = float(self.guard.last_grad_norm.item())
+                grad_norm = engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
+                if grad_norm is None and self.guard.last_grad_norm is not None:
+                    grad_norm = self.guard.last_grad_norm
+                if grad_norm is not None:
+                    line["grad_norm"] = float(grad_norm)
                 if self._peak_flops:
                     achieved = self.tokens_per_s * self._flops_per_token / st.world_size
                     line["mfu"] = achieved / self._peak_flops
