@@ -1,0 +1,1 @@
+"""Curricula: stateful, resumable samplers that decide the order of the packed training rows."""

@@ -1,0 +1,113 @@
+"""Build-once folders in the effitrain cache, safe when several processes ask at the same time.
+
+Every torchrun rank builds its data pipeline, so two processes routinely want the same demo corpus, tokenizer or
+packed dataset at the same moment.  :func:`build_once` lets exactly one of them build it, into a temporary folder
+that is renamed into place only when complete: a crash mid-build leaves no half-written cache entry, and the other
+ranks wait on a file lock, then reuse the finished folder instead of building it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from effitrain import paths
+
+_DONE = ".complete"  # written last inside the temporary folder: a folder without it is never trusted
+
+
+def cache_root(override: Optional[os.PathLike | str] = None) -> Path:
+    """``override`` (the builders' ``cache_dir`` argument) or ``$EFFITRAIN_CACHE`` / ``~/.cache/effitrain``."""
+    if override is not None:
+        root = Path(override)
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return paths.cache_dir()
+
+
+def build_once(kind: str, key: str, build: Callable[[Path], None], *,
+               cache_root: Optional[os.PathLike | str] = None) -> Path:
+    """Return ``<cache>/<kind>/<key>``, calling ``build(tmp_folder)`` to create it if it does not exist yet."""
+    from filelock import FileLock
+
+    parent = (Path(cache_root) if cache_root is not None else paths.cache_dir()) / kind
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / key
+    if (final / _DONE).exists():
+        return final
+    with FileLock(str(parent / f"{key}.lock")):
+        if (final / _DONE).exists():  # another process built it while we waited for the lock
+            return final
+        if final.exists():  # not ours (the marker goes in before the rename), e.g. an empty folder made by hand
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=parent))
+        try:
+            build(tmp)
+            (tmp / _DONE).write_text("ok\n")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+class ContentHash:
+    """An incremental SHA-256 over typed parts, so ``("ab", "c")`` and ``("a", "bc")`` never collide."""
+
+    def __init__(self, *parts: object) -> None:
+        self._h = hashlib.sha256()
+        self.update(*parts)
+
+    def update(self, *parts: object) -> "ContentHash":
+        for part in parts:
+            data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
+            self._h.update(len(data).to_bytes(8, "little"))
+            self._h.update(data)
+        return self
+
+    def update_all(self, parts: Iterable[object]) -> "ContentHash":
+        for part in parts:
+            self.update(part)
+        return self
+
+    def hexdigest(self, n: int = 16) -> str:
+        return self._h.hexdigest()[:n]
+
+
+def dataset_content_hash(ds, columns: Iterable[str] = ("id", "text", "domain"), *, batch_size: int = 10_000) -> str:
+    """A hash of the values of ``columns`` of a ``datasets.Dataset``, row by row.
+
+    ``datasets`` fingerprints are random for in-memory datasets (e.g. a selection built with ``from_list``), so
+    caches keyed on them would miss every time; hashing the content costs ~10 ms per 10 MB of text and is exact.
+    """
+    h = ContentHash("rows", len(ds))
+    cols = [c for c in columns if c in ds.column_names]
+    h.update(*cols)
+    for batch in ds.select_columns(cols).with_format(None).iter(batch_size=batch_size):
+        for col in cols:
+            h.update_all(batch[col])
+    return h.hexdigest()
+
+
+# Small builds print no progress bars (they are done before a bar would be read); big ones keep them.
+_QUIET_BELOW_ROWS = 50_000
+
+
+@contextlib.contextmanager
+def quiet_progress(rows: int) -> Iterator[None]:
+    """Hide `datasets` progress bars for builds of fewer than ``_QUIET_BELOW_ROWS`` rows, then restore them."""
+    from datasets import utils as hf_tqdm
+
+    if rows >= _QUIET_BELOW_ROWS or hf_tqdm.are_progress_bars_disabled():
+        yield
+        return
+    hf_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_tqdm.enable_progress_bars()

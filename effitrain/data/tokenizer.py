@@ -1,0 +1,103 @@
+"""Tokenizers: a byte-level BPE trained on the training split, or a named Hugging Face tokenizer.
+
+The trained BPE is cached under ``<cache>/tokenizers/<key>``, where the key hashes the training texts, the
+vocabulary size and the ``tokenizers`` version; torchrun ranks that ask at once train it once (see
+:func:`effitrain.data.cache.build_once`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from effitrain.data.cache import ContentHash, build_once, dataset_content_hash
+from effitrain.registry import ConfigError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+_FORMAT_VERSION = 1
+
+
+def _batches(train, batch_size: int = 1000) -> Iterator[list[str]]:
+    for batch in train.select_columns(["text"]).with_format(None).iter(batch_size=batch_size):
+        yield batch["text"]
+
+
+def train_bpe(train, vocab_size: int, out_dir: Path) -> None:
+    """Train a byte-level BPE on ``train["text"]`` and ``save_pretrained`` it into ``out_dir``.
+
+    Byte-level means every string is encodable (no unknown token) and decoding is exact.  ``<|endoftext|>`` is the
+    end-of-document token (also BOS) and ``<|pad|>`` pads; both are single ids that never occur inside text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tok.train_from_iterator(_batches(train), trainer=trainer, length=len(train))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, model_max_length=1_000_000_000)
+    fast.save_pretrained(str(out_dir))
+
+
+def bpe_cache_key(train, vocab_size: int) -> str:
+    import tokenizers
+
+    return ContentHash("bpe", _FORMAT_VERSION, tokenizers.__version__, vocab_size,
+                       dataset_content_hash(train, ("text",))).hexdigest()
+
+
+def _ensure_special_tokens(tokenizer: Any, name: str) -> Any:
+    """Packing needs an end-of-document id and batching a pad id.  Models without a pad token pad with EOS (the
+    padded positions are masked out of the loss anyway); a tokenizer without any EOS cannot separate documents."""
+    if tokenizer.eos_token_id is None:
+        if tokenizer.sep_token is not None:  # encoder-style tokenizers mark document ends with SEP
+            tokenizer.eos_token = tokenizer.sep_token
+        else:
+            raise ConfigError(f"model.tokenizer: '{name}' has no end-of-sequence token, which packing needs to "
+                              f"separate documents")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path] = None):
+    """The tokenizer of a run: a ``transformers`` fast tokenizer with ``eos_token_id`` and ``pad_token_id`` set.
+
+    * ``model_params.tokenizer == "bpe"``: a byte-level BPE with ``model_params.vocab_size`` entries (the two
+      special tokens included) trained on ``train`` (a ``datasets.Dataset`` with a ``text`` column); the same texts
+      and size give the same tokenizer, from the cache after the first time.
+    * any other string: ``AutoTokenizer.from_pretrained`` of that hub id or folder;
+    * ``None`` (the ``pretrained`` model block's default): the tokenizer saved with the model at ``path``.
+
+    ``len(tokenizer)`` is the vocabulary size the model's embedding needs.
+    """
+    name = getattr(model_params, "tokenizer", None)
+    if name == "bpe":
+        from transformers import PreTrainedTokenizerFast
+
+        key = bpe_cache_key(train, model_params.vocab_size)
+        folder = build_once("tokenizers", key, lambda tmp: train_bpe(train, model_params.vocab_size, tmp),
+                            cache_root=cache_dir)
+        return _ensure_special_tokens(PreTrainedTokenizerFast.from_pretrained(str(folder)), "bpe")
+
+    from transformers import AutoTokenizer
+
+    name_or_path = name if name is not None else getattr(model_params, "path", None)
+    if not name_or_path:
+        raise ConfigError("model.tokenizer: no tokenizer named and the model block has no path")
+    kwargs = {}
+    if getattr(model_params, "revision", None) and name is None:  # the revision belongs to the model's repo
+        kwargs["revision"] = model_params.revision
+    if getattr(model_params, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model.tokenizer: cannot load tokenizer '{name_or_path}': {message}") from None
+    return _ensure_special_tokens(tokenizer, name_or_path)
