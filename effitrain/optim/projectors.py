@@ -1,0 +1,198 @@
+"""Low-rank gradient projectors: one abstraction, three ways of choosing the subspace.
+
+A projector maps an m x n gradient G to rank-r coordinates and an update in those coordinates back to m x n.  The
+smaller side is projected (GaLore's "std" rule): for m >= n, ``low = G P`` with P (n x r); otherwise
+``low = P^T G`` with P (m x r).  What differs between the papers is only how P is chosen and whether the low-rank
+gradient is further preconditioned:
+
+* :class:`SVDProjector` (GaLore, 2403.03507): top-r singular vectors of G, refreshed every ``update_proj_gap`` steps.
+* :class:`NaturalProjector` (Natural GaLore, 2410.16029): the same subspace, plus the inverse empirical Fisher of the
+  last ``s`` low-rank gradients applied to the current one through the Woodbury identity (an s x s solve).
+* :class:`DCTProjector` (SVD-free, 2505.17967): P is r columns of a fixed orthonormal DCT-II basis, chosen by their
+  alignment with G (one matmul + top-k, no SVD); only the column indices are stored per layer, and on a refresh the
+  Adam moments are rotated into the new subspace (the paper's R = P_old^T P_new).
+
+Projectors are stateless strategies: the per-parameter state (basis or indices, Fisher history) lives in the
+optimizer's state dict as tensors, so checkpoints hold only tensors and load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+class Projector:
+    kind = "base"
+    #: whether the optimizer should rotate its moments into the new subspace when the basis changes
+    rotate_moments = False
+
+    def __init__(self, rank: int, update_proj_gap: int, scale: float) -> None:
+        self.rank = rank
+        self.update_proj_gap = update_proj_gap
+        self.scale = scale
+
+    # -- geometry ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def right_side(shape: torch.Size) -> bool:
+        """Project the columns (G P) when the matrix is at least as tall as wide, else the rows (P^T G)."""
+        return shape[0] >= shape[1]
+
+    def low_rank_shape(self, shape: torch.Size) -> tuple[int, int]:
+        m, n = shape
+        return (m, self.rank) if self.right_side(shape) else (self.rank, n)
+
+    def applies_to(self, shape: torch.Size) -> bool:
+        """Projection only saves memory (and only makes sense) when r is below the smaller side."""
+        return len(shape) == 2 and self.rank < min(shape)
+
+    # -- per-parameter state ----------------------------------------------------------------------------------
+    def needs_refresh(self, state: dict, step: int) -> bool:
+        """``step`` counts this parameter's updates from 1; the basis is computed at the first update and then
+        every ``update_proj_gap`` updates (steps 1, 1+gap, 1+2·gap, ...)."""
+        return "proj_step" not in state or (step - 1) % self.update_proj_gap == 0
+
+    def refresh(self, grad: torch.Tensor, state: dict, step: int) -> Optional[torch.Tensor]:
+        """Recompute the basis from ``grad``; returns the rotation R (r x r) from the old basis to the new one when
+        the optimizer should carry its moments over, else None."""
+        old = self.basis(state, grad) if ("proj_step" in state and self.rotate_moments) else None
+        self._choose(grad.float(), state)
+        state["proj_step"] = torch.tensor(step)
+        if old is None:
+            return None
+        return old.transpose(0, 1) @ self.basis(state, grad)
+
+    def _choose(self, grad: torch.Tensor, state: dict) -> None:
+        raise NotImplementedError
+
+    def basis(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+        """P, (side x r) with orthonormal columns."""
+        return state["proj"]
+
+    def project(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        p = self.basis(state, grad).to(grad.dtype)
+        return grad @ p if self.right_side(grad.shape) else p.transpose(0, 1) @ grad
+
+    def precondition(self, low: torch.Tensor, state: dict) -> torch.Tensor:
+        """A transform of the low-rank gradient before the Adam moments see it (identity except Natural GaLore)."""
+        return low
+
+    def project_back(self, low: torch.Tensor, state: dict, shape: torch.Size) -> torch.Tensor:
+        p = self.basis(state, low).to(low.dtype)
+        full = low @ p.transpose(0, 1) if self.right_side(shape) else p @ low
+        return full * self.scale
+
+    @staticmethod
+    def rotate(moment: torch.Tensor, rotation: torch.Tensor, right: bool) -> torch.Tensor:
+        """Express low-rank coordinates of the old basis in the new one: M R (right side) or R^T M (left side)."""
+        rotation = rotation.to(moment.dtype)
+        return moment @ rotation if right else rotation.transpose(0, 1) @ moment
+
+
+class SVDProjector(Projector):
+    kind = "svd"
+
+    def _choose(self, grad: torch.Tensor, state: dict) -> None:
+        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        if self.right_side(grad.shape):
+            state["proj"] = vh[: self.rank].transpose(0, 1).contiguous()  # n x r
+        else:
+            state["proj"] = u[:, : self.rank].contiguous()                 # m x r
+
+
+class NaturalProjector(SVDProjector):
+    """GaLore's subspace, and the natural gradient F^-1 g in it with F = lambda I + (1/s) G_s G_s^T.
+
+    By Woodbury, F^-1 g = (g - G (s·lambda I + G^T G)^-1 G^T g) / lambda with G the d x s window of flattened
+    low-rank gradients, so the cost is an s x s solve.  lambda is ``damping`` times the mean squared norm of the
+    stored gradients, which makes the preconditioner independent of the loss scale.  The window is cleared when
+    the subspace changes, because older gradients are coordinates of a different basis.
+    """
+
+    kind = "natural"
+
+    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, history: int, damping: float) -> None:
+        super().__init__(rank, update_proj_gap, scale)
+        self.history = history
+        self.damping = damping
+
+    def refresh(self, grad, state, step):
+        state.pop("fisher_window", None)
+        state.pop("fisher_count", None)
+        return super().refresh(grad, state, step)
+
+    def precondition(self, low: torch.Tensor, state: dict) -> torch.Tensor:
+        g = low.reshape(-1).float()
+        window = state.get("fisher_window")
+        if window is None:
+            window = state["fisher_window"] = torch.zeros(self.history, g.numel(), dtype=torch.float32,
+                                                          device=g.device)
+            state["fisher_count"] = torch.zeros((), dtype=torch.long)
+        count = int(state["fisher_count"])
+        window[count % self.history] = g      # a ring buffer over the last s gradients (current one included)
+        state["fisher_count"] += 1
+        s = min(count + 1, self.history)
+        G = window[:s].transpose(0, 1)        # d x s
+        lam = self.damping * float((G * G).sum()) / s + torch.finfo(torch.float32).tiny
+        gram = G.transpose(0, 1) @ G          # s x s
+        system = gram + s * lam * torch.eye(s, device=g.device)
+        natural = (g - G @ torch.linalg.solve(system, G.transpose(0, 1) @ g)) / lam
+        return natural.reshape(low.shape).to(low.dtype)
+
+
+_DCT_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def dct_basis(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The orthonormal DCT-II matrix Q (n x n, columns are basis vectors), built once per size and device and
+    shared by every layer of that width."""
+    key = (n, str(device), dtype)
+    if key not in _DCT_CACHE:
+        k = torch.arange(n, dtype=torch.float64)
+        i = torch.arange(n, dtype=torch.float64)
+        q = torch.cos(math.pi / n * (i[:, None] + 0.5) * k[None, :]) * math.sqrt(2.0 / n)
+        q[:, 0] /= math.sqrt(2.0)
+        _DCT_CACHE[key] = q.to(device=device, dtype=dtype)
+    return _DCT_CACHE[key]
+
+
+class DCTProjector(Projector):
+    kind = "dct"
+
+    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, rotate_moments: bool = True) -> None:
+        super().__init__(rank, update_proj_gap, scale)
+        self.rotate_moments = rotate_moments
+
+    def _side(self, shape) -> int:
+        return shape[1] if self.right_side(shape) else shape[0]
+
+    def _choose(self, grad: torch.Tensor, state: dict) -> None:
+        right = self.right_side(grad.shape)
+        q = dct_basis(self._side(grad.shape), grad.device)
+        # alignment of each basis vector with the gradient: L1 norm of G Q's columns (or Q^T G's rows)
+        scores = (grad @ q).abs().sum(0) if right else (q.transpose(0, 1) @ grad).abs().sum(1)
+        state["proj_idx"] = torch.topk(scores, self.rank).indices.sort().values
+
+    def basis(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+        q = dct_basis(self._side_from_state(state, grad), grad.device)
+        return q[:, state["proj_idx"].to(grad.device)]
+
+    def _side_from_state(self, state: dict, tensor: torch.Tensor) -> int:
+        return int(state["proj_side"]) if "proj_side" in state else self._side(tensor.shape)
+
+    def refresh(self, grad, state, step):
+        state["proj_side"] = torch.tensor(self._side(grad.shape))
+        return super().refresh(grad, state, step)
+
+
+def make_projector(kind: str, params) -> Projector:
+    common = dict(rank=params.rank, update_proj_gap=params.update_proj_gap, scale=params.scale)
+    if kind == "svd":
+        return SVDProjector(**common)
+    if kind == "natural":
+        return NaturalProjector(**common, history=params.history, damping=params.damping)
+    if kind == "dct":
+        return DCTProjector(**common, rotate_moments=params.rotate_moments)
+    raise ValueError(f"unknown projector kind {kind!r}; valid: dct, natural, svd")

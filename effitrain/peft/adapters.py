@@ -1,0 +1,160 @@
+"""PEFT blocks through `peft` (LoRA, DoRA, PiSSA, IA3, prefix tuning) and the final-model export for every run.
+
+:func:`export_final_model` is what the engine calls at the end of a run.  It writes a Hugging Face model that loads
+with plain ``AutoModelForCausalLM.from_pretrained`` (no `peft`, no effitrain):
+
+* a `peft` model with a mergeable adapter (LoRA, DoRA, PiSSA, IA3): ``adapter/`` (``save_pretrained`` of the
+  adapter) and, at the top of ``out_dir``, the merged model;
+* a prompt-learning adapter (prefix tuning, the MAM adapter): ``adapter/`` and the base model, with
+  ``"merged": false`` in ``effitrain_export.json`` - learned key/value prefixes and parallel adapters are extra
+  computation, not a change of weights, so no merged model can exist;
+* an SLTrain model: the dense weights ``W = (alpha/r) B A + S`` in ordinary ``nn.Linear`` layers;
+* anything else: ``save_pretrained`` as is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise RuntimeError("peft adapters need the `peft` package (pip install peft)") from exc
+    return peft
+
+
+def _wrap(model: torch.nn.Module, config) -> torch.nn.Module:
+    peft = _peft()
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules not found: say which block, keep peft's own explanation
+        from effitrain.registry import ConfigError
+        raise ConfigError(f"peft: {str(exc).splitlines()[0]}") from None
+
+
+def _lora(params, **extra) -> Any:
+    peft = _peft()
+    return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=params.r, lora_alpha=params.alpha,
+                           lora_dropout=params.dropout, target_modules=list(params.target_modules),
+                           modules_to_save=list(params.modules_to_save) or None, **extra)
+
+
+def build_lora(params, model):
+    return _wrap(model, _lora(params))
+
+
+def build_dora(params, model):
+    return _wrap(model, _lora(params, use_dora=True))
+
+
+def build_pissa(params, model):
+    # PiSSA puts the top-r singular triplets of W into B·A and keeps the residual as the frozen base, so the
+    # adapter starts at the principal subspace instead of zero.  'pissa_niter_k' is the fast randomised SVD.
+    init = "pissa" if params.niter is None else f"pissa_niter_{params.niter}"
+    return _wrap(model, _lora(params, init_lora_weights=init))
+
+
+def build_ia3(params, model):
+    peft = _peft()
+    return _wrap(model, peft.IA3Config(task_type=peft.TaskType.CAUSAL_LM, target_modules=list(params.target_modules),
+                                       feedforward_modules=list(params.feedforward_modules)))
+
+
+def build_prefix(params, model):
+    peft = _peft()
+    return _wrap(model, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+                                                num_virtual_tokens=params.num_virtual_tokens,
+                                                prefix_projection=params.prefix_projection,
+                                                encoder_hidden_size=params.encoder_hidden_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+
+def _unwrap(model: Any) -> torch.nn.Module:
+    """The trained module inside a DeepSpeed engine (``.module``) or the module itself."""
+    while not isinstance(model, torch.nn.Module) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def is_mergeable(model: Any) -> bool:
+    """Whether every adapter of a `peft` model folds into the base weights (LoRA family, IA3 do; prompts don't)."""
+    configs = getattr(model, "peft_config", {}) or {}
+    return bool(configs) and not any(c.is_prompt_learning for c in configs.values()) and \
+        hasattr(model, "merge_and_unload")
+
+
+def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
+    """Write the final model of a run (see the module docstring).  Returns what was written, also saved as
+    ``effitrain_export.json``; the engine can log it.  Call on rank 0 with whole (not ZeRO-3-partitioned) weights."""
+    from effitrain.models.sltrain import has_sltrain, merge_sltrain
+    from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    info: dict[str, Any] = {"format": "huggingface", "adapter": None, "merged": None}
+
+    if is_peft_model(model):
+        adapter_dir = out / "adapter"
+        model.save_pretrained(adapter_dir)
+        info["adapter"] = "adapter"
+        info["peft_type"] = sorted({str(c.peft_type.value) for c in model.peft_config.values()})
+        if has_parallel_adapters(model):
+            from safetensors.torch import save_file
+            save_file(parallel_adapter_state(model), str(adapter_dir / "parallel_adapters.safetensors"))
+        if is_mergeable(model):
+            # merge on a copy: the live model keeps training state and its adapter (and this may be a mid-run export)
+            final = copy.deepcopy(model).merge_and_unload()
+            info["merged"] = True
+        else:
+            final = strip_parallel_adapters(copy.deepcopy(model.get_base_model()))
+            info["merged"] = False
+            info["note"] = ("prompt-learning adapters (prefixes, parallel adapters) add computation and cannot be "
+                            "folded into weights; the top-level model is the frozen base, load adapter/ with peft "
+                            "(and parallel_adapters.safetensors with effitrain.peft.mam) to use the trained model")
+    elif has_sltrain(model):
+        final = merge_sltrain(copy.deepcopy(model))
+        info["merged"] = True
+        info["note"] = "SLTrain factors (alpha/r)·B·A + S were multiplied out into dense nn.Linear weights"
+    else:
+        final = model
+
+    final.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "effitrain_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def trainable_report(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; equals ``peft``'s ``get_nb_trainable_parameters`` on a peft model."""
+    model = _unwrap(model)
+    if is_peft_model(model):
+        return tuple(model.get_nb_trainable_parameters())
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
