@@ -141,3 +141,50 @@ def train_steps(model: Any, encode: Callable, ds: Any, *, steps: int, batch_size
             on_step(step)
     model.eval()
     return losses
+
+
+def is_small(params: Any, max_bytes: int = 20_000_000) -> bool:
+    """A byte proxy, or a reference model whose weight files total under ``max_bytes`` (about 5 M parameters)."""
+    import os
+    path = getattr(params, "model_path", None)
+    if not path:
+        return True
+    if not os.path.isdir(path):
+        return False
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith((".safetensors", ".bin", ".pt")))
+    return size < max_bytes
+
+
+class cpu_threads:
+    """Run a tiny model on one CPU thread, restoring the setting afterwards.
+
+    Below a few million parameters every op is too small to split, and intra-op threads only contend (on a shared
+    two-core machine one thread was 10x faster than two).  Larger models and GPUs keep torch's setting."""
+
+    def __init__(self, params: Any) -> None:
+        self.small = device_of(params) == "cpu" and is_small(params)
+        self.saved: Optional[int] = None
+
+    def __enter__(self) -> "cpu_threads":
+        if self.small:
+            import torch
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            import torch
+            torch.set_num_threads(self.saved)
+
+
+class ModelScorer:
+    """Base of the model-based scorers: ``score`` runs ``_score`` under :class:`cpu_threads`."""
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    def score(self, candidates: Any, ctx: Any) -> Any:
+        with cpu_threads(self.params):
+            return self._score(candidates, ctx)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from effitrain.registry import REGISTRY, Block, ConfigError, param, register
+from effitrain.registry import REGISTRY, Block, ConfigError, param, parse_params, register
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared pieces: the target, the budget, a reference model
@@ -268,13 +268,17 @@ class ScoredSelection:
 
     scorer: dict[str, Any] = param(default_factory=dict, help="scorer block: {name: ..., params}")
     selector: dict[str, Any] = param(default_factory=dict, help="selector block: {name: ..., params}")
-    target: Optional[TargetParams] = param(None, help="target data (needed by dsir, zip_fit, less, quality_classifier)")
+    # A mapping checked in validate() (not Optional[TargetParams]: a union would hide which target key is wrong).
+    target: Optional[dict[str, Any]] = param(None, help="target data (TargetParams; needed by dsir, zip_fit, less, "
+                                                        "quality_classifier)")
     budget: BudgetParams = param(default_factory=BudgetParams)
     num_proc: int = param(1, ge=1, help="worker processes for the batched feature passes (datasets.map)")
     batch_size: int = param(512, ge=1, help="examples per datasets.map batch")
     cache: bool = param(True, help="reuse a manifest written for the same pool, target, method and parameters")
 
     def validate(self, path: str) -> None:
+        if self.target is not None and not isinstance(self.target, TargetParams):
+            self.target = parse_params(TargetParams, self.target, f"{path}.target")
         scorer = dict(self.scorer)
         if self.PRESET_SCORER is not None:
             scorer.setdefault("name", self.PRESET_SCORER)

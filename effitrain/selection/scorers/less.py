@@ -10,17 +10,20 @@
 Simplification, stated: LESS uses Adam-preconditioned gradients for the training examples; here both sides are plain
 SGD gradients (the warm-up's Adam state is not carried), which keeps the score a pure gradient-alignment measure.
 
-Needs: a target set (a reference model is optional).  Cost: one forward + backward pass per example (batch of one)
-plus a proj_dim x P matrix product, P = LoRA parameters; the projection matrix takes proj_dim x P x 4 bytes
-(about 4 MB for the default proxy).  The slowest CPU method: a few hundred examples/s with the proxy.
+Needs: a target set (a reference model is optional).  Cost: one forward + backward pass per ``batch_size``
+examples (per-example gradients come from the adapter layers' inputs and output gradients, not from one backward
+pass per example), plus a batch x P by P x proj_dim product, P = LoRA parameters; the projection matrix takes
+proj_dim x P x 4 bytes (about 4 MB for the default proxy).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
-from effitrain.selection.refmodel import byte_proxy, device_of, load_reference, token_losses, train_steps
+from effitrain.selection.refmodel import ModelScorer, byte_proxy, device_of, load_reference, token_losses, train_steps
 from effitrain.selection.scorers.lm import _map_main, _model_tag
 
 
@@ -39,36 +42,70 @@ def lora_model(model, p):
 
 
 class GradientFeatures:
-    """Projected, normalized per-example LoRA gradients."""
+    """Projected, normalized per-example LoRA gradients, a whole batch per backward pass.
 
-    def __init__(self, model, encode, device: str, proj_dim: int, seed: int) -> None:
+    A LoRA adapter is two bias-free ``nn.Linear`` layers, and the gradient of a linear layer's weight for one example
+    is ``sum_t grad_out_t x_t^T`` over that example's tokens.  Forward hooks keep each adapter layer's input and a
+    tensor hook its output gradient; one backward pass of the *sum* of the per-example losses (examples do not
+    interact: causal attention, padding masked) then yields every example's own gradient by one einsum.
+    """
+
+    def __init__(self, model, encode, device: str, proj_dim: int, seed: int, batch_size: int = 16) -> None:
         import torch
-        self.model, self.encode, self.device = model, encode, device
-        self.params = [q for q in model.parameters() if q.requires_grad]
-        n = sum(q.numel() for q in self.params)
+        self.model, self.encode, self.device, self.batch_size = model, encode, device, batch_size
+        self.layers = [(n, m) for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+        if not self.layers:
+            raise RuntimeError("LESS: the model has no trainable LoRA layers")
+        if any(m.bias is not None and m.bias.requires_grad for _, m in self.layers):
+            raise RuntimeError("LESS: LoRA layers with a trainable bias are not supported (use bias='none')")
+        self.num_params = sum(m.weight.numel() for _, m in self.layers)
         g = torch.Generator().manual_seed(seed)
-        self.proj = ((torch.randint(0, 2, (n, proj_dim), generator=g).float() * 2 - 1) / proj_dim ** 0.5).to(device)
+        self.proj = ((torch.randint(0, 2, (self.num_params, proj_dim), generator=g).float() * 2 - 1)
+                     / proj_dim ** 0.5).to(device)
+        self._x: dict[str, Any] = {}
+        self._g: dict[str, Any] = {}
+        for name, module in self.layers:
+            module.register_forward_hook(self._forward_hook(name))
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not torch_grad_enabled():
+                return
+            self._x[name] = inputs[0].detach()
+
+            def keep(grad):
+                self._g[name] = grad.detach()
+            output.register_hook(keep)
+        return hook
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         import torch
         out = []
         self.model.eval()
-        for text in texts:
-            ids, mask = self.encode([text])
-            loss = token_losses(self.model, ids.to(self.device), mask.to(self.device)).mean()
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            flat = torch.cat([(gr if gr is not None else torch.zeros_like(q)).reshape(-1)
-                              for gr, q in zip(grads, self.params)])
+        texts = list(texts)
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = self.encode(texts[i:i + self.batch_size])
+            self._x.clear()
+            self._g.clear()
+            losses = token_losses(self.model, ids.to(self.device), mask.to(self.device))
+            losses.sum().backward()
+            self.model.zero_grad(set_to_none=True)
+            b = ids.shape[0]
+            flat = torch.cat([torch.einsum("bto,bti->boi", self._g[n].float(), self._x[n].float()).reshape(b, -1)
+                              for n, _ in self.layers], dim=1)
             v = flat @ self.proj
-            out.append((v / v.norm().clamp_min(1e-12)).detach().cpu().numpy())
-        return np.stack(out).astype(np.float32)
+            out.append((v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
 
 
-class LESSScorer:
-    def __init__(self, params) -> None:
-        self.params = params
+def torch_grad_enabled() -> bool:
+    import torch
+    return torch.is_grad_enabled()
 
-    def score(self, candidates, ctx) -> Scores:
+
+class LESSScorer(ModelScorer):
+    def _score(self, candidates, ctx) -> Scores:
         p = self.params
         dev = device_of(p)
         texts = candidates.select_columns(["text"])
@@ -86,7 +123,7 @@ class LESSScorer:
             sub = np.sort(rng.permutation(len(texts))[:n])
             train_steps(model, encode, texts, steps=p.warmup_steps, batch_size=p.proxy_batch_size, lr=p.proxy_lr,
                         seed=ctx.seed + 1, device=dev, indices=sub)
-        feats = GradientFeatures(model, encode, dev, p.proj_dim, ctx.seed)
+        feats = GradientFeatures(model, encode, dev, p.proj_dim, ctx.seed, batch_size=p.batch_size)
         tgt_texts = list(ctx.target.select(range(min(p.max_target, len(ctx.target))))["text"])
         target_dir = feats(tgt_texts).mean(axis=0)
 
@@ -97,4 +134,4 @@ class LESSScorer:
                         {"model": _model_tag(p.model_path) if p.model_path else "byte-proxy", "params": repr(p),
                          "seed": ctx.seed, "target": float(np.abs(target_dir).sum())}, p.batch_size)
         return Scores(scores=column_numpy(out, "less", np.float64),
-                      info={"lora_parameters": int(feats.proj.shape[0]), "target_used": len(tgt_texts)})
+                      info={"lora_parameters": int(feats.num_params), "target_used": len(tgt_texts)})

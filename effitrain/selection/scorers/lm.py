@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
-from effitrain.selection.refmodel import device_of, example_losses, load_reference
+from effitrain.selection.refmodel import ModelScorer, device_of, example_losses, load_reference
 
 
 def _model_tag(path: str) -> str:
@@ -39,11 +39,8 @@ def _map_main(ds, fn, tag, payload, batch_size):
                   new_fingerprint=map_fingerprint(ds, tag, payload), desc=f"selection: {tag}")
 
 
-class PerplexityScorer:
-    def __init__(self, params) -> None:
-        self.params = params
-
-    def score(self, candidates, ctx) -> Scores:
+class PerplexityScorer(ModelScorer):
+    def _score(self, candidates, ctx) -> Scores:
         p = self.params
         model, encode = load_reference(p)
         dev = device_of(p)
@@ -78,11 +75,8 @@ def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64), dist
 
 
-class EmbeddingKMeansScorer:
-    def __init__(self, params) -> None:
-        self.params = params
-
-    def score(self, candidates, ctx) -> Scores:
+class EmbeddingKMeansScorer(ModelScorer):
+    def _score(self, candidates, ctx) -> Scores:
         p = self.params
         model, encode = load_reference(p)
         dev = device_of(p)

@@ -16,15 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
-from effitrain.selection.refmodel import byte_proxy, device_of, example_losses, load_reference, train_steps
+from effitrain.selection.refmodel import ModelScorer, byte_proxy, device_of, example_losses, load_reference, train_steps
 from effitrain.selection.scorers.lm import _map_main, _model_tag, kmeans
 
 
-class LossTrajectoryScorer:
-    def __init__(self, params) -> None:
-        self.params = params
-
-    def score(self, candidates, ctx) -> Scores:
+class LossTrajectoryScorer(ModelScorer):
+    def _score(self, candidates, ctx) -> Scores:
         p = self.params
         model, encode = load_reference(p) if p.model_path else byte_proxy(p, ctx.seed)
         dev = device_of(p)
