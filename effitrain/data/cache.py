@@ -65,7 +65,7 @@ class ContentHash:
 
     def update(self, *parts: object) -> "ContentHash":
         for part in parts:
-            data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
+            data = part if isinstance(part, (bytes, bytearray)) else str(part).encode("utf-8", "surrogatepass")
             self._h.update(len(data).to_bytes(8, "little"))
             self._h.update(data)
         return self
@@ -79,18 +79,40 @@ class ContentHash:
         return self._h.hexdigest()[:n]
 
 
-def dataset_content_hash(ds, columns: Iterable[str] = ("id", "text", "domain"), *, batch_size: int = 10_000) -> str:
-    """A hash of the values of ``columns`` of a ``datasets.Dataset``, row by row.
+def _update_with_strings(h: "ContentHash", array) -> None:
+    """Hash a string column by its row lengths and its characters, whatever its chunking or slicing."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        h.update_all(array.to_pylist())  # not text (an int id column, say): exact, just slower
+        return
+    if array.null_count:
+        array = pc.fill_null(array, "")
+    h.update(str(array.type), len(array))
+    if len(array) == 0:
+        return
+    _, offsets_buffer, data_buffer = array.buffers()
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[array.offset: array.offset + len(array) + 1]
+    h.update(np.diff(offsets).astype(np.int64).tobytes())
+    h.update(memoryview(data_buffer)[int(offsets[0]): int(offsets[-1])].tobytes())
+
+
+def dataset_content_hash(ds, columns: Iterable[str] = ("id", "text", "domain")) -> str:
+    """A hash of the values of ``columns`` of a ``datasets.Dataset``, in row order.
 
     ``datasets`` fingerprints are random for in-memory datasets (e.g. a selection built with ``from_list``), so
-    caches keyed on them would miss every time; hashing the content costs ~10 ms per 10 MB of text and is exact.
+    caches keyed on them would miss every time.  Hashing the content is exact and, done on the Arrow buffers
+    (not row by row in Python), costs about a second per GB of text.
     """
-    h = ContentHash("rows", len(ds))
+    from effitrain.data.sources import arrow_column
+
     cols = [c for c in columns if c in ds.column_names]
-    h.update(*cols)
-    for batch in ds.select_columns(cols).with_format(None).iter(batch_size=batch_size):
-        for col in cols:
-            h.update_all(batch[col])
+    h = ContentHash("rows", len(ds), *cols)
+    for col in cols:
+        _update_with_strings(h, arrow_column(ds, col))
     return h.hexdigest()
 
 

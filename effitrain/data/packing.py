@@ -135,7 +135,13 @@ def to_numpy(packed) -> np.ndarray:
 
 def domain_array(packed) -> np.ndarray:
     """The ``domain`` label of every packed row, as a numpy array of str."""
-    return np.asarray(packed.with_format(None)["domain"], dtype=str)
+    from effitrain.data.sources import arrow_column
+
+    if len(packed) == 0:
+        return np.zeros(0, dtype=str)
+    encoded = arrow_column(packed, "domain").dictionary_encode()
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
+    return names[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None):
