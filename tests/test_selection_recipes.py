@@ -1,0 +1,79 @@
+"""Every data-selection recipe composes, selects and trains a few steps end to end on the tiny model.
+
+A recipe is a selection recipe when its defaults override ``/selection``; one whose ``recipe.requires`` lists
+``reference_model`` gets a tiny saved model through ``selection.scorer.model_path`` (the key its notes name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from effitrain.config.compose import config_root
+
+RECIPE_DIR = config_root() / "recipe"
+
+
+def _selection_option(recipe: dict) -> str | None:
+    for entry in recipe.get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.replace("override", "").strip().lstrip("/") == "selection":
+                    return value
+    return None
+
+
+def _recipes() -> list[str]:
+    out = []
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if _selection_option(yaml.safe_load(path.read_text()) or {}):
+            out.append(path.stem)
+    return out
+
+
+# Keep the model-based scorers to seconds: fewer proxy steps, shorter inputs.
+FAST = {
+    "loss_trajectory": ["selection.scorer.proxy_steps=6", "selection.scorer.checkpoints=2",
+                        "selection.scorer.max_length=48", "selection.scorer.num_clusters=3"],
+    "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_steps=2", "selection.scorer.max_length=48",
+             "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
+    "perplexity": ["selection.scorer.max_length=48"],
+    "embedding_kmeans": ["selection.scorer.max_length=48", "selection.scorer.num_clusters=3"],
+    "zip_fit": ["selection.scorer.max_target=4", "selection.scorer.max_chars=400"],
+}
+
+
+def test_every_selection_option_has_a_recipe():
+    options = {p.stem for p in (config_root() / "selection").glob("*.yaml")} - {"none"}
+    used = {_selection_option(yaml.safe_load(p.read_text())) for p in RECIPE_DIR.glob("*.yaml")}
+    assert options <= used, options - used
+
+
+@pytest.fixture(scope="module")
+def reference_model_dir(tmp_path_factory):
+    from test_selection import make_pool, make_reference_model
+    return make_reference_model(tmp_path_factory.mktemp("selection-ref"), list(make_pool()["train"]["text"]))
+
+
+@pytest.mark.parametrize("name", _recipes())
+def test_selection_recipe_trains(name, train_in_process, reference_model_dir, tmp_path):
+    recipe = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+    option = _selection_option(recipe)
+    sel_cfg = yaml.safe_load((config_root() / "selection" / f"{option}.yaml").read_text())
+    overrides = [f"+recipe={name}"]
+    if sel_cfg.get("target"):
+        overrides.append("selection.target.max_examples=8")
+    overrides += FAST.get(sel_cfg["scorer"]["name"], [])
+    if "reference_model" in (recipe["recipe"].get("requires") or []):
+        assert "selection.scorer.model_path" in recipe["recipe"]["notes"]
+        overrides.append(f"selection.scorer.model_path={reference_model_dir}")
+    summary = train_in_process(overrides, tmp_path / "run")
+    info = summary["selection"]
+    assert info["method"] == option and info["kept_examples"] > 0
+    manifest = Path(summary["selection_manifest"])
+    header = json.loads(manifest.read_text())
+    assert header["method"] == option
+    assert sum(1 for _ in open(manifest.parent / "selected.jsonl")) == info["kept_examples"]
