@@ -124,11 +124,12 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     packed = None
     for turn in ((0,) if world == 1 else (0, 1)):
         if (turn == 0) == is_main:
-            pool = spec.block("dataset").build(cache_dir=None)
+            pool = spec.block("dataset").build()
             selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
             from datasets import DatasetDict
             packed = build_packed_splits(spec.block("dataset").params, spec.block("model").params,
-                                         DatasetDict(train=selection.train, eval=pool["eval"]))
+                                         DatasetDict(train=selection.train, eval=pool["eval"]),
+                                         tokenizer_corpus=pool["train"])
         barrier()
     tokenizer, packed_train, packed_eval = packed
     train_ids = to_numpy(packed_train)

@@ -44,8 +44,9 @@ def train_in_process():
     from effitrain.config.compose import compose_config
     from effitrain.train import train
 
-    def run(overrides: list[str], run_dir: Path) -> dict:
-        composed = compose_config([*TINY, *overrides, f"run_dir={run_dir}"])
+    def run(overrides: list[str], run_dir: Path, tiny_model: bool = True) -> dict:
+        tiny = [o for o in TINY if tiny_model or not o.startswith("model.")]
+        composed = compose_config([*tiny, *overrides, f"run_dir={run_dir}"])
         return train(composed.cfg, run_dir=run_dir, argv=["effitrain", *overrides], recipes=composed.recipes)
 
     return run

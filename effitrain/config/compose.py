@@ -163,7 +163,8 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
     full_key = getattr(cause, "full_key", None)
     if full_key:
         parent, _, leaf = str(full_key).rpartition(".")
-        valid = _keys_at(parent, [o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(full_key)])
+        # the structure without any key overrides (group choices and recipes only) tells what keys exist
+        valid = _keys_at(parent, [o for o in overrides if "." not in o.split("=")[0]])
         hint = did_you_mean(leaf, valid)
         return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")
     return ConfigError(message)

@@ -144,11 +144,14 @@ def domain_array(packed) -> np.ndarray:
     return names[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
-def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None):
+def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
+                        tokenizer_corpus: Any = None):
     """From the documents to what the engine trains on: ``(tokenizer, packed_train, packed_eval_by_domain)``.
 
     * ``raw``: the ``DatasetDict`` with ``train`` (after selection) and ``eval`` splits;
-    * the tokenizer comes from :func:`effitrain.data.tokenizer.build_tokenizer` (a BPE is trained on ``train``);
+    * the tokenizer comes from :func:`effitrain.data.tokenizer.build_tokenizer` (a BPE is trained on
+      ``tokenizer_corpus``, default ``train``; the engine passes the whole pool, so that runs with different data
+      selections share one tokenizer and their per-token losses stay comparable);
     * ``packed_train``: every train document packed to ``dataset_params.seq_len``;
     * ``packed_eval_by_domain``: ``{domain: packed eval rows of that domain}`` in sorted domain order.
 
@@ -161,7 +164,8 @@ def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_di
     seq_len = dataset_params.seq_len
     num_proc = getattr(dataset_params, "num_proc", 1)
     with quiet_progress(len(raw["train"])):
-        tokenizer = build_tokenizer(model_params, raw["train"], cache_dir=cache_dir)
+        corpus = raw["train"] if tokenizer_corpus is None else tokenizer_corpus
+        tokenizer = build_tokenizer(model_params, corpus, cache_dir=cache_dir)
         packed_train = pack(raw["train"], tokenizer, seq_len, num_proc, cache_dir=cache_dir)
         if len(packed_train) == 0:
             raise ConfigError(f"dataset.seq_len: the train split has fewer than {seq_len} tokens in every domain; "
