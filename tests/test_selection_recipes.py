@@ -77,3 +77,33 @@ def test_selection_recipe_trains(name, train_in_process, reference_model_dir, tm
     header = json.loads(manifest.read_text())
     assert header["method"] == option
     assert sum(1 for _ in open(manifest.parent / "selected.jsonl")) == info["kept_examples"]
+
+
+def test_select_verb_then_training_reuses_the_manifest(train_in_process, tmp_path, capsys):
+    from conftest import TINY
+
+    from effitrain.selection.stage import select_main
+
+    data = [o for o in TINY if o.startswith("dataset.")]
+    overrides = ["selection=dsir", "selection.target.max_examples=8", "selection.budget.fraction=0.3"]
+    assert select_main(["--json", *data, *overrides]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cache_hit"] is False and Path(first["manifest"]).is_file()
+    assert first["kept_token_fraction"] >= 0.3
+
+    summary = train_in_process(overrides, tmp_path / "run")
+    assert summary["selection"]["cache_hit"] is True
+    assert summary["selection_manifest"] == first["manifest"]
+    capsys.readouterr()  # the training run's log lines
+
+    # an input change (the budget) is a new manifest
+    assert select_main(["--json", *data, *overrides[:-1], "selection.budget.fraction=0.2"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["cache_hit"] is False and second["manifest"] != first["manifest"]
+
+
+def test_select_verb_config_error_exits_2(capsys):
+    from effitrain.selection.stage import select_main
+
+    assert select_main(["selection=dsir", "selection.scorer.num_bucket=5"]) == 2
+    assert "selection.scorer.num_bucket: unknown key (did you mean 'num_buckets'?)" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Selection manifests: the chosen ids with their scores and the parameters, cached under a hash of the inputs.
 
-Layout (``<cache>/selection/<method>-<key[:16]>/``)::
+Layout (``<selection cache>/<method>-<key[:16]>/``, the cache being ``$EFFITRAIN_CACHE/selection`` by default)::
 
     manifest.json   {"key", "method", "params", "seed", "inputs": {"pool", "target"}, "counts", "info", "created"}
     selected.jsonl  one line per kept example: {"index", "id", "score"[, "cluster"]}  (index = position among the
