@@ -73,7 +73,7 @@ class Trainer:
         self._flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
-        self._train_seconds = 0.0
+        self.train_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------- batches
     def _to_batch(self, array: np.ndarray) -> dict[str, torch.Tensor]:
@@ -118,7 +118,7 @@ class Trainer:
         root = st.run_dir / CHECKPOINTS
         client = {"step": st.step, "micro_step": st.micro_step, "tokens": st.tokens,
                   "sampler": st.sampler.state_dict(), "hooks": self.bus.state_dict(),
-                  "guard": self.guard.state_dict(), "train_seconds": self._train_seconds}
+                  "guard": self.guard.state_dict(), "train_seconds": self.train_seconds}
 
         def write(tmp: Path) -> None:
             st.engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
@@ -148,7 +148,7 @@ class Trainer:
         st.sampler.load_state_dict(client["sampler"])
         self.bus.load_state_dict(client["hooks"])
         self.guard.load_state_dict(client["guard"])
-        self._train_seconds = client.get("train_seconds", 0.0)
+        self.train_seconds = client.get("train_seconds", 0.0)
         rng_file = path / f"rank{st.rank}.pt"
         if rng_file.exists():  # absent when resuming with more ranks than saved: fresh RNG for the new ones
             rng = torch.load(rng_file, weights_only=False)
@@ -213,7 +213,7 @@ class Trainer:
                     dist.all_reduce(t)
                     mean_loss = float(t.item()) / st.world_size
                 elapsed = time.perf_counter() - window_start - paused
-                self._train_seconds += elapsed
+                self.train_seconds += elapsed
                 self.tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 line = {"step": st.step, "tokens": st.tokens, "loss": mean_loss,
                         "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_s,
@@ -260,4 +260,4 @@ class Trainer:
             self.save_final_model()
         self.bus.emit("fit_end", st)
         return {"finished": finished, "stopped_by": stopped_by or st.stop_reason,
-                "train_seconds": self._train_seconds}
+                "train_seconds": self.train_seconds}

@@ -72,10 +72,15 @@ def _git_commit() -> Optional[str]:
     return None
 
 
-def write_run_record(run_dir: Path, *, config_yaml: str, argv: list[str], world_size: int) -> None:
-    """The resolved config, the command line, package versions and git commit: enough to re-run it."""
-    (run_dir / "config.yaml").write_text(config_yaml)
-    (run_dir / "command.txt").write_text(" ".join(argv) + "\n")
+def write_run_record(run_dir: Path, *, cfg: dict[str, Any], argv: list[str], world_size: int,
+                     resuming: bool) -> None:
+    """The resolved config, the command line, package versions and git commit: enough to re-run it.
+
+    A resumed run keeps the original ``config.yaml`` and ``env.json`` and appends its command line, so the folder
+    still says how the run was started; the resumed launch's own record goes to ``env.resume.json``.
+    """
+    import yaml
+
     versions = {}
     for pkg in _PACKAGES:
         try:
@@ -85,7 +90,14 @@ def write_run_record(run_dir: Path, *, config_yaml: str, argv: list[str], world_
     record: dict[str, Any] = {"versions": versions, "python": sys.version.split()[0], "git_commit": _git_commit(),
                               "host": platform.node(), "world_size": world_size, "started": time.time(),
                               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    (run_dir / "env.json").write_text(json.dumps(record, indent=1))
+    first = not (run_dir / "config.yaml").exists()
+    if first or not resuming:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    else:
+        (run_dir / "config.resume.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with open(run_dir / "command.txt", "a") as fh:
+        fh.write(" ".join(argv) + "\n")
+    (run_dir / ("env.json" if first or not resuming else "env.resume.json")).write_text(json.dumps(record, indent=1))
 
 
 def truncate_metrics(path: Path, step: int) -> None:
