@@ -14,7 +14,9 @@
     python scripts/bench_selection.py --methods random dsir zip_fit --steps 100
     python scripts/bench_selection.py --write docs/benchmarks.md        # replace the "Data selection" section
 
-Extra ``key=value`` arguments are passed to every run (e.g. ``dataset.max_docs_per_domain=500``).
+Extra ``key=value`` arguments are passed to every run (e.g. ``dataset.max_docs_per_domain=500``).  On a shared CPU
+machine run it with ``OMP_NUM_THREADS=1``: the tiny model gains nothing from intra-op threads and loses up to 10x to
+contention.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ SECTION_START = "<!-- bench_selection:start -->"
 SECTION_END = "<!-- bench_selection:end -->"
 
 
-def run(overrides: list[str], run_dir: Path, log: Path) -> dict:
+def run(overrides: list[str], run_dir: Path, log: Path, reuse: bool = False) -> dict:
+    record = run_dir / "bench_overrides.json"
+    if reuse and (run_dir / "summary.json").is_file() and record.is_file() \
+            and json.loads(record.read_text()) == overrides:
+        return json.loads((run_dir / "summary.json").read_text())
     cmd = [sys.executable, "-m", "effitrain.cli", *overrides, f"run_dir={run_dir}", "overwrite=true"]
     t0 = time.time()
     with open(log, "w") as fh:
@@ -44,6 +50,7 @@ def run(overrides: list[str], run_dir: Path, log: Path) -> dict:
         tail = log.read_text().splitlines()[-15:]
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
     summary = json.loads((run_dir / "summary.json").read_text())
+    record.write_text(json.dumps(overrides))
     summary["wall_seconds"] = time.time() - t0
     return summary
 
@@ -110,6 +117,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_selection")
     ap.add_argument("--write", type=Path, default=None, help="markdown file whose 'Data selection' section to replace")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep finished runs whose overrides are unchanged (continue an interrupted benchmark)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
 
@@ -119,7 +128,7 @@ def main() -> int:
     rows = []
     print(f"full pool: {args.steps} steps", flush=True)
     full_dir = args.out / "full"
-    full = run(["selection=none", *common], full_dir, args.out / "full.log")
+    full = run(["selection=none", *common], full_dir, args.out / "full.log", args.reuse)
     rows.append(row("full pool (none)", full, args.target))
     ref = full_dir / "final_model"
     target = (f"selection.target={{domain:{args.target},split:train,max_examples:{args.target_examples}}}")
@@ -129,7 +138,7 @@ def main() -> int:
         if m in NEEDS_REFERENCE:
             over.append(f"selection.scorer.model_path={ref}")
         print(f"{m}: selecting and training", flush=True)
-        s = run(over, args.out / m, args.out / f"{m}.log")
+        s = run(over, args.out / m, args.out / f"{m}.log", args.reuse)
         r = row(m, s, args.target)
         rows.append(r)
         print(f"  {args.target} loss {fmt(r['target_loss'])}, others {fmt(r['general_loss'])}, "
