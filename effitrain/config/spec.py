@@ -19,12 +19,12 @@ BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimize
 
 @dataclass
 class TrainParams:
-    max_steps: int = param(300, ge=1, help="optimizer steps")
-    micro_batch_size: int = param(16, ge=1, help="sequences per process per forward pass")
+    max_steps: int = param(200, ge=1, help="optimizer steps")
+    micro_batch_size: int = param(8, ge=1, help="sequences per process per forward pass")
     grad_accum: int = param(1, ge=1, help="micro-batches per optimizer step")
     global_batch_size: Optional[int] = param(None, ge=1, help="if set, must equal micro x accum x world size")
     seed: int = 0
-    eval_every: int = param(100, ge=0, help="steps between evaluations (0: only at the start and the end)")
+    eval_every: int = param(50, ge=0, help="steps between evaluations (0: only at the start and the end)")
     eval_batches: int = param(4, ge=1, help="micro-batches per domain in each evaluation")
     save_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = param(2, ge=1, help="complete checkpoints kept on disk")

@@ -11,7 +11,7 @@ from effitrain.registry import param, register
           summary="torch.optim.AdamW, no decay on biases and norms (Loshchilov & Hutter, 1711.05101)")
 @dataclass
 class AdamWParams:
-    lr: float = param(1e-3, gt=0)
+    lr: float = param(3e-3, gt=0)
     weight_decay: float = param(0.1, ge=0)
     beta1: float = param(0.9, ge=0, lt=1)
     beta2: float = param(0.95, ge=0, lt=1)
