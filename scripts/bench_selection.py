@@ -69,7 +69,9 @@ def row(name: str, s: dict, target: str) -> dict:
         "target_loss": losses.get(target),
         "general_loss": sum(others) / len(others) if others else None,
         "all_loss": s.get("final_eval_loss"),
-        "selection_seconds": sel.get("seconds"),
+        # a reused manifest reports the scoring run's time (older manifests kept it under scoring_seconds)
+        "selection_seconds": sel.get("scoring_seconds") if sel.get("cache_hit") and "reuse_seconds" not in sel
+        else sel.get("seconds"),
         "examples_per_s": sel.get("examples_per_s"),
         "cache_hit": sel.get("cache_hit"),
         "losses": losses,
@@ -147,7 +149,8 @@ def main() -> int:
     tab = table(rows, args.target)
     print(tab)
     if args.write:
-        cmd = "python scripts/bench_selection.py " + " ".join(
+        env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+        cmd = env + "python scripts/bench_selection.py " + " ".join(
             [f"--steps {args.steps}", f"--target {args.target}", f"--fraction {args.fraction}",
              f"--target-examples {args.target_examples}", *(["--methods " + " ".join(args.methods)]
                                                             if list(args.methods) != list(METHODS) else []),
