@@ -77,7 +77,7 @@ class Launch:
 
 
 def _launch(spec: RunSpec) -> Launch:
-    from effitrain.parallel.dist import dist_env
+    from effitrain.parallel.dist import dist_env, init_process_group
 
     env = dist_env()
     import torch
@@ -98,9 +98,10 @@ def _launch(spec: RunSpec) -> Launch:
     fp8 = device_type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
     check_rules(spec, Environment(device_type=device_type, world_size=env.world_size, bf16_supported=bf16,
                                   fp8_supported=fp8))
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
+
+    init_process_group(device_type)
 
     def barrier() -> None:
         if env.world_size > 1:

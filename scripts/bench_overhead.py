@@ -85,7 +85,7 @@ def run_deepspeed(overrides: list[str], steps: int, warmup: int) -> float:
     import deepspeed
 
     from effitrain.config.spec import validate
-    from effitrain.parallel.dist import dist_env
+    from effitrain.parallel.dist import dist_env, init_process_group
     from effitrain.train import deepspeed_config
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +93,7 @@ def run_deepspeed(overrides: list[str], steps: int, warmup: int) -> float:
     spec = validate(composed.cfg, composed.recipes)
     dist_env()
     device_type = deepspeed.get_accelerator().device_name()
+    init_process_group(device_type)
     precision = spec.block("precision").build(device_type=device_type,
                                               bf16_supported=deepspeed.get_accelerator().is_bf16_supported())
     ids, model = _data_and_model(spec)

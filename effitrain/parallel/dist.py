@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 
@@ -14,19 +14,32 @@ class DistEnv:
     world_size: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_env() -> DistEnv:
-    """Read torchrun's / SLURM's variables; a plain `effitrain` is a world of one on a free local port."""
+    """Read torchrun's (or SLURM's) variables; a plain `effitrain` is a world of one."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    return DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def init_process_group(device_type: str) -> None:
+    """Initialise torch.distributed, then DeepSpeed's communication layer on top of it.
+
+    A world of one uses a FileStore rather than a TCP port: a port picked as "free" can be taken by another process
+    before the store binds it, which made single-process runs fail at random on a busy machine.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_PORT" not in os.environ:
+            store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="effitrain-store-"), "store"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)  # env:// from torchrun / SLURM (MASTER_ADDR, MASTER_PORT)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
