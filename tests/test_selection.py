@@ -323,3 +323,18 @@ def test_config_errors_name_the_key(block, message):
 def test_unknown_target_domain_is_a_config_error(pool, tmp_path):
     with pytest.raises(ConfigError, match=r"selection.target.domain: no 'cod' examples.*did you mean 'code'"):
         build({"name": "dsir", "target": {"domain": "cod"}}, pool, tmp_path)
+
+
+def test_changed_reference_model_invalidates_the_manifest(pool, reference_model, tmp_path):
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(reference_model, model)
+    block = {"name": "perplexity", "scorer": {"model_path": str(model), "max_length": 32}}
+    first = build(block, pool, tmp_path / "cache")
+    assert build(block, pool, tmp_path / "cache").info["cache_hit"] is True
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    again = build(block, pool, tmp_path / "cache")
+    assert again.info["cache_hit"] is False and again.manifest_path != first.manifest_path

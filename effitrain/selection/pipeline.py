@@ -23,10 +23,15 @@ ORIGINAL_COLUMNS = ("id", "text", "domain")
 
 
 def params_dict(params: Any) -> dict:
-    """Every parameter that changes the output (num_proc, batch_size and cache do not)."""
+    """Every parameter that changes the output (num_proc, batch_size and cache do not), plus a fingerprint (file
+    names, sizes, modification times) of a reference model folder."""
     out = {"scorer": params.scorer, "selector": params.selector,
            "budget": dataclasses.asdict(params.budget),
            "target": dataclasses.asdict(params.target) if params.target is not None else None}
+    path = params.scorer.get("model_path")
+    if path:  # a reference model retrained in place must not reuse the old manifest
+        from effitrain.selection.scorers.lm import _model_tag
+        out["reference_model"] = _model_tag(path)
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
