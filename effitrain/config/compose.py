@@ -63,8 +63,9 @@ def recipe_keys(recipe: dict[str, Any]) -> dict[str, Any]:
         if isinstance(entry, dict):
             for key, value in entry.items():
                 keys[str(key).replace("override", "").strip().lstrip("/")] = value
-    body = {k: v for k, v in recipe.items() if k not in ("defaults", "recipe")}
-    _flatten("", body, keys)
+    for key, value in recipe.items():
+        if key not in ("defaults", "recipe"):
+            _flatten(str(key), value, keys)
     return keys
 
 
