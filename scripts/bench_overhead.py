@@ -162,6 +162,14 @@ def run_hf_trainer(overrides: list[str], steps: int, warmup: int) -> float:
     return (steps - warmup) * micro * seq / (marks["end"] - marks["start"])
 
 
+def _default_shape() -> str:
+    from effitrain.config.compose import compose_config
+
+    cfg = compose_config([]).cfg
+    return (f"({cfg['model']['hidden_size']}-wide {cfg['model']['num_layers']}-layer Llama, seq_len "
+            f"{cfg['dataset']['seq_len']}, micro batch {cfg['train']['micro_batch_size']})")
+
+
 def time_verbs(repeats: int = 5) -> dict[str, float]:
     verbs = {"effitrain recipes": ["recipes"], "effitrain show wsd": ["show", "wsd"],
              "effitrain check +recipe=wsd": ["check", "+recipe=wsd"], "effitrain rules": ["rules"]}
@@ -214,7 +222,7 @@ def main() -> int:
     lines = [SECTION_START, "## Engine overhead", "",
              f"Command: `{command.strip()}` — device: {device}, torch {torch.__version__}, "
              f"{platform.python_implementation()} {platform.python_version()}; date {time.strftime('%Y-%m-%d')}.",
-             f"Config: the default `configs/train.yaml` {' '.join(args.overrides) or '(tiny_llama, seq_len 128, micro batch 16)'}, "
+             f"Config: the default `configs/train.yaml` {' '.join(args.overrides) or _default_shape()}, "
              f"fp32 on CPU / bf16 on GPU; {args.steps} steps, the first {args.warmup} untimed; median of "
              f"{args.repeats} alternating rounds, each in a fresh process.", "",
              "| loop | tokens/s (median) | runs | ratio to hand-written DeepSpeed |", "|---|---|---|---|"]
