@@ -100,3 +100,20 @@ def test_check_refuses_an_existing_run_dir(tmp_path):
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert effitrain_cli("check", f"run_dir={tmp_path}", "resume=auto").returncode == 0
     assert (tmp_path / "config.yaml").read_text() == "x: 1\n"
+
+
+def test_device_rules_refuse_fp16_on_a_cpu():
+    from effitrain.config.rules import Environment, check_rules
+
+    spec = validate(compose_config(["precision=fp16"]).cfg)
+    check_rules(spec, Environment())  # device unknown (pre-flight): not refused yet
+    with pytest.raises(ConfigError, match=r"\[fp16_needs_gpu\]: precision=fp16 needs a CUDA GPU.*use precision=bf16"):
+        check_rules(spec, Environment(device_type="cpu", bf16_supported=True))
+    check_rules(spec, Environment(device_type="cuda", bf16_supported=True))
+
+
+def test_rules_table_lists_every_rule():
+    result = effitrain_cli("rules")
+    assert result.returncode == 0
+    for name in ("fp16_needs_gpu", "galore_needs_2d_gradients", "lisa_needs_unsharded_state", "peft_zero3_saving"):
+        assert name in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from effitrain.config.rules import rule
 from effitrain.registry import param, register
 
 
@@ -42,3 +43,18 @@ class Bf16Precision(_PrecisionParams):
 @dataclass
 class Fp16Precision(_PrecisionParams):
     mode: ClassVar[str] = "fp16"
+
+
+@rule("fp16_needs_gpu", "fp16 mixed precision runs only on a CUDA device (DeepSpeed's CPU backend has no fp16)")
+def _fp16_needs_gpu(spec, env):
+    if spec.block("precision").name == "fp16" and env.device_type not in (None, "cuda"):
+        return (f"precision=fp16 needs a CUDA GPU, this is a {env.device_type} device; "
+                f"use precision=bf16 or precision=fp32 (or precision=auto)")
+    return None
+
+
+@rule("bf16_needs_support", "bf16 needs a device that supports it (Ampere or newer GPUs, or a CPU)")
+def _bf16_needs_support(spec, env):
+    if spec.block("precision").name == "bf16" and env.bf16_supported is False:
+        return "precision=bf16: this device does not support bf16; use precision=fp16 or precision=auto"
+    return None
