@@ -59,6 +59,23 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def galore_expected_ratio(run_dir: Path) -> str:
+    """The paper's expectation for the GaLore run: (2·r·n + m·r)/(2·m·n) of AdamW's state on every targeted m×n
+    weight (m the smaller side, projected to rank r), full AdamW state on the rest (embeddings, norms)."""
+    cfg = json.loads((run_dir / "final_model" / "config.json").read_text())
+    import yaml
+    rank = yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["rank"]
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * (cfg.get("head_dim") or h // cfg["num_attention_heads"])
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)] * layers
+    adam = sum(2 * a * b for a, b in shapes)
+    galore = sum(2 * rank * max(a, b) + min(a, b) * rank for a, b in shapes)
+    rest = 2 * (cfg["vocab_size"] * h + h * (2 * layers + 1))  # tied embedding/head and the RMSNorm scales
+    return (f"GaLore (rank {rank}): expected {galore / adam:.2f} of AdamW's state on the targeted weights, "
+            f"{(galore + rest) / (adam + rest):.2f} of the whole optimizer state once the untargeted embedding and "
+            f"norms (full AdamW) are counted")
+
+
 def write_section(doc: Path, body: str) -> None:
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     start = text.find(HEADING)
@@ -101,6 +118,9 @@ def main() -> None:
             f"Adapter recipes (lora ... mam_adapter) freeze a randomly initialised base here, so their loss says "
             f"nothing about fine-tuning quality; they are listed for their memory.\n\n"
             f"Command: `{cmd}`\n\n{table(results)}\n")
+    if "galore" in results and "error" not in results["galore"]:
+        body += f"\n{galore_expected_ratio(a.out / 'galore')}; measured: " \
+                f"{results['galore']['optimizer_state_bytes'] / info['optimizer_state_bytes']:.2f}.\n"
     write_section(a.doc, body)
     print(body)
 
