@@ -64,3 +64,18 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, train_in_proc
     assert summary["finished"] is False
     assert "3 non-finite steps in a row" in summary["stopped_by"]
     assert summary["skipped_steps"] == 3
+
+
+def test_a_hydra_sweep_runs_every_job_in_its_own_run_directory(tmp_path):
+    from conftest import TINY
+
+    result = effitrain_cli("-m", "+recipe=baseline,wsd", *TINY, "train.max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    recipes = [json.loads((tmp_path / str(job) / "summary.json").read_text())["recipe"] for job in (0, 1)]
+    assert recipes == [["baseline"], ["wsd"]]
+
+
+def test_a_sweep_with_one_bad_value_is_refused_before_any_job_starts(tmp_path):
+    result = effitrain_cli("-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 2 and "optimizer.lr: expected a number, got 'abc'" in result.stderr
+    assert not tmp_path.joinpath("0").exists()
