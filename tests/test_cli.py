@@ -117,3 +117,16 @@ def test_rules_table_lists_every_rule():
     assert result.returncode == 0
     for name in ("fp16_needs_gpu", "galore_needs_2d_gradients", "lisa_needs_unsharded_state", "peft_zero3_saving"):
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["+recipe=wsd,lisa"], "recipe: give recipes once, as '+recipe=[a,b]'"),
+    (["+recipe=lisa", "+recipe=lora"], "recipe: give recipes once"),
+    (["methods.lsia.interval=3"], "methods.lsia: method not configured (did you mean 'lisa'?)"),
+    (["+recipe=lisa", "methods.lisa.intervl=3"],
+     "methods.lisa.intervl: unknown key (did you mean 'interval'?); valid keys: active_layers, interval, layers_path"),
+])
+def test_recipe_and_method_mistakes_say_what_to_write(args, expected):
+    with pytest.raises(ConfigError) as err:
+        compose_config(args)
+    assert str(err.value).startswith(expected)

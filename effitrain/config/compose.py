@@ -164,21 +164,49 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
     full_key = getattr(cause, "full_key", None)
     if full_key:
         parent, _, leaf = str(full_key).rpartition(".")
+        if parent == "methods":
+            names = _method_names()
+            hint = "" if leaf in names else did_you_mean(leaf, names)
+            return ConfigError(f"methods.{leaf}: method not configured{hint}; add it with '+methods.{leaf}.KEY=VALUE' "
+                               f"or a recipe that sets it; methods: {choices_text(names)}")
         # the structure without any key overrides (group choices and recipes only) tells what keys exist
         valid = _keys_at(parent, [o for o in overrides if "." not in o.split("=")[0]])
         hint = did_you_mean(leaf, valid)
         return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")
+    if "Ambiguous value for argument" in message or "Multiple values for recipe" in message:
+        return ConfigError("recipe: give recipes once, as '+recipe=[a,b]' (quoted) to stack them, or sweep them with "
+                           "-m '+recipe=a,b'")
     return ConfigError(message)
 
 
+def _method_names() -> list[str]:
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    return REGISTRY.names("method")
+
+
 def _keys_at(parent: str, overrides: list[str]) -> list[str]:
+    """The keys a block takes: its registered parameters where the block names a registry entry, else the YAML's."""
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
     try:
         node = compose_raw(overrides)
     except Exception:  # noqa: BLE001 - a best-effort hint only
         return []
-    for part in [p for p in parent.split(".") if p]:
+    parts = [p for p in parent.split(".") if p]
+    for part in parts:
         node = node.get(part, {}) if isinstance(node, dict) else {}
-    return list(node) if isinstance(node, dict) else []
+    if not isinstance(node, dict):
+        return []
+    load_builtin_blocks()
+    group = "method" if parts[:1] == ["methods"] and len(parts) == 2 else parts[-1] if parts else None
+    name = parts[1] if group == "method" else node.get("name")
+    if group and isinstance(name, str) and name in REGISTRY.names(group):
+        import dataclasses
+
+        return ["name", *(f.name for f in dataclasses.fields(REGISTRY.get(group, name).params))]
+    return list(node)
 
 
 def compose_raw(overrides: list[str]) -> dict[str, Any]:
