@@ -69,7 +69,8 @@ class Trainer:
         self.device = state.engine.device
         self.stop = StopSignal()
         self.is_main = state.rank == 0
-        self.global_batch = (self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size)
+        self.global_batch = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size
+        self.tokens_per_step = self.global_batch * seq_len
         self._flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
@@ -158,6 +159,34 @@ class Trainer:
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
+    # ------------------------------------------------------------------------------------------------- logging
+    def _log(self, mean_loss: torch.Tensor, window_steps: int, window_start: float, paused: float) -> None:
+        """One log line for the window of steps since the last one.  ``.item()`` is the loop's host sync, so the
+        window's time is read after it (on a GPU the queued work has finished by then)."""
+        st, engine = self.state, self.state.engine
+        loss = mean_loss.item()
+        if dist.is_initialized() and st.world_size > 1:
+            t = torch.tensor([loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            loss = float(t.item()) / st.world_size
+        elapsed = max(time.perf_counter() - window_start - paused, 1e-9)
+        self.train_seconds += elapsed
+        self.tokens_per_s = self.tokens_per_step * window_steps / elapsed
+        line = {"step": st.step, "tokens": st.tokens, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
+                "tokens_per_s": self.tokens_per_s, "step_time_s": elapsed / window_steps,
+                "peak_memory_bytes": peak_memory_bytes(), "skipped_steps": self.guard.total_skipped}
+        grad_norm = engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
+        if grad_norm is None:
+            grad_norm = self.guard.last_grad_norm
+        if grad_norm is not None:
+            line["grad_norm"] = float(grad_norm)
+        if self._peak_flops:
+            line["mfu"] = self.tokens_per_s * self._flops_per_token / st.world_size / self._peak_flops
+        line.update(st.metrics)
+        st.metrics = {}
+        if self.is_main:
+            self.sinks.log(line)
+
     # ------------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         st, cfg, engine = self.state, self.train_cfg, self.state.engine
@@ -174,7 +203,6 @@ class Trainer:
         if st.step == 0:
             self._eval_and_log()
         batches = iter(st.sampler)
-        tokens_per_step = self.global_batch * self.seq_len
         loss_sum = torch.zeros((), device=self.device)  # summed micro-batch losses since the last log line
         window_steps = 0
         window_start, paused = time.perf_counter(), 0.0
@@ -196,7 +224,7 @@ class Trainer:
                 engine.step()
                 st.micro_step += 1
             st.step += 1
-            st.tokens += tokens_per_step
+            st.tokens += self.tokens_per_step
             loss_sum += step_loss / cfg.grad_accum
             window_steps += 1
             self.bus.emit("step_end", st)
@@ -207,30 +235,7 @@ class Trainer:
 
             at_log = st.step % cfg.log_every == 0 or st.step == cfg.max_steps
             if at_log:
-                mean_loss = loss_sum.item() / window_steps  # the host sync: the window's work is done after it
-                if dist.is_initialized() and st.world_size > 1:
-                    t = torch.tensor([mean_loss], dtype=torch.float64, device=self.device)
-                    dist.all_reduce(t)
-                    mean_loss = float(t.item()) / st.world_size
-                elapsed = time.perf_counter() - window_start - paused
-                self.train_seconds += elapsed
-                self.tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                line = {"step": st.step, "tokens": st.tokens, "loss": mean_loss,
-                        "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_per_s,
-                        "step_time_s": elapsed / window_steps, "peak_memory_bytes": peak_memory_bytes(),
-                        "skipped_steps": self.guard.total_skipped}
-                grad_norm = engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
-                if grad_norm is None and self.guard.last_grad_norm is not None:
-                    grad_norm = self.guard.last_grad_norm
-                if grad_norm is not None:
-                    line["grad_norm"] = float(grad_norm)
-                if self._peak_flops:
-                    achieved = self.tokens_per_s * self._flops_per_token / st.world_size
-                    line["mfu"] = achieved / self._peak_flops
-                line.update(st.metrics)
-                st.metrics = {}
-                if self.is_main:
-                    self.sinks.log(line)
+                self._log(loss_sum / window_steps, window_steps, window_start, paused)
                 loss_sum.zero_()
                 window_steps = 0
             # one process sees a signal at the next step; several agree on it at log points (a collective)
@@ -238,7 +243,8 @@ class Trainer:
             if st.world_size > 1:
                 signalled = at_log and _all_reduce_max(float(signalled), self.device) > 0
             if signalled:
-                stopped_by = f"signal {self.stop.received or 'on another rank'}"
+                received = self.stop.received
+                stopped_by = f"signal {signal.Signals(received).name if received else 'on another rank'}"
 
             if at_log:
                 window_start, paused = time.perf_counter(), 0.0
