@@ -90,14 +90,13 @@ def _verb_check(args: list[str]) -> int:
 
 
 def _verb_diff(args: list[str]) -> int:
-    from effitrain.config.compose import _flatten, compose_config
+    from effitrain.config.compose import compose_config, flatten
 
     if len(args) < 2:
         raise ConfigError("diff: name two recipes, e.g. 'effitrain diff baseline wsd'")
     flats = []
     for name in args[:2]:
-        flat: dict = {}
-        _flatten("", compose_config(_recipe_overrides(name) + args[2:]).cfg, flat)
+        flat = flatten("", compose_config(_recipe_overrides(name) + args[2:]).cfg, {})
         flat = {k: v for k, v in flat.items() if not k.startswith(("recipe.", "run_dir"))}
         flats.append(flat)
     a, b = flats

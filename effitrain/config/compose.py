@@ -47,12 +47,14 @@ def load_recipe(name: str) -> dict[str, Any]:
         return yaml.safe_load(fh) or {}
 
 
-def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
+def flatten(prefix: str, node: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys of a nested mapping (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), added to ``out``."""
     if isinstance(node, dict) and node:
         for key, value in node.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+            flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
     else:
         out[prefix] = node
+    return out
 
 
 def recipe_keys(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def recipe_keys(recipe: dict[str, Any]) -> dict[str, Any]:
                 keys[str(key).replace("override", "").strip().lstrip("/")] = value
     for key, value in recipe.items():
         if key not in ("defaults", "recipe"):
-            _flatten(str(key), value, keys)
+            flatten(str(key), value, keys)
     return keys
 
 
