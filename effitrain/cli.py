@@ -10,7 +10,12 @@
     effitrain rules                       the compatibility rules as a table
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
 
+    effitrain --verbose [OVERRIDES]       train, showing third-party output (otherwise in RUN_DIR/third_party.log)
+    effitrain --version                   print effitrain's version
+
 Every configuration error is one line on stderr and exit status 2, before any model, data or run directory is made.
+Exit status: 0 finished, 1 failed, 2 refused (bad input), 3 diverged (non-finite guard), 75 stopped by a signal
+with a checkpoint (continue with resume=auto), 130 interrupted without saving (docs/reliability.md).
 The verbs import neither torch nor deepspeed.
 """
 
@@ -21,9 +26,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from effitrain.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, REPORT_BUGS, RunFailed
 from effitrain.registry import ConfigError
 
-EXIT_CONFIG = 2
+# Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
+# that did not exist before the pre-flight (an empty one that Hydra made for a refused job is removed again).
+_JOB_EXITS: list[int] = []
+_NEW_DIRS: set[str] = set()
 _HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
                            "--experimental-rerun"}
 
@@ -135,7 +144,7 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
     from effitrain.config.compose import compose_config, expand_sweeps
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
-    from effitrain.engine.rundir import check_run_dir
+    from effitrain.engine.rundir import check_resume_config, check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,8 +153,14 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
         composed = compose_config(job)
         spec = validate(composed.cfg, composed.recipes)
         check_rules(spec, Environment(world_size=world))
-        if check_dir and not multirun and spec.run_dir:
-            check_run_dir(Path(spec.run_dir), resume=spec.resume, overwrite=spec.overwrite)
+        if check_dir and not multirun:
+            if not (spec.run_dir or "").strip():
+                raise ConfigError("run_dir: is empty; a run needs a folder of its own, e.g. run_dir=outputs/my-run")
+            run_dir = Path(spec.run_dir)
+            check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)
+            check_resume_config(run_dir, composed.cfg, spec.resume)
+            if not run_dir.exists():
+                _NEW_DIRS.add(str(run_dir.absolute()))
         first = first or (spec, composed)
     return first
 
@@ -156,6 +171,7 @@ def _hydra_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from effitrain.config.compose import load_recipe, parse_overrides, recipe_names
+    from effitrain.console import quiet
     from effitrain.train import train
 
     hydra_cfg = HydraConfig.get()
@@ -165,10 +181,27 @@ def _hydra_task(cfg) -> None:
     resolved["run_dir"] = str(run_dir)
     names = recipe_names(parse_overrides(list(hydra_cfg.overrides.task)))
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
+    code = EXIT_FAILED
     try:
-        train(resolved, run_dir=run_dir, argv=["effitrain", *sys.argv[1:]], recipes=recipes)
-    except ConfigError as exc:  # found only at launch (the device, the world size, a missing file)
-        sys.exit(_fail(str(exc)))  # SystemExit passes through Hydra's handler: no traceback
+        with quiet():
+            summary = train(resolved, run_dir=run_dir, argv=["effitrain", *sys.argv[1:]], recipes=recipes)
+        code = summary.get("exit_code", EXIT_OK)
+    except ConfigError as exc:  # found only at launch (the device, the world size, a file's contents)
+        code = _fail(str(exc))
+    except RunFailed as exc:    # the machine failed the run (a full disk): one line, the reason in summary.json
+        code = _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("effitrain: interrupted without saving", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception:           # a bug: keep the traceback, and say where it goes
+        import traceback
+        traceback.print_exc()
+        print(f"effitrain: internal error: {REPORT_BUGS}", file=sys.stderr)
+    finally:
+        _JOB_EXITS.append(code)
+        if code == EXIT_CONFIG and str(run_dir.absolute()) in _NEW_DIRS and run_dir.is_dir() \
+                and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before the run started: leave no empty folder behind
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> int:
@@ -177,16 +210,30 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     main = hydra.main(version_base="1.3", config_path="configs", config_name="train")(_hydra_task)
     saved = sys.argv
     sys.argv = [saved[0], *flags, *overrides]
+    _JOB_EXITS.clear()
     try:
         main()
     finally:
         sys.argv = saved
-    return 0
+    failed = [c for c in _JOB_EXITS if c != EXIT_OK]
+    if len(_JOB_EXITS) > 1 and failed:
+        print(f"effitrain: {len(failed)} of {len(_JOB_EXITS)} sweep jobs did not finish (exit statuses "
+              f"{_JOB_EXITS})", file=sys.stderr)
+    return failed[0] if failed else EXIT_OK
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     print(f"effitrain: error: {message}", file=sys.stderr)
-    return EXIT_CONFIG
+    return code
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("effitrain")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -195,6 +242,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv and argv[0] in ("-h", "--help", "help"):
             print(__doc__)
             return 0
+        if argv and argv[0] == "--version":
+            print(f"effitrain {_version()}")
+            return 0
+        for flag in ("--verbose", "-v"):
+            while flag in argv:
+                argv.remove(flag)
+                os.environ["EFFITRAIN_VERBOSE"] = "1"
         if argv and argv[0] in VERBS:
             return VERBS[argv[0]](argv[1:])
         if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith("~"):
@@ -212,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _run_hydra(flags, overrides)
     except KeyboardInterrupt:
         print("effitrain: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

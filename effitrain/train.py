@@ -168,36 +168,33 @@ def _final_model_writer(spec: RunSpec, launch: Launch, engine: Any, tokenizer: A
 
 def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional[list[str]] = None,
           recipes: Optional[list[dict]] = None) -> dict[str, Any]:
-    """Train from a resolved config mapping; returns the summary (also written to ``summary.json``)."""
+    """Train from a resolved config mapping; returns the summary (also written to ``summary.json``).
+
+    Everything that can refuse the configuration is built first; only then is the run directory taken (locked,
+    marked, an old run moved aside for ``overwrite=true``).  From there on any failure still leaves a
+    ``summary.json`` that says why the run stopped, and the lock is released however the process ends.
+    """
     spec = validate(cfg, recipes)
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
 
-    from effitrain.engine.rundir import check_run_dir, prepare_run_dir, resolve_resume, truncate_metrics, write_run_record
+    from effitrain.console import attach_log, say
+    from effitrain.engine.rundir import RunDirLock, check_resume_config, check_run_dir
 
     check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)  # read-only, so every rank agrees
+    check_resume_config(run_dir, cfg, spec.resume)
     launch = _launch(spec)
-
-    import deepspeed
-
-    from effitrain.engine.events import EventBus
-    from effitrain.engine.guard import NonFiniteGuard
-    from effitrain.engine.loop import Trainer
-    from effitrain.engine.state import State
-    from effitrain.loggers.sinks import Sinks
-    from effitrain.memory import memory_report
-
+    say("building data ...")
     precision = spec.block("precision").build(device_type=launch.device_type, bf16_supported=launch.bf16_supported)
     ds_config = deepspeed_config(spec, precision.ds_config, launch.world_size)
     _seed_everything(spec.train.seed)
     data = _build_data(spec, launch)
 
+    say("building model and optimizer ...")
     _seed_everything(spec.train.seed)
     model = spec.block("model").build(tokenizer=data.tokenizer)
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
-    guard = NonFiniteGuard(spec.train.max_bad_steps)
-    guard.install(optimizer)
     sampler = spec.block("curriculum").build(data.packed_train, seed=spec.train.seed,
                                              micro_batch_size=spec.train.micro_batch_size,
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
@@ -205,13 +202,57 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + \
         [m.build() for m in spec.methods.values()]
 
-    # Everything that can refuse the configuration has been built: now the run directory may be written.
+    # Everything that can refuse the configuration has been built: now the run directory may be taken.
+    lock = RunDirLock(run_dir)
+    if launch.is_main:
+        lock.acquire(resume=spec.resume, overwrite=spec.overwrite)
+    launch.barrier()
+    attach_log(run_dir, launch.rank)
+    summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before training started"}
+    try:
+        summary = _run(spec, cfg, argv, run_dir, launch, lock, data, precision, ds_config,
+                       model, optimizer, scheduler, sampler, hooks)
+    except BaseException as exc:
+        summary = {**summary, "finished": False, "failed": f"{type(exc).__name__}: {exc}".strip()}
+        if isinstance(exc, KeyboardInterrupt):
+            summary["stopped_by"] = "interrupted by Ctrl-C without saving the last steps"
+        if launch.is_main:
+            if lock.replacing:  # it never got going: the run it was to replace comes back
+                lock.abandon_replacement()
+            elif run_dir.is_dir():
+                _write_summary(run_dir, summary)
+        raise
+    finally:
+        lock.release()
+    return summary
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    tmp.replace(run_dir / "summary.json")
+
+
+def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir: Path, launch: Launch, lock: Any,
+         data: Data, precision: Any, ds_config: dict, model: Any, optimizer: Any, scheduler: Any, sampler: Any,
+         hooks: list) -> dict[str, Any]:
+    import deepspeed
+
+    from effitrain.console import say
+    from effitrain.engine.events import EventBus
+    from effitrain.engine.guard import NonFiniteGuard
+    from effitrain.engine.loop import Trainer
+    from effitrain.engine.rundir import resolve_resume, truncate_metrics, write_run_record
+    from effitrain.engine.state import State
+    from effitrain.loggers.sinks import Sinks
+    from effitrain.memory import memory_report
+
     resuming = spec.resume is not None
     if launch.is_main:
-        prepare_run_dir(run_dir, overwrite=spec.overwrite, resume=spec.resume)
         write_run_record(run_dir, cfg=cfg, argv=argv or sys.argv, world_size=launch.world_size, resuming=resuming)
-    launch.barrier()
-
+    guard = NonFiniteGuard(spec.train.max_bad_steps)
+    guard.install(optimizer)
+    say("starting the DeepSpeed engine ...")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     state = State(spec=spec, run_dir=run_dir, rank=launch.rank, world_size=launch.world_size, model=engine.module,
@@ -219,19 +260,28 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     final_dir = run_dir / "final_model"
     trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=data.train_ids, eval_sets=data.eval_sets,
                       sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1],
-                      save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir))
+                      save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
+                      on_started=lock.commit_replacement)
 
-    resume_from = resolve_resume(run_dir, spec.resume)
+    resume_from = resolve_resume(run_dir, spec.resume) if launch.is_main else None
+    if launch.world_size > 1:  # rank 0 verified the checkpoints; every rank loads the one it chose
+        import torch.distributed as dist
+        chosen = [resume_from]
+        dist.broadcast_object_list(chosen, src=0)
+        resume_from = chosen[0]
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         if launch.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
-            print(f"resumed from {resume_from} at step {state.step}", flush=True)
+            say(f"resumed from {resume_from} at step {state.step}")
+    elif spec.resume == "auto" and launch.is_main:
+        say(f"resume=auto: no intact checkpoint in {run_dir}, starting from step 0")
     if launch.is_main:
         trainer.sinks = Sinks(spec.block("logger").build(run_dir=run_dir, max_steps=spec.train.max_steps,
                                                          start_step=state.step, config=dict(cfg)))
 
     if state.step >= spec.train.max_steps:  # resume=auto of a finished run: report, train nothing
+        lock.commit_replacement()
         trainer.sinks.close()
         state.eval_metrics = trainer.evaluate()
         outcome = {"finished": True, "stopped_by": None, "train_seconds": trainer.train_seconds}
@@ -257,14 +307,28 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
         "skipped_steps": guard.total_skipped,
         "finished": outcome["finished"],
         "stopped_by": outcome["stopped_by"],
+        "exit_code": exit_code_for(outcome),
         "selection": data.selection.info,
         "selection_manifest": str(data.selection.manifest_path) if data.selection.manifest_path else None,
         "final_model": str(final_dir) if outcome["finished"] and spec.train.save_final_model else None,
     }
     if launch.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        if outcome["stopped_by"]:
-            print(f"stopped ({outcome['stopped_by']}) at step {state.step}; checkpoint saved, "
-                  f"continue with resume=auto run_dir={run_dir}", flush=True)
+        _write_summary(run_dir, summary)
+        if outcome.get("signal"):
+            say(f"stopped ({outcome['stopped_by']}) at step {state.step}; checkpoint saved, "
+                f"continue with resume=auto run_dir={run_dir}")
+        elif not outcome["finished"]:
+            say(f"stopped at step {state.step}: {outcome['stopped_by']}; the run did not finish (see "
+                f"{run_dir / 'summary.json'})", err=True)
     launch.barrier()
     return summary
+
+
+def exit_code_for(outcome: dict[str, Any]) -> int:
+    """The process's exit status for a run's outcome (docs/reliability.md): 0 finished, 75 stopped by a signal
+    with a checkpoint to resume from, 3 stopped by the non-finite guard."""
+    from effitrain.errors import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+
+    if outcome["finished"]:
+        return EXIT_OK
+    return EXIT_RESUMABLE if outcome.get("signal") else EXIT_DIVERGED

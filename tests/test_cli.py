@@ -95,10 +95,17 @@ def test_diff_names_the_keys_a_recipe_changes():
 
 
 def test_check_refuses_an_existing_run_dir(tmp_path):
-    (tmp_path / "config.yaml").write_text("x: 1\n")
+    (tmp_path / ".effitrain-run").write_text("{}\n")  # effitrain's own marker: this folder is a run
     result = effitrain_cli("check", f"run_dir={tmp_path}")
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert effitrain_cli("check", f"run_dir={tmp_path}", "resume=auto").returncode == 0
+
+
+def test_a_folder_with_a_stray_config_is_not_a_run_and_is_never_written_into(tmp_path):
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    for extra in ([], ["overwrite=true"], ["resume=auto"]):
+        result = effitrain_cli("check", f"run_dir={tmp_path}", *extra)
+        assert result.returncode == 2 and "is not an effitrain run" in result.stderr, extra
     assert (tmp_path / "config.yaml").read_text() == "x: 1\n"
 
 

@@ -18,26 +18,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from effitrain.console import say
 from effitrain.engine import checkpoint as ckpt
 from effitrain.engine.events import EventBus
 from effitrain.engine.guard import NonFiniteGuard
 from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_memory_bytes
 from effitrain.engine.rundir import CHECKPOINTS
 from effitrain.engine.state import State
+from effitrain.errors import RunFailed
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (what SLURM sends before pre-emption) ask the loop to save and exit at the next check."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before pre-emption) and Ctrl-C (SIGINT) ask the loop to save and exit
+    at the next check.  A second Ctrl-C exits at once (KeyboardInterrupt), without saving."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt
+            say("Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to quit without saving)",
+                err=True)
         self.received = signum
 
     def restore(self) -> None:
@@ -56,7 +64,7 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
 class Trainer:
     def __init__(self, *, state: State, bus: EventBus, packed_train: Any, eval_sets: dict[str, Any],
                  sinks: Any, guard: NonFiniteGuard, seq_len: int,
-                 save_final_model: Callable[[], None]) -> None:
+                 save_final_model: Callable[[], None], on_started: Callable[[], None] = lambda: None) -> None:
         self.state = state
         self.bus = bus
         self.train_ids = packed_train           # numpy int array [N, seq_len]
@@ -65,6 +73,7 @@ class Trainer:
         self.guard = guard
         self.seq_len = seq_len
         self.save_final_model = save_final_model
+        self.on_started = on_started  # called once, after the first optimizer step of this launch
         self.train_cfg = state.spec.train
         self.device = state.engine.device
         self.stop = StopSignal()
@@ -131,8 +140,11 @@ class Trainer:
                 torch.save(client, tmp / "state.pt")
 
         barrier = dist.barrier if dist.is_initialized() and st.world_size > 1 else (lambda: None)
-        path = ckpt.write_atomically(root, st.step, write, is_writer=self.is_main, barrier=barrier,
-                                     meta={"tokens": st.tokens})
+        try:
+            path = ckpt.write_atomically(root, st.step, write, is_writer=self.is_main, barrier=barrier,
+                                         meta={"tokens": st.tokens})
+        except ckpt.DiskFull as exc:
+            raise RunFailed(str(exc)) from None
         if self.is_main:
             ckpt.prune(root, self.train_cfg.keep_checkpoints)
         self.bus.emit("checkpoint", st)
@@ -208,6 +220,7 @@ class Trainer:
         window_start, paused = time.perf_counter(), 0.0
         last_saved = st.step if st.step > 0 else -1
         stopped_by: Optional[str] = None
+        started = False
 
         while st.step < cfg.max_steps:
             step_loss = torch.zeros((), device=self.device)
@@ -225,6 +238,9 @@ class Trainer:
                 st.micro_step += 1
             st.step += 1
             st.tokens += self.tokens_per_step
+            if not started:
+                started = True
+                self.on_started()
             loss_sum += step_loss / cfg.grad_accum
             window_steps += 1
             self.bus.emit("step_end", st)
@@ -265,5 +281,5 @@ class Trainer:
                 self.save_checkpoint()
             self.save_final_model()
         self.bus.emit("fit_end", st)
-        return {"finished": finished, "stopped_by": stopped_by or st.stop_reason,
+        return {"finished": finished, "stopped_by": stopped_by or st.stop_reason, "signal": stopped_by is not None,
                 "train_seconds": self.train_seconds}

@@ -1,7 +1,22 @@
-"""The run directory: refusing to clobber an existing run, recording how the run was made, finding checkpoints."""
+"""The run directory: one live run per folder, never clobbered, recording how the run was made.
+
+Three promises (docs/reliability.md):
+
+* **A folder is a run only if it carries effitrain's marker** (``.effitrain-run``).  Nothing else counts: a folder
+  of a user's files with a stray ``config.yaml`` in it is *not* a run, so neither ``overwrite=true`` nor a new run
+  ever writes into it or deletes from it.  A run directory must be new, empty, or marked.
+* **One live run per folder**: :class:`RunDirLock` holds an exclusive ``flock`` on ``.effitrain-lock`` for the
+  run's life.  The kernel drops it when the process dies, however it dies, so a stale lock cannot block anybody;
+  the file only records who holds it (pid, host) for the refusal message.
+* **Overwrite moves aside, then deletes late**: ``overwrite=true`` renames the old run to a hidden sibling, starts
+  the new run in a fresh folder, and deletes the old one only after the new run has taken its first step
+  (:meth:`RunDirLock.commit_replacement`); a new run that fails before that is removed and the old one put back.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -13,22 +28,70 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from effitrain.engine.checkpoint import is_complete, latest_checkpoint
+from effitrain.engine.checkpoint import complete_checkpoints, is_complete
 from effitrain.registry import ConfigError
 
 CHECKPOINTS = "checkpoints"
-# Files that only a run writes: a folder holding one of them is a run that must not be silently replaced.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINTS)
+MARKER = ".effitrain-run"
+LOCK = ".effitrain-lock"
+_REPLACED = ".replaced-"
 _PACKAGES = ("effitrain", "torch", "deepspeed", "transformers", "datasets", "tokenizers", "peft", "hydra-core",
              "omegaconf", "numpy", "bitsandbytes", "pytorch-optimizer", "scikit-learn", "datasketch")
 
 
 def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    """True only for a folder that effitrain itself marked as a run."""
+    return (run_dir / MARKER).is_file()
 
 
-def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool) -> None:
-    """Pre-flight, before anything is written: refuse to reuse a run directory unless asked to."""
+def _resumable_legacy(run_dir: Path) -> bool:
+    """A run made before the marker existed: it has complete checkpoints, which only effitrain writes."""
+    return bool(complete_checkpoints(run_dir / CHECKPOINTS))
+
+
+def _dangerous(run_dir: Path) -> Optional[str]:
+    """Folders that are never a run directory: the filesystem root, the home folder, the current folder and any
+    folder above them (a run there would mix its files with everything below)."""
+    resolved = run_dir.expanduser().resolve()
+    if resolved == Path(resolved.anchor):
+        return "is the filesystem root"
+    for name, place in (("the home folder", Path.home()), ("the current folder", Path.cwd())):
+        place = place.resolve()
+        if resolved == place:
+            return f"is {name}"
+        if resolved in place.parents:
+            return f"contains {name}"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+
+
+def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool, locked_by_us: bool = False) -> None:
+    """Pre-flight, read-only (so every rank agrees, and ``effitrain check`` can run it): is this folder usable?
+
+    ``locked_by_us``: the caller already holds the folder's lock (the re-check under the lock)."""
+    shown = str(run_dir)
+    problem = _dangerous(run_dir)
+    if problem:
+        raise ConfigError(f"run_dir: '{shown}' {problem}; a run needs a folder of its own, "
+                          f"e.g. run_dir=outputs/my-run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: '{shown}' is a file, not a folder; choose another run_dir")
+    anchor = _nearest_existing(run_dir)
+    if not anchor.is_dir():
+        raise ConfigError(f"run_dir: '{anchor}' (on the way to '{shown}') is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir: '{anchor}' is not writable (read-only file system or no permission); "
+                          f"choose a run_dir you can write to")
     if resume is not None and resume != "auto":
         path = Path(resume)
         if not path.is_dir():
@@ -36,27 +99,185 @@ def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool) -> N
         if not is_complete(path):
             raise ConfigError(f"resume: '{resume}' is not a complete checkpoint (no COMPLETE marker)")
         return
-    if resume == "auto" or not holds_run(run_dir):
+    if not run_dir.is_dir():
         return
-    if not overwrite:
-        raise ConfigError(f"run_dir: '{run_dir}' already holds a run; pass resume=auto to continue it, "
-                          f"overwrite=true to replace it, or choose another run_dir")
+    if holds_run(run_dir) or (resume == "auto" and _resumable_legacy(run_dir)):
+        if resume is None and not overwrite:
+            raise ConfigError(f"run_dir: '{shown}' already holds a run; pass resume=auto to continue it, "
+                              f"overwrite=true to replace it, or choose another run_dir")
+        holder = None if locked_by_us else RunDirLock.holder(run_dir)
+        if holder:
+            raise ConfigError(f"run_dir: '{shown}' is in use by a live run ({holder}); wait for it or choose "
+                              f"another run_dir")
+        return
+    foreign = _foreign_entries(run_dir)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"run_dir: '{shown}' is not empty and is not an effitrain run (it holds {listed}); "
+                          f"effitrain writes runs only into new, empty or its own folders, and overwrite=true "
+                          f"never deletes files that are not a run's; choose another run_dir")
 
 
-def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: Optional[str]) -> None:
-    """On rank 0, after validation: clear the folder if the user asked to overwrite, then create it."""
-    if overwrite and resume is None and holds_run(run_dir):
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+# Keys a resumed launch may change: they decide how long and how visibly the run goes on, not what it computes.
+# train.max_steps is among them; the schedule then follows the new horizon from the resumed step on.
+RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every",
+                    "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "train.save_final_model",
+                    "logger.", "run_dir", "resume", "overwrite")
+
+
+def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str]) -> None:
+    """``resume=auto`` continues the run in ``run_dir`` only with the configuration it was started with (apart from
+    :data:`RESUME_SAFE_KEYS`); anything else would load state into a different model or optimizer."""
+    import yaml
+
+    from effitrain.config.compose import flatten
+
+    stored = run_dir / "config.yaml"
+    if resume != "auto" or not stored.is_file():
+        return
+    try:
+        before = yaml.safe_load(stored.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"resume: {stored} is not valid YAML; the run's configuration is unknown") from None
+    old, new = flatten("", before, {}), flatten("", dict(cfg), {})
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k, "<unset>") != new.get(k, "<unset>") and not k.startswith(RESUME_SAFE_KEYS)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
+        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise ConfigError(f"resume: this launch's config differs from the run's in {shown}{more}; resume with the "
+                          f"run's recipe and overrides (see {run_dir / 'command.txt'}); only "
+                          f"{', '.join(k.rstrip('.') for k in RESUME_SAFE_KEYS[:8])} and logger.* may change")
+
+
+class RunDirLock:
+    """Exclusive ownership of a run directory for one live run (held by rank 0)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._fd: Optional[int] = None
+        self._replaced: Optional[Path] = None   # the old run, moved aside by overwrite=true
+        self._replaced_fd: Optional[int] = None
+        self._created = False
+
+    # -------------------------------------------------------------------------------------------- holder
+    @staticmethod
+    def holder(run_dir: Path) -> Optional[str]:
+        """Who holds the folder's lock right now, or None (a lock file left by a dead process is not held)."""
+        path = run_dir / LOCK
+        if not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            try:
+                info = json.loads(path.read_text() or "{}")
+                return f"pid {info.get('pid')} on {info.get('host')}"
+            except (OSError, ValueError):
+                return "another process"
+        finally:
+            os.close(fd)
+        return None
+
+    @staticmethod
+    def _take(run_dir: Path) -> int:
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"run_dir: '{run_dir}' is in use by a live run "
+                                  f"({RunDirLock.holder(run_dir) or 'another process'}); wait for it or choose "
+                                  f"another run_dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": platform.node(), "since": time.time()}).encode())
+        return fd
+
+    # -------------------------------------------------------------------------------------------- acquire
+    def acquire(self, *, resume: Optional[str], overwrite: bool) -> None:
+        """Take the folder (creating it, or moving an old run aside for ``overwrite=true``), then re-check under
+        the lock what the pre-flight checked without it: another launch may have got there first."""
+        run_dir = self.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"run_dir: cannot create '{run_dir}': {exc.strerror}") from None
+        fd = self._take(run_dir)
+        try:
+            check_run_dir(run_dir, resume=resume, overwrite=overwrite, locked_by_us=True)
+        except ConfigError:
+            os.close(fd)
+            raise
+        if overwrite and resume is None and holds_run(run_dir):
+            self._replaced = run_dir.with_name(f".{run_dir.name}{_REPLACED}{time.strftime('%Y%m%d-%H%M%S')}"
+                                               f"-{os.getpid()}")
+            run_dir.rename(self._replaced)       # the lock travels with the inode: still ours
+            self._replaced_fd = fd
+            run_dir.mkdir()
+            fd = self._take(run_dir)
+        self._fd = fd
+        if not holds_run(run_dir):
+            self._created = resume is None
+            (run_dir / MARKER).write_text(json.dumps({"created": time.time(), "by": "effitrain"}) + "\n")
+
+    # -------------------------------------------------------------------------------------------- outcome
+    @property
+    def replacing(self) -> bool:
+        """An old run is still set aside, waiting for the new one to take its first step."""
+        return self._replaced is not None
+
+    def commit_replacement(self) -> None:
+        """The new run has started: now the run it replaced may go."""
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
+        if self._replaced_fd is not None:
+            os.close(self._replaced_fd)
+            self._replaced_fd = None
+
+    def abandon_replacement(self) -> None:
+        """The new run failed before its first step: remove it and put the run it was replacing back."""
+        if self._replaced is None:
+            return
+        failed = self.run_dir.with_name(f".{self.run_dir.name}.failed-{os.getpid()}")
+        self.run_dir.rename(failed)
+        self._replaced.rename(self.run_dir)
+        shutil.rmtree(failed, ignore_errors=True)
+        self._replaced = None
+
+    def release(self) -> None:
+        for attr in ("_fd", "_replaced_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)   # closing the descriptor drops the flock
+                setattr(self, attr, None)
 
 
 def resolve_resume(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: the newest one that verifies (``resume=auto``), or the one named."""
+    from effitrain.engine.checkpoint import CheckpointDamaged, newest_verified_checkpoint, verify_checkpoint
+
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir / CHECKPOINTS)
-    return Path(resume)
+        return newest_verified_checkpoint(run_dir / CHECKPOINTS, report=_say)
+    path = Path(resume)
+    try:
+        verify_checkpoint(path)
+    except CheckpointDamaged as exc:
+        raise ConfigError(f"resume: {exc}; resume=auto falls back to the newest intact checkpoint") from None
+    return path
+
+
+def _say(text: str) -> None:
+    from effitrain.console import say
+
+    say(text)
 
 
 def _git_commit() -> Optional[str]:

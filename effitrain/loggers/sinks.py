@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
+
+from effitrain.console import say, terminal
 
 
 class Sink:
@@ -51,9 +52,10 @@ class ConsoleSink(Sink):
 
     def __init__(self, max_steps: int, start_step: int, progress_bar: bool) -> None:
         self._bar = None
-        if progress_bar and sys.stderr.isatty():
+        if progress_bar and terminal(err=True).isatty():
             from tqdm import tqdm
-            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             file=terminal(err=True))
 
     def on_step(self, step: int) -> None:
         if self._bar is not None:
@@ -69,7 +71,7 @@ class ConsoleSink(Sink):
         if self._bar is not None:
             self._bar.write(text)
         else:
-            print(text, flush=True)
+            say(text)
 
     def close(self) -> None:
         if self._bar is not None:
