@@ -65,8 +65,11 @@ def quiet() -> Iterator[None]:
     failed = False
     try:
         yield
-    except BaseException:
-        failed = True
+    except BaseException as exc:
+        from effitrain.errors import RunFailed
+        from effitrain.registry import ConfigError
+
+        failed = not isinstance(exc, (ConfigError, RunFailed))  # a refusal or a full disk says all in one line
         raise
     finally:
         sys.stdout.flush()

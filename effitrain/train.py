@@ -220,7 +220,10 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
             if lock.replacing:  # it never got going: the run it was to replace comes back
                 lock.abandon_replacement()
             elif run_dir.is_dir():
-                _write_summary(run_dir, summary)
+                try:
+                    _write_summary(run_dir, summary)
+                except OSError:  # e.g. the disk that failed the run: the error itself still reaches the user
+                    pass
         raise
     finally:
         lock.release()

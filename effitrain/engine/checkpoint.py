@@ -14,6 +14,7 @@ of every file in the folder.  :func:`verify_checkpoint` checks them before a res
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ class DiskFull(OSError):
     def __init__(self, root: Path, step: int, free: int, needed: int) -> None:
         mib = 2 ** 20
         super().__init__(f"checkpoint: the disk under '{root}' is full while saving step {step} "
-                         f"({free / mib:.0f} MiB free, a checkpoint needs about {needed / mib:.0f} MiB); "
+                         f"({free / mib:.1f} MiB free, a checkpoint needs about {needed / mib:.1f} MiB); "
                          f"the previous checkpoints are intact; free some space, then resume=auto")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -183,16 +184,22 @@ def write_atomically(root: Path, step: int, write: Callable[[Path], None], *, is
 
 def _raise_disk_full_or(exc: Exception, root: Path, tmp: Path, step: int) -> None:
     """A failed save leaves no partial folder.  Libraries word a full disk differently (torch.save raises
-    "file write failed" without an errno), so the disk itself is asked: less free space than a checkpoint needs
-    means the disk was full."""
-    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+    "file write failed" without an errno), so the disk itself is asked: almost no free space means it was full."""
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(root).free < 2 ** 20
-    shutil.rmtree(tmp, ignore_errors=True)
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
     if not full:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise exc
+    # The failed writer's frames (held by the traceback) keep its open files, and so their disk space: drop them.
+    chained: Optional[BaseException] = exc
+    while chained is not None:
+        chained.__traceback__ = None
+        chained = chained.__context__
+    gc.collect()
+    shutil.rmtree(tmp, ignore_errors=True)
     previous = complete_checkpoints(root)
     needed = max(written, checkpoint_bytes(previous[-1][1]) if previous else 0)
-    raise DiskFull(root, step, shutil.disk_usage(root).free, needed) from exc
+    raise DiskFull(root, step, shutil.disk_usage(root).free, needed) from None
 
 
 def _seal(tmp: Path, step: int, meta: Optional[dict[str, Any]]) -> None:
