@@ -20,7 +20,7 @@ install: $(STAMP)
 
 ## The default job: a tiny Llama on the built-in demo corpus, about a minute on a laptop CPU.
 run: $(STAMP)
-	$(VENV)/bin/effitrain run_dir=outputs/default overwrite=true $(ARGS)
+	@$(VENV)/bin/effitrain run_dir=outputs/default overwrite=true $(ARGS)
 
 ## The whole test suite (what CI runs).
 test: $(STAMP)

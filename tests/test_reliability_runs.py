@@ -384,3 +384,68 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_how_mu
         assert summary["finished"] is False and "full" in summary["failed"]
     finally:
         _umount(disk)
+
+
+# ------------------------------------------------------------------------------------------------ damaged checkpoints
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:   # same size: only the checksum can tell
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "model states truncated": ("ds/mp_rank_00_model_states.pt", _truncate),
+    "model states bit flip": ("ds/mp_rank_00_model_states.pt", _flip_a_byte),
+    "optimizer states missing": ("ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", Path.unlink),
+    "optimizer states empty": ("ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", lambda p: p.write_bytes(b"")),
+    "loop state missing": ("state.pt", Path.unlink),
+    "loop state empty": ("state.pt", lambda p: p.write_bytes(b"")),
+    "rng state truncated": ("rank0.pt", _truncate),
+    "metadata unreadable": ("meta.json", lambda p: p.write_text("{\"step\": 2")),
+    "metadata missing": ("meta.json", Path.unlink),
+}
+_DAMAGED_RUN = [*TINY, "parallelism=zero1", "train.max_steps=24", "train.save_every=8", "train.keep_checkpoints=3",
+                "train.eval_every=8", "optimizer.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, train_in_process):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train_in_process(_DAMAGED_RUN[len(TINY):], run)
+    return run
+
+
+def _losses(run: Path) -> dict:
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(l["step"], k): l[k] for l in lines for k in ("loss", "eval_loss") if k in l}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(kind, uninterrupted, tmp_path,
+                                                                     train_in_process, capsys):
+    """A run stopped after its step-16 checkpoint, which then got damaged: resume=auto reports it in one line,
+    resumes from step 8, and logs exactly the losses of the run that was never interrupted."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000024")
+    rel, damage = DAMAGE[kind]
+    damage(run / "checkpoints" / "step_00000016" / rel)
+    capsys.readouterr()
+
+    summary = train_in_process([*_DAMAGED_RUN[len(TINY):], "resume=auto"], run)
+
+    out = capsys.readouterr().out
+    warnings = [l for l in out.splitlines() if l.startswith("warning: checkpoint step_00000016")]
+    assert len(warnings) == 1, out
+    assert "resumed from" in out and "step_00000008 at step 8" in out
+    assert summary["finished"] and summary["steps"] == 24
+    expected, resumed = _losses(uninterrupted), _losses(run)
+    later = [key for key in expected if key[0] > 8]
+    assert len(later) >= 16 and set(resumed) == set(expected)
+    for key in later:
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
