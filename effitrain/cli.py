@@ -9,6 +9,8 @@
     effitrain diff A B                    the keys in which two recipes' resolved configs differ
     effitrain rules                       the compatibility rules as a table
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
+    effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
+                                          eval/save/log cadence and logger.* may change)
 
     effitrain --verbose [OVERRIDES]       train, showing third-party output (otherwise in RUN_DIR/third_party.log)
     effitrain --version                   print effitrain's version
@@ -91,6 +93,11 @@ def _verb_show(args: list[str]) -> int:
 
 
 def _verb_check(args: list[str]) -> int:
+    resumed = _remembered_resume(args) if args[:1] != ["resume"] else args[1:]
+    if resumed is not None:
+        _prepare_resume(resumed)
+        print(f"ok: resuming {resumed[0]} with its stored config and recipes")
+        return 0
     spec, _ = preflight(args, multirun=False, check_dir=True)
     names = ", ".join(r.name for r in spec.recipes) or "none"
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
@@ -132,9 +139,43 @@ def _verb_select(args: list[str]) -> int:
     return select_main(args)
 
 
+def _prepare_resume(args: list[str]) -> tuple[dict, Path, Optional[list]]:
+    """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
+    from effitrain.config.resume import remembered_config
+    from effitrain.config.rules import Environment, check_rules
+    from effitrain.config.spec import validate
+    from effitrain.engine.rundir import check_run_dir
+
+    if not args or "=" in args[0]:
+        raise ConfigError("resume: name the run directory, e.g. 'effitrain resume outputs/my-run train.max_steps=400'")
+    run_dir = Path(args[0])
+    check_run_dir(run_dir, resume="auto", overwrite=False)
+    cfg, recipes = remembered_config(run_dir, args[1:])
+    spec = validate(cfg, recipes)
+    check_rules(spec, Environment(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+    return cfg, run_dir, recipes
+
+
+def _verb_resume(args: list[str]) -> int:
+    cfg, run_dir, recipes = _prepare_resume(args)
+    return _train_job(cfg, run_dir, recipes, argv=["effitrain", "resume", *args])
+
+
+def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
+    """``run_dir=R resume=auto [KEY=VALUE ...]`` of an existing run is ``resume R [KEY=VALUE ...]``."""
+    from effitrain.config.resume import remembers
+
+    values = dict(o.split("=", 1) for o in overrides if o.startswith(("run_dir=", "resume=")))
+    run_dir = values.get("run_dir")
+    if values.get("resume") != "auto" or not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        return None
+    rest = [o for o in overrides if not o.startswith(("run_dir=", "resume="))]
+    return [run_dir, *rest] if remembers(rest) else None
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
-    "select": _verb_select,
+    "select": _verb_select, "resume": _verb_resume,
 }
 
 
@@ -144,7 +185,8 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
     from effitrain.config.compose import compose_config, expand_sweeps
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
-    from effitrain.engine.rundir import check_resume_config, check_run_dir
+    from effitrain.config.resume import check_resume_config
+    from effitrain.engine.rundir import check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,8 +213,6 @@ def _hydra_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from effitrain.config.compose import load_recipe, parse_overrides, recipe_names
-    from effitrain.console import quiet
-    from effitrain.train import train
 
     hydra_cfg = HydraConfig.get()
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -181,10 +221,19 @@ def _hydra_task(cfg) -> None:
     resolved["run_dir"] = str(run_dir)
     names = recipe_names(parse_overrides(list(hydra_cfg.overrides.task)))
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
+    _train_job(resolved, run_dir, recipes, argv=["effitrain", *sys.argv[1:]], refused_dir_goes=True)
+
+
+def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[str],
+               refused_dir_goes: bool = False) -> int:
+    """Run ``train`` with the console captured; turn its outcome into an exit status (recorded for the sweep)."""
+    from effitrain.console import quiet
+    from effitrain.train import train
+
     code = EXIT_FAILED
     try:
         with quiet():
-            summary = train(resolved, run_dir=run_dir, argv=["effitrain", *sys.argv[1:]], recipes=recipes)
+            summary = train(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
         code = summary.get("exit_code", EXIT_OK)
     except ConfigError as exc:  # found only at launch (the device, the world size, a file's contents)
         code = _fail(str(exc))
@@ -199,9 +248,10 @@ def _hydra_task(cfg) -> None:
         print(f"effitrain: internal error: {REPORT_BUGS}", file=sys.stderr)
     finally:
         _JOB_EXITS.append(code)
-        if code == EXIT_CONFIG and str(run_dir.absolute()) in _NEW_DIRS and run_dir.is_dir() \
+        if refused_dir_goes and code == EXIT_CONFIG and str(run_dir.absolute()) in _NEW_DIRS and run_dir.is_dir() \
                 and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused before the run started: leave no empty folder behind
+    return code
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> int:
@@ -258,6 +308,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         flags, overrides = _split_args(argv)
         multirun = "-m" in flags or "--multirun" in flags
         info_only = any(f in flags for f in ("--cfg", "-c", "--info", "-i", "--hydra-help"))
+        resumed = None if multirun or info_only else _remembered_resume(overrides)
+        if resumed is not None:
+            return _verb_resume(resumed)
         if not info_only:
             preflight(overrides, multirun=multirun, check_dir=True)
     except ConfigError as exc:

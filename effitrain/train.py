@@ -8,6 +8,7 @@ before the run directory is created, so a bad launch leaves no half-made run beh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -178,7 +179,8 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
 
     from effitrain.console import attach_log, say
-    from effitrain.engine.rundir import RunDirLock, check_resume_config, check_run_dir
+    from effitrain.config.resume import check_resume_config
+    from effitrain.engine.rundir import RunDirLock, check_run_dir
 
     check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)  # read-only, so every rank agrees
     check_resume_config(run_dir, cfg, spec.resume)
@@ -249,10 +251,12 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     from effitrain.engine.state import State
     from effitrain.loggers.sinks import Sinks
     from effitrain.memory import memory_report
+    from effitrain.optim.schedules import follow_this_horizon
 
     resuming = spec.resume is not None
     if launch.is_main:
-        write_run_record(run_dir, cfg=cfg, argv=argv or sys.argv, world_size=launch.world_size, resuming=resuming)
+        write_run_record(run_dir, cfg=cfg, argv=argv or sys.argv, world_size=launch.world_size, resuming=resuming,
+                         recipes=[dataclasses.asdict(r) for r in spec.recipes])
     guard = NonFiniteGuard(spec.train.max_bad_steps)
     guard.install(optimizer)
     say("starting the DeepSpeed engine ...")
@@ -273,10 +277,14 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         dist.broadcast_object_list(chosen, src=0)
         resume_from = chosen[0]
     if resume_from is not None:
+        declared = follow_this_horizon(scheduler)
         trainer.load_checkpoint(resume_from)
+        horizon = declared(state.step)
         if launch.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
             say(f"resumed from {resume_from} at step {state.step}")
+            if horizon:
+                say(f"resume: {horizon}")
     elif spec.resume == "auto" and launch.is_main:
         say(f"resume=auto: no intact checkpoint in {run_dir}, starting from step 0")
     if launch.is_main:

@@ -184,13 +184,27 @@ def test_resume_with_a_changed_model_shape_is_refused_before_anything_is_built(t
     run = mark_run(tmp_path / "run", composed())
     before = snapshot(run)
     assert_refused(effitrain_cli("check", f"run_dir={run}", *TINY, "resume=auto", "model.hidden_size=96"),
-                   "model.hidden_size: 64 -> 96", "command.txt")
+                   "model.hidden_size: 64 -> 96 cannot change when a run resumes")
+    assert_refused(effitrain_cli("check", "resume", str(run), "optimizer.lr=1"),
+                   "optimizer.lr: 0.003 -> 1 cannot change when a run resumes")
     assert snapshot(run) == before
 
 
-def test_resume_without_the_runs_recipe_names_what_differs(tmp_path):
+def test_resume_remembers_the_runs_recipe(tmp_path):
     run = mark_run(tmp_path / "run", composed("+recipe=galore"))
-    assert_refused(effitrain_cli("check", f"run_dir={run}", *TINY, "resume=auto"), "optimizer.name: 'galore' -> 'adamw'")
+    for args in (["check", f"run_dir={run}", "resume=auto"], ["check", "resume", str(run), "train.max_steps=9"]):
+        result = effitrain_cli(*args)
+        assert result.returncode == 0 and "resuming" in result.stdout, result.stderr
+
+
+def test_resume_with_a_different_recipe_names_what_differs(tmp_path):
+    run = mark_run(tmp_path / "run", composed("+recipe=galore"))
+    assert_refused(effitrain_cli("check", f"run_dir={run}", *TINY, "+recipe=lisa", "resume=auto"),
+                   "differs from the run's in", "effitrain resume")
+
+
+def test_resume_of_a_folder_that_holds_no_run_is_refused(tmp_path):
+    assert_refused(effitrain_cli("resume", str(tmp_path / "nothing")), "holds no effitrain run")
 
 
 def test_resume_may_change_the_horizon_and_the_logging(tmp_path):

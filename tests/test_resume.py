@@ -66,3 +66,49 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert len(later) >= 30
     for key in later:
         assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_resume_remembers_the_recipe_and_follows_a_new_horizon_as_declared(tmp_path):
+    """`effitrain resume RUN_DIR` needs no recipe on the command line: it continues exactly like the run that was
+    never interrupted.  Extending `train.max_steps` re-plans the schedule for the new horizon and says so."""
+    import shutil
+
+    from effitrain.optim.schedules import WarmupStableDecay
+
+    run = [*TINY, "+recipe=wsd", "scheduler.warmup_steps=4", "train.max_steps=20", "train.save_every=10",
+           "train.eval_every=10"]
+    full = tmp_path / "full"
+    assert effitrain_cli(*run, f"run_dir={full}").returncode == 0
+
+    stopped = tmp_path / "stopped"   # the same run as if it had been stopped right after its step-10 checkpoint
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step_00000020")
+    result = effitrain_cli("resume", str(stopped))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "at step 10" in result.stdout
+    expected, resumed = _losses(full), _losses(stopped)
+    assert set(resumed) == set(expected)
+    for key in [k for k in expected if k[0] > 10]:
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+
+    result = effitrain_cli(f"run_dir={full}", "resume=auto", "train.max_steps=30")   # the same, spelled as overrides
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WarmupStableDecay schedule now spans from 20 to 30 steps" in result.stdout
+    peak, declared = 3e-3, WarmupStableDecay(4, 30, 0.1, round(0.1 * 30), "exp")
+    logged = {l["step"]: l["lr"] for l in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+              if "lr" in l}
+    assert sorted(logged) == list(range(1, 31))
+    for step in range(21, 31):
+        assert logged[step] == pytest.approx(peak * declared(step), rel=1e-6), step
+    assert logged[21] == pytest.approx(peak)   # back in the stable phase: the decay moved to the new end
+
+
+def test_a_wall_clock_cadence_saves_checkpoints_without_save_every(tmp_path, train_in_process):
+    run = tmp_path / "run"
+    train_in_process(["train.max_steps=3", "train.save_every=0", "train.save_every_minutes=1e-6",
+                      "train.keep_checkpoints=5"], run)
+    from effitrain.engine.checkpoint import complete_checkpoints
+    assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [1, 2, 3]
+    off = tmp_path / "off"
+    train_in_process(["train.max_steps=3", "train.save_every=0", "train.save_every_minutes=0"], off)
+    assert [step for step, _ in complete_checkpoints(off / "checkpoints")] == [3]   # only the final one

@@ -27,6 +27,8 @@ class TrainParams:
     eval_every: int = param(50, ge=0, help="steps between evaluations (0: only at the start and the end)")
     eval_batches: int = param(4, ge=1, help="micro-batches per domain in each evaluation")
     save_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
+    save_every_minutes: float = param(30.0, ge=0, help="also save when this many minutes passed since the last "
+                                      "save, so a crash loses at most that much (0: off)")
     keep_checkpoints: int = param(2, ge=1, help="complete checkpoints kept on disk")
     log_every: int = param(10, ge=1, help="steps between log lines (the only host syncs of the loop)")
     clip_grad_norm: float = param(1.0, ge=0, help="0 disables clipping")

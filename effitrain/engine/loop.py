@@ -53,12 +53,13 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _all_reduce_max(value: float, device: torch.device) -> float:
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true if it is true on any rank (one small all-reduce)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-    return value
+        return [bool(v) for v in t.tolist()]
+    return flags
 
 
 class Trainer:
@@ -221,6 +222,7 @@ class Trainer:
         last_saved = st.step if st.step > 0 else -1
         stopped_by: Optional[str] = None
         started = False
+        last_saved_at = time.monotonic()
 
         while st.step < cfg.max_steps:
             step_loss = torch.zeros((), device=self.device)
@@ -256,8 +258,9 @@ class Trainer:
                 window_steps = 0
             # one process sees a signal at the next step; several agree on it at log points (a collective)
             signalled = self.stop.received is not None
-            if st.world_size > 1:
-                signalled = at_log and _all_reduce_max(float(signalled), self.device) > 0
+            timed = cfg.save_every_minutes > 0 and time.monotonic() - last_saved_at >= 60 * cfg.save_every_minutes
+            if st.world_size > 1:  # the ranks agree at log points (a collective), never one rank alone
+                signalled, timed = _any_rank([signalled, timed], self.device) if at_log else (False, False)
             if signalled:
                 received = self.stop.received
                 stopped_by = f"signal {signal.Signals(received).name if received else 'on another rank'}"
@@ -267,9 +270,9 @@ class Trainer:
             pause_start = time.perf_counter()  # evaluation and saving do not count towards tokens/s
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.max_steps:
                 self._eval_and_log()
-            if (cfg.save_every and st.step % cfg.save_every == 0) or stopped_by or st.should_stop:
+            if (cfg.save_every and st.step % cfg.save_every == 0) or timed or stopped_by or st.should_stop:
                 self.save_checkpoint()
-                last_saved = st.step
+                last_saved, last_saved_at = st.step, time.monotonic()
             if stopped_by or st.should_stop:
                 break
             paused += time.perf_counter() - pause_start

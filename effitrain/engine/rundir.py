@@ -118,38 +118,6 @@ def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool, lock
                           f"never deletes files that are not a run's; choose another run_dir")
 
 
-# Keys a resumed launch may change: they decide how long and how visibly the run goes on, not what it computes.
-# train.max_steps is among them; the schedule then follows the new horizon from the resumed step on.
-RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every",
-                    "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "train.save_final_model",
-                    "logger.", "run_dir", "resume", "overwrite")
-
-
-def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str]) -> None:
-    """``resume=auto`` continues the run in ``run_dir`` only with the configuration it was started with (apart from
-    :data:`RESUME_SAFE_KEYS`); anything else would load state into a different model or optimizer."""
-    import yaml
-
-    from effitrain.config.compose import flatten
-
-    stored = run_dir / "config.yaml"
-    if resume != "auto" or not stored.is_file():
-        return
-    try:
-        before = yaml.safe_load(stored.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"resume: {stored} is not valid YAML; the run's configuration is unknown") from None
-    old, new = flatten("", before, {}), flatten("", dict(cfg), {})
-    changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k, "<unset>") != new.get(k, "<unset>") and not k.startswith(RESUME_SAFE_KEYS)]
-    if changed:
-        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
-        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise ConfigError(f"resume: this launch's config differs from the run's in {shown}{more}; resume with the "
-                          f"run's recipe and overrides (see {run_dir / 'command.txt'}); only "
-                          f"{', '.join(k.rstrip('.') for k in RESUME_SAFE_KEYS[:8])} and logger.* may change")
-
-
 class RunDirLock:
     """Exclusive ownership of a run directory for one live run (held by rank 0)."""
 
@@ -294,13 +262,16 @@ def _git_commit() -> Optional[str]:
 
 
 def write_run_record(run_dir: Path, *, cfg: dict[str, Any], argv: list[str], world_size: int,
-                     resuming: bool) -> None:
-    """The resolved config, the command line, package versions and git commit: enough to re-run it.
+                     resuming: bool, recipes: Optional[list[dict[str, Any]]] = None) -> None:
+    """The resolved config, the recipes, the command line, package versions and git commit: enough to re-run it,
+    and what ``effitrain resume`` reloads.
 
-    A resumed run keeps the original ``config.yaml`` and ``env.json`` and appends its command line, so the folder
-    still says how the run was started; the resumed launch's own record goes to ``env.resume.json``.
+    A resumed run keeps the original ``config.yaml``, ``recipes.yaml`` and ``env.json`` and appends its command line,
+    so the folder still says how the run was started; the resumed launch's own record goes to ``env.resume.json``.
     """
     import yaml
+
+    from effitrain.config.resume import RECIPES_FILE
 
     versions = {}
     for pkg in _PACKAGES:
@@ -314,6 +285,7 @@ def write_run_record(run_dir: Path, *, cfg: dict[str, Any], argv: list[str], wor
     first = not (run_dir / "config.yaml").exists()
     if first or not resuming:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (run_dir / RECIPES_FILE).write_text(yaml.safe_dump(recipes or [], sort_keys=False))
     else:
         (run_dir / "config.resume.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     with open(run_dir / "command.txt", "a") as fh:

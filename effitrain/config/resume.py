@@ -1,0 +1,115 @@
+"""Resuming remembers: a run continues with the configuration and recipes it was started with.
+
+``effitrain resume RUN_DIR [KEY=VALUE ...]`` — and ``effitrain run_dir=RUN_DIR resume=auto [KEY=VALUE ...]``,
+which means the same — reload ``RUN_DIR/config.yaml`` (the resolved config of the first launch) and
+``RUN_DIR/recipes.yaml``; the command line may change only the keys in :data:`RESUME_SAFE_KEYS`, which decide how
+long and how visibly the run goes on, not what it computes.  Giving another key its stored value is allowed (so the
+original command line plus ``resume=auto`` works); giving it a different value is refused with the differences.
+Torch-free: it runs in the pre-flight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from effitrain.config.compose import RECIPE_GROUP, flatten, parse_overrides
+from effitrain.registry import ConfigError
+
+# train.max_steps may change: the schedule then follows the new horizon from the resumed step on, and the run says so.
+RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every",
+                    "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "train.save_final_model",
+                    "train.save_every_minutes", "logger.", "run_dir", "resume", "overwrite")
+RECIPES_FILE = "recipes.yaml"
+
+
+def _safe(key: str) -> bool:
+    return key.startswith(RESUME_SAFE_KEYS)
+
+
+def _safe_keys_text() -> str:
+    return ", ".join(k.rstrip(".") + ("*" if k.endswith(".") else "") for k in RESUME_SAFE_KEYS[:-3])
+
+
+def stored_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"resume: '{run_dir}' holds no effitrain run (no config.yaml); start it without resume")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"resume: {path} is not valid YAML; the run's configuration is unknown") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"resume: {path} does not hold a configuration mapping")
+    return cfg
+
+
+def stored_recipes(run_dir: Path, cfg: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    path = run_dir / RECIPES_FILE
+    if path.is_file():
+        return yaml.safe_load(path.read_text()) or []
+    return None  # a run from before recipes.yaml: validation falls back to the config's own `recipe:` block
+
+
+def remembers(overrides: list[str]) -> bool:
+    """True when every override sets a dotted key or a run-level key: then the run's stored config can be used.
+    Group choices (``model=…``, ``+recipe=…``) cannot be compared key by key and take the composing path."""
+    from effitrain.config.spec import BLOCK_GROUPS
+
+    for override in parse_overrides(overrides):
+        key = override.key_or_group
+        if key == RECIPE_GROUP or key in BLOCK_GROUPS or override.is_delete():
+            return False
+    return True
+
+
+def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Optional[list[dict]]]:
+    """The run's stored config with the command line's safe overrides applied, set to resume in ``run_dir``."""
+    cfg = stored_config(run_dir)
+    stored = flatten("", cfg, {})
+    changed = {}
+    for override in parse_overrides(overrides):
+        key, value = override.key_or_group, override.value()
+        if key in ("run_dir", "resume", "overwrite"):
+            continue
+        if override.is_sweep_override():
+            raise ConfigError(f"{key}: a resumed run takes one value, not a sweep")
+        if not _safe(key) and stored.get(key, "<unset>") != value:
+            changed[key] = (stored.get(key, "<unset>"), value)
+            continue
+        _set(cfg, key, value)
+    if changed:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:4])
+        raise ConfigError(f"resume: {shown} cannot change when a run resumes (it changes what the run computes); "
+                          f"only {_safe_keys_text()} may; start a new run_dir for a different configuration")
+    cfg.update(run_dir=str(run_dir), resume="auto", overwrite=False)
+    return cfg, stored_recipes(run_dir, cfg)
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    node = cfg
+    *parents, last = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str]) -> None:
+    """For a composed config (group choices on the command line): ``resume=auto`` continues the run only if the
+    result equals the stored config apart from :data:`RESUME_SAFE_KEYS`."""
+    if resume != "auto" or not (run_dir / "config.yaml").is_file():
+        return
+    old, new = flatten("", stored_config(run_dir), {}), flatten("", dict(cfg), {})
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
+        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise ConfigError(f"resume: this launch's config differs from the run's in {shown}{more}; resume with "
+                          f"`effitrain resume {run_dir}` (it remembers the run's recipe and overrides; see "
+                          f"{run_dir / 'command.txt'}); only {_safe_keys_text()} may change")
