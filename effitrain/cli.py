@@ -9,6 +9,8 @@
     effitrain diff A B                    the keys in which two recipes' resolved configs differ
     effitrain rules                       the compatibility rules as a table
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
+    effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
+                                          a Hugging Face folder from any checkpoint (ZeRO-3 gathered)
     effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
                                           eval/save/log cadence and logger.* may change)
 
@@ -139,6 +141,12 @@ def _verb_select(args: list[str]) -> int:
     return select_main(args)
 
 
+def _verb_export(args: list[str]) -> int:
+    from effitrain.export import export_main
+
+    return export_main(args)
+
+
 def _prepare_resume(args: list[str]) -> tuple[dict, Path, Optional[list]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
     from effitrain.config.resume import remembered_config
@@ -175,7 +183,7 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
-    "select": _verb_select, "resume": _verb_resume,
+    "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
 }
 
 

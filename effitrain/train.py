@@ -257,6 +257,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     if launch.is_main:
         write_run_record(run_dir, cfg=cfg, argv=argv or sys.argv, world_size=launch.world_size, resuming=resuming,
                          recipes=[dataclasses.asdict(r) for r in spec.recipes])
+        if not (run_dir / "tokenizer").is_dir():  # what `effitrain export` of any checkpoint needs besides weights
+            data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     guard = NonFiniteGuard(spec.train.max_bad_steps)
     guard.install(optimizer)
     say("starting the DeepSpeed engine ...")

@@ -101,9 +101,12 @@ def is_mergeable(model: Any) -> bool:
         hasattr(model, "merge_and_unload")
 
 
-def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
+def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> dict[str, Any]:
     """Write the final model of a run (see the module docstring).  Returns what was written, also saved as
-    ``effitrain_export.json``; the engine can log it.  Call on rank 0 with whole (not ZeRO-3-partitioned) weights."""
+    ``effitrain_export.json``; the engine can log it.  Call on rank 0 with whole (not ZeRO-3-partitioned) weights.
+
+    ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it, so
+    ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
 
@@ -114,6 +117,9 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path) -> dict[
 
     if is_peft_model(model):
         adapter_dir = out / "adapter"
+        if not merge:
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = str(out.resolve())
         model.save_pretrained(adapter_dir)
         info["adapter"] = "adapter"
         info["peft_type"] = sorted({str(c.peft_type.value) for c in model.peft_config.values()})
@@ -121,9 +127,12 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path) -> dict[
             from safetensors.torch import save_file
             save_file(parallel_adapter_state(model), str(adapter_dir / "parallel_adapters.safetensors"))
         if is_mergeable(model):
-            # merge on a copy: the live model keeps training state and its adapter (and this may be a mid-run export)
-            final = copy.deepcopy(model).merge_and_unload()
-            info["merged"] = True
+            # on a copy: the live model keeps training state and its adapter (and this may be a mid-run export)
+            final = copy.deepcopy(model)
+            final = final.merge_and_unload() if merge else final.unload()
+            info["merged"] = merge
+            if not merge:
+                info["note"] = "the top-level model is the base without the adapter; adapter/ loads on top of it"
         else:
             final = strip_parallel_adapters(copy.deepcopy(model.get_base_model()))
             info["merged"] = False
