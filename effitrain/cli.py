@@ -46,16 +46,9 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------------------------------------- verbs
 def _verb_recipes(args: list[str]) -> int:
-    from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe, touched_blocks
+    from effitrain.config.compose import recipe_table_rows
 
-    rows = []
-    for name in group_options(RECIPE_GROUP):
-        recipe = load_recipe(name)
-        meta = recipe.get("recipe") or {}
-        paper = meta.get("paper", "")
-        paper = paper if len(paper) <= 60 else paper[:57] + "..."
-        arxiv = meta.get("arxiv") or ""
-        rows.append((name, f"{paper} ({arxiv})" if arxiv else paper, ", ".join(touched_blocks(recipe))))
+    rows = recipe_table_rows()  # a recipe file that cannot be read is listed with its error, not fatal
     widths = [max(len(r[i]) for r in rows + [("recipe", "paper", "blocks")]) for i in range(3)]
     print(f"{'recipe'.ljust(widths[0])}  {'paper'.ljust(widths[1])}  blocks")
     for row in rows:
