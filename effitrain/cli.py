@@ -75,7 +75,7 @@ def _verb_show(args: list[str]) -> int:
 
 
 def _verb_check(args: list[str]) -> int:
-    spec, _ = preflight(args, multirun=False, check_dir=True)
+    spec, _ = preflight(args, multirun=False, check_dir=True, deep=True)  # deep: reads local data files through
     names = ", ".join(r.name for r in spec.recipes) or "none"
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
     print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]")
@@ -123,9 +123,11 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 
 
 # ---------------------------------------------------------------------------------------------- training
-def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
-    """Compose and validate (every job of a sweep); refuse to reuse a run directory.  Builds nothing."""
+def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False):
+    """Compose and validate (every job of a sweep); check the inputs (files, folders, credentials; ``deep``: every
+    record of local data); refuse to reuse a run directory.  Builds nothing."""
     from effitrain.config.compose import compose_config, expand_sweeps
+    from effitrain.config.inputs import check_inputs
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
     from effitrain.engine.rundir import check_run_dir
@@ -137,6 +139,7 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
         composed = compose_config(job)
         spec = validate(composed.cfg, composed.recipes)
         check_rules(spec, Environment(world_size=world))
+        check_inputs(spec, deep=deep)
         if check_dir and not multirun and spec.run_dir:
             check_run_dir(Path(spec.run_dir), resume=spec.resume, overwrite=spec.overwrite)
         first = first or (spec, composed)

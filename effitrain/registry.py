@@ -175,6 +175,8 @@ def parse_params(cls: type, values: Mapping[str, Any], path: str, *, ignore: typ
             raise ConfigError(f"{path}.{key}: unknown key{did_you_mean(key, fields)}; "
                               f"valid keys: {choices_text(fields)}")
         full = f"{path}.{key}"
+        if isinstance(value, str) and value == "???":  # OmegaConf's mandatory-value marker, never filled in
+            raise ConfigError(f"{full}: required, but not set; give it on the command line ({full}=...)")
         kwargs[key] = coerce(value, hints[key], full)
         _check_range(kwargs[key], fields[key].metadata, full)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
