@@ -15,7 +15,6 @@ from effitrain.registry import ConfigError, choices_text, did_you_mean
 from effitrain.data import sources
 
 _KEY = "dataset"
-_DEEP_CHECK_BYTES = 64 * 2**20
 
 
 def build_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
@@ -46,12 +45,12 @@ def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, 
                 domain_field: Optional[str] = None):
     import datasets
 
-    from effitrain.data.inspect import inspect_files
+    from effitrain.data.inspect import SMALL_BYTES, inspect_files
 
     fmt = sources.file_format(files, key)
     # Small inputs are read record by record first (milliseconds), so a bad file is named with its line before
     # `datasets` logs its own wording; big ones only when `datasets` refuses them (below).
-    small = sum(os.path.getsize(f) for f in files) <= _DEEP_CHECK_BYTES
+    small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
     inspect_files(files, fmt, key=key, text_field="text" if fmt == "text" else text_field,
                   domain_field=None if fmt == "text" else domain_field, deep=small)
     # Plain text has no record structure; a blank line between documents is the most common convention (one

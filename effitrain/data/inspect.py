@@ -4,7 +4,9 @@ line and what would be valid -- without ``datasets``, torch or DeepSpeed, so ``e
 Two depths:
 
 * ``deep=False`` (the training pre-flight, every launch): the files exist, are files, are not empty, and a parquet
-  file has parquet's magic bytes.  Costs a ``stat`` and a few bytes per file.
+  file has parquet's magic bytes.  Costs a ``stat`` and a few bytes per file.  Data of at most
+  :data:`SMALL_BYTES` is read through anyway (the deep checks), so a bad small file is refused before Hydra or
+  DeepSpeed start.
 * ``deep=True`` (``effitrain check``, and the ``local`` builder when ``datasets`` refuses a file, to say why): every
   record is read: UTF-8, valid JSON per line (with its line number), an object per line, the text field present and
   a string, the domain field present, and enough documents per domain for the eval hold-out.  It reads the whole
@@ -28,6 +30,7 @@ from typing import IO, Iterator, Optional, Sequence
 
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
+SMALL_BYTES = 64 * 2**20  # local data up to this size is always read through (milliseconds to a second)
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _UNREADABLE_COMPRESSION = (".zst", ".lz4")  # need extra packages: only the shallow checks apply
 PARQUET_MAGIC = b"PAR1"
@@ -296,6 +299,7 @@ def check_local(params, *, deep: bool, key: str = "dataset") -> None:
 
     train_files = sources.resolve_files(params.path, f"{key}.path")
     fmt = sources.file_format(train_files, f"{key}.path")
+    deep = deep or sum(os.path.getsize(f) for f in train_files) <= SMALL_BYTES
     text_field = "text" if fmt == "text" else params.text_field
     domain_field = None if fmt == "text" else params.domain_field
     inv = inspect_files(train_files, fmt, key=f"{key}.path", text_field=text_field, domain_field=domain_field,

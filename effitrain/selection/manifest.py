@@ -173,6 +173,9 @@ def write(folder: Path, header: dict, index: np.ndarray, ids: list, scores: np.n
             _fsync_write(tmp / "selected.jsonl", selected)
             _fsync_write(tmp / "manifest.json",
                          (json.dumps(header, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; a manifest folder is an ordinary one
             _fsync_dir(tmp)
             if folder.exists():  # a stale, damaged or concurrent one with the same key: moved aside, then deleted
                 old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
