@@ -249,7 +249,7 @@ def _read_parquet(path: str, rows: _Rows, key: str) -> None:
     if rows.text_field in names:
         tp = pf.schema_arrow.field(rows.text_field).type
         if not (pa.types.is_string(tp) or pa.types.is_large_string(tp)):
-            raise ConfigError(f"{key}.text_field: column '{rows.text_field}' of '{_short(path)}' holds {tp}, "
+            raise ConfigError(f"{rows.key}.text_field: column '{rows.text_field}' of '{_short(path)}' holds {tp}, "
                               f"not strings")
     columns = [c for c in (rows.text_field, rows.domain_field) if c and c in names]
     offset = 0
