@@ -169,7 +169,8 @@ def test_data_case_list_is_complete(data_dir):
 
 def test_good_local_data_passes_check(data_dir, capsys):
     tmp, _ = data_dir
-    for path in ("ok.jsonl", "ok.txt"):
+    (tmp / "data" / "bom.jsonl").write_bytes(b'\xef\xbb\xbf' + b"".join(b'{"text": "doc %d"}\r\n' % i for i in range(9)))
+    for path in ("ok.jsonl", "ok.txt", "bom.jsonl"):
         code, out, err = run_check(["dataset=local", f"dataset.path={tmp}/data/{path}",
                                     "dataset.eval_examples_per_domain=4"], capsys)
         assert code == 0 and out.startswith("ok:"), err
@@ -271,6 +272,11 @@ CONFIG_CASES = {
     "selection_target_missing": (["selection=dsir", "selection.target.domain=null",
                                   "selection.target.path=[{tmp}/no_target.jsonl]"],
                                  ["selection.target.path", "does not exist"]),
+    "demo_unknown_domain": (["dataset.domains=[prose,nope]"], ["dataset.domains", "unknown domain 'nope'",
+                                                               "valid: arithmetic, code"]),
+    "selection_reference_model_missing": (["selection=perplexity", "selection.scorer.model_path={tmp}/no_ref"],
+                                          ["selection.scorer.model_path", "does not exist"]),
+    "cache_root_is_a_file": (["CACHE={file}/sub"], ["EFFITRAIN_CACHE", "is a file"]),
     "wandb_online_without_credentials": (["logger=wandb", "logger.mode=online"],
                                          ["logger.mode", "WANDB_API_KEY", "logger.mode=offline"]),
 }
@@ -298,6 +304,9 @@ def test_untruthful_config_is_one_line_at_check(case, model_dirs, capsys, monkey
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     overrides, expected = CONFIG_CASES[case]
     overrides = [o.format(tmp=tmp, **folders) for o in overrides]
+    for o in [o for o in overrides if o.startswith("CACHE=")]:
+        monkeypatch.setenv("EFFITRAIN_CACHE", o.split("=", 1)[1])
+        overrides.remove(o)
     before = snapshot(tmp, isolated_cache)
     code, out, err = run_check(overrides, capsys)
     assert_one_line_error(code, out, err, *expected)
@@ -365,6 +374,10 @@ def test_exit_status_and_no_traceback_from_the_real_command(model_dirs, tmp_path
                            (["check", "foo=1"], "valid keys: curriculum")):
         result = effitrain_cli(*args, timeout=120)
         assert_one_line_error(result.returncode, result.stdout, result.stderr, expected)
+    # `select` reads the cache folder before any data: a file there is one line too
+    result = effitrain_cli("select", "selection=random", timeout=120,
+                           env={"EFFITRAIN_CACHE": str(folders["file"])})
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, "EFFITRAIN_CACHE", "writable folder")
 
 
 # ------------------------------------------------------------------------------------------------ broken recipe file

@@ -29,6 +29,16 @@ def check_inputs(spec: Any, *, deep: bool) -> None:
     for name, block in spec.methods.items():
         _call(block.params, f"methods.{name}", spec, deep)
     _check_selection_target(spec)
+    _check_selection_model(spec)
+    from effitrain.paths import check_cache_root
+    check_cache_root()
+
+
+def _check_selection_model(spec: Any) -> None:
+    scorer = getattr(spec.blocks["selection"].params, "scorer", None)
+    model_path = scorer.get("model_path") if isinstance(scorer, dict) else getattr(scorer, "model_path", None)
+    if isinstance(model_path, str) and model_path:
+        check_model_folder("selection.scorer.model_path", model_path, revision=None, need_tokenizer=True)
 
 
 def _call(params: Any, path: str, spec: Any, deep: bool) -> None:

@@ -98,6 +98,8 @@ def _lines(path: str, key: str) -> Iterator[tuple[int, str]]:
     try:
         with fh:
             for number, raw in enumerate(fh, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as `datasets` allows
+                    raw = raw[3:]
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:

@@ -24,6 +24,17 @@ class DemoParams(_Common):
     max_docs_per_domain: int = param(2000, ge=10)
     seed: int = 0
 
+    def validate(self, path: str) -> None:
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        from effitrain.registry import choices_text, did_you_mean
+
+        for d in self.domains or []:
+            if d not in DEMO_DOMAINS:
+                raise ConfigError(f"{path}.domains: unknown domain '{d}'{did_you_mean(d, DEMO_DOMAINS)}; "
+                                  f"valid: {choices_text(DEMO_DOMAINS)}")
+        if self.domains is not None and not self.domains:
+            raise ConfigError(f"{path}.domains: an empty list keeps nothing; give domains or null for all")
+
 
 @register("dataset", "local", builder="effitrain.data.build:build_local",
           summary="Local jsonl / json / parquet / txt files (one file, a glob, or a list)")
