@@ -132,6 +132,9 @@ def _data_cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "empty_path_list": (["dataset.path=[]"], ["dataset.path", "needs files"]),
         "empty_eval_file": ([f"dataset.path={d}/ok.jsonl", f"dataset.eval_path={d}/empty.jsonl"],
                             ["dataset.eval_path", "empty.jsonl", "is empty"]),
+        "not_a_regular_file": (["dataset.path=/dev/null"], ["dataset.path", "not a regular file"]),
+        "too_little_text_for_one_batch": ([f"dataset.path={d}/few.jsonl", "dataset.eval_examples_per_domain=1"],
+                                          ["at most 1 packed sequences of 128 tokens", "global batch of 8"]),
         "missing_eval_file": ([f"dataset.path={d}/ok.jsonl", f"dataset.eval_path={d}/gone.jsonl"],
                               ["dataset.eval_path", "does not exist"]),
     }
@@ -143,7 +146,7 @@ DATA_CASES = [
     "json_line_not_object", "rows_missing_text", "no_row_has_text", "null_text", "int_text", "mixed_text_types",
     "only_empty_text", "parquet_not_parquet", "too_few_for_holdout", "too_few_in_one_domain", "unknown_domain",
     "unknown_domain_field", "rows_missing_domain", "unknown_extension", "mixed_formats", "no_path",
-    "empty_path_list", "empty_eval_file", "missing_eval_file",
+    "empty_path_list", "empty_eval_file", "missing_eval_file", "not_a_regular_file", "too_little_text_for_one_batch",
 ]
 
 
@@ -171,8 +174,8 @@ def test_good_local_data_passes_check(data_dir, capsys):
     tmp, _ = data_dir
     (tmp / "data" / "bom.jsonl").write_bytes(b'\xef\xbb\xbf' + b"".join(b'{"text": "doc %d"}\r\n' % i for i in range(9)))
     for path in ("ok.jsonl", "ok.txt", "bom.jsonl"):
-        code, out, err = run_check(["dataset=local", f"dataset.path={tmp}/data/{path}",
-                                    "dataset.eval_examples_per_domain=4"], capsys)
+        code, out, err = run_check(["dataset=local", f"dataset.path={tmp}/data/{path}", "dataset.seq_len=16",
+                                    "train.micro_batch_size=2", "dataset.eval_examples_per_domain=4"], capsys)
         assert code == 0 and out.startswith("ok:"), err
 
 
@@ -239,7 +242,13 @@ def _model_folders(tmp: Path) -> dict[str, Path]:
     bad_json.mkdir()
     (bad_json / "config.json").write_text("{not json")
     (tmp / "a_file").write_text("x")
-    return {"no_config": no_config, "short": short, "no_tok": no_tok, "bad_json": bad_json, "file": tmp / "a_file"}
+    no_type = tmp / "no_model_type"
+    no_type.mkdir()
+    (no_type / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (no_type / "tokenizer.json").write_text("{}")
+    jsonl(tmp / "bad_target.jsonl", [{"text": "fine"}, '{"text": oops}'])
+    return {"no_config": no_config, "short": short, "no_tok": no_tok, "bad_json": bad_json, "file": tmp / "a_file",
+            "no_type": no_type}
 
 
 CONFIG_CASES = {
@@ -254,6 +263,10 @@ CONFIG_CASES = {
     "pretrained_missing": (["model=pretrained", "model.path={tmp}/nope"], ["model.path", "does not exist"]),
     "pretrained_no_config": (["model=pretrained", "model.path={no_config}"], ["model.path", "no config.json"]),
     "pretrained_bad_config_json": (["model=pretrained", "model.path={bad_json}"], ["config.json", "not valid JSON"]),
+    "pretrained_no_model_type": (["model=pretrained", "model.path={no_type}"], ["model.path", "no model_type"]),
+    "selection_target_malformed": (["selection=dsir", "selection.target.domain=null",
+                                    "selection.target.path=[{tmp}/bad_target.jsonl]"],
+                                   ["selection.target.path", "bad_target.jsonl", "line 2", "not valid JSON"]),
     "pretrained_no_tokenizer": (["model=pretrained", "model.path={no_tok}"], ["model.path", "no tokenizer files"]),
     "pretrained_is_a_file": (["model=pretrained", "model.path={file}"], ["model.path", "is a file"]),
     "pretrained_path_unset": (["model=pretrained"], ["model.path", "required"]),

@@ -54,10 +54,15 @@ def _check_selection_target(spec: Any) -> None:
     from effitrain.data import sources
     from effitrain.data.inspect import check_file_shallow
 
+    from effitrain.data.inspect import SMALL_BYTES, inspect_files
+
     files = sources.resolve_files(target.path, "selection.target.path")
     fmt = sources.file_format(files, "selection.target.path")
     for f in files:
         check_file_shallow(f, fmt, "selection.target.path")
+    if sum(os.path.getsize(f) for f in files) <= SMALL_BYTES:
+        inspect_files(files, fmt, key="selection.target.path", text_field=target.text_field, domain_field=None,
+                      deep=True)
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -114,8 +119,12 @@ def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tok
             raise ConfigError(f"{key}: '{name}' is a file; give the folder written by save_pretrained")
         if need_config and not (local / "config.json").is_file():
             raise ConfigError(f"{key}: '{name}' has no config.json, so it is not a save_pretrained model folder")
-        if need_config and model_config_json(str(local)) is None:
+        config = model_config_json(str(local)) if need_config else {}
+        if config is None:
             raise ConfigError(f"{key}: '{name}/config.json' is not valid JSON")
+        if need_config and not config.get("model_type") and not config.get("architectures"):
+            raise ConfigError(f"{key}: '{name}/config.json' names no model_type, so transformers cannot tell which "
+                              f"model class to build")
         if need_tokenizer and not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"{key}: '{name}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
                               f"save the tokenizer with the model or name one with model.tokenizer=NAME_OR_PATH")

@@ -43,6 +43,8 @@ class Inventory:
     documents: int = 0                    # rows with a non-blank text: what the builder keeps
     blank_text: int = 0                   # rows with an empty or blank text (dropped by the builder)
     domains: Counter = field(default_factory=Counter)  # documents per domain
+    domain_tokens_max: Counter = field(default_factory=Counter)  # UTF-8 bytes + 1 per document: a byte-level BPE
+    #                                                              gives at most this many tokens (EOS included)
     fields: set = field(default_factory=set)
 
 
@@ -144,6 +146,7 @@ class _Rows:
             return
         inv.documents += 1
         inv.domains[domain] += 1
+        inv.domain_tokens_max[domain] += len(text.encode("utf-8")) + 1
 
     def finish(self, files: Sequence[str]) -> Inventory:
         inv = self.inv
@@ -295,7 +298,7 @@ def inspect_files(files: Sequence[str], fmt: str, *, key: str, text_field: str, 
     return rows.finish(files)
 
 
-def check_local(params, *, deep: bool, key: str = "dataset") -> None:
+def check_local(params, *, deep: bool, key: str = "dataset") -> Optional[Inventory]:
     """All input checks of a ``dataset=local`` block (see the module docstring for what each depth covers)."""
     from effitrain.data import sources
 
@@ -326,10 +329,21 @@ def check_local(params, *, deep: bool, key: str = "dataset") -> None:
         if eval_inv is not None and params.domains is not None and \
                 not any(d in eval_inv.domains for d in params.domains):
             raise ConfigError(f"{key}.eval_path: no eval document is in the domains {choices_text(params.domains)}")
-        return
+        return inv
     need = params.eval_examples_per_domain
     for domain, n in sorted(domains.items()):
         if n <= need:
             raise ConfigError(f"{key}.eval_examples_per_domain: domain '{domain}' has only {n} documents, not "
                               f"enough to hold out {need} for evaluation and train on the rest; lower "
                               f"{key}.eval_examples_per_domain below {n} or give {key}.eval_path")
+    return inv
+
+
+def check_enough_for_a_batch(inv: Inventory, *, seq_len: int, global_batch: int, domains, key: str) -> None:
+    """Refuse data that cannot fill one global batch of packed rows even at one token per byte (a byte-level BPE
+    never does worse), before any tokenizer is trained: packing keeps only full rows, per domain."""
+    rows = sum(n // seq_len for d, n in inv.domain_tokens_max.items() if domains is None or d in set(domains))
+    if rows < global_batch:
+        raise ConfigError(f"{key}: the training data holds at most {rows} packed sequences of {seq_len} tokens "
+                          f"(one token per byte at best), fewer than one global batch of {global_batch}; give more "
+                          f"data or lower {key}.seq_len or train.micro_batch_size")

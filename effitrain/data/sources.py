@@ -44,6 +44,8 @@ def resolve_files(patterns: Sequence[str], key: str) -> list[str]:
             files.extend(matches)
         elif os.path.isfile(expanded):
             files.append(expanded)
+        elif os.path.exists(expanded) and not os.path.isdir(expanded):
+            raise ConfigError(f"{key}: '{pattern}' is not a regular file (a device, a pipe or a socket); give a file")
         elif os.path.isdir(expanded):
             raise ConfigError(f"{key}: '{pattern}' is a directory, not a file; name the files in it, e.g. "
                               f"'{pattern.rstrip('/')}/*.jsonl'")

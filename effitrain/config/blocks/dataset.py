@@ -59,9 +59,16 @@ class LocalParams(_Common):
             raise ConfigError(f"{path}.eval_path: an empty path; give eval files or null to hold out documents")
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
-        from effitrain.data.inspect import check_local
+        import os
 
-        check_local(self, deep=deep, key=path)
+        from effitrain.data.inspect import check_enough_for_a_batch, check_local
+
+        inv = check_local(self, deep=deep, key=path)
+        if inv is not None and getattr(spec.blocks["model"].params, "tokenizer", None) == "bpe":
+            t = spec.train
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            check_enough_for_a_batch(inv, seq_len=self.seq_len, global_batch=t.micro_batch_size * t.grad_accum * world,
+                                     domains=self.domains, key=path)
 
 
 @register("dataset", "hub", builder="effitrain.data.build:build_hub",
