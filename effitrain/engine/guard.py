@@ -66,9 +66,11 @@ class NonFiniteGuard:
         device = grads[0].device if grads else torch.device("cpu")
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads \
             else torch.zeros((), device=device)
+        bad = (~torch.isfinite(norm)).float()
+        if self._pre_clip_norm is not None:  # a non-finite norm before clipping is a bad step whatever the clip made
+            bad = torch.maximum(bad, (~torch.isfinite(self._pre_clip_norm.to(device))).float())
         self.last_grad_norm = self._pre_clip_norm if self._pre_clip_norm is not None else norm.detach()
         self._pre_clip_norm = None
-        bad = (~torch.isfinite(norm)).float()
         if self._window_loss is not None:
             bad = torch.maximum(bad, (~torch.isfinite(self._window_loss.to(device))).float())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
