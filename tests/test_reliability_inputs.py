@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, effitrain_cli
+from conftest import REPO, effitrain_cli
 from effitrain.cli import main as cli_main
 from effitrain.registry import ConfigError
 
@@ -191,7 +191,7 @@ def test_real_parquet_with_wrong_text_type(tmp_path, capsys):
     assert_one_line_error(code, out, err, "column 'text' not found", "columns: body")
 
 
-def test_bad_data_found_at_launch_is_one_line_too(data_dir):
+def test_bad_data_found_at_launch_is_one_line_too(data_dir, monkeypatch):
     """The builder itself (what a launch runs) refuses the same files with the same kind of line."""
     from effitrain.config.blocks.dataset import LocalParams
     from effitrain.data.build import build_local
@@ -205,14 +205,10 @@ def test_bad_data_found_at_launch_is_one_line_too(data_dir):
     # a big file (over the read-through size) that `datasets` refuses is explained the same way
     from effitrain.data import inspect
 
-    old = inspect.SMALL_BYTES
-    try:
-        inspect.SMALL_BYTES = 0
-        with pytest.raises(ConfigError, match="line 3 is not valid JSON"):
-            build_local(LocalParams(path=[f"{tmp}/data/malformed.jsonl"], eval_examples_per_domain=1),
-                        cache_dir=tmp / "hf-cache")
-    finally:
-        inspect.SMALL_BYTES = old
+    monkeypatch.setattr(inspect, "SMALL_BYTES", 0)
+    with pytest.raises(ConfigError, match="line 3 is not valid JSON"):
+        build_local(LocalParams(path=[f"{tmp}/data/malformed.jsonl"], eval_examples_per_domain=1),
+                    cache_dir=tmp / "hf-cache")
 
 
 def test_bad_data_refused_before_hydra_or_deepspeed(data_dir, tmp_path):

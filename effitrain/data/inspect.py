@@ -9,8 +9,8 @@ Two depths:
   DeepSpeed start.
 * ``deep=True`` (``effitrain check``, and the ``local`` builder when ``datasets`` refuses a file, to say why): every
   record is read: UTF-8, valid JSON per line (with its line number), an object per line, the text field present and
-  a string, the domain field present, and enough documents per domain for the eval hold-out.  It reads the whole
-  data once, at about the speed ``json.loads`` parses it.
+  a string, the domain field present, enough documents per domain for the eval hold-out, and (for the trained BPE)
+  enough text for one global batch.  It reads the whole data once, at about the speed ``json.loads`` parses it.
 
 Rows whose text is an empty or blank string are dropped by the builder (as they always were) and counted here;
 rows that lack the text field, or hold something else than a string in it, are refused.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
 import lzma
 import os
@@ -30,7 +29,7 @@ from typing import IO, Iterator, Optional, Sequence
 
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
-SMALL_BYTES = 64 * 2**20  # local data up to this size is always read through (milliseconds to a second)
+SMALL_BYTES = 16 * 2**20  # local data up to this size is always read through (about a second of CPU at most)
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _UNREADABLE_COMPRESSION = (".zst", ".lz4")  # need extra packages: only the shallow checks apply
 PARQUET_MAGIC = b"PAR1"
@@ -43,13 +42,18 @@ class Inventory:
     documents: int = 0                    # rows with a non-blank text: what the builder keeps
     blank_text: int = 0                   # rows with an empty or blank text (dropped by the builder)
     domains: Counter = field(default_factory=Counter)  # documents per domain
-    domain_tokens_max: Counter = field(default_factory=Counter)  # UTF-8 bytes + 1 per document: a byte-level BPE
-    #                                                              gives at most this many tokens (EOS included)
+    # UTF-8 bytes + 1 per document: a byte-level BPE gives at most this many tokens (its EOS included)
+    domain_tokens_max: Counter = field(default_factory=Counter)
     fields: set = field(default_factory=set)
 
 
 def _short(path: str) -> str:
-    return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    """The path as the user most likely wrote it: relative when under the working directory."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if rel.startswith("..") else rel
 
 
 def _inner_ext(path: str) -> tuple[str, Optional[str]]:
@@ -275,7 +279,7 @@ def _read_parquet(path: str, rows: _Rows, key: str) -> None:
     rows.inv.fields.update(names)
 
 
-_READERS = {"json": None, "parquet": _read_parquet, "text": _read_text}
+_READERS = {"parquet": _read_parquet, "text": _read_text}  # json: by extension, below
 
 
 def inspect_files(files: Sequence[str], fmt: str, *, key: str, text_field: str, domain_field: Optional[str],
