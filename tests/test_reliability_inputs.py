@@ -254,6 +254,8 @@ CONFIG_CASES = {
     "weight_decay_inf": (["optimizer.weight_decay=inf"], ["optimizer.weight_decay", "finite"]),
     "seq_len_over_llama_positions": (["dataset.seq_len=4096", "model.max_position_embeddings=2048"],
                                      ["dataset.seq_len=4096", "max_position_embeddings (2048)"]),
+    "seq_len_plus_prefix_over_positions": (["peft=prefix", "dataset.seq_len=2040"],
+                                           ["peft.num_virtual_tokens=10", "at most 2038"]),
     "seq_len_over_pretrained_positions": (["model=pretrained", "model.path={short}"],
                                           ["dataset.seq_len=128", "config.json (64)", "at most 64"]),
     "pretrained_missing": (["model=pretrained", "model.path={tmp}/nope"], ["model.path", "does not exist"]),

@@ -66,7 +66,7 @@ class LocalParams(_Common):
         inv = check_local(self, deep=deep, key=path)
         if inv is not None and getattr(spec.blocks["model"].params, "tokenizer", None) == "bpe":
             t = spec.train
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
             check_enough_for_a_batch(inv, seq_len=self.seq_len, global_batch=t.micro_batch_size * t.grad_accum * world,
                                      domains=self.domains, key=path)
 
@@ -99,7 +99,8 @@ class HubParams(_Common):
 
 
 @rule("seq_len_within_positions",
-      "dataset.seq_len must not exceed the model's position limit (max_position_embeddings or the pretrained config's)")
+      "dataset.seq_len (+ prefix-tuning tokens) must not exceed the model's position limit "
+      "(max_position_embeddings or the pretrained config's)")
 def _seq_len_within_positions(spec, env):
     seq_len = spec.blocks["dataset"].params.seq_len
     model = spec.blocks["model"]
@@ -111,7 +112,10 @@ def _seq_len_within_positions(spec, env):
         config = model_config_json(model.params.path, getattr(model.params, "revision", None))
         limit = position_limit(config) if config else None
         source = f"the position limit in {model.params.path}/config.json"
-    if isinstance(limit, int) and seq_len > limit:
-        return (f"dataset.seq_len={seq_len} is longer than {source} ({limit}); lower dataset.seq_len to at most "
-                f"{limit}" + (" or raise model.max_position_embeddings" if source.startswith("model.") else ""))
+    # peft prefix tuning feeds its virtual tokens as a past: the sequence's positions start after them
+    prefix = getattr(spec.blocks["peft"].params, "num_virtual_tokens", 0) if spec.blocks["peft"].name == "prefix" else 0
+    if isinstance(limit, int) and seq_len + prefix > limit:
+        used = f"dataset.seq_len={seq_len}" + (f" + peft.num_virtual_tokens={prefix}" if prefix else "")
+        return (f"{used} is longer than {source} ({limit}); lower dataset.seq_len to at most {limit - prefix}"
+                + (" or raise model.max_position_embeddings" if source.startswith("model.") else ""))
     return None
