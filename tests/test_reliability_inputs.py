@@ -276,6 +276,8 @@ CONFIG_CASES = {
     "unknown_top_level_key": (["foo=1"], ["foo: unknown key", "valid keys: curriculum, dataset"]),
     "unknown_top_level_key_added": (["+foo=1"], ["foo: unknown key", "valid: curriculum, dataset"]),
     "train_not_a_mapping": (["train=1"], ["train: expected a mapping"]),
+    "methods_a_list": (["methods=[]"], ["methods: expected a mapping of keys, got a list", "methods=[]"]),
+    "tokenizer_empty": (["model.tokenizer=''"], ["model.tokenizer: empty"]),
     "method_not_a_mapping": (["+methods.lisa=3"], ["methods.lisa: expected a mapping"]),
     "plugin_missing": (["plugins=[no_such_plugin_mod]"], ["plugins", "cannot import 'no_such_plugin_mod'"]),
     "plugin_raises": (["plugins=[rin_bad_plugin]"], ["plugins", "rin_bad_plugin", "RuntimeError", "boom"]),

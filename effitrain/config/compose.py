@@ -208,6 +208,13 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
             hint = "" if leaf in names else did_you_mean(leaf, names)
             return ConfigError(f"methods.{leaf}: method not configured{hint}; add it with '+methods.{leaf}.KEY=VALUE' "
                                f"or a recipe that sets it; methods: {choices_text(names)}")
+        if type(cause).__name__ in ("ConfigTypeError", "ValidationError"):  # the key exists; the value's shape is wrong
+            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            detail = {"Cannot merge DictConfig with ListConfig": "expected a mapping of keys, got a list",
+                      "Cannot merge ListConfig with DictConfig": "expected a list, got a mapping"}.get(detail, detail)
+            given = next((o for o in overrides if o.split("=")[0].lstrip("+~") == str(full_key)), None)
+            return ConfigError(f"{full_key}: {detail}" + (f" (from '{given}')" if given else "")
+                               + "; give a value of the same kind as the default ('effitrain show default')")
         # the structure without any key overrides (group choices and recipes only) tells what keys exist
         all_groups = set(groups())
         valid = _keys_at(parent, [o for o in overrides

@@ -113,6 +113,8 @@ def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tok
                        need_config: bool = True) -> None:
     """A ``save_pretrained`` folder (or a hub id) that a builder will load: exists, has config.json and, where
     the tokenizer comes from it, tokenizer files.  A hub id is checked only offline, against the local cache."""
+    if not name.strip():
+        raise ConfigError(f"{key}: empty; give a save_pretrained folder or a hub id")
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
