@@ -59,16 +59,9 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------------------------------------- verbs
 def _verb_recipes(args: list[str]) -> int:
-    from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe, touched_blocks
+    from effitrain.config.compose import recipe_table_rows
 
-    rows = []
-    for name in group_options(RECIPE_GROUP):
-        recipe = load_recipe(name)
-        meta = recipe.get("recipe") or {}
-        paper = meta.get("paper", "")
-        paper = paper if len(paper) <= 60 else paper[:57] + "..."
-        arxiv = meta.get("arxiv") or ""
-        rows.append((name, f"{paper} ({arxiv})" if arxiv else paper, ", ".join(touched_blocks(recipe))))
+    rows = recipe_table_rows()  # a recipe file that cannot be read is listed with its error, not fatal
     widths = [max(len(r[i]) for r in rows + [("recipe", "paper", "blocks")]) for i in range(3)]
     print(f"{'recipe'.ljust(widths[0])}  {'paper'.ljust(widths[1])}  blocks")
     for row in rows:
@@ -97,10 +90,10 @@ def _verb_show(args: list[str]) -> int:
 def _verb_check(args: list[str]) -> int:
     resumed = _remembered_resume(args) if args[:1] != ["resume"] else args[1:]
     if resumed is not None:
-        _prepare_resume(resumed)
+        _prepare_resume(resumed, deep=True)
         print(f"ok: resuming {resumed[0]} with its stored config and recipes")
         return 0
-    spec, _ = preflight(args, multirun=False, check_dir=True)
+    spec, _ = preflight(args, multirun=False, check_dir=True, deep=True)  # deep: reads local data files through
     names = ", ".join(r.name for r in spec.recipes) or "none"
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
     print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]")
@@ -147,8 +140,9 @@ def _verb_export(args: list[str]) -> int:
     return export_main(args)
 
 
-def _prepare_resume(args: list[str]) -> tuple[dict, Path, Optional[list]]:
+def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
+    from effitrain.config.inputs import check_inputs
     from effitrain.config.resume import remembered_config
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
@@ -160,7 +154,8 @@ def _prepare_resume(args: list[str]) -> tuple[dict, Path, Optional[list]]:
     check_run_dir(run_dir, resume="auto", overwrite=False)
     cfg, recipes = remembered_config(run_dir, args[1:])
     spec = validate(cfg, recipes)
-    check_rules(spec, Environment(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+    check_rules(spec, Environment(world_size=_world_size()))
+    check_inputs(spec, deep=deep)
     return cfg, run_dir, recipes
 
 
@@ -188,21 +183,24 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 
 
 # ---------------------------------------------------------------------------------------------- training
-def preflight(overrides: list[str], *, multirun: bool, check_dir: bool):
-    """Compose and validate (every job of a sweep); refuse to reuse a run directory.  Builds nothing."""
+def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False):
+    """Compose and validate (every job of a sweep); check the inputs (files, folders, credentials; ``deep``: every
+    record of local data); refuse to reuse a run directory.  Builds nothing."""
     from effitrain.config.compose import compose_config, expand_sweeps
+    from effitrain.config.inputs import check_inputs
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
     from effitrain.config.resume import check_resume_config
     from effitrain.engine.rundir import check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     first = None
     for job in jobs:
         composed = compose_config(job)
         spec = validate(composed.cfg, composed.recipes)
         check_rules(spec, Environment(world_size=world))
+        check_inputs(spec, deep=deep)
         if check_dir and not multirun:
             if not (spec.run_dir or "").strip():
                 raise ConfigError("run_dir: is empty; a run needs a folder of its own, e.g. run_dir=outputs/my-run")
@@ -280,8 +278,15 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     return failed[0] if failed else EXIT_OK
 
 
+def _world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"WORLD_SIZE: expected a positive whole number (set by torchrun or SLURM), got {value!r}")
+    return int(value)
+
+
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
-    print(f"effitrain: error: {message}", file=sys.stderr)
+    print(f"effitrain: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
     return code
 
 

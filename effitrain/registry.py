@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -138,6 +139,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .inf/.nan and Hydra's inf/nan parse as floats
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -172,6 +175,8 @@ def parse_params(cls: type, values: Mapping[str, Any], path: str, *, ignore: typ
             raise ConfigError(f"{path}.{key}: unknown key{did_you_mean(key, fields)}; "
                               f"valid keys: {choices_text(fields)}")
         full = f"{path}.{key}"
+        if isinstance(value, str) and value == "???":  # OmegaConf's mandatory-value marker, never filled in
+            raise ConfigError(f"{full}: required, but not set; give it on the command line ({full}=...)")
         kwargs[key] = coerce(value, hints[key], full)
         _check_range(kwargs[key], fields[key].metadata, full)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
@@ -280,3 +285,14 @@ def load_plugins(modules: typing.Iterable[str]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(f"plugins: cannot import '{module}': {exc}") from None
+        except SyntaxError as exc:
+            raise ConfigError(f"plugins: cannot import '{module}': syntax error in {exc.filename}, line "
+                              f"{exc.lineno}: {exc.msg}") from None
+        except ConfigError as exc:  # a plugin whose registrations clash or whose own checks refuse
+            raise ConfigError(f"plugins: '{module}': {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a plugin failing at import is the user's code, not ours
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            raise ConfigError(f"plugins: importing '{module}' failed at {where.filename}:{where.lineno}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -43,8 +43,45 @@ def load_recipe(name: str) -> dict[str, Any]:
     if name not in options:
         raise ConfigError(f"recipe: unknown recipe '{name}'{did_you_mean(name, options)}; "
                           f"valid: {choices_text(options)}")
-    with open(config_root() / RECIPE_GROUP / f"{name}.yaml") as fh:
-        return yaml.safe_load(fh) or {}
+    path = config_root() / RECIPE_GROUP / f"{name}.yaml"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            recipe = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe '{name}': {yaml_error_text(path, exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe '{name}': cannot read {path}: {exc}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe '{name}': {path} must hold a mapping (defaults, recipe, keys), "
+                          f"not {type(recipe).__name__}")
+    return recipe
+
+
+def yaml_error_text(path: Path, exc: Exception) -> str:
+    """``<file>, line N, column M: <problem>`` of a YAML syntax error, on one line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML error in {path}{where}: {problem}"
+
+
+def recipe_table_rows() -> list[tuple[str, str, str]]:
+    """``(name, paper, blocks)`` per recipe; a recipe file that cannot be read is listed with its error instead of
+    breaking the whole table."""
+    rows = []
+    for name in group_options(RECIPE_GROUP):
+        try:
+            recipe = load_recipe(name)
+            meta = recipe.get("recipe") or {}
+            if not isinstance(meta, dict):
+                raise ConfigError(f"recipe '{name}': the 'recipe:' block must be a mapping")
+            paper = str(meta.get("paper", ""))
+            paper = paper if len(paper) <= 60 else paper[:57] + "..."
+            arxiv = meta.get("arxiv") or ""
+            rows.append((name, f"{paper} ({arxiv})" if arxiv else paper, ", ".join(touched_blocks(recipe))))
+        except ConfigError as exc:
+            rows.append((name, f"BROKEN: {exc}", "-"))
+    return rows
 
 
 def flatten(prefix: str, node: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +208,20 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
             hint = "" if leaf in names else did_you_mean(leaf, names)
             return ConfigError(f"methods.{leaf}: method not configured{hint}; add it with '+methods.{leaf}.KEY=VALUE' "
                                f"or a recipe that sets it; methods: {choices_text(names)}")
+        if type(cause).__name__ in ("ConfigTypeError", "ValidationError"):  # the key exists; the value's shape is wrong
+            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            detail = {"Cannot merge DictConfig with ListConfig": "expected a mapping of keys, got a list",
+                      "Cannot merge ListConfig with DictConfig": "expected a list, got a mapping"}.get(detail, detail)
+            given = next((o for o in overrides if o.split("=")[0].lstrip("+~") == str(full_key)), None)
+            return ConfigError(f"{full_key}: {detail}" + (f" (from '{given}')" if given else "")
+                               + "; give a value of the same kind as the default ('effitrain show default')")
         # the structure without any key overrides (group choices and recipes only) tells what keys exist
-        valid = _keys_at(parent, [o for o in overrides if "." not in o.split("=")[0]])
+        all_groups = set(groups())
+        valid = _keys_at(parent, [o for o in overrides
+                                  if o.split("=")[0].lstrip("+~") in all_groups])
         hint = did_you_mean(leaf, valid)
+        if not valid:
+            return ConfigError(f"{full_key}: unknown key{hint}; 'effitrain show default' prints the keys that exist")
         return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")
     if "Ambiguous value for argument" in message or "Multiple values for recipe" in message:
         return ConfigError("recipe: give recipes once, as '+recipe=[a,b]' (quoted) to stack them, or sweep them with "
@@ -197,6 +245,9 @@ def _keys_at(parent: str, overrides: list[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - a best-effort hint only
         return []
     parts = [p for p in parent.split(".") if p]
+    if not parts:  # a top-level key: the run-level schema says what exists
+        from effitrain.config.spec import ROOT_KEYS
+        return sorted(ROOT_KEYS - {"hydra"})
     for part in parts:
         node = node.get(part, {}) if isinstance(node, dict) else {}
     if not isinstance(node, dict):

@@ -77,7 +77,8 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
 
     for key in cfg:
         if key not in ROOT_KEYS:
-            raise ConfigError(f"{key}: unknown key{did_you_mean(key, ROOT_KEYS)}; valid: {choices_text(ROOT_KEYS)}")
+            shown = ROOT_KEYS - {"hydra"}
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, shown)}; valid: {choices_text(shown)}")
     blocks = {}
     for group in BLOCK_GROUPS:
         if group not in cfg:
@@ -91,11 +92,17 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
     for name, params in methods_cfg.items():
         if params is None:  # `methods: {lisa: null}` switches a method off without deleting recipe lines
             continue
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"methods.{name}: expected a mapping of the method's parameters (or null to switch "
+                              f"it off), got {params!r}")
         body = dict(params)
         body.setdefault("name", name)
         methods[name] = REGISTRY.parse("method", body, f"methods.{name}")
 
-    train = parse_params(TrainParams, cfg.get("train") or {}, "train")
+    train_cfg = cfg.get("train") or {}
+    if not isinstance(train_cfg, Mapping):
+        raise ConfigError(f"train: expected a mapping of run settings (e.g. train.max_steps=100), got {train_cfg!r}")
+    train = parse_params(TrainParams, train_cfg, "train")
     resume = cfg.get("resume")
     if resume is not None and not isinstance(resume, str):
         raise ConfigError(f"resume: expected 'auto' or a checkpoint path, got {resume!r}")
@@ -108,6 +115,10 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
 
     if recipes is None:
         recipes = [cfg["recipe"]] if cfg.get("recipe") else []
+    for i, r in enumerate(recipes):
+        if not isinstance(r, Mapping):
+            raise ConfigError(f"recipe[{i}]: the recipe's 'recipe:' block must be a mapping (name, paper, ...), "
+                              f"got {r!r}")
     infos = [parse_params(RecipeInfo, r, f"recipe[{r.get('name', i)}]") for i, r in enumerate(recipes)]
 
     spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,

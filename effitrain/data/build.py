@@ -7,6 +7,7 @@ effitrain's caches (default ``$EFFITRAIN_CACHE`` or ``~/.cache/effitrain``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,19 +41,35 @@ def _hf_cache(cache_dir: Optional[str | Path]) -> str:
     return str(cache_root(cache_dir) / "hf_datasets")
 
 
-def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path]):
+def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, text_field: str = "text",
+                domain_field: Optional[str] = None):
     import datasets
 
+    from effitrain.data.inspect import SMALL_BYTES, inspect_files
+
     fmt = sources.file_format(files, key)
+    # Small inputs are read record by record first (milliseconds), so a bad file is named with its line before
+    # `datasets` logs its own wording; big ones only when `datasets` refuses them (below).
+    small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
+    inspect_files(files, fmt, key=key, text_field="text" if fmt == "text" else text_field,
+                  domain_field=None if fmt == "text" else domain_field, deep=small)
     # Plain text has no record structure; a blank line between documents is the most common convention (one
     # document per line would cut hard-wrapped prose into fragments, each followed by an end-of-text token).
     extra = {"sample_by": "paragraph"} if fmt == "text" else {}
     try:
         return fmt, datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=_hf_cache(cache_dir),
                                           **extra)
-    except (ValueError, TypeError, OSError) as exc:  # malformed json, a parquet that is not one, ...
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed json, a parquet that is not one, no records, bad bytes...
+        # `datasets` words these vaguely ("An error occurred while generating the dataset", a bare StopIteration):
+        # read the files ourselves to name the file and line; fall back to its own message.
+        inspect_files(files, fmt, key=key, text_field="text" if fmt == "text" else text_field,
+                      domain_field=None if fmt == "text" else domain_field, deep=True)
+        cause = exc.__cause__ or exc.__context__ or exc
+        message = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"{key}: cannot read {files[0] if len(files) == 1 else f'{len(files)} files'} "
-                          f"as {fmt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                          f"as {fmt}: {message}") from None
 
 
 def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
@@ -65,7 +82,8 @@ def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
     import datasets
 
     train_files = sources.resolve_files(params.path, f"{_KEY}.path")
-    fmt, train = _load_files(train_files, f"{_KEY}.path", cache_dir)
+    fmt, train = _load_files(train_files, f"{_KEY}.path", cache_dir, text_field=params.text_field,
+                             domain_field=params.domain_field)
     text_field = "text" if fmt == "text" else params.text_field
     domain_field = None if fmt == "text" else params.domain_field
     train = sources.standardize(train, text_field=text_field, domain_field=domain_field, key=_KEY,
@@ -74,7 +92,8 @@ def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
     train = sources.filter_domains(_nonempty(train, "train"), params.domains, _KEY)
     if params.eval_path:
         eval_files = sources.resolve_files(params.eval_path, f"{_KEY}.eval_path")
-        eval_fmt, eval_ = _load_files(eval_files, f"{_KEY}.eval_path", cache_dir)
+        eval_fmt, eval_ = _load_files(eval_files, f"{_KEY}.eval_path", cache_dir, text_field=params.text_field,
+                                      domain_field=params.domain_field)
         eval_ = sources.standardize(eval_, text_field="text" if eval_fmt == "text" else params.text_field,
                                     domain_field=None if eval_fmt == "text" else params.domain_field, key=_KEY,
                                     id_prefix="eval", num_proc=params.num_proc)
@@ -98,7 +117,12 @@ def build_hub(params: Any, *, cache_dir: Optional[str | Path] = None):
     def load(split: str, key: str):
         try:
             return datasets.load_dataset(params.path, params.config_name, split=split, revision=params.revision)
-        except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE) or no network, and not in the cache
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{_KEY}.path: cannot reach '{params.path}' on the Hugging Face hub and it is not in "
+                              f"the local cache ({message}); download it where there is network, or use "
+                              f"dataset=local dataset.path=FILE") from None
+        except (FileNotFoundError, ValueError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{key}: cannot load '{params.path}' (config {params.config_name!r}, split "
                               f"{split!r}): {message}") from None

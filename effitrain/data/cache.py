@@ -4,12 +4,18 @@ Every torchrun rank builds its data pipeline, so two processes routinely want th
 packed dataset at the same moment.  :func:`build_once` lets exactly one of them build it, into a temporary folder
 that is renamed into place only when complete: a crash mid-build leaves no half-written cache entry, and the other
 ranks wait on a file lock, then reuse the finished folder instead of building it again.
+
+The completion marker records every file's size and SHA-256 (sizes only for folders over
+:data:`_FULL_HASH_BYTES`); a folder whose files no longer match -- edited, truncated, deleted, or made by an older
+effitrain without the record -- is rebuilt under the lock, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +25,49 @@ from typing import Callable, Iterable, Iterator, Optional
 from effitrain import paths
 
 _DONE = ".complete"  # written last inside the temporary folder: a folder without it is never trusted
+_FULL_HASH_BYTES = 256 * 2**20  # folders up to this size are checked byte for byte on every reuse
+log = logging.getLogger("effitrain.cache")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inventory(folder: Path) -> dict:
+    """``{relative path: [size, sha256 or None]}`` of every file under ``folder`` except the marker."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != _DONE)
+    full = sum(p.stat().st_size for p in files) <= _FULL_HASH_BYTES
+    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p) if full else None] for p in files}
+
+
+def verify(folder: Path) -> Optional[str]:
+    """``None`` if ``folder`` is complete and the files recorded in its marker are unchanged, else the problem.
+
+    Files added later are ignored: ``datasets`` writes its own ``cache-*.arrow`` files next to a dataset loaded
+    with ``load_from_disk`` when it is mapped."""
+    marker = folder / _DONE
+    if not marker.is_file():
+        return "no completion marker"
+    try:
+        recorded = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return "no record of its files (made by an older effitrain)"
+    for name, (size, digest) in recorded.items():
+        path = folder / name
+        try:
+            if not path.is_file():
+                return f"'{name}' is missing"
+            if path.stat().st_size != size or (digest is not None and _sha256(path) != digest):
+                return f"'{name}' changed since it was built"
+        except OSError as exc:
+            return f"'{name}' unreadable ({exc})"
+    return None
 
 
 def cache_root(override: Optional[os.PathLike | str] = None) -> Path:
@@ -38,17 +87,19 @@ def build_once(kind: str, key: str, build: Callable[[Path], None], *,
     parent = (Path(cache_root) if cache_root is not None else paths.cache_dir()) / kind
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / key
-    if (final / _DONE).exists():
+    if (final / _DONE).exists() and verify(final) is None:
         return final
     with FileLock(str(parent / f"{key}.lock")):
-        if (final / _DONE).exists():  # another process built it while we waited for the lock
+        problem = verify(final) if final.exists() else None
+        if final.exists() and problem is None:  # another process built it while we waited for the lock
             return final
-        if final.exists():  # not ours (the marker goes in before the rename), e.g. an empty folder made by hand
+        if final.exists():  # damaged, edited, or not ours (e.g. an empty folder made by hand): built again
+            log.warning("cache %s is not trusted (%s); building it again", final, problem)
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=parent))
         try:
             build(tmp)
-            (tmp / _DONE).write_text("ok\n")
+            (tmp / _DONE).write_text(json.dumps({"files": _inventory(tmp)}, sort_keys=True) + "\n")
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,6 +44,11 @@ def resolve_files(patterns: Sequence[str], key: str) -> list[str]:
             files.extend(matches)
         elif os.path.isfile(expanded):
             files.append(expanded)
+        elif os.path.exists(expanded) and not os.path.isdir(expanded):
+            raise ConfigError(f"{key}: '{pattern}' is not a regular file (a device, a pipe or a socket); give a file")
+        elif os.path.isdir(expanded):
+            raise ConfigError(f"{key}: '{pattern}' is a directory, not a file; name the files in it, e.g. "
+                              f"'{pattern.rstrip('/')}/*.jsonl'")
         else:
             raise ConfigError(f"{key}: file '{pattern}' does not exist (working directory {os.getcwd()})")
     return [str(Path(f).resolve()) for f in files]
@@ -102,6 +107,18 @@ def standardize(ds, *, text_field: str, domain_field: Optional[str], key: str, i
     if domain_field is not None and domain_field not in names:
         raise ConfigError(f"{key}.domain_field: column '{domain_field}' not found"
                           f"{did_you_mean(domain_field, names)}; columns: {choices_text(names)}")
+    # A row without the text (a JSON record lacking the key, a null) is refused, not dropped: silently training on
+    # less data than the files hold hides a broken export.  Empty or blank strings are still dropped.
+    for field_name, what in ((text_field, "text_field"), (domain_field, "domain_field")):
+        if field_name is None:
+            continue
+        column = arrow_column(ds, field_name)
+        if column.null_count:
+            import pyarrow.compute as pc
+
+            first = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+            raise ConfigError(f"{key}.{what}: {column.null_count} of {len(ds)} rows have no '{field_name}' "
+                              f"(first: row {first + 1}); fix or remove those rows (they are not dropped silently)")
     id_field = "id" if "id" in names else None
     return ds.map(_standardize_batch, batched=True, with_indices=True, remove_columns=names,
                   features=schema_features(), num_proc=num_proc if len(ds) >= 10_000 else None,

@@ -97,7 +97,9 @@ def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path]
         kwargs["trust_remote_code"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError/ValueError, and `tokenizers`' own Exception for a bad file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model.tokenizer: cannot load tokenizer '{name_or_path}': {message}") from None
     return _ensure_special_tokens(tokenizer, name_or_path)

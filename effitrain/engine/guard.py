@@ -19,7 +19,8 @@ class NonFiniteGuard:
         self.max_bad_steps = max_bad_steps
         self.consecutive_bad = 0
         self.total_skipped = 0
-        self.last_grad_norm: Optional[torch.Tensor] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None  # of the last step, before clipping
+        self._pre_clip_norm: Optional[torch.Tensor] = None
         self._window_loss: Optional[torch.Tensor] = None
         self.last_step_skipped = False
 
@@ -39,6 +40,23 @@ class NonFiniteGuard:
 
         optimizer.step = guarded_step  # DeepSpeed calls the client optimizer's step (wrapped or not) through this
 
+    def watch_clipping(self, engine: Any) -> None:
+        """Record the gradient norm just before DeepSpeed clips fp32 gradients itself (no ZeRO, no fp16/bf16:
+        ``engine.clip_fp32_gradients``, which keeps no norm and leaves ``get_global_grad_norm()`` None).  Without
+        this the norm measured in the optimizer's step is the clipped one (``clip_grad_norm`` at most)."""
+        clip = getattr(engine, "clip_fp32_gradients", None)
+        if clip is None:
+            return
+
+        @functools.wraps(clip)
+        def clip_and_record(*args: Any, **kwargs: Any) -> Any:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            if grads:
+                self._pre_clip_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).detach()
+            return clip(*args, **kwargs)
+
+        engine.clip_fp32_gradients = clip_and_record
+
     def arm(self, window_loss: torch.Tensor) -> None:
         """Hand over the summed loss of the micro-batches of the step that is about to be taken."""
         self._window_loss = window_loss
@@ -48,8 +66,11 @@ class NonFiniteGuard:
         device = grads[0].device if grads else torch.device("cpu")
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads \
             else torch.zeros((), device=device)
-        self.last_grad_norm = norm.detach()
         bad = (~torch.isfinite(norm)).float()
+        if self._pre_clip_norm is not None:  # a non-finite norm before clipping is a bad step whatever the clip made
+            bad = torch.maximum(bad, (~torch.isfinite(self._pre_clip_norm.to(device))).float())
+        self.last_grad_norm = self._pre_clip_norm if self._pre_clip_norm is not None else norm.detach()
+        self._pre_clip_norm = None
         if self._window_loss is not None:
             bad = torch.maximum(bad, (~torch.isfinite(self._window_loss.to(device))).float())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

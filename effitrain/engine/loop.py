@@ -72,6 +72,7 @@ class Trainer:
         self.eval_sets = eval_sets              # domain -> numpy int array
         self.sinks = sinks
         self.guard = guard
+        guard.watch_clipping(state.engine)  # so the logged grad_norm is the one before clipping in every mode
         self.seq_len = seq_len
         self.save_final_model = save_final_model
         self.on_started = on_started  # called once, after the first optimizer step of this launch
@@ -188,7 +189,7 @@ class Trainer:
         line = {"step": st.step, "tokens": st.tokens, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
                 "tokens_per_s": self.tokens_per_s, "step_time_s": elapsed / window_steps,
                 "peak_memory_bytes": peak_memory_bytes(), "skipped_steps": self.guard.total_skipped}
-        grad_norm = engine.get_global_grad_norm()  # before clipping, as DeepSpeed computed it
+        grad_norm = engine.get_global_grad_norm()  # before clipping (ZeRO and bf16 optimizers set it; else None)
         if grad_norm is None:
             grad_norm = self.guard.last_grad_norm
         if grad_norm is not None:

@@ -43,8 +43,9 @@ def build_pretrained(params, *, tokenizer):
         kwargs["attn_implementation"] = params.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else params.path, **kwargs)
-    except OSError as exc:
-        raise ConfigError(f"model.path: cannot load '{params.path}': {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as exc:  # missing files; an unknown model_type; a config without one
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.path: cannot load '{params.path}': {message}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if params.gradient_checkpointing:

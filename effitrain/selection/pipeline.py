@@ -73,7 +73,7 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
     key = mf.manifest_key(pool_hash=pool_hash, target_hash=target_hash, method=method, params=pdict, seed=seed)
     folder = mf.manifest_dir(cache_root(cache_dir), method, key)
 
-    cached = mf.load(folder, key) if (params.cache and not force) else None
+    cached = mf.load(folder, key, len(candidates)) if (params.cache and not force) else None
     if cached is not None:
         header, index = cached
         train = candidates.select(index).select_columns([c for c in ORIGINAL_COLUMNS if c in candidates.column_names])

@@ -81,7 +81,7 @@ def select_main(argv: list[str]) -> int:
             as_json = True
         elif a == "--cache-dir":
             if not args:
-                print("effitrain select: --cache-dir needs a folder", file=sys.stderr)
+                print("effitrain: error: select: --cache-dir needs a folder", file=sys.stderr)
                 return 2
             cache_dir = args.pop(0)
         elif a.startswith("--cache-dir="):
@@ -94,7 +94,7 @@ def select_main(argv: list[str]) -> int:
         from effitrain.config.compose import compose_config
         result = run_selection(compose_config(overrides), cache_dir=cache_dir, force=force)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"effitrain: error: {exc}", file=sys.stderr)
         return 2
     out = {"manifest": result.manifest_path, **result.info}
     if as_json:

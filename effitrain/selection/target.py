@@ -72,7 +72,22 @@ def resolve_target(target: Any, pool: Any, seed: int) -> tuple[Any, Any]:
         if len(ext) != 1 or next(iter(ext)) not in kinds:
             raise ConfigError(f"selection.target.path: expected files of one kind among "
                               f"{', '.join(kinds)}, got {', '.join(sorted(ext))}")
-        ds = datasets.load_dataset(kinds[next(iter(ext))], data_files=files, split="train")
+        from effitrain.data.inspect import SMALL_BYTES, inspect_files
+
+        fmt = kinds[next(iter(ext))]
+        small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
+        for deep in ((True,) if small else (False, True)):
+            inspect_files(files, fmt, key="selection.target.path", text_field=target.text_field, domain_field=None,
+                          deep=deep)
+            try:
+                ds = datasets.load_dataset(fmt, data_files=files, split="train")
+                break
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - `datasets` words bad files vaguely; the inspector names them
+                if deep:
+                    raise ConfigError(f"selection.target.path: cannot read {files[0]} as {fmt}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     else:
         try:
             ds = datasets.load_dataset(target.dataset, split=target.dataset_split)

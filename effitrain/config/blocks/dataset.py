@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from effitrain.registry import param, register
+from effitrain.config.rules import rule
+from effitrain.registry import ConfigError, param, register
 
 
 @dataclass
@@ -23,6 +24,17 @@ class DemoParams(_Common):
     max_docs_per_domain: int = param(2000, ge=10)
     seed: int = 0
 
+    def validate(self, path: str) -> None:
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        from effitrain.registry import choices_text, did_you_mean
+
+        for d in self.domains or []:
+            if d not in DEMO_DOMAINS:
+                raise ConfigError(f"{path}.domains: unknown domain '{d}'{did_you_mean(d, DEMO_DOMAINS)}; "
+                                  f"valid: {choices_text(DEMO_DOMAINS)}")
+        if self.domains is not None and not self.domains:
+            raise ConfigError(f"{path}.domains: an empty list keeps nothing; give domains or null for all")
+
 
 @register("dataset", "local", builder="effitrain.data.build:build_local",
           summary="Local jsonl / json / parquet / txt files (one file, a glob, or a list)")
@@ -39,6 +51,25 @@ class LocalParams(_Common):
         if isinstance(self.eval_path, str):
             self.eval_path = [self.eval_path]
 
+    def validate(self, path: str) -> None:
+        if not self.path or any(not p.strip() for p in self.path):
+            raise ConfigError(f"{path}.path: dataset=local needs files; set {path}.path=FILE (a .jsonl, .json, "
+                              f".parquet or .txt file, a glob, or a list of them)")
+        if self.eval_path is not None and (not self.eval_path or any(not p.strip() for p in self.eval_path)):
+            raise ConfigError(f"{path}.eval_path: an empty path; give eval files or null to hold out documents")
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        import os
+
+        from effitrain.data.inspect import check_enough_for_a_batch, check_local
+
+        inv = check_local(self, deep=deep, key=path)
+        if inv is not None and getattr(spec.blocks["model"].params, "tokenizer", None) == "bpe":
+            t = spec.train
+            world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+            check_enough_for_a_batch(inv, seq_len=self.seq_len, global_batch=t.micro_batch_size * t.grad_accum * world,
+                                     domains=self.domains, key=path)
+
 
 @register("dataset", "hub", builder="effitrain.data.build:build_hub",
           summary="A dataset from the Hugging Face hub (or its local cache), by id")
@@ -51,3 +82,40 @@ class HubParams(_Common):
     text_field: str = "text"
     domain_field: Optional[str] = None
     revision: Optional[str] = None
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        from effitrain.config.inputs import offline
+
+        if not deep or not offline() or self.path.startswith(("/", ".", "~")):
+            return  # online, the hub answers at launch; a local folder is read by `datasets` itself
+        try:
+            import datasets
+
+            datasets.load_dataset_builder(self.path, self.config_name, revision=self.revision)
+        except Exception as exc:  # noqa: BLE001 - offline, `datasets` only looks in its cache: any failure is "absent"
+            raise ConfigError(f"{path}.path: '{self.path}' is not in the local Hugging Face cache and downloads "
+                              f"are off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE; {type(exc).__name__}); download it "
+                              f"where there is network, or use dataset=local dataset.path=FILE") from None
+
+
+@rule("seq_len_within_positions",
+      "dataset.seq_len (+ prefix-tuning tokens) must not exceed the model's position limit "
+      "(max_position_embeddings or the pretrained config's)")
+def _seq_len_within_positions(spec, env):
+    seq_len = spec.blocks["dataset"].params.seq_len
+    model = spec.blocks["model"]
+    limit = getattr(model.params, "max_position_embeddings", None)
+    source = "model.max_position_embeddings"
+    if limit is None and isinstance(getattr(model.params, "path", None), str):
+        from effitrain.config.inputs import model_config_json, position_limit
+
+        config = model_config_json(model.params.path, getattr(model.params, "revision", None))
+        limit = position_limit(config) if config else None
+        source = f"the position limit in {model.params.path}/config.json"
+    # peft prefix tuning feeds its virtual tokens as a past: the sequence's positions start after them
+    prefix = getattr(spec.blocks["peft"].params, "num_virtual_tokens", 0) if spec.blocks["peft"].name == "prefix" else 0
+    if isinstance(limit, int) and seq_len + prefix > limit:
+        used = f"dataset.seq_len={seq_len}" + (f" + peft.num_virtual_tokens={prefix}" if prefix else "")
+        return (f"{used} is longer than {source} ({limit}); lower dataset.seq_len to at most {limit - prefix}"
+                + (" or raise model.max_position_embeddings" if source.startswith("model.") else ""))
+    return None

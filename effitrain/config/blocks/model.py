@@ -32,6 +32,13 @@ class LlamaParams:
         if self.num_heads % kv:
             raise ConfigError(f"{path}.num_kv_heads: {kv} must divide num_heads={self.num_heads}")
 
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        if self.tokenizer != "bpe":
+            from effitrain.config.inputs import check_model_folder
+
+            check_model_folder(f"{path}.tokenizer", self.tokenizer, revision=None, need_tokenizer=True,
+                               need_config=False)
+
 
 @register("model", "pretrained", builder="effitrain.models.build:build_pretrained",
           summary="Any AutoModelForCausalLM from a hub name or a local save_pretrained folder")
@@ -43,3 +50,11 @@ class PretrainedParams:
     trust_remote_code: bool = False
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
     gradient_checkpointing: bool = False
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        from effitrain.config.inputs import check_model_folder
+
+        check_model_folder(f"{path}.path", self.path, revision=self.revision, need_tokenizer=self.tokenizer is None)
+        if self.tokenizer is not None:
+            check_model_folder(f"{path}.tokenizer", self.tokenizer, revision=None, need_tokenizer=True,
+                               need_config=False)

@@ -1,0 +1,145 @@
+"""Input checks: the files, folders, credentials and packages a validated config points at, checked before anything
+is built.  Torch-free and DeepSpeed-free, like the rest of ``effitrain.config``.
+
+A block's params class opts in with a method ``check_inputs(self, path, *, spec, deep)`` that raises
+:class:`~effitrain.registry.ConfigError`.  ``deep=False`` is the pre-flight of every launch (cheap: ``stat`` calls,
+a few bytes per file); ``deep=True`` is ``effitrain check``, which also reads local data files record by record
+(see :mod:`effitrain.data.inspect`).  Checks that need no block live here (the selection target's files, the
+pretrained model's folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from effitrain.registry import ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt",
+                   "spiece.model")
+
+
+def check_inputs(spec: Any, *, deep: bool) -> None:
+    """Run every block's and method's ``check_inputs`` (the first problem raises)."""
+    for group, block in spec.blocks.items():
+        _call(block.params, group, spec, deep)
+    for name, block in spec.methods.items():
+        _call(block.params, f"methods.{name}", spec, deep)
+    _check_selection_target(spec)
+    _check_selection_model(spec)
+    from effitrain.paths import check_cache_root
+    check_cache_root()
+
+
+def _check_selection_model(spec: Any) -> None:
+    scorer = getattr(spec.blocks["selection"].params, "scorer", None)
+    model_path = scorer.get("model_path") if isinstance(scorer, dict) else getattr(scorer, "model_path", None)
+    if isinstance(model_path, str) and model_path:
+        check_model_folder("selection.scorer.model_path", model_path, revision=None, need_tokenizer=True)
+
+
+def _call(params: Any, path: str, spec: Any, deep: bool) -> None:
+    fn = getattr(params, "check_inputs", None)
+    if callable(fn):
+        fn(path, spec=spec, deep=deep)
+
+
+def _check_selection_target(spec: Any) -> None:
+    target = getattr(spec.blocks["selection"].params, "target", None)
+    if target is None or not getattr(target, "path", None):
+        return
+    from effitrain.data import sources
+    from effitrain.data.inspect import check_file_shallow
+
+    from effitrain.data.inspect import SMALL_BYTES, inspect_files
+
+    files = sources.resolve_files(target.path, "selection.target.path")
+    fmt = sources.file_format(files, "selection.target.path")
+    for f in files:
+        check_file_shallow(f, fmt, "selection.target.path")
+    if sum(os.path.getsize(f) for f in files) <= SMALL_BYTES:
+        inspect_files(files, fmt, key="selection.target.path", text_field=target.text_field, domain_field=None,
+                      deep=True)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ``org/name``: absolute, ``./``, ``../``, ``~``, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def hub_cached_file(repo_id: str, filename: str, revision: Optional[str] = None) -> Optional[str]:
+    """The path of ``filename`` of a hub model in the local Hugging Face cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except Exception:  # noqa: BLE001 - an invalid repo id, an old huggingface_hub: treat as not cached
+        return None
+    return found if isinstance(found, str) else None
+
+
+def model_config_json(path: str, revision: Optional[str] = None) -> Optional[dict]:
+    """The ``config.json`` of a local model folder or a cached hub model, or None when it cannot be read."""
+    local = Path(path).expanduser()
+    candidate = local / "config.json" if local.is_dir() else hub_cached_file(path, "config.json", revision)
+    if candidate is None or not Path(candidate).is_file():
+        return None
+    try:
+        data = json.loads(Path(candidate).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def position_limit(config: dict) -> Optional[int]:
+    """The longest sequence a model config allows (``max_position_embeddings`` or its other names)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    text = config.get("text_config")
+    return position_limit(text) if isinstance(text, dict) else None
+
+
+def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tokenizer: bool,
+                       need_config: bool = True) -> None:
+    """A ``save_pretrained`` folder (or a hub id) that a builder will load: exists, has config.json and, where
+    the tokenizer comes from it, tokenizer files.  A hub id is checked only offline, against the local cache."""
+    if not name.strip():
+        raise ConfigError(f"{key}: empty; give a save_pretrained folder or a hub id")
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError(f"{key}: '{name}' is a file; give the folder written by save_pretrained")
+        if need_config and not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: '{name}' has no config.json, so it is not a save_pretrained model folder")
+        config = model_config_json(str(local)) if need_config else {}
+        if config is None:
+            raise ConfigError(f"{key}: '{name}/config.json' is not valid JSON")
+        if need_config and not config.get("model_type") and not config.get("architectures"):
+            raise ConfigError(f"{key}: '{name}/config.json' names no model_type, so transformers cannot tell which "
+                              f"model class to build")
+        if need_tokenizer and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"{key}: '{name}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                              f"save the tokenizer with the model or name one with model.tokenizer=NAME_OR_PATH")
+        return
+    if looks_like_path(name):
+        raise ConfigError(f"{key}: '{name}' does not exist (working directory {os.getcwd()})")
+    if offline():
+        probe = "config.json" if need_config else "tokenizer_config.json"
+        if hub_cached_file(name, probe, revision) is None:
+            raise ConfigError(f"{key}: '{name}' is not a local folder and not in the Hugging Face cache, and "
+                              f"downloads are off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); download it where there is "
+                              f"network, or give the path of a save_pretrained folder")
+
+
+def package_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
