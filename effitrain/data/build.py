@@ -41,8 +41,12 @@ def _hf_cache(cache_dir: Optional[str | Path]) -> str:
     return str(cache_root(cache_dir) / "hf_datasets")
 
 
+# dataset.txt_split -> the `datasets` text builder's sample_by
+_TXT_SAMPLE_BY = {"blank_line": "paragraph", "line": "line", "file": "document"}
+
+
 def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, text_field: str = "text",
-                domain_field: Optional[str] = None):
+                domain_field: Optional[str] = None, txt_split: str = "blank_line"):
     import datasets
 
     from effitrain.data.inspect import SMALL_BYTES, inspect_files
@@ -52,10 +56,11 @@ def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, 
     # `datasets` logs its own wording; big ones only when `datasets` refuses them (below).
     small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
     inspect_files(files, fmt, key=key, text_field="text" if fmt == "text" else text_field,
-                  domain_field=None if fmt == "text" else domain_field, deep=small)
-    # Plain text has no record structure; a blank line between documents is the most common convention (one
-    # document per line would cut hard-wrapped prose into fragments, each followed by an end-of-text token).
-    extra = {"sample_by": "paragraph"} if fmt == "text" else {}
+                  domain_field=None if fmt == "text" else domain_field, deep=small, txt_split=txt_split)
+    # Plain text has no record structure: `dataset.txt_split` says what a document is.  The default, a blank line
+    # between documents, is the most common convention (one document per line would cut hard-wrapped prose into
+    # fragments, each followed by an end-of-text token).
+    extra = {"sample_by": _TXT_SAMPLE_BY[txt_split]} if fmt == "text" else {}
     try:
         return fmt, datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=_hf_cache(cache_dir),
                                           **extra)
@@ -65,7 +70,7 @@ def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, 
         # `datasets` words these vaguely ("An error occurred while generating the dataset", a bare StopIteration):
         # read the files ourselves to name the file and line; fall back to its own message.
         inspect_files(files, fmt, key=key, text_field="text" if fmt == "text" else text_field,
-                      domain_field=None if fmt == "text" else domain_field, deep=True)
+                      domain_field=None if fmt == "text" else domain_field, deep=True, txt_split=txt_split)
         cause = exc.__cause__ or exc.__context__ or exc
         message = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"{key}: cannot read {files[0] if len(files) == 1 else f'{len(files)} files'} "
@@ -75,7 +80,8 @@ def _load_files(files: list[str], key: str, cache_dir: Optional[str | Path], *, 
 def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
     """Local jsonl / json / parquet / txt files (one format per split; globs allowed).
 
-    Text files are cut into documents at blank lines and always use the column ``text``.  Without ``eval_path``,
+    Text files are cut into documents by ``txt_split`` (blank lines, lines, or one per file) and always use the
+    column ``text``.  Without ``eval_path``,
     ``eval_examples_per_domain`` documents of every domain are held out of the train files (chosen by a hash of
     their ids, so the same in every run).
     """
@@ -83,7 +89,7 @@ def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
 
     train_files = sources.resolve_files(params.path, f"{_KEY}.path")
     fmt, train = _load_files(train_files, f"{_KEY}.path", cache_dir, text_field=params.text_field,
-                             domain_field=params.domain_field)
+                             domain_field=params.domain_field, txt_split=params.txt_split)
     text_field = "text" if fmt == "text" else params.text_field
     domain_field = None if fmt == "text" else params.domain_field
     train = sources.standardize(train, text_field=text_field, domain_field=domain_field, key=_KEY,
@@ -93,7 +99,7 @@ def build_local(params: Any, *, cache_dir: Optional[str | Path] = None):
     if params.eval_path:
         eval_files = sources.resolve_files(params.eval_path, f"{_KEY}.eval_path")
         eval_fmt, eval_ = _load_files(eval_files, f"{_KEY}.eval_path", cache_dir, text_field=params.text_field,
-                                      domain_field=params.domain_field)
+                                      domain_field=params.domain_field, txt_split=params.txt_split)
         eval_ = sources.standardize(eval_, text_field="text" if eval_fmt == "text" else params.text_field,
                                     domain_field=None if eval_fmt == "text" else params.domain_field, key=_KEY,
                                     id_prefix="eval", num_proc=params.num_proc)

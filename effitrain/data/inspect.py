@@ -229,8 +229,17 @@ def _read_json(path: str, rows: _Rows, key: str) -> None:
         rows.add(record, f"'{_short(path)}' record {i}")
 
 
-def _read_text(path: str, rows: _Rows, key: str) -> None:
-    """Plain text: documents are separated by blank lines (``sample_by='paragraph'``)."""
+def _read_text(path: str, rows: _Rows, key: str, txt_split: str = "blank_line") -> None:
+    """Plain text, cut into documents as the builder cuts it (``dataset.txt_split``): at blank lines
+    (``sample_by='paragraph'``), at every line, or one document per file."""
+    if txt_split != "blank_line":
+        lines = list(_lines(path, key))
+        if txt_split == "file":
+            rows.add({"text": "".join(line for _, line in lines)}, f"'{_short(path)}'")
+        else:
+            for number, line in lines:
+                rows.add({"text": line.rstrip("\n")}, f"'{_short(path)}' line {number}")
+        return
     start, buf = 0, []
     for number, line in _lines(path, key):
         if line.strip():
@@ -283,7 +292,7 @@ _READERS = {"parquet": _read_parquet, "text": _read_text}  # json: by extension,
 
 
 def inspect_files(files: Sequence[str], fmt: str, *, key: str, text_field: str, domain_field: Optional[str],
-                  deep: bool) -> Optional[Inventory]:
+                  deep: bool, txt_split: str = "blank_line") -> Optional[Inventory]:
     """Check resolved ``files`` of one split; with ``deep`` read every record and return what was found."""
     for f in files:
         check_file_shallow(f, fmt, key)
@@ -297,6 +306,8 @@ def inspect_files(files: Sequence[str], fmt: str, *, key: str, text_field: str, 
             return None  # cannot look inside without extra packages; the builder will
         if fmt == "json":
             (_read_json_lines if _inner_ext(f)[0] == ".jsonl" else _read_json)(f, rows, key)
+        elif fmt == "text":
+            _read_text(f, rows, key, txt_split)
         else:
             _READERS[fmt](f, rows, key)
     return rows.finish(files)
@@ -312,14 +323,15 @@ def check_local(params, *, deep: bool, key: str = "dataset") -> Optional[Invento
     text_field = "text" if fmt == "text" else params.text_field
     domain_field = None if fmt == "text" else params.domain_field
     inv = inspect_files(train_files, fmt, key=f"{key}.path", text_field=text_field, domain_field=domain_field,
-                        deep=deep)
+                        deep=deep, txt_split=params.txt_split)
     eval_inv = None
     if params.eval_path:
         eval_files = sources.resolve_files(params.eval_path, f"{key}.eval_path")
         eval_fmt = sources.file_format(eval_files, f"{key}.eval_path")
         eval_inv = inspect_files(eval_files, eval_fmt, key=f"{key}.eval_path",
                                  text_field="text" if eval_fmt == "text" else params.text_field,
-                                 domain_field=None if eval_fmt == "text" else params.domain_field, deep=deep)
+                                 domain_field=None if eval_fmt == "text" else params.domain_field, deep=deep,
+                                 txt_split=params.txt_split)
     if inv is None:
         return
     domains = dict(inv.domains)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
@@ -44,6 +44,8 @@ class LocalParams(_Common):
     eval_path: Optional[Union[str, list[str]]] = None
     text_field: str = "text"
     domain_field: Optional[str] = param(None, help="column with a domain label; null = one domain 'all'")
+    # What one document is in a .txt file: a paragraph (blank-line separated), a line, or the whole file.
+    txt_split: Literal["blank_line", "line", "file"] = "blank_line"
 
     def __post_init__(self) -> None:  # one file on the command line (dataset.path=x.jsonl) is a list of one
         if isinstance(self.path, str):
