@@ -129,7 +129,8 @@ def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tok
                               f"model class to build")
         if need_tokenizer and not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"{key}: '{name}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
-                              f"save the tokenizer with the model or name one with model.tokenizer=NAME_OR_PATH")
+                              f"save the tokenizer with the model, name one with model.tokenizer=NAME_OR_PATH, or "
+                              f"train a byte-level BPE on the data with model.tokenizer=bpe")
         return
     if looks_like_path(name):
         raise ConfigError(f"{key}: '{name}' does not exist (working directory {os.getcwd()})")

@@ -65,6 +65,18 @@ def _ensure_special_tokens(tokenizer: Any, name: str) -> Any:
     return tokenizer
 
 
+def _model_vocab_size(model_params: Any) -> int:
+    """A pretrained model's own vocabulary size (its config.json), for a BPE trained to fit its embedding."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(model_params.path).vocab_size)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model.vocab_size: cannot read the vocabulary size of '{model_params.path}' "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); set model.vocab_size") \
+            from None
+
+
 def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path] = None):
     """The tokenizer of a run: a ``transformers`` fast tokenizer with ``eos_token_id`` and ``pad_token_id`` set.
 
@@ -80,9 +92,9 @@ def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path]
     if name == "bpe":
         from transformers import PreTrainedTokenizerFast
 
-        key = bpe_cache_key(train, model_params.vocab_size)
-        folder = build_once("tokenizers", key, lambda tmp: train_bpe(train, model_params.vocab_size, tmp),
-                            cache_root=cache_dir)
+        vocab_size = getattr(model_params, "vocab_size", None) or _model_vocab_size(model_params)
+        key = bpe_cache_key(train, vocab_size)
+        folder = build_once("tokenizers", key, lambda tmp: train_bpe(train, vocab_size, tmp), cache_root=cache_dir)
         return _ensure_special_tokens(PreTrainedTokenizerFast.from_pretrained(str(folder)), "bpe")
 
     from transformers import AutoTokenizer

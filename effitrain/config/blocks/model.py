@@ -40,12 +40,24 @@ class LlamaParams:
                                need_config=False)
 
 
+@register("model", "hf_arch", builder="effitrain.models.families:build_family",
+          summary="A causal LM of a transformers architecture (llama, qwen2, mistral, gpt_neox) from scratch")
+@dataclass
+class FamilyParams(LlamaParams):
+    """The shape keys of ``llama``, for any of the families below; presets give the published shapes."""
+    arch: Literal["llama", "qwen2", "mistral", "gpt_neox"] = "llama"
+    rotary_pct: float = param(1.0, gt=0, le=1, help="gpt_neox: the share of each head that is rotated")
+    sliding_window: Optional[int] = param(None, ge=1, help="mistral/qwen2: local attention window (null: none)")
+
+
 @register("model", "pretrained", builder="effitrain.models.build:build_pretrained",
           summary="Any AutoModelForCausalLM from a hub name or a local save_pretrained folder")
 @dataclass
 class PretrainedParams:
     path: str = param(help="hub id or local folder written by save_pretrained")
-    tokenizer: Optional[str] = param(None, help="null = the tokenizer saved with the model")
+    tokenizer: Optional[str] = param(None, help="null = the tokenizer saved with the model; a hub id or folder; "
+                                     "'bpe' = train a byte-level BPE on the training split")
+    vocab_size: Optional[int] = param(None, ge=260, help="with tokenizer=bpe: its size (null = the model's)")
     revision: Optional[str] = None
     trust_remote_code: bool = False
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
@@ -55,6 +67,6 @@ class PretrainedParams:
         from effitrain.config.inputs import check_model_folder
 
         check_model_folder(f"{path}.path", self.path, revision=self.revision, need_tokenizer=self.tokenizer is None)
-        if self.tokenizer is not None:
+        if self.tokenizer not in (None, "bpe"):
             check_model_folder(f"{path}.tokenizer", self.tokenizer, revision=None, need_tokenizer=True,
                                need_config=False)
