@@ -606,3 +606,17 @@ def test_reference_scorers_without_model_path_train_then_reuse_a_cached_proxy(po
     # another proxy parameter is another proxy
     third = build({"name": "perplexity", "scorer": {**proxy, "proxy_steps": 6}}, pool, tmp_path)
     assert third.info["scorer_proxy"] == "trained" and third.info["scorer_proxy_dir"] != str(proxy_dir)
+
+
+def test_zip_fit_is_one_minus_mean_gzip_ncd():
+    """ZIP-FIT (authors' ZIPFIT.similarity): C = gzip length, x t concatenated without a separator."""
+    import gzip
+
+    from effitrain.selection.scorers.zip_fit import ncd_scores
+
+    def c(b):
+        return len(gzip.compress(b, compresslevel=9, mtime=0))
+
+    x, targets = "the river crossed the bridge", [b"the bridge over the river", b"x = 1 + 2"]
+    ncd = [(c(x.encode() + t) - min(c(x.encode()), c(t))) / max(c(x.encode()), c(t)) for t in targets]
+    assert ncd_scores([x], targets, [c(t) for t in targets], 2000, 9) == [1 - sum(ncd) / 2]

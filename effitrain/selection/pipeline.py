@@ -23,9 +23,11 @@ ORIGINAL_COLUMNS = ("id", "text", "domain")
 
 
 def params_dict(params: Any) -> dict:
-    """Every parameter that changes the output (num_proc, batch_size and cache do not), plus a fingerprint (file
-    names, sizes, modification times) of a reference model folder."""
+    """Every parameter that changes the output (num_proc, batch_size and cache do not), the scorer's ``VERSION``
+    (bumped when its arithmetic changes, so old manifests are not reused), plus a fingerprint (file names, sizes,
+    modification times) of a reference model folder."""
     out = {"scorer": params.scorer, "selector": params.selector,
+           "scorer_version": getattr(params.scorer_block.params, "VERSION", 1),
            "budget": dataclasses.asdict(params.budget),
            "target": dataclasses.asdict(params.target) if params.target is not None else None}
     path = params.scorer.get("model_path")

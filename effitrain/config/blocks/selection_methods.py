@@ -100,7 +100,8 @@ class _PoolProxy(_ProxyModel):
 # ----------------------------------------------------------------------------------------------------------------
 # Scorers
 # ----------------------------------------------------------------------------------------------------------------
-# Class attributes (not dataclass fields): NEEDS_TARGET, CLUSTERS (emits cluster labels), NEEDS_MODEL.
+# Class attributes (not dataclass fields): NEEDS_TARGET, CLUSTERS (emits cluster labels), VERSION (bump when the
+# scorer's arithmetic changes: it is part of the manifest key).
 
 
 @register("scorer", "uniform", builder="effitrain.selection.scorers.simple:UniformScorer",
@@ -115,6 +116,7 @@ class UniformScorerParams:
           summary="DSIR log importance weight of hashed unigram+bigram features (target vs pool); 2 passes, CPU")
 @dataclass
 class DSIRScorerParams:
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
     num_buckets: int = param(10000, ge=16, help="hash buckets of the n-gram features (paper: 10000)")
@@ -134,17 +136,19 @@ class DSIRScorerParams:
           summary="ZIP-FIT: 1 - mean gzip normalized compression distance to target examples; N x T compressions")
 @dataclass
 class ZipFitScorerParams:
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
     max_target: int = param(32, ge=1, help="target examples compared against each candidate")
     max_chars: int = param(2000, ge=16, help="characters of each text compressed")
-    level: int = param(9, ge=1, le=9, help="deflate compression level")
+    level: int = param(9, ge=1, le=9, help="gzip compression level (gzip's default 9)")
 
 
 @register("scorer", "perplexity", builder="effitrain.selection.scorers.lm:PerplexityScorer",
           summary="Mean token loss under a reference model (score = loss); one forward pass per example")
 @dataclass
 class PerplexityScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = False
 
@@ -153,6 +157,7 @@ class PerplexityScorerParams(_ReferenceModel, _PoolProxy):
           summary="k-means clusters of mean-pooled reference-model hidden states; one forward pass per example")
 @dataclass
 class EmbeddingKMeansScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = True
     num_clusters: int = param(8, ge=2)
@@ -165,6 +170,7 @@ class EmbeddingKMeansScorerParams(_ReferenceModel, _PoolProxy):
                   "k-means per domain; epochs x N/batch train steps + (checkpoints x N) forward passes")
 @dataclass
 class LossTrajectoryScorerParams(_ReferenceModel, _ProxyModel):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = True
     proxy_batch_size: int = param(32, ge=1, help="examples per proxy update (paper: 4 x 8 accumulation = 32)")
@@ -181,6 +187,7 @@ class LossTrajectoryScorerParams(_ReferenceModel, _ProxyModel):
                   "target's; checkpoints x (one backward pass per example)")
 @dataclass
 class LESSScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
     warmup_fraction: float = param(0.05, gt=0, le=1, help="share of the pool the LoRA warm-up trains on (paper: 5%)")
