@@ -115,6 +115,10 @@ class DSIRScorer:
         scores = np.concatenate(out) if out else np.zeros(0)
         lengths = np.asarray(pool_feats["dsir_length"], dtype=np.int64)
         keep = lengths >= p.min_length
+        if len(keep) and not keep.any():
+            from effitrain.registry import ConfigError
+            raise ConfigError(f"selection.scorer.min_length: every candidate has fewer than {p.min_length} "
+                              f"word/punctuation tokens (longest: {int(lengths.max())}); lower it")
         return Scores(scores=scores, keep=keep,
                       info={"target_features": int(target_counts.sum()),
                             "below_min_length": int((~keep).sum())})
