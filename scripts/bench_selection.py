@@ -7,8 +7,9 @@
 * budget: ``--fraction`` of the pool's tokens (pre-tokenizer word pieces, see ``BudgetParams``);
 * every selection trains the same model for the same ``--steps`` through the real ``effitrain`` CLI.  All runs use
   the tokenizer of the full-pool run (``model.tokenizer=<full>/final_model``): a BPE trained on each selection would
-  make the per-token losses incomparable.  The full-pool run's final model is also the reference model of the
-  ``perplexity`` and ``diversity_kmeans`` selections.
+  make the per-token losses incomparable.  Every method runs with its recipe's defaults: ``perplexity``,
+  ``diversity_kmeans`` and ``less`` use the byte-level proxy trained on the pool (one, cached, shared);
+  ``--reference-full`` gives the first two the full-pool run's final model instead (the table before 2026-11-28).
 
     python scripts/bench_selection.py                                   # all methods, 200 steps, target prose
     python scripts/bench_selection.py --methods random dsir zip_fit --steps 100
@@ -121,6 +122,8 @@ def main() -> int:
     ap.add_argument("--write", type=Path, default=None, help="markdown file whose 'Data selection' section to replace")
     ap.add_argument("--reuse", action="store_true",
                     help="keep finished runs whose overrides are unchanged (continue an interrupted benchmark)")
+    ap.add_argument("--reference-full", action="store_true",
+                    help="perplexity / diversity_kmeans score with the full-pool run's final model, not the proxy")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
 
@@ -137,7 +140,7 @@ def main() -> int:
     for m in args.methods:
         over = [f"selection={m}", target, f"selection.budget.fraction={args.fraction}", "selection.budget.unit=tokens",
                 f"model.tokenizer={ref}", *common]
-        if m in NEEDS_REFERENCE:
+        if m in NEEDS_REFERENCE and args.reference_full:
             over.append(f"selection.scorer.model_path={ref}")
         print(f"{m}: selecting and training", flush=True)
         s = run(over, args.out / m, args.out / f"{m}.log", args.reuse)
@@ -152,7 +155,8 @@ def main() -> int:
         env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
         cmd = env + "python scripts/bench_selection.py " + " ".join(
             [f"--steps {args.steps}", f"--target {args.target}", f"--fraction {args.fraction}",
-             f"--target-examples {args.target_examples}", *(["--methods " + " ".join(args.methods)]
+             f"--target-examples {args.target_examples}", *(["--reference-full"] if args.reference_full else []),
+             *(["--methods " + " ".join(args.methods)]
                                                             if list(args.methods) != list(METHODS) else []),
              *args.overrides, f"--write {args.write}"])
         body = (f"Pool: the demo corpus (train split, every domain). Target: {args.target_examples} `{args.target}` "

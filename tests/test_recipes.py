@@ -16,7 +16,8 @@ from effitrain.config.compose import config_root, group_options
 pytestmark = pytest.mark.slow
 
 # requirement -> the key that takes it; the value is a small model trained by this suite (a real effitrain run).
-RESOURCES = {"pretrained_model": "model.path", "reference_model": "selection.scorer.model_path"}
+# Selection recipes need no input: without a reference model they train a proxy on the pool themselves.
+RESOURCES = {"pretrained_model": "model.path"}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Every data-selection recipe composes, selects and trains a few steps end to end on the tiny model.
 
-A recipe is a selection recipe when its defaults override ``/selection``; one whose ``recipe.requires`` lists
-``reference_model`` gets a tiny saved model through ``selection.scorer.model_path`` (the key its notes name).
+A recipe is a selection recipe when its defaults override ``/selection``.  None needs an input: the scorers that read
+a reference model train a small proxy on the pool when ``selection.scorer.model_path`` is not given.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def _recipes() -> list[str]:
 
 # Keep the model-based scorers to seconds: fewer proxy steps, shorter inputs.
 FAST = {
-    "loss_trajectory": ["selection.scorer.proxy_steps=6", "selection.scorer.checkpoints=2",
+    "loss_trajectory": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2",
                         "selection.scorer.max_length=48", "selection.scorer.num_clusters=3"],
-    "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_steps=2", "selection.scorer.max_length=48",
+    "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
-    "perplexity": ["selection.scorer.max_length=48"],
-    "embedding_kmeans": ["selection.scorer.max_length=48", "selection.scorer.num_clusters=3"],
+    "perplexity": ["selection.scorer.max_length=48", "selection.scorer.proxy_steps=4"],
+    "embedding_kmeans": ["selection.scorer.max_length=48", "selection.scorer.num_clusters=3",
+                         "selection.scorer.proxy_steps=4"],
     "zip_fit": ["selection.scorer.max_target=4", "selection.scorer.max_chars=400"],
 }
 
@@ -52,14 +53,8 @@ def test_every_selection_option_has_a_recipe():
     assert options <= used, options - used
 
 
-@pytest.fixture(scope="module")
-def reference_model_dir(tmp_path_factory):
-    from test_selection import make_pool, make_reference_model
-    return make_reference_model(tmp_path_factory.mktemp("selection-ref"), list(make_pool()["train"]["text"]))
-
-
 @pytest.mark.parametrize("name", _recipes())
-def test_selection_recipe_trains(name, train_in_process, reference_model_dir, tmp_path):
+def test_selection_recipe_trains(name, train_in_process, tmp_path):
     recipe = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
     option = _selection_option(recipe)
     sel_cfg = yaml.safe_load((config_root() / "selection" / f"{option}.yaml").read_text())
@@ -67,9 +62,7 @@ def test_selection_recipe_trains(name, train_in_process, reference_model_dir, tm
     if sel_cfg.get("target"):
         overrides.append("selection.target.max_examples=8")
     overrides += FAST.get(sel_cfg["scorer"]["name"], [])
-    if "reference_model" in (recipe["recipe"].get("requires") or []):
-        assert "selection.scorer.model_path" in recipe["recipe"]["notes"]
-        overrides.append(f"selection.scorer.model_path={reference_model_dir}")
+    assert not recipe["recipe"].get("requires"), "a selection recipe must run with no extra key"
     summary = train_in_process(overrides, tmp_path / "run")
     info = summary["selection"]
     assert info["method"] == option and info["kept_examples"] > 0

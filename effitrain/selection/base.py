@@ -39,22 +39,27 @@ class Scores:
     """A scorer's output over the N candidates, in candidate order.
 
     ``scores``: higher = more wanted for the default selectors (a selector may invert it); ``clusters``: integer
-    labels for the cluster-balanced selector; ``keep``: a hard filter applied before any selector (dedup).
+    labels for the cluster-balanced selector; ``groups``: integer labels of a coarser level (S2L's data sources: the
+    pool's domains) that a selector may balance first; ``keep``: a hard filter applied before any selector (dedup,
+    DSIR's minimum length).
     """
     scores: np.ndarray
     clusters: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None
     keep: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)
 
 
 @dataclass
 class Context:
-    """What a scorer may use besides the candidates: the target texts, the seed, batching and a scratch folder."""
-    target: Optional[Any]            # datasets.Dataset with a `text` column, or None
+    """What a scorer may use besides the candidates: the target texts, the seed, batching, a cache folder (the
+    selection cache: a pool proxy is kept there) and a content hash of the candidates (the key of that proxy)."""
+    target: Optional[Any]            # datasets.Dataset with a `text` column (and `task` when given), or None
     seed: int
     num_proc: int = 1
     batch_size: int = 512
     work_dir: Optional[str] = None
+    candidates_hash: Optional[str] = None
 
 
 def column_numpy(ds: Any, name: str, dtype: Any = None, batch_size: int = 65536) -> np.ndarray:

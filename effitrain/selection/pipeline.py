@@ -23,9 +23,11 @@ ORIGINAL_COLUMNS = ("id", "text", "domain")
 
 
 def params_dict(params: Any) -> dict:
-    """Every parameter that changes the output (num_proc, batch_size and cache do not), plus a fingerprint (file
-    names, sizes, modification times) of a reference model folder."""
+    """Every parameter that changes the output (num_proc, batch_size and cache do not), the scorer's ``VERSION``
+    (bumped when its arithmetic changes, so old manifests are not reused), plus a fingerprint (file names, sizes,
+    modification times) of a reference model folder."""
     out = {"scorer": params.scorer, "selector": params.selector,
+           "scorer_version": getattr(params.scorer_block.params, "VERSION", 1),
            "budget": dataclasses.asdict(params.budget),
            "target": dataclasses.asdict(params.target) if params.target is not None else None}
     path = params.scorer.get("model_path")
@@ -92,7 +94,9 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
     n_tokens = column_numpy(counted, "n_tokens", np.int64)
 
     ctx = Context(target=target, seed=seed, num_proc=params.num_proc, batch_size=params.batch_size,
-                  work_dir=str(folder.parent))
+                  work_dir=str(folder.parent),
+                  # the candidates are the pool minus a held-out target: both hashes identify them
+                  candidates_hash=hashlib.sha256(f"{pool_hash}|{target_hash}".encode()).hexdigest())
     scorer = params.scorer_block.build()
     t_score = time.perf_counter()
     result: Scores = scorer.score(counted, ctx)
@@ -108,7 +112,8 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
     selector = params.selector_block.build()
     rng = np.random.default_rng(seed)
     sub = selector.select(scores[allowed], None if result.clusters is None else result.clusters[allowed],
-                          weights[allowed], budget, rng)
+                          weights[allowed], budget, rng,
+                          groups=None if result.groups is None else result.groups[allowed])
     index = np.sort(allowed[np.asarray(sub, dtype=np.int64)])
 
     train = candidates.select(index).select_columns([c for c in ORIGINAL_COLUMNS if c in candidates.column_names])

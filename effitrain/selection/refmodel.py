@@ -4,6 +4,11 @@ A *reference model* is any ``transformers`` causal LM saved with ``save_pretrain
 (``model_path``; e.g. the ``final_model`` folder of an earlier effitrain run).  A *proxy* is a byte-level Llama
 (vocabulary 256 bytes + pad + bos, ``proxy_hidden_size`` x ``proxy_layers``, about 0.1 M parameters by default)
 trained briefly inside the selection stage: it needs no tokenizer and no download.
+
+When a scorer that reads a reference model (perplexity, embedding_kmeans, less) is given no ``model_path``, it uses
+the *pool proxy*: a byte-level proxy trained for ``proxy_steps`` on random batches of the candidate pool, saved under
+the selection cache as ``proxy-<key>/`` (key: the candidates' content hash, the proxy's parameters and the seed), so a
+second selection on the same pool (another budget, another method) loads it instead of training again.
 """
 
 from __future__ import annotations
@@ -93,6 +98,145 @@ def byte_proxy(params: Any, seed: int) -> tuple[Any, Callable]:
                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=PAD, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).to(device_of(params))
     return model, ByteEncoder(params.max_length)
+
+
+def lr_factor(step: int, total: int, kind: str, warmup_ratio: float) -> float:
+    """The multiplier of the base LR for the update at (0-based) ``step`` of ``total``, as ``transformers``'
+    ``get_{linear,cosine}_schedule_with_warmup`` with ``warmup_steps = ceil(warmup_ratio * total)``."""
+    import math
+    warm = math.ceil(warmup_ratio * total)
+    if kind == "constant":
+        return 1.0
+    if step < warm:
+        return step / max(1, warm)
+    progress = (step - warm) / max(1, total - warm)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown schedule {kind}")
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[np.ndarray]]:
+    """Per epoch, a fresh permutation of ``range(n)`` cut into batches (the last one may be smaller)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        out.append([np.sort(order[i:i + batch_size]) for i in range(0, n, batch_size)])
+    return out
+
+
+def train_epochs(model: Any, encode: Callable, ds: Any, *, epochs: int, batch_size: int, lr: float, seed: int,
+                 device: str, schedule: str = "constant", warmup_ratio: float = 0.0,
+                 indices: Optional[np.ndarray] = None,
+                 on_step: Optional[Callable[[int, Any], None]] = None,
+                 on_epoch: Optional[Callable[[int, Any, list[float]], None]] = None) -> list[float]:
+    """``epochs`` passes over ``ds['text']`` (rows ``indices``, default all) with AdamW (weight decay 0, gradient
+    clipping 1.0) under an LR ``schedule`` with warm-up; every example is seen once per epoch.
+
+    ``on_step(step, optimizer)`` after every update (and with step 0 before the first); ``on_epoch(epoch,
+    optimizer, lrs_of_that_epoch)`` at the end of every epoch (1-based).  Returns the training losses."""
+    import torch
+    rows = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    plan = epoch_batches(len(rows), batch_size, epochs, seed)
+    total = sum(len(e) for e in plan)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    step = 0
+    if on_step is not None:
+        on_step(0, opt)
+    for epoch, batches in enumerate(plan, 1):
+        lrs = []
+        for b in batches:
+            cur = lr * lr_factor(step, total, schedule, warmup_ratio)
+            for group in opt.param_groups:
+                group["lr"] = cur
+            lrs.append(cur)
+            model.train()
+            ids, mask = encode(ds.select(rows[b])["text"])
+            loss = token_losses(model, ids.to(device), mask.to(device)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if on_step is not None:
+                model.eval()
+                on_step(step, opt)
+        model.eval()
+        if on_epoch is not None:
+            on_epoch(epoch, opt, lrs)
+    model.eval()
+    return losses
+
+
+def pool_proxy(params: Any, candidates: Any, ctx: Any, method: str) -> tuple[Any, Callable, dict]:
+    """The byte-level proxy trained on the pool (``proxy_steps`` random batches), from the cache when it exists.
+
+    Returns ``(model in eval mode, encoder, info)``; ``info`` says whether it was trained or reused and where it lies.
+    """
+    import hashlib
+    import json
+    import logging
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    log = logging.getLogger("effitrain.selection")
+    cand_hash = getattr(ctx, "candidates_hash", None)
+    if cand_hash is None:
+        from effitrain.selection.manifest import content_hash
+        cand_hash = content_hash(candidates)
+    spec = {"candidates": cand_hash, "seed": ctx.seed, "kind": "byte-llama", "max_length": params.max_length,
+            **{k: getattr(params, k) for k in ("proxy_hidden_size", "proxy_layers", "proxy_lr", "proxy_batch_size",
+                                               "proxy_steps")}}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    folder = Path(ctx.work_dir) / f"proxy-{key[:16]}" if ctx.work_dir else None
+    dev = device_of(params)
+    if folder is not None and (folder / "proxy.json").is_file():
+        from transformers import LlamaForCausalLM
+        model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=__import__("torch").float32).to(dev).eval()
+        log.info("selection %s: no selection.scorer.model_path; reusing the byte-level proxy trained on this pool "
+                 "(%s)", method, folder)
+        return model, ByteEncoder(params.max_length), {"proxy": "reused", "proxy_dir": str(folder)}
+    log.info("selection %s: no selection.scorer.model_path; training a byte-level proxy (%d x %d, %d steps of %d "
+             "documents) on the pool as the reference model%s", method, params.proxy_hidden_size,
+             params.proxy_layers, params.proxy_steps, params.proxy_batch_size,
+             f", cached in {folder}" if folder else "")
+    model, encode = byte_proxy(params, ctx.seed)
+    losses = train_steps(model, encode, candidates.select_columns(["text"]), steps=params.proxy_steps,
+                         batch_size=params.proxy_batch_size, lr=params.proxy_lr, seed=ctx.seed, device=dev)
+    info = {"proxy": "trained", "proxy_first_loss": round(losses[0], 4) if losses else None,
+            "proxy_last_loss": round(losses[-1], 4) if losses else None}
+    if folder is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            model.save_pretrained(tmp)
+            (tmp / "proxy.json").write_text(json.dumps({**spec, **info}, indent=1, sort_keys=True) + "\n")
+            if folder.exists():  # another process trained the same proxy meanwhile: same inputs, same model
+                shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        info["proxy_dir"] = str(folder)
+    return model, encode, info
+
+
+def reference_or_proxy(params: Any, candidates: Any, ctx: Any, method: str) -> tuple[Any, Callable, dict, str]:
+    """``(model, encoder, info, tag)``: the reference at ``model_path``, else the cached pool proxy; ``tag``
+    fingerprints the model for ``datasets.map`` caching."""
+    if params.model_path:
+        from effitrain.selection.scorers.lm import _model_tag
+        model, encode = load_reference(params)
+        return model, encode, {"reference": "model_path"}, _model_tag(params.model_path)
+    model, encode, info = pool_proxy(params, candidates, ctx, method)
+    return model, encode, {"reference": "pool proxy", **info}, "proxy-" + info.get("proxy_dir", repr(params))
 
 
 def token_losses(model: Any, ids: Any, mask: Any):

@@ -95,11 +95,14 @@ def resolve_target(target: Any, pool: Any, seed: int) -> tuple[Any, Any]:
             raise ConfigError(f"selection.target.dataset: cannot load '{target.dataset}' "
                               f"(split {target.dataset_split}): {exc}") from None
     field = target.text_field
-    if field not in ds.column_names:
-        raise ConfigError(f"selection.target.text_field: no column '{field}' in the target data; "
-                          f"columns: {', '.join(ds.column_names)}")
-    ds = ds.select_columns([field])
+    for key, col in (("text_field", field), ("task_field", target.task_field)):
+        if col is not None and col not in ds.column_names:
+            raise ConfigError(f"selection.target.{key}: no column '{col}' in the target data; "
+                              f"columns: {', '.join(ds.column_names)}")
+    ds = ds.select_columns([field] + ([target.task_field] if target.task_field not in (None, field) else []))
     if field != "text":
         ds = ds.rename_column(field, "text")
+    if target.task_field not in (None, field, "task"):
+        ds = ds.rename_column(target.task_field, "task")
     n = min(len(ds), target.max_examples)
     return ds.select(np.sort(rng.permutation(len(ds))[:n])), train

@@ -44,6 +44,8 @@ class TargetParams:
     dataset: Optional[str] = param(None, help="a `datasets` id (from the local cache when offline)")
     dataset_split: str = param("train", help="split of `dataset`")
     text_field: str = param("text", help="text column of `path` / `dataset`")
+    task_field: Optional[str] = param(None, help="column of `path` / `dataset` naming each target example's task "
+                                                 "(LESS scores a candidate by its best task); none = one task")
     max_examples: int = param(64, ge=1, help="target examples used (the first ones, shuffled by the seed)")
 
     def validate(self, path: str) -> None:
@@ -51,6 +53,9 @@ class TargetParams:
         if len(given) != 1:
             raise ConfigError(f"{path}: set exactly one of {path}.domain, {path}.path, {path}.dataset "
                               f"(got {', '.join(given) or 'none'})")
+        if self.task_field is not None and self.domain is not None:
+            raise ConfigError(f"{path}.task_field: a domain target is one task; task_field goes with "
+                              f"{path}.path or {path}.dataset")
 
 
 @dataclass
@@ -76,17 +81,27 @@ class _ReferenceModel:
 
 @dataclass
 class _ProxyModel:
-    """A byte-level Llama trained briefly inside the selection stage when no ``model_path`` is given."""
+    """A byte-level Llama trained inside the selection stage when no ``model_path`` is given."""
     proxy_hidden_size: int = param(64, ge=8)
     proxy_layers: int = param(2, ge=1)
     proxy_lr: float = param(2e-3, gt=0)
     proxy_batch_size: int = param(16, ge=1)
 
 
+@dataclass
+class _PoolProxy(_ProxyModel):
+    """Without ``model_path`` the scorer's reference model is the *pool proxy*: the byte-level Llama trained for
+    ``proxy_steps`` random batches of the candidates, cached under the selection cache (keyed by the candidates,
+    these parameters and the seed) and shared by every scorer that asks for the same one."""
+    proxy_steps: int = param(400, ge=1, help="training steps of the pool proxy (400 x 16 documents = one pass over "
+                                             "the demo pool)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scorers
 # ----------------------------------------------------------------------------------------------------------------
-# Class attributes (not dataclass fields): NEEDS_TARGET, CLUSTERS (emits cluster labels), NEEDS_MODEL.
+# Class attributes (not dataclass fields): NEEDS_TARGET, CLUSTERS (emits cluster labels), VERSION (bump when the
+# scorer's arithmetic changes: it is part of the manifest key).
 
 
 @register("scorer", "uniform", builder="effitrain.selection.scorers.simple:UniformScorer",
@@ -101,14 +116,19 @@ class UniformScorerParams:
           summary="DSIR log importance weight of hashed unigram+bigram features (target vs pool); 2 passes, CPU")
 @dataclass
 class DSIRScorerParams:
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
-    num_buckets: int = param(10000, ge=16, help="hash buckets of the n-gram features")
-    ngram: int = param(2, ge=1, le=3, help="1 = unigrams, 2 = unigrams+bigrams, 3 = +trigrams")
-    lowercase: bool = True
-    smoothing: float = param(0.01, gt=0, help="pseudo-count added to every bucket of both distributions (small: a tiny target must not be flattened to uniform)")
-    pool_mix: float = param(0.1, ge=0, lt=1, help="target distribution mixed with this share of the pool's: "
-                            "bounds the penalty of n-grams a small target never shows (0 = the paper's estimate)")
+    num_buckets: int = param(10000, ge=16, help="hash buckets of the n-gram features (paper: 10000)")
+    ngram: int = param(2, ge=1, le=3, help="1 = unigrams, 2 = unigrams+bigrams (paper), 3 = +trigrams")
+    lowercase: bool = param(True, help="lower-case before tokenizing (paper: yes)")
+    target_smoothing: float = param(0.0, ge=0, help="pseudo-count added to every bucket of the target counts "
+                                    "(paper's target_laplace_smoothing, default 0); the pool gets none")
+    pool_mix: float = param(0.0, ge=0, lt=1, help="our addition, not the paper's: mix this share of the pool "
+                            "distribution into the target's, bounding the penalty of n-grams a small target never "
+                            "shows (0 = exactly the paper's estimate)")
+    min_length: int = param(100, ge=0, help="drop documents with fewer word/punctuation tokens "
+                            "(paper's min_example_length: 100)")
     length_normalize: bool = param(False, help="divide the log weight by the feature count (off in the paper)")
 
 
@@ -116,68 +136,79 @@ class DSIRScorerParams:
           summary="ZIP-FIT: 1 - mean gzip normalized compression distance to target examples; N x T compressions")
 @dataclass
 class ZipFitScorerParams:
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
     max_target: int = param(32, ge=1, help="target examples compared against each candidate")
     max_chars: int = param(2000, ge=16, help="characters of each text compressed")
-    level: int = param(9, ge=1, le=9, help="deflate compression level")
+    level: int = param(9, ge=1, le=9, help="gzip compression level (gzip's default 9)")
 
 
 @register("scorer", "perplexity", builder="effitrain.selection.scorers.lm:PerplexityScorer",
           summary="Mean token loss under a reference model (score = loss); one forward pass per example")
 @dataclass
-class PerplexityScorerParams(_ReferenceModel):
+class PerplexityScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = False
-
-    def validate(self, path: str) -> None:
-        if not self.model_path:
-            raise ConfigError(f"{path}.model_path: the perplexity scorer needs a reference model "
-                              f"(a save_pretrained folder with its tokenizer)")
 
 
 @register("scorer", "embedding_kmeans", builder="effitrain.selection.scorers.lm:EmbeddingKMeansScorer",
           summary="k-means clusters of mean-pooled reference-model hidden states; one forward pass per example")
 @dataclass
-class EmbeddingKMeansScorerParams(_ReferenceModel):
+class EmbeddingKMeansScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = True
     num_clusters: int = param(8, ge=2)
     layer: int = param(-1, help="hidden-state layer (-1 = last)")
     normalize: bool = param(True, help="L2-normalize embeddings before k-means (spherical k-means)")
 
-    def validate(self, path: str) -> None:
-        if not self.model_path:
-            raise ConfigError(f"{path}.model_path: the embedding_kmeans scorer needs a reference model "
-                              f"(a save_pretrained folder with its tokenizer)")
-
 
 @register("scorer", "loss_trajectory", builder="effitrain.selection.scorers.s2l:LossTrajectoryScorer",
-          summary="S2L: per-example loss trajectories of a small proxy run, k-means clustered; "
-                  "proxy_steps train steps + (checkpoints x N) forward passes")
+          summary="S2L: per-example training-loss trajectories of a small proxy trained epochs over the pool, "
+                  "k-means per domain; epochs x N/batch train steps + (checkpoints x N) forward passes")
 @dataclass
 class LossTrajectoryScorerParams(_ReferenceModel, _ProxyModel):
+    VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = True
-    proxy_steps: int = param(120, ge=1, help="training steps of the proxy on the pool")
-    checkpoints: int = param(6, ge=2, help="points of each loss trajectory, evenly spaced over the proxy run")
-    num_clusters: int = param(8, ge=2)
+    proxy_batch_size: int = param(32, ge=1, help="examples per proxy update (paper: 4 x 8 accumulation = 32)")
+    proxy_epochs: int = param(3, ge=1, help="passes of the proxy over the whole pool (paper: 3)")
+    proxy_schedule: Literal["constant", "linear", "cosine"] = param("cosine", help="LR schedule (paper: cosine)")
+    proxy_warmup_ratio: float = param(0.03, ge=0, lt=1, help="share of the steps warming the LR up (paper: 0.03)")
+    checkpoints: int = param(6, ge=2, help="points of each training-loss trajectory, evenly spaced over the run")
+    num_clusters: int = param(10, ge=2, help="k-means clusters per domain (paper: 100 per source)")
+    per_domain: bool = param(True, help="cluster each domain (S2L's data source) separately")
 
 
 @register("scorer", "less", builder="effitrain.selection.scorers.less:LESSScorer",
-          summary="LESS: cosine of randomly projected LoRA gradients to the target's; one backward pass per example")
+          summary="LESS: Adam-preconditioned LoRA gradients of warm-up checkpoints, projected, cosine to the "
+                  "target's; checkpoints x (one backward pass per example)")
 @dataclass
-class LESSScorerParams(_ReferenceModel, _ProxyModel):
+class LESSScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 2
     NEEDS_TARGET = True
     CLUSTERS = False
-    warmup_steps: int = param(40, ge=0, help="LoRA warm-up steps on a random pool sample before taking gradients")
-    warmup_fraction: float = param(0.05, gt=0, le=1, help="share of the pool the warm-up trains on")
-    proxy_steps: int = param(100, ge=0, help="steps of the byte-level proxy pre-training (no model_path)")
+    warmup_fraction: float = param(0.05, gt=0, le=1, help="share of the pool the LoRA warm-up trains on (paper: 5%)")
+    warmup_epochs: int = param(4, ge=1, help="warm-up epochs; one checkpoint at the end of each (paper: 4)")
+    warmup_batch_size: int = param(32, ge=1, help="examples per warm-up update (paper: 1 x 32 accumulation)")
+    warmup_lr: float = param(2e-3, gt=0, help="peak LR of the warm-up (paper: 2e-5 on Llama-2-7B)")
+    warmup_schedule: Literal["constant", "linear", "cosine"] = param("linear", help="paper: linear")
+    warmup_ratio: float = param(0.03, ge=0, lt=1, help="share of warm-up steps ramping the LR up (paper: 0.03)")
     lora_r: int = param(8, ge=1)
-    lora_alpha: int = param(16, ge=1)
-    lora_targets: list[str] = param(default_factory=lambda: ["q_proj", "v_proj"], help="module names given LoRA")
-    proj_dim: int = param(256, ge=8, help="random projection size of the gradient features")
-    max_target: int = param(32, ge=1, help="target examples whose gradients are averaged")
+    lora_alpha: int = param(32, ge=1)
+    lora_dropout: float = param(0.1, ge=0, lt=1, help="during the warm-up (paper: 0.1)")
+    lora_targets: list[str] = param(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    help="module names given LoRA (paper: q, k, v, o)")
+    proj_dim: int = param(1024, ge=8, help="random projection size of the gradient features (paper: 8192)")
+    max_target: int = param(32, ge=1, help="target examples whose gradients are compared")
+    adam_betas: list[float] = param(default_factory=lambda: [0.9, 0.999], help="of the warm-up AdamW (torch default)")
+    adam_eps: float = param(1e-8, gt=0, help="added under the square root of the preconditioner (as LESS's code)")
+
+    def validate(self, path: str) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"{path}.adam_betas: two numbers in [0, 1), got {self.adam_betas}")
 
 
 @register("scorer", "minhash_dedup", builder="effitrain.selection.scorers.dedup:DedupScorer",
@@ -247,12 +278,24 @@ class BandSelectorParams:
             raise ConfigError(f"{path}.low: {self.low} must be below {path}.high={self.high}")
 
 
+@register("selector", "window", builder="effitrain.selection.selectors:WindowSelector",
+          summary="One contiguous window of the sorted scores holding the budget (low / medium / high)")
+@dataclass
+class WindowSelectorParams:
+    NEEDS_CLUSTERS = False
+    position: Literal["low", "medium", "high"] = param("medium", help="where the window sits among the sorted "
+                                                                      "scores (perplexity: bottom / middle / top)")
+
+
 @register("selector", "cluster_balanced", builder="effitrain.selection.selectors:ClusterBalancedSelector",
           summary="Equal share of the budget per cluster, smallest clusters first, leftovers passed on")
 @dataclass
 class ClusterBalancedSelectorParams:
     NEEDS_CLUSTERS = True
     within: Literal["random", "score"] = param("random", help="order inside a cluster")
+    per_source: bool = param(False, help="first share the budget equally over the scorer's groups (S2L: sources)")
+    min_cluster_size: int = param(1, ge=1, help="clusters with fewer examples only fill what the others cannot "
+                                                "(S2L: 3, i.e. size > 2)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,7 +367,8 @@ _preset("random", "uniform", "random", "Uniformly random examples up to the budg
 _preset("dsir", "dsir", "gumbel_topk",
         "DSIR (2302.03169): hashed-n-gram importance weights vs the target, resampled without replacement")
 _preset("zip_fit", "zip_fit", "topk", "ZIP-FIT (2410.18194): gzip compression alignment with the target, top-k")
-_preset("perplexity", "perplexity", "band", "Perplexity filtering: reference-model loss, keep a quantile band")
+_preset("perplexity", "perplexity", "window",
+        "Perplexity filtering (2405.20541): reference-model loss, one contiguous window of the sorted losses")
 _preset("diversity_kmeans", "embedding_kmeans", "cluster_balanced",
         "Diversify and Conquer: k-means on reference-model embeddings, cluster-balanced sampling")
 _preset("s2l", "loss_trajectory", "cluster_balanced",

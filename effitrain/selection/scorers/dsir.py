@@ -1,46 +1,80 @@
 """DSIR scorer (Xie et al. 2023, arXiv 2302.03169): importance weights in a hashed n-gram feature space.
 
-Each text becomes a bag of hashed unigrams and bigrams (``num_buckets`` buckets, crc32 of the lower-cased words).
-Two bag-of-buckets distributions are fitted with add-alpha smoothing: one on the target examples, one on the whole
-candidate pool.  With a small target (tens of documents) most n-grams of any pool document were never seen in the
-target, and an add-alpha estimate then punishes long documents for their length alone; ``pool_mix`` (default 0.1)
-mixes that share of the pool distribution into the target's, which bounds each unseen n-gram's penalty to
-``log(pool_mix)`` (``pool_mix: 0`` is the paper's estimate, fine for targets of thousands of documents).  The score of an example is its log importance weight
-``sum_j log p_target(b_j) - log p_pool(b_j)`` over its features; the ``gumbel_topk`` selector then resamples without
-replacement proportional to ``exp(score)``.
+Features, as in the authors' ``data_selection/hashed_ngram_dsir.py``: the text is lower-cased and split by NLTK's
+``WordPunctTokenizer`` rule (runs of word characters, or runs of other non-space characters); every unigram and
+bigram (``ngram: 2``) is hashed with sha256 into ``num_buckets`` buckets.  Estimator: the pool ("raw") distribution
+is the bucket counts of the candidates divided by their sum, **no pseudo-count**; the target distribution likewise,
+with ``target_smoothing`` pseudo-counts (0 by default, as theirs); the log importance weight of a bucket is
+``log(p_target + 1e-8) - log(p_raw + 1e-8)`` (their epsilon), and a document's score is the dot product of that
+vector with its bucket counts.  Documents with fewer than ``min_length`` word/punctuation tokens are filtered out
+before resampling (their ``min_example_length: 100``); the ``gumbel_topk`` selector then resamples without
+replacement proportional to ``exp(score)`` (their ``resample``: log weight + Gumbel noise, top-k).
 
-Needs: a target set.  Cost: two passes over the pool, O(tokens); features are stored as a list column of bucket ids
-(about 8 bytes per word in the Arrow cache), memory O(num_buckets).  CPU only, parallel with ``num_proc``.
+Our addition, not in the paper: ``pool_mix`` mixes that share of the raw distribution into the target's before the
+log (``p_target' = (1 - pool_mix) p_target + pool_mix p_raw``).  With a target of tens of documents most buckets of
+any pool document were never seen in the target; the paper's estimate then gives each of them ``log(1e-8)`` and ranks
+documents by how many unseen n-grams they hold.  ``pool_mix`` bounds that penalty to about ``log(pool_mix)``.
+``pool_mix: 0`` (the schema default) is exactly the paper's estimate.
+
+Needs: a target set.  Cost: one featurizing pass over pool and target (sha256 per n-gram), then one dot product per
+document; features are stored as a list column of bucket ids (about 8 bytes per n-gram in the Arrow cache), memory
+O(num_buckets).  CPU only, parallel with ``num_proc``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-import zlib
 
 import numpy as np
 
 from effitrain.selection.base import Scores
 from effitrain.selection.scorers._util import batched_map
 
-_WORD = re.compile(r"\w+")
+# NLTK's WordPunctTokenizer: r"\w+|[^\w\s]+"
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+EPS = 1e-8  # added inside both logs, as in the authors' estimator
 
 
-def hashed_ngrams(text: str, num_buckets: int, ngram: int, lowercase: bool) -> list[int]:
-    words = _WORD.findall(text.lower() if lowercase else text)
+def wordpunct(text: str) -> list[str]:
+    return _WORDPUNCT.findall(text)
+
+
+def bucket(gram: str, num_buckets: int) -> int:
+    return int(hashlib.sha256(gram.encode("utf-8")).hexdigest(), 16) % num_buckets
+
+
+def hashed_ngrams(text: str, num_buckets: int, ngram: int, lowercase: bool = True) -> list[int]:
+    """Bucket ids of every 1..ngram-gram of the lower-cased word/punctuation tokens (one id per occurrence)."""
+    words = wordpunct(text.lower() if lowercase else text)
     grams = list(words)
     for n in range(2, ngram + 1):
         grams += [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return [zlib.crc32(g.encode("utf-8")) % num_buckets for g in grams]
+    return [bucket(g, num_buckets) for g in grams]
 
 
 def _featurize(batch, num_buckets, ngram, lowercase):
-    return {"dsir_buckets": [hashed_ngrams(t, num_buckets, ngram, lowercase) for t in batch["text"]]}
+    feats, lengths = [], []
+    for t in batch["text"]:
+        feats.append(hashed_ngrams(t, num_buckets, ngram, lowercase))
+        lengths.append(len(wordpunct(t.lower() if lowercase else t)))
+    return {"dsir_buckets": feats, "dsir_length": lengths}
+
+
+def log_importance(pool_counts: np.ndarray, target_counts: np.ndarray, target_smoothing: float = 0.0,
+                   pool_mix: float = 0.0) -> np.ndarray:
+    """Per-bucket ``log p_target - log p_raw`` (the authors' estimator; ``pool_mix`` is our addition)."""
+    p_raw = pool_counts / pool_counts.sum()
+    tgt = target_counts + target_smoothing
+    p_tgt = tgt / tgt.sum()
+    if pool_mix > 0:
+        p_tgt = (1.0 - pool_mix) * p_tgt + pool_mix * p_raw
+    return np.log(p_tgt + EPS) - np.log(p_raw + EPS)
 
 
 def _iter_lists(ds, column):
     """(flat values, offsets) of a list column, batch by batch."""
-    for batch in ds.with_format("arrow").iter(batch_size=65536):
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=65536):
         col = batch.column(column).combine_chunks() if hasattr(batch.column(column), "combine_chunks") \
             else batch.column(column)
         values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -56,7 +90,7 @@ class DSIRScorer:
     def _features(self, ds, ctx, tag):
         p = self.params
         kw = {"num_buckets": p.num_buckets, "ngram": p.ngram, "lowercase": p.lowercase}
-        return batched_map(ds.select_columns(["text"]), _featurize, tag=f"dsir-{tag}", payload=kw, ctx=ctx,
+        return batched_map(ds.select_columns(["text"]), _featurize, tag=f"dsir2-{tag}", payload=kw, ctx=ctx,
                            fn_kwargs=kw)
 
     def _counts(self, feats) -> np.ndarray:
@@ -69,17 +103,22 @@ class DSIRScorer:
         p = self.params
         pool_feats = self._features(candidates, ctx, "pool")
         target_feats = self._features(ctx.target, ctx, "target")
-        raw = self._counts(pool_feats) + p.smoothing
-        tgt = self._counts(target_feats) + p.smoothing
-        p_raw = raw / raw.sum()
-        p_tgt = (1.0 - p.pool_mix) * (tgt / tgt.sum()) + p.pool_mix * p_raw
-        log_ratio = np.log(p_tgt) - np.log(p_raw)
+        target_counts = self._counts(target_feats)
+        log_w = log_importance(self._counts(pool_feats), target_counts, p.target_smoothing, p.pool_mix)
         out = []
         for values, offsets in _iter_lists(pool_feats, "dsir_buckets"):
-            cs = np.concatenate([[0.0], np.cumsum(log_ratio[values])])
+            cs = np.concatenate([[0.0], np.cumsum(log_w[values])])
             sums = cs[offsets[1:]] - cs[offsets[:-1]]
             if p.length_normalize:
                 sums = sums / np.maximum(1, offsets[1:] - offsets[:-1])
             out.append(sums)
         scores = np.concatenate(out) if out else np.zeros(0)
-        return Scores(scores=scores, info={"target_features": int(tgt.sum() - p.smoothing * p.num_buckets)})
+        lengths = np.asarray(pool_feats["dsir_length"], dtype=np.int64)
+        keep = lengths >= p.min_length
+        if len(keep) and not keep.any():
+            from effitrain.registry import ConfigError
+            raise ConfigError(f"selection.scorer.min_length: every candidate has fewer than {p.min_length} "
+                              f"word/punctuation tokens (longest: {int(lengths.max())}); lower it")
+        return Scores(scores=scores, keep=keep,
+                      info={"target_features": int(target_counts.sum()),
+                            "below_min_length": int((~keep).sum())})

@@ -1,14 +1,15 @@
 """Reference-model scorers.
 
-``perplexity``: the mean next-token loss of each example under a reference model (score = loss, so the ``band``
-selector keeps a quantile band of losses, dropping both the gibberish tail and the boiler-plate head, as in
-perplexity filtering for CCNet / "Perplexed by Perplexity").
-Needs: ``model_path``.  Cost: one forward pass per example (``batch_size`` per pass, ``max_length`` tokens).
+``perplexity``: the mean next-token loss of each example under a reference model (score = loss; the ``window``
+selector keeps one contiguous window of the sorted losses holding the budget -- bottom, middle or top -- as
+"Perplexed by Perplexity" (Ankner et al., arXiv 2405.20541) selects).
+Needs: nothing (``model_path``, or the pool proxy, see :func:`effitrain.selection.refmodel.pool_proxy`).  Cost: one
+forward pass per example (``batch_size`` per pass, ``max_length`` tokens), plus training the proxy once per pool.
 
 ``embedding_kmeans`` (Diversify and Conquer, arXiv 2409.11378): mean-pooled hidden states
 of a reference model, optionally L2-normalized, clustered with scikit-learn k-means; the ``cluster_balanced``
 selector then takes an equal share from every cluster.  Score = minus the distance to the cluster centre (used when
-``within: score``).  Needs: ``model_path``.  Cost: one forward pass per example plus k-means on an N x hidden matrix
+``within: score``).  Needs: nothing (``model_path``, or the pool proxy).  Cost: one forward pass per example plus k-means on an N x hidden matrix
 held in memory (N x hidden x 4 bytes).
 """
 
@@ -20,7 +21,7 @@ import os
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
-from effitrain.selection.refmodel import ModelScorer, device_of, example_losses, load_reference
+from effitrain.selection.refmodel import ModelScorer, device_of, example_losses, reference_or_proxy
 
 
 def _model_tag(path: str) -> str:
@@ -42,15 +43,15 @@ def _map_main(ds, fn, tag, payload, batch_size):
 class PerplexityScorer(ModelScorer):
     def _score(self, candidates, ctx) -> Scores:
         p = self.params
-        model, encode = load_reference(p)
+        model, encode, info, tag = reference_or_proxy(p, candidates, ctx, "perplexity")
         dev = device_of(p)
 
         def fn(batch):
             return {"loss": example_losses(model, encode, batch["text"], dev)}
 
         out = _map_main(candidates.select_columns(["text"]), fn, "perplexity",
-                        {"model": _model_tag(p.model_path), "max_length": p.max_length}, p.batch_size)
-        return Scores(scores=column_numpy(out, "loss", np.float64))
+                        {"model": tag, "max_length": p.max_length}, p.batch_size)
+        return Scores(scores=column_numpy(out, "loss", np.float64), info=info)
 
 
 def embed(model, encode, texts, device, layer: int):
@@ -78,19 +79,19 @@ def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class EmbeddingKMeansScorer(ModelScorer):
     def _score(self, candidates, ctx) -> Scores:
         p = self.params
-        model, encode = load_reference(p)
+        model, encode, info, tag = reference_or_proxy(p, candidates, ctx, "diversity_kmeans")
         dev = device_of(p)
 
         def fn(batch):
             return {"emb": embed(model, encode, batch["text"], dev, p.layer).astype(np.float32).tolist()}
 
         out = _map_main(candidates.select_columns(["text"]), fn, "embedding",
-                        {"model": _model_tag(p.model_path), "max_length": p.max_length, "layer": p.layer},
+                        {"model": tag, "max_length": p.max_length, "layer": p.layer},
                         p.batch_size)
         x = column_numpy(out, "emb", np.float32)
         if p.normalize:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
         labels, dist = kmeans(x, p.num_clusters, ctx.seed)
         return Scores(scores=-dist, clusters=labels,
-                      info={"clusters": int(labels.max() + 1) if len(labels) else 0,
+                      info={**info, "clusters": int(labels.max() + 1) if len(labels) else 0,
                             "embedding_dim": int(x.shape[1]) if x.ndim == 2 else 0})
