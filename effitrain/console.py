@@ -12,6 +12,7 @@ moves into the run directory (``third_party.log``) once that exists.  ``effitrai
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -62,6 +63,14 @@ def quiet() -> Iterator[None]:
     os.dup2(handle, 1)
     os.dup2(handle, 2)
     os.close(handle)
+    # effitrain's own log records (e.g. "training a proxy model ...") are its lines too: to the terminal.
+    own = logging.getLogger("effitrain")
+    handler = logging.StreamHandler(_terminal_out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved_logging = own.level, own.propagate
+    own.addHandler(handler)
+    own.setLevel(logging.INFO)
+    own.propagate = False
     failed = False
     try:
         yield
@@ -72,6 +81,9 @@ def quiet() -> Iterator[None]:
         failed = not isinstance(exc, (ConfigError, RunFailed))  # a refusal or a full disk says all in one line
         raise
     finally:
+        own.removeHandler(handler)
+        own.setLevel(saved_logging[0])
+        own.propagate = saved_logging[1]
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
