@@ -11,6 +11,7 @@
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
                                           a Hugging Face folder from any checkpoint (ZeRO-3 gathered)
+    effitrain evaluate PATH [eval.KEY=V]  lm-evaluation-harness tasks on a model folder, checkpoint or run dir
     effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
                                           eval/save/log cadence and logger.* may change)
 
@@ -134,6 +135,12 @@ def _verb_select(args: list[str]) -> int:
     return select_main(args)
 
 
+def _verb_evaluate(args: list[str]) -> int:
+    from effitrain.evaluation import evaluate_main
+
+    return evaluate_main(args)
+
+
 def _verb_export(args: list[str]) -> int:
     from effitrain.export import export_main
 
@@ -179,6 +186,7 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
     "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
+    "evaluate": _verb_evaluate,
 }
 
 

@@ -325,6 +325,13 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "selection_manifest": str(data.selection.manifest_path) if data.selection.manifest_path else None,
         "final_model": str(final_dir) if outcome["finished"] and spec.train.save_final_model else None,
     }
+    evaluate = spec.block("eval").build()
+    if evaluate is not None and outcome["finished"] and launch.is_main:
+        from effitrain.evaluation import format_results
+
+        say(f"evaluating {final_dir} with lm-evaluation-harness ...")
+        summary["tasks"] = evaluate(final_dir, device=launch.device_type)
+        say(f"tasks: {format_results(summary['tasks'])}")
     if launch.is_main:
         _write_summary(run_dir, summary)
         if outcome.get("signal"):

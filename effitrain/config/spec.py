@@ -14,7 +14,9 @@ from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_
                                 load_plugins, param, parse_params)
 
 BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
-                "parallelism", "logger")
+                "parallelism", "logger", "eval")
+# Groups added after runs already existed: a stored config without them gets this option (resume, export).
+OPTIONAL_GROUPS = {"eval": {"name": "none"}}
 
 
 @dataclass
@@ -81,6 +83,9 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
             raise ConfigError(f"{key}: unknown key{did_you_mean(key, shown)}; valid: {choices_text(shown)}")
     blocks = {}
     for group in BLOCK_GROUPS:
+        if group not in cfg and group in OPTIONAL_GROUPS:
+            blocks[group] = REGISTRY.parse(group, dict(OPTIONAL_GROUPS[group]), group)
+            continue
         if group not in cfg:
             raise ConfigError(f"{group}: required block is missing; valid: {choices_text(REGISTRY.names(group))}")
         blocks[group] = REGISTRY.parse(group, cfg[group], group)

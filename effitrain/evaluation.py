@@ -1,0 +1,157 @@
+"""Task evaluation with EleutherAI's lm-evaluation-harness (``eval=lm_eval``, ``effitrain evaluate``).
+
+The harness evaluates a Hugging Face model folder: the run's ``final_model/`` when training finishes, or what
+``effitrain export`` makes of a checkpoint.  Its own tasks load their datasets from the hub (network or a warm
+cache); the local tasks below ship with effitrain and run offline.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from effitrain.registry import ConfigError
+
+TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
+
+
+def make_demo_arithmetic(n: int = 200) -> list[dict[str, Any]]:
+    """The ``demo_arithmetic`` items: one-digit sums and differences in the demo corpus's worksheet format, the
+    right answer among three near misses (``eval_tasks/demo_arithmetic.jsonl`` is this, written once)."""
+    rng = random.Random("effitrain-demo-arithmetic-task")
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        op = rng.choice("+-")
+        value = a + b if op == "+" else a - b
+        wrong: set[int] = set()
+        while len(wrong) < 3:
+            w = value + rng.choice([-3, -2, -1, 1, 2, 3, 10, -10])
+            if w != value:
+                wrong.add(w)
+        choices = [value, *sorted(wrong)]
+        rng.shuffle(choices)
+        rows.append({"context": f"Worksheet: 1-digit arithmetic\n{a} {op} {b} =",
+                     "choices": [f" {c}" for c in choices], "label": choices.index(value)})
+    return rows
+
+
+def local_tasks() -> dict[str, dict[str, Any]]:
+    """Task configs (the harness's YAML schema, as dicts) of the tasks that ship with effitrain."""
+    return {
+        "demo_arithmetic": {
+            "task": "demo_arithmetic",
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(TASKS_DIR / "demo_arithmetic.jsonl")}},
+            "test_split": "test",
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0},
+        },
+    }
+
+
+def check_tasks(params: Any) -> Any:
+    """Refuse unknown task names (with the local ones and a did-you-mean); returns the harness's task manager."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("eval=lm_eval needs EleutherAI's harness: pip install 'lm-eval[hf]' "
+                          "(it is in effitrain's [eval] extra)") from None
+    if params.include_path and not Path(params.include_path).is_dir():
+        raise ConfigError(f"eval.include_path: '{params.include_path}' is not a folder of task YAMLs")
+    local = local_tasks()
+    # Indexing the harness's own few thousand task files takes ~15 s on two cores: only when a task needs them.
+    defaults = any(name not in local for name in params.tasks)
+    manager = TaskManager(include_path=params.include_path, include_defaults=defaults)
+    for name in params.tasks:
+        if name not in local and name not in manager.all_tasks:
+            from effitrain.registry import did_you_mean
+            raise ConfigError(f"eval.tasks: unknown task '{name}'{did_you_mean(name, [*local, *manager.all_tasks])}; "
+                              f"effitrain's offline tasks: {', '.join(local)}; the harness lists its own with "
+                              f"'lm-eval ls tasks'")
+    return manager
+
+
+def run_lm_eval(model_dir: Path, params: Any, *, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of ``params.tasks`` on the model saved in ``model_dir``."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("eval=lm_eval needs EleutherAI's harness: pip install 'lm-eval[hf]' "
+                          "(it is in effitrain's [eval] extra)") from None
+    manager = check_tasks(params)
+    local = local_tasks()
+    tasks: list[Any] = [local.get(name, name) for name in params.tasks]
+    # Loaded here and handed over as objects: given a path, the harness starts Accelerate, which would try to join
+    # a process group from the environment a training run leaves behind.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=params.batch_size)
+    out = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=params.num_fewshot, limit=params.limit,
+                                  task_manager=manager, log_samples=False)
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return results
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    parts = []
+    for task, metrics in results.items():
+        shown = [f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_stderr")]
+        err = [f"±{v:.2g}" for k, v in metrics.items() if k.endswith("_stderr")]
+        parts.append(f"{task}: {' '.join(shown)}{' (' + err[0] + ')' if err else ''}")
+    return "; ".join(parts)
+
+
+def build_none(params: Any) -> Optional[Callable[[Path], dict]]:
+    return None
+
+
+def build_lm_eval(params: Any) -> Callable[..., dict]:
+    def evaluate(model_dir: Path, device: str = "cpu") -> dict:
+        return run_lm_eval(model_dir, params, device=device)
+
+    return evaluate
+
+
+def evaluate_main(args: list[str]) -> int:
+    """``effitrain evaluate PATH [eval.tasks=[a,b]] [eval.limit=N]``: PATH is a model folder, a checkpoint or a run
+    directory (its newest intact checkpoint, exported first)."""
+    import tempfile
+
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+    from effitrain.console import quiet, say
+
+    if not args or "=" in args[0]:
+        raise ConfigError("evaluate: name a model folder, checkpoint or run directory, e.g. "
+                          "'effitrain evaluate outputs/run/final_model eval.tasks=[demo_arithmetic]'")
+    path, overrides = Path(args[0]), args[1:]
+    if not path.exists():
+        raise ConfigError(f"evaluate: '{path}' does not exist")
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"evaluate: only eval.* keys may be given, not '{bad[0]}'")
+    params = validate(compose_config(["eval=lm_eval", *overrides]).cfg).block("eval").params
+    check_tasks(params)
+    with quiet(), tempfile.TemporaryDirectory() as tmp:
+        model_dir = path
+        if not (path / "config.json").is_file():
+            from effitrain.export import export_checkpoint
+            model_dir = export_checkpoint(path, Path(tmp) / "model", merge_adapters=True)
+        results = run_lm_eval(model_dir, params)
+        say(format_results(results))
+        say(json.dumps(results, sort_keys=True))
+    return 0
