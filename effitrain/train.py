@@ -112,6 +112,15 @@ def _launch(spec: RunSpec) -> Launch:
 
 
 @dataclass
+class RunContext:
+    """What a model builder may need beyond its own parameters: the whole run (``model=demo_base`` pre-trains on
+    the run's data)."""
+    cfg: dict[str, Any]
+    spec: RunSpec
+    tokenizer: Any
+
+
+@dataclass
 class Data:
     tokenizer: Any
     packed_train: Any          # datasets.Dataset of packed rows (what the curriculum orders)
@@ -167,6 +176,9 @@ def _final_model_writer(spec: RunSpec, launch: Launch, engine: Any, tokenizer: A
     return save_final_model
 
 
+_NESTED: list[Path] = []  # the run directories of the runs in progress in this process, outermost first
+
+
 def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional[list[str]] = None,
           recipes: Optional[list[dict]] = None) -> dict[str, Any]:
     """Train from a resolved config mapping; returns the summary (also written to ``summary.json``).
@@ -177,7 +189,14 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     """
     spec = validate(cfg, recipes)
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
+    _NESTED.append(run_dir)
+    try:
+        return _train(cfg, spec, run_dir, argv)
+    finally:
+        _NESTED.pop()
 
+
+def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[list[str]]) -> dict[str, Any]:
     from effitrain.console import attach_log, say
     from effitrain.config.resume import check_resume_config
     from effitrain.engine.rundir import RunDirLock, check_run_dir
@@ -193,7 +212,7 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
 
     say("building model and optimizer ...")
     _seed_everything(spec.train.seed)
-    model = spec.block("model").build(tokenizer=data.tokenizer)
+    model = spec.block("model").build(tokenizer=data.tokenizer, run=RunContext(cfg, spec, data.tokenizer))
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
@@ -209,7 +228,8 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     if launch.is_main:
         lock.acquire(resume=spec.resume, overwrite=spec.overwrite)
     launch.barrier()
-    attach_log(run_dir, launch.rank)
+    if len(_NESTED) == 1:  # a run inside another (model=demo_base's pre-training) leaves the log to the outer one
+        attach_log(run_dir, launch.rank)
     summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before training started"}
     try:
         summary = _run(spec, cfg, argv, run_dir, launch, lock, data, precision, ds_config,

@@ -8,7 +8,7 @@ from pathlib import Path
 from effitrain.registry import ConfigError
 
 
-def build_llama(params, *, tokenizer):
+def build_llama(params, *, tokenizer, run=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -32,7 +32,7 @@ def build_llama(params, *, tokenizer):
     return model
 
 
-def build_pretrained(params, *, tokenizer):
+def build_pretrained(params, *, tokenizer, run=None):
     from transformers import AutoModelForCausalLM
 
     local = Path(params.path).expanduser()

@@ -31,7 +31,7 @@ def family_config(params: Any, vocab_size: int, *, bos: Any = None, eos: Any = N
     return config
 
 
-def build_family(params: Any, *, tokenizer: Any):
+def build_family(params: Any, *, tokenizer: Any, run: Any = None):
     from transformers import AutoModelForCausalLM
 
     config = family_config(params, len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,

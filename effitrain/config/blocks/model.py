@@ -50,6 +50,17 @@ class FamilyParams(LlamaParams):
     sliding_window: Optional[int] = param(None, ge=1, help="mistral/qwen2: local attention window (null: none)")
 
 
+@register("model", "demo_base", builder="effitrain.models.base:build_demo_base",
+          summary="A Llama pre-trained on the run's own data first (cached), for fine-tuning recipes on the demo")
+@dataclass
+class DemoBaseParams(LlamaParams):
+    """A fine-tuning method needs a model that has learned something.  With no ``model.path`` to fine-tune, this
+    block pre-trains a small base model on the run's data (plain AdamW, cosine), caches it under
+    ``$EFFITRAIN_CACHE/base_models``, and hands it to the run; the next run with the same inputs reuses it."""
+    base_steps: int = param(300, ge=1, help="optimizer steps of the base model's pre-training")
+    base_lr: float = param(3e-3, gt=0, help="peak learning rate of the base model's pre-training")
+
+
 @register("model", "pretrained", builder="effitrain.models.build:build_pretrained",
           summary="Any AutoModelForCausalLM from a hub name or a local save_pretrained folder")
 @dataclass
