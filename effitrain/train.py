@@ -194,7 +194,7 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     _seed_everything(spec.train.seed)
     model = spec.block("model").build(tokenizer=data.tokenizer)
     model = spec.block("peft").build(model)
-    optimizer = spec.block("optimizer").build(model)
+    optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
     guard = NonFiniteGuard(spec.train.max_bad_steps)
     guard.install(optimizer)
@@ -214,6 +214,8 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if hasattr(optimizer, "attach_engine"):  # an optimizer that adapts the engine (per-layer updates)
+        optimizer.attach_engine(engine)
     state = State(spec=spec, run_dir=run_dir, rank=launch.rank, world_size=launch.world_size, model=engine.module,
                   engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
     final_dir = run_dir / "final_model"

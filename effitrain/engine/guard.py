@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from effitrain.optim.per_layer import per_layer_grad_norm
+
 
 class NonFiniteGuard:
     def __init__(self, max_bad_steps: int) -> None:
@@ -47,7 +49,9 @@ class NonFiniteGuard:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads \
-            else torch.zeros((), device=device)
+            else per_layer_grad_norm(optimizer)  # per-layer updates freed the gradients during backward
+        if norm is None:
+            norm = torch.zeros((), device=device)
         self.last_grad_norm = norm.detach()
         bad = (~torch.isfinite(norm)).float()
         if self._window_loss is not None:
