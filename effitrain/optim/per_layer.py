@@ -1,4 +1,4 @@
-"""Per-layer weight updates (GaLore, 2403.03507, Sec. 4.3): step each parameter inside the backward pass.
+"""Per-layer weight updates (GaLore, 2403.03507): step each parameter inside the backward pass.
 
 ``enable_per_layer_updates(optimizer)`` registers a ``register_post_accumulate_grad_hook`` on every parameter the
 optimizer owns.  When autograd has finished a parameter's gradient, the hook runs the optimizer's own update for
