@@ -168,7 +168,7 @@ def main() -> None:
                  f"parameter: what the ordinary step holds at once after backward, and what per-layer updates never "
                  f"hold); the peak is the whole process's RSS high-water mark as the OS reports it (ru_maxrss).\n\n"
                  f"{per_layer_table(a.out, a.per_layer_steps, a.per_layer_recipes)}\n")
-    write_section(a.doc, body)
+    write_section(a.doc, body.rstrip("\n") + "\n\n")
     print(body)
 
 
