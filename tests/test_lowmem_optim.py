@@ -218,3 +218,30 @@ def test_adam_mini_needs_head_counts():
     from effitrain.registry import ConfigError
     with pytest.raises(ConfigError, match="num_attention_heads"):
         build_adam_mini(NS(**ADAM, partition="v1.1", per_layer_updates=False), torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("which", ["apollo", "adam_mini"])
+def test_a_resumed_optimizer_continues_exactly(tmp_path, which):
+    # the state holds only tensors (APOLLO's projection and its draw count included), so it loads with
+    # weights_only=True, and the next step after loading equals the next step of the uninterrupted optimizer
+    from effitrain.optim.adam_mini import build_adam_mini
+    from effitrain.optim.apollo import build_apollo
+
+    def make(model):
+        if which == "apollo":
+            return build_apollo(apollo_params(update_proj_gap=2, target_modules=["self_attn", "mlp"]), model)
+        return build_adam_mini(NS(**ADAM, partition="v1.1", per_layer_updates=False), model)
+
+    a = tiny_llama()
+    opt_a = make(a)
+    fit(a, opt_a, steps=3)
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")
+    fit(a, opt_a, steps=2)
+    b = tiny_llama()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    b.load_state_dict(ckpt["model"])
+    opt_b = make(b)
+    opt_b.load_state_dict(ckpt["opt"])
+    fit(b, opt_b, steps=2)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
