@@ -214,7 +214,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     _seed_everything(spec.train.seed)
     model = spec.block("model").build(tokenizer=data.tokenizer, run=RunContext(cfg, spec, data.tokenizer))
     model = spec.block("peft").build(model)
-    optimizer = spec.block("optimizer").build(model)
+    optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
     sampler = spec.block("curriculum").build(data.packed_train, seed=spec.train.seed,
                                              micro_batch_size=spec.train.micro_batch_size,
@@ -284,6 +284,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     say("starting the DeepSpeed engine ...")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if hasattr(optimizer, "attach_engine"):  # an optimizer that adapts the engine (per-layer updates)
+        optimizer.attach_engine(engine)
     state = State(spec=spec, run_dir=run_dir, rank=launch.rank, world_size=launch.world_size, model=engine.module,
                   engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
     final_dir = run_dir / "final_model"

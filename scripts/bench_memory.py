@@ -6,6 +6,10 @@ Runs every configuration through the real entry point (``python -m effitrain.cli
 
     python scripts/bench_memory.py                        # CPU: the tiny default model
     python scripts/bench_memory.py --steps 200 --gpu      # GPU: llama_125m (>= 100M parameters), bf16
+
+A second table compares per-layer weight updates (``optimizer.per_layer_updates=true``) with the ordinary step on a
+wider model, where the full set of gradients is large enough to show in the process peak (both sides run with
+``train.clip_grad_norm=0``, which per-layer updates require, and fp32).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["baseline", "galore", "galore_8bit", "natural_galore", "dct_lowrank", "adamw_8bit", "apollo", "adam_mini",
-           "lisa", "sltrain", "lora", "dora", "pissa", "ia3", "prefix_tuning", "mam_adapter"]
+RECIPES = ["baseline", "galore", "galore_8bit", "natural_galore", "dct_lowrank", "adamw_8bit", "apollo", "apollo_mini",
+           "adam_mini", "lisa", "sltrain", "lora", "dora", "pissa", "ia3", "prefix_tuning", "mam_adapter"]
 HEADING = "## Memory-efficient training"
 
 
-def run(recipe: str, common: list[str], out: Path) -> dict:
-    run_dir = out / recipe
+#: the wider model of the per-layer table: ~27M parameters, so all gradients together are ~100 MiB in fp32
+PER_LAYER_MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=4",
+                   "model.intermediate_size=1376"]
+
+
+def run(recipe: str, common: list[str], out: Path, label: str = "") -> dict:
+    run_dir = out / (label or recipe)
     args = [sys.executable, "-m", "effitrain.cli", f"+recipe={recipe}", *common, f"run_dir={run_dir}", "overwrite=true"]
     t = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
@@ -76,6 +85,34 @@ def galore_expected_ratio(run_dir: Path) -> str:
             f"norms (full AdamW) are counted")
 
 
+def per_layer_table(out: Path, steps: int, recipes: list[str]) -> str:
+    common = [f"train.max_steps={steps}", f"train.eval_every={steps}", "train.log_every=5", "logger.progress_bar=false",
+              "scheduler.warmup_steps=2", "precision=fp32", "train.clip_grad_norm=0", *PER_LAYER_MODEL]
+    rows = ["| recipe | per-layer updates | trainable params | fp32 gradients of all params (MiB) "
+            "| peak RSS (MiB) | Δ peak vs ordinary step | step time vs ordinary | final eval loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for recipe in recipes:
+        pair = {}
+        for per_layer in (False, True):
+            label = f"per_layer-{recipe}-{'on' if per_layer else 'off'}"
+            r = run(recipe, [*common, f"optimizer.per_layer_updates={str(per_layer).lower()}"], out, label)
+            pair[per_layer] = r
+            print(label, r.get("error") or f"peak={r['peak_memory_bytes']} loss={r['final_eval_loss']:.3f}",
+                  flush=True)
+        off = pair[False]
+        for per_layer, r in pair.items():
+            if "error" in r:
+                rows.append(f"| {recipe} | {'yes' if per_layer else 'no'} | failed: {r['error']} |  |  |  |  |  |")
+                continue
+            grads = 4 * r["trainable_params"]   # what the ordinary step holds at once at the end of backward
+            delta = (r["peak_memory_bytes"] - off["peak_memory_bytes"]) if "error" not in off else float("nan")
+            step = (r["train_seconds"] / r["steps"]) / (off["train_seconds"] / off["steps"]) if "error" not in off \
+                else float("nan")
+            rows.append(f"| {recipe} | {'yes' if per_layer else 'no'} | {r['trainable_params']:,} | {mib(grads)} | "
+                        f"{mib(r['peak_memory_bytes'])} | {mib(delta)} | {step:.2f} | {r['final_eval_loss']:.3f} |")
+    return "\n".join(rows)
+
+
 def write_section(doc: Path, body: str) -> None:
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     start = text.find(HEADING)
@@ -94,6 +131,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_memory")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ap.add_argument("--per-layer-steps", type=int, default=20, help="steps of each per-layer comparison run (0: skip)")
+    ap.add_argument("--per-layer-recipes", nargs="*", default=["baseline", "galore"])
     ap.add_argument("extra", nargs="*", help="further overrides for every run")
     a = ap.parse_args()
     common = [f"train.max_steps={a.steps}", f"train.eval_every={a.steps}", "train.log_every=10",
@@ -121,7 +160,15 @@ def main() -> None:
     if "galore" in results and "error" not in results["galore"]:
         body += f"\n{galore_expected_ratio(a.out / 'galore')}; measured: " \
                 f"{results['galore']['optimizer_state_bytes'] / info['optimizer_state_bytes']:.2f}.\n"
-    write_section(a.doc, body)
+    if a.per_layer_steps and not a.gpu:
+        body += (f"\n### Per-layer weight updates\n\nThe same recipes with `optimizer.per_layer_updates=true` (each "
+                 f"parameter stepped in its post-accumulate-grad hook, its gradient freed at once) against the ordinary "
+                 f"step, on a wider model ({' '.join(PER_LAYER_MODEL)}), {a.per_layer_steps} steps, fp32, "
+                 f"`train.clip_grad_norm=0` on both sides. The gradient column is arithmetic (4 bytes per trainable "
+                 f"parameter: what the ordinary step holds at once after backward, and what per-layer updates never "
+                 f"hold); the peak is the whole process's RSS high-water mark as the OS reports it (ru_maxrss).\n\n"
+                 f"{per_layer_table(a.out, a.per_layer_steps, a.per_layer_recipes)}\n")
+    write_section(a.doc, body.rstrip("\n") + "\n\n")
     print(body)
 
 

@@ -96,7 +96,7 @@ def test_dct_projector_picks_the_aligned_columns_and_stores_only_indices():
 
 def test_dct_refresh_rotates_the_moments_into_the_new_subspace():
     torch.manual_seed(0)
-    proj, state = DCTProjector(rank=4, update_proj_gap=1, scale=1.0), {}
+    proj, state = DCTProjector(rank=4, update_proj_gap=1, scale=1.0, rotate_moments=True), {}
     g_old, g_new = torch.randn(48, 16), torch.randn(48, 16)
     proj.refresh(g_old, state, 1)
     p_old = proj.basis(state, g_old).clone()
@@ -109,18 +109,26 @@ def test_dct_refresh_rotates_the_moments_into_the_new_subspace():
     assert torch.allclose(rotated @ p_new.T, (m @ p_old.T) @ p_new @ p_new.T, atol=1e-5)
 
 
-def test_natural_projector_whitens_along_the_history():
+def test_natural_projector_uses_an_absolute_lambda_and_keeps_the_window_across_refreshes():
     torch.manual_seed(0)
     proj, state = NaturalProjector(rank=2, update_proj_gap=100, scale=1.0, history=3, damping=1e-3), {}
-    g1 = torch.randn(2, 5)
+    g1 = torch.randn(2, 5) * 0.01                       # small gradients: a relative lambda would shrink with them
     out1 = proj.precondition(g1, state)
-    # one stored gradient: F = lam I + g g^T, so F^-1 g = g / (lam + |g|^2)
-    lam = 1e-3 * float((g1 * g1).sum())
-    assert torch.allclose(out1, g1 / (lam + (g1 * g1).sum()), rtol=1e-4)
-    for _ in range(5):
+    # one stored gradient: F = lambda I + g g^T with lambda = 1e-3 itself, so F^-1 g = g / (lambda + |g|^2)
+    assert torch.allclose(out1, g1 / (1e-3 + (g1 * g1).sum()), rtol=1e-4)
+    g2 = torch.randn(2, 5)
+    out2 = proj.precondition(g2, state)
+    G = torch.stack([g1.reshape(-1), g2.reshape(-1)], dim=1).double()   # the window, current gradient included
+    expected = torch.linalg.solve(1e-3 * torch.eye(10, dtype=torch.float64) + G @ G.T, g2.reshape(-1).double())
+    assert torch.allclose(out2.reshape(-1).double(), expected, rtol=1e-2, atol=1e-3)
+    for _ in range(4):
         proj.precondition(torch.randn(2, 5), state)
     assert state["fisher_window"].shape == (3, 10) and int(state["fisher_count"]) == 6
-    proj.refresh(torch.randn(5, 7), state, 7)   # a new subspace empties the window
+    proj.refresh(torch.randn(5, 7), state, 7)   # the authors keep the window when the subspace changes
+    assert int(state["fisher_count"]) == 6
+    resetting = NaturalProjector(rank=2, update_proj_gap=100, scale=1.0, history=3, damping=1e-3,
+                                 reset_history_on_refresh=True)
+    resetting.refresh(torch.randn(5, 7), state, 8)
     assert "fisher_window" not in state
 
 
@@ -184,3 +192,74 @@ def test_optimizer_state_dict_roundtrips_with_weights_only(tmp_path):
     opt2.load_state_dict(sd)
     up = model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(opt2.state[up]["proj_idx"], opt.state[up]["proj_idx"])
+
+
+def _spec(*overrides):
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+    composed = compose_config(list(overrides))
+    return validate(composed.cfg, composed.recipes)
+
+
+def _refreshes(opt, p, steps, model):
+    seen = set()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (2, 8), generator=g)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen.add(int(opt.state[p]["proj_step"]))
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("recipe", ["galore", "galore_8bit", "natural_galore"])
+def test_a_default_recipe_run_refreshes_the_subspace_fifty_times(recipe):
+    # the paper refreshes every 200 of 10k steps (50 times); the recipes keep that count for any run length,
+    # where a fixed gap of 200 would compute the subspace once in the default 200-step run and never refresh it
+    spec = _spec(f"+recipe={recipe}", "optimizer.state_bits=32")
+    assert spec.train.max_steps == 200 and spec.block("optimizer").params.refreshes_per_run == 50
+    model = tiny_llama()
+    opt = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
+    assert opt.projector.update_proj_gap == 4
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert _refreshes(opt, up, 12, model) == [1, 5, 9]             # 3 refreshes in 12 steps, 50 in 200
+    assert spec.block("optimizer").params.eps == 1e-6              # GaLore's AdamW eps
+
+
+def test_refresh_gap_and_refreshes_per_run_are_exclusive():
+    from effitrain.registry import ConfigError
+    with pytest.raises(ConfigError, match="exactly one of update_proj_gap and refreshes_per_run"):
+        _spec("+recipe=galore", "optimizer.update_proj_gap=10")
+    with pytest.raises(ConfigError, match="exactly one of update_proj_gap and refreshes_per_run"):
+        _spec("+recipe=galore", "optimizer.refreshes_per_run=null")
+    spec = _spec("+recipe=galore", "optimizer.refreshes_per_run=null", "optimizer.update_proj_gap=10")
+    assert spec.block("optimizer").build(tiny_llama(), max_steps=200).projector.update_proj_gap == 10
+
+
+def test_galore_step_uses_the_authors_eps_placement():
+    # galore_torch.AdamW: lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps); at t = 1 with m = (1-b1) R, v = (1-b2) R^2
+    # the update in the projected space is R / (|R| + eps / sqrt(1 - b2)) elementwise
+    w = torch.nn.Parameter(torch.zeros(16, 8))
+    model = torch.nn.Module()
+    model.mlp = torch.nn.Linear(8, 16, bias=False)
+    model.mlp.weight = w
+    eps = 1e-2                                   # large, so the placement is visible
+    opt = build_galore(params("svd", rank=2, eps=eps, scale=1.0, lr=1.0, target_modules=["mlp"]), model)
+    torch.manual_seed(0)
+    w.grad = torch.randn(16, 8)
+    opt.step()
+    state = opt.state[w]
+    low = w.grad @ state["proj"]
+    expected_low = low / (low.abs() + eps / (1 - 0.999) ** 0.5)
+    assert torch.allclose(-w.detach(), expected_low @ state["proj"].T, atol=1e-5)
+
+
+def test_dct_recipe_is_the_authors_update_every_step_without_alpha():
+    spec = _spec("+recipe=dct_lowrank")
+    p = spec.block("optimizer").params
+    assert (p.scale, p.update_proj_gap, p.rotate_moments, p.eps) == (1.0, 1, False, 1e-8)
+    model = tiny_llama()
+    opt = spec.block("optimizer").build(model, max_steps=200)
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert _refreshes(opt, up, 3, model) == [1, 2, 3]              # columns re-selected at every step

@@ -145,3 +145,20 @@ def test_unmatched_targets_are_a_config_error():
     from effitrain.registry import ConfigError
     with pytest.raises(ConfigError, match="peft"):
         build_lora(NS(**{**LORA, "target_modules": ["wq"]}), tiny_llama())
+
+
+def test_sltrain_starts_as_the_authors_layer_b_zero_and_the_60m_scale():
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+    from effitrain.models.sltrain import SLTrainLinear
+    composed = compose_config(["+recipe=sltrain"])
+    spec = validate(composed.cfg, composed.recipes)
+    peft, opt = spec.block("peft").params, spec.block("optimizer").params
+    assert peft.alpha / peft.rank == 32 / 128                    # the 60M script: lora_alpha 32 at rank 128
+    assert (opt.weight_decay, opt.beta1, opt.beta2, opt.lr) == (0.0, 0.9, 0.999, 3e-3)
+    layer = SLTrainLinear(64, 32, rank=8, sparsity=0.03, alpha=2.0, bias=False,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(layer.B) == 0 and torch.count_nonzero(layer.A) == layer.A.numel()
+    dense = layer.dense_weight()
+    assert torch.count_nonzero(dense) == layer.sparse_values.numel()   # W = S at initialisation
+    assert layer.sparse_values.abs().max() <= 1 / 64 ** 0.5

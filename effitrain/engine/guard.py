@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from effitrain.optim.per_layer import per_layer_grad_norm
+
 
 class NonFiniteGuard:
     def __init__(self, max_bad_steps: int) -> None:
@@ -65,7 +67,9 @@ class NonFiniteGuard:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads \
-            else torch.zeros((), device=device)
+            else per_layer_grad_norm(optimizer)  # per-layer updates freed the gradients during backward
+        if norm is None:
+            norm = torch.zeros((), device=device)
         bad = (~torch.isfinite(norm)).float()
         if self._pre_clip_norm is not None:  # a non-finite norm before clipping is a bad step whatever the clip made
             bad = torch.maximum(bad, (~torch.isfinite(self._pre_clip_norm.to(device))).float())

@@ -39,10 +39,10 @@ class SLTrainLinear(nn.Module):
         self.register_buffer("sparse_index", support.to(device), persistent=True)
         self.sparse_values = nn.Parameter(torch.empty(nnz, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        # Kaiming-uniform factors as in the paper's code (LoRA-style A and B, both random for pre-training) and
-        # sparse values on the scale of a dense nn.Linear init
+        # As in the authors' SpLoRaLinear: A Kaiming-uniform, B zero (so W starts as S alone and B·A grows from
+        # zero), sparse values uniform in +-1/sqrt(in_features), the bound of a dense nn.Linear init
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
         bound = 1 / math.sqrt(in_features)
         with torch.no_grad():
             self.sparse_values.uniform_(-bound, bound, generator=generator)

@@ -15,7 +15,8 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(params, model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(decay_groups(model, params.weight_decay), lr=params.lr,
-                             betas=(params.beta1, params.beta2), eps=params.eps,
-                             fused=True if params.fused else None)
+def build_adamw(params, model: torch.nn.Module, *, max_steps=None) -> torch.optim.Optimizer:
+    from effitrain.optim.per_layer import maybe_per_layer
+    return maybe_per_layer(torch.optim.AdamW(decay_groups(model, params.weight_decay), lr=params.lr,
+                                             betas=(params.beta1, params.beta2), eps=params.eps,
+                                             fused=True if params.fused else None), params)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from effitrain.optim.lowbit import moment_slots
+from effitrain.optim.per_layer import maybe_per_layer
 from effitrain.optim.param_groups import decay_split, require_targets, split_targeted
 from effitrain.optim.projectors import Projector, make_projector
 
@@ -82,7 +83,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
                 bias1 = 1 - beta1 ** step
                 bias2 = 1 - beta2 ** step
-                update = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(group["eps"]))
+                if projected and not self.projector.eps_on_bias_corrected:
+                    # GaLore's AdamW: lr·sqrt(bias2)/bias1 · m / (sqrt(v) + eps)
+                    update = exp_avg.mul(math.sqrt(bias2) / bias1) / exp_avg_sq.sqrt().add_(group["eps"])
+                else:
+                    update = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(group["eps"]))
                 if projected:
                     update = self.projector.project_back(update, state, p.shape)  # includes the GaLore scale
 
@@ -105,14 +110,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return [p for g in self.param_groups if g["galore"] for p in g["params"] if self.projector.applies_to(p.shape)]
 
 
-def build_galore(params, model: torch.nn.Module) -> GaLoreAdamW:
-    projector = make_projector(params.projector, params)
+def build_galore(params, model: torch.nn.Module, *, max_steps=None) -> GaLoreAdamW:
+    projector = make_projector(params.projector, params, max_steps)
     targeted, rest = split_targeted(model, params.target_modules)
     require_targets(targeted, params.target_modules, model, "optimizer")
     decay, no_decay = decay_split(rest)
     groups = [{"params": [p for _, p in targeted], "galore": True, "weight_decay": params.weight_decay},
               {"params": decay, "weight_decay": params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return GaLoreAdamW([g for g in groups if g["params"]], projector, lr=params.lr,
-                       betas=(params.beta1, params.beta2), eps=params.eps, weight_decay=params.weight_decay,
-                       state_bits=params.state_bits)
+    return maybe_per_layer(GaLoreAdamW([g for g in groups if g["params"]], projector, lr=params.lr,
+                                       betas=(params.beta1, params.beta2), eps=params.eps,
+                                       weight_decay=params.weight_decay, state_bits=params.state_bits), params)

@@ -25,13 +25,14 @@ def _bnb():
     return bnb
 
 
-def build_adamw_8bit(params, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_adamw_8bit(params, model: torch.nn.Module, *, max_steps=None) -> torch.optim.Optimizer:
+    from effitrain.optim.per_layer import maybe_per_layer
     bnb = _bnb()
     decay, no_decay = decay_split((n, p) for _, n, p in named_trainable(model))
     groups = [g for g in ({"params": decay, "weight_decay": params.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return bnb.optim.AdamW8bit(groups, lr=params.lr, betas=(params.beta1, params.beta2), eps=params.eps,
-                               min_8bit_size=params.min_8bit_size)
+    return maybe_per_layer(bnb.optim.AdamW8bit(groups, lr=params.lr, betas=(params.beta1, params.beta2),
+                                               eps=params.eps, min_8bit_size=params.min_8bit_size), params)
 
 
 _CODES: dict[tuple[bool, str], torch.Tensor] = {}

@@ -9,8 +9,9 @@ gradient is further preconditioned:
 * :class:`NaturalProjector` (Natural GaLore, 2410.16029): the same subspace, plus the inverse empirical Fisher of the
   last ``s`` low-rank gradients applied to the current one through the Woodbury identity (an s x s solve).
 * :class:`DCTProjector` (SVD-free, 2505.17967): P is r columns of a fixed orthonormal DCT-II basis, chosen by their
-  alignment with G (one matmul + top-k, no SVD); only the column indices are stored per layer, and on a refresh the
-  Adam moments are rotated into the new subspace (the paper's R = P_old^T P_new).
+  alignment with G (one matmul + top-k, no SVD); only the column indices are stored per layer.  Optionally (the
+  authors' ``rotate_subspace``, off by default) the Adam moments are rotated into the new subspace on a refresh
+  (R = P_old^T P_new).
 
 Projectors are stateless strategies: the per-parameter state (basis or indices, Fisher history) lives in the
 optimizer's state dict as tensors, so checkpoints hold only tensors and load with ``torch.load(weights_only=True)``.
@@ -28,6 +29,9 @@ class Projector:
     kind = "base"
     #: whether the optimizer should rotate its moments into the new subspace when the basis changes
     rotate_moments = False
+    #: Adam's denominator: sqrt(v_hat) + eps (DCT-AdamW) or sqrt(v) + eps with the bias correction folded into the
+    #: step size (GaLore's and Natural GaLore's AdamW); the two differ only in how eps is scaled early on
+    eps_on_bias_corrected = False
 
     def __init__(self, rank: int, update_proj_gap: int, scale: float) -> None:
         self.rank = rank
@@ -103,24 +107,28 @@ class SVDProjector(Projector):
 
 
 class NaturalProjector(SVDProjector):
-    """GaLore's subspace, and the natural gradient F^-1 g in it with F = lambda I + (1/s) G_s G_s^T.
+    """GaLore's subspace, and the natural gradient F^-1 g in it with F = lambda I + G_s G_s^T.
 
-    By Woodbury, F^-1 g = (g - G (s·lambda I + G^T G)^-1 G^T g) / lambda with G the d x s window of flattened
-    low-rank gradients, so the cost is an s x s solve.  lambda is ``damping`` times the mean squared norm of the
-    stored gradients, which makes the preconditioner independent of the loss scale.  The window is cleared when
-    the subspace changes, because older gradients are coordinates of a different basis.
+    G_s is the d x s window of the last s flattened low-rank gradients (the current one included).  By Woodbury,
+    F^-1 g = (g - G (lambda I + G^T G)^-1 G^T g) / lambda, an s x s solve.  As in the authors' projector
+    (``natural_history`` = 20, ``lambda_damping`` = 1e-3): lambda is absolute, F has no 1/s normalisation, and the
+    window is kept across subspace refreshes (``reset_history_on_refresh`` clears it instead, since older
+    gradients are coordinates of the previous basis).
     """
 
     kind = "natural"
 
-    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, history: int, damping: float) -> None:
+    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, history: int, damping: float,
+                 reset_history_on_refresh: bool = False) -> None:
         super().__init__(rank, update_proj_gap, scale)
         self.history = history
         self.damping = damping
+        self.reset_history_on_refresh = reset_history_on_refresh
 
     def refresh(self, grad, state, step):
-        state.pop("fisher_window", None)
-        state.pop("fisher_count", None)
+        if self.reset_history_on_refresh:
+            state.pop("fisher_window", None)
+            state.pop("fisher_count", None)
         return super().refresh(grad, state, step)
 
     def precondition(self, low: torch.Tensor, state: dict) -> torch.Tensor:
@@ -135,9 +143,8 @@ class NaturalProjector(SVDProjector):
         state["fisher_count"] += 1
         s = min(count + 1, self.history)
         G = window[:s].transpose(0, 1)        # d x s
-        lam = self.damping * float((G * G).sum()) / s + torch.finfo(torch.float32).tiny
-        gram = G.transpose(0, 1) @ G          # s x s
-        system = gram + s * lam * torch.eye(s, device=g.device)
+        lam = self.damping
+        system = G.transpose(0, 1) @ G + lam * torch.eye(s, device=g.device)   # s x s
         natural = (g - G @ torch.linalg.solve(system, G.transpose(0, 1) @ g)) / lam
         return natural.reshape(low.shape).to(low.dtype)
 
@@ -160,8 +167,9 @@ def dct_basis(n: int, device: torch.device, dtype: torch.dtype = torch.float32) 
 
 class DCTProjector(Projector):
     kind = "dct"
+    eps_on_bias_corrected = True
 
-    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, rotate_moments: bool = True) -> None:
+    def __init__(self, rank: int, update_proj_gap: int, scale: float, *, rotate_moments: bool = False) -> None:
         super().__init__(rank, update_proj_gap, scale)
         self.rotate_moments = rotate_moments
 
@@ -187,12 +195,25 @@ class DCTProjector(Projector):
         return super().refresh(grad, state, step)
 
 
-def make_projector(kind: str, params) -> Projector:
-    common = dict(rank=params.rank, update_proj_gap=params.update_proj_gap, scale=params.scale)
+def refresh_gap(params, max_steps) -> int:
+    """Optimizer steps between subspace refreshes: ``update_proj_gap``, or ``max_steps // refreshes_per_run`` so
+    that a run of any length gets the paper's number of refreshes (GaLore/APOLLO: 200 steps in a 10k-step run on
+    LLaMA-60M, i.e. 50 refreshes)."""
+    per_run = getattr(params, "refreshes_per_run", None)
+    if per_run is None:
+        return params.update_proj_gap
+    if max_steps is None:
+        raise ValueError("refreshes_per_run needs the run length: build the optimizer with max_steps=...")
+    return max(1, int(max_steps) // per_run)
+
+
+def make_projector(kind: str, params, max_steps=None) -> Projector:
+    common = dict(rank=params.rank, update_proj_gap=refresh_gap(params, max_steps), scale=params.scale)
     if kind == "svd":
         return SVDProjector(**common)
     if kind == "natural":
-        return NaturalProjector(**common, history=params.history, damping=params.damping)
+        return NaturalProjector(**common, history=params.history, damping=params.damping,
+                                reset_history_on_refresh=getattr(params, "reset_history_on_refresh", False))
     if kind == "dct":
         return DCTProjector(**common, rotate_moments=params.rotate_moments)
     raise ValueError(f"unknown projector kind {kind!r}; valid: dct, natural, svd")

@@ -17,7 +17,8 @@ from effitrain.registry import ConfigError, param, register
 class SLTrainParams:
     rank: int = param(128, ge=1, help="rank of B·A (paper: 128 on LLaMA-60M, 256 on 130M/350M)")
     sparsity: float = param(0.03, gt=0, lt=1, help="delta: share of entries in the random sparse support (paper: 0.03)")
-    alpha: float = param(32.0, gt=0, help="the low-rank term is scaled by alpha / rank (paper: 32)")
+    alpha: float = param(32.0, gt=0, help="the low-rank term is scaled by alpha / rank (authors' 60M script: 32 "
+                                          "at rank 128, i.e. 0.25)")
     target_modules: list[str] = param(default_factory=lambda: ["self_attn", "mlp"],
                                       help="module-name patterns whose nn.Linear layers are re-parameterised")
     seed: int = param(0, help="seed of the random sparse support")

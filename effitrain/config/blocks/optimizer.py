@@ -17,3 +17,6 @@ class AdamWParams:
     beta2: float = param(0.95, ge=0, lt=1)
     eps: float = param(1e-8, gt=0)
     fused: bool = param(False, help="torch's fused kernel (GPU)")
+    per_layer_updates: bool = param(False, help="step each parameter inside the backward pass and free its "
+                                                "gradient (GaLore's per-layer weight updates); needs grad_accum 1, "
+                                                "no clipping, ZeRO 0, one process")

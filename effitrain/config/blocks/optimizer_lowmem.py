@@ -25,12 +25,28 @@ class _AdamCommon:
     beta1: float = param(0.9, ge=0, lt=1)
     beta2: float = param(0.999, ge=0, lt=1)
     eps: float = param(1e-8, gt=0)
+    per_layer_updates: bool = param(False, help="step each parameter inside the backward pass and free its "
+                                                "gradient (GaLore's per-layer weight updates); needs grad_accum 1, "
+                                                "no clipping, ZeRO 0, one process")
 
 
 @dataclass
-class _GaLoreCommon(_AdamCommon):
+class _Refreshing:
+    """How often a projected optimizer redraws its subspace: a fixed gap, or a number of refreshes per run."""
+    update_proj_gap: Optional[int] = param(200, ge=1, help="optimizer steps between projector refreshes (paper: 200)")
+    refreshes_per_run: Optional[int] = param(None, ge=1, help="instead of update_proj_gap: refresh every "
+                                             "max_steps // refreshes_per_run steps (paper: 10k steps / 200 = 50)")
+
+    def _check_refresh(self, path: str) -> None:
+        if (self.update_proj_gap is None) == (self.refreshes_per_run is None):
+            raise ConfigError(f"{path}: set exactly one of update_proj_gap and refreshes_per_run (the other to null), "
+                              f"got update_proj_gap={self.update_proj_gap}, refreshes_per_run={self.refreshes_per_run}")
+
+
+@dataclass
+class _GaLoreCommon(_AdamCommon, _Refreshing):
+    eps: float = param(1e-6, gt=0, help="GaLore's AdamW default (1e-6)")
     rank: int = param(128, ge=1, help="projection rank r (paper: 128 for 60M, 256 for 130M-350M, 512 for 1B)")
-    update_proj_gap: int = param(200, ge=1, help="optimizer steps between projector refreshes (paper: 200)")
     scale: float = param(0.25, gt=0, help="alpha: multiplier of the projected-back update (paper: 0.25)")
     target_modules: list[str] = param(default_factory=lambda: list(DEFAULT_TARGETS),
                                       help="module-name patterns whose 2-D weights are projected; the rest use AdamW")
@@ -41,6 +57,7 @@ class _GaLoreCommon(_AdamCommon):
     def validate(self, path: str) -> None:
         if not self.target_modules:
             raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern, e.g. {DEFAULT_TARGETS}")
+        self._check_refresh(path)
 
 
 @register("optimizer", "galore", builder="effitrain.optim.galore:build_galore",
@@ -54,8 +71,10 @@ class GaLoreParams(_GaLoreCommon):
           summary="Natural GaLore: GaLore + inverse empirical Fisher on the low-rank gradient (Das, 2410.16029)")
 @dataclass
 class NaturalGaLoreParams(_GaLoreCommon):
-    history: int = param(10, ge=1, help="s: projected gradients kept for the empirical Fisher (Woodbury, s x s solve)")
-    damping: float = param(1e-3, gt=0, help="lambda, relative to the mean squared norm of the stored gradients")
+    history: int = param(20, ge=1, help="s: projected gradients kept for the empirical Fisher (authors' default 20)")
+    damping: float = param(1e-3, gt=0, help="lambda, absolute: F = lambda I + G G^T (authors' default 1e-3)")
+    reset_history_on_refresh: bool = param(False, help="clear the gradient window when the subspace changes "
+                                                       "(the authors keep it)")
     projector: ClassVar[str] = "natural"
 
 
@@ -63,7 +82,12 @@ class NaturalGaLoreParams(_GaLoreCommon):
           summary="SVD-free GaLore: r columns of a fixed DCT basis picked by alignment (Modoranu et al., 2505.17967)")
 @dataclass
 class DCTLowRankParams(_GaLoreCommon):
-    rotate_moments: bool = param(True, help="carry Adam moments into the new subspace on a refresh (the paper's R)")
+    eps: float = param(1e-8, gt=0, help="DCT-AdamW's default (1e-8, on the bias-corrected sqrt(v))")
+    update_proj_gap: Optional[int] = param(1, ge=1, help="steps between column re-selections (DCT-AdamW default: "
+                                                          "1, every step)")
+    scale: float = param(1.0, gt=0, help="multiplier of the projected-back update (DCT-AdamW has none: 1)")
+    rotate_moments: bool = param(False, help="rotate Adam's moments into the new subspace on a refresh (the "
+                                             "authors' rotate_subspace option, off by default)")
     projector: ClassVar[str] = "dct"
 
 
@@ -76,24 +100,35 @@ class AdamW8bitParams(_AdamCommon):
     min_8bit_size: int = param(4096, ge=1, help="tensors with fewer elements keep 32-bit state (bitsandbytes default)")
 
 
-@register("optimizer", "apollo", builder="effitrain.optim.lowmem:build_apollo",
+@register("optimizer", "apollo", builder="effitrain.optim.apollo:build_apollo",
           summary="APOLLO: SGD-like memory, AdamW-like updates via random-projection scaling (Zhu et al., 2412.05270)")
 @dataclass
-class ApolloParams(_AdamCommon):
+class ApolloParams(_AdamCommon, _Refreshing):
     lr: float = param(1e-2, gt=0, help="APOLLO's scripts use 1e-2")
-    rank: int = param(256, ge=1, help="random projection rank (paper: 256; APOLLO-Mini: 1)")
-    update_proj_gap: int = param(200, ge=1)
-    scale: float = param(1.0, gt=0, help="update scale alpha (applied as sqrt(alpha); APOLLO-Mini uses 128)")
+    eps: float = param(1e-6, gt=0, help="the authors' AdamW default (1e-6)")
+    rank: int = param(256, ge=1, help="random projection rank (60M script: 128 = hidden/4; APOLLO-Mini: 1)")
+    scale: float = param(1.0, gt=0, help="alpha: the update is multiplied by sqrt(alpha) once (APOLLO-Mini: 128)")
     scale_type: Literal["channel", "tensor"] = param("channel", help="channel-wise (APOLLO) or tensor-wise (Mini)")
+    scale_front: bool = param(False, help="apply sqrt(alpha) before the norm-growth limiter (APOLLO-Mini scripts)")
+    seed: int = param(0, help="base seed of the random projections (one stream per parameter, redrawn per refresh)")
     target_modules: list[str] = param(default_factory=lambda: list(DEFAULT_TARGETS))
 
+    def validate(self, path: str) -> None:
+        if not self.target_modules:
+            raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern, e.g. {DEFAULT_TARGETS}")
+        self._check_refresh(path)
 
-@register("optimizer", "adam_mini", builder="effitrain.optim.lowmem:build_adam_mini",
+
+@register("optimizer", "adam_mini", builder="effitrain.optim.adam_mini:build_adam_mini",
           summary="Adam-mini: one second moment per parameter block/head (Zhang et al., 2406.16793)")
 @dataclass
 class AdamMiniParams(_AdamCommon):
+    lr: float = param(3e-3, gt=0, help="the authors: use AdamW's learning rate (effitrain's adamw: 3e-3)")
     weight_decay: float = param(0.1, ge=0)
     beta2: float = param(0.95, ge=0, lt=1)
+    partition: Literal["v1.1", "v1.0"] = param("v1.1", help="v1.1: the current release (q/k per head; v, o, MLP per "
+                                                            "neuron; embedding/head per token); v1.0: releases <= "
+                                                            "1.0.4 (embedding/head full Adam, v/o/MLP one per tensor)")
 
 
 #: optimizers whose update depends on each parameter's own matrix shape (or name), so they must see unflattened,
@@ -159,3 +194,4 @@ def _eight_bit_device(spec, env) -> Optional[str]:
         return None
     return (f"optimizer '{opt}' with 8-bit state has no bitsandbytes kernels for device '{env.device_type}'. "
             f"Use optimizer=adamw (or galore with state_bits: 32)")
+
