@@ -36,7 +36,7 @@ MARKER = ".effitrain-run"
 LOCK = ".effitrain-lock"
 _REPLACED = ".replaced-"
 _PACKAGES = ("effitrain", "torch", "deepspeed", "transformers", "datasets", "tokenizers", "peft", "hydra-core",
-             "omegaconf", "numpy", "bitsandbytes", "pytorch-optimizer", "scikit-learn", "datasketch")
+             "omegaconf", "numpy", "bitsandbytes", "scikit-learn", "datasketch")
 
 
 def holds_run(run_dir: Path) -> bool:
