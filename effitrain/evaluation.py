@@ -83,7 +83,6 @@ def run_lm_eval(model_dir: Path, params: Any, *, device: str = "cpu") -> dict[st
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError("eval=lm_eval needs EleutherAI's harness: pip install 'lm-eval[hf]' "
                           "(it is in effitrain's [eval] extra)") from None

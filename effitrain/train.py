@@ -120,6 +120,17 @@ class RunContext:
     tokenizer: Any
 
 
+def _if_accepted(block: Any, **context: Any) -> dict[str, Any]:
+    """The optional context a builder declares in its signature (a plugin's builder written for an older
+    effitrain, ``build(params, *, tokenizer)``, keeps working)."""
+    import inspect
+
+    parameters = inspect.signature(block.entry.load_builder()).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return context
+    return {k: v for k, v in context.items() if k in parameters}
+
+
 @dataclass
 class Data:
     tokenizer: Any
@@ -212,7 +223,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
 
     say("building model and optimizer ...")
     _seed_everything(spec.train.seed)
-    model = spec.block("model").build(tokenizer=data.tokenizer, run=RunContext(cfg, spec, data.tokenizer))
+    model = spec.block("model").build(tokenizer=data.tokenizer,
+                                      **_if_accepted(spec.block("model"), run=RunContext(cfg, spec, data.tokenizer)))
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)

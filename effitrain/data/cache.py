@@ -23,25 +23,18 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from effitrain import paths
+from effitrain.fsutil import sha256_file
 
 _DONE = ".complete"  # written last inside the temporary folder: a folder without it is never trusted
 _FULL_HASH_BYTES = 256 * 2**20  # folders up to this size are checked byte for byte on every reuse
 log = logging.getLogger("effitrain.cache")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _inventory(folder: Path) -> dict:
     """``{relative path: [size, sha256 or None]}`` of every file under ``folder`` except the marker."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != _DONE)
     full = sum(p.stat().st_size for p in files) <= _FULL_HASH_BYTES
-    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p) if full else None] for p in files}
+    return {str(p.relative_to(folder)): [p.stat().st_size, sha256_file(p) if full else None] for p in files}
 
 
 def verify(folder: Path) -> Optional[str]:
@@ -63,7 +56,7 @@ def verify(folder: Path) -> Optional[str]:
         try:
             if not path.is_file():
                 return f"'{name}' is missing"
-            if path.stat().st_size != size or (digest is not None and _sha256(path) != digest):
+            if path.stat().st_size != size or (digest is not None and sha256_file(path) != digest):
                 return f"'{name}' changed since it was built"
         except OSError as exc:
             return f"'{name}' unreadable ({exc})"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from effitrain.fsutil import fsync_dir, sha256_file
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -47,17 +48,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
@@ -79,21 +69,13 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"bytes": size, "sha256": hex}}`` of every file under ``folder`` (marker and meta aside)."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel not in (COMPLETE, META):
-            files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return files
 
 
@@ -135,7 +117,7 @@ def verify_checkpoint(path: Path) -> None:
         if size != want["bytes"]:
             raise CheckpointDamaged(f"checkpoint {name}: {rel} has {size} bytes, {want['bytes']} were written")
     for rel, want in files.items():
-        if _sha256(path / rel) != want["sha256"]:
+        if sha256_file(path / rel) != want["sha256"]:
             raise CheckpointDamaged(f"checkpoint {name}: {rel} does not match its checksum")
 
 
@@ -177,7 +159,7 @@ def write_atomically(root: Path, step: int, write: Callable[[Path], None], *, is
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     barrier()
     return final
 
@@ -214,7 +196,7 @@ def _seal(tmp: Path, step: int, meta: Optional[dict[str, Any]]) -> None:
         fh.write("ok\n")
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def prune(root: Path, keep: int) -> None:

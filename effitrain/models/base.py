@@ -11,10 +11,8 @@ inputs reuses it.  To fine-tune a model of your own instead: ``model=pretrained 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from effitrain.console import say

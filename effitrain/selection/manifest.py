@@ -40,6 +40,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from effitrain.fsutil import fsync_dir, sha256_file
+
 log = logging.getLogger("effitrain.selection")
 
 VERSION = 1  # bump when a scorer's arithmetic changes, so old manifests are not reused
@@ -82,14 +84,6 @@ def locked(folder: Path, *, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock (so does the process dying)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load(folder: Path, key: str, n_candidates: Optional[int] = None) -> Optional[tuple[dict, np.ndarray]]:
     """``(header, candidate indices)`` of a complete, intact manifest with this key, else ``None``.
 
@@ -118,7 +112,7 @@ def _read_checked(folder: Path, key: str, n_candidates: Optional[int]) -> tuple[
     if not expected:
         return "no checksum of selected.jsonl (written by an older effitrain)", None
     try:
-        if _sha256_file(folder / "selected.jsonl") != expected:
+        if sha256_file(folder / "selected.jsonl") != expected:
             return "selected.jsonl does not match its checksum (edited or damaged)", None
         with open(folder / "selected.jsonl", encoding="utf-8") as fh:
             idx = [json.loads(line)["index"] for line in fh]
@@ -139,17 +133,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write(folder: Path, header: dict, index: np.ndarray, ids: list, scores: np.ndarray,
@@ -176,12 +159,12 @@ def write(folder: Path, header: dict, index: np.ndarray, ids: list, scores: np.n
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; a manifest folder is an ordinary one
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if folder.exists():  # a stale, damaged or concurrent one with the same key: moved aside, then deleted
                 old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
                 os.replace(folder, old / "m")
             os.replace(tmp, folder)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
