@@ -50,8 +50,12 @@ def say(text: str, err: bool = False) -> None:
 def quiet() -> Iterator[None]:
     """Capture file descriptors 1 and 2 for the duration; effitrain's own lines still reach the terminal."""
     global _terminal_out, _terminal_err, _log_path
-    if verbose() or _terminal_out is not None:
+    if _terminal_out is not None:  # already capturing (a run inside a run)
         yield
+        return
+    if verbose():
+        with _own_log_lines(sys.stdout):
+            yield
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -63,17 +67,10 @@ def quiet() -> Iterator[None]:
     os.dup2(handle, 1)
     os.dup2(handle, 2)
     os.close(handle)
-    # effitrain's own log records (e.g. "training a proxy model ...") are its lines too: to the terminal.
-    own = logging.getLogger("effitrain")
-    handler = logging.StreamHandler(_terminal_out)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    saved_logging = own.level, own.propagate
-    own.addHandler(handler)
-    own.setLevel(logging.INFO)
-    own.propagate = False
     failed = False
     try:
-        yield
+        with _own_log_lines(_terminal_out):
+            yield
     except BaseException as exc:
         from effitrain.errors import RunFailed
         from effitrain.registry import ConfigError
@@ -81,9 +78,6 @@ def quiet() -> Iterator[None]:
         failed = not isinstance(exc, (ConfigError, RunFailed))  # a refusal or a full disk says all in one line
         raise
     finally:
-        own.removeHandler(handler)
-        own.setLevel(saved_logging[0])
-        own.propagate = saved_logging[1]
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -99,6 +93,24 @@ def quiet() -> Iterator[None]:
         elif unattached:
             print(f"effitrain: third-party output of this launch: {_log_path}", file=sys.stderr)
         _log_path = None
+
+
+@contextlib.contextmanager
+def _own_log_lines(stream: TextIO) -> Iterator[None]:
+    """effitrain's own log records (e.g. "training a proxy model ...") are its lines too: to the terminal."""
+    own = logging.getLogger("effitrain")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = own.level, own.propagate
+    own.addHandler(handler)
+    own.setLevel(logging.INFO)
+    own.propagate = False
+    try:
+        yield
+    finally:
+        own.removeHandler(handler)
+        own.setLevel(saved[0])
+        own.propagate = saved[1]
 
 
 def attach_log(run_dir: Path, rank: int = 0) -> None:
