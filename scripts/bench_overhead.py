@@ -235,13 +235,9 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if SECTION_START in text:
-            head, rest = text.split(SECTION_START, 1)
-            text = head + table + rest.split(SECTION_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n" + table + "\n"
-        args.write.write_text(text)
+        from _sections import replace_marked_section
+
+        replace_marked_section(args.write, SECTION_START, SECTION_END, table)
     return 0
 
 
