@@ -625,3 +625,24 @@ def test_zip_fit_is_one_minus_mean_gzip_ncd():
     x, targets = "the river crossed the bridge", [b"the bridge over the river", b"x = 1 + 2"]
     ncd = [(c(x.encode() + t) - min(c(x.encode()), c(t))) / max(c(x.encode()), c(t)) for t in targets]
     assert ncd_scores([x], targets, [c(t) for t in targets], 2000, 9) == [1 - sum(ncd) / 2]
+
+
+def test_less_scores_candidates_with_each_checkpoints_adam_moments(pool, monkeypatch):
+    """Every candidate's feature goes through adam_feature with the moments of each warm-up checkpoint in turn."""
+    from effitrain.selection.scorers import less
+
+    seen = []
+    real = less.adam_feature
+
+    def spy(g, m, v, betas, eps):
+        seen.append((g.shape[0], float(m.abs().sum()), float(v.sum())))
+        return real(g, m, v, betas, eps)
+
+    monkeypatch.setattr(less, "adam_feature", spy)
+    block = {"name": "less", "target": TARGET_CODE,
+             "scorer": {"proxy_steps": 3, "warmup_epochs": 2, "warmup_batch_size": 4, "max_length": 32,
+                        "proj_dim": 16, "max_target": 4, "batch_size": 64}}
+    result, domains = score(block, pool)
+    moments = sorted({(m, v) for _, m, v in seen})
+    assert len(moments) == 2 and all(v > 0 for _, v in moments)        # two checkpoints, real Adam state
+    assert sum(n for n, _, _ in seen) == 2 * len(domains)                # every candidate at each checkpoint
