@@ -130,7 +130,3 @@ def attach_log(run_dir: Path, rank: int = 0) -> None:
     os.close(fd)
     _log_path.unlink(missing_ok=True)
     _log_path = target
-
-
-def captured_log() -> Optional[Path]:
-    return _log_path

@@ -21,12 +21,13 @@ TOKENIZER_DIR = "tokenizer"
 
 def _checkpoint_of(path: Path) -> Path:
     """A checkpoint folder, or a run directory (its newest intact checkpoint)."""
+    from effitrain.console import say
     from effitrain.engine.checkpoint import newest_verified_checkpoint
 
     if (path / "COMPLETE").is_file():
         return path
     if (path / "checkpoints").is_dir():
-        found = newest_verified_checkpoint(path / "checkpoints", report=lambda line: print(line))
+        found = newest_verified_checkpoint(path / "checkpoints", report=say)
         if found is None:
             raise ConfigError(f"export: '{path}' has no intact checkpoint")
         return found

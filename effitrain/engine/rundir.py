@@ -126,7 +126,6 @@ class RunDirLock:
         self._fd: Optional[int] = None
         self._replaced: Optional[Path] = None   # the old run, moved aside by overwrite=true
         self._replaced_fd: Optional[int] = None
-        self._created = False
 
     # -------------------------------------------------------------------------------------------- holder
     @staticmethod
@@ -190,7 +189,6 @@ class RunDirLock:
             fd = self._take(run_dir)
         self._fd = fd
         if not holds_run(run_dir):
-            self._created = resume is None
             (run_dir / MARKER).write_text(json.dumps({"created": time.time(), "by": "effitrain"}) + "\n")
 
     # -------------------------------------------------------------------------------------------- outcome

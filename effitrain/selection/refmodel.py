@@ -154,14 +154,7 @@ def train_epochs(model: Any, encode: Callable, ds: Any, *, epochs: int, batch_si
             for group in opt.param_groups:
                 group["lr"] = cur
             lrs.append(cur)
-            model.train()
-            ids, mask = encode(ds.select(rows[b])["text"])
-            loss = token_losses(model, ids.to(device), mask.to(device)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(_train_step(model, encode, ds.select(rows[b])["text"], opt, params, device))
             step += 1
             if on_step is not None:
                 model.eval()
@@ -239,6 +232,19 @@ def reference_or_proxy(params: Any, candidates: Any, ctx: Any, method: str) -> t
     return model, encode, {"reference": "pool proxy", **info}, "proxy-" + info.get("proxy_dir", repr(params))
 
 
+def _train_step(model: Any, encode: Callable, texts: list[str], opt: Any, params: list, device: Any) -> float:
+    """One clipped AdamW step of the proxy on ``texts``; returns the batch's mean token loss."""
+    import torch
+    model.train()
+    ids, mask = encode(texts)
+    loss = token_losses(model, ids.to(device), mask.to(device)).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def token_losses(model: Any, ids: Any, mask: Any):
     """Per-example mean next-token loss (a tensor of shape [batch]) and the model output."""
     import torch.nn.functional as F
@@ -272,15 +278,8 @@ def train_steps(model: Any, encode: Callable, ds: Any, *, steps: int, batch_size
     if on_step is not None:
         on_step(0)
     for step in range(1, steps + 1):
-        model.train()
         pick = np.sort(rng.choice(rows, size=min(batch_size, len(rows)), replace=False))
-        ids, mask = encode(ds.select(pick)["text"])
-        loss = token_losses(model, ids.to(device), mask.to(device)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_train_step(model, encode, ds.select(pick)["text"], opt, params, device))
         if on_step is not None:
             on_step(step)
     model.eval()
