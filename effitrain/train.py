@@ -202,6 +202,10 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
     _NESTED.append(run_dir)
     try:
+        if spec.stages:  # a multi-stage recipe: one complete run per stage, under run_dir/stages/
+            from effitrain.pipeline import run_pipeline
+
+            return run_pipeline(dict(cfg), spec, run_dir, argv, recipes)
         return _train(cfg, spec, run_dir, argv)
     finally:
         _NESTED.pop()
@@ -340,6 +344,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "eval_losses": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items() if "/" in k},
         "steps": state.step,
         "tokens": state.tokens,
+        "flops": trainer.flops_per_token * state.tokens,  # training FLOPs, all ranks (6N + attention per token)
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,

@@ -284,5 +284,8 @@ def compose_config(overrides: list[str]) -> Composed:
     except Exception as exc:  # Hydra/OmegaConf errors: turn them into one readable line
         raise _translate(exc, overrides) from None
     cfg.pop("hydra", None)
+    from effitrain.config.stages import propagate_overrides
+
+    propagate_overrides(cfg, parsed)  # `train.max_steps=3` shortens every stage of a multi-stage recipe
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
     return Composed(cfg, recipes)

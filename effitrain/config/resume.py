@@ -86,6 +86,9 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
         raise ConfigError(f"resume: {shown} cannot change when a run resumes (it changes what the run computes); "
                           f"only {_safe_keys_text()} may; start a new run_dir for a different configuration")
     cfg.update(run_dir=str(run_dir), resume="auto", overwrite=False)
+    from effitrain.config.stages import propagate_overrides
+
+    propagate_overrides(cfg, parse_overrides(overrides))  # e.g. train.max_steps reaches every stage's delta
     return cfg, stored_recipes(run_dir, cfg)
 
 

@@ -82,7 +82,7 @@ class Trainer:
         self.is_main = state.rank == 0
         self.global_batch = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size
         self.tokens_per_step = self.global_batch * seq_len
-        self._flops_per_token = flops_per_token(state.model, seq_len)
+        self.flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
         self.train_seconds = 0.0
@@ -195,7 +195,7 @@ class Trainer:
         if grad_norm is not None:
             line["grad_norm"] = float(grad_norm)
         if self._peak_flops:
-            line["mfu"] = self.tokens_per_s * self._flops_per_token / st.world_size / self._peak_flops
+            line["mfu"] = self.tokens_per_s * self.flops_per_token / st.world_size / self._peak_flops
         line.update(st.metrics)
         st.metrics = {}
         if self.is_main:
