@@ -13,6 +13,8 @@ import copy
 import json
 import re
 
+import yaml
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,14 +257,16 @@ def test_bad_objective_config_is_one_line_naming_the_key(overrides, message):
 
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
-def test_a_distill_run_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_dir(tmp_path, train_in_process):
-    teacher_run = tmp_path / "teacher"
-    train_in_process(["train.max_steps=2"], teacher_run)
-
-    run = tmp_path / "student"
-    summary = train_in_process(["objective=distill", f"objective.teacher={teacher_run / 'final_model'}",
-                                "objective.alpha=0.7", "train.grad_accum=2"], run)
+def test_a_distill_stage_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_dir(tmp_path, train_in_process):
+    # the kd pattern: stage 1 trains the teacher, stage 2 a fresh student distilled from its final model
+    pipeline = tmp_path / "pipeline"
+    summary = train_in_process([
+        "+stages=[{name: teacher, train: {max_steps: 2}}, {name: student, init: scratch, train: {grad_accum: 2}, "
+        "objective: {name: distill, teacher: '@stage:teacher', alpha: 0.7}}]"], pipeline)
     assert summary["finished"]
+    run = pipeline / "stages" / "02-student"
+    teacher = yaml.safe_load((run / "config.yaml").read_text())["objective"]["teacher"]
+    assert teacher == str(pipeline / "stages" / "01-teacher" / "final_model")
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [l for l in lines if "loss" in l]
     assert [l["step"] for l in train_lines] == [1, 2, 3, 4]
@@ -280,8 +284,6 @@ def test_a_distill_run_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_d
 
 
 def test_resume_of_a_run_stored_before_objectives_existed_is_not_a_config_change(tmp_path):
-    import yaml
-
     from effitrain.config.resume import check_resume_config
 
     cfg = compose_config([f"run_dir={tmp_path}"]).cfg
