@@ -183,6 +183,16 @@ def test_the_teacher_is_frozen_in_eval_mode_and_unchanged_by_optimizer_steps(tea
     assert not torch.equal(student_before["lm_head.weight"], student.state_dict()["lm_head.weight"])  # it trained
 
 
+def test_the_teacher_runs_in_bfloat16_only_on_a_gpu_that_supports_it():
+    from effitrain.objectives.distill import teacher_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert teacher_dtype("auto", gpu, bf16_supported=True) is torch.bfloat16
+    assert teacher_dtype("auto", gpu, bf16_supported=False) is torch.float32
+    assert teacher_dtype("auto", cpu, bf16_supported=True) is torch.float32
+    assert teacher_dtype("bfloat16", cpu, bf16_supported=False) is torch.bfloat16  # asked for explicitly
+
+
 def test_a_teacher_with_another_vocabulary_or_no_folder_is_refused(tmp_path):
     tiny_llama(vocab=VOCAB + 16).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConfigError, match=f"has a vocabulary of {VOCAB + 16} tokens, the student {VOCAB}"):
