@@ -6,8 +6,8 @@
 
 Conventions, checked against torchdistill's ``KDLoss`` (``losses/mid_level.py``; ``single.py`` in older versions):
 the KL is ``kl_div(log_softmax(s/T), softmax(t/T))`` summed over classes and averaged over the rows (``batchmean``;
-our rows are token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes (Hinton, section
-2).  torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
+our rows are token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes
+(Hinton, section 2).  torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
 torchdistill's ``alpha = a`` is our ``alpha = 1 - a``.  The soft loss is taken at the same positions as the hard
 loss (position t predicts token t+1; labels of -100 excluded).
 
