@@ -4,12 +4,12 @@
     soft = T^2 * mean over labelled positions of KL( softmax(t / T) || softmax(s / T) )   (summed over the vocabulary)
     hard = the student's own next-token cross-entropy (exactly ``causal_lm``)
 
-Conventions, checked against torchdistill's ``KDLoss`` (``losses/mid_level.py``; ``single.py`` in older versions):
-the KL is ``kl_div(log_softmax(s/T), softmax(t/T))`` summed over classes and averaged over the rows (``batchmean``;
-our rows are token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes
-(Hinton, section 2).  torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
-torchdistill's ``alpha = a`` is our ``alpha = 1 - a``.  The soft loss is taken at the same positions as the hard
-loss (position t predicts token t+1; labels of -100 excluded).
+Conventions, checked against torchdistill's ``KDLoss`` (``losses/mid_level.py``; ``single.py`` in older versions): the
+KL is ``kl_div(log_softmax(s/T), softmax(t/T))`` summed over classes and averaged over the rows (``batchmean``; our
+rows are token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes (Hinton,
+section 2). torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
+torchdistill's ``alpha = a`` is our ``alpha = 1 - a``. The soft loss is taken at the same positions as the hard loss
+(position t predicts token t+1; labels of -100 excluded).
 
 ``loss: mse_logits`` replaces the soft term with the mean squared error between the raw logits (Ba & Caruana 2014,
 torchdistill's logit-matching option), averaged over positions and vocabulary; the temperature is not used.
