@@ -42,10 +42,19 @@ def batch(rows: int = 4, length: int = 12, seed: int = 1) -> dict[str, torch.Ten
     return {"input_ids": ids, "labels": ids}  # what the loop feeds: packed rows, every position labelled
 
 
-def objective(name: str, model=None, **params):
+def objective(name: str, model=None, tokenizer=None, **params):
     load_builtin_blocks()
     block = REGISTRY.parse("objective", {"name": name, **params})
-    return block.build(model=model, device="cpu", bf16_supported=False)
+    return block.build(model=model, device="cpu", bf16_supported=False, tokenizer=tokenizer)
+
+
+def word_tokenizer(words: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids are the positions of ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
 
 
 @pytest.fixture
@@ -191,6 +200,18 @@ def test_the_teacher_runs_in_bfloat16_only_on_a_gpu_that_supports_it():
     assert teacher_dtype("auto", gpu, bf16_supported=False) is torch.float32
     assert teacher_dtype("auto", cpu, bf16_supported=True) is torch.float32
     assert teacher_dtype("bfloat16", cpu, bf16_supported=False) is torch.bfloat16  # asked for explicitly
+
+
+def test_a_teacher_whose_saved_tokenizer_maps_tokens_to_other_ids_is_refused(tmp_path):
+    words = [f"w{i}" for i in range(VOCAB)]
+    teacher = tmp_path / "teacher"
+    tiny_llama(seed=7).save_pretrained(teacher)
+    word_tokenizer(words).save_pretrained(teacher)
+    student = tiny_llama()
+    objective("distill", student, tokenizer=word_tokenizer(words), teacher=str(teacher))  # the same ids: accepted
+    swapped = [words[1], words[0], *words[2:]]  # same size, two tokens trade ids
+    with pytest.raises(ConfigError, match=re.escape(f"differs from the run's (2 of {VOCAB} tokens have another id")):
+        objective("distill", student, tokenizer=word_tokenizer(swapped), teacher=str(teacher))
 
 
 def test_a_teacher_with_another_vocabulary_or_no_folder_is_refused(tmp_path):
