@@ -111,7 +111,11 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     result equals the stored config apart from :data:`RESUME_SAFE_KEYS`."""
     if resume != "auto" or not (run_dir / "config.yaml").is_file():
         return
-    old, new = flatten("", stored_config(run_dir), {}), flatten("", dict(cfg), {})
+    from effitrain.config.spec import OPTIONAL_GROUPS
+
+    # a run stored before a group existed ran with that group's default option (objective: causal_lm)
+    stored = {**{g: dict(v) for g, v in OPTIONAL_GROUPS.items()}, **stored_config(run_dir)}
+    old, new = flatten("", stored, {}), flatten("", dict(cfg), {})
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
     if changed:

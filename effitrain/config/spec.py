@@ -14,9 +14,9 @@ from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_
                                 load_plugins, param, parse_params)
 
 BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
-                "parallelism", "logger", "eval")
+                "parallelism", "logger", "eval", "objective")
 # Groups added after runs already existed: a stored config without them gets this option (resume, export).
-OPTIONAL_GROUPS = {"eval": {"name": "none"}}
+OPTIONAL_GROUPS = {"eval": {"name": "none"}, "objective": {"name": "causal_lm"}}
 
 
 @dataclass
