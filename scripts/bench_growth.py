@@ -7,7 +7,8 @@
   full-depth steps (the comparison that ignores the small stage's cost).  FLOPs are the runs' own ``flops`` (6N per
   token plus attention, effitrain.engine.metrics.flops_per_token, N including embeddings).
 * ``kd``: the ``kd`` recipe (a teacher trained first, then a student distilled from it) against the same student
-  trained on the hard labels alone for the same student steps; the teacher's cost is reported, not hidden.
+  trained on the hard labels alone (the base config: same model, seed, data order and steps, objective causal_lm);
+  the teacher's cost is reported, not hidden.
 
 Each comparison runs the real ``effitrain`` CLI once per seed and reports the final held-out loss (mean over the
 demo's domains) with the median over seeds.
@@ -15,6 +16,7 @@ demo's domains) with the median over seeds.
     python scripts/bench_growth.py                          # both, seed 0
     python scripts/bench_growth.py --only gstack --seeds 0 1 2
     python scripts/bench_growth.py --write docs/benchmarks.md
+    python scripts/bench_growth.py --reuse ...              # finished runs with the same overrides are read back
 
 Run with ``OMP_NUM_THREADS=1`` on a shared CPU machine.  Extra ``key=value`` arguments go to every run.
 """
@@ -34,9 +36,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTION_START = "<!-- bench_growth:start -->"
 SECTION_END = "<!-- bench_growth:end -->"
+REUSE = False
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:
+    """One run through the CLI; a finished run with the same overrides (``--reuse``) is read back instead."""
+    record = run_dir / "bench_overrides.json"
+    if REUSE and (run_dir / "summary.json").is_file() and record.is_file() \
+            and json.loads(record.read_text()) == overrides:
+        return json.loads((run_dir / "summary.json").read_text())
     cmd = [sys.executable, "-m", "effitrain.cli", *overrides, f"run_dir={run_dir}", "overwrite=true"]
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +54,7 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(log.read_text().splitlines()[-15:]))
     summary = json.loads((run_dir / "summary.json").read_text())
+    record.write_text(json.dumps(overrides))
     summary["wall_seconds"] = time.time() - t0
     return summary
 
@@ -100,10 +109,10 @@ def bench_kd(args, extra: list[str], out: Path) -> list[str]:
         common = [f"train.seed={seed}", *extra]
         pipeline = run(["+recipe=kd", f"stages.1.train.max_steps={args.student_steps}", *common], out / f"kd-s{seed}")
         teacher, student = pipeline["stages"]
-        alone = run(["+recipe=kd", "stages.1.objective=causal_lm", f"stages.1.train.max_steps={args.student_steps}",
-                     *common], out / f"student-alone-s{seed}")
+        # the student stage's config without the teacher: the base config, same seed, same steps
+        alone = run([f"train.max_steps={args.student_steps}", *common], out / f"student-alone-s{seed}")
         rows.append({"seed": seed, "teacher": teacher["final_eval_loss"], "teacher_flops": teacher["flops"],
-                     "kd": student["final_eval_loss"], "alone": alone["stages"][1]["final_eval_loss"],
+                     "kd": student["final_eval_loss"], "alone": alone["final_eval_loss"],
                      "student_flops": student["flops"]})
         print(json.dumps(rows[-1]), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in ("teacher", "kd", "alone")}
@@ -131,7 +140,10 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_growth")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="read back finished runs with the same overrides")
     args, extra = parser.parse_known_args()
+    global REUSE
+    REUSE = args.reuse
     args.command = "python scripts/bench_growth.py " + " ".join(sys.argv[1:])
     sections = []
     if args.only in (None, "gstack"):

@@ -249,3 +249,17 @@ def test_sigkill_during_stage_two_then_resume_continues_stage_two_only(tmp_path)
     for key in later:
         assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
     assert json.loads((killed / "summary.json").read_text())["finished"]
+
+
+def test_a_resumed_pipeline_may_change_a_stages_length_but_not_what_it_computes(tmp_path):
+    import yaml
+
+    from effitrain.config.resume import check_resume_config
+
+    stored = compose_config([TWO_STAGES]).cfg
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    longer = compose_config([TWO_STAGES, "stages.1.train.max_steps=60"]).cfg
+    check_resume_config(tmp_path, longer, "auto")
+    other = compose_config([TWO_STAGES, "+stages.1.optimizer.lr=1e-4"]).cfg
+    with pytest.raises(ConfigError, match=re.escape("stages.1.optimizer.lr: '<unset>' -> 0.0001")):
+        check_resume_config(tmp_path, other, "auto")

@@ -27,6 +27,9 @@ RECIPES_FILE = "recipes.yaml"
 
 
 def _safe(key: str) -> bool:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "stages" and parts[1].isdigit():  # a stage's own train.max_steps, logger.*
+        key = ".".join(parts[2:])
     return key.startswith(RESUME_SAFE_KEYS)
 
 
