@@ -125,7 +125,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     last = rows[-1] if rows else {}
     summary = {
         "stages": rows,
-        "totals": {key: sum(r.get(key) or 0 for r in rows) for key in ("steps", "tokens", "train_seconds", "flops")},
+        "totals": {key: sum(r.get(key) or 0 for r in rows)
+                   for key in ("steps", "tokens", "train_seconds", "flops", "flops_sparse")},
         "finished": finished,
         "stopped_by": outcome.get("stopped_by"),
         "exit_code": 0 if finished else outcome.get("exit_code", 1),
@@ -143,8 +144,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
 
 def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],
          skipped: bool) -> dict[str, Any]:
-    keys = ("finished", "exit_code", "steps", "tokens", "train_seconds", "flops", "final_eval_loss", "final_model",
-            "trainable_params", "total_params", "stopped_by")
+    keys = ("finished", "exit_code", "steps", "tokens", "train_seconds", "flops", "flops_sparse", "final_eval_loss",
+            "final_model", "trainable_params", "total_params", "stopped_by")
     return {"stage": stage.name, "run_dir": str(stage_dir), "init": stage.init, "transform": transform,
             "skipped_as_finished": skipped, **{k: summary.get(k) for k in keys}}
 

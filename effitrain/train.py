@@ -299,6 +299,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     from effitrain.engine.rundir import resolve_resume, truncate_metrics, write_run_record
     from effitrain.engine.state import State
     from effitrain.loggers.sinks import Sinks
+    from effitrain.engine.metrics import sparse_flops_per_token
     from effitrain.memory import memory_report
     from effitrain.optim.schedules import follow_this_horizon
 
@@ -358,6 +359,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "steps": state.step,
         "tokens": state.tokens,
         "flops": trainer.flops_per_token * state.tokens,  # training FLOPs, all ranks (6N + attention per token)
+        # the same, counting masked weights as skipped (static sparsity; equal to flops for a dense model)
+        "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[1])) * state.tokens,
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,

@@ -75,6 +75,14 @@ def test_command_line_overrides_reach_every_stage_and_a_stage_override_wins():
     assert [s.block("optimizer").params.lr for s in spec.stage_specs] == [1e-3, 1e-3]
 
 
+def test_a_key_a_stage_does_not_set_is_added_with_a_plus():
+    with pytest.raises(ConfigError, match=re.escape("stages.0.train.save_every: the stage does not set this key yet; "
+                                                    "add it with '+stages.0.train.save_every=VALUE'")):
+        compose_config([TWO_STAGES, "stages.0.train.save_every=2"])
+    composed = compose_config([TWO_STAGES, "+stages.0.train.save_every=2"])
+    assert composed.cfg["stages"][0]["train"] == {"max_steps": 4, "save_every": 2}
+
+
 def test_check_validates_every_stage_before_anything_runs(tmp_path):
     ok = effitrain_cli("check", "+recipe=g_stack", f"run_dir={tmp_path / 'run'}")
     assert ok.returncode == 0, ok.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -219,6 +220,9 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
             given = next((o for o in overrides if o.split("=")[0].lstrip("+~") == str(full_key)), None)
             return ConfigError(f"{full_key}: {detail}" + (f" (from '{given}')" if given else "")
                                + "; give a value of the same kind as the default ('effitrain show default')")
+        if str(full_key).startswith("stages["):  # a stage's delta holds only the keys it changes
+            dotted = re.sub(r"\[(\d+)\]", r".\1", str(full_key))
+            return ConfigError(f"{dotted}: the stage does not set this key yet; add it with '+{dotted}=VALUE'")
         # the structure without any key overrides (group choices and recipes only) tells what keys exist
         all_groups = set(groups())
         valid = _keys_at(parent, [o for o in overrides

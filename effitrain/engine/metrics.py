@@ -25,6 +25,14 @@ def peak_memory_bytes() -> int:
     return peak_rss_bytes()
 
 
+def sparse_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """As :func:`flops_per_token`, counting a masked weight matrix (static sparsity) by its non-zeros: the FLOPs a
+    kernel that skips zeros would execute (SPDF's accounting); equal to the dense count for an unmasked model."""
+    from effitrain.models.static_sparse import masked_weight_count
+
+    return flops_per_token(model, seq_len) - 6.0 * masked_weight_count(model)
+
+
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls with the parameters plus the attention scores (PaLM, App. B)."""
     n_params = sum(p.numel() for p in model.parameters())

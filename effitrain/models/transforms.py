@@ -19,7 +19,7 @@ from effitrain.registry import ConfigError
 def _load(source: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -52,7 +52,7 @@ def stack_layers(params: Any, source: Path) -> tuple[Any, dict[str, Any]]:
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == depth:  # per-layer attention kinds follow the copies
         config.layer_types = [layer_types[j] for j in order]
-    grown = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    grown = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     source_state = small.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -116,7 +116,7 @@ def merge_adapters(params: Any, source: Path) -> tuple[Any, dict[str, Any]]:
                           f"folded into weights")
     base_path = config.base_model_name_or_path
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     except OSError as exc:
         raise ConfigError(f"transform merge_adapters: cannot load the adapter's base '{base_path}': "
                           f"{str(exc).splitlines()[0]}") from None

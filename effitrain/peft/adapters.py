@@ -108,6 +108,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
     ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it, so
     ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
+    from effitrain.models.static_sparse import fold_masks, has_static_sparsity
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
 
     out = Path(out_dir)
@@ -139,6 +140,10 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
             info["note"] = ("prompt-learning adapters (prefixes, parallel adapters) add computation and cannot be "
                             "folded into weights; the top-level model is the frozen base, load adapter/ with peft "
                             "(and parallel_adapters.safetensors with effitrain.peft.mam) to use the trained model")
+    elif has_static_sparsity(model):
+        final = fold_masks(model)
+        info["merged"] = True
+        info["note"] = "static sparsity masks were folded into plain nn.Linear weights (zeros where masked)"
     elif has_sltrain(model):
         final = merge_sltrain(copy.deepcopy(model))
         info["merged"] = True

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
+from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
 
@@ -26,3 +29,27 @@ class SLTrainParams:
     def validate(self, path: str) -> None:
         if not self.target_modules:
             raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern")
+
+
+@register("peft", "static_sparse", builder="effitrain.models.static_sparse:build_static_sparse",
+          summary="Static unstructured sparsity: a fixed random mask on every linear weight (SPDF, 2303.10464)")
+@dataclass
+class StaticSparseParams:
+    sparsity: float = param(0.75, gt=0, lt=1, help="share of each weight matrix held at zero (paper: 0.5 and 0.75)")
+    target_modules: list[str] = param(default_factory=lambda: ["self_attn", "mlp"],
+                                      help="module-name patterns whose nn.Linear weights are masked (the LM head "
+                                           "never is)")
+    seed: int = param(0, help="seed of the random masks")
+
+    def validate(self, path: str) -> None:
+        if not self.target_modules:
+            raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern")
+
+
+@rule("static_sparse_whole_weights", "peft=static_sparse masks whole weight matrices: ZeRO stage 3's partitioned "
+                                     "parameters are refused")
+def _static_sparse_zero3(spec, env) -> Optional[str]:
+    if spec.block("peft").name == "static_sparse" and spec.block("parallelism").params.stage == 3:
+        return ("peft=static_sparse builds its masks on whole weight matrices, which ZeRO-3 partitions; use "
+                "parallelism=zero2 (or ddp)")
+    return None
