@@ -60,12 +60,14 @@ class RunSpec:
     overwrite: bool
     plugins: list[str]
     recipes: list[RecipeInfo]
+    timeline: Any = None           # effitrain.timeline.TimelineSpec (declared units; resolved per run)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
 
 
-ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", *BLOCK_GROUPS}
+ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", "timeline",
+             *BLOCK_GROUPS}
 
 
 def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None) -> RunSpec:
@@ -126,8 +128,25 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
                               f"got {r!r}")
     infos = [parse_params(RecipeInfo, r, f"recipe[{r.get('name', i)}]") for i, r in enumerate(recipes)]
 
+    timeline = _timeline(cfg.get("timeline"), blocks)
     spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
-                   plugins=list(plugins), recipes=infos)
+                   plugins=list(plugins), recipes=infos, timeline=timeline)
     from effitrain.config.rules import check_rules
     check_rules(spec)
     return spec
+
+
+def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
+    """The ``timeline:`` key, checked against what is known without reading data: the packed length, the demo
+    corpus's domains (other sources' domains are checked when the mixture sampler is built), and the blocks that
+    read each quantity."""
+    from effitrain.timeline import check_readers, parse_timeline
+
+    dataset = blocks["dataset"]
+    domains = getattr(dataset.params, "domains", None)
+    if domains is None and dataset.name == "demo":
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        domains = list(DEMO_DOMAINS)
+    timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
+    check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name)
+    return timeline
