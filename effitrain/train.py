@@ -243,8 +243,9 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
                                              rank=launch.rank,
                                              **_if_accepted(spec.block("curriculum"), timeline=timeline))
-    hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + \
-        [m.build() for m in spec.methods.values()] + timeline_hooks(timeline)
+    # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
+    hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
+        [m.build() for m in spec.methods.values()]
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.
     lock = RunDirLock(run_dir)

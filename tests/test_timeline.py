@@ -276,3 +276,25 @@ def test_a_run_shows_the_model_the_scheduled_lengths_and_mixture(tmp_path, train
     ], tmp_path / "run")
     assert summary["finished"]
     assert seen == [(4, 64), (4, 64), (8, 32), (16, 16)]  # micro-batch 4 x 64 tokens: 256 tokens every step
+
+
+@pytest.mark.slow
+def test_a_resumed_mixture_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, train_in_process):
+    """Six steps in one go vs three steps, then `resume=auto` with train.max_steps=6: the same later losses need the
+    same batches (the sampler's state) and the same timeline (its record in the checkpoint)."""
+    import json
+
+    run = ["curriculum=mixture", "scheduler=constant", "train.save_every=3",
+           "+timeline.mixture={unit: step, points: [{at: 0, value: {code: 0.7, prose: 0.3}}, "
+           "{at: 4, value: {arithmetic: 0.5, prose: 0.5}}]}",
+           "+timeline.seq_len={unit: step, points: [{at: 0, value: 64}, {at: 2, value: 32}]}"]
+
+    def losses(run_dir):
+        return {l["step"]: l["loss"] for l in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss" in l}
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_in_process([*run, "train.max_steps=6"], full)["finished"]
+    assert train_in_process([*run, "train.max_steps=3"], split)["finished"]
+    assert train_in_process([*run, "train.max_steps=6", "resume=auto"], split)["finished"]
+    assert losses(split) == losses(full) and sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
