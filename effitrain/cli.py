@@ -105,7 +105,7 @@ def _verb_check(args: list[str]) -> int:
 
 def _verb_plan(args: list[str]) -> int:
     from effitrain.config.compose import compose_config
-    from effitrain.plan import format_section, plan_section, plot_sections
+    from effitrain.plan import format_section, plan_sections, plot_sections
 
     plot_to = None
     if "--plot" in args:
@@ -114,14 +114,14 @@ def _verb_plan(args: list[str]) -> int:
             raise ConfigError("plan: --plot needs a file name ending in .png, e.g. --plot plan.png")
         plot_to, args = args[i + 1], args[:i] + args[i + 2:]
     composed = compose_config(args)
-    section = plan_section(composed.cfg, composed.recipes)
-    print(format_section(section))
+    sections = plan_sections(composed.cfg, composed.recipes)
+    print("\n\n".join(format_section(section) for section in sections))
     if plot_to:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ConfigError("plan: --plot needs matplotlib (pip install 'effitrain[plot]')") from None
-        print(f"wrote {plot_sections([section], plot_to)}")
+        print(f"wrote {plot_sections(sections, plot_to)}")
     return 0
 
 
