@@ -3,7 +3,8 @@
 :func:`plan_section` validates a composed config, resolves its timeline for the run's length and batch, and returns
 one row per breakpoint: the step, the tokens seen before it, the fraction of ``train.max_steps``, and the value of
 every quantity there (lr from the configured scheduler block, the sequence length the model sees, the mixture
-weights, the phase).  A multi-stage pipeline is a list of sections, one per stage.  Torch-free: the lr curves come
+weights, the phase).  A multi-stage recipe is a list of sections, one per stage (:func:`plan_sections`); steps and
+tokens count from the start of each stage.  Torch-free: the lr curves come
 from :mod:`effitrain.optim.lr_curves`.
 """
 
@@ -41,12 +42,30 @@ class PlanSection:
         raise KeyError(name)
 
 
+def plan_sections(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[PlanSection]:
+    """One section per stage of a multi-stage recipe (each stage is a whole run with its own timeline and lr), or
+    one for a single run."""
+    from effitrain.config.spec import validate
+
+    spec = validate(cfg, recipes)
+    if spec.stages:
+        return [_section(one, f"stage {stage.index} '{stage.name}' (init {stage.init}"
+                              + (f", transform {stage.transform.get('name')})" if stage.transform else ")"))
+                for stage, one in zip(spec.stages, spec.stage_specs)]
+    return [_section(spec, " + ".join(r.name for r in spec.recipes) or "run")]
+
+
 def plan_section(cfg: Mapping[str, Any], recipes: Optional[list] = None, *, title: str = "run") -> PlanSection:
+    """The plan of a single run (a multi-stage recipe: see :func:`plan_sections`)."""
     from effitrain.config.spec import validate
 
     spec = validate(cfg, recipes)
     if title == "run" and spec.recipes:
         title = " + ".join(r.name for r in spec.recipes)
+    return _section(spec, title)
+
+
+def _section(spec: Any, title: str) -> PlanSection:
     t = spec.train
     world = t.global_batch_size // (t.micro_batch_size * t.grad_accum) if t.global_batch_size else 1
     seq_len = int(spec.block("dataset").params.seq_len)
@@ -82,8 +101,9 @@ def plan_section(cfg: Mapping[str, Any], recipes: Optional[list] = None, *, titl
 
 
 def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[dict]:
-    """The plan of one run as rows (see :func:`plan_section`)."""
-    return plan_section(cfg, recipes).rows
+    """The plan as rows (see :func:`plan_section`); a multi-stage recipe's rows carry their stage's title in
+    ``section``."""
+    return [{"section": sec.title, **row} for sec in plan_sections(cfg, recipes) for row in sec.rows]
 
 
 def format_section(section: PlanSection) -> str:
@@ -138,14 +158,20 @@ def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
                 if name == panels[0]:
                     ax.text(offset + a, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), va="top",
                             fontsize="small")
+        if len(sections) > 1:  # stage boundaries: steps count on across stages in the figure
+            for ax in axes[:, 0]:
+                ax.axvline(offset, color="k", lw=0.8, ls="--")
+            axes[0, 0].text(offset, 1.0, f" {section.title.split(' (')[0]}", transform=axes[0, 0].get_xaxis_transform(),
+                            va="bottom", fontsize="small")
         offset += section.max_steps
     labels = {"lr": "learning rate", "seq_len": "sequence length\n(tokens)", "mixture": "domain weight"}
     for ax, name in zip(axes[:, 0], panels):
         ax.set_ylabel(labels[name])
         ax.grid(alpha=0.3)
     last = sections[-1]
-    axes[-1, 0].set_xlabel(f"optimizer step ({last.tokens_per_step:,} tokens per step)")
-    fig.suptitle(" + ".join(s.title for s in sections))
+    axes[-1, 0].set_xlabel(f"optimizer step ({last.tokens_per_step:,} tokens per step)" if len(sections) == 1
+                           else "optimizer step, counted across the stages")
+    fig.suptitle(sections[0].title if len(sections) == 1 else f"{len(sections)} stages")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -84,3 +84,19 @@ def test_plan_refuses_bad_input_in_one_line():
     result = effitrain_cli("plan", "--plot", "plan.svg", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "effitrain: error: plan: --plot needs a file name ending in .png, e.g. --plot plan.png"
+
+
+def test_a_multi_stage_recipe_has_one_section_per_stage():
+    composed = compose_config(["+recipe=g_stack"])
+    rows = plan_rows(composed.cfg, composed.recipes)
+    small, stacked = "stage 1 'small' (init scratch)", "stage 2 'stacked' (init previous, transform stack_layers)"
+    # each stage is a run of its own: steps and tokens count from its start, its cosine spans its own max_steps
+    assert [(r["section"], r["step"]) for r in rows] == [(small, 0), (small, 20), (small, 49),
+                                                         (stacked, 0), (stacked, 20), (stacked, 199)]
+    assert rows[2]["fraction"] == 49 / 50 and rows[5]["fraction"] == 199 / 200
+    assert rows[1]["lr"] == pytest.approx(3e-3) and rows[4]["lr"] == pytest.approx(3e-3)
+    result = effitrain_cli("plan", "+recipe=g_stack", timeout=120)
+    assert result.returncode == 0, result.stderr
+    headers = [line for line in result.stdout.splitlines() if line.startswith("stage ")]
+    assert headers == [f"{small}: 50 steps x 1,024 tokens (world size 1, packed rows of 128 tokens)",
+                       f"{stacked}: 200 steps x 1,024 tokens (world size 1, packed rows of 128 tokens)"]
