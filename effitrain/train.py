@@ -250,7 +250,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build() for m in spec.methods.values()]
-    objective = _build_objective(spec, model, launch)
+    objective = _build_objective(spec, model, launch, data.tokenizer)
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.
     lock = RunDirLock(run_dir)
@@ -281,15 +281,16 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     return summary
 
 
-def _build_objective(spec: RunSpec, model: Any, launch: Launch) -> Any:
+def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) -> Any:
     """The objective, built on the trained model (after peft) on this process's device; a teacher it loads is
-    checked here (folder, vocabulary), before the run directory is taken."""
+    checked here (folder, vocabulary, tokenizer), before the run directory is taken."""
     import torch
 
     device = torch.device(launch.device_type, launch.local_rank) if launch.device_type == "cuda" \
         else torch.device(launch.device_type)
     block = spec.block("objective")
-    return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported))
+    return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
+                                      tokenizer=tokenizer))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ import copy
 import json
 import re
 
+import yaml
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,10 +42,19 @@ def batch(rows: int = 4, length: int = 12, seed: int = 1) -> dict[str, torch.Ten
     return {"input_ids": ids, "labels": ids}  # what the loop feeds: packed rows, every position labelled
 
 
-def objective(name: str, model=None, **params):
+def objective(name: str, model=None, tokenizer=None, **params):
     load_builtin_blocks()
     block = REGISTRY.parse("objective", {"name": name, **params})
-    return block.build(model=model, device="cpu", bf16_supported=False)
+    return block.build(model=model, device="cpu", bf16_supported=False, tokenizer=tokenizer)
+
+
+def word_tokenizer(words: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids are the positions of ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
 
 
 @pytest.fixture
@@ -181,6 +192,28 @@ def test_the_teacher_is_frozen_in_eval_mode_and_unchanged_by_optimizer_steps(tea
     assert not torch.equal(student_before["lm_head.weight"], student.state_dict()["lm_head.weight"])  # it trained
 
 
+def test_the_teacher_runs_in_bfloat16_only_on_a_gpu_that_supports_it():
+    from effitrain.objectives.distill import teacher_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert teacher_dtype("auto", gpu, bf16_supported=True) is torch.bfloat16
+    assert teacher_dtype("auto", gpu, bf16_supported=False) is torch.float32
+    assert teacher_dtype("auto", cpu, bf16_supported=True) is torch.float32
+    assert teacher_dtype("bfloat16", cpu, bf16_supported=False) is torch.bfloat16  # asked for explicitly
+
+
+def test_a_teacher_whose_saved_tokenizer_maps_tokens_to_other_ids_is_refused(tmp_path):
+    words = [f"w{i}" for i in range(VOCAB)]
+    teacher = tmp_path / "teacher"
+    tiny_llama(seed=7).save_pretrained(teacher)
+    word_tokenizer(words).save_pretrained(teacher)
+    student = tiny_llama()
+    objective("distill", student, tokenizer=word_tokenizer(words), teacher=str(teacher))  # the same ids: accepted
+    swapped = [words[1], words[0], *words[2:]]  # same size, two tokens trade ids
+    with pytest.raises(ConfigError, match=re.escape(f"differs from the run's (2 of {VOCAB} tokens have another id")):
+        objective("distill", student, tokenizer=word_tokenizer(swapped), teacher=str(teacher))
+
+
 def test_a_teacher_with_another_vocabulary_or_no_folder_is_refused(tmp_path):
     tiny_llama(vocab=VOCAB + 16).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConfigError, match=f"has a vocabulary of {VOCAB + 16} tokens, the student {VOCAB}"):
@@ -255,14 +288,16 @@ def test_bad_objective_config_is_one_line_naming_the_key(overrides, message):
 
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
-def test_a_distill_run_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_dir(tmp_path, train_in_process):
-    teacher_run = tmp_path / "teacher"
-    train_in_process(["train.max_steps=2"], teacher_run)
-
-    run = tmp_path / "student"
-    summary = train_in_process(["objective=distill", f"objective.teacher={teacher_run / 'final_model'}",
-                                "objective.alpha=0.7", "train.grad_accum=2"], run)
+def test_a_distill_stage_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_dir(tmp_path, train_in_process):
+    # the kd pattern: stage 1 trains the teacher, stage 2 a fresh student distilled from its final model
+    pipeline = tmp_path / "pipeline"
+    summary = train_in_process([
+        "+stages=[{name: teacher, train: {max_steps: 2}}, {name: student, init: scratch, train: {grad_accum: 2}, "
+        "objective: {name: distill, teacher: '@stage:teacher', alpha: 0.7}}]"], pipeline)
     assert summary["finished"]
+    run = pipeline / "stages" / "02-student"
+    teacher = yaml.safe_load((run / "config.yaml").read_text())["objective"]["teacher"]
+    assert teacher == str(pipeline / "stages" / "01-teacher" / "final_model")
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [l for l in lines if "loss" in l]
     assert [l["step"] for l in train_lines] == [1, 2, 3, 4]
@@ -280,8 +315,6 @@ def test_a_distill_run_logs_soft_and_hard_loss_and_a_bad_teacher_leaves_no_run_d
 
 
 def test_resume_of_a_run_stored_before_objectives_existed_is_not_a_config_change(tmp_path):
-    import yaml
-
     from effitrain.config.resume import check_resume_config
 
     cfg = compose_config([f"run_dir={tmp_path}"]).cfg

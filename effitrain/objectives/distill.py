@@ -4,12 +4,12 @@
     soft = T^2 * mean over labelled positions of KL( softmax(t / T) || softmax(s / T) )   (summed over the vocabulary)
     hard = the student's own next-token cross-entropy (exactly ``causal_lm``)
 
-Conventions, checked against torchdistill's ``KDLoss`` (``torchdistill/losses/mid_level.py``): the KL is
-``kl_div(log_softmax(s/T), softmax(t/T))`` summed over classes and averaged over the rows (``batchmean``; our rows are
-token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes (Hinton, section
-2).  torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
-torchdistill's ``alpha = a`` is our ``alpha = 1 - a``.  The soft loss is taken at the same positions as the hard
-loss (position t predicts token t+1; labels of -100 excluded).
+Conventions, checked against torchdistill's ``KDLoss`` (``losses/mid_level.py``; ``single.py`` in older versions): the
+KL is ``kl_div(log_softmax(s/T), softmax(t/T))`` summed over classes and averaged over the rows (``batchmean``; our
+rows are token positions), multiplied by T^2 so that the soft term's gradients keep their size as T changes (Hinton,
+section 2). torchdistill's ``alpha`` weighs the *hard* loss; ours weighs the *soft* loss (the issue's convention), so
+torchdistill's ``alpha = a`` is our ``alpha = 1 - a``. The soft loss is taken at the same positions as the hard loss
+(position t predicts token t+1; labels of -100 excluded).
 
 ``loss: mse_logits`` replaces the soft term with the mean squared error between the raw logits (Ba & Caruana 2014,
 torchdistill's logit-matching option), averaged over positions and vocabulary; the temperature is not used.
@@ -102,7 +102,28 @@ def load_teacher(params: Any, *, device: torch.device, bf16_supported: bool) -> 
     return teacher
 
 
-def build(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False, **context: Any) -> Distill:
+def check_same_tokenizer(teacher_path: str, tokenizer: Any) -> None:
+    """Logits are compared id by id, so equal vocabulary sizes are not enough: a teacher folder that carries its
+    tokenizer must map every token to the id the run's tokenizer gives it."""
+    from pathlib import Path
+
+    from effitrain.config.inputs import TOKENIZER_FILES
+
+    folder = Path(teacher_path).expanduser()
+    if tokenizer is None or not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    theirs, ours = AutoTokenizer.from_pretrained(str(folder)).get_vocab(), tokenizer.get_vocab()
+    differ = sum(1 for token, i in ours.items() if theirs.get(token) != i) + len(set(theirs) - set(ours))
+    if differ:
+        raise ConfigError(f"objective.teacher: the tokenizer saved with the teacher at {teacher_path} differs from "
+                          f"the run's ({differ} of {len(ours)} tokens have another id or are missing); distill from "
+                          f"a teacher trained with the same tokenizer (e.g. on the same data and model.vocab_size)")
+
+
+def build(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False, tokenizer: Any = None,
+          **context: Any) -> Distill:
     device = torch.device(device)
     teacher = load_teacher(params, device=device, bf16_supported=bf16_supported)
     student_vocab, teacher_vocab = vocab_rows(model), vocab_rows(teacher)
@@ -110,4 +131,5 @@ def build(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool 
         raise ConfigError(f"objective.teacher: the teacher at {params.teacher} has a vocabulary of {teacher_vocab} "
                           f"tokens, the student {student_vocab}; distillation compares their logits token by token, "
                           f"so both need the same tokenizer")
+    check_same_tokenizer(params.teacher, tokenizer)
     return Distill(teacher, temperature=params.temperature, alpha=params.alpha, loss=params.loss)

@@ -2,15 +2,17 @@
 
     loss = sum_k w_k l_k / sum_k w_k,   l_k = next-token loss of head(norm(hidden_states[k]))
 
-As in Sorted LLaMA / SoFT (Kavehzadeh et al., 2309.08968): the authors' ``SoFTModel`` (DeepSpeed-Chat) runs the model
-with ``output_hidden_states=True`` and decodes ``hidden_states[k]`` with the model's own ``lm_head(model.norm(.))``
-- one head and one final norm shared by every sub-model, no new parameters - adding the sub-models' cross-entropies to
-the full model's loss with equal weight.  Here the weights are configurable (default all 1) and the sum is
-normalised by their total.
+As in Sorted LLaMA / SoFT (Kavehzadeh et al., 2309.08968): the sub-model of the first k layers shares the full
+model's output head, and the sub-models' cross-entropies are summed.  The public ``SoFTModel`` we read (a
+DeepSpeed-Chat-based module found with the search tool; its repository could not be identified, so it is not
+certainly the authors') runs the model with ``output_hidden_states=True`` and decodes ``hidden_states[k]`` with the
+model's own ``lm_head(model.norm(.))`` - the final norm shared too, no new parameters - adding each layer's loss to
+the full model's loss with weight 1.  Here the weights are configurable (default all 1) and the sum is normalised by
+their total, so the loss stays on the scale of one cross-entropy.
 
 Layer ``k`` counts decoder layers from 1: ``hidden_states[k]`` is the output of layer k.  In transformers the last
 entry, ``hidden_states[L]``, already went through the final norm, so for ``k = L`` the model's own logits and loss are
-used (the authors' code would apply the norm a second time there); the last layer alone therefore gives exactly the
+used (that code would apply the norm a second time there); the last layer alone therefore gives exactly the
 ``causal_lm`` loss.  The norm and head are called as modules of the engine's model, so ZeRO-3 gathers them.
 """
 

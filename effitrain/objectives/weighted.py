@@ -45,8 +45,9 @@ class WeightedCausalLM:
         out = model(**model_inputs(batch))
         per_example = example_losses(out.logits, batch["labels"])
         weights = self.weights(batch, per_example.shape[0], per_example.device)
-        # sum w_i l_i / sum w_i; a negative or all-zero weight vector shows up as a non-finite loss, which the
-        # non-finite guard already reports and skips, instead of a host sync per step to check it here
+        # sum w_i l_i / sum w_i.  The values are not checked here (that would be a host sync per micro-batch): weights
+        # that sum to zero give a non-finite loss, which the non-finite guard reports and skips; keeping them >= 0 is
+        # the supplying hook's contract
         loss = (weights * per_example).sum() / weights.sum()
         return loss, {"unweighted_loss": per_example.detach().mean()}
 
