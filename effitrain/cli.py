@@ -8,6 +8,7 @@
     effitrain check [OVERRIDES]           validate only (keys, types, ranges, compatibility rules)
     effitrain diff A B                    the keys in which two recipes' resolved configs differ
     effitrain rules                       the compatibility rules as a table
+    effitrain plan [OVERRIDES] [--plot F.png]  the run's timeline: lr, seq_len, mixture, phases at each breakpoint
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
                                           a Hugging Face folder from any checkpoint (ZeRO-3 gathered)
@@ -102,6 +103,28 @@ def _verb_check(args: list[str]) -> int:
     return 0
 
 
+def _verb_plan(args: list[str]) -> int:
+    from effitrain.config.compose import compose_config
+    from effitrain.plan import format_section, plan_sections, plot_sections
+
+    plot_to = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        if i + 1 >= len(args) or not args[i + 1].lower().endswith(".png"):
+            raise ConfigError("plan: --plot needs a file name ending in .png, e.g. --plot plan.png")
+        plot_to, args = args[i + 1], args[:i] + args[i + 2:]
+    composed = compose_config(args)
+    sections = plan_sections(composed.cfg, composed.recipes)
+    print("\n\n".join(format_section(section) for section in sections))
+    if plot_to:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("plan: --plot needs matplotlib (pip install 'effitrain[plot]')") from None
+        print(f"wrote {plot_sections(sections, plot_to)}")
+    return 0
+
+
 def _verb_diff(args: list[str]) -> int:
     from effitrain.config.compose import compose_config, flatten
 
@@ -187,7 +210,7 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
     "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
-    "evaluate": _verb_evaluate,
+    "evaluate": _verb_evaluate, "plan": _verb_plan,
 }
 
 

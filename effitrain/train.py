@@ -120,6 +120,13 @@ class RunContext:
     tokenizer: Any
 
 
+def _resolve_timeline(spec: RunSpec, launch: Launch, data: "Data") -> Any:
+    """The run's timeline in optimizer steps (tokens per step: the global batch times the packed length)."""
+    global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.world_size
+    return spec.timeline.resolve(max_steps=spec.train.max_steps,
+                                 tokens_per_step=global_batch * int(data.train_ids.shape[1]))
+
+
 def _if_accepted(block: Any, **context: Any) -> dict[str, Any]:
     """The optional context a builder declares in its signature (a plugin's builder written for an older
     effitrain, ``build(params, *, tokenizer)``, keeps working)."""
@@ -215,6 +222,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     from effitrain.console import attach_log, say
     from effitrain.config.resume import check_resume_config
     from effitrain.engine.rundir import RunDirLock, check_run_dir
+    from effitrain.timeline_hooks import timeline_hooks
 
     check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)  # read-only, so every rank agrees
     check_resume_config(run_dir, cfg, spec.resume)
@@ -231,12 +239,16 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                       **_if_accepted(spec.block("model"), run=RunContext(cfg, spec, data.tokenizer)))
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
-    scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
+    timeline = _resolve_timeline(spec, launch, data)
+    scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps,
+                                              **_if_accepted(spec.block("scheduler"), timeline=timeline))
     sampler = spec.block("curriculum").build(data.packed_train, seed=spec.train.seed,
                                              micro_batch_size=spec.train.micro_batch_size,
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
-                                             rank=launch.rank)
-    hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + \
+                                             rank=launch.rank,
+                                             **_if_accepted(spec.block("curriculum"), timeline=timeline))
+    # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
+    hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build() for m in spec.methods.values()]
     objective = _build_objective(spec, model, launch, data.tokenizer)
 
@@ -317,7 +329,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     if hasattr(optimizer, "attach_engine"):  # an optimizer that adapts the engine (per-layer updates)
         optimizer.attach_engine(engine)
     state = State(spec=spec, run_dir=run_dir, rank=launch.rank, world_size=launch.world_size, model=engine.module,
-                  engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+                  engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                  timeline=_resolve_timeline(spec, launch, data))
     final_dir = run_dir / "final_model"
     trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=data.train_ids, eval_sets=data.eval_sets,
                       sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1], objective=objective,

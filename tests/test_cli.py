@@ -38,6 +38,9 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, expected
 # (selection options need none: without a reference model they train a proxy on the pool)
 REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.path", "dataset/hub": "dataset.path",
                    "objective/distill": "objective.teacher"}
+# options that follow a timeline quantity, which must then be declared
+REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, points: [{at: 0, value: {code: 1.0}}]}",
+                     "scheduler/timeline": "+timeline.lr={unit: step, points: [{at: 0, value: 1.0}]}"}
 
 
 def test_every_option_of_every_group_validates():
@@ -48,6 +51,8 @@ def test_every_option_of_every_group_validates():
             overrides = [f"{group}={option}"]
             if f"{group}/{option}" in REQUIRED_INPUTS:
                 overrides.append(f"{REQUIRED_INPUTS[group + '/' + option]}=somewhere")
+            if f"{group}/{option}" in REQUIRED_TIMELINE:
+                overrides.append(REQUIRED_TIMELINE[f"{group}/{option}"])
             composed = compose_config(overrides)
             assert validate(composed.cfg).blocks[group].entry.group == group
 

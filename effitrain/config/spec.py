@@ -63,13 +63,14 @@ class RunSpec:
     #: a multi-stage recipe's stages, each with its own validated spec (empty for a single run)
     stages: list[Any] = field(default_factory=list)
     stage_specs: list["RunSpec"] = field(default_factory=list)
+    timeline: Any = None           # effitrain.timeline.TimelineSpec (declared units; resolved per run)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
 
 
 ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", "stages",
-             *BLOCK_GROUPS}
+             "timeline", *BLOCK_GROUPS}
 
 
 def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None) -> RunSpec:
@@ -133,8 +134,9 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
                               f"got {r!r}")
     infos = [parse_params(RecipeInfo, r, f"recipe[{r.get('name', i)}]") for i, r in enumerate(recipes)]
 
+    timeline = _timeline(cfg.get("timeline"), blocks)
     spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
-                   plugins=list(plugins), recipes=infos)
+                   plugins=list(plugins), recipes=infos, timeline=timeline)
     from effitrain.config.rules import check_rules
     check_rules(spec)
     return spec
@@ -162,3 +164,19 @@ def parse_transform(stage: Any) -> Block:
     """The validated ``transform:`` block of a stage (the ``transform`` registry group)."""
     load_builtin_blocks()
     return REGISTRY.parse("transform", stage.transform, f"stages.{stage.name}.transform")
+
+
+def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
+    """The ``timeline:`` key, checked against what is known without reading data: the packed length, the demo
+    corpus's domains (other sources' domains are checked when the mixture sampler is built), and the blocks that
+    read each quantity."""
+    from effitrain.timeline import check_readers, parse_timeline
+
+    dataset = blocks["dataset"]
+    domains = getattr(dataset.params, "domains", None)
+    if domains is None and dataset.name == "demo":
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        domains = list(DEMO_DOMAINS)
+    timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
+    check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name)
+    return timeline

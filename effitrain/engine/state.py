@@ -27,3 +27,4 @@ class State:
     eval_metrics: dict = field(default_factory=dict)  # the latest evaluation (after eval_end)
     should_stop: bool = False
     stop_reason: Optional[str] = None
+    timeline: Any = None           # effitrain.timeline.Timeline in steps: value(name, step), phase(step); None if empty

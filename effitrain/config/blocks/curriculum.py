@@ -19,3 +19,10 @@ class ShuffleParams:
 @dataclass
 class SequentialParams:
     pass
+
+
+@register("curriculum", "mixture", builder="effitrain.curriculum.mixture:build_mixture",
+          summary="Each step's rows drawn by domain with the weights of timeline.mixture at that step")
+@dataclass
+class MixtureParams:
+    pass

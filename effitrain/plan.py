@@ -1,0 +1,179 @@
+"""``effitrain plan``: what a run will do over its steps, as a table (and a figure), without building anything.
+
+:func:`plan_section` validates a composed config, resolves its timeline for the run's length and batch, and returns
+one row per breakpoint: the step, the tokens seen before it, the fraction of ``train.max_steps``, and the value of
+every quantity there (lr from the configured scheduler block, the sequence length the model sees, the mixture
+weights, the phase).  A multi-stage recipe is a list of sections, one per stage (:func:`plan_sections`); steps and
+tokens count from the start of each stage.  Torch-free: the lr curves come
+from :mod:`effitrain.optim.lr_curves`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from effitrain.timeline import Timeline
+
+
+@dataclass
+class PlanSection:
+    title: str
+    max_steps: int
+    world_size: int
+    tokens_per_step: int
+    packed_seq_len: int
+    timeline: Timeline
+    lr: Optional[Callable[[int], float]]   # the absolute lr at a step (None: the scheduler block gives no curve)
+    rows: list[dict]
+
+    def value_at(self, name: str, step: int) -> Any:
+        """A quantity as the run sees it at ``step`` (defaults where the timeline declares nothing)."""
+        if name == "lr":
+            return self.lr(step) if self.lr else None
+        if name == "seq_len":
+            return self.timeline.value("seq_len", step) if self.timeline.declares("seq_len") else self.packed_seq_len
+        if name == "mixture":
+            return self.timeline.value("mixture", step) if self.timeline.declares("mixture") else None
+        if name == "phase":
+            return self.timeline.phase(step)
+        raise KeyError(name)
+
+
+def plan_sections(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[PlanSection]:
+    """One section per stage of a multi-stage recipe (each stage is a whole run with its own timeline and lr), or
+    one for a single run."""
+    from effitrain.config.spec import validate
+
+    spec = validate(cfg, recipes)
+    if spec.stages:
+        return [_section(one, f"stage {stage.index} '{stage.name}' (init {stage.init}"
+                              + (f", transform {stage.transform.get('name')})" if stage.transform else ")"))
+                for stage, one in zip(spec.stages, spec.stage_specs)]
+    return [_section(spec, " + ".join(r.name for r in spec.recipes) or "run")]
+
+
+def plan_section(cfg: Mapping[str, Any], recipes: Optional[list] = None, *, title: str = "run") -> PlanSection:
+    """The plan of a single run (a multi-stage recipe: see :func:`plan_sections`)."""
+    from effitrain.config.spec import validate
+
+    spec = validate(cfg, recipes)
+    if title == "run" and spec.recipes:
+        title = " + ".join(r.name for r in spec.recipes)
+    return _section(spec, title)
+
+
+def _section(spec: Any, title: str) -> PlanSection:
+    t = spec.train
+    world = t.global_batch_size // (t.micro_batch_size * t.grad_accum) if t.global_batch_size else 1
+    seq_len = int(spec.block("dataset").params.seq_len)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world * seq_len
+    timeline = spec.timeline.resolve(max_steps=t.max_steps, tokens_per_step=tokens_per_step)
+
+    scheduler = spec.block("scheduler").params
+    peak = getattr(spec.block("optimizer").params, "lr", None)
+    curve = scheduler.multiplier(t.max_steps, timeline) if hasattr(scheduler, "multiplier") else None
+    lr = (lambda step: peak * curve(step)) if curve is not None and peak is not None else None
+
+    marks: dict[int, list[str]] = {0: ["start"]}
+    for name, points in timeline.points.items():
+        for step, _ in points[1:]:
+            marks.setdefault(step, []).append(name)
+    for name, start, end in timeline.phases:
+        marks.setdefault(start, []).append(f"phase {name} starts")
+        if end < t.max_steps:
+            marks.setdefault(end, []).append(f"phase {name} ends")
+    if curve is not None and not timeline.declares("lr"):
+        for step in getattr(curve, "breakpoints", lambda: [])():
+            if 0 < step < t.max_steps:
+                marks.setdefault(step, []).append(f"{spec.block('scheduler').name} lr")
+    marks.setdefault(t.max_steps - 1, []).append("last step")
+
+    section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [])
+    for step in sorted(s for s in marks if 0 <= s < t.max_steps):
+        section.rows.append({"step": step, "tokens": step * tokens_per_step, "fraction": step / t.max_steps,
+                             "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
+                             "mixture": section.value_at("mixture", step), "phase": section.value_at("phase", step),
+                             "what": ", ".join(marks[step])})
+    return section
+
+
+def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[dict]:
+    """The plan as rows (see :func:`plan_section`); a multi-stage recipe's rows carry their stage's title in
+    ``section``."""
+    return [{"section": sec.title, **row} for sec in plan_sections(cfg, recipes) for row in sec.rows]
+
+
+def format_section(section: PlanSection) -> str:
+    domains = sorted({d for r in section.rows if r["mixture"] for d in r["mixture"]})
+    header = ["step", "tokens", "fraction", "lr", "seq_len"] + [f"w[{d}]" for d in domains] + ["phase", "what"]
+    table = [header]
+    for r in section.rows:
+        table.append([str(r["step"]), f"{r['tokens']:,}", f"{r['fraction']:.3f}",
+                      "?" if r["lr"] is None else f"{r['lr']:.3g}", str(r["seq_len"])]
+                     + [f"{r['mixture'].get(d, 0.0):.3g}" for d in domains]
+                     + [r["phase"] or "-", r["what"]])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"{section.title}: {section.max_steps} steps x {section.tokens_per_step:,} tokens "
+             f"(world size {section.world_size}, packed rows of {section.packed_seq_len} tokens)"]
+    for i, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if j < len(header) - 2 else c.ljust(w)
+                               for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if section.timeline.phases:
+        lines.append("phases: " + "; ".join(f"{n} [{a}, {b})" for n, a, b in section.timeline.phases))
+    return "\n".join(lines)
+
+
+def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
+    """One panel per quantity (lr, sequence length, mixture weights) against the optimizer step; phases shaded."""
+    import matplotlib
+    matplotlib.use("Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    panels = ["lr", "seq_len"] + (["mixture"] if any(s.timeline.declares("mixture") for s in sections) else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    offset = 0
+    for section in sections:
+        steps = list(range(section.max_steps))
+        x = [offset + s for s in steps]
+        for ax, name in zip(axes[:, 0], panels):
+            if name == "mixture":
+                if section.timeline.declares("mixture"):
+                    domains = sorted({d for _, w in section.timeline.points["mixture"] for d in w})
+                    for d in domains:
+                        ax.step(x, [section.value_at("mixture", s).get(d, 0.0) for s in steps], where="post",
+                                label=d)
+                    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+            else:
+                ys = [section.value_at(name, s) for s in steps]
+                if all(y is not None for y in ys):
+                    ax.plot(x, ys, drawstyle="steps-post" if name == "seq_len" else "default")
+                    ax.set_ylim(bottom=0, top=max(ys) * 1.1 if max(ys) > 0 else 1)
+            for k, (phase, a, b) in enumerate(section.timeline.phases):
+                ax.axvspan(offset + a, offset + b, alpha=0.10, color=("C7", "C8", "C9")[k % 3])
+                if name == panels[0]:
+                    ax.text(offset + a, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), va="top",
+                            fontsize="small")
+        if len(sections) > 1:  # stage boundaries: steps count on across stages in the figure
+            for ax in axes[:, 0]:
+                ax.axvline(offset, color="k", lw=0.8, ls="--")
+            axes[0, 0].text(offset, 1.0, f" {section.title.split(' (')[0]}", transform=axes[0, 0].get_xaxis_transform(),
+                            va="bottom", fontsize="small")
+        offset += section.max_steps
+    labels = {"lr": "learning rate", "seq_len": "sequence length\n(tokens)", "mixture": "domain weight"}
+    for ax, name in zip(axes[:, 0], panels):
+        ax.set_ylabel(labels[name])
+        ax.grid(alpha=0.3)
+    last = sections[-1]
+    axes[-1, 0].set_xlabel(f"optimizer step ({last.tokens_per_step:,} tokens per step)" if len(sections) == 1
+                           else "optimizer step, counted across the stages")
+    fig.suptitle(sections[0].title if len(sections) == 1 else f"{len(sections)} stages")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
