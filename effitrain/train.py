@@ -225,6 +225,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     _seed_everything(spec.train.seed)
     model = spec.block("model").build(tokenizer=data.tokenizer,
                                       **_if_accepted(spec.block("model"), run=RunContext(cfg, spec, data.tokenizer)))
+    if precision.prepare_model is not None:  # e.g. fp8: linears become torchao Float8Linear (before adapters)
+        model = precision.prepare_model(model)
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps)
@@ -233,7 +235,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
                                              rank=launch.rank)
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + \
-        [m.build() for m in spec.methods.values()]
+        [m.build() for m in spec.methods.values()] + list(precision.hooks)
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.
     lock = RunDirLock(run_dir)

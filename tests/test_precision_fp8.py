@@ -1,0 +1,139 @@
+"""FP8 precisions (fp8, coat), the FP8 optimizer state and the GPU kernel switches: refusals where they cannot run,
+and the mechanisms that run on a CPU (module conversion, FP8 storage of saved activations, exact round trips)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effitrain.config.compose import compose_config
+from effitrain.config.rules import Environment, check_rules
+from effitrain.config.spec import validate
+from effitrain.registry import ConfigError
+
+
+def spec(*overrides):
+    composed = compose_config(list(overrides))
+    return validate(composed.cfg, composed.recipes)
+
+
+H100 = Environment(device_type="cuda", bf16_supported=True, fp8_supported=True)
+A100 = Environment(device_type="cuda", bf16_supported=True, fp8_supported=False)
+CPU = Environment(device_type="cpu", bf16_supported=True, fp8_supported=False)
+
+
+@pytest.mark.parametrize("overrides", [["precision=fp8"], ["+recipe=coat"]])
+def test_fp8_precisions_are_refused_on_cpu_and_pre_hopper_gpus(overrides):
+    s = spec(*overrides)
+    name = s.block("precision").name
+    check_rules(s, H100)
+    check_rules(s, Environment())  # `effitrain check` without a device: decided at launch
+    with pytest.raises(ConfigError, match=rf"\[fp8_needs_sm89\]: precision={name} needs a CUDA GPU of compute "
+                                          rf"capability >= 8.9 .*this is a cpu device; use precision=bf16"):
+        check_rules(s, CPU)
+    with pytest.raises(ConfigError, match=r"\[fp8_needs_sm89\].*compute capability >= 8.9 \(Ada, Hopper"):
+        check_rules(s, A100)
+
+
+def test_fp8_is_refused_without_torchao_and_with_zero3(monkeypatch):
+    from effitrain.config.blocks import precision_fp8
+    with pytest.raises(ConfigError, match=r"\[fp8_not_with_zero3\].*use parallelism=zero2"):
+        check_rules(spec("precision=fp8", "parallelism=zero3"), H100)
+    monkeypatch.setattr(precision_fp8, "torchao_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"precision=fp8 needs torchao, which is not installed"):
+        check_rules(spec("precision=fp8"), H100)
+
+
+def test_coat_recipe_combines_fp8_linears_activations_and_fp8_moments():
+    s = spec("+recipe=coat")
+    assert (s.block("precision").name, s.block("optimizer").name) == ("coat", "adamw_fp8")
+    assert s.block("precision").params.group_size == 16 and s.block("optimizer").params.block_size == 128
+
+
+def test_fp8_plan_is_bf16_for_deepspeed_and_converts_only_aligned_linears_but_lm_head():
+    from torchao.float8.float8_linear import Float8Linear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plan = spec("precision=coat").block("precision").build(device_type="cuda", bf16_supported=True)
+    assert plan.mode == "coat" and plan.ds_config == {"bf16": {"enabled": True}}
+    assert [h.name for h in plan.hooks] == ["fp8_activation_storage"]
+    # intermediate 40 is not a multiple of 16: the MLP linears must stay bf16 (torch._scaled_mm needs 16-aligned)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=40, tie_word_embeddings=False))
+    model = plan.prepare_model(model)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n, k in kinds.items() if k == "Float8Linear"} == {
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
+    assert kinds["lm_head"] == "Linear" and kinds["model.layers.0.mlp.up_proj"] == "Linear"
+    assert all(isinstance(model.get_submodule(f"model.layers.0.self_attn.{p}_proj"), Float8Linear) for p in "qkvo")
+    assert spec("precision=bf16").block("precision").build(device_type="cuda", bf16_supported=True).hooks == ()
+
+
+def test_group_quantisation_is_exact_on_representable_values_and_scales_per_group():
+    from effitrain.precision.fp8 import dequantize_groups, quantize_groups
+
+    # group 1: absmax 448 -> scale 1, every value is an E4M3 number; group 2: absmax 7 -> scale 7/448 = 1/64
+    x = torch.tensor([448.0, -224.0, 1.0, 0.5, 7.0, -3.5, 0.0, 1.75])
+    codes, scale = quantize_groups(x, 4)
+    assert codes.dtype == torch.float8_e4m3fn and scale.flatten().tolist() == [1.0, 1 / 64]
+    assert torch.equal(dequantize_groups(codes, scale, x.shape, x.dtype), x)
+    # a length that is not a multiple of the group is zero-padded and cut back
+    y = torch.tensor([3.0, 1.5, -0.75])
+    codes, scale = quantize_groups(y, 2)
+    assert codes.shape == (2, 2) and torch.equal(dequantize_groups(codes, scale, y.shape, y.dtype), y)
+
+
+def test_activation_storage_packs_saved_inputs_in_fp8_but_not_weights():
+    from effitrain.precision.fp8 import Fp8ActivationStorage, dequantize_groups, quantize_groups
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(128, 64, requires_grad=True)
+    storage = Fp8ActivationStorage(group_size=16, min_numel=1024)
+    storage.enter(layer)
+    out = layer(x)
+    storage.leave()
+    # only the input (128x64 fp32) is packed: 8192 one-byte codes + 512 fp32 scales; the weight is left alone
+    assert storage.original_bytes == 128 * 64 * 4
+    assert storage.packed_bytes == 128 * 64 + (128 * 64 // 16) * 4
+    grad_out = torch.randn(128, 32)
+    out.backward(grad_out)
+    # the weight gradient is exactly grad_out^T @ (the FP8 round trip of x); the input gradient does not use x
+    x_fp8 = dequantize_groups(*quantize_groups(x, 16), x.shape, x.dtype)
+    torch.testing.assert_close(layer.weight.grad, grad_out.T @ x_fp8, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, grad_out @ layer.weight.detach(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(x_fp8, x.detach())  # FP8 rounding did happen: the check above is not vacuous
+
+
+def test_adamw_fp8_builds_torchao_optimizer_with_decay_groups():
+    from torchao.optim import AdamWFp8
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    opt = spec("optimizer=adamw_fp8", "optimizer.block_size=128").block("optimizer").build(model, max_steps=10)
+    assert isinstance(opt, AdamWFp8)
+    assert opt.block_size == 128 and [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [
+        (1, 0.1), (3, 0.0)]
+
+
+def test_kernel_switches_are_refused_where_they_cannot_run(monkeypatch):
+    from effitrain.config.blocks import model_kernels
+    monkeypatch.setattr(model_kernels, "installed", lambda module: True)
+    fa = spec("model.attn_implementation=flash_attention_2", "precision=bf16")
+    check_rules(fa, H100)
+    with pytest.raises(ConfigError, match=r"\[flash_attention_needs_cuda\].*this is a cpu device; use "
+                                          r"model.attn_implementation=sdpa"):
+        check_rules(fa, CPU)
+    with pytest.raises(ConfigError, match=r"computes in bf16/fp16 only; use precision=bf16"):
+        check_rules(spec("model.attn_implementation=flash_attention_2", "precision=fp32"), H100)
+    liger = spec("model.liger_kernels=true")
+    check_rules(liger, H100)
+    with pytest.raises(ConfigError, match=r"\[liger_needs_cuda\].*Triton\), this is a cpu device; set "
+                                          r"model.liger_kernels=false"):
+        check_rules(liger, CPU)
+    with pytest.raises(ConfigError, match=r"no kernels for gpt_neox"):
+        check_rules(spec("model=pythia_160m", "model.liger_kernels=true"), H100)
+    monkeypatch.setattr(model_kernels, "installed", lambda module: False)
+    with pytest.raises(ConfigError, match=r"needs the flash-attn package, which is not installed"):
+        check_rules(fa, H100)
+    with pytest.raises(ConfigError, match=r"needs the liger-kernel package, which is not installed"):
+        check_rules(liger, H100)
