@@ -18,10 +18,18 @@ from effitrain.config.compose import config_root, group_options
 pytestmark = pytest.mark.slow
 
 
+def _fp8_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
 @pytest.mark.parametrize("name", group_options("recipe"))
 def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     meta = yaml.safe_load((config_root() / "recipe" / f"{name}.yaml").read_text())["recipe"]
     assert meta["name"] == name and meta["paper"] and meta["claim"] and "arxiv" in meta  # null for a baseline
+    if "fp8_gpu" in meta.get("requires", []) and not _fp8_gpu():
+        pytest.skip("needs a GPU with FP8 matmuls (compute capability >= 8.9); the refusal elsewhere is tested in "
+                    "tests/test_precision_fp8.py")
     summary = train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
     assert summary["finished"] and summary["steps"] == 3
     assert summary["recipe"] == [name]

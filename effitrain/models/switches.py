@@ -13,7 +13,11 @@ def enable_activation_checkpointing(model: Any) -> None:
     """Recompute each decoder layer's activations in backward instead of storing them.  Non-reentrant
     ``torch.utils.checkpoint`` (``use_reentrant=False``): it works when the layer inputs do not require grad (frozen
     embeddings under LoRA) and with DeepSpeed's ZeRO hooks, and is what PyTorch recommends."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_liger_kernels(model: Any) -> None:
