@@ -145,7 +145,7 @@ def test_kernel_switches_are_refused_where_they_cannot_run(monkeypatch):
     (["model.num_heads=4", "model.num_kv_heads=2", "dataset.seq_len=66", "parallelism.sequence_parallel_size=4"],
      r"dataset.seq_len=66 is not divisible"),
     (["model.attn_implementation=eager", "parallelism.sequence_parallel_size=2"], r"model.attn_implementation=eager builds a full 4-D mask"),
-    (["parallelism.sequence_parallel_size=2"], r"not available in effitrain yet: the loop does not yet shard"),
+    (["parallelism.sequence_parallel_size=2"], r"DeepSpeed-Ulysses is not available in effitrain yet: the loop does not yet shard"),
 ])
 def test_sequence_parallel_size_is_validated_then_refused(overrides, message):
     with pytest.raises(ConfigError, match=r"\[ulysses_sequence_parallel\]: parallelism.sequence_parallel_size=\d: "
@@ -155,7 +155,7 @@ def test_sequence_parallel_size_is_validated_then_refused(overrides, message):
 
 
 def test_sequence_parallel_size_must_divide_the_world_size_known_at_launch():
-    s = spec("model.hidden_size=96", "model.num_heads=6", "model.num_kv_heads=3")
+    s = spec("model.hidden_size=96", "model.num_heads=6", "model.num_kv_heads=3", "dataset.seq_len=96")
     s.block("parallelism").params.sequence_parallel_size = 3  # valid shapes; the world size is only known at launch
     with pytest.raises(ConfigError, match=r"the world size 4 is not divisible by sequence_parallel_size=3"):
         check_rules(s, Environment(device_type="cuda", world_size=4))
