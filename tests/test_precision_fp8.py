@@ -83,26 +83,31 @@ def test_group_quantisation_is_exact_on_representable_values_and_scales_per_grou
     assert codes.shape == (2, 2) and torch.equal(dequantize_groups(codes, scale, y.shape, y.dtype), y)
 
 
-def test_activation_storage_packs_saved_inputs_in_fp8_but_not_weights():
+def test_activation_storage_packs_saved_bf16_inputs_in_fp8_but_not_weights_or_fp32():
     from effitrain.precision.fp8 import Fp8ActivationStorage, dequantize_groups, quantize_groups
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 32, bias=False)
-    x = torch.randn(128, 64, requires_grad=True)
+    layer = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(128, 64, dtype=torch.bfloat16, requires_grad=True)
+    statistics = torch.randn(128, 64, requires_grad=True)  # fp32: what softmax/log-sum-exp statistics look like
     storage = Fp8ActivationStorage(group_size=16, min_numel=1024)
     storage.enter(layer)
     out = layer(x)
+    kept = statistics.exp()  # exp saves its fp32 output: left as it is
     storage.leave()
-    # only the input (128x64 fp32) is packed: 8192 one-byte codes + 512 fp32 scales; the weight is left alone
-    assert storage.original_bytes == 128 * 64 * 4
-    assert storage.packed_bytes == 128 * 64 + (128 * 64 // 16) * 4
-    grad_out = torch.randn(128, 32)
-    out.backward(grad_out)
-    # the weight gradient is exactly grad_out^T @ (the FP8 round trip of x); the input gradient does not use x
+    # only the input (128x64 bf16) is packed: 8192 one-byte codes + 512 bf16 scales; weight and fp32 left alone
+    assert storage.original_bytes == 128 * 64 * 2
+    assert storage.packed_bytes == 128 * 64 + (128 * 64 // 16) * 2
+    grad_out = torch.randn(128, 32, dtype=torch.bfloat16)
+    (out.float() * grad_out.float()).sum().backward()
+    kept.sum().backward()
+    # the weight gradient is grad_out^T @ (the FP8 round trip of x); the input gradient does not use x
     x_fp8 = dequantize_groups(*quantize_groups(x, 16), x.shape, x.dtype)
-    torch.testing.assert_close(layer.weight.grad, grad_out.T @ x_fp8, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, grad_out @ layer.weight.detach(), rtol=1e-6, atol=1e-6)
-    assert not torch.equal(x_fp8, x.detach())  # FP8 rounding did happen: the check above is not vacuous
+    torch.testing.assert_close(layer.weight.grad, grad_out.T @ x_fp8)
+    torch.testing.assert_close(x.grad, grad_out @ layer.weight.detach())
+    assert torch.equal(statistics.grad, statistics.detach().exp())  # exact: the fp32 tensor was not quantised
+    assert not torch.equal(x_fp8, x.detach())  # FP8 rounding did happen: the first check is not vacuous
+    assert not torch.allclose((grad_out.T @ x_fp8).float(), (grad_out.T @ x.detach()).float(), rtol=1e-3, atol=0)
 
 
 def test_adamw_fp8_builds_torchao_optimizer_with_decay_groups():

@@ -80,7 +80,11 @@ def dequantize_groups(codes: Any, scale: Any, shape: Any, dtype: Any) -> Any:
 
 
 class Fp8ActivationStorage(Hook):
-    """Stores the floating-point tensors autograd saves for backward as FP8 codes + per-group scales.
+    """Stores the bf16/fp16 tensors autograd saves for backward as FP8 codes + per-group scales.
+
+    Only half-precision tensors are packed: under mixed precision they are the activations proper, while the fp32
+    tensors a model saves are numerically delicate statistics (SDPA's log-sum-exp, the fp32 logits of the
+    cross-entropy, RMSNorm's upcast input) that an FP8 code would distort through an exponential or a division.
 
     Entered at ``batch_start`` and left at ``after_forward``, so only the training forward packs (evaluation runs
     without autograd).  Parameters (and views of them, e.g. a transposed weight) are left alone: they are kept
@@ -100,8 +104,7 @@ class Fp8ActivationStorage(Hook):
     def _pack(self, tensor: Any) -> Any:
         import torch
 
-        if (not tensor.is_floating_point() or tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-                or tensor.numel() < self.min_numel
+        if (tensor.dtype not in (torch.bfloat16, torch.float16) or tensor.numel() < self.min_numel
                 or tensor.untyped_storage().data_ptr() in self._param_storages):
             return tensor
         codes, scale = quantize_groups(tensor, self.group_size)
