@@ -166,3 +166,18 @@ def test_sequence_parallel_size_must_divide_the_world_size_known_at_launch():
         check_rules(s, Environment(device_type="cuda", world_size=4))
     with pytest.raises(ConfigError, match=r"not available in effitrain yet"):
         check_rules(s, Environment(device_type="cuda", world_size=6))
+
+
+@pytest.mark.slow  # a real launch: torch and DeepSpeed start before the device is known
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_coat_launch_on_cpu_exits_2_with_one_line_and_no_run_dir(tmp_path):
+    from conftest import effitrain_cli
+
+    run_dir = tmp_path / "run"
+    result = effitrain_cli("+recipe=coat", f"run_dir={run_dir}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["effitrain: error: incompatible configuration [fp8_needs_sm89]: precision=coat needs a CUDA GPU "
+                     "of compute capability >= 8.9 (FP8 matmuls), this is a cpu device; use precision=bf16 (or "
+                     "precision=auto)"], result.stderr
+    assert "Traceback" not in result.stdout and not run_dir.exists()
