@@ -181,3 +181,59 @@ def test_coat_launch_on_cpu_exits_2_with_one_line_and_no_run_dir(tmp_path):
                      "of compute capability >= 8.9 (FP8 matmuls), this is a cpu device; use precision=bf16 (or "
                      "precision=auto)"], result.stderr
     assert "Traceback" not in result.stdout and not run_dir.exists()
+
+
+def _e4m3_tensorwise(t):
+    """torchao's tensorwise cast, by hand: scale = 448 / amax, saturate, round to E4M3."""
+    scale = 448.0 / t.float().abs().amax().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def test_float8_linear_computes_the_tensorwise_fp8_matmul_exactly():
+    # torch._scaled_mm has a CPU path, so the FP8 arithmetic itself can be checked here (training on a CPU is still
+    # refused: it would be slower than bf16)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16, bias=False).to(torch.bfloat16)
+    weight = layer.weight.detach().clone()
+    plan = spec("precision=fp8").block("precision").build(device_type="cuda", bf16_supported=True)
+    model = plan.prepare_model(torch.nn.Sequential(layer))
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    (x8, sx), (w8, sw) = _e4m3_tensorwise(x), _e4m3_tensorwise(weight)
+    expected = ((x8.float() @ w8.float().T) / (sx * sw)).to(torch.bfloat16)
+    out = model(x)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, x @ weight.T)  # it is not the bf16 matmul
+
+
+def test_a_coat_training_step_on_a_tiny_llama_tracks_bf16():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def step(precision):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        extra = ["precision.min_numel=1024"] if precision == "coat" else []
+        plan = spec(f"precision={precision}", *extra).block("precision").build(device_type="cuda",
+                                                                                bf16_supported=True)
+        if plan.prepare_model is not None:
+            model = plan.prepare_model(model)
+        model = model.to(torch.bfloat16).train()
+        for hook in plan.hooks:
+            hook.enter(model)
+        loss = model(input_ids=ids, labels=ids).loss
+        for hook in plan.hooks:
+            hook.leave()
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        return loss.detach().float(), grads, plan.hooks
+
+    loss_bf16, grads_bf16, _ = step("bf16")
+    loss_coat, grads_coat, (storage,) = step("coat")
+    # every packed tensor is bf16 with a multiple of 16 values: 2 bytes each become 1 byte + a 2-byte scale per 16
+    assert storage.original_bytes > 0 and storage.packed_bytes * 16 == storage.original_bytes * 9
+    assert abs(loss_coat - loss_bf16) / loss_bf16 < 0.01
+    cosine = torch.nn.functional.cosine_similarity(grads_coat, grads_bf16, dim=0)
+    assert 0.99 < cosine < 1.0  # FP8 changes the gradient a little, and only a little (measured: 0.998)
