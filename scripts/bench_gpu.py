@@ -261,6 +261,12 @@ def render(args, results: dict[str, list[dict]], refused: dict[str, str]) -> str
         ratio = f"{tps / base:.3f}" if base else ""
         each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
         lines.append(f"| {label} | {tps:.0f} | {ratio} | {mfu_text} | {mem_text} | {each} |")
+    every = [r["tokens_per_s"] for runs in measured.values() for r in runs]
+    if args.tiny and every:
+        lines += ["", f"With `--tiny` a step is milliseconds of work on a shared CPU (runs spread "
+                      f"{max(every) / min(every):.1f}x from slowest to fastest): these rows show that the script, "
+                      f"both loops and the refusals work, not how effitrain compares with DeepSpeed "
+                      f"(`scripts/bench_overhead.py` measures that)."]
     lines += ["", "Target (issue 11): >= 45% MFU in bf16 on an H100 at 1B parameters."
               + ("" if gpu else " **Not yet run on a GPU**: these rows check the script on a CPU, where fp8 and the "
                                 "kernels are refused; the target cannot be checked here."), SECTION_END]
