@@ -4,7 +4,9 @@ the same loss and gradients as storing the activations."""
 from __future__ import annotations
 
 import functools
+import json
 
+import pytest
 import torch
 
 from effitrain.config.compose import compose_config
@@ -51,3 +53,17 @@ def test_checkpointing_recomputes_layers_with_equal_loss_and_gradients():
     assert grads_on.keys() == grads_off.keys()
     for name in grads_off:
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_lora_run_with_checkpointing_follows_the_same_losses(tmp_path, train_in_process):
+    # LoRA freezes the embeddings, so the layer inputs do not require grad: the case non-reentrant checkpointing is for
+    def losses(flag: str):
+        run_dir = tmp_path / flag
+        summary = train_in_process(["peft=lora", f"model.gradient_checkpointing={flag}", "train.max_steps=3"], run_dir)
+        assert summary["finished"]
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [line["loss"] for line in lines if "loss" in line]
+
+    off, on = losses("false"), losses("true")
+    assert len(off) == 3 and on == pytest.approx(off, rel=1e-5, abs=1e-6)
