@@ -97,7 +97,8 @@ def _verb_check(args: list[str]) -> int:
     spec, _ = preflight(args, multirun=False, check_dir=True, deep=True)  # deep: reads local data files through
     names = ", ".join(r.name for r in spec.recipes) or "none"
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
-    print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]")
+    stages = f"; stages [{', '.join(s.name for s in spec.stages)}]" if spec.stages else ""
+    print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]{stages}")
     return 0
 
 
@@ -207,8 +208,10 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
     for job in jobs:
         composed = compose_config(job)
         spec = validate(composed.cfg, composed.recipes)
-        check_rules(spec, Environment(world_size=world))
-        check_inputs(spec, deep=deep)
+        for one in [spec, *spec.stage_specs]:
+            check_rules(one, Environment(world_size=world))
+        for one in _specs_with_inputs_now(spec):
+            check_inputs(one, deep=deep)
         if check_dir and not multirun:
             if not (spec.run_dir or "").strip():
                 raise ConfigError("run_dir: is empty; a run needs a folder of its own, e.g. run_dir=outputs/my-run")
@@ -219,6 +222,23 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
                 _NEW_DIRS.add(str(run_dir.absolute()))
         first = first or (spec, composed)
     return first
+
+
+def _specs_with_inputs_now(spec) -> list:
+    """The specs whose input files exist before the run: a single run's, or every stage's that neither starts from
+    nor refers to a model an earlier stage writes (a stage from a folder through a transform: the folder itself)."""
+    if not spec.stages:
+        return [spec]
+    from effitrain.config.inputs import check_model_folder
+    from effitrain.config.stages import stage_refs
+
+    ready = []
+    for stage, one in zip(spec.stages, spec.stage_specs):
+        if stage.init not in ("scratch", "previous") and stage.transform is not None:
+            check_model_folder(f"stages.{stage.name}.init", stage.init, revision=None, need_tokenizer=False)
+        elif stage.init != "previous" and not stage_refs(stage.delta):
+            ready.append(one)
+    return ready
 
 
 def _hydra_task(cfg) -> None:
@@ -233,7 +253,11 @@ def _hydra_task(cfg) -> None:
     resolved.pop("hydra", None)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     resolved["run_dir"] = str(run_dir)
-    names = recipe_names(parse_overrides(list(hydra_cfg.overrides.task)))
+    from effitrain.config.stages import propagate_overrides
+
+    parsed = parse_overrides(list(hydra_cfg.overrides.task))
+    propagate_overrides(resolved, parsed)
+    names = recipe_names(parsed)
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
     _train_job(resolved, run_dir, recipes, argv=["effitrain", *sys.argv[1:]], refused_dir_goes=True)
 

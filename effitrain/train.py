@@ -202,6 +202,10 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
     _NESTED.append(run_dir)
     try:
+        if spec.stages:  # a multi-stage recipe: one complete run per stage, under run_dir/stages/
+            from effitrain.pipeline import run_pipeline
+
+            return run_pipeline(dict(cfg), spec, run_dir, argv, recipes)
         return _train(cfg, spec, run_dir, argv)
     finally:
         _NESTED.pop()
@@ -236,6 +240,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              rank=launch.rank)
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + \
         [m.build() for m in spec.methods.values()] + list(precision.hooks)
+    objective = _build_objective(spec, model, launch, data.tokenizer)
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.
     lock = RunDirLock(run_dir)
@@ -247,7 +252,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before training started"}
     try:
         summary = _run(spec, cfg, argv, run_dir, launch, lock, data, precision, ds_config,
-                       model, optimizer, scheduler, sampler, hooks)
+                       model, optimizer, scheduler, sampler, hooks, objective)
     except BaseException as exc:
         summary = {**summary, "finished": False, "failed": f"{type(exc).__name__}: {exc}".strip()}
         if isinstance(exc, KeyboardInterrupt):
@@ -266,6 +271,18 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     return summary
 
 
+def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) -> Any:
+    """The objective, built on the trained model (after peft) on this process's device; a teacher it loads is
+    checked here (folder, vocabulary, tokenizer), before the run directory is taken."""
+    import torch
+
+    device = torch.device(launch.device_type, launch.local_rank) if launch.device_type == "cuda" \
+        else torch.device(launch.device_type)
+    block = spec.block("objective")
+    return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
+                                      tokenizer=tokenizer))
+
+
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))
@@ -274,7 +291,7 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir: Path, launch: Launch, lock: Any,
          data: Data, precision: Any, ds_config: dict, model: Any, optimizer: Any, scheduler: Any, sampler: Any,
-         hooks: list) -> dict[str, Any]:
+         hooks: list, objective: Any) -> dict[str, Any]:
     import deepspeed
 
     from effitrain.console import say
@@ -304,7 +321,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
                   engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
     final_dir = run_dir / "final_model"
     trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=data.train_ids, eval_sets=data.eval_sets,
-                      sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1],
+                      sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1], objective=objective,
                       save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
                       on_started=lock.commit_replacement)
 
@@ -342,6 +359,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "eval_losses": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items() if "/" in k},
         "steps": state.step,
         "tokens": state.tokens,
+        "flops": trainer.flops_per_token * state.tokens,  # training FLOPs, all ranks (6N + attention per token)
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,

@@ -36,7 +36,8 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, expected
 
 # options whose YAML leaves an input for the user to give (validated as a string here, loaded only at launch)
 # (selection options need none: without a reference model they train a proxy on the pool)
-REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.path", "dataset/hub": "dataset.path"}
+REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.path", "dataset/hub": "dataset.path",
+                   "objective/distill": "objective.teacher"}
 
 
 def test_every_option_of_every_group_validates():

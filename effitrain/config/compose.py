@@ -85,10 +85,14 @@ def recipe_table_rows() -> list[tuple[str, str, str]]:
 
 
 def flatten(prefix: str, node: Any, out: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys of a nested mapping (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), added to ``out``."""
+    """Dotted keys of a nested mapping (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), added to ``out``.  A list of
+    mappings (``stages:``) is walked with its indices (``stages.1.train.max_steps``); other lists are values."""
     if isinstance(node, dict) and node:
         for key, value in node.items():
             flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        for index, value in enumerate(node):
+            flatten(f"{prefix}.{index}" if prefix else str(index), value, out)
     else:
         out[prefix] = node
     return out
@@ -284,5 +288,8 @@ def compose_config(overrides: list[str]) -> Composed:
     except Exception as exc:  # Hydra/OmegaConf errors: turn them into one readable line
         raise _translate(exc, overrides) from None
     cfg.pop("hydra", None)
+    from effitrain.config.stages import propagate_overrides
+
+    propagate_overrides(cfg, parsed)  # `train.max_steps=3` shortens every stage of a multi-stage recipe
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
     return Composed(cfg, recipes)

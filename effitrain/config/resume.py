@@ -27,6 +27,9 @@ RECIPES_FILE = "recipes.yaml"
 
 
 def _safe(key: str) -> bool:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "stages" and parts[1].isdigit():  # a stage's own train.max_steps, logger.*
+        key = ".".join(parts[2:])
     return key.startswith(RESUME_SAFE_KEYS)
 
 
@@ -86,6 +89,9 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
         raise ConfigError(f"resume: {shown} cannot change when a run resumes (it changes what the run computes); "
                           f"only {_safe_keys_text()} may; start a new run_dir for a different configuration")
     cfg.update(run_dir=str(run_dir), resume="auto", overwrite=False)
+    from effitrain.config.stages import propagate_overrides
+
+    propagate_overrides(cfg, parse_overrides(overrides))  # e.g. train.max_steps reaches every stage's delta
     return cfg, stored_recipes(run_dir, cfg)
 
 
@@ -105,7 +111,11 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     result equals the stored config apart from :data:`RESUME_SAFE_KEYS`."""
     if resume != "auto" or not (run_dir / "config.yaml").is_file():
         return
-    old, new = flatten("", stored_config(run_dir), {}), flatten("", dict(cfg), {})
+    from effitrain.config.spec import OPTIONAL_GROUPS
+
+    # a run stored before a group existed ran with that group's default option (objective: causal_lm)
+    stored = {**{g: dict(v) for g, v in OPTIONAL_GROUPS.items()}, **stored_config(run_dir)}
+    old, new = flatten("", stored, {}), flatten("", dict(cfg), {})
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
     if changed:

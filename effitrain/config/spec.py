@@ -14,9 +14,9 @@ from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_
                                 load_plugins, param, parse_params)
 
 BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
-                "parallelism", "logger", "eval")
+                "parallelism", "logger", "eval", "objective")
 # Groups added after runs already existed: a stored config without them gets this option (resume, export).
-OPTIONAL_GROUPS = {"eval": {"name": "none"}}
+OPTIONAL_GROUPS = {"eval": {"name": "none"}, "objective": {"name": "causal_lm"}}
 
 
 @dataclass
@@ -60,17 +60,24 @@ class RunSpec:
     overwrite: bool
     plugins: list[str]
     recipes: list[RecipeInfo]
+    #: a multi-stage recipe's stages, each with its own validated spec (empty for a single run)
+    stages: list[Any] = field(default_factory=list)
+    stage_specs: list["RunSpec"] = field(default_factory=list)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
 
 
-ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", *BLOCK_GROUPS}
+ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", "stages",
+             *BLOCK_GROUPS}
 
 
 def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None) -> RunSpec:
     """Validate a composed config (a resolved mapping).  ``recipes`` are the ``recipe:`` blocks of the stacked
-    recipe files, in order; by default the single ``recipe`` key of ``cfg`` is used."""
+    recipe files, in order; by default the single ``recipe`` key of ``cfg`` is used.  A config with ``stages:`` is
+    validated as its base (the recipe without stages) and as every stage's resolved run config."""
+    if cfg.get("stages") is not None:
+        return _validate_stages(cfg, recipes)
     load_builtin_blocks()
     plugins = cfg.get("plugins") or []
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
@@ -131,3 +138,27 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
     from effitrain.config.rules import check_rules
     check_rules(spec)
     return spec
+
+
+def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]]) -> RunSpec:
+    from effitrain.config.stages import base_config, parse_stages, placeholder_paths, stage_config
+
+    stages = parse_stages(cfg.get("stages"))
+    spec = validate(base_config(cfg), recipes)
+    init_models, final_models = placeholder_paths(stages)
+    for stage in stages:
+        if stage.transform is not None:
+            parse_transform(stage)
+        run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
+        try:
+            spec.stage_specs.append(validate(run_cfg, recipes))
+        except ConfigError as exc:
+            raise ConfigError(f"stages.{stage.name}: {exc}") from None
+    spec.stages = stages
+    return spec
+
+
+def parse_transform(stage: Any) -> Block:
+    """The validated ``transform:`` block of a stage (the ``transform`` registry group)."""
+    load_builtin_blocks()
+    return REGISTRY.parse("transform", stage.transform, f"stages.{stage.name}.transform")

@@ -64,7 +64,7 @@ def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 class Trainer:
     def __init__(self, *, state: State, bus: EventBus, packed_train: Any, eval_sets: dict[str, Any],
-                 sinks: Any, guard: NonFiniteGuard, seq_len: int,
+                 sinks: Any, guard: NonFiniteGuard, seq_len: int, objective: Callable[..., Any],
                  save_final_model: Callable[[], None], on_started: Callable[[], None] = lambda: None) -> None:
         self.state = state
         self.bus = bus
@@ -72,6 +72,10 @@ class Trainer:
         self.eval_sets = eval_sets              # domain -> numpy int array
         self.sinks = sinks
         self.guard = guard
+        # what is minimised: objective(engine, batch, state) -> (loss, metrics), built by the objective block
+        self.objective = objective
+        self._metric_sums: dict[str, torch.Tensor] = {}  # the objective's metrics summed since the last log line
+        self._metric_count = 0
         guard.watch_clipping(state.engine)  # so the logged grad_norm is the one before clipping in every mode
         self.seq_len = seq_len
         self.save_final_model = save_final_model
@@ -82,7 +86,7 @@ class Trainer:
         self.is_main = state.rank == 0
         self.global_batch = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size
         self.tokens_per_step = self.global_batch * seq_len
-        self._flops_per_token = flops_per_token(state.model, seq_len)
+        self.flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
         self.train_seconds = 0.0
@@ -95,7 +99,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean token loss per domain on the held-out split; each rank takes a strided share of the sequences."""
+        """Mean token loss per domain on the held-out split; each rank takes a strided share of the sequences.
+        Always the model's own next-token loss, never the training objective, so that eval losses of runs with
+        different objectives (distillation, weighting, layer-wise) stay comparable."""
         engine, st = self.state.engine, self.state
         engine.eval()
         mb = self.train_cfg.micro_batch_size
@@ -174,6 +180,25 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------------------------------------- logging
+    def _add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Sum the objective's detached 0-d metrics on the device: no host sync until the log point."""
+        for name, value in metrics.items():
+            total = self._metric_sums.get(name)
+            self._metric_sums[name] = value.detach().double() if total is None else total + value.detach()
+        self._metric_count += 1
+
+    def _window_metrics(self) -> dict[str, float]:
+        """The mean of each objective metric over the micro-batches since the last log line (and over ranks)."""
+        if not self._metric_sums:
+            return {}
+        names = sorted(self._metric_sums)
+        means = torch.stack([self._metric_sums[n] for n in names]) / max(self._metric_count, 1)
+        if dist.is_initialized() and self.state.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.state.world_size
+        self._metric_sums, self._metric_count = {}, 0
+        return dict(zip(names, means.tolist()))
+
     def _log(self, mean_loss: torch.Tensor, window_steps: int, window_start: float, paused: float) -> None:
         """One log line for the window of steps since the last one.  ``.item()`` is the loop's host sync, so the
         window's time is read after it (on a GPU the queued work has finished by then)."""
@@ -195,7 +220,8 @@ class Trainer:
         if grad_norm is not None:
             line["grad_norm"] = float(grad_norm)
         if self._peak_flops:
-            line["mfu"] = self.tokens_per_s * self._flops_per_token / st.world_size / self._peak_flops
+            line["mfu"] = self.tokens_per_s * self.flops_per_token / st.world_size / self._peak_flops
+        line.update(self._window_metrics())
         line.update(st.metrics)
         st.metrics = {}
         if self.is_main:
@@ -230,7 +256,8 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 st.batch = self._to_batch(self.train_ids[next(batches)])
                 self.bus.emit("batch_start", st)
-                st.loss = engine(**st.batch).loss
+                st.loss, metrics = self.objective(engine, st.batch, st)
+                self._add_metrics(metrics)
                 self.bus.emit("after_forward", st)
                 engine.backward(st.loss)
                 self.bus.emit("after_backward", st)

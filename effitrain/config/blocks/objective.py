@@ -1,0 +1,77 @@
+"""Objective group: what the training loop minimises (``objective: NAME``).
+
+An objective is built once per run (it may own frozen models: a teacher, a reference) and called per micro-batch as
+``objective(model, batch, state) -> (loss, metrics)``; see :mod:`effitrain.objectives`.  Evaluation always reports the
+plain next-token loss, whatever the objective, so eval losses stay comparable between objectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from effitrain.registry import ConfigError, param, register
+
+
+@register("objective", "causal_lm", builder="effitrain.objectives.causal_lm:build",
+          summary="The model's own next-token cross-entropy (mean over tokens); the default")
+@dataclass
+class CausalLMParams:
+    pass
+
+
+@register("objective", "weighted_causal_lm", builder="effitrain.objectives.weighted:build",
+          summary="Per-example weighted next-token loss: sum_i w_i l_i / sum_i w_i, weights set by a method hook")
+@dataclass
+class WeightedCausalLMParams:
+    default_weight: Optional[float] = param(1.0, gt=0, help="the weight of every example when no hook set "
+                                            "batch['example_weights'] (then the loss is the mean of the examples' "
+                                            "losses); null = a batch without weights is an error")
+
+
+@register("objective", "distill", builder="effitrain.objectives.distill:build",
+          summary="Logit distillation from a frozen teacher: alpha x T^2 KL(teacher || student) + (1 - alpha) x CE "
+                  "(Hinton et al., 1503.02531)")
+@dataclass
+class DistillParams:
+    teacher: str = param(help="the teacher: a save_pretrained folder (or a cached hub id) with the student's "
+                              "vocabulary; in a stage, '@stage:NAME' is that stage's final model")
+    temperature: float = param(2.0, gt=0, help="T: both distributions are softmax(logits / T)")
+    alpha: float = param(0.5, ge=0, le=1, help="weight of the soft (teacher) loss; 1 - alpha weighs the hard "
+                                               "next-token loss")
+    loss: Literal["kl", "mse_logits"] = param("kl", help="kl: T^2 KL(softmax(t/T) || softmax(s/T)) per token "
+                                              "(Hinton); mse_logits: mean squared error of the raw logits "
+                                              "(Ba & Caruana), temperature unused")
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = param(
+        "auto", help="auto: bfloat16 on a GPU that supports it, else float32")
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        from effitrain.config.inputs import check_model_folder
+
+        check_model_folder(f"{path}.teacher", self.teacher, revision=None, need_tokenizer=False)
+
+
+@register("objective", "layerwise", builder="effitrain.objectives.layerwise:build",
+          summary="The shared final norm + LM head on chosen intermediate layers, weighted (Sorted LLaMA / SoFT, "
+                  "2309.08968)")
+@dataclass
+class LayerwiseParams:
+    layers: list[int] = param(help="decoder layers whose output is decoded, 1-based (hidden_states[k] is the output "
+                                   "of layer k; the last layer is the model's own logits)")
+    weights: Optional[list[float]] = param(None, help="one weight per entry of layers (null: all 1, as SoFT sums "
+                                           "the sub-models' losses with equal weight)")
+
+    def validate(self, path: str) -> None:
+        if not self.layers:
+            raise ConfigError(f"{path}.layers: empty; name at least one decoder layer (1-based), e.g. [2, 4]")
+        if min(self.layers) < 1:
+            raise ConfigError(f"{path}.layers: {min(self.layers)} is not a decoder layer; layers count from 1 "
+                              f"(hidden_states[0], the embeddings, has no layer of its own)")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{path}.layers: {self.layers} names a layer twice")
+        if self.weights is not None:
+            if len(self.weights) != len(self.layers):
+                raise ConfigError(f"{path}.weights: {len(self.weights)} weights for {len(self.layers)} layers; give "
+                                  f"one weight per layer")
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ConfigError(f"{path}.weights: {self.weights} must be >= 0 with a positive sum")

@@ -1,0 +1,292 @@
+"""Multi-stage recipes: ``stages:``, an ordered list of config deltas, each trained as a whole run.
+
+A stage entry names itself, says where its model comes from, may transform that model, and changes any run-level
+keys of the recipe it sits in::
+
+    stages:
+      - name: small
+        model: {num_layers: 2}                        # a delta: merged into the recipe's model block
+        train: {max_steps: 100}
+      - name: stacked
+        init: previous                                # the final model of the stage before
+        transform: {name: stack_layers, factor: 2}    # a registered model transform, applied between stages
+        objective: {name: distill, teacher: "@stage:small"}   # "@stage:NAME": that stage's final model folder
+
+How a delta applies (this module turns ``(recipe config, stage)`` into the plain run config of the stage):
+
+* a block group given as a string selects that option of the group, as ``model=llama_125m`` would;
+* a mapping merges into the block, unless its ``name`` names another entry: then it replaces the block (the
+  registry fills the defaults of the new entry);
+* any other key (``train``, ``methods``, ``timeline``, ...) merges, lists and scalars replace;
+* ``init: scratch`` builds the model block as configured; ``init: previous`` (the default after the first stage)
+  and ``init: PATH`` load a folder written by ``save_pretrained`` (``model: {name: pretrained, path: ...}``), so a
+  stage that starts from another stage's model sets no ``model`` keys itself.
+
+Command-line overrides of dotted keys (``train.max_steps=3``, ``optimizer.lr=1e-3``) apply to every stage and win
+over the stage deltas; ``stages.N.KEY=V`` changes one stage.  Torch-free: ``effitrain check`` validates every stage
+before the first one starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from effitrain.registry import ConfigError, choices_text, did_you_mean
+
+STAGE_REF = "@stage:"
+STAGE_OWN_KEYS = ("name", "init", "transform")
+# Keys that belong to the pipeline as a whole, never to one stage.
+PIPELINE_KEYS = ("run_dir", "resume", "overwrite", "stages", "recipe", "hydra", "plugins")
+STAGES_DIR = "stages"
+HANDOFF_DIR = "handoff"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class StageDecl:
+    """One entry of ``stages:``, checked."""
+    index: int                       # 1-based position in the pipeline
+    name: str
+    init: str                        # 'scratch', 'previous' or a folder path
+    transform: Optional[dict]        # {name: ..., params} of the `transform` group, or None
+    delta: dict                      # the run-level keys the stage changes
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index:02d}-{self.name}"
+
+    @property
+    def inherits_model(self) -> bool:
+        return self.init != "scratch"
+
+
+def parse_stages(raw: Any) -> list[StageDecl]:
+    """The ``stages:`` list, each entry's own keys checked (the deltas are validated as whole run configs later)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(f"stages: expected a non-empty list of stages (each a mapping with a 'name'), got {raw!r}")
+    stages: list[StageDecl] = []
+    for i, entry in enumerate(raw):
+        where = f"stages[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with a 'name' and the keys the stage changes, got "
+                              f"{entry!r}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"{where}.name: expected a short lower-case name (letters, digits, '-', '_'), got "
+                              f"{name!r}")
+        if name in {s.name for s in stages}:
+            raise ConfigError(f"{where}.name: '{name}' names two stages; stage names must differ")
+        where = f"stages.{name}"
+        init = entry.get("init", "scratch" if i == 0 else "previous")
+        if not isinstance(init, str) or not init.strip():
+            raise ConfigError(f"{where}.init: expected 'scratch', 'previous' or a model folder, got {init!r}")
+        if i == 0 and init == "previous":
+            raise ConfigError(f"{where}.init: the first stage has no previous stage; use 'scratch' or a model folder")
+        transform = entry.get("transform")
+        if transform is not None:
+            if not isinstance(transform, Mapping) or "name" not in transform:
+                raise ConfigError(f"{where}.transform: expected a mapping with a 'name' (valid: "
+                                  f"{choices_text(_transform_names())}), got {transform!r}")
+            if init == "scratch":
+                raise ConfigError(f"{where}.transform: a stage with init: scratch has no model to transform; use "
+                                  f"init: previous or a model folder")
+            transform = dict(transform)
+        delta = {k: copy.deepcopy(v) for k, v in entry.items() if k not in STAGE_OWN_KEYS}
+        for key in delta:
+            if key in PIPELINE_KEYS:
+                raise ConfigError(f"{where}.{key}: belongs to the whole pipeline, not to one stage; set it at the "
+                                  f"top level")
+        if init != "scratch" and "model" in delta:
+            raise ConfigError(f"{where}.model: a stage with init: {init} takes its model from there; set "
+                              f"init: scratch to configure a new model")
+        stages.append(StageDecl(i + 1, name, init, transform, delta))
+    for stage in stages:
+        for ref in stage_refs(stage.delta):
+            earlier = [s.name for s in stages if s.index < stage.index]
+            if ref not in earlier:
+                raise ConfigError(f"stages.{stage.name}: '{STAGE_REF}{ref}' must name an earlier stage"
+                                  f"{did_you_mean(ref, earlier)}; earlier stages: {choices_text(earlier) or 'none'}")
+    return stages
+
+
+def _transform_names() -> list[str]:
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    return REGISTRY.names("transform")
+
+
+def stage_refs(node: Any) -> list[str]:
+    if isinstance(node, str) and node.startswith(STAGE_REF):
+        return [node[len(STAGE_REF):]]
+    if isinstance(node, Mapping):
+        return [r for v in node.values() for r in stage_refs(v)]
+    if isinstance(node, (list, tuple)):
+        return [r for v in node for r in stage_refs(v)]
+    return []
+
+
+def _resolve_refs(node: Any, final_models: Mapping[str, str]) -> Any:
+    if isinstance(node, str) and node.startswith(STAGE_REF):
+        return final_models[node[len(STAGE_REF):]]
+    if isinstance(node, Mapping):
+        return {k: _resolve_refs(v, final_models) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_refs(v, final_models) for v in node]
+    return node
+
+
+def base_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's config without its stages: what every stage's delta applies to."""
+    return {k: copy.deepcopy(v) for k, v in cfg.items() if k != "stages"}
+
+
+def _merge(into: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value) if not isinstance(value, Mapping) else _merge({}, value)
+    return into
+
+
+def _group_option(group: str, option: str, where: str) -> dict[str, Any]:
+    import yaml
+
+    from effitrain.config.compose import config_root, group_options
+
+    options = group_options(group)
+    if option not in options:
+        raise ConfigError(f"{where}: unknown {group} option '{option}'{did_you_mean(option, options)}; valid: "
+                          f"{choices_text(options)}")
+    loaded = yaml.safe_load((config_root() / group / f"{option}.yaml").read_text()) or {}
+    loaded.pop("defaults", None)
+    return loaded
+
+
+def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Optional[str],
+                 final_models: Mapping[str, str]) -> dict[str, Any]:
+    """The plain run config of ``stage``: the recipe's config with the stage's delta applied.
+
+    ``init_model`` is the folder the stage starts from (for init previous/PATH; a placeholder when only checking),
+    ``final_models`` maps earlier stage names to their final model folders (for ``@stage:NAME``)."""
+    from effitrain.config.spec import BLOCK_GROUPS
+
+    run = base_config(cfg)
+    delta = _resolve_refs(stage.delta, final_models)
+    for key, value in delta.items():
+        where = f"stages.{stage.name}.{key}"
+        if key in BLOCK_GROUPS and isinstance(value, str):
+            run[key] = _group_option(key, value, where)
+        elif key in BLOCK_GROUPS and isinstance(value, Mapping):
+            base_block = run.get(key) if isinstance(run.get(key), dict) else {}
+            if "name" in value and value["name"] != base_block.get("name"):
+                run[key] = _merge({}, value)  # another entry: its own defaults, not the old block's keys
+            else:
+                run[key] = _merge(copy.deepcopy(base_block), value)
+        elif key in BLOCK_GROUPS:
+            raise ConfigError(f"{where}: expected an option name or a mapping of the block's keys, got {value!r}")
+        elif isinstance(value, Mapping) and isinstance(run.get(key), dict):
+            run[key] = _merge(run[key], value)
+        else:
+            run[key] = copy.deepcopy(value)
+    if stage.inherits_model:
+        run["model"] = _inherited_model_block(run.get("model") or {}, init_model or stage.init)
+    return run
+
+
+def _inherited_model_block(configured: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """``model: pretrained`` at ``path``, keeping the switches that are not about the weights."""
+    block: dict[str, Any] = {"name": "pretrained", "path": str(path)}
+    for key in ("attn_implementation", "gradient_checkpointing"):
+        if key in configured:
+            block[key] = configured[key]
+    return block
+
+
+def placeholder_paths(stages: list[StageDecl]) -> tuple[dict[str, str], dict[str, str]]:
+    """Stand-in folders for ``check``: the stages' models do not exist before the pipeline runs."""
+    final = {s.name: f"<final model of stage {s.name}>" for s in stages}
+    init = {}
+    for i, s in enumerate(stages):
+        if s.init == "previous":
+            init[s.name] = final[stages[i - 1].name]
+        elif s.init != "scratch":
+            init[s.name] = s.init
+    return init, final
+
+
+def propagate_overrides(cfg: dict[str, Any], overrides: list[Any]) -> dict[str, Any]:
+    """Make the command line's dotted overrides win over the stage deltas too (``train.max_steps=3`` shortens every
+    stage).  ``overrides`` are Hydra's parsed overrides; the values are taken from the composed ``cfg``."""
+    stages = cfg.get("stages")
+    if not isinstance(stages, list):
+        return cfg
+    from effitrain.config.spec import BLOCK_GROUPS
+
+    # `stages.1.train.max_steps=50` names one stage's key: a general override of the same key does not touch it
+    explicit = set()
+    for override in overrides:
+        parts = str(override.key_or_group).split(".")
+        if parts[0] == "stages" and len(parts) > 2 and parts[1].isdigit():
+            explicit.add((int(parts[1]), ".".join(parts[2:])))
+    for override in overrides:
+        key = str(override.key_or_group)
+        if override.is_delete() or "." not in key or key.split(".")[0] in PIPELINE_KEYS:
+            continue
+        value, found = _get(cfg, key)
+        if not found:
+            continue
+        top, rest = key.split(".", 1)
+        for index, entry in enumerate(stages):
+            if any((index, k) in explicit for k in _prefixes(key)):
+                continue
+            section = entry.get(top) if isinstance(entry, dict) else None
+            if not isinstance(section, dict):
+                continue  # the stage does not change this part: the base already carries the override
+            if top in BLOCK_GROUPS and not _block_takes(top, section, cfg.get(top), rest):
+                continue
+            node = section
+            *parents, leaf = rest.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    break
+            else:
+                node[leaf] = copy.deepcopy(value)
+    return cfg
+
+
+def _block_takes(group: str, section: Mapping[str, Any], base_block: Any, rest: str) -> bool:
+    """Does the stage's version of a block have the overridden key (another entry may not)?"""
+    import dataclasses
+
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    name = section.get("name") or (base_block or {}).get("name")
+    if name == (base_block or {}).get("name"):
+        return True
+    load_builtin_blocks()
+    if name not in REGISTRY.names(group):
+        return False
+    return rest.split(".")[0] in {f.name for f in dataclasses.fields(REGISTRY.get(group, name).params)}
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> tuple[Any, bool]:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None, False
+        node = node[part]
+    return node, True

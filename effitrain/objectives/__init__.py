@@ -1,0 +1,11 @@
+"""Objectives: what the loop minimises.  The contract (docs/architecture.md, "Objective contract"):
+
+* ``build(params, *, model, device, bf16_supported) -> objective`` is called once, before the run directory is taken,
+  on the model the optimizer trains (after peft); refusing the config there is a ``ConfigError``.
+* ``objective(model, batch, state) -> (loss, metrics)`` per micro-batch.  ``model`` is the DeepSpeed engine: every
+  forward of the trained model goes through it, so ZeRO-3 gathers its parameters.  ``loss`` is the 0-d tensor the
+  loop back-propagates; ``metrics`` maps names to detached 0-d tensors, which the loop averages over each logging
+  window and writes into the log line (no host sync before the log point).
+* Models an objective owns (a teacher, a reference) are its own: frozen, in eval mode, never in the optimizer or the
+  checkpoints (they are loaded again from their path on resume).
+"""

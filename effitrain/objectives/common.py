@@ -1,0 +1,35 @@
+"""Pieces that objectives share: which batch keys are model inputs, and per-token next-token losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # transformers' label for "no loss at this position"
+#: batch keys that method hooks add for an objective; they are not arguments of the model's forward
+EXAMPLE_WEIGHTS = "example_weights"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS,)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without the keys that are meant for the objective, not the model."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at every position: ``(losses [B, S-1], mask [B, S-1])``.  Position t predicts
+    label t+1, as in transformers' ``ForCausalLMLoss``; logits are upcast to float32 as it does."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != IGNORE_INDEX
+    losses = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view_as(shifted_labels)
+    return losses, mask
+
+
+def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss over the batch's labelled positions (the model's own loss, recomputed)."""
+    losses, mask = token_losses(logits, labels)
+    return losses.sum() / mask.sum().clamp(min=1)

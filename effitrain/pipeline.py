@@ -1,0 +1,205 @@
+"""Run a multi-stage recipe: a thin loop over :func:`effitrain.train.train`, one complete run per stage.
+
+Layout of a pipeline's run directory::
+
+    RUN_DIR/
+      config.yaml, recipes.yaml, command.txt   the pipeline's own record (``effitrain resume RUN_DIR`` reloads it)
+      summary.json                             one row per stage, and the totals (tokens, time, FLOPs)
+      stages/01-small/                         a complete run directory per stage (config, metrics, checkpoints,
+      stages/02-stacked/                       final_model, summary)
+      handoff/02-stacked/                      the transformed model a stage starts from, when it has a transform
+
+What holds between stages: a stage with ``init: previous`` starts from the previous stage's ``final_model``
+(through its ``transform`` if it has one); a stage that finished is never re-run; ``resume=auto`` resumes the stage
+that was running from its newest verified checkpoint.  The stages themselves are ordinary runs: the engine does not
+know it is inside a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, stage_config
+from effitrain.registry import ConfigError
+
+TRANSFORM_RECORD = "effitrain_transform.json"
+
+
+def stage_dirs(run_dir: Path, stages: list[StageDecl]) -> dict[str, Path]:
+    return {s.name: run_dir / STAGES_DIR / s.dir_name for s in stages}
+
+
+def _finished_summary(stage_dir: Path) -> Optional[dict[str, Any]]:
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("finished") else None
+
+
+def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[list[str]],
+                 recipes: Optional[list[dict]]) -> dict[str, Any]:
+    """Train every stage of ``spec.stages`` in order; returns (and writes) the pipeline summary."""
+    import dataclasses
+    import sys
+
+    from effitrain.config.resume import check_resume_config
+    from effitrain.console import attach_log, say
+    from effitrain.engine.rundir import RunDirLock, check_run_dir, write_run_record
+    from effitrain.parallel.dist import dist_env
+
+    if spec.resume not in (None, "auto"):
+        raise ConfigError(f"resume: a multi-stage run resumes with resume=auto (it finds the stage that was running), "
+                          f"not from one checkpoint ({spec.resume})")
+    check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)
+    check_resume_config(run_dir, cfg, spec.resume)
+    env = dist_env()
+    is_main = env.rank == 0
+    lock = RunDirLock(run_dir)
+    if is_main:
+        lock.acquire(resume=spec.resume, overwrite=spec.overwrite)
+    attach_log(run_dir, env.rank)
+    recipe_rows = recipes if recipes is not None else [dataclasses.asdict(r) for r in spec.recipes]
+    summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before the first stage started",
+                               "stages": []}
+    try:
+        if is_main:
+            write_run_record(run_dir, cfg=cfg, argv=argv or sys.argv, world_size=env.world_size,
+                             resuming=spec.resume is not None, recipes=recipe_rows)
+        summary = _run_stages(cfg, spec, run_dir, argv, recipes, is_main, lock, say)
+    except BaseException as exc:
+        summary = {**summary, "finished": False, "failed": f"{type(exc).__name__}: {exc}".strip()}
+        if is_main:
+            if lock.replacing:
+                lock.abandon_replacement()
+            elif run_dir.is_dir():
+                _write_json(run_dir / "summary.json", summary)
+        raise
+    finally:
+        lock.release()
+    return summary
+
+
+def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[list[str]],
+                recipes: Optional[list[dict]], is_main: bool, lock: Any, say: Any) -> dict[str, Any]:
+    from effitrain.train import train
+
+    stages: list[StageDecl] = spec.stages
+    dirs = stage_dirs(run_dir, stages)
+    final_models = {name: str(d / "final_model") for name, d in dirs.items()}
+    rows: list[dict[str, Any]] = []
+    outcome: dict[str, Any] = {}
+    for i, stage in enumerate(stages):
+        stage_dir = dirs[stage.name]
+        label = f"stage {stage.index}/{len(stages)} '{stage.name}'"
+        done = _finished_summary(stage_dir)
+        if done is not None:
+            say(f"{label}: finished before, not re-run ({stage_dir})")
+            rows.append(_row(stage, stage_dir, done, transform=_read_transform(run_dir, stage), skipped=True))
+            lock.commit_replacement()
+            continue
+        init_model, transform_info = None, None
+        if stage.inherits_model:
+            source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else Path(stage.init)
+            init_model, transform_info = _handoff(source, stage, run_dir, is_main, say)
+        run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
+                               final_models=final_models)
+        resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
+        run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
+        say(f"{label}: {'resuming' if resuming else 'starting'} in {stage_dir}")
+        stage_summary = train(run_cfg, run_dir=stage_dir, argv=argv, recipes=recipes)
+        lock.commit_replacement()  # a stage has run: the pipeline it replaced is not coming back
+        rows.append(_row(stage, stage_dir, stage_summary, transform=transform_info, skipped=False))
+        if not stage_summary.get("finished"):
+            outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
+                       "exit_code": stage_summary.get("exit_code", 1)}
+            break
+    finished = len(rows) == len(stages) and all(r["finished"] for r in rows)
+    last = rows[-1] if rows else {}
+    summary = {
+        "stages": rows,
+        "totals": {key: sum(r.get(key) or 0 for r in rows) for key in ("steps", "tokens", "train_seconds", "flops")},
+        "finished": finished,
+        "stopped_by": outcome.get("stopped_by"),
+        "exit_code": 0 if finished else outcome.get("exit_code", 1),
+        "final_eval_loss": last.get("final_eval_loss"),
+        "final_model": last.get("final_model") if finished else None,
+        "recipe": [r.name for r in spec.recipes],
+    }
+    summary["steps"], summary["tokens"] = summary["totals"]["steps"], summary["totals"]["tokens"]
+    if is_main:
+        _write_json(run_dir / "summary.json", summary)
+        if finished:
+            say(f"pipeline finished: {len(rows)} stages, {summary['tokens']} tokens, final model {last.get('final_model')}")
+    return summary
+
+
+def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],
+         skipped: bool) -> dict[str, Any]:
+    keys = ("finished", "exit_code", "steps", "tokens", "train_seconds", "flops", "final_eval_loss", "final_model",
+            "trainable_params", "total_params", "stopped_by")
+    return {"stage": stage.name, "run_dir": str(stage_dir), "init": stage.init, "transform": transform,
+            "skipped_as_finished": skipped, **{k: summary.get(k) for k in keys}}
+
+
+def _handoff(source: Path, stage: StageDecl, run_dir: Path, is_main: bool, say: Any) -> tuple[Path, Optional[dict]]:
+    """The folder the stage starts from: ``source`` itself, or ``source`` through the stage's transform (written once,
+    atomically, by rank 0; a resumed pipeline reuses it)."""
+    if not (source / "config.json").is_file():
+        raise ConfigError(f"stages.{stage.name}.init: {source} holds no model (no config.json); the stage it comes "
+                          f"from must finish with train.save_final_model=true")
+    if stage.transform is None:
+        export = source / "effitrain_export.json"
+        info = json.loads(export.read_text()) if export.is_file() else {}
+        if info.get("adapter") and not info.get("merged"):
+            raise ConfigError(f"stages.{stage.name}.init: {source} is the frozen base of a prompt-learning adapter "
+                              f"that cannot be merged; a stage cannot continue from it")
+        return source, None
+    out = run_dir / HANDOFF_DIR / stage.dir_name
+    record = out / TRANSFORM_RECORD
+    if is_main and not record.is_file():
+        from effitrain.config.spec import parse_transform
+
+        transform = parse_transform(stage)
+        say(f"stage '{stage.name}': applying transform {transform.name} to {source} ...")
+        model, info = transform.build(source)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        _copy_tokenizer(source, tmp)
+        _write_json(tmp / TRANSFORM_RECORD, {"transform": transform.name, "source": str(source), "info": info})
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt (no record): never a finished one
+        tmp.rename(out)
+    deadline = time.monotonic() + 3600
+    while not record.is_file():  # the other ranks wait for rank 0's folder (the process group may not exist yet)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited an hour for rank 0 to write {out}")
+        time.sleep(0.5)
+    return out, json.loads(record.read_text())
+
+
+def _read_transform(run_dir: Path, stage: StageDecl) -> Optional[dict]:
+    record = run_dir / HANDOFF_DIR / stage.dir_name / TRANSFORM_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
+    except (OSError, ValueError):  # a model saved without its tokenizer: the stage config must name one
+        pass
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
