@@ -135,6 +135,9 @@ def test_kernel_switches_are_refused_where_they_cannot_run(monkeypatch):
     with pytest.raises(ConfigError, match=r"\[liger_needs_cuda\].*Triton\), this is a cpu device; set "
                                           r"model.liger_kernels=false"):
         check_rules(liger, CPU)
+    with pytest.raises(ConfigError, match=r"returns no logits from a training forward, and objective "
+                                          r"'weighted_causal_lm' reads them; use objective=causal_lm"):
+        check_rules(spec("model.liger_kernels=true", "objective=weighted_causal_lm"), H100)
     with pytest.raises(ConfigError, match=r"no kernels for gpt_neox"):
         check_rules(spec("model=pythia_160m", "model.liger_kernels=true"), H100)
     monkeypatch.setattr(model_kernels, "installed", lambda module: False)

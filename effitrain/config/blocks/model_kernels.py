@@ -36,6 +36,13 @@ def _liger(spec, env):
     if not installed("liger_kernel"):
         return ("model.liger_kernels=true needs the liger-kernel package, which is not installed "
                 "(pip install 'effitrain[gpu]'); set model.liger_kernels=false")
+    objective = spec.blocks.get("objective")
+    if objective is not None and objective.name != "causal_lm":
+        # liger's lce_forward skips the logits whenever the model trains with labels (liger_kernel/transformers/
+        # model/llama.py: skip_logits = self.training and labels is not None); only the model's own loss survives
+        return (f"model.liger_kernels=true: Liger's fused linear cross-entropy returns no logits from a training "
+                f"forward, and objective '{objective.name}' reads them; use objective=causal_lm or set "
+                f"model.liger_kernels=false")
     if getattr(spec.block("model").params, "arch", None) == "gpt_neox":
         return "model.liger_kernels=true: liger-kernel has no kernels for gpt_neox; set model.liger_kernels=false"
     if env.device_type is not None and env.device_type != "cuda":
