@@ -29,7 +29,8 @@ def _flash_attention(spec, env):
     return None
 
 
-@rule("liger_needs_cuda", "model.liger_kernels=true needs liger-kernel (Triton) and a CUDA GPU")
+@rule("liger_needs_cuda", "model.liger_kernels=true needs liger-kernel (Triton), a CUDA GPU, a model type Liger "
+                          "supports and objective=causal_lm (no logits in training)")
 def _liger(spec, env):
     if not getattr(spec.block("model").params, "liger_kernels", False):
         return None

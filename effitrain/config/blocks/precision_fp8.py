@@ -63,7 +63,7 @@ class AdamWFp8Params:
     def validate(self, path: str) -> None:
         if not torchao_installed():
             raise ConfigError(f"{path}: optimizer=adamw_fp8 needs torchao, which is not installed "
-                              f"(pip install 'effitrain[gpu]'); use optimizer=adamw or optimizer=adamw_8bit")
+                              f"(pip install 'effitrain[methods]'); use optimizer=adamw or optimizer=adamw_8bit")
 
 
 FP8_PRECISIONS = ("fp8", "coat")
@@ -75,7 +75,7 @@ def _fp8_needs_sm89(spec, env):
     if name not in FP8_PRECISIONS:
         return None
     if not torchao_installed():
-        return f"precision={name} needs torchao, which is not installed (pip install 'effitrain[gpu]')"
+        return f"precision={name} needs torchao, which is not installed (pip install 'effitrain[methods]')"
     if env.device_type is not None and env.device_type != "cuda":
         return (f"precision={name} needs a CUDA GPU of compute capability >= 8.9 (FP8 matmuls), this is a "
                 f"{env.device_type} device; use precision=bf16 (or precision=auto)")
