@@ -237,6 +237,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     _seed_everything(spec.train.seed)
     model = spec.block("model").build(tokenizer=data.tokenizer,
                                       **_if_accepted(spec.block("model"), run=RunContext(cfg, spec, data.tokenizer)))
+    if precision.prepare_model is not None:  # e.g. fp8: linears become torchao Float8Linear (before adapters)
+        model = precision.prepare_model(model)
     model = spec.block("peft").build(model)
     optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     timeline = _resolve_timeline(spec, launch, data)
@@ -249,7 +251,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              **_if_accepted(spec.block("curriculum"), timeline=timeline))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
-        [m.build() for m in spec.methods.values()]
+        [m.build() for m in spec.methods.values()] + list(precision.hooks)
     objective = _build_objective(spec, model, launch, data.tokenizer)
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.

@@ -14,14 +14,26 @@ import pytest
 import yaml
 
 from effitrain.config.compose import config_root, group_options
+from effitrain.registry import ConfigError
 
 pytestmark = pytest.mark.slow
+
+
+def _fp8_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
 @pytest.mark.parametrize("name", group_options("recipe"))
 def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     meta = yaml.safe_load((config_root() / "recipe" / f"{name}.yaml").read_text())["recipe"]
     assert meta["name"] == name and meta["paper"] and meta["claim"] and "arxiv" in meta  # null for a baseline
+    if "fp8_gpu" in meta.get("requires", []) and not _fp8_gpu():
+        # where the device cannot run the recipe, it is refused before anything is built or any folder is made
+        with pytest.raises(ConfigError, match="fp8_needs_sm89"):
+            train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+        return
     summary = train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
     assert summary["finished"] and summary["recipe"] == [name]
     assert math.isfinite(summary["final_eval_loss"])

@@ -79,7 +79,7 @@ def _per_layer_limits(spec, env) -> Optional[str]:
     elif env.world_size is not None and env.world_size > 1:
         why = (f"{env.world_size} processes: DeepSpeed all-reduces gradients after backward, when they are already "
                f"freed; run one process")
-    elif precision in ("bf16", "fp16") or (precision == "auto" and env.device_type == "cuda"):
+    elif precision in ("bf16", "fp16", "fp8", "coat") or (precision == "auto" and env.device_type == "cuda"):
         why = (f"precision={precision} puts DeepSpeed's master-weight wrapper between the gradients and the "
                f"optimizer; use precision=fp32")
     elif any(m.name == "lisa" for m in spec.methods.values()):

@@ -39,6 +39,10 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0
+    return flops_per_token_of(n_params, layers, hidden, seq_len)
+
+
+def flops_per_token_of(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
     return 6.0 * n_params + 12.0 * layers * hidden * seq_len
 
 

@@ -70,6 +70,6 @@ def build_demo_base(params: Any, *, tokenizer: Any, run: Any = None):
     model = AutoModelForCausalLM.from_pretrained(str(final))
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
         raise ConfigError("model=demo_base: the cached base model's vocabulary does not match this run's tokenizer")
-    if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    from effitrain.models.switches import apply_model_switches
+
+    return apply_model_switches(model, params)

@@ -27,9 +27,9 @@ def build_llama(params, *, tokenizer, run=None):
         attn_implementation=params.attn_implementation,
     )
     model = LlamaForCausalLM(config)
-    if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    from effitrain.models.switches import apply_model_switches
+
+    return apply_model_switches(model, params)
 
 
 def build_pretrained(params, *, tokenizer, run=None):
@@ -48,6 +48,6 @@ def build_pretrained(params, *, tokenizer, run=None):
         raise ConfigError(f"model.path: cannot load '{params.path}': {message}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    from effitrain.models.switches import apply_model_switches
+
+    return apply_model_switches(model, params)

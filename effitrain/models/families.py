@@ -37,6 +37,6 @@ def build_family(params: Any, *, tokenizer: Any, run: Any = None):
     config = family_config(params, len(tokenizer), bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
                            pad=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=params.attn_implementation)
-    if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    from effitrain.models.switches import apply_model_switches
+
+    return apply_model_switches(model, params)

@@ -22,8 +22,12 @@ class LlamaParams:
     tie_word_embeddings: bool = True
     tokenizer: str = param("bpe", help="'bpe' trains a byte-level BPE on the training split; else a HF name/path")
     vocab_size: int = param(4096, ge=260, help="vocabulary of the trained BPE (ignored for a named tokenizer)")
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = param(
+        "sdpa", help="attention kernel: PyTorch SDPA, FlashAttention-2 (flash-attn, CUDA, bf16/fp16) or eager")
+    gradient_checkpointing: bool = param(False, help="activation checkpointing: recompute each decoder layer in "
+                                                     "backward (non-reentrant) instead of storing its activations")
+    liger_kernels: bool = param(False, help="Liger's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy "
+                                            "(liger-kernel, CUDA); training forwards then return no logits")
 
     def validate(self, path: str) -> None:
         if self.hidden_size % self.num_heads:
@@ -72,7 +76,8 @@ class PretrainedParams:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = param(False, help="activation checkpointing (non-reentrant)")
+    liger_kernels: bool = param(False, help="Liger's fused kernels (liger-kernel, CUDA)")
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
         from effitrain.config.inputs import check_model_folder

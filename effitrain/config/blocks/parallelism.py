@@ -19,6 +19,8 @@ class ZeroParams:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = param(50_000_000, ge=1)
     allgather_bucket_size: int = param(50_000_000, ge=1)
+    sequence_parallel_size: int = param(1, ge=1, help="DeepSpeed-Ulysses: processes that split each sequence "
+                                        "(1 = off); see rules ulysses_* (effitrain rules)")
 
     def validate(self, path: str) -> None:
         if self.offload_optimizer != "none" and self.stage == 0:
