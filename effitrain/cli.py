@@ -6,6 +6,8 @@
     effitrain recipes                     list the recipes: name, paper, blocks touched
     effitrain show NAME [OVERRIDES]       print the resolved config of a recipe ('default' = no recipe)
     effitrain check [OVERRIDES]           validate only (keys, types, ranges, compatibility rules)
+    effitrain check --memory [--device-gib N] [--world-size N] [OVERRIDES]
+                                          also estimate per-device memory and say whether it fits (exit 1: no)
     effitrain diff A B                    the keys in which two recipes' resolved configs differ
     effitrain rules                       the compatibility rules as a table
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
@@ -89,6 +91,8 @@ def _verb_show(args: list[str]) -> int:
 
 
 def _verb_check(args: list[str]) -> int:
+    if "--memory" in args:
+        return _check_memory(args)
     resumed = _remembered_resume(args) if args[:1] != ["resume"] else args[1:]
     if resumed is not None:
         _prepare_resume(resumed, deep=True)
@@ -99,6 +103,34 @@ def _verb_check(args: list[str]) -> int:
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
     print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]")
     return 0
+
+
+def _check_memory(args: list[str]) -> int:
+    """``check --memory [--device-gib N] [--world-size N] [OVERRIDES]``: validate, then plan per-device memory."""
+    from effitrain.planner.memory import format_plan, plan, setup_from_spec
+
+    options = {"--device-gib": 80.0, "--world-size": None}
+    overrides, it = [], iter(a for a in args if a != "--memory")
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in options:
+            value = value if eq else next(it, "")
+            try:
+                options[flag] = float(value) if flag == "--device-gib" else int(value)
+            except ValueError:
+                raise ConfigError(f"check {flag}: expected a {'number of GiB' if flag == '--device-gib' else 'whole number'}, "
+                                  f"got {value!r}") from None
+            if options[flag] <= 0:
+                raise ConfigError(f"check {flag}: must be positive, got {value}")
+        elif arg.startswith("--"):
+            raise ConfigError(f"check: unknown flag {arg}; check --memory takes --device-gib N and --world-size N")
+        else:
+            overrides.append(arg)
+    world = options["--world-size"] or _world_size()
+    spec, _ = preflight(overrides, multirun=False, check_dir=False, world=world)
+    result = plan(setup_from_spec(spec, world=world))
+    print(format_plan(result, options["--device-gib"]))
+    return 0 if result.device_bytes <= options["--device-gib"] * 2 ** 30 else EXIT_FAILED
 
 
 def _verb_diff(args: list[str]) -> int:
@@ -191,7 +223,8 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 
 
 # ---------------------------------------------------------------------------------------------- training
-def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False):
+def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False,
+              world: Optional[int] = None):
     """Compose and validate (every job of a sweep); check the inputs (files, folders, credentials; ``deep``: every
     record of local data); refuse to reuse a run directory.  Builds nothing."""
     from effitrain.config.compose import compose_config, expand_sweeps
@@ -202,7 +235,7 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
     from effitrain.engine.rundir import check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
-    world = _world_size()
+    world = world or _world_size()
     first = None
     for job in jobs:
         composed = compose_config(job)
