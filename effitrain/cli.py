@@ -182,7 +182,7 @@ def _verb_export(args: list[str]) -> int:
 def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
     from effitrain.config.inputs import check_inputs
-    from effitrain.config.resume import remembered_config
+    from effitrain.config.resume import keep_global_batch, remembered_config
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
     from effitrain.engine.rundir import check_run_dir
@@ -192,6 +192,10 @@ def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Op
     run_dir = Path(args[0])
     check_run_dir(run_dir, resume="auto", overwrite=False)
     cfg, recipes = remembered_config(run_dir, args[1:])
+    elastic = keep_global_batch(run_dir, cfg, _world_size())
+    if elastic and os.environ.get("RANK", "0") == "0":
+        from effitrain.console import say
+        say(elastic)
     spec = validate(cfg, recipes)
     check_rules(spec, Environment(world_size=_world_size()))
     check_inputs(spec, deep=deep)
