@@ -72,9 +72,11 @@ def test_lisa_trains_the_outer_weights_and_active_layers_only():
 def test_activation_checkpointing_keeps_one_layer_and_the_layer_inputs():
     plain = planned("precision=fp32", "train.micro_batch_size=2").get("activation_bytes").device
     ckpt = planned("precision=fp32", "train.micro_batch_size=2", "model.gradient_checkpointing=true")
-    tokens = 2 * 64
-    per_layer = 4 * H + 3 * H + 3 * KV + 4 * I   # norms, q/k before and after rotary + v, attention out, MLP
-    head = 2 * H * 4 + V * (4 + 4)               # final norm; logits and their fp32 log-softmax
+    tokens, heads = 2 * 64, 4
+    # per token and layer: 5 hidden-sized, 3 q-sized (q = h here), 2 kv-sized, 4 MLP-sized tensors, the SDPA
+    # log-sum-exp per head and two reciprocal RMS values
+    per_layer = 5 * H + 3 * H + 2 * KV + 4 * I + heads + 2
+    head = 3 * H * 4 + V * 4                     # final norm in/out and head input; the fp32 log-softmax
     assert plain == tokens * (L * per_layer * 4 + head)
     assert ckpt.get("activation_bytes").device == tokens * ((L * H + per_layer) * 4 + head)
 

@@ -260,22 +260,21 @@ def optimizer_state_bytes(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) 
 def activation_bytes(s: Setup) -> int:
     """Bytes autograd keeps for the backward pass of one micro-batch of ``micro_batch x seq_len`` tokens.
 
-    Per token and decoder layer (Llama layout): the two RMSNorms' inputs and outputs (4h), q and k before and after
-    the rotary embedding and v (2q + 3kv), the attention output (q), and the MLP's gate, up, activated gate and
-    product (4i); eager attention adds the scores and probabilities (2 x heads x seq).
-    After the layers: the final norm (2h) and the logits with their fp32 log-softmax (vocab x (dtype + 4)).
-    With activation checkpointing each layer keeps only its input (h) and one layer is recomputed at a time.
+    Counted per token from what a transformers Llama layer saves (measured with ``saved_tensors_hooks``, see
+    docs/benchmarks.md): 5 hidden-sized tensors (the two RMSNorms' inputs and normalised outputs, the residual),
+    3 q-sized (rotated q, the attention output and its reshaped copy that o_proj takes), 2 kv-sized (rotated k, v),
+    4 intermediate-sized (gate, up, activated gate, their product), the SDPA log-sum-exp per head and the two norms'
+    reciprocal RMS; eager attention keeps the scores and probabilities instead (2 x heads x seq_len).  After the
+    layers: the final norm's input and output and the head's input (3h), and the loss's fp32 log-softmax over the
+    vocabulary (4 bytes x vocab, whatever the precision).  With activation checkpointing the forward keeps each
+    layer's input (h) only, and the backward recomputes one layer at a time: its activations are added once.
     """
     sh, tokens = s.shape, s.micro_batch * s.seq_len
     dtype = 4 if s.precision == "fp32" else 2
-    per_layer = 4 * sh.hidden + 3 * sh.q_dim + 3 * sh.kv_dim + 4 * sh.intermediate
-    if s.eager_attention:
-        per_layer += 2 * sh.heads * s.seq_len
-    if s.checkpointing:
-        layers = sh.layers * sh.hidden + per_layer
-    else:
-        layers = sh.layers * per_layer
-    head = 2 * sh.hidden * dtype + sh.vocab * (dtype + 4)
+    per_layer = 5 * sh.hidden + 3 * sh.q_dim + 2 * sh.kv_dim + 4 * sh.intermediate + 2
+    per_layer += 2 * sh.heads * s.seq_len if s.eager_attention else sh.heads
+    layers = sh.layers * sh.hidden + per_layer if s.checkpointing else sh.layers * per_layer
+    head = 3 * sh.hidden * dtype + 4 * sh.vocab
     return tokens * (layers * dtype + head)
 
 
