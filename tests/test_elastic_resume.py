@@ -15,21 +15,22 @@ import yaml
 
 from conftest import REPO, TINY
 from effitrain.config.resume import keep_global_batch
-from effitrain.engine.checkpoint import file_manifest, prune, verify_checkpoint
+from effitrain.engine.checkpoint import file_manifest, prune, seal, verify_checkpoint
+from effitrain.engine.elastic import engine_checkpoint_for
 from effitrain.registry import ConfigError
 
-# 6 steps of the tiny model under ZeRO-2, a checkpoint every 3: global batch 4 = 2 (micro) x accum x world
-RUN = [*TINY, "train.max_steps=6", "train.micro_batch_size=2", "train.save_every=3", "parallelism=zero2",
-       "train.save_final_model=false"]
+# 6 steps of the tiny model under ZeRO-2, a checkpoint every 2 (all kept): global batch 4 = 2 (micro) x accum x world
+RUN = [*TINY, "train.max_steps=6", "train.micro_batch_size=2", "train.save_every=2", "train.keep_checkpoints=3",
+       "parallelism=zero2", "train.save_final_model=false"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _cli(procs: int, *args: str) -> subprocess.CompletedProcess:
+def _cli(procs: int, *args: str) -> str:
     launcher = TORCHRUN if procs == 2 else [sys.executable]
     result = subprocess.run([*launcher, "-m", "effitrain.cli", *args], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
+    return result.stdout + result.stderr
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -37,59 +38,74 @@ def _losses(run_dir) -> dict[int, float]:
     return {l["step"]: l["loss"] for l in lines if "loss" in l}
 
 
-def _interrupted_copy(run_dir, to):
-    """The run as if it had been stopped right after its step-3 checkpoint."""
+def _stopped_copy(run_dir, to, *, at: int):
+    """The run as if it had been stopped right after its checkpoint at step ``at``."""
     shutil.copytree(run_dir, to)
-    shutil.rmtree(to / "checkpoints" / "step_00000006")
+    for ckpt in (to / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1].split(".")[0]) > at:
+            shutil.rmtree(ckpt)
     (to / "summary.json").unlink()
     return to
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_two_processes_to_one_and_one_to_two_continue_the_loss_curve(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
+def test_two_processes_to_one_and_back_to_two_continue_the_loss_curve(tmp_path):
+    """One uninterrupted 2-process run is the reference; a copy stopped at step 2 resumes with 1 process (which saves
+    steps 4 and 6), and a copy of that stopped at step 4 resumes with 2 processes again."""
+    two = tmp_path / "two"
     _cli(2, *RUN, "train.grad_accum=1", f"run_dir={two}")
-    _cli(1, *RUN, "train.grad_accum=2", f"run_dir={one}")
-    # the two layouts compute the same steps (tests/test_distributed.py): the curve to continue is well defined
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-4)
+    reference = _losses(two)
 
     # 2 -> 1: one command; resume chooses grad_accum 2 and converts the checkpoint
-    resumed = _interrupted_copy(two, tmp_path / "two_to_one")
-    original = resumed / "checkpoints" / "step_00000003"
+    one = _stopped_copy(two, tmp_path / "two_to_one", at=2)
+    original = one / "checkpoints" / "step_00000002"
     before = file_manifest(original)
-    out = _cli(1, "resume", str(resumed))
-    assert "resume: 2 -> 1 processes: train.grad_accum 1 -> 2 keeps the global batch at 4" in out.stdout + out.stderr
-    assert "converting step_00000003 to DeepSpeed's universal format" in out.stdout + out.stderr
-    after = _losses(resumed)
+    out = _cli(1, "resume", str(one))
+    assert "resume: 2 -> 1 processes: train.grad_accum 1 -> 2 keeps the global batch at 4" in out
+    assert "converting step_00000002 to DeepSpeed's universal format" in out
+    after = _losses(one)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
-    # Exact up to float rounding: the same samples per step (the sampler converts its position), the fp32 master
+    # Equal up to float rounding: the same samples per step (the sampler converts its position), the fp32 master
     # weights and Adam moments restored whole; 1e-5 leaves room for the order of the gradient sums.
-    assert [after[s] for s in (4, 5, 6)] == pytest.approx([_losses(two)[s] for s in (4, 5, 6)], abs=1e-5)
+    assert [after[s] for s in (3, 4, 5, 6)] == pytest.approx([reference[s] for s in (3, 4, 5, 6)], abs=1e-5)
     # the original checkpoint is untouched; the conversion beside it is a verified checkpoint of its own
     assert file_manifest(original) == before
     verify_checkpoint(original)
-    universal = resumed / "checkpoints" / "step_00000003.universal"
+    universal = one / "checkpoints" / "step_00000002.universal"
     verify_checkpoint(universal)
-    assert json.loads((universal / "meta.json").read_text())["universal_of"] == "step_00000003"
-    assert json.loads((resumed / "summary.json").read_text())["world_size"] == 1
-    # the stored config is the original's; the launch's own (grad_accum 2) is beside it
-    assert yaml.safe_load((resumed / "config.yaml").read_text())["train"]["grad_accum"] == 1
-    assert yaml.safe_load((resumed / "config.resume.yaml").read_text())["train"]["grad_accum"] == 2
+    assert json.loads((universal / "meta.json").read_text())["universal_of"] == "step_00000002"
+    assert json.loads((one / "summary.json").read_text())["world_size"] == 1
+    # the stored config is the first launch's; the resumed launch's own (grad_accum 2) is beside it
+    assert yaml.safe_load((one / "config.yaml").read_text())["train"]["grad_accum"] == 1
+    assert yaml.safe_load((one / "config.resume.yaml").read_text())["train"]["grad_accum"] == 2
 
-    # resuming from the same checkpoint again reuses the conversion
-    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
-    again = _cli(1, "resume", str(resumed))
-    assert "reusing the universal checkpoint step_00000003.universal" in again.stdout + again.stderr
-    assert _losses(resumed) == pytest.approx(after, abs=1e-6)
+    # 1 -> 2, the reverse, from the checkpoint the 1-process launch wrote at step 4
+    back = _stopped_copy(one, tmp_path / "one_to_two", at=4)
+    out = _cli(2, "resume", str(back))
+    assert "resume: 1 -> 2 processes: train.grad_accum 2 -> 1 keeps the global batch at 4" in out
+    later = _losses(back)
+    assert [later[s] for s in (5, 6)] == pytest.approx([reference[s] for s in (5, 6)], abs=1e-5)
+    assert json.loads((back / "summary.json").read_text())["world_size"] == 2
 
-    # 1 -> 2, the reverse: grad_accum 2 -> 1
-    reverse = _interrupted_copy(one, tmp_path / "one_to_two")
-    out = _cli(2, "resume", str(reverse))
-    assert "resume: 1 -> 2 processes: train.grad_accum 2 -> 1" in out.stdout + out.stderr
-    later = _losses(reverse)
-    assert [later[s] for s in (4, 5, 6)] == pytest.approx([_losses(one)[s] for s in (4, 5, 6)], abs=1e-5)
-    assert json.loads((reverse / "summary.json").read_text())["world_size"] == 2
+
+def test_a_complete_universal_conversion_is_reused_and_a_same_size_resume_needs_none(tmp_path):
+    root = tmp_path / "checkpoints"
+    saved = root / "step_00000002"
+    (saved / "ds").mkdir(parents=True)
+    (saved / "ds" / "weights").write_text("w")
+    seal(saved, 2, {"world_size": 2})
+    said: list[str] = []
+    common = dict(zero_stage=2, is_main=True, barrier=lambda: None, report=said.append)
+    assert engine_checkpoint_for(saved, world_size=2, **common) is None            # DeepSpeed's own files fit
+    assert engine_checkpoint_for(saved, world_size=1, zero_stage=0, is_main=True, barrier=lambda: None,
+                                 report=said.append) is None                      # ZeRO-0 state is not partitioned
+    universal = root / "step_00000002.universal"
+    (universal / "ds" / "zero").mkdir(parents=True)
+    (universal / "ds" / "zero" / "optimizer_state.pt").write_text("s")
+    seal(universal, 2, {"universal_of": saved.name})
+    assert engine_checkpoint_for(saved, world_size=1, **common) == universal
+    assert said == ["resume: 2 -> 1 processes: reusing the universal checkpoint step_00000002.universal"]
 
 
 def _saved_run(tmp_path, *, world: int, micro: int, accum: int, stage: int = 2):
