@@ -148,3 +148,17 @@ def test_prune_removes_a_checkpoint_together_with_its_universal_conversion(tmp_p
             (root / name / "COMPLETE").write_text("ok\n")
     prune(root, keep=1)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000006", "step_00000006.universal"]
+
+
+def test_a_composed_resume_at_another_world_size_is_sent_to_effitrain_resume(tmp_path, monkeypatch):
+    from effitrain.config.resume import check_resume_config
+
+    run, cfg = _saved_run(tmp_path, world=2, micro=2, accum=1)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"saved by 2 processes with global batch 4, which this launch's world "
+                                          r"size changes; resume with `effitrain resume "):
+        check_resume_config(run, cfg, "auto")
+    check_resume_config(run, {**cfg, "train": {"micro_batch_size": 2, "grad_accum": 2}}, "auto")  # keeps 4: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_resume_config(run, cfg, "auto")                                                      # the saved layout

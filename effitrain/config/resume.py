@@ -160,7 +160,12 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
     if changed == ["train.grad_accum"] and _keeps_global_batch(run_dir, new):
-        return  # an elastic resume: the grad_accum that keep_global_batch chose for this world size
+        return  # an elastic resume with the grad_accum that keeps the global batch at this world size
+    if not changed and not _keeps_global_batch(run_dir, new, same_world_ok=True):
+        layout = saved_layout(run_dir, stored_config(run_dir))
+        raise ConfigError(f"resume: the run was saved by {layout[0]} processes with global batch "
+                          f"{layout[0] * layout[1] * layout[2]}, which this launch's world size changes; resume with "
+                          f"`effitrain resume {run_dir}` (it sets train.grad_accum to keep the global batch)")
     if changed:
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
@@ -169,8 +174,11 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
                           f"{run_dir / 'command.txt'}); only {_safe_keys_text()} may change")
 
 
-def _keeps_global_batch(run_dir: Path, flat: dict[str, Any]) -> bool:
+def _keeps_global_batch(run_dir: Path, flat: dict[str, Any], same_world_ok: bool = False) -> bool:
+    """Whether this launch (``WORLD_SIZE`` processes) has the global batch of the newest checkpoint; with
+    ``same_world_ok``, a launch with the checkpoint's own world size (or no checkpoint) counts as keeping it."""
     layout = saved_layout(run_dir, stored_config(run_dir))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return layout is not None and layout[0] != world and \
-        flat["train.micro_batch_size"] * flat["train.grad_accum"] * world == layout[0] * layout[1] * layout[2]
+    if layout is None or layout[0] == world:
+        return same_world_ok
+    return flat["train.micro_batch_size"] * flat["train.grad_accum"] * world == layout[0] * layout[1] * layout[2]
