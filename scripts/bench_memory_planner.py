@@ -198,8 +198,8 @@ def main() -> None:
                f"Largest deviation of params+grads+state: {100 * worst:.1f}% (target: within 10%). The activation "
                f"column compares what the forward pass saves; with activation checkpointing the plan adds one "
                f"layer's activations for the recomputation during backward, which a forward pass cannot show. "
-               f"The ZeRO-2 row sets `parallelism.reduce_bucket_size=500000` (the preset's 5e7 elements would be a "
-               f"190 MiB buffer, ten times this model).\n\n"
+               f"The ZeRO-2 row sets `parallelism.reduce_bucket_size=500000` (DeepSpeed sizes its reduction bucket "
+               f"by it, not by the model); the bucket column is measured right after the backward pass.\n\n"
                f"Command: `{cmd.strip()}`\n\n" + "\n".join(rows) + f"\n{END}\n")
     replace_marked_section(a.doc, START, END, section)
     print(section)
