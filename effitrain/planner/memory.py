@@ -17,7 +17,8 @@ gradient-reduction bucket.  How each is counted, and where the counts come from:
 * **master weights**: an fp32 copy of the trainable parameters when they are bf16/fp16, and under ZeRO-1/2/3 always
   (DeepSpeed clones its flat fp32 partition even in fp32 runs); 1/world of them under ZeRO.
 * **reduction bucket**: ZeRO-1/2 allocate ``reduce_bucket_size`` gradient elements for reduction (two with
-  ``overlap_comm``), whatever the model's size.
+  ``overlap_comm``), whatever the model's size (DeepSpeed's ``setup_buckets``).  On CPU no bucket was found alive
+  right after the backward pass, so this is an upper bound for a transient of the backward pass.
 * **activations**: the tensors autograd saves per micro-batch (see :func:`activation_bytes`), from the model's
   dimensions, ``dataset.seq_len`` and ``train.micro_batch_size``; activation checkpointing keeps each layer's input
   and recomputes one layer at a time.
