@@ -6,6 +6,8 @@
     effitrain recipes                     list the recipes: name, paper, blocks touched
     effitrain show NAME [OVERRIDES]       print the resolved config of a recipe ('default' = no recipe)
     effitrain check [OVERRIDES]           validate only (keys, types, ranges, compatibility rules)
+    effitrain check --memory [--device-gib N] [--world-size N] [OVERRIDES]
+                                          also estimate per-device memory and say whether it fits (exit 1: no)
     effitrain diff A B                    the keys in which two recipes' resolved configs differ
     effitrain rules                       the compatibility rules as a table
     effitrain plan [OVERRIDES] [--plot F.png]  the run's timeline: lr, seq_len, mixture, phases at each breakpoint
@@ -90,6 +92,8 @@ def _verb_show(args: list[str]) -> int:
 
 
 def _verb_check(args: list[str]) -> int:
+    if "--memory" in args:
+        return _check_memory(args)
     resumed = _remembered_resume(args) if args[:1] != ["resume"] else args[1:]
     if resumed is not None:
         _prepare_resume(resumed, deep=True)
@@ -123,6 +127,34 @@ def _verb_plan(args: list[str]) -> int:
             raise ConfigError("plan: --plot needs matplotlib (pip install 'effitrain[plot]')") from None
         print(f"wrote {plot_sections(sections, plot_to)}")
     return 0
+
+
+def _check_memory(args: list[str]) -> int:
+    """``check --memory [--device-gib N] [--world-size N] [OVERRIDES]``: validate, then plan per-device memory."""
+    from effitrain.planner.memory import format_plan, plan, setup_from_spec
+
+    options = {"--device-gib": 80.0, "--world-size": None}
+    overrides, it = [], iter(a for a in args if a != "--memory")
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in options:
+            value = value if eq else next(it, "")
+            try:
+                options[flag] = float(value) if flag == "--device-gib" else int(value)
+            except ValueError:
+                raise ConfigError(f"check {flag}: expected a {'number of GiB' if flag == '--device-gib' else 'whole number'}, "
+                                  f"got {value!r}") from None
+            if options[flag] <= 0:
+                raise ConfigError(f"check {flag}: must be positive, got {value}")
+        elif arg.startswith("--"):
+            raise ConfigError(f"check: unknown flag {arg}; check --memory takes --device-gib N and --world-size N")
+        else:
+            overrides.append(arg)
+    world = options["--world-size"] or _world_size()
+    spec, _ = preflight(overrides, multirun=False, check_dir=False, world=world)
+    result = plan(setup_from_spec(spec, world=world))
+    print(format_plan(result, options["--device-gib"]))
+    return 0 if result.device_bytes <= options["--device-gib"] * 2 ** 30 else EXIT_FAILED
 
 
 def _verb_diff(args: list[str]) -> int:
@@ -174,7 +206,7 @@ def _verb_export(args: list[str]) -> int:
 def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
     from effitrain.config.inputs import check_inputs
-    from effitrain.config.resume import remembered_config
+    from effitrain.config.resume import keep_global_batch, remembered_config
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
     from effitrain.engine.rundir import check_run_dir
@@ -184,6 +216,10 @@ def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Op
     run_dir = Path(args[0])
     check_run_dir(run_dir, resume="auto", overwrite=False)
     cfg, recipes = remembered_config(run_dir, args[1:])
+    elastic = keep_global_batch(run_dir, cfg, _world_size())
+    if elastic and os.environ.get("RANK", "0") == "0":
+        from effitrain.console import say
+        say(elastic)
     spec = validate(cfg, recipes)
     check_rules(spec, Environment(world_size=_world_size()))
     check_inputs(spec, deep=deep)
@@ -215,7 +251,8 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 
 
 # ---------------------------------------------------------------------------------------------- training
-def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False):
+def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bool = False,
+              world: Optional[int] = None):
     """Compose and validate (every job of a sweep); check the inputs (files, folders, credentials; ``deep``: every
     record of local data); refuse to reuse a run directory.  Builds nothing."""
     from effitrain.config.compose import compose_config, expand_sweeps
@@ -226,7 +263,7 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
     from effitrain.engine.rundir import check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
-    world = _world_size()
+    world = world or _world_size()
     first = None
     for job in jobs:
         composed = compose_config(job)

@@ -325,6 +325,21 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
             data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     guard = NonFiniteGuard(spec.train.max_bad_steps)
     guard.install(optimizer)
+    resume_from = resolve_resume(run_dir, spec.resume) if launch.is_main else None
+    if launch.world_size > 1:  # rank 0 verified the checkpoints; every rank loads the one it chose
+        import torch.distributed as dist
+        chosen = [resume_from]
+        dist.broadcast_object_list(chosen, src=0)
+        resume_from = chosen[0]
+    engine_dir = None
+    if resume_from is not None:  # saved by another number of processes: DeepSpeed loads a universal conversion
+        from effitrain.engine.elastic import engine_checkpoint_for
+
+        engine_dir = engine_checkpoint_for(resume_from, world_size=launch.world_size, is_main=launch.is_main,
+                                           zero_stage=spec.block("parallelism").params.stage, barrier=launch.barrier,
+                                           report=say)
+        if engine_dir is not None:
+            ds_config["checkpoint"] = {"load_universal": True}
     say("starting the DeepSpeed engine ...")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
@@ -339,15 +354,9 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
                       save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
                       on_started=lock.commit_replacement)
 
-    resume_from = resolve_resume(run_dir, spec.resume) if launch.is_main else None
-    if launch.world_size > 1:  # rank 0 verified the checkpoints; every rank loads the one it chose
-        import torch.distributed as dist
-        chosen = [resume_from]
-        dist.broadcast_object_list(chosen, src=0)
-        resume_from = chosen[0]
     if resume_from is not None:
         declared = follow_this_horizon(scheduler)
-        trainer.load_checkpoint(resume_from)
+        trainer.load_checkpoint(resume_from, engine_dir)
         horizon = declared(state.step)
         if launch.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", state.step)

@@ -10,6 +10,8 @@ Torch-free: it runs in the pre-flight.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -95,6 +97,55 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
     return cfg, stored_recipes(run_dir, cfg)
 
 
+def saved_layout(run_dir: Path, cfg: dict[str, Any]) -> Optional[tuple[int, int, int]]:
+    """(world size, micro batch, grad accum) of the newest complete checkpoint's launch, from its meta.json; for a
+    checkpoint from before that record, the run's stored config and the world size of its latest launch."""
+    from effitrain.engine.checkpoint import META, complete_checkpoints  # torch-free
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return None
+    try:
+        meta = json.loads((found[-1][1] / META).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("world_size"):
+        return int(meta["world_size"]), int(meta["micro_batch_size"]), int(meta["grad_accum"])
+    world = 1
+    for name in ("env.resume.json", "env.json"):
+        try:
+            world = int(json.loads((run_dir / name).read_text())["world_size"])
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return world, int(cfg["train"]["micro_batch_size"]), int(cfg["train"]["grad_accum"])
+
+
+def keep_global_batch(run_dir: Path, cfg: dict[str, Any], world_size: int) -> Optional[str]:
+    """Elastic resume: with another number of processes than the checkpoint's, set ``train.grad_accum`` in ``cfg``
+    so that micro_batch x grad_accum x world stays the saved global batch (the sampler then continues with exactly
+    the same batches); returns the line that says so, or refuses when no whole grad_accum keeps it."""
+    layout = saved_layout(run_dir, cfg)
+    if layout is None or layout[0] == world_size:
+        return None
+    saved_world, micro, accum = layout
+    stage = (cfg.get("parallelism") or {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"resume: the run was saved by {saved_world} processes under ZeRO-3 and this launch has "
+                          f"{world_size}; elastic resume supports ZeRO stages 0-2; resume with {saved_world} processes")
+    global_batch = micro * accum * saved_world
+    new_micro = int(cfg["train"]["micro_batch_size"])
+    if global_batch % (new_micro * world_size):
+        raise ConfigError(f"resume: the run was saved by {saved_world} processes with global batch {global_batch} "
+                          f"(micro_batch_size {micro} x grad_accum {accum} x {saved_world}); with {world_size} "
+                          f"processes no whole train.grad_accum keeps it; resume with a number of processes that "
+                          f"divides {global_batch // new_micro}")
+    new_accum = global_batch // (new_micro * world_size)
+    cfg["train"]["grad_accum"] = new_accum
+    return (f"resume: {saved_world} -> {world_size} processes: train.grad_accum {accum} -> {new_accum} keeps the "
+            f"global batch at {global_batch} (micro_batch_size {new_micro})")
+
+
 def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node = cfg
     *parents, last = dotted.split(".")
@@ -118,9 +169,26 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     old, new = flatten("", stored, {}), flatten("", dict(cfg), {})
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
+    if changed == ["train.grad_accum"] and _keeps_global_batch(run_dir, new):
+        return  # an elastic resume with the grad_accum that keeps the global batch at this world size
+    if not changed and not _keeps_global_batch(run_dir, new, same_world_ok=True):
+        layout = saved_layout(run_dir, stored_config(run_dir))
+        raise ConfigError(f"resume: the run was saved by {layout[0]} processes with global batch "
+                          f"{layout[0] * layout[1] * layout[2]}, which this launch's world size changes; resume with "
+                          f"`effitrain resume {run_dir}` (it sets train.grad_accum to keep the global batch)")
     if changed:
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
         raise ConfigError(f"resume: this launch's config differs from the run's in {shown}{more}; resume with "
                           f"`effitrain resume {run_dir}` (it remembers the run's recipe and overrides; see "
                           f"{run_dir / 'command.txt'}); only {_safe_keys_text()} may change")
+
+
+def _keeps_global_batch(run_dir: Path, flat: dict[str, Any], same_world_ok: bool = False) -> bool:
+    """Whether this launch (``WORLD_SIZE`` processes) has the global batch of the newest checkpoint; with
+    ``same_world_ok``, a launch with the checkpoint's own world size (or no checkpoint) counts as keeping it."""
+    layout = saved_layout(run_dir, stored_config(run_dir))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if layout is None or layout[0] == world:
+        return same_world_ok
+    return flat["train.micro_batch_size"] * flat["train.grad_accum"] * world == layout[0] * layout[1] * layout[2]

@@ -150,7 +150,7 @@ def write_atomically(root: Path, step: int, write: Callable[[Path], None], *, is
         write(tmp)
         barrier()
         if is_writer:
-            _seal(tmp, step, meta)
+            seal(tmp, step, meta)
     except Exception as exc:
         _raise_disk_full_or(exc, root, tmp, step)
     if is_writer:
@@ -184,7 +184,7 @@ def _raise_disk_full_or(exc: Exception, root: Path, tmp: Path, step: int) -> Non
     raise DiskFull(root, step, shutil.disk_usage(root).free, needed) from None
 
 
-def _seal(tmp: Path, step: int, meta: Optional[dict[str, Any]]) -> None:
+def seal(tmp: Path, step: int, meta: Optional[dict[str, Any]]) -> None:
     """Record the files' sizes and checksums, then write the marker: from here on the folder is a checkpoint."""
     record = {"step": step, "time": time.time(), **(meta or {}), "files": file_manifest(tmp)}
     with open(tmp / META, "w") as fh:
@@ -203,6 +203,8 @@ def prune(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints (renamed aside first, so deletion is never partial
     on a folder that still looks complete)."""
     for _, path in complete_checkpoints(root)[:-keep]:
-        trash = root / f".trash-{path.name}"
-        path.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        for folder in (path, path.with_name(path.name + ".universal")):  # and its elastic-resume conversion
+            if folder.exists():
+                trash = root / f".trash-{folder.name}"
+                folder.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)

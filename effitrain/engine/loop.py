@@ -150,7 +150,9 @@ class Trainer:
         barrier = dist.barrier if dist.is_initialized() and st.world_size > 1 else (lambda: None)
         try:
             path = ckpt.write_atomically(root, st.step, write, is_writer=self.is_main, barrier=barrier,
-                                         meta={"tokens": st.tokens})
+                                         meta={"tokens": st.tokens, "world_size": st.world_size,  # elastic resume
+                                               "micro_batch_size": self.train_cfg.micro_batch_size,
+                                               "grad_accum": self.train_cfg.grad_accum})
         except ckpt.DiskFull as exc:
             raise RunFailed(str(exc)) from None
         if self.is_main:
@@ -158,12 +160,14 @@ class Trainer:
         self.bus.emit("checkpoint", st)
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, engine_dir: Optional[Path] = None) -> None:
+        """Resume from ``path``; DeepSpeed's state comes from ``engine_dir`` instead when given (the universal
+        conversion of an elastic resume, effitrain.engine.elastic), the loop's own state always from ``path``."""
         st = self.state
-        loaded, _ = st.engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+        loaded, _ = st.engine.load_checkpoint(str(engine_dir or path), tag="ds", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {engine_dir or path}")
         client = torch.load(path / "state.pt", weights_only=False)
         st.step, st.micro_step, st.tokens = client["step"], client["micro_step"], client["tokens"]
         st.sampler.load_state_dict(client["sampler"])
