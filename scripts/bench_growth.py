@@ -105,7 +105,7 @@ def bench_gstack(args, extra: list[str], out: Path) -> list[str]:
 
 def bench_kd(args, extra: list[str], out: Path) -> list[str]:
     rows = []
-    for seed in args.seeds:
+    for seed in args.kd_seeds or args.seeds:
         common = [f"train.seed={seed}", *extra]
         pipeline = run(["+recipe=kd", f"stages.1.train.max_steps={args.student_steps}", *common], out / f"kd-s{seed}")
         teacher, student = pipeline["stages"]
@@ -135,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("gstack", "kd"), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--kd-seeds", type=int, nargs="+", default=None, help="seeds of the kd comparison "
+                        "(default: --seeds); its teacher stage makes it the slower one")
     parser.add_argument("--small-steps", type=int, default=50)
     parser.add_argument("--stacked-steps", type=int, default=200)
     parser.add_argument("--student-steps", type=int, default=200)

@@ -165,8 +165,9 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     from effitrain.config.spec import OPTIONAL_GROUPS
 
     # a run stored before a group existed ran with that group's default option (objective: causal_lm)
-    stored = {**{g: dict(v) for g, v in OPTIONAL_GROUPS.items()}, **stored_config(run_dir)}
-    old, new = flatten("", stored, {}), flatten("", dict(cfg), {})
+    defaults = {g: dict(v) for g, v in OPTIONAL_GROUPS.items()}
+    stored = {**defaults, **stored_config(run_dir)}
+    old, new = flatten("", stored, {}), flatten("", {**defaults, **dict(cfg)}, {})
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
     if changed == ["train.grad_accum"] and _keeps_global_batch(run_dir, new):
