@@ -59,11 +59,12 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         for offset, overrides in enumerate(job_overrides):
             member = initial_job_idx + offset
             overrides = list(overrides)
+            shown = [o for o in overrides if not o.startswith("run_dir=")]  # the sweep's root, not the member's
             executor.update_parameters(name=job_name(self.params.get("name") or "effitrain", overrides, member))
             job = executor.submit(self, overrides, "hydra.sweep.dir", member, f"job_id_for_{member}",
                                   Singleton.get_state())
             log.info(f"\t#{member} : {' '.join(filter_overrides(overrides))} (job {job.job_id})")
-            members.append((member, overrides, job))
+            members.append((member, shown, job))
         entries = {m: member_entry(m, sweep_dir / str(m), o, job_id=j.job_id) for m, o, j in members}
         write_manifest(sweep_dir, list(entries.values()))
 
