@@ -31,13 +31,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from effitrain.errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE, REPORT_BUGS,
-                              RunFailed)
+from effitrain.errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE, JOB_EXITS,
+                              REPORT_BUGS, RunFailed)
 from effitrain.registry import ConfigError
 
 # Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
 # that did not exist before the pre-flight (an empty one that Hydra made for a refused job is removed again).
-_JOB_EXITS: list[int] = []
+_JOB_EXITS: list[int] = JOB_EXITS  # shared with the SLURM launcher, which learns the exits of remote members
 _NEW_DIRS: set[str] = set()
 _LAST_SUMMARY: dict = {}          # the summary of the job that ran last in this process
 _LAST_ERROR: list[str] = []       # its one-line error, if it printed one

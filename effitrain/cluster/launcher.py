@@ -8,6 +8,7 @@ a requeued member is the same callable with the same arguments (effitrain.cluste
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf
 
 from effitrain.cluster.manifest import member_entry, write_manifest
-from effitrain.errors import EXIT_FAILED
+from effitrain.errors import EXIT_FAILED, JOB_EXITS
 
 log = logging.getLogger(__name__)
 _EXECUTOR_INIT_KEYS = {"submitit_folder", "max_num_timeout"}
@@ -47,8 +48,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from effitrain import cli
-
         assert self.config is not None
         executor = self._executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -74,9 +73,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             entries[member] = member_entry(member, sweep_dir / str(member), overrides, code=code,
                                            job_id=job.job_id, message=message)
             write_manifest(sweep_dir, list(entries.values()))
-            cli._JOB_EXITS.append(code)
+            JOB_EXITS.append(code)  # the CLI's exit status for the sweep (effitrain.cli._run_hydra)
             if message:
-                cli._fail(f"sweep member {member} ({' '.join(overrides)}): {message}", code)
+                print(f"effitrain: error: sweep member {member} ({' '.join(overrides)}): {message}", file=sys.stderr)
             ret.status, ret.return_value = JobStatus.COMPLETED, code  # the head reads the status, not an exception
             returns.append(ret)
         return returns
