@@ -246,6 +246,9 @@ def _hydra_task(cfg) -> int:
     names = recipe_names(parse_overrides(overrides))
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        from effitrain.cluster.manifest import fill_sweep_logger
+        fill_sweep_logger(resolved, Path(str(hydra_cfg.sweep.dir)), names, overrides)
     # command.txt of a sweep member: its own overrides (in a SLURM job sys.argv is submitit's pickle path)
     argv = ["effitrain", *overrides, f"run_dir={run_dir}"] if multirun else ["effitrain", *sys.argv[1:]]
     code = _train_job(resolved, run_dir, recipes, argv=argv, refused_dir_goes=True)

@@ -415,3 +415,38 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     assert losses["pre"] == losses["ref"]
     [entry] = json.loads((tmp_path / "pre" / MANIFEST).read_text())["members"]
     assert (entry["status"], entry["dir"]) == ("finished", str(member))
+
+
+# ---------------------------------------------------------------------------------------------- wandb in a sweep
+def test_a_sweep_member_is_one_wandb_run_in_the_sweeps_group_kept_across_resumes(tmp_path, monkeypatch):
+    import wandb
+
+    from effitrain.cluster.manifest import fill_sweep_logger
+    from effitrain.config.blocks.logger import WandbParams
+    from effitrain.loggers.sinks import WANDB_ID_FILE, WandbSink
+
+    cfg = {"logger": {"name": "wandb", "group": None, "run_name": None}}
+    fill_sweep_logger(cfg, tmp_path / "my-sweep", ["galore"], ["+recipe=galore", "optimizer.lr=1e-3",
+                                                               "run_dir=x"])
+    assert (cfg["logger"]["group"], cfg["logger"]["run_name"]) == ("my-sweep", "galore optimizer.lr=1e-3")
+    mine = {"logger": {"name": "wandb", "group": "mine", "run_name": None}}
+    fill_sweep_logger(mine, tmp_path / "my-sweep", [], ["train.seed=1"])
+    assert (mine["logger"]["group"], mine["logger"]["run_name"]) == ("mine", "default train.seed=1")
+
+    calls = []
+
+    class Run:
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or Run())
+    params = WandbParams(group="my-sweep", run_name="galore optimizer.lr=1e-3")
+    run_dir = tmp_path / "my-sweep" / "0"
+    run_dir.mkdir(parents=True)
+    WandbSink(params, run_dir, {}).close()
+    WandbSink(params, run_dir, {}).close()  # the run resumed (or requeued) in the same directory
+    first, again = calls
+    assert first["id"] == again["id"] == (run_dir / WANDB_ID_FILE).read_text().strip()
+    assert (first["resume"], first["group"], first["name"]) == ("allow", "my-sweep", "galore optimizer.lr=1e-3")
+    WandbSink(WandbParams(), tmp_path, {}).close()
+    assert calls[2]["id"] != first["id"] and calls[2]["name"] == tmp_path.name and calls[2]["group"] is None

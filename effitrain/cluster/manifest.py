@@ -43,3 +43,20 @@ def write_manifest(root: Path, entries: list[dict[str, Any]]) -> Path:
     tmp.write_text(json.dumps({"members": sorted(entries, key=lambda e: e["member"])}, indent=1))
     tmp.replace(path)
     return path
+
+
+def member_label(recipes: list[str], overrides: list[str]) -> str:
+    """A sweep member in words, for a tracker's run name: ``galore optimizer.lr=1e-3``."""
+    rest = [o for o in overrides if not o.lstrip("+").startswith(("recipe=", "run_dir="))]
+    return " ".join(["+".join(recipes) or "default", *rest])[:128]
+
+
+def fill_sweep_logger(cfg: dict[str, Any], sweep_root: Path, recipes: list[str], overrides: list[str]) -> None:
+    """A sweep member's tracker settings, where the user left them unset: the sweep's group, the member's name."""
+    logger = cfg.get("logger") or {}
+    if logger.get("name") != "wandb":
+        return
+    if logger.get("group") is None:
+        logger["group"] = sweep_root.name
+    if logger.get("run_name") is None:
+        logger["run_name"] = member_label(recipes, overrides)
