@@ -332,9 +332,10 @@ def _wait(what: str, condition, timeout: float = 240):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _job(env, name_part: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-o", "%A %j %t %T"], env=env, capture_output=True, text=True).stdout
-    return next((line.split()[0] for line in out.splitlines() if name_part in line), "")
+def _job(root: Path) -> str:
+    """The SLURM job id of a one-member sweep (submitit keeps one folder per job id)."""
+    folders = list((root / ".submitit").glob("*")) if (root / ".submitit").is_dir() else []
+    return folders[0].name if len(folders) == 1 else ""
 
 
 def _restarts_and_state(env, job_id: str) -> tuple[int, str]:
@@ -345,8 +346,9 @@ def _restarts_and_state(env, job_id: str) -> tuple[int, str]:
 
 def _release(env, job_id: str, restarts: int) -> None:
     """A requeued job waits (BeginTime) before it may start again; the test, as the admin, lets it start now."""
-    _wait(f"job {job_id} requeued ({restarts})", lambda: _restarts_and_state(env, job_id) == (restarts, "PENDING"))
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    _wait(f"job {job_id} requeued ({restarts})", lambda: _restarts_and_state(env, job_id)[0] >= restarts)
+    if _restarts_and_state(env, job_id)[1] == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
 
 
 @pytest.mark.slow
@@ -359,26 +361,32 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     refused = _sweep(env, tmp_path / "refused", "train.global_batch_size=12")  # needs a world of 1.5: refused at launch
     two = _sweep(env, tmp_path / "two", "hydra.launcher.tasks_per_node=2", "train.global_batch_size=8")
     pre = _sweep(env, tmp_path / "pre", *long)
+    # time limits: SLURM's SIGUSR2 signal_delay_s before each (its timer has ~30 s resolution), one requeue allowed
+    timed = _sweep(env, tmp_path / "timed", "train.max_steps=100000", "hydra.launcher.timeout_min=3",
+                   "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=1")
     reference = subprocess.Popen([sys.executable, "-m", "effitrain.cli", f"run_dir={tmp_path / 'ref'}", *TINY,
                                   *long], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     # preemption 1: submitit's own signal (what SLURM sends signal_delay_s before the time limit)
     member = tmp_path / "pre" / "0"
-    job_id = _wait("the preempted member to start", lambda: _job(env, "effitrain:default:0") if
-                   len(_steps(member)) >= 3 else "")
+    job_id = _wait("the preempted member to start", lambda: _job(tmp_path / "pre") if len(_steps(member)) >= 3
+                   else "")
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
+    _wait(f"job {job_id} requeued", lambda: _restarts_and_state(env, job_id)[0] >= 1)
+    first_stop = max(_steps(member))  # the attempt has ended: its last step is the one it saved
     _release(env, job_id, 1)
-    first_stop = max(_steps(member))
     # preemption 2: the cluster requeues the job (SIGTERM to the job, then SIGKILL after KillWait)
     _wait("the requeued member to train on", lambda: len(_steps(member)) >= first_stop + 3)
     subprocess.run(["scontrol", "requeue", job_id], env=env, check=True)
     _release(env, job_id, 2)
+    timed_job = _wait("the time-limited member", lambda: _job(tmp_path / "timed"))
+    _release(env, timed_job, 1)
 
-    outs = {name: proc.communicate(timeout=600) for name, proc in
-            (("sweep", sweep), ("refused", refused), ("two", two), ("pre", pre), ("reference", reference))}
-    codes = {name: proc.returncode for name, proc in
-             (("sweep", sweep), ("refused", refused), ("two", two), ("pre", pre), ("reference", reference))}
-    assert codes == {"sweep": 0, "refused": EXIT_CONFIG, "two": 0, "pre": 0, "reference": 0}, outs
+    procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference, "timed": timed}
+    outs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
+    codes = {name: proc.returncode for name, proc in procs.items()}
+    assert codes == {"sweep": 0, "refused": EXIT_CONFIG, "two": 0, "pre": 0, "reference": 0,
+                     "timed": EXIT_RESUMABLE}, outs
 
     # the 2-member sweep: both summaries, the manifest, command.txt and job names of each member
     manifest = json.loads((tmp_path / "sweep" / MANIFEST).read_text())["members"]
@@ -450,3 +458,14 @@ def test_a_sweep_member_is_one_wandb_run_in_the_sweeps_group_kept_across_resumes
     assert (first["resume"], first["group"], first["name"]) == ("allow", "my-sweep", "galore optimizer.lr=1e-3")
     WandbSink(WandbParams(), tmp_path, {}).close()
     assert calls[2]["id"] != first["id"] and calls[2]["name"] == tmp_path.name and calls[2]["group"] is None
+
+    # the time limit: a checkpoint and a requeue, then at the second limit a checkpoint and no more requeues
+    timed_run = tmp_path / "timed" / "0"
+    log = "".join(p.read_text() for p in (tmp_path / "timed" / ".submitit").glob("*/*_0_log.out"))
+    stops = [int(line.split("at step ")[1].split(";")[0]) for line in log.splitlines()
+             if line.startswith("stopped (signal SIGUSR2) at step")]
+    assert len(stops) == 2 and log.count("resumed from") == 1
+    assert {p.name for p in (timed_run / "checkpoints").iterdir()} >= {f"step_{s:08d}" for s in stops}
+    [entry] = json.loads((tmp_path / "timed" / MANIFEST).read_text())["members"]
+    assert (entry["status"], entry["exit_code"]) == ("stopped (checkpoint saved, not requeued)", EXIT_RESUMABLE)
+    assert "timed-out too many times" in entry["message"]
