@@ -424,6 +424,17 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     [entry] = json.loads((tmp_path / "pre" / MANIFEST).read_text())["members"]
     assert (entry["status"], entry["dir"]) == ("finished", str(member))
 
+    # the time limit: a checkpoint and a requeue, then at the second limit a checkpoint and no more requeues
+    timed_run = tmp_path / "timed" / "0"
+    log = "".join(p.read_text() for p in (tmp_path / "timed" / ".submitit").glob("*/*_0_log.out"))
+    stops = [int(line.split("at step ")[1].split(";")[0]) for line in log.splitlines()
+             if line.startswith("stopped (signal SIGUSR2) at step")]
+    assert len(stops) == 2 and log.count("resumed from") == 1
+    assert {p.name for p in (timed_run / "checkpoints").iterdir()} >= {f"step_{s:08d}" for s in stops}
+    [entry] = json.loads((tmp_path / "timed" / MANIFEST).read_text())["members"]
+    assert (entry["status"], entry["exit_code"]) == ("stopped (checkpoint saved, not requeued)", EXIT_RESUMABLE)
+    assert "timed-out too many times" in entry["message"]
+
 
 # ---------------------------------------------------------------------------------------------- wandb in a sweep
 def test_a_sweep_member_is_one_wandb_run_in_the_sweeps_group_kept_across_resumes(tmp_path, monkeypatch):
@@ -459,13 +470,3 @@ def test_a_sweep_member_is_one_wandb_run_in_the_sweeps_group_kept_across_resumes
     WandbSink(WandbParams(), tmp_path, {}).close()
     assert calls[2]["id"] != first["id"] and calls[2]["name"] == tmp_path.name and calls[2]["group"] is None
 
-    # the time limit: a checkpoint and a requeue, then at the second limit a checkpoint and no more requeues
-    timed_run = tmp_path / "timed" / "0"
-    log = "".join(p.read_text() for p in (tmp_path / "timed" / ".submitit").glob("*/*_0_log.out"))
-    stops = [int(line.split("at step ")[1].split(";")[0]) for line in log.splitlines()
-             if line.startswith("stopped (signal SIGUSR2) at step")]
-    assert len(stops) == 2 and log.count("resumed from") == 1
-    assert {p.name for p in (timed_run / "checkpoints").iterdir()} >= {f"step_{s:08d}" for s in stops}
-    [entry] = json.loads((tmp_path / "timed" / MANIFEST).read_text())["members"]
-    assert (entry["status"], entry["exit_code"]) == ("stopped (checkpoint saved, not requeued)", EXIT_RESUMABLE)
-    assert "timed-out too many times" in entry["message"]
