@@ -325,6 +325,16 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     return failed[0] if failed else EXIT_OK
 
 
+def _continue_if_requeued(overrides: list[str]) -> list[str]:
+    """``sbatch --requeue`` of a plain ``effitrain run_dir=R``: a job SLURM started again continues R."""
+    from effitrain.cluster.job import resume_after_requeue
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if not given or any(o.startswith("resume=") for o in overrides):
+        return overrides
+    return overrides + ["resume=auto"] if resume_after_requeue(Path(given[-1]), None) == "auto" else overrides
+
+
 def _sweep_root(overrides: list[str]) -> list[str]:
     """A sweep's ``run_dir=R`` is its root: member N runs in R/N (Hydra's ``hydra.sweep.dir``), and R/sweep.json
     is its manifest.  A root that already holds a sweep or a run is refused, as a run directory would be."""
@@ -388,6 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         flags, overrides = _split_args(argv)
         multirun = "-m" in flags or "--multirun" in flags
         info_only = any(f in flags for f in ("--cfg", "-c", "--info", "-i", "--hydra-help"))
+        if not multirun and not info_only:
+            overrides = _continue_if_requeued(overrides)
         resumed = None if multirun or info_only else _remembered_resume(overrides)
         if resumed is not None:
             return _verb_resume(resumed)

@@ -470,3 +470,19 @@ def test_a_sweep_member_is_one_wandb_run_in_the_sweeps_group_kept_across_resumes
     WandbSink(WandbParams(), tmp_path, {}).close()
     assert calls[2]["id"] != first["id"] and calls[2]["name"] == tmp_path.name and calls[2]["group"] is None
 
+
+
+def test_a_plain_run_that_slurm_requeued_continues_its_run_directory(tmp_path, monkeypatch):
+    from effitrain.cli import _continue_if_requeued
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("")
+    given = [f"run_dir={run}", "train.max_steps=8"]
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert _continue_if_requeued(given) == given  # first start: an existing run is refused as usual
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert _continue_if_requeued(given) == [*given, "resume=auto"]
+    assert _continue_if_requeued([*given, "resume=some/ckpt"]) == [*given, "resume=some/ckpt"]  # the user chose
+    assert _continue_if_requeued([f"run_dir={tmp_path / 'new'}"]) == [f"run_dir={tmp_path / 'new'}"]
