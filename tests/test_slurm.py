@@ -322,7 +322,7 @@ def _steps(run_dir: Path) -> list[int]:
     return [line["step"] for line in lines if "loss" in line]
 
 
-def _wait(what: str, condition, timeout: float = 240):
+def _wait(what: str, condition, timeout: float = 480):  # generous: CI machines are shared
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
