@@ -174,6 +174,18 @@ def test_a_bad_launcher_choice_or_key_is_one_line_before_anything_runs(tmp_path,
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_slurm_preset_without_the_submitit_plugin_says_what_to_install(monkeypatch):
+    from effitrain.config import launcher
+    from effitrain.config.compose import parse_overrides
+    from effitrain.registry import ConfigError
+
+    monkeypatch.setattr(launcher, "plugin_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm_gpu: needs Hydra's submitit launcher; pip install "
+                                          r"'effitrain\[cluster\]'"):
+        launcher.check_launcher(parse_overrides(["hydra/launcher=slurm_gpu"]))
+    launcher.check_launcher(parse_overrides(["hydra/launcher=basic"]))  # Hydra's own launcher needs nothing
+
+
 def test_a_sweep_root_that_holds_a_sweep_is_refused(tmp_path):
     write_manifest(tmp_path / "sweep", [])
     before = (tmp_path / "sweep" / MANIFEST).read_text()
@@ -294,6 +306,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             pytest.fail(f"the SLURM node did not come up: {state!r}; see {root}/slurmd.log, slurmctld.log")
         yield env
     finally:
+        # the jobs first (their slurmstepd outlive slurmd), then the daemons this fixture started
+        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+        for _ in range(100):
+            if not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.3)
         for proc in daemons + started:
             proc.terminate()
         for proc in daemons + started:
@@ -334,8 +352,9 @@ def _wait(what: str, condition, timeout: float = 480):  # generous: CI machines 
 
 def _job(root: Path) -> str:
     """The SLURM job id of a one-member sweep (submitit keeps one folder per job id)."""
-    folders = list((root / ".submitit").glob("*")) if (root / ".submitit").is_dir() else []
-    return folders[0].name if len(folders) == 1 else ""
+    folders = [p.name for p in (root / ".submitit").glob("*") if p.is_dir() and p.name.isdigit()] \
+        if (root / ".submitit").is_dir() else []
+    return folders[0] if len(folders) == 1 else ""
 
 
 def _restarts_and_state(env, job_id: str) -> tuple[int, str]:
@@ -354,19 +373,30 @@ def _release(env, job_id: str, restarts: int) -> None:
 @pytest.mark.slow
 def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     env = slurm
-    long = ["train.max_steps=60", "train.seed=3"]
+    long = ["train.max_steps=300", "train.seed=3"]  # long enough to be signalled twice mid-run
     # all at once, so the cluster's few minutes overlap: a 2-member sweep, a member refused at launch, a 2-task
     # job, a member that is preempted twice, and (outside SLURM) the same run uninterrupted for reference
     sweep = _sweep(env, tmp_path / "sweep", "train.seed=0,1")
     refused = _sweep(env, tmp_path / "refused", "train.global_batch_size=12")  # needs a world of 1.5: refused at launch
     two = _sweep(env, tmp_path / "two", "hydra.launcher.tasks_per_node=2", "train.global_batch_size=8")
     pre = _sweep(env, tmp_path / "pre", *long)
-    # time limits: SLURM's SIGUSR2 signal_delay_s before each (its timer has ~30 s resolution), one requeue allowed
-    timed = _sweep(env, tmp_path / "timed", "train.max_steps=100000", "hydra.launcher.timeout_min=3",
+    # time limits: SLURM's SIGUSR2 signal_delay_s before each (its timer has ~30 s resolution, so 150-210 s into an
+    # attempt: after start-up, even on a busy machine), one requeue allowed
+    timed = _sweep(env, tmp_path / "timed", "train.max_steps=100000", "hydra.launcher.timeout_min=4",
                    "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=1")
     reference = subprocess.Popen([sys.executable, "-m", "effitrain.cli", f"run_dir={tmp_path / 'ref'}", *TINY,
                                   *long], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+    procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference, "timed": timed}
+    try:
+        _drive(env, tmp_path, procs)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _drive(env, tmp_path: Path, procs: dict) -> None:
     # preemption 1: submitit's own signal (what SLURM sends signal_delay_s before the time limit)
     member = tmp_path / "pre" / "0"
     job_id = _wait("the preempted member to start", lambda: _job(tmp_path / "pre") if len(_steps(member)) >= 3
@@ -382,7 +412,6 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     timed_job = _wait("the time-limited member", lambda: _job(tmp_path / "timed"))
     _release(env, timed_job, 1)
 
-    procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference, "timed": timed}
     outs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
     codes = {name: proc.returncode for name, proc in procs.items()}
     assert codes == {"sweep": 0, "refused": EXIT_CONFIG, "two": 0, "pre": 0, "reference": 0,
@@ -419,7 +448,7 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     for name, run in (("pre", member), ("ref", tmp_path / "ref")):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [(x["step"], x["loss"]) for x in lines if "loss" in x]
-    assert [s for s, _ in losses["pre"]] == list(range(1, 61))
+    assert [s for s, _ in losses["pre"]] == list(range(1, 301))
     assert losses["pre"] == losses["ref"]
     [entry] = json.loads((tmp_path / "pre" / MANIFEST).read_text())["members"]
     assert (entry["status"], entry["dir"]) == ("finished", str(member))
