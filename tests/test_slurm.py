@@ -407,7 +407,9 @@ def _drive(env, tmp_path: Path, procs: dict) -> None:
     _release(env, job_id, 1)
     # preemption 2: the cluster requeues the job (SIGTERM to the job, then SIGKILL after KillWait)
     _wait("the requeued member to train on", lambda: len(_steps(member)) >= first_stop + 3)
-    subprocess.run(["scontrol", "requeue", job_id], env=env, check=True)
+    # SLURM refuses a requeue while the job's launch is still being set up ("pending execution"): try again
+    _wait(f"scontrol requeue {job_id} accepted", lambda: subprocess.run(
+        ["scontrol", "requeue", job_id], env=env, capture_output=True).returncode == 0 or time.sleep(1))
     _release(env, job_id, 2)
     timed_job = _wait("the time-limited member", lambda: _job(tmp_path / "timed"))
     _release(env, timed_job, 1)
