@@ -365,7 +365,10 @@ def _restarts_and_state(env, job_id: str) -> tuple[int, str]:
 
 def _release(env, job_id: str, restarts: int) -> None:
     """A requeued job waits (BeginTime) before it may start again; the test, as the admin, lets it start now."""
-    _wait(f"job {job_id} requeued ({restarts})", lambda: _restarts_and_state(env, job_id)[0] >= restarts)
+    def settled():  # requeued, and done ending its last attempt (COMPLETING, REQUEUED)
+        count, state = _restarts_and_state(env, job_id)
+        return count >= restarts and state not in ("COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD")
+    _wait(f"job {job_id} requeued ({restarts})", settled)
     if _restarts_and_state(env, job_id)[1] == "PENDING":
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
 
