@@ -34,13 +34,17 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from effitrain.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, REPORT_BUGS, RunFailed
+from effitrain.errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE, JOB_EXITS,
+                              REPORT_BUGS, RunFailed)
 from effitrain.registry import ConfigError
 
 # Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
 # that did not exist before the pre-flight (an empty one that Hydra made for a refused job is removed again).
-_JOB_EXITS: list[int] = []
+_JOB_EXITS: list[int] = JOB_EXITS  # shared with the SLURM launcher, which learns the exits of remote members
 _NEW_DIRS: set[str] = set()
+_LAST_SUMMARY: dict = {}          # the summary of the job that ran last in this process
+_LAST_ERROR: list[str] = []       # its one-line error, if it printed one
+_SWEEP_ENTRIES: dict[int, dict] = {}  # sweep.json's members of an in-process sweep
 _HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
                            "--experimental-rerun"}
 
@@ -301,25 +305,53 @@ def _specs_with_inputs_now(spec) -> list:
     return ready
 
 
-def _hydra_task(cfg) -> None:
-    """Called by Hydra once per job, in the job's output directory (the run directory)."""
+def _hydra_task(cfg) -> int:
+    """Called by Hydra once per job, in the job's output directory (the run directory); in a SLURM sweep, inside
+    the submitit job (effitrain.cluster.job: requeue, hand-over of a signal stop, failures the head sees)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from effitrain.cluster import job as cluster_job
     from effitrain.config.compose import load_recipe, parse_overrides, recipe_names
 
+    requeue_handler = cluster_job.submitit_requeue_handler()  # before the loop takes SIGUSR2 over
     hydra_cfg = HydraConfig.get()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     resolved["run_dir"] = str(run_dir)
+    resolved["resume"] = cluster_job.resume_after_requeue(run_dir, resolved.get("resume"))
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("run_dir=")]  # a sweep's root: not its own
     from effitrain.config.stages import propagate_overrides
 
-    parsed = parse_overrides(list(hydra_cfg.overrides.task))
-    propagate_overrides(resolved, parsed)
+    parsed = parse_overrides(overrides)
+    propagate_overrides(resolved, parsed)  # `train.max_steps=3` shortens every stage of a multi-stage recipe
     names = recipe_names(parsed)
     recipes = [load_recipe(n).get("recipe") or {"name": n, "paper": "?"} for n in names]
-    _train_job(resolved, run_dir, recipes, argv=["effitrain", *sys.argv[1:]], refused_dir_goes=True)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        from effitrain.cluster.manifest import fill_sweep_logger
+        fill_sweep_logger(resolved, Path(str(hydra_cfg.sweep.dir)), names, overrides)
+    # command.txt of a sweep member: its own overrides (in a SLURM job sys.argv is submitit's pickle path)
+    argv = ["effitrain", *overrides, f"run_dir={run_dir}"] if multirun else ["effitrain", *sys.argv[1:]]
+    code = _train_job(resolved, run_dir, recipes, argv=argv, refused_dir_goes=True)
+    if multirun and requeue_handler is None:  # members run in this process (Hydra's basic launcher)
+        _sweep_member_done(Path(str(hydra_cfg.sweep.dir)), int(hydra_cfg.job.num), run_dir, overrides, code)
+    if requeue_handler is not None:
+        if code == EXIT_RESUMABLE:
+            cluster_job.hand_over_stop(_LAST_SUMMARY, requeue_handler)
+        if code != EXIT_OK:
+            raise cluster_job.JobFailed(code, _LAST_ERROR[0] if _LAST_ERROR else f"exit status {code}")
+    return code
+
+
+def _sweep_member_done(root: Path, member: int, run_dir: Path, overrides: list[str], code: int) -> None:
+    from effitrain.cluster.manifest import member_entry, write_manifest
+
+    _SWEEP_ENTRIES[member] = member_entry(member, run_dir, overrides, code=code,
+                                          message=_LAST_ERROR[0] if code != EXIT_OK and _LAST_ERROR else None)
+    write_manifest(root, list(_SWEEP_ENTRIES.values()))
 
 
 def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[str],
@@ -329,10 +361,15 @@ def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[
     from effitrain.train import train
 
     code = EXIT_FAILED
+    _LAST_SUMMARY.clear()
+    _LAST_ERROR.clear()
     try:
         with quiet():
             summary = train(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
+        _LAST_SUMMARY.update(summary)
         code = summary.get("exit_code", EXIT_OK)
+        if code != EXIT_OK:
+            _LAST_ERROR.append(f"stopped at step {summary.get('steps')}: {summary.get('stopped_by')}")
     except ConfigError as exc:  # found only at launch (the device, the world size, a file's contents)
         code = _fail(str(exc))
     except RunFailed as exc:    # the machine failed the run (a full disk): one line, the reason in summary.json
@@ -340,7 +377,8 @@ def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[
     except KeyboardInterrupt:
         print("effitrain: interrupted without saving", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except Exception:           # a bug: keep the traceback, and say where it goes
+    except Exception as exc:    # a bug: keep the traceback, and say where it goes
+        _LAST_ERROR[:] = [f"internal error: {type(exc).__name__}: {exc}"]
         import traceback
         traceback.print_exc()
         print(f"effitrain: internal error: {REPORT_BUGS}", file=sys.stderr)
@@ -359,6 +397,7 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     saved = sys.argv
     sys.argv = [saved[0], *flags, *overrides]
     _JOB_EXITS.clear()
+    _SWEEP_ENTRIES.clear()
     try:
         main()
     finally:
@@ -370,6 +409,35 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     return failed[0] if failed else EXIT_OK
 
 
+def _continue_if_requeued(overrides: list[str]) -> list[str]:
+    """``sbatch --requeue`` of a plain ``effitrain run_dir=R``: a job SLURM started again continues R."""
+    from effitrain.cluster.job import resume_after_requeue
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if not given or any(o.startswith("resume=") for o in overrides):
+        return overrides
+    return overrides + ["resume=auto"] if resume_after_requeue(Path(given[-1]), None) == "auto" else overrides
+
+
+def _sweep_root(overrides: list[str]) -> list[str]:
+    """A sweep's ``run_dir=R`` is its root: member N runs in R/N (Hydra's ``hydra.sweep.dir``), and R/sweep.json
+    is its manifest.  A root that already holds a sweep or a run is refused, as a run directory would be."""
+    from effitrain.cluster.manifest import MANIFEST
+    from effitrain.engine.rundir import holds_run
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if not given or any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        return overrides
+    root = given[-1]
+    if "," in root:
+        raise ConfigError(f"run_dir: a sweep has one root folder, got '{root}'; sweep other keys, e.g. "
+                          f"run_dir=outputs/my-sweep 'optimizer.lr=1e-3,3e-3'")
+    if (Path(root) / MANIFEST).exists() or holds_run(Path(root)):
+        raise ConfigError(f"run_dir: '{root}' already holds a {'sweep' if (Path(root) / MANIFEST).exists() else 'run'}"
+                          f"; choose another run_dir for this sweep")
+    return [*overrides, f"hydra.sweep.dir={root}"]
+
+
 def _world_size() -> int:
     value = os.environ.get("WORLD_SIZE", "1")
     if not value.strip().isdigit() or int(value) < 1:
@@ -378,6 +446,7 @@ def _world_size() -> int:
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
+    _LAST_ERROR[:] = [" ".join(message.split())]
     print(f"effitrain: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
     return code
 
@@ -413,9 +482,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         flags, overrides = _split_args(argv)
         multirun = "-m" in flags or "--multirun" in flags
         info_only = any(f in flags for f in ("--cfg", "-c", "--info", "-i", "--hydra-help"))
+        if not multirun and not info_only:
+            overrides = _continue_if_requeued(overrides)
         resumed = None if multirun or info_only else _remembered_resume(overrides)
         if resumed is not None:
             return _verb_resume(resumed)
+        if multirun:
+            overrides = _sweep_root(overrides)
         if not info_only:
             preflight(overrides, multirun=multirun, check_dir=True)
     except ConfigError as exc:

@@ -21,6 +21,10 @@ EXIT_DIVERGED = 3
 EXIT_RESUMABLE = 75
 EXIT_INTERRUPTED = 130
 
+# The exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), appended by whoever
+# learns them: the CLI for jobs in this process, the SLURM launcher (effitrain.cluster.launcher) for remote ones.
+JOB_EXITS: list[int] = []
+
 # Where a genuine internal error (a bug: it keeps its traceback) should be reported.
 REPORT_BUGS = ("this is a bug in effitrain, not in your input: please report it to the effitrain issue tracker "
                "with the traceback above, the command line and the run directory's third_party.log")

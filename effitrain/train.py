@@ -399,6 +399,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "skipped_steps": guard.total_skipped,
         "finished": outcome["finished"],
         "stopped_by": outcome["stopped_by"],
+        "stopped_by_signal": outcome.get("signal_name"),  # SIGUSR2 = submitit's requeue warning (cluster/job.py)
         "exit_code": exit_code_for(outcome),
         "selection": data.selection.info,
         "selection_manifest": str(data.selection.manifest_path) if data.selection.manifest_path else None,

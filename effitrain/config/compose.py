@@ -36,7 +36,9 @@ def group_options(group: str) -> tuple[str, ...]:
 
 
 def groups() -> tuple[str, ...]:
-    return tuple(sorted(p.name for p in config_root().iterdir() if p.is_dir() and not p.name.startswith("_")))
+    # hydra/ holds Hydra's own groups (the launcher presets, effitrain.config.launcher), not blocks
+    return tuple(sorted(p.name for p in config_root().iterdir()
+                        if p.is_dir() and not p.name.startswith("_") and p.name != "hydra"))
 
 
 def load_recipe(name: str) -> dict[str, Any]:
@@ -281,8 +283,11 @@ def compose_raw(overrides: list[str]) -> dict[str, Any]:
 
 def compose_config(overrides: list[str]) -> Composed:
     """Compose ``train.yaml`` with the overrides, checked: unknown options, recipe conflicts, unknown keys."""
+    from effitrain.config.launcher import check_launcher
+
     parsed = parse_overrides(overrides)
     check_group_choices(parsed)
+    check_launcher(parsed)
     names = recipe_names(parsed)
     check_recipe_conflicts(names)
     try:

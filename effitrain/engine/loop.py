@@ -29,15 +29,15 @@ from effitrain.errors import RunFailed
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (what SLURM sends before pre-emption) and Ctrl-C (SIGINT) ask the loop to save and exit
-    at the next check.  A second Ctrl-C exits at once (KeyboardInterrupt), without saving."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before pre-emption), SIGUSR2 (submitit's warning before a time limit or
+    a preemption, docs/cluster.md) and Ctrl-C (SIGINT) ask the loop to save and exit at the next check.  A second Ctrl-C exits at once (KeyboardInterrupt), without saving."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -317,4 +317,5 @@ class Trainer:
             self.save_final_model()
         self.bus.emit("fit_end", st)
         return {"finished": finished, "stopped_by": stopped_by or st.stop_reason, "signal": stopped_by is not None,
+                "signal_name": signal.Signals(received).name if stopped_by and received else None,
                 "train_seconds": self.train_seconds}

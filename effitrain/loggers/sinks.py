@@ -78,12 +78,24 @@ class ConsoleSink(Sink):
             self._bar.close()
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
 class WandbSink(Sink):
     def __init__(self, params, run_dir: Path, config: dict[str, Any]) -> None:
         import wandb  # optional dependency: effitrain[loggers]
 
+        # the run's W&B id is kept in its directory, so a resumed or requeued run continues the same W&B run
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            import secrets
+
+            run_id = secrets.token_hex(8)  # W&B ids: lower-case letters and digits
+            id_file.write_text(run_id + "\n")
         self._run = wandb.init(project=params.project, entity=params.entity, mode=params.mode, tags=params.tags,
-                               dir=str(run_dir), config=config, name=run_dir.name, resume="allow")
+                               dir=str(run_dir), config=config, id=run_id, resume="allow",
+                               group=params.group, name=params.run_name or run_dir.name)
 
     def log(self, line: dict[str, Any]) -> None:
         self._run.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])

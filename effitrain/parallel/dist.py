@@ -15,11 +15,16 @@ class DistEnv:
 
 
 def dist_env() -> DistEnv:
-    """Read torchrun's (or SLURM's) variables; a plain `effitrain` is a world of one."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    """Read torchrun's (or SLURM's) variables; a plain `effitrain` is a world of one.
+
+    Under SLURM with several tasks (``srun -n 2``, ``tasks_per_node=2``) rank, world size, local rank and the
+    rendezvous address/port come from SLURM's environment (effitrain.cluster.slurm_env), so no manual exports are
+    needed; torchrun's own variables win where torchrun runs inside one task."""
+    from effitrain.cluster.slurm_env import slurm_world
+
+    if "RANK" not in os.environ:
+        for key, value in (slurm_world(os.environ) or {}).items():
+            os.environ.setdefault(key, value)  # a MASTER_ADDR/PORT the user exported still wins
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -48,6 +48,8 @@ class WandbParams(ConsoleParams):
     entity: Optional[str] = None
     mode: Literal["offline", "online", "disabled"] = "offline"
     tags: list[str] = param(default_factory=list)
+    group: Optional[str] = None     # runs shown together; a sweep sets its root's name (effitrain.cluster.manifest)
+    run_name: Optional[str] = None  # null: the run directory's name; a sweep member: its recipe and overrides
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
         if self.mode == "disabled":
