@@ -292,7 +292,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     (root / "state").mkdir()
     (root / "spool").mkdir()
+    # the jobs get a cache of their own: nothing the test process itself holds (a cache lock of an in-process run)
+    # can make them wait
     env = {**os.environ, "SLURM_CONF": str(conf), "OMP_NUM_THREADS": "1",
+           "EFFITRAIN_CACHE": str(tmp_path_factory.mktemp("slurm-jobs-cache")),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     daemons = [subprocess.Popen([d, "-D", "-f", str(conf), *(["-i"] if d == "slurmctld" else [])], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for d in ("slurmctld", "slurmd")]
@@ -383,14 +386,13 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     refused = _sweep(env, tmp_path / "refused", "train.global_batch_size=12")  # needs a world of 1.5: refused at launch
     two = _sweep(env, tmp_path / "two", "hydra.launcher.tasks_per_node=2", "train.global_batch_size=8")
     pre = _sweep(env, tmp_path / "pre", *long)
-    # time limits: SLURM's SIGUSR2 signal_delay_s before each (its timer has ~30 s resolution, so 150-210 s into an
-    # attempt: after start-up, even on a busy machine), one requeue allowed
-    timed = _sweep(env, tmp_path / "timed", "train.max_steps=100000", "hydra.launcher.timeout_min=4",
-                   "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=1")
     reference = subprocess.Popen([sys.executable, "-m", "effitrain.cli", f"run_dir={tmp_path / 'ref'}", *TINY,
                                   *long], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference, "timed": timed}
+    # (a time limit takes the same USR2 -> checkpoint -> requeue path as the first preemption below; what differs,
+    # submitit counting it against max_num_timeout, is the fast test of the hand-over above: two real 4-minute
+    # limits would make this the slowest test of the suite)
+    procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference}
     try:
         _drive(env, tmp_path, procs)
     finally:
@@ -414,13 +416,10 @@ def _drive(env, tmp_path: Path, procs: dict) -> None:
     _wait(f"scontrol requeue {job_id} accepted", lambda: subprocess.run(
         ["scontrol", "requeue", job_id], env=env, capture_output=True).returncode == 0 or time.sleep(1))
     _release(env, job_id, 2)
-    timed_job = _wait("the time-limited member", lambda: _job(tmp_path / "timed"))
-    _release(env, timed_job, 1)
 
     outs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
     codes = {name: proc.returncode for name, proc in procs.items()}
-    assert codes == {"sweep": 0, "refused": EXIT_CONFIG, "two": 0, "pre": 0, "reference": 0,
-                     "timed": EXIT_RESUMABLE}, outs
+    assert codes == {"sweep": 0, "refused": EXIT_CONFIG, "two": 0, "pre": 0, "reference": 0}, outs
 
     # the 2-member sweep: both summaries, the manifest, command.txt and job names of each member
     manifest = json.loads((tmp_path / "sweep" / MANIFEST).read_text())["members"]
@@ -457,17 +456,6 @@ def _drive(env, tmp_path: Path, procs: dict) -> None:
     assert losses["pre"] == losses["ref"]
     [entry] = json.loads((tmp_path / "pre" / MANIFEST).read_text())["members"]
     assert (entry["status"], entry["dir"]) == ("finished", str(member))
-
-    # the time limit: a checkpoint and a requeue, then at the second limit a checkpoint and no more requeues
-    timed_run = tmp_path / "timed" / "0"
-    log = "".join(p.read_text() for p in (tmp_path / "timed" / ".submitit").glob("*/*_0_log.out"))
-    stops = [int(line.split("at step ")[1].split(";")[0]) for line in log.splitlines()
-             if line.startswith("stopped (signal SIGUSR2) at step")]
-    assert len(stops) == 2 and log.count("resumed from") == 1
-    assert {p.name for p in (timed_run / "checkpoints").iterdir()} >= {f"step_{s:08d}" for s in stops}
-    [entry] = json.loads((tmp_path / "timed" / MANIFEST).read_text())["members"]
-    assert (entry["status"], entry["exit_code"]) == ("stopped (checkpoint saved, not requeued)", EXIT_RESUMABLE)
-    assert "timed-out too many times" in entry["message"]
 
 
 # ---------------------------------------------------------------------------------------------- wandb in a sweep

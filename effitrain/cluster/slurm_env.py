@@ -77,13 +77,15 @@ def slurm_world(env: Mapping[str, str]) -> Optional[dict[str, str]]:
             "MASTER_ADDR": expand_nodelist(nodelist)[0], "MASTER_PORT": str(master_port(jid))}
 
 
-def restart_count(env: Mapping[str, str] = os.environ) -> int:
+def restart_count(env: Optional[Mapping[str, str]] = None) -> int:
     """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``, set by SLURM on a requeued job only)."""
+    env = os.environ if env is None else env  # read at call time: os.environ may have been replaced since import
     value = env.get("SLURM_RESTART_COUNT", "0").strip()
     return int(value) if value.isdigit() else 0
 
 
-def is_requeued(env: Mapping[str, str] = os.environ) -> bool:
+def is_requeued(env: Optional[Mapping[str, str]] = None) -> bool:
     """True in a job that SLURM started again after a requeue (preemption, ``scontrol requeue``, submitit's
     checkpoint-and-requeue): its run directory holds the run to continue.  Never guessed from the directory."""
+    env = os.environ if env is None else env
     return job_id(env) is not None and restart_count(env) > 0
