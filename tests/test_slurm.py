@@ -379,7 +379,8 @@ def _release(env, job_id: str, restarts: int) -> None:
 @pytest.mark.slow
 def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     env = slurm
-    long = ["train.max_steps=300", "train.seed=3"]  # long enough to be signalled twice mid-run
+    # long enough to be signalled twice mid-run on an idle machine too (a tiny step takes ~20 ms)
+    long = ["train.max_steps=2000", "train.log_every=1", "train.seed=3"]
     # all at once, so the cluster's few minutes overlap: a 2-member sweep, a member refused at launch, a 2-task
     # job, a member that is preempted twice, and (outside SLURM) the same run uninterrupted for reference
     sweep = _sweep(env, tmp_path / "sweep", "train.seed=0,1")
@@ -452,7 +453,7 @@ def _drive(env, tmp_path: Path, procs: dict) -> None:
     for name, run in (("pre", member), ("ref", tmp_path / "ref")):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [(x["step"], x["loss"]) for x in lines if "loss" in x]
-    assert [s for s, _ in losses["pre"]] == list(range(1, 301))
+    assert [s for s, _ in losses["pre"]] == list(range(1, 2001))
     assert losses["pre"] == losses["ref"]
     [entry] = json.loads((tmp_path / "pre" / MANIFEST).read_text())["members"]
     assert (entry["status"], entry["dir"]) == ("finished", str(member))
