@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, stage_config
 from effitrain.registry import ConfigError
+from effitrain.train import _write_summary  # the runs' own atomic summary writer, for the pipeline's summary too
 
 TRANSFORM_RECORD = "effitrain_transform.json"
 
@@ -80,7 +81,7 @@ def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[l
             if lock.replacing:
                 lock.abandon_replacement()
             elif run_dir.is_dir():
-                _write_json(run_dir / "summary.json", summary)
+                _write_summary(run_dir, summary)
         raise
     finally:
         lock.release()
@@ -136,7 +137,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     }
     summary["steps"], summary["tokens"] = summary["totals"]["steps"], summary["totals"]["tokens"]
     if is_main:
-        _write_json(run_dir / "summary.json", summary)
+        _write_summary(run_dir, summary)
         if finished:
             say(f"pipeline finished: {len(rows)} stages, {summary['tokens']} tokens, final model {last.get('final_model')}")
     return summary
@@ -175,7 +176,9 @@ def _handoff(source: Path, stage: StageDecl, run_dir: Path, is_main: bool, say: 
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
         _copy_tokenizer(source, tmp)
-        _write_json(tmp / TRANSFORM_RECORD, {"transform": transform.name, "source": str(source), "info": info})
+        # inside the folder that becomes visible only by the rename below: a plain write is atomic enough
+        (tmp / TRANSFORM_RECORD).write_text(json.dumps({"transform": transform.name, "source": str(source),
+                                                        "info": info}, indent=1, default=str))
         shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt (no record): never a finished one
         tmp.rename(out)
     deadline = time.monotonic() + 3600
@@ -198,9 +201,3 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
         AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
     except (OSError, ValueError):  # a model saved without its tokenizer: the stage config must name one
         pass
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    tmp.replace(path)
