@@ -39,6 +39,8 @@ class PlanSection:
             return self.timeline.value("mixture", step) if self.timeline.declares("mixture") else None
         if name == "phase":
             return self.timeline.phase(step)
+        if name == "competence":
+            return self.timeline.value("competence", step) if self.timeline.declares("competence") else None
         raise KeyError(name)
 
 
@@ -96,6 +98,7 @@ def _section(spec: Any, title: str) -> PlanSection:
         section.rows.append({"step": step, "tokens": step * tokens_per_step, "fraction": step / t.max_steps,
                              "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
                              "mixture": section.value_at("mixture", step), "phase": section.value_at("phase", step),
+                             "competence": section.value_at("competence", step),
                              "what": ", ".join(marks[step])})
     return section
 
@@ -108,12 +111,15 @@ def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[di
 
 def format_section(section: PlanSection) -> str:
     domains = sorted({d for r in section.rows if r["mixture"] for d in r["mixture"]})
-    header = ["step", "tokens", "fraction", "lr", "seq_len"] + [f"w[{d}]" for d in domains] + ["phase", "what"]
+    paced = section.timeline.declares("competence")  # a difficulty curriculum: the share of sorted rows in play
+    header = ["step", "tokens", "fraction", "lr", "seq_len"] + [f"w[{d}]" for d in domains] + \
+        (["competence"] if paced else []) + ["phase", "what"]
     table = [header]
     for r in section.rows:
         table.append([str(r["step"]), f"{r['tokens']:,}", f"{r['fraction']:.3f}",
                       "?" if r["lr"] is None else f"{r['lr']:.3g}", str(r["seq_len"])]
                      + [f"{r['mixture'].get(d, 0.0):.3g}" for d in domains]
+                     + ([f"{r['competence']:.3f}"] if paced else [])
                      + [r["phase"] or "-", r["what"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [f"{section.title}: {section.max_steps} steps x {section.tokens_per_step:,} tokens "

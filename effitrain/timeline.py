@@ -41,12 +41,14 @@ QUANTITIES = {
     "mixture": "per-domain sampling weights (read by curriculum: mixture)",
     "lr": "multiplier of optimizer.lr (read by scheduler: timeline)",
     "phases": "named intervals that hooks query (state.timeline.phase(step))",
+    "competence": "share of the difficulty-sorted rows in play, in (0, 1] (read by curriculum: difficulty); "
+                  "declared by points or by a pacing function {function: linear|root|step, start, until}",
 }
 NOT_SUPPORTED = {
     "batch_size": "timeline.batch_size: not supported yet (changing the global batch mid-run is not implemented "
                   "resumably); set train.micro_batch_size / train.grad_accum for the whole run",
 }
-_LINEAR_OK = {"lr"}  # quantities whose values may be interpolated; the others change in steps
+_LINEAR_OK = {"lr", "competence"}  # quantities whose values may be interpolated; the others change in steps
 _WEIGHT_TOLERANCE = 1e-6
 
 
@@ -271,7 +273,9 @@ def _point_value(name: str, value: Any, key: str, *, dataset_seq_len: Optional[i
             raise ConfigError(f"{key}: {n} does not divide the packed length dataset.seq_len={dataset_seq_len}; "
                               f"a packed row is cut into dataset.seq_len / seq_len pieces")
         return n
-    n = _number(value, key)  # lr
+    n = _number(value, key)  # lr, competence
+    if name == "competence" and not 0 < n <= 1:
+        raise ConfigError(f"{key}: a competence is a share of the rows in (0, 1], got {n}")
     if n < 0:
         raise ConfigError(f"{key}: an lr multiplier cannot be negative ({n})")
     return float(n)
@@ -281,6 +285,8 @@ def _piecewise(name: str, body: Any, *, dataset_seq_len: Optional[int], domains:
     key = f"timeline.{name}"
     if not isinstance(body, Mapping):
         raise ConfigError(f"{key}: expected a mapping with unit and points, got {body!r}")
+    if name == "competence" and "pacing" in body:
+        return _pacing(body, key)
     _check_keys(body, ("unit", "points", "interpolate") if name in _LINEAR_OK else ("unit", "points"), key)
     unit = _unit(body, key)
     interpolate = body.get("interpolate", "step")
@@ -337,6 +343,45 @@ def _phases(body: Any) -> Phases:
     return Phases(unit, tuple(parsed))
 
 
+_PACING_KEYS = ("function", "start", "until", "increase", "step_length")
+
+
+def _pacing(body: Mapping[str, Any], key: str) -> Piecewise:
+    """``competence: {pacing: {function, start, until, [increase, step_length]}}``: the pacing function's
+    breakpoints (:mod:`effitrain.curriculum.pacing`), ``until`` a fraction of train.max_steps (unit fraction)."""
+    from effitrain.curriculum.pacing import FUNCTIONS, breakpoints
+
+    _check_keys(body, ("pacing",), key)
+    pacing = body["pacing"]
+    pkey = f"{key}.pacing"
+    if not isinstance(pacing, Mapping):
+        raise ConfigError(f"{pkey}: expected a mapping {{function, start, until}}, got {pacing!r}")
+    _check_keys(pacing, _PACING_KEYS, pkey)
+    function = pacing.get("function")
+    if function not in FUNCTIONS:
+        raise ConfigError(f"{pkey}.function: unknown pacing {function!r}{did_you_mean(str(function), FUNCTIONS)}; "
+                          f"valid: {choices_text(FUNCTIONS)}")
+    start = _number(pacing.get("start", 0.1), f"{pkey}.start")
+    until = _number(pacing.get("until", 0.5), f"{pkey}.until")
+    increase = _number(pacing.get("increase", 2.0), f"{pkey}.increase")
+    step_length = _number(pacing.get("step_length", 0.1), f"{pkey}.step_length")
+    if not 0 < start <= 1:
+        raise ConfigError(f"{pkey}.start: the first competence is a share of the rows in (0, 1], got {start}")
+    if not 0 < until <= 1:
+        raise ConfigError(f"{pkey}.until: the fraction of train.max_steps where all rows are in play, in (0, 1], "
+                          f"got {until}")
+    if increase <= 1 or not 0 < step_length <= 1:
+        raise ConfigError(f"{pkey}: step pacing needs increase > 1 and step_length in (0, 1], got {increase}, "
+                          f"{step_length}")
+    points = breakpoints(function, start=start, until=until, increase=increase, step_length=step_length)
+    dedup: list[tuple[float, float]] = []
+    for at, value in points:
+        if dedup and at <= dedup[-1][0]:
+            continue
+        dedup.append((at, value))
+    return Piecewise("competence", "fraction", tuple(dedup), "step" if function == "step" else "linear")
+
+
 def parse_timeline(raw: Any, *, dataset_seq_len: Optional[int] = None,
                    domains: Optional[Sequence[str]] = None) -> TimelineSpec:
     """Validate the ``timeline:`` mapping.  ``domains`` (when the dataset's domains are known without reading it)
@@ -363,7 +408,8 @@ def parse_timeline(raw: Any, *, dataset_seq_len: Optional[int] = None,
 
 def check_readers(timeline: TimelineSpec, *, curriculum: str, scheduler: str) -> None:
     """A declared quantity needs the block that reads it, and that block needs the quantity."""
-    pairs = (("mixture", "curriculum", curriculum, "mixture"), ("lr", "scheduler", scheduler, "timeline"))
+    pairs = (("mixture", "curriculum", curriculum, "mixture"), ("lr", "scheduler", scheduler, "timeline"),
+             ("competence", "curriculum", curriculum, "difficulty"))
     for quantity, group, chosen, reader in pairs:
         if timeline.declares(quantity) and chosen != reader:
             raise ConfigError(f"timeline.{quantity}: read only by {group}={reader}, but {group}={chosen}; select "

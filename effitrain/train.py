@@ -248,7 +248,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              micro_batch_size=spec.train.micro_batch_size,
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
                                              rank=launch.rank,
-                                             **_if_accepted(spec.block("curriculum"), timeline=timeline))
+                                             **_if_accepted(spec.block("curriculum"), timeline=timeline,
+                                                            tokenizer=data.tokenizer))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build() for m in spec.methods.values()] + list(precision.hooks)

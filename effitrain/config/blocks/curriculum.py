@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
-from effitrain.registry import register
+from effitrain.config.rules import rule
+from effitrain.registry import ConfigError, param, register
 
 
 @register("curriculum", "shuffle", builder="effitrain.curriculum.samplers:build_shuffle",
@@ -26,3 +28,56 @@ class SequentialParams:
 @dataclass
 class MixtureParams:
     pass
+
+
+@dataclass
+class _RowScoreSource:
+    """Where a row's score comes from: exactly one of ``scorer`` (a target-free selection scorer run on the rows'
+    text; default ``{name: perplexity}``: a pool proxy's loss) and ``domain_order`` (domains, lowest score first)."""
+    scorer: Optional[dict[str, Any]] = param(None, help="selection scorer block run on the rows, e.g. {name: "
+                                                        "perplexity, proxy_steps: 400}; null = perplexity")
+    domain_order: Optional[list[str]] = param(None, help="declared difficulty: every training domain, easiest "
+                                                         "(lowest score) first")
+
+    def validate(self, path: str) -> None:
+        from effitrain.registry import REGISTRY
+
+        if self.scorer is not None and self.domain_order:
+            raise ConfigError(f"{path}: set one of {path}.scorer and {path}.domain_order, not both")
+        if not self.domain_order:
+            scorer = dict(self.scorer or {"name": "perplexity"})
+            block = REGISTRY.parse("scorer", scorer, f"{path}.scorer")
+            if getattr(block.params, "NEEDS_TARGET", False):
+                raise ConfigError(f"{path}.scorer.name: scorer '{block.name}' needs target data, which a curriculum "
+                                  f"does not declare; use a scorer without a target (e.g. perplexity)")
+            self.scorer = scorer
+
+
+@register("curriculum", "difficulty", builder="effitrain.curriculum.difficulty:build_difficulty",
+          summary="Rows by difficulty (proxy-model loss or a domain order), paced by timeline.competence: sampled "
+                  "from the easiest share, or all rows with hard ones down-weighted early")
+@dataclass
+class DifficultyParams(_RowScoreSource):
+    direction: Literal["easy_first", "hard_first"] = param("easy_first", help="hard_first = anti-curriculum")
+    mode: Literal["sample", "weight"] = param(
+        "sample", help="sample: draw from the easiest c(s) share (Platanios 2019); weight: all rows, weight "
+                       "1 - d(1 - c(s)) through objective=weighted_causal_lm (MacAvaney 2020)")
+
+
+@register("curriculum", "scored_order", builder="effitrain.curriculum.scored_order:build_scored_order",
+          summary="Rows sorted by a score (e.g. ascending quality), the same order every epoch")
+@dataclass
+class ScoredOrderParams(_RowScoreSource):
+    order: Literal["ascending", "descending"] = param("ascending", help="ascending = lowest score first")
+
+
+@rule("difficulty_weight_needs_weighted_objective",
+      "curriculum=difficulty with mode=weight sets example weights: objective=weighted_causal_lm must read them")
+def _difficulty_weights_read(spec, env) -> Optional[str]:
+    curriculum = spec.blocks["curriculum"]
+    if curriculum.name == "difficulty" and curriculum.params.mode == "weight" and \
+            spec.blocks["objective"].name != "weighted_causal_lm":
+        return (f"curriculum.mode: 'weight' sets batch['example_weights'], but objective="
+                f"{spec.blocks['objective'].name} ignores them; use objective=weighted_causal_lm or "
+                f"curriculum.mode=sample")
+    return None

@@ -1,0 +1,95 @@
+"""A score for every packed training row, for curricula that order rows (difficulty, quality).
+
+Two sources:
+
+* ``scorer``: any registered selection scorer that needs no target (``perplexity``: a reference/proxy model's loss,
+  the scorer of perplexity_filter; ``uniform``; ...) run on the rows' text, i.e. the row's tokens decoded with the
+  run's tokenizer.  Rows are what the sampler orders, so they are what is scored (a packed row may join the end of
+  one document and the start of the next; its score is the model's loss on exactly what training will see).  Scores
+  are cached under ``$EFFITRAIN_CACHE/curriculum`` by a hash of the rows and the scorer's parameters; the pool proxy
+  a scorer trains is cached there too.
+* ``domain_order``: a declared order of the domains (first = lowest score); rows of one domain tie, and
+  :func:`rank_difficulty` breaks ties by a seeded random order.
+
+Shared by ``curriculum: difficulty`` and ``curriculum: scored_order``; reusable by any method that needs a per-row
+score (pass the packed ids and the tokenizer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from effitrain.registry import ConfigError, choices_text
+
+
+def scorer_row_scores(scorer: dict[str, Any], rows: np.ndarray, tokenizer: Any, *, seed: int,
+                      key: str = "curriculum.scorer") -> np.ndarray:
+    """The scorer's score of each row of ``rows`` (``[N, L]`` token ids), in row order."""
+    import datasets
+
+    from effitrain.paths import cache_dir
+    from effitrain.registry import REGISTRY
+    from effitrain.selection.base import Context
+
+    block = REGISTRY.parse("scorer", dict(scorer), key)
+    if getattr(block.params, "NEEDS_TARGET", False):
+        raise ConfigError(f"{key}.name: scorer '{block.name}' needs target data, which a curriculum does not "
+                          f"declare; use a scorer without a target (e.g. perplexity)")
+    digest = hashlib.sha256(np.ascontiguousarray(rows).tobytes())
+    digest.update(json.dumps({"scorer": scorer, "seed": seed, "version": getattr(block.params, "VERSION", 0)},
+                             sort_keys=True, default=str).encode())
+    key_hex = digest.hexdigest()[:20]
+    folder = cache_dir("curriculum")
+    cached = folder / f"row-scores-{key_hex}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    texts = tokenizer.batch_decode(rows.tolist(), skip_special_tokens=True)
+    candidates = datasets.Dataset.from_dict({"text": texts})
+    ctx = Context(target=None, seed=seed, work_dir=str(folder), candidates_hash=key_hex)
+    scores = np.asarray(block.build().score(candidates, ctx).scores, dtype=np.float64)
+    if scores.shape != (len(rows),):
+        raise RuntimeError(f"scorer {block.name} returned {scores.shape} scores for {len(rows)} rows")
+    tmp = folder / f".{cached.name}.tmp.npy"
+    np.save(tmp, scores)
+    tmp.replace(cached)
+    return scores
+
+
+def domain_order_scores(domains: np.ndarray, order: Sequence[str], *, key: str) -> np.ndarray:
+    """Each row's position of its domain in ``order`` (0 = first); every training domain must be named."""
+    present = sorted(set(np.asarray(domains).tolist()))
+    missing = [d for d in present if d not in order]
+    unknown = [d for d in order if d not in present]
+    if missing or unknown:
+        raise ConfigError(f"{key}: name every training domain once ({'missing ' + missing[0] if missing else 'no '
+                          'training rows in ' + unknown[0]}); the training data's domains: {choices_text(present)}")
+    rank = {d: i for i, d in enumerate(order)}
+    return np.array([rank[d] for d in np.asarray(domains).tolist()], dtype=np.float64)
+
+
+def rank_difficulty(scores: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, difficulty)``: the rows from lowest to highest score (ties in a seeded random order) and each row's
+    difficulty ``rank / (N - 1)`` in [0, 1] (0 = the lowest score)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    tiebreak = np.random.default_rng([seed % 2**63, 7]).permutation(len(scores))
+    order = np.lexsort((tiebreak, scores))  # last key is primary: by score, then the random tie-break
+    difficulty = np.empty(len(scores), np.float64)
+    difficulty[order] = np.arange(len(scores)) / max(len(scores) - 1, 1)
+    return order, difficulty
+
+
+def row_scores(source_scorer: Optional[dict], domain_order: Optional[list], packed: Any, tokenizer: Any, *,
+               seed: int, key: str) -> np.ndarray:
+    """The scores of a curriculum's declared source (exactly one of ``scorer`` and ``domain_order``)."""
+    from effitrain.data.packing import domain_array, to_numpy
+
+    if domain_order:
+        return domain_order_scores(domain_array(packed), domain_order, key=f"{key}.domain_order")
+    if tokenizer is None:
+        raise ConfigError(f"{key}.scorer: scoring rows needs the run's tokenizer (this builder was called without "
+                          f"one)")
+    return scorer_row_scores(source_scorer, to_numpy(packed), tokenizer, seed=seed, key=f"{key}.scorer")

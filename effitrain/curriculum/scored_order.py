@@ -1,0 +1,36 @@
+"""``curriculum: scored_order``: the rows sorted by a score, the same order every epoch (no shuffling).
+
+The quality curriculum of Luo et al. 2025 ("How Learning Rate Decay Wastes Your Best Data in Curriculum-Based LLM
+Pretraining") trains on data sorted by ascending quality.  The score is any target-free selection scorer run on the
+rows (:mod:`effitrain.curriculum.row_scores`); ``order: ascending`` puts the lowest score first.  With the
+``perplexity`` scorer the score is a proxy model's loss, so *ascending quality* is ``order: descending`` (highest
+loss first).  Ties keep a seeded random order.  State and resume are the base sampler's (epoch, position).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from effitrain.curriculum.row_scores import rank_difficulty, row_scores
+from effitrain.curriculum.samplers import ResumableBatchSampler
+
+
+class ScoredOrderSampler(ResumableBatchSampler):
+    def __init__(self, order: np.ndarray, **layout: Any) -> None:
+        super().__init__(len(order), **layout)
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return self.order
+
+
+def build_scored_order(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
+                       world_size: int, rank: int, tokenizer: Any = None) -> ScoredOrderSampler:
+    scores = row_scores(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
+    order, _ = rank_difficulty(scores, seed)
+    if params.order == "descending":
+        order = order[::-1].copy()
+    return ScoredOrderSampler(order, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                              world_size=world_size, rank=rank)
