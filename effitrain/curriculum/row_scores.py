@@ -65,8 +65,9 @@ def domain_order_scores(domains: np.ndarray, order: Sequence[str], *, key: str) 
     missing = [d for d in present if d not in order]
     unknown = [d for d in order if d not in present]
     if missing or unknown:
-        raise ConfigError(f"{key}: name every training domain once ({'missing ' + missing[0] if missing else 'no '
-                          'training rows in ' + unknown[0]}); the training data's domains: {choices_text(present)}")
+        problem = f"missing {missing[0]}" if missing else f"no training rows in {unknown[0]}"
+        raise ConfigError(f"{key}: name every training domain once ({problem}); the training data's domains: "
+                          f"{choices_text(present)}")
     rank = {d: i for i, d in enumerate(order)}
     return np.array([rank[d] for d in np.asarray(domains).tolist()], dtype=np.float64)
 

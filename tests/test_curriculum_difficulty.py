@@ -1,0 +1,132 @@
+"""curriculum=difficulty and curriculum=scored_order: pacing functions, the timeline's competence, which rows each
+step may draw, MacAvaney-style weights, and resuming to the same batches (unit tests on the samplers; the real run
+with a proxy scorer is in test_quality_curriculum_avg.py)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from effitrain.curriculum.difficulty import DifficultyWeights, PacedDifficultySampler, WeightedDifficultySampler
+from effitrain.curriculum.pacing import breakpoints, competence
+from effitrain.curriculum.row_scores import domain_order_scores, rank_difficulty
+from effitrain.curriculum.scored_order import ScoredOrderSampler
+from effitrain.registry import ConfigError
+from effitrain.timeline import parse_timeline
+
+LAYOUT = dict(seed=3, micro_batch_size=2, grad_accum=2, world_size=1, rank=0)  # 4 rows per optimizer step
+
+
+def timeline(pacing: dict, max_steps: int = 100):
+    return parse_timeline({"competence": {"pacing": pacing}}).resolve(max_steps=max_steps, tokens_per_step=64)
+
+
+def test_pacing_functions_match_their_formulas():
+    # Platanios et al. 2019, eq. 6 and 7 (p = 2), c0 = 0.1, half-way through the pacing
+    assert competence("linear", 0.5, start=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert competence("root", 0.5, start=0.1) == pytest.approx(math.sqrt(0.01 + 0.99 * 0.5))
+    # Hacohen & Weinshall's fixed exponential pacing: 0.1 doubled every 10% of the pacing -> two jumps by t = 0.25
+    assert competence("step", 0.25, start=0.1, increase=2, step_length=0.1) == pytest.approx(0.4)
+    for f in ("linear", "root", "step"):
+        assert competence(f, 0.0, start=0.1) == pytest.approx(0.1) and competence(f, 1.0, start=0.1) == 1.0
+
+
+def test_the_timeline_holds_the_pacing_in_steps():
+    # linear from 0.2 to 1 over the first half of 100 steps: step 25 is half-way
+    lin = timeline({"function": "linear", "start": 0.2, "until": 0.5})
+    assert lin.value("competence", 0) == pytest.approx(0.2)
+    assert lin.value("competence", 25) == pytest.approx(0.6)
+    assert lin.value("competence", 50) == 1.0 and lin.value("competence", 99) == 1.0
+    # step pacing: 0.1, 0.2 from step 5, 0.4 from step 10, 0.8 from step 15, all rows from step 20 (held, not drawn)
+    st = timeline({"function": "step", "start": 0.1, "until": 0.5, "increase": 2, "step_length": 0.1})
+    assert [st.value("competence", s) for s in (0, 4, 5, 9, 10, 15, 19, 20)] == [0.1, 0.1, 0.2, 0.2, 0.4, 0.8, 0.8,
+                                                                                  1.0]
+    # root: the chord approximation stays within 1% of the formula at every step
+    rt = timeline({"function": "root", "start": 0.01, "until": 1.0}, max_steps=1000)
+    worst = max(abs(rt.value("competence", s) - competence("root", s / 1000, start=0.01)) for s in range(1000))
+    assert worst < 0.01
+    assert breakpoints("linear", start=0.3, until=0.4) == [(0.0, 0.3), (0.4, 1.0)]
+
+
+def test_a_wrong_pacing_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match=r"timeline.competence.pacing.function: unknown pacing 'cubic'.*linear"):
+        parse_timeline({"competence": {"pacing": {"function": "cubic"}}})
+    with pytest.raises(ConfigError, match=r"timeline.competence.pacing.start"):
+        parse_timeline({"competence": {"pacing": {"function": "root", "start": 0}}})
+
+
+def test_ranks_follow_the_scores_and_ties_are_seeded():
+    domains = np.array(["prose", "code", "prose", "arithmetic", "code", "arithmetic"])
+    scores = domain_order_scores(domains, ["arithmetic", "code", "prose"], key="curriculum.domain_order")
+    assert scores.tolist() == [2, 1, 2, 0, 1, 0]
+    order, difficulty = rank_difficulty(scores, seed=0)
+    assert sorted(order[:2]) == [3, 5] and sorted(order[2:4]) == [1, 4] and sorted(order[4:]) == [0, 2]
+    assert difficulty[order].tolist() == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert rank_difficulty(scores, seed=0)[0].tolist() == order.tolist()
+    with pytest.raises(ConfigError, match=r"curriculum.domain_order: .*missing prose"):
+        domain_order_scores(domains, ["arithmetic", "code"], key="curriculum.domain_order")
+
+
+def test_each_step_draws_only_from_the_easiest_competence_share():
+    n = 200
+    order = np.random.default_rng(0).permutation(n)          # easiest first
+    rank_of = np.empty(n, int)
+    rank_of[order] = np.arange(n)
+    tl = timeline({"function": "linear", "start": 0.1, "until": 0.5}, max_steps=20)  # all rows from step 10
+    sampler = PacedDifficultySampler(order, tl, **LAYOUT)
+    batches = iter(sampler)
+    seen_late = set()
+    for step in range(20):
+        rows = next(batches) + next(batches)                  # the step's two micro-batches
+        assert len(set(rows)) == 4                            # without replacement within a step
+        limit = math.ceil(tl.value("competence", step) * n)   # 20 rows at step 0, 38 at step 1, ...
+        assert max(rank_of[rows]) < limit
+        if step >= 10:
+            seen_late |= set(rank_of[rows].tolist())
+    assert max(rank_of[r] for r in [*sampler.step_rows(0)]) < 20
+    assert max(seen_late) >= 100                              # once every row is in play, hard rows are drawn
+
+
+def test_paced_sampler_resumes_with_the_same_batches():
+    order = np.arange(64)
+    tl = timeline({"function": "root", "start": 0.1, "until": 0.5}, max_steps=16)
+    full = iter(PacedDifficultySampler(order, tl, **LAYOUT))
+    expected = [next(full) for _ in range(20)]
+    first = PacedDifficultySampler(order, tl, **LAYOUT)
+    it = iter(first)
+    got = [next(it) for _ in range(7)]                        # stops inside optimizer step 3
+    resumed = PacedDifficultySampler(order, tl, **LAYOUT)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    got += [next(it) for _ in range(13)]
+    assert got == expected
+    with pytest.raises(ConfigError, match="another curriculum"):
+        resumed.load_state_dict({"epoch": 0, "position": 3})
+
+
+def test_weights_move_from_down_weighted_hard_rows_to_uniform():
+    # MacAvaney et al.: every row in play; w = 1 - d (1 - c): hardest (d = 1) weighs c0 at first, all weigh 1 at c = 1
+    difficulty = np.array([0.0, 0.5, 1.0, 0.25])
+    tl = timeline({"function": "linear", "start": 0.2, "until": 0.5}, max_steps=20)   # uniform from step 10
+    sampler = WeightedDifficultySampler(difficulty, tl, seed=0, micro_batch_size=4, grad_accum=1, world_size=1,
+                                        rank=0)
+    hook = sampler.hook
+    assert isinstance(hook, DifficultyWeights)
+    assert hook.weights([0, 1, 2, 3], 0).tolist() == pytest.approx([1.0, 0.6, 0.2, 0.8])
+    assert hook.weights([0, 1, 2, 3], 5).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.9])   # c = 0.6
+    assert hook.weights([0, 1, 2, 3], 10).tolist() == [1.0, 1.0, 1.0, 1.0]
+    rows = next(iter(sampler))                                 # the hook weighs the rows just handed out
+    state = SimpleNamespace(step=0, batch={"input_ids": torch.zeros(4, 8, dtype=torch.long)})
+    hook.on_batch_start(state)
+    assert state.batch["example_weights"].tolist() == pytest.approx((1 - difficulty[rows] * 0.8).tolist())
+
+
+def test_scored_order_is_the_sorted_rows_every_epoch():
+    order = np.array([5, 2, 7, 0, 1, 3, 4, 6])
+    sampler = ScoredOrderSampler(order, seed=0, micro_batch_size=2, grad_accum=1, world_size=1, rank=0)
+    it = iter(sampler)
+    assert [next(it) for _ in range(5)] == [[5, 2], [7, 0], [1, 3], [4, 6], [5, 2]]
