@@ -153,9 +153,24 @@ def test_state_dict_round_trip_continues_both_streams(stop_after):
     assert seen == full
 
 
+def test_two_processes_resume_what_one_process_with_accumulation_trained():
+    """One process with grad_accum=2 stops after 7 steps; two processes with grad_accum=1 take the rest: together
+    they train on the rows of the uninterrupted run, step by step."""
+    full = [b for _, b in zip(range(16), iter(_meco_sampler()))]
+    first = _meco_sampler()
+    seen = [b for _, b in zip(range(14), iter(first))]
+    ranks = [_meco_sampler(grad_accum=1, world_size=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.load_state_dict(first.state_dict())
+    streams = [iter(s) for s in ranks]
+    seen += [next(streams[0]), next(streams[1])]  # step 7: slot 0 on rank 0, slot 1 on rank 1
+    assert seen == full
+
+
 def test_resuming_with_another_layout_or_data_is_refused():
     state = _meco_sampler().state_dict()
-    with pytest.raises(ConfigError, match=r"^resume: the checkpoint's batch layout"):
+    with pytest.raises(ConfigError, match=r"^resume: the checkpoint's batch layout \(micro_batch_size 1, grad_accum "
+                                          r"2, world size 1\) cannot be continued by this run's \(1, 1, 1\)"):
         _meco_sampler(grad_accum=1).load_state_dict(state)
     with pytest.raises(ConfigError, match=r"^resume: the checkpoint.s MeCo sampler counted \[10, 9\] \(conditioned, plain\) rows, this run has \[10, 8\]"):
         _meco_sampler().load_state_dict({**state, "sizes": [10, 9]})

@@ -22,7 +22,8 @@ Order and resuming
 ------------------
 Each variant has its own stream: a permutation per epoch from ``default_rng([seed, variant, epoch])``, laid out
 like every curriculum's (``samplers`` module docstring), advanced only by the steps of that variant.  The state is
-the micro-batches taken in total and from each stream; a resumed run continues both streams where they stopped.
+the micro-batches taken in total and from each stream; a resumed run continues both streams where they stopped
+(with another split of the same global batch -- world size, micro-batch size -- through the sequences consumed).
 """
 
 from __future__ import annotations
@@ -181,12 +182,18 @@ class MecoSampler(ResumableBatchSampler):
         if list(state["sizes"]) != list(self.sizes):
             raise ConfigError(f"resume: the checkpoint's MeCo sampler counted {state['sizes']} (conditioned, plain) "
                               f"rows, this run has {list(self.sizes)}; the data changed")
-        layout = (state["micro_batch_size"], state["grad_accum"], state["world_size"])
-        if layout != (self.micro_batch_size, self.grad_accum, self.world_size):
-            raise ConfigError(f"resume: the checkpoint's batch layout (micro_batch_size, grad_accum, world size) "
-                              f"{layout} differs from this run's; MeCo resumes with the same layout")
-        self.micro = int(state["micro"])
-        self.drawn = [int(state["drawn"][v]) for v in VARIANTS]
+        # Another split of the same global batch (world size, micro-batch size) continues through the number of
+        # sequences consumed, as the other samplers do.
+        old_per_micro = state["micro_batch_size"] * state["world_size"]
+        new_per_micro = self.micro_batch_size * self.world_size
+        counts = [int(state["micro"])] + [int(state["drawn"][v]) for v in VARIANTS]
+        if old_per_micro * state["grad_accum"] != self.global_batch_size or \
+                any(c * old_per_micro % new_per_micro for c in counts):
+            raise ConfigError(f"resume: the checkpoint's batch layout (micro_batch_size {state['micro_batch_size']}, "
+                              f"grad_accum {state['grad_accum']}, world size {state['world_size']}) cannot be "
+                              f"continued by this run's ({self.micro_batch_size}, {self.grad_accum}, "
+                              f"{self.world_size}): the global batch or the point inside a step differs")
+        self.micro, *self.drawn = [c * old_per_micro // new_per_micro for c in counts]
 
     def __repr__(self) -> str:
         return f"MecoSampler(rows={self.sizes}, micro={self.micro}, drawn={self.drawn})"
