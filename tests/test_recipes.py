@@ -32,6 +32,8 @@ SMALL_PREPARATION = {
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
     "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
+    "difficulty_curriculum": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
+    "quality_curriculum_avg": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
 }
 
 
