@@ -130,3 +130,19 @@ def test_scored_order_is_the_sorted_rows_every_epoch():
     sampler = ScoredOrderSampler(order, seed=0, micro_batch_size=2, grad_accum=1, world_size=1, rank=0)
     it = iter(sampler)
     assert [next(it) for _ in range(5)] == [[5, 2], [7, 0], [1, 3], [4, 6], [5, 2]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["curriculum.mode=weight"], r"objective=causal_lm ignores them; use objective=weighted_causal_lm"),
+    (["curriculum.mode=weight", "objective=weighted_causal_lm",
+      "+timeline.seq_len={unit: step, points: [{at: 0, value: 32}]}"], r"timeline.seq_len cuts rows into pieces"),
+    (["curriculum.domain_order=[code,prose]"], r"curriculum: set one of curriculum.scorer and curriculum.domain_order"),
+    (["~timeline.competence"], r"curriculum: 'difficulty' follows timeline.competence, which is not declared"),
+])
+def test_bad_difficulty_configs_are_refused_before_anything_is_built(overrides, message):
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+
+    with pytest.raises(ConfigError, match=message):
+        composed = compose_config(["+recipe=difficulty_curriculum", *overrides])
+        validate(composed.cfg, composed.recipes)

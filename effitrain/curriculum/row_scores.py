@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -53,7 +54,7 @@ def scorer_row_scores(scorer: dict[str, Any], rows: np.ndarray, tokenizer: Any, 
     scores = np.asarray(block.build().score(candidates, ctx).scores, dtype=np.float64)
     if scores.shape != (len(rows),):
         raise RuntimeError(f"scorer {block.name} returned {scores.shape} scores for {len(rows)} rows")
-    tmp = folder / f".{cached.name}.tmp.npy"
+    tmp = folder / f".{cached.name}.{os.getpid()}.tmp.npy"  # every rank scores (same result); none clobbers another
     np.save(tmp, scores)
     tmp.replace(cached)
     return scores

@@ -80,4 +80,7 @@ def _difficulty_weights_read(spec, env) -> Optional[str]:
         return (f"curriculum.mode: 'weight' sets batch['example_weights'], but objective="
                 f"{spec.blocks['objective'].name} ignores them; use objective=weighted_causal_lm or "
                 f"curriculum.mode=sample")
+    if curriculum.name == "difficulty" and curriculum.params.mode == "weight" and spec.timeline.declares("seq_len"):
+        return ("curriculum.mode: 'weight' gives one weight per packed row, but timeline.seq_len cuts rows into "
+                "pieces; drop timeline.seq_len or use curriculum.mode=sample")
     return None
