@@ -152,26 +152,37 @@ def test_bad_skill_it_configs_are_one_line_errors_naming_the_key():
 
 # ------------------------------------------------------------------------------------------------ a real run
 @pytest.mark.slow
-def test_a_killed_and_resumed_skill_it_run_logs_the_losses_and_weights_of_the_uninterrupted_one(
+def test_a_resumed_skill_it_run_continues_with_the_weights_and_batches_of_the_uninterrupted_one(
         tmp_path, train_in_process):
-    """Six steps in one go vs four, then `resume=auto` to six; updates every 2 steps, so the resumed run continues
-    from weights the first launch computed (saved in its checkpoint at step 4)."""
+    """Six steps with an update every 2; then the same run as if killed right after its step-4 checkpoint (the
+    later checkpoint and log lines removed) is resumed: its steps 5-6 log the same losses, and its final checkpoint
+    holds the same Skill-It weights, loss window and per-domain row counters as the uninterrupted run's."""
+    import shutil
+
+    import torch
+
     run = ["+recipe=skill_it", "curriculum.update_every=2", "train.eval_every=2", "scheduler=constant",
-           "train.save_every=4", "curriculum.eta=5.0"]
+           "train.save_every=2", "curriculum.eta=5.0", "train.max_steps=6"]
 
     def lines(run_dir):
         return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    full, split = tmp_path / "full", tmp_path / "split"
-    assert train_in_process([*run, "train.max_steps=6"], full)["finished"]
-    assert train_in_process([*run, "train.max_steps=4"], split)["finished"]
-    assert train_in_process([*run, "train.max_steps=6", "resume=auto"], split)["finished"]
-    losses = {l["step"]: l["loss"] for l in lines(full) if "loss" in l}
-    assert {l["step"]: l["loss"] for l in lines(split) if "loss" in l} == losses and sorted(losses) == [1, 2, 3, 4, 5, 6]
+    def final_state(run_dir):
+        client = torch.load(run_dir / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+        return client["hooks"]["skill_it"], client["sampler"]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert train_in_process(run, full)["finished"]
     weights = {l["step"]: {k: v for k, v in l.items() if k.startswith("mixture/")} for l in lines(full)
                if "mixture/code" in l}
     assert sorted(weights) == [0, 2, 4]  # the start, then every update inside the run (none at the last step)
-    assert weights[2] != weights[0] and weights[4] != weights[2]  # eval losses differ, so the updates moved them
-    resumed = {l["step"]: {k: v for k, v in l.items() if k.startswith("mixture/")} for l in lines(split)
-               if "mixture/code" in l}
-    assert resumed == weights
+    assert weights[2] != weights[0] and weights[4] != weights[2]  # the domains' eval losses differ: weights moved
+
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_00000006")
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines(full) if l["step"] <= 4))
+    assert train_in_process([*run, "resume=auto"], killed)["finished"]
+    losses = {l["step"]: l["loss"] for l in lines(full) if "loss" in l}
+    assert {l["step"]: l["loss"] for l in lines(killed) if "loss" in l} == losses and sorted(losses) == [*range(1, 7)]
+    hook, sampler = final_state(killed)
+    assert (hook, sampler) == final_state(full) and hook["updates"] == 2 and sampler["step"] == 6

@@ -116,10 +116,13 @@ class SkillItHook(Hook):
 
     def on_eval_end(self, state: Any) -> None:
         self.observe(state.eval_metrics)
-        if 0 < state.step < state.spec.train.max_steps and state.step % self.update_every == 0:
+        # no update at the final evaluation: no step would draw from it (the loop saves the last checkpoint before
+        # that evaluation, so an update there would not be in it either)
+        updated = 0 < state.step < state.spec.train.max_steps and state.step % self.update_every == 0
+        if updated:
             self.update()
             state.eval_metrics["mixture_updates"] = self.updates
-        if state.step == 0 or state.step % self.update_every == 0:  # the distribution the next steps draw from
+        if state.step == 0 or updated:  # the distribution the next steps draw from
             state.eval_metrics.update({f"mixture/{d}": w for d, w in self.mixture.current.items()})
 
     def state_dict(self) -> dict[str, Any]:
