@@ -139,6 +139,8 @@ def test_bad_skill_it_configs_are_one_line_errors_naming_the_key():
         _sampler(graph="declared", edges={"math": {"code": 1.0}})
     with pytest.raises(ConfigError, match=r"^curriculum.edges: set only with curriculum.graph=declared"):
         skills_graph(DOMAINS, "identity", {"code": {"prose": 1.0}})
+    with pytest.raises(ConfigError, match=r"^curriculum.edges: graph=declared needs the edges"):
+        _sampler(graph="declared")
     with pytest.raises(ConfigError, match=r"^curriculum.prior: domain 'web'"):
         _sampler(prior={"web": 2.0})
     with pytest.raises(ConfigError, match=r"\[skill_it_updates_at_evaluations\]: curriculum.update_every=40 needs "

@@ -36,14 +36,17 @@ from effitrain.errors import RunFailed
 from effitrain.registry import ConfigError, choices_text
 
 
-def skills_graph(names: Sequence[str], kind: str, edges: dict[str, dict[str, float]]) -> np.ndarray:
+def skills_graph(names: Sequence[str], kind: str, edges: Optional[dict[str, dict[str, float]]]) -> np.ndarray:
     """The ``k x k`` matrix ``A`` over ``names``: the identity, plus the declared ``edges[i][j]`` (a declared
     diagonal entry replaces its 1)."""
     graph = np.eye(len(names))
+    edges = edges or {}
     if kind == "identity":
         if edges:
             raise ConfigError("curriculum.edges: set only with curriculum.graph=declared (graph is 'identity')")
         return graph
+    if not edges:
+        raise ConfigError("curriculum.edges: graph=declared needs the edges, e.g. {docstrings: {code: 0.5}}")
     index = {n: i for i, n in enumerate(names)}
     for src, row in edges.items():
         for dst, value in row.items():
@@ -142,7 +145,8 @@ class SkillItSampler(MixtureSampler):
     """The mixture sampler drawing with the weights the Skill-It hook sets (``self.hook``)."""
 
     def __init__(self, domains: np.ndarray, *, prior: Optional[dict[str, float]], graph: str,
-                 edges: dict[str, dict[str, float]], eta: float, update_every: int, window: int, **layout: Any) -> None:
+                 edges: Optional[dict[str, dict[str, float]]], eta: float, update_every: int, window: int,
+                 **layout: Any) -> None:
         names = sorted(set(np.asarray(domains).tolist()))
         for d in prior or {}:
             if d not in names:

@@ -6,7 +6,8 @@ is back-propagated (the losses are detached: the weights are constants of the st
 losses ``l`` of a batch:
 
 1. normalise to ``[-delta, delta]`` with the batch's min and max:
-   ``h = 2·delta·l / (l_max − l_min) − delta·(l_max + l_min) / (l_max − l_min)`` (``l_max − l_min`` at least 1e-6);
+   ``h = 2·delta·l / (l_max − l_min) − delta·(l_max + l_min) / (l_max − l_min)``
+   (``l_max − l_min`` at least 1e-6);
 2. a weighting function ``f(h)`` — ``linupper``: ``min(h + delta, delta)``; ``quadratic`` (their ``mid``):
    ``1 − h²/delta²``; ``extremes``: ``|h|``;
 3. ``w = exp((f − max f) / r)`` normalised to sum to 1 over the batch; ``r`` (their ``kl_reg``) sets how far from

@@ -21,8 +21,9 @@ class SkillItParams:
     window: int = param(3, ge=1, help="evaluations whose loss vectors are summed in the update (--mw_window)")
     graph: Literal["identity", "declared"] = param("identity", help="the skills graph A: identity (independent "
                                                    "skills) or the identity plus `edges`")
-    edges: dict[str, dict[str, float]] = param(default_factory=dict, help="A[i][j], how much training on domain i "
-                                               "helps domain j (graph=declared); a diagonal entry replaces its 1")
+    edges: Optional[dict[str, dict[str, float]]] = param(None, help="A[i][j], how much training on domain i helps "
+                                                         "domain j (graph=declared); a diagonal entry replaces its "
+                                                         "1; e.g. 'curriculum.edges={docstrings: {code: 0.5}}'")
     prior: Optional[dict[str, float]] = param(None, help="relative prior weight per domain (missing: 1); null = "
                                                          "all 1 (the authors' default)")
 
