@@ -16,7 +16,7 @@ from effitrain.registry import param, register
 class SkillItParams:
     eta: float = param(0.5, gt=0, help="step size of the multiplicative-weights update (the authors' LEGO and "
                                        "addition runs: 0.5; Natural Instructions: 0.2)")
-    update_every: int = param(40, ge=1, help="optimizer steps between updates; a multiple of train.eval_every (the "
+    update_every: int = param(50, ge=1, help="optimizer steps between updates; a multiple of train.eval_every (the "
                                              "update reads that evaluation's per-domain losses)")
     window: int = param(3, ge=1, help="evaluations whose loss vectors are summed in the update (--mw_window)")
     graph: Literal["identity", "declared"] = param("identity", help="the skills graph A: identity (independent "
