@@ -147,6 +147,11 @@ def test_bad_skill_it_configs_are_one_line_errors_naming_the_key():
                                           r"an evaluation at each update, but train.eval_every=0"):
         composed = compose_config(["+recipe=skill_it", "train.eval_every=0"])
         validate(composed.cfg, composed.recipes)
+    with pytest.raises(ConfigError, match=r"\[skill_it_names_known_domains\]: curriculum.edges: domain 'math' is not "
+                                          r"a domain of the data; valid: arithmetic, code, docstrings, prose$"):
+        composed = compose_config(["+recipe=skill_it", "curriculum.graph=declared",
+                                   "curriculum.edges={math: {code: 1.0}}"])
+        validate(composed.cfg, composed.recipes)
     with pytest.raises(ConfigError, match=r"curriculum.graph"):
         composed = compose_config(["+recipe=skill_it", "curriculum.graph=estimated"])
         validate(composed.cfg, composed.recipes)

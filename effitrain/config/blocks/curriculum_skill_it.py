@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from effitrain.config.rules import rule
-from effitrain.registry import param, register
+from effitrain.registry import choices_text, param, register
 
 
 @register("curriculum", "skill_it", builder="effitrain.curriculum.skill_it:build_skill_it",
@@ -38,4 +38,26 @@ def _skill_it_eval_every(spec, env) -> Optional[str]:
     if every < steps and (evals == 0 or every % evals):
         return (f"curriculum.update_every={every} needs an evaluation at each update, but train.eval_every={evals}; "
                 f"set train.eval_every to a divisor of {every}")
+    return None
+
+
+@rule("skill_it_names_known_domains", "curriculum skill_it's edges and prior name domains of the data (checked "
+                                      "before the run for the demo corpus or declared dataset.domains)")
+def _skill_it_domains(spec, env) -> Optional[str]:
+    block = spec.block("curriculum")
+    if block.name != "skill_it":
+        return None
+    dataset = spec.block("dataset")
+    domains = getattr(dataset.params, "domains", None)
+    if domains is None and dataset.name == "demo":
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        domains = list(DEMO_DOMAINS)
+    if not domains:
+        return None  # other sources: checked when the sampler is built, before the run directory exists
+    edges, prior = block.params.edges or {}, block.params.prior or {}
+    named = [("curriculum.edges", d) for src, row in edges.items() for d in (src, *row)]
+    named += [("curriculum.prior", d) for d in prior]
+    for key, name in named:
+        if name not in domains:
+            return f"{key}: domain '{name}' is not a domain of the data; valid: {choices_text(sorted(domains))}"
     return None
