@@ -169,7 +169,7 @@ def test_a_resumed_skill_it_run_continues_with_the_weights_and_batches_of_the_un
     import torch
 
     run = ["+recipe=skill_it", "curriculum.update_every=2", "train.eval_every=2", "scheduler=constant",
-           "train.save_every=2", "curriculum.eta=5.0", "train.max_steps=6"]
+           "train.save_every=4", "curriculum.eta=5.0", "train.max_steps=6"]
 
     def lines(run_dir):
         return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
