@@ -61,7 +61,8 @@ class DecompositionSampler(StepStreamSampler):
         self.skipped = [int(n) for n, u in zip(self.names, usable) if not u]
         self.steps_per_cycle = max(1, math.ceil(max_steps / cycles))
         # tokens per bucket are proportional to its rows (every row holds seq_len tokens)
-        self.quota = largest_remainder(self.steps_per_cycle, np.where(usable, rows, 0.0))
+        self._usable_rows = np.where(usable, rows, 0.0)
+        self.quota = largest_remainder(self.steps_per_cycle, self._usable_rows)
         n = len(self.names)
         self.odds = float(odds_base) ** np.arange(n - 1, -1, -1, dtype=np.float64)
         self._cycles: dict[int, np.ndarray] = {}
@@ -82,6 +83,23 @@ class DecompositionSampler(StepStreamSampler):
                 left[k] -= 1
             self._cycles[cycle] = out
         return self._cycles[cycle]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_per_cycle": self.steps_per_cycle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        saved = int(state.get("steps_per_cycle", self.steps_per_cycle))
+        if saved != self.steps_per_cycle:
+            # the cycle length follows train.max_steps; a resume that changes it keeps the run's own cycles, so the
+            # steps already trained stay the ones it had planned (the run then has more or fewer cycles)
+            from effitrain.console import say
+
+            say(f"dataset_decomposition: keeping the checkpoint's cycles of {saved} steps (this launch would have "
+                f"made {self.steps_per_cycle})")
+            self.steps_per_cycle = saved
+            self.quota = largest_remainder(saved, self._usable_rows)
+            self._cycles.clear()
 
     def stream_of_step(self, step: int) -> int:
         return int(self.cycle_buckets(step // self.steps_per_cycle)[step % self.steps_per_cycle])

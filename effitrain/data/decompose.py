@@ -51,13 +51,13 @@ def decompose(n_tokens: int, *, min_len: int, max_len: int, rng: np.random.Gener
     lo, hi = int(math.log2(min_len)), int(math.log2(max_len))
     # the authors' odds for re-cutting a long document: k = hi, hi-1, ..., lo with weights 1, 2, 4, ...
     ks = np.arange(hi, lo - 1, -1)
-    p = 2.0 ** np.arange(len(ks))
-    p /= p.sum()
+    cumulative = np.cumsum(2.0 ** np.arange(len(ks)))
+    cumulative /= cumulative[-1]
     pieces = []
     while n_tokens >= min_len:
         k = int(math.log2(n_tokens))
-        if k > hi:
-            k = int(rng.choice(ks, p=p))
+        if k > hi:  # an inverse-CDF draw: Generator.choice costs ~50x more per call
+            k = int(ks[min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(ks) - 1)])
         pieces.append(1 << k)
         n_tokens -= 1 << k
     return pieces
