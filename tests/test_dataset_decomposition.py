@@ -193,3 +193,13 @@ def test_a_decomposition_run_stopped_mid_cycle_resumes_with_the_same_lengths_and
     assert train_in_process([*run, "resume=auto"], split)["finished"]
     assert lines(split) == lines(full) and sorted(lines(full)) == [1, 2, 3, 4, 5, 6]
     assert len({length for _, length in lines(full).values()}) > 1  # the run did change its sequence length
+
+
+def test_plan_marks_the_cycles_and_says_the_length_varies():
+    from effitrain.plan import format_section, plan_sections
+
+    composed = compose_config(["+recipe=dataset_decomposition", "train.max_steps=40", "curriculum.cycles=4"])
+    section, = plan_sections(composed.cfg, composed.recipes)
+    assert [r["step"] for r in section.rows if "decomposition cycle" in r["what"]] == [10, 20, 30]
+    assert format_section(section).endswith("short ones first in each cycle of 10 steps (the column shows the packed "
+                                            "row length)")
