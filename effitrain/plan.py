@@ -11,7 +11,7 @@ from :mod:`effitrain.optim.lr_curves`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,6 +28,7 @@ class PlanSection:
     timeline: Timeline
     lr: Optional[Callable[[int], float]]   # the absolute lr at a step (None: the scheduler block gives no curve)
     rows: list[dict]
+    notes: list[str] = field(default_factory=list)  # lines printed under the table (what the columns cannot show)
 
     def value_at(self, name: str, step: int) -> Any:
         """A quantity as the run sees it at ``step`` (defaults where the timeline declares nothing)."""
@@ -92,8 +93,9 @@ def _section(spec: Any, title: str) -> PlanSection:
             if 0 < step < t.max_steps:
                 marks.setdefault(step, []).append(f"{spec.block('scheduler').name} lr")
     marks.setdefault(t.max_steps - 1, []).append("last step")
+    notes = _curriculum_notes(spec, marks, seq_len)
 
-    section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [])
+    section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [], notes)
     for step in sorted(s for s in marks if 0 <= s < t.max_steps):
         section.rows.append({"step": step, "tokens": step * tokens_per_step, "fraction": step / t.max_steps,
                              "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
@@ -101,6 +103,23 @@ def _section(spec: Any, title: str) -> PlanSection:
                              "competence": section.value_at("competence", step),
                              "what": ", ".join(marks[step])})
     return section
+
+
+def _curriculum_notes(spec: Any, marks: dict[int, list[str]], seq_len: int) -> list[str]:
+    """A curriculum whose sequence length is drawn per step (dataset_decomposition): its cycle starts as marks,
+    and a note that the seq_len column is the packed row length, not the length of every step."""
+    curriculum = spec.block("curriculum")
+    if curriculum.name != "dataset_decomposition":
+        return []
+    import math
+
+    max_steps = spec.train.max_steps
+    per_cycle = max(1, math.ceil(max_steps / curriculum.params.cycles))
+    for k, step in enumerate(range(per_cycle, max_steps, per_cycle), start=2):
+        marks.setdefault(step, []).append(f"decomposition cycle {k}")
+    low = spec.block("dataset").params.min_piece_len
+    return [f"seq_len: dataset_decomposition draws one length bucket ({low}..{seq_len}) per step, short ones first "
+            f"in each cycle of {per_cycle} steps (the column shows the packed row length)"]
 
 
 def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[dict]:
@@ -131,6 +150,7 @@ def format_section(section: PlanSection) -> str:
             lines.append("  ".join("-" * w for w in widths))
     if section.timeline.phases:
         lines.append("phases: " + "; ".join(f"{n} [{a}, {b})" for n, a, b in section.timeline.phases))
+    lines += section.notes
     return "\n".join(lines)
 
 

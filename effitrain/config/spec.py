@@ -177,6 +177,8 @@ def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
     if domains is None and dataset.name == "demo":
         from effitrain.data.demo import DEMO_DOMAINS  # standard library only
         domains = list(DEMO_DOMAINS)
+    if domains is not None and getattr(dataset.params, "procedural_docs", 0):
+        domains = [*domains, "procedural"]  # generated documents (dataset.procedural_docs) join as this domain
     timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
     check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name)
     return timeline

@@ -166,7 +166,19 @@ def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_di
     with quiet_progress(len(raw["train"])):
         corpus = raw["train"] if tokenizer_corpus is None else tokenizer_corpus
         tokenizer = build_tokenizer(model_params, corpus, cache_dir=cache_dir)
-        packed_train = pack(raw["train"], tokenizer, seq_len, num_proc, cache_dir=cache_dir)
+        # generated documents join the train split after the tokenizer is trained, so the tokenizer (and the
+        # per-token eval losses) stay those of runs without them
+        from effitrain.data.procedural import with_procedural
+
+        train_docs = with_procedural(raw["train"], dataset_params)
+        if getattr(dataset_params, "packing", "concatenate") == "decompose":
+            from effitrain.data.decompose import pack_decomposed
+
+            packed_train = pack_decomposed(train_docs, tokenizer, seq_len, dataset_params.min_piece_len,
+                                           seed=getattr(dataset_params, "seed", 0), num_proc=num_proc,
+                                           cache_dir=cache_dir)
+        else:
+            packed_train = pack(train_docs, tokenizer, seq_len, num_proc, cache_dir=cache_dir)
         if len(packed_train) == 0:
             raise ConfigError(f"dataset.seq_len: the train split has fewer than {seq_len} tokens in every domain; "
                               f"lower seq_len or add documents")

@@ -15,6 +15,28 @@ class _Common:
     eval_examples_per_domain: int = param(64, ge=1, help="held-out documents per domain (when the source has no eval split)")
     domains: Optional[list[str]] = param(None, help="keep only these domains (null = all)")
     num_proc: int = param(1, ge=1, help="worker processes for datasets.map")
+    # how training documents become rows (evaluation always uses concatenate-and-chunk rows of seq_len)
+    packing: Literal["concatenate", "decompose"] = param(
+        "concatenate", help="concatenate: documents joined and cut into seq_len rows; decompose: each document cut "
+                            "alone into power-of-two pieces (dataset decomposition; needs curriculum: "
+                            "dataset_decomposition)")
+    min_piece_len: int = param(8, ge=1, help="packing=decompose: the shortest bucket (a power of two); shorter "
+                                             "remainders of a document are dropped")
+    # generated formal-language documents added to the train split as domain 'procedural' (pre-pretraining)
+    procedural_docs: int = param(0, ge=0, help="generated documents added to the train split (0 = none)")
+    procedural_language: Literal["shuffle_dyck", "dyck", "copy"] = param("shuffle_dyck",
+                                                                          help="the formal language generated")
+    procedural_symbols: int = param(64, ge=1, help="bracket types / alphabet size (k)")
+    procedural_length: int = param(256, ge=2, help="symbols per generated document")
+    procedural_seed: int = 0
+
+    def validate(self, path: str) -> None:
+        if self.packing == "decompose":
+            for key, value in (("seq_len", self.seq_len), ("min_piece_len", self.min_piece_len)):
+                if value & (value - 1):
+                    raise ConfigError(f"{path}.{key}: packing=decompose needs a power of two, got {value}")
+            if self.min_piece_len > self.seq_len:
+                raise ConfigError(f"{path}.min_piece_len: {self.min_piece_len} is longer than seq_len={self.seq_len}")
 
 
 @register("dataset", "demo", builder="effitrain.data.build:build_demo",
@@ -25,6 +47,7 @@ class DemoParams(_Common):
     seed: int = 0
 
     def validate(self, path: str) -> None:
+        super().validate(path)
         from effitrain.data.demo import DEMO_DOMAINS  # standard library only
         from effitrain.registry import choices_text, did_you_mean
 
@@ -54,6 +77,7 @@ class LocalParams(_Common):
             self.eval_path = [self.eval_path]
 
     def validate(self, path: str) -> None:
+        super().validate(path)
         if not self.path or any(not p.strip() for p in self.path):
             raise ConfigError(f"{path}.path: dataset=local needs files; set {path}.path=FILE (a .jsonl, .json, "
                               f".parquet or .txt file, a glob, or a list of them)")
