@@ -146,3 +146,15 @@ def test_bad_difficulty_configs_are_refused_before_anything_is_built(overrides, 
     with pytest.raises(ConfigError, match=message):
         composed = compose_config(["+recipe=difficulty_curriculum", *overrides])
         validate(composed.cfg, composed.recipes)
+
+
+def test_a_short_run_sorts_a_random_subset_of_its_own_size():
+    from effitrain.curriculum.scored_order import run_subset
+
+    order = np.array([9, 4, 7, 0, 2, 8, 1, 5, 3, 6])        # sorted by score, best last
+    subset = run_subset(order, 4, seed=0)
+    assert len(subset) == 4 and len(set(subset.tolist())) == 4
+    position = {r: i for i, r in enumerate(order.tolist())}
+    assert [position[r] for r in subset.tolist()] == sorted(position[r] for r in subset.tolist())  # still sorted
+    assert run_subset(order, 10, seed=0).tolist() == order.tolist()                            # long run: all
+    assert run_subset(order, 4, seed=0).tolist() == subset.tolist()                            # seeded

@@ -5,6 +5,11 @@ Pretraining") trains on data sorted by ascending quality.  The score is any targ
 rows (:mod:`effitrain.curriculum.row_scores`); ``order: ascending`` puts the lowest score first.  With the
 ``perplexity`` scorer the score is a proxy model's loss, so *ascending quality* is ``order: descending`` (highest
 loss first).  Ties keep a seeded random order.  State and resume are the base sampler's (epoch, position).
+
+The paper makes one sorted pass over its training tokens.  A run shorter than an epoch of all rows would only see the
+low end of the order and never the best data, so by default (``fit_to_run``) the order is a uniformly random subset
+of ``max_steps x global batch`` rows (all rows when the run is longer), sorted: the run ends on the top of the
+order.  The rows left out are a random sample, so the subset's quality distribution is the pool's.
 """
 
 from __future__ import annotations
@@ -26,11 +31,22 @@ class ScoredOrderSampler(ResumableBatchSampler):
         return self.order
 
 
+def run_subset(order: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """``order`` restricted to a uniformly random ``rows`` of its entries, keeping their order."""
+    if rows >= len(order):
+        return order
+    keep = np.zeros(len(order), bool)
+    keep[np.random.default_rng([seed % 2**63, 11]).choice(len(order), size=rows, replace=False)] = True
+    return order[keep[order]]
+
+
 def build_scored_order(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
-                       world_size: int, rank: int, tokenizer: Any = None) -> ScoredOrderSampler:
+                       world_size: int, rank: int, tokenizer: Any = None, timeline: Any = None) -> ScoredOrderSampler:
     scores = row_scores(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
     order, _ = rank_difficulty(scores, seed)
     if params.order == "descending":
         order = order[::-1].copy()
+    if params.fit_to_run and timeline is not None:
+        order = run_subset(order, timeline.max_steps * micro_batch_size * grad_accum * world_size, seed)
     return ScoredOrderSampler(order, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                               world_size=world_size, rank=rank)

@@ -69,6 +69,8 @@ class DifficultyParams(_RowScoreSource):
 @dataclass
 class ScoredOrderParams(_RowScoreSource):
     order: Literal["ascending", "descending"] = param("ascending", help="ascending = lowest score first")
+    fit_to_run: bool = param(True, help="sort a random subset of max_steps x global batch rows, so the run ends on "
+                                        "the top of the order; false = all rows (a short run never reaches the top)")
 
 
 @rule("difficulty_weight_needs_weighted_objective",
