@@ -64,3 +64,18 @@ def test_sorted_by_quality_averaged_and_resumed_between_snapshots(tmp_path, trai
     assert losses(resumed) == losses(full)
     again = final_weights(resumed)
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_under_zero2_the_exported_last_checkpoint_is_the_averaged_model(tmp_path, train_in_process):
+    # ZeRO keeps an fp32 master copy that the checkpoint stores and `effitrain export` reads (zero_to_fp32): the
+    # average must reach it too, not only the module's weights
+    from effitrain.export import _state_dict
+
+    run = tmp_path / "zero2"
+    train_in_process(["+recipe=quality_curriculum_avg", "curriculum.scorer.proxy_steps=10", "parallelism=zero2",
+                      "train.max_steps=4", "methods.checkpoint_average.count=2", "methods.checkpoint_average.every=1"],
+                     run)
+    exported = _state_dict(run / "checkpoints" / "step_00000004")
+    final = final_weights(run)
+    assert exported.keys() >= final.keys()
+    assert all(torch.equal(exported[k].float(), final[k].float()) for k in final)

@@ -77,14 +77,19 @@ class CheckpointAverage(Hook):
         self.taken.append(state.step)
         state.metrics["checkpoint_average/snapshots"] = float(k)
         if state.step == max_steps:
-            self.apply(state.model)
+            self.apply(state.model, getattr(getattr(state, "engine", None), "optimizer", None))
 
-    def apply(self, model: Any) -> None:
-        """Write the average into ``model``'s parameters (the final model becomes the averaged one)."""
+    def apply(self, model: Any, optimizer: Any = None) -> None:
+        """Write the average into ``model``'s parameters (the final model becomes the averaged one).
+
+        A DeepSpeed optimizer (ZeRO 1/2, bf16) keeps its own fp32 master copy, which the last checkpoint stores and
+        ``effitrain export`` reads (``zero_to_fp32``): ``refresh_fp32_params`` copies the averaged weights into it."""
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self.average:
                     p.copy_(self.average[name].to(device=p.device, dtype=p.dtype))
+        if hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
 
     def state_dict(self) -> dict[str, Any]:
         return {"taken": list(self.taken), "average": self.average}
