@@ -37,6 +37,9 @@ class DeltParams:
     target_domain: Optional[str] = param(None, help="domain of the target rows whose gradient defines quality "
                                                     "(null: all domains)")
     target_rows: int = param(64, ge=1, help="target rows (a random sample of the training rows of target_domain)")
+    annotate_rows: int = param(256, ge=2, help="rows given their LQS by the proxy's gradients; a linear scorer on "
+                                               "the proxy's mean hidden state, fitted to them, scores the rest "
+                                               "(authors: 163,840 annotated, a 125M scorer model)")
     proxy_steps: int = param(100, ge=1, help="training steps of the proxy (authors' annotation: total_iters 100)")
     ct_states: int = param(10, ge=1, help="states at which each row's contribution is computed (authors: "
                                           "every 10th of 100 steps = 10)")
