@@ -226,9 +226,20 @@ def test_the_cached_scores_are_reused_and_scorer_fills_unannotated_rows(tmp_path
 
 # ------------------------------------------------------------------------------------------------- a real run
 @pytest.mark.slow
-def test_a_resumed_seta_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, train_in_process):
-    """Eight steps vs four then `resume=auto`: with 120 documents per domain at 64 tokens and a global batch of 64
-    rows, SeTa's epochs are short enough that the window moves inside the run (epochs end at steps 3 and 6)."""
+def test_a_resumed_seta_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, train_in_process, monkeypatch):
+    """Eight steps vs four then `resume=auto`, on a corpus small enough that SeTa's epochs are a few steps long, so
+    the window moves inside the run and the resumed part starts a new epoch from the checkpointed losses."""
+    from effitrain.curriculum import seta
+
+    epochs = []
+    select = seta.SetaSampler.select
+
+    def spy(self, epoch, start_step, losses):
+        order = select(self, epoch, start_step, losses)
+        epochs.append((epoch, start_step, self.info.get("window")))
+        return order
+
+    monkeypatch.setattr(seta.SetaSampler, "select", spy)
     run = ["+recipe=seta", "scheduler=constant", "train.save_every=4", "train.micro_batch_size=64",
            "dataset.max_docs_per_domain=12", "curriculum.num_group=3", "curriculum.window_scale=0.67"]
 
@@ -238,6 +249,9 @@ def test_a_resumed_seta_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, t
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert train_in_process([*run, "train.max_steps=8"], full)["finished"]
+    uninterrupted, epochs[:] = list(epochs), []
+    assert len(uninterrupted) >= 3 and uninterrupted[1][2] == [1, 3]   # epoch 1 drops the easiest of 3 groups
     assert train_in_process([*run, "train.max_steps=4"], split)["finished"]
     assert train_in_process([*run, "train.max_steps=8", "resume=auto"], split)["finished"]
+    assert [e for e in epochs if e[1] >= 4] == [e for e in uninterrupted if e[1] >= 4] != []
     assert losses(split) == losses(full) and sorted(losses(full)) == list(range(1, 9))
