@@ -255,3 +255,24 @@ def test_a_resumed_seta_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, t
     assert train_in_process([*run, "train.max_steps=8", "resume=auto"], split)["finished"]
     assert [e for e in epochs if e[1] >= 4] == [e for e in uninterrupted if e[1] >= 4] != []
     assert losses(split) == losses(full) and sorted(losses(full)) == list(range(1, 9))
+
+
+def test_the_delt_sampler_hands_out_the_top_rows_in_folding_order_of_their_scores(tmp_path, monkeypatch):
+    import datasets
+
+    from effitrain.config.blocks.curriculum_prune import DeltParams
+    from effitrain.curriculum.delt import build_delt
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path))
+    rng = np.random.default_rng(3)
+    ids = np.concatenate([rng.integers(0, 8, (10, 12)), rng.integers(8, 16, (10, 12))]).astype(np.int32)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=12),
+                                  "domain": datasets.Value("string")})   # fixed-length rows, as packing writes
+    packed = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "domain": ["a"] * 10 + ["b"] * 10}, features)
+    params = DeltParams(select_ratio=0.8, layers=2, target_domain="a", target_rows=4, proxy_steps=4, ct_states=2,
+                        proxy_batch_size=4, proxy_lr=1e-2, proxy_hidden_size=16, proxy_layers=1)
+    sampler = build_delt(params, packed, seed=0, micro_batch_size=2, grad_accum=1, world_size=1, rank=0)
+    rows = [r for b in islice(sampler, 8) for r in b]
+    kept = np.argsort(sampler.scores, kind="stable")[4:]          # the 16 highest of 20 scores
+    ascending = kept[np.argsort(sampler.scores[kept], kind="stable")]
+    assert rows == ascending[0::2].tolist() + ascending[1::2].tolist()  # two folds, each low to high
