@@ -16,7 +16,8 @@ Dynamic data pruning by the training model's own per-example losses, re-decided 
 
 The selected rows are shuffled (``numpy.random.default_rng([seed, epoch])``; the same generator draws the random
 pruning) and laid out like every curriculum's batches (``samplers`` module docstring).  An epoch holds
-``len(selected) // global_batch`` optimizer steps, so epochs have different lengths.
+``len(selected) // global_batch`` optimizer steps, so epochs have different lengths (a window holding less than one
+global batch, possible with very uneven groups, is topped up with random rows of the pruned share outside it).
 
 The losses come from the :class:`~effitrain.curriculum.loss_tracker.ExampleLossTracker` this sampler owns
 (``sampler.hook``), fed by the objective's per-example losses (``objective: weighted_causal_lm``).
@@ -100,6 +101,9 @@ class SetaSampler:
         groups = loss_groups(losses[kept], kept, self.num_group)               # 2. loss clusters, easy first
         lo, hi = window(len(groups), self.window_scale, epoch)                 # 3. the sliding window
         chosen = np.concatenate(groups[lo:hi])
+        if len(chosen) < self.global_batch_size:   # uneven k-means groups: never an epoch without one optimizer step
+            rest = np.setdiff1d(kept, chosen)
+            chosen = np.concatenate([chosen, rng.permutation(rest)[:self.global_batch_size - len(chosen)]])
         self.info = {"epoch": epoch, "annealing": False, "window": [lo, hi],
                      "group_sizes": [len(g) for g in groups], "rows": len(chosen)}
         return rng.permutation(chosen)
