@@ -151,6 +151,8 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
     for stage in stages:
         if stage.transform is not None:
             parse_transform(stage)
+        if stage.sweep is not None:
+            parse_sweep(stage)
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
             spec.stage_specs.append(validate(run_cfg, recipes))
@@ -158,6 +160,12 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
     spec.stages = stages
     return spec
+
+
+def parse_sweep(stage: Any) -> Block:
+    """The validated ``sweep:`` block of a stage (the ``sweep`` registry group)."""
+    load_builtin_blocks()
+    return REGISTRY.parse("sweep", stage.sweep, f"stages.{stage.name}.sweep")
 
 
 def parse_transform(stage: Any) -> Block:
