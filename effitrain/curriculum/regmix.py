@@ -55,17 +55,17 @@ def proxy_mixtures(prior: Sequence[float], n: int, *, seed: int, temperature: fl
     tempered = tempered / tempered.sum()
     strengths = np.logspace(np.log10(min_strength), np.log10(max_strength), num_strengths)
     rng = np.random.default_rng(seed)
-    kept: list[np.ndarray] = []
-    for _ in range(n * sample_multiplier):
-        w = dirichlet_around(tempered, float(rng.choice(strengths)), 1, rng)[0]
-        if (w > bound).any():
-            continue
-        w = np.where(w < minimum, 0.0, w)
-        if w.sum() <= 0:
-            continue
-        w = np.round(w / w.sum() / minimum) * minimum
-        kept.append(w)
-    unique = _deduplicate(np.array(kept)) if kept else np.zeros((0, len(p)))
+    total = n * sample_multiplier
+    which = rng.integers(num_strengths, size=total)      # each draw's strength, uniformly among the 15
+    draws = np.zeros((total, len(p)))
+    for k, strength in enumerate(strengths):
+        rows = np.flatnonzero(which == k)
+        draws[rows] = dirichlet_around(tempered, float(strength), len(rows), rng)
+    draws = draws[(draws <= bound).all(axis=1)]          # reject draws that would overuse a domain
+    draws = np.where(draws < minimum, 0.0, draws)
+    draws = draws[draws.sum(axis=1) > 0]
+    kept = np.round(draws / draws.sum(axis=1, keepdims=True) / minimum) * minimum
+    unique = _deduplicate(kept) if len(kept) else np.zeros((0, len(p)))
     if len(unique) < n:
         raise ConfigError(f"sweep.num_proxies: only {len(unique)} distinct mixtures pass the usage bound "
                           f"(max_usage {max_usage}) for {n} proxies; lower num_proxies or raise max_usage")
@@ -98,10 +98,10 @@ def fit_regression(mixtures: np.ndarray, losses: Sequence[float], *, kind: str, 
         except ImportError:
             raise ConfigError("sweep.regression: lightgbm is not installed (pip install 'effitrain[methods]'); or "
                               "use regression: linear") from None
-        # the notebook's hyper-parameters; min_child_samples lowered so a few dozen proxies can still split
+        # the notebook's hyper-parameters; one thread, deterministic; min_child_samples lowered so a few dozen proxies can still split
         model = lgb.LGBMRegressor(objective="regression", boosting_type="gbdt", n_estimators=1000,
-                                  learning_rate=1e-2, seed=seed, min_child_samples=min(20, max(2, len(x) // 4)),
-                                  verbose=-1)
+                                  learning_rate=1e-2, seed=seed, n_jobs=1, deterministic=True, verbose=-1,
+                                  min_child_samples=min(20, max(2, len(x) // 4)))
         return model.fit(x, y)
     raise ConfigError(f"sweep.regression: unknown regression '{kind}'; valid: lightgbm, linear")
 
