@@ -58,13 +58,19 @@ def token_distribution(run_cfg: dict[str, Any]) -> dict[str, float]:
 class RegMixSweep:
     def __init__(self, params: Any) -> None:
         self.params = params
+        self._prior: dict[str, float] | None = None  # members() measures it; conclude() in the same process reuses it
+
+    def prior(self, run_cfg: dict[str, Any]) -> dict[str, float]:
+        if self._prior is None:
+            self._prior = token_distribution(run_cfg)
+        return self._prior
 
     def _seed(self, run_cfg: dict[str, Any]) -> int:
         return self.params.seed if self.params.seed is not None else int(run_cfg.get("train", {}).get("seed", 0))
 
     def members(self, run_cfg: dict[str, Any], *, say: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
         p = self.params
-        prior = token_distribution(run_cfg)
+        prior = self.prior(run_cfg)
         domains = sorted(prior)
         if p.target != "all" and p.target not in domains:
             raise ConfigError(f"sweep.target: '{p.target}' is not a domain of the training data"
@@ -87,7 +93,7 @@ class RegMixSweep:
     def conclude(self, run_cfg: dict[str, Any], results: list[tuple[str, dict[str, Any], dict[str, Any]]], *,
                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
         p = self.params
-        prior = token_distribution(run_cfg)
+        prior = self.prior(run_cfg)
         domains = sorted(prior)
         x, y = [], []
         for name, cfg, summary in results:
