@@ -34,9 +34,9 @@ def mixture_delta(domains: list[str], weights: np.ndarray) -> dict[str, Any]:
             "timeline": {"mixture": {"unit": "step", "points": [{"at": 0, "value": value}]}}}
 
 
-def token_distribution(run_cfg: dict[str, Any]) -> dict[str, float]:
-    """Each domain's share of the packed training rows the stage's config produces (rows are ``seq_len`` tokens,
-    so this is the token distribution the paper's prior is)."""
+def domain_rows(run_cfg: dict[str, Any]) -> dict[str, int]:
+    """Packed training rows per domain that a run config produces (source -> selection -> tokenizer -> packing, as
+    the run builds them; each row is ``dataset.seq_len`` tokens).  Builds data only, no model."""
     from datasets import DatasetDict
 
     from effitrain.config.spec import validate
@@ -50,7 +50,12 @@ def token_distribution(run_cfg: dict[str, Any]) -> dict[str, float]:
     _, packed_train, _ = build_packed_splits(spec.block("dataset").params, spec.block("model").params,
                                              DatasetDict(train=selection.train, eval=pool["eval"]),
                                              tokenizer_corpus=pool["train"])
-    rows = {d: len(idx) for d, idx in domain_indices(packed_train).items()}
+    return {d: len(idx) for d, idx in domain_indices(packed_train).items()}
+
+
+def token_distribution(run_cfg: dict[str, Any]) -> dict[str, float]:
+    """Each domain's share of the stage's packed training tokens: the paper's prior."""
+    rows = domain_rows(run_cfg)
     total = sum(rows.values())
     return {d: n / total for d, n in rows.items()}
 
