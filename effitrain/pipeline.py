@@ -208,6 +208,9 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
                "train_seconds": sum(float(r[2].get("train_seconds") or 0) for r in results),
                "flops": sum(float(r[2].get("flops") or 0) for r in results),
                "flops_sparse": sum(float(r[2].get("flops_sparse") or 0) for r in results),
+               # the members' model (they share its shape); no final model, no eval loss of the stage itself
+               "trainable_params": results[0][2].get("trainable_params"),
+               "total_params": results[0][2].get("total_params"),
                "concluded": str(stage_dir / CONCLUDED)}
     if is_main:
         text = (f"# Concluded by the '{stage.name}' sweep stage ({stage.sweep.get('name')}); later stages with "
