@@ -121,15 +121,15 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
                                final_models=final_models, concluded=concluded)
         if stage.sweep is not None:
-            stage_summary = _run_sweep(stage, run_cfg, stage_dir, spec.resume == "auto", argv, recipes, is_main,
-                                       say, label)
+            stage_summary, delta = _run_sweep(stage, run_cfg, stage_dir, spec.resume == "auto", argv, recipes,
+                                              is_main, say, label)
             lock.commit_replacement()
             rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
             if not stage_summary.get("finished"):
                 outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
                            "exit_code": stage_summary.get("exit_code", 1)}
                 break
-            concluded[stage.name] = _read_concluded(stage_dir)
+            concluded[stage.name] = delta  # every rank concluded the same from the same losses: no file read race
             continue
         resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
         run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
@@ -174,7 +174,7 @@ def _read_concluded(stage_dir: Path) -> dict:
 
 def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resuming: bool,
                argv: Optional[list[str]], recipes: Optional[list[dict]], is_main: bool, say: Any,
-               label: str) -> dict[str, Any]:
+               label: str) -> tuple[dict[str, Any], Optional[dict]]:
     """Train every member of a sweep stage (each a whole run under ``members/``), then conclude: the config delta
     goes to ``concluded.yaml`` with the sweep's record, and ``summary.json`` marks the stage finished."""
     import os
@@ -198,7 +198,7 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
             say(f"{label}: member {k + 1}/{len(members)} {name}")
             done = train(member_cfg, run_dir=member_dir, argv=argv, recipes=recipes)
             if not done.get("finished"):
-                return {**done, "stopped_by": f"member {name}: {done.get('stopped_by')}"}
+                return {**done, "stopped_by": f"member {name}: {done.get('stopped_by')}"}, None
         results.append((name, member_cfg, done))
     delta, record = sweep.conclude(run_cfg, results, say=say)
     summary = {"finished": True, "stopped_by": None, "exit_code": 0, "sweep": stage.sweep.get("name"),
@@ -223,7 +223,7 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
             os.fsync(f.fileno())
         tmp.replace(stage_dir / CONCLUDED)
         _write_summary(stage_dir, summary)
-    return summary
+    return summary, delta
 
 
 def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],
