@@ -147,13 +147,13 @@ def test_sweep_trains_the_proxies_concludes_a_mixture_and_a_resume_reruns_only_t
     main_cfg = yaml.safe_load((run / "stages" / "02-main" / "config.yaml").read_text())
     assert main_cfg["timeline"]["mixture"] == concluded["config"]["timeline"]["mixture"]
 
-    # kill-and-resume of the sweep: member 3 and everything after it never happened
+    # kill-and-resume of the sweep: member 3 and the conclusion never happened (the finished main stage is kept, so
+    # the resumed pipeline's work is the one member and the conclusion)
     shutil.rmtree(sweep_dir / "members" / "proxy-003")
-    shutil.rmtree(run / "stages" / "02-main")
     (sweep_dir / "concluded.yaml").unlink()
     (sweep_dir / "summary.json").unlink()
     before = {m: (sweep_dir / "members" / m / "summary.json").stat().st_mtime_ns for m in members[:3]}
     again = train_in_process([*overrides, "resume=auto"], run)
-    assert again["finished"]
+    assert again["finished"] and [r["skipped_as_finished"] for r in again["stages"]] == [False, True]
     assert {m: (sweep_dir / "members" / m / "summary.json").stat().st_mtime_ns for m in members[:3]} == before
     assert yaml.safe_load((sweep_dir / "concluded.yaml").read_text()) == concluded   # the same losses, same mixture
