@@ -118,6 +118,9 @@ def test_the_recipe_is_a_sweep_stage_then_a_main_stage_that_takes_its_concluded_
     ("[{name: p, sweep: {name: regmix}}, {name: m, init: scratch, config_from: q}]",
      "stages.m.config_from: 'q' must name an earlier sweep stage; earlier sweep stages: p"),
     ("[{name: a}, {name: m, init: scratch, config_from: a}]", "earlier sweep stages: none"),
+    ("[{name: p, sweep: {name: regmix, target: pros}}, {name: m, init: scratch}]",
+     "stages.p.sweep.target: 'pros' is not a domain of the stage's data (did you mean 'prose'?); valid: all, "
+     "arithmetic, code, docstrings, prose"),
 ])
 def test_bad_sweep_stages_are_one_line_errors(stages, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -151,13 +151,15 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
     for stage in stages:
         if stage.transform is not None:
             parse_transform(stage)
-        if stage.sweep is not None:
-            parse_sweep(stage)
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
             spec.stage_specs.append(validate(run_cfg, recipes))
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
+        if stage.sweep is not None:  # a sweep's own keys checked against its stage's run (e.g. a known domain)
+            check = getattr(parse_sweep(stage).params, "check_stage", None)
+            if check is not None:
+                check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages
     return spec
 

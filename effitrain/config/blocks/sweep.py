@@ -11,9 +11,9 @@ pipeline writes next to it for the reader).  Torch-free here; the builders live 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from effitrain.registry import ConfigError, param, register
+from effitrain.registry import ConfigError, choices_text, did_you_mean, param, register
 
 
 @register("sweep", "regmix", builder="effitrain.curriculum.regmix_sweep:build",
@@ -36,6 +36,19 @@ class RegMixParams:
     num_samples: int = param(100000, ge=100, help="simulated mixtures scored by the regression (paper: 100,000)")
     top_k: int = param(128, ge=1, help="the predicted-best mixture is the mean of the top_k simulated ones "
                        "(paper: 128)")
+
+    def check_stage(self, spec: Any, path: str) -> None:
+        """``target`` against the stage's domains where they are known without reading data (a declared
+        ``dataset.domains``, or the demo corpus's); other sources are checked when the sweep builds its members."""
+        dataset = spec.block("dataset")
+        domains = getattr(dataset.params, "domains", None)
+        if domains is None and dataset.name == "demo":
+            from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+            domains = list(DEMO_DOMAINS)
+        if domains is not None and self.target != "all" and self.target not in domains:
+            raise ConfigError(f"{path}.target: '{self.target}' is not a domain of the stage's data"
+                              f"{did_you_mean(self.target, list(domains))}; valid: "
+                              f"{choices_text(['all', *sorted(domains)])}")
 
     def validate(self, path: str) -> None:
         if self.min_strength > self.max_strength:
