@@ -22,9 +22,12 @@ install: $(STAMP)
 run: $(STAMP)
 	@$(VENV)/bin/effitrain run_dir=outputs/default overwrite=true $(ARGS)
 
-## The whole test suite (what CI runs).
+## The whole test suite (what CI runs). Two workers or more (pytest-xdist): most tests wait on a subprocess, a
+## file or a cluster, so one worker used under one core of two. A test file stays on one worker (--dist loadfile):
+## module fixtures (the SLURM cluster, trained runs several tests read) are made once.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(ARGS)
 
 ## Unit tests only (seconds).
 test-fast: $(STAMP)

@@ -248,7 +248,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              micro_batch_size=spec.train.micro_batch_size,
                                              grad_accum=spec.train.grad_accum, world_size=launch.world_size,
                                              rank=launch.rank,
-                                             **_if_accepted(spec.block("curriculum"), timeline=timeline))
+                                             **_if_accepted(spec.block("curriculum"), timeline=timeline,
+                                                            documents=data.selection.train, tokenizer=data.tokenizer))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build() for m in spec.methods.values()] + list(precision.hooks)
@@ -349,7 +350,11 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
                   engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
                   timeline=_resolve_timeline(spec, launch, data))
     final_dir = run_dir / "final_model"
-    trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=data.train_ids, eval_sets=data.eval_sets,
+    # a curriculum that re-packs the documents (MeCo, in-context chains) hands the loop its own rows to gather from
+    train_rows = getattr(sampler, "train_rows", None)
+    if train_rows is None:
+        train_rows = data.train_ids
+    trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=train_rows, eval_sets=data.eval_sets,
                       sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1], objective=objective,
                       save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
                       on_started=lock.commit_replacement)

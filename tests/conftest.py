@@ -22,8 +22,14 @@ TINY = [
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Caches (demo corpus, tokenizers, selection manifests) live in one temporary folder per test session."""
-    cache = tmp_path_factory.mktemp("effitrain-cache")
+    """Caches (demo corpus, tokenizers, selection manifests) live in one temporary folder per test session, shared
+    by the session's pytest-xdist workers (the cache serialises writers of one entry with a file lock, so a worker
+    waits for what the other is building instead of building it twice)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "effitrain-cache"  # the basetemp every worker shares
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("effitrain-cache")
     os.environ["EFFITRAIN_CACHE"] = str(cache)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

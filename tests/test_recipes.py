@@ -24,6 +24,17 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+# A recipe whose preparation trains a model of its own (a selection proxy) keeps it to a few steps here: the recipe
+# still runs end to end through its real scorer; what the scorer computes is tested in its own module
+# (tests/test_selection_recipes.py, tests/test_selection.py), at sizes chosen for that.
+SMALL_PREPARATION = {
+    "diversity_kmeans": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
+    "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
+             "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
+    "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
+}
+
+
 @pytest.mark.parametrize("name", group_options("recipe"))
 def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     meta = yaml.safe_load((config_root() / "recipe" / f"{name}.yaml").read_text())["recipe"]
@@ -34,7 +45,8 @@ def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
             train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
         assert not (tmp_path / "run").exists()
         return
-    summary = train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
+    summary = train_in_process([f"+recipe={name}", "train.max_steps=3", *SMALL_PREPARATION.get(name, [])],
+                               tmp_path / "run")
     assert summary["finished"] and summary["recipe"] == [name]
     assert math.isfinite(summary["final_eval_loss"])
     for run in summary.get("stages") or [summary]:  # a multi-stage recipe: every stage ran its 3 steps

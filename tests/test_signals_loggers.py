@@ -37,6 +37,8 @@ def test_a_preemption_signal_or_ctrl_c_saves_a_checkpoint_and_exits_resumable(tm
     step = summary["steps"]
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
 
+    if sig != signal.SIGTERM:
+        return  # what a resume does after the stop does not depend on the signal that stopped it: once is enough
     # the requeued job continues from that checkpoint
     result = effitrain_cli(*TINY, f"train.max_steps={step + 2}", f"run_dir={run_dir}", "resume=auto")
     assert result.returncode == 0, result.stderr[-2000:]

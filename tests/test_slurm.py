@@ -62,9 +62,14 @@ def test_dist_env_reads_slurm_but_torchrun_variables_win(monkeypatch):
     assert (dist_env().rank, dist_env().world_size) == (1, 2)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("vm", "20007")
 
-    # torchrun inside one SLURM task: its RANK/WORLD_SIZE/MASTER_* are the truth
+    # a rank and world size inherited from the submitting shell (sbatch exports it all) are stale: SLURM's win
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert (dist_env().rank, dist_env().local_rank, dist_env().world_size) == (1, 1, 2)
+
+    # torchrun inside one SLURM task (it sets TORCHELASTIC_RUN_ID): its RANK/WORLD_SIZE/MASTER_* are the truth
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "h",
-                       "MASTER_PORT": "29500"}.items():
+                       "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}.items():
         monkeypatch.setenv(key, value)
     assert (dist_env().rank, dist_env().world_size) == (0, 8)
     assert os.environ["MASTER_PORT"] == "29500"
@@ -292,10 +297,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     (root / "state").mkdir()
     (root / "spool").mkdir()
-    # the jobs get a cache of their own: nothing the test process itself holds (a cache lock of an in-process run)
-    # can make them wait
+    # the jobs share the session's cache (warm in a full run: the jobs start in seconds instead of building the demo
+    # data side by side) and inherit the whole environment, as sbatch gives a user's shell to a job -- including
+    # the RANK/WORLD_SIZE an in-process run of an earlier test left behind, which a job must not trust
     env = {**os.environ, "SLURM_CONF": str(conf), "OMP_NUM_THREADS": "1",
-           "EFFITRAIN_CACHE": str(tmp_path_factory.mktemp("slurm-jobs-cache")),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     daemons = [subprocess.Popen([d, "-D", "-f", str(conf), *(["-i"] if d == "slurmctld" else [])], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for d in ("slurmctld", "slurmd")]
@@ -396,10 +401,28 @@ def test_slurm_sweeps_preemption_refusal_and_two_tasks(slurm, tmp_path):
     procs = {"sweep": sweep, "refused": refused, "two": two, "pre": pre, "reference": reference}
     try:
         _drive(env, tmp_path, procs)
+    except BaseException:
+        print(_diagnostics(env, tmp_path, procs))  # pytest shows a failed test's output: what the cluster saw
+        raise
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+def _diagnostics(env, tmp_path: Path, procs: dict) -> str:
+    def run(*cmd):
+        return subprocess.run(cmd, env=env, capture_output=True, text=True).stdout
+    parts = ["squeue:\n" + run("squeue", "-a"), "scontrol show job:\n" + run("scontrol", "show", "job")]
+    for name, proc in procs.items():
+        if proc.poll() is not None:  # a head that has ended: its output can be read without blocking
+            out, err = proc.communicate()
+            parts.append(f"{name} (exit {proc.returncode}) stderr:\n{err[-3000:] if err else ''}")
+        else:
+            parts.append(f"{name}: still running")
+    for log in sorted(tmp_path.glob("*/.submitit/*/*_log.*")):
+        parts.append(f"{log.relative_to(tmp_path)}:\n{log.read_text(errors='replace')[-2000:]}")
+    return "\n\n".join(parts)
 
 
 def _drive(env, tmp_path: Path, procs: dict) -> None:

@@ -2,7 +2,9 @@
 
 ``l_i`` is the mean next-token loss of example ``i`` (over its labelled positions).  The weights come from a method
 hook, which sets ``state.batch["example_weights"]`` (a tensor of shape ``[micro_batch_size]``, >= 0, positive sum) in
-its ``on_batch_start``; the loop builds a fresh batch dict per micro-batch, so weights never leak into the next one.
+its ``on_batch_start``, or a callable that maps the detached per-example losses ``[B]`` of this forward to such a
+tensor (weights that depend on the current loss, as loss-based reweighting needs, without a second forward); the
+loop builds a fresh batch dict per micro-batch, so weights never leak into the next one.
 Without weights every example weighs ``default_weight`` (then the loss is the mean of the examples' losses, which
 is the model's own loss when every example has the same number of labelled tokens, as packed rows do).
 """
@@ -27,8 +29,11 @@ class WeightedCausalLM:
     def __init__(self, default_weight: Optional[float]) -> None:
         self.default_weight = default_weight
 
-    def weights(self, batch: dict[str, Any], n: int, device: torch.device) -> torch.Tensor:
+    def weights(self, batch: dict[str, Any], losses: torch.Tensor) -> torch.Tensor:
+        n, device = losses.shape[0], losses.device
         weights = batch.get(EXAMPLE_WEIGHTS)
+        if callable(weights):
+            weights = weights(losses.detach())
         if weights is None:
             if self.default_weight is None:
                 raise RunFailed(f"objective=weighted_causal_lm: this micro-batch has no batch['{EXAMPLE_WEIGHTS}'] "
@@ -44,7 +49,7 @@ class WeightedCausalLM:
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**model_inputs(batch))
         per_example = example_losses(out.logits, batch["labels"])
-        weights = self.weights(batch, per_example.shape[0], per_example.device)
+        weights = self.weights(batch, per_example)
         # sum w_i l_i / sum w_i.  The values are not checked here (that would be a host sync per micro-batch): weights
         # that sum to zero give a non-finite loss, which the non-finite guard reports and skips; keeping them >= 0 is
         # the supplying hook's contract

@@ -19,12 +19,22 @@ def dist_env() -> DistEnv:
 
     Under SLURM with several tasks (``srun -n 2``, ``tasks_per_node=2``) rank, world size, local rank and the
     rendezvous address/port come from SLURM's environment (effitrain.cluster.slurm_env), so no manual exports are
-    needed; torchrun's own variables win where torchrun runs inside one task."""
+    needed; torchrun's own variables win where torchrun runs inside one task.
+
+    A job inherits the submitting shell's environment (``sbatch --export=ALL``), so a RANK/WORLD_SIZE found in a
+    several-task job step is only trusted when torchrun set it (``TORCHELASTIC_RUN_ID``); otherwise it is stale
+    (e.g. left by an earlier run in the submitting process) and SLURM's values replace it — a stale WORLD_SIZE=1
+    made every task of a 2-task job train alone."""
     from effitrain.cluster.slurm_env import slurm_world
 
-    if "RANK" not in os.environ:
-        for key, value in (slurm_world(os.environ) or {}).items():
-            os.environ.setdefault(key, value)  # a MASTER_ADDR/PORT the user exported still wins
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        world = slurm_world(os.environ) or {}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            if key in world:
+                os.environ[key] = world[key]
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key in world:
+                os.environ.setdefault(key, world[key])  # a rendezvous address the user exported still wins
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

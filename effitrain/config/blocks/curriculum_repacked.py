@@ -1,0 +1,49 @@
+"""Curricula that re-pack the training documents: MeCo's metadata conditioning and In-Context Pretraining's chains
+of related documents (their rows are built from the documents and cached; see ``effitrain/data/repack.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from effitrain.config.rules import rule
+from effitrain.registry import param, register
+
+
+@register("curriculum", "meco", builder="effitrain.curriculum.meco:build_meco",
+          summary="MeCo: each document prefixed by its metadata until the timeline's cool-down phase, then plain")
+@dataclass
+class MecoParams:
+    cooldown_phase: str = param("cooldown", help="the timeline phase whose steps train on plain rows (the paper: "
+                                                 "the last 10% of tokens)")
+    metadata_field: Literal["domain", "id"] = param("domain", help="the documents' column prepended as metadata "
+                                                                   "(the paper: the URL's domain)")
+    prefix: str = param("URL: ", help="text before the metadata (the authors' --add_metadata_prefix)")
+    suffix: str = param("\n\n", help="text between the metadata and the document")
+    mask_metadata_loss: bool = param(True, help="no loss on metadata tokens (the authors' --add_metadata_mask)")
+
+
+@register("curriculum", "in_context", builder="effitrain.curriculum.in_context:build_in_context",
+          summary="In-Context Pretraining: kNN chains of related documents packed into the same contexts")
+@dataclass
+class InContextParams:
+    neighbors: int = param(9, ge=1, help="k of the kNN graph (the authors walk knn[1:10]: 9 neighbours)")
+    n_features: int = param(2**18, ge=16, help="hashed n-gram dimensions of the TF-IDF document vectors")
+    dedup_threshold: Optional[float] = param(0.85, ge=0, le=1, help="drop a document whose first 100 characters' "
+                                             "3-gram Jaccard similarity with the previous one exceeds this; null "
+                                             "keeps all")
+
+
+@rule("meco_needs_its_cooldown_phase", "curriculum=meco switches to plain rows at the timeline phase it names")
+def _meco_cooldown_phase(spec, env) -> Optional[str]:
+    curriculum = spec.block("curriculum")
+    if curriculum.name != "meco":
+        return None
+    timeline = spec.timeline
+    phases = timeline.phases.intervals if timeline is not None and timeline.phases is not None else ()
+    names = [name for name, _, _ in phases]
+    if curriculum.params.cooldown_phase not in names:
+        return (f"curriculum.cooldown_phase '{curriculum.params.cooldown_phase}' is not a phase of timeline.phases "
+                f"(declared: {', '.join(names) or 'none'}); declare it, e.g. timeline.phases={{unit: fraction, "
+                f"intervals: {{{curriculum.params.cooldown_phase}: [0.9, 1.0]}}}}")
+    return None
