@@ -18,7 +18,7 @@ import yaml
 
 from effitrain.config.compose import compose_config
 from effitrain.config.spec import validate
-from effitrain.config.stages import parse_stages, stage_config
+from effitrain.config.stages import stage_config
 from effitrain.curriculum import regmix
 from effitrain.curriculum.regmix_sweep import mixture_delta
 from effitrain.registry import ConfigError

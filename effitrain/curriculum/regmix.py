@@ -98,7 +98,8 @@ def fit_regression(mixtures: np.ndarray, losses: Sequence[float], *, kind: str, 
         except ImportError:
             raise ConfigError("sweep.regression: lightgbm is not installed (pip install 'effitrain[methods]'); or "
                               "use regression: linear") from None
-        # the notebook's hyper-parameters; one thread, deterministic; min_child_samples lowered so a few dozen proxies can still split
+        # the notebook's hyper-parameters; one thread, deterministic; min_child_samples lowered so that a few dozen
+        # proxies can still split
         model = lgb.LGBMRegressor(objective="regression", boosting_type="gbdt", n_estimators=1000,
                                   learning_rate=1e-2, seed=seed, n_jobs=1, deterministic=True, verbose=-1,
                                   min_child_samples=min(20, max(2, len(x) // 4)))

@@ -30,7 +30,8 @@ def params_dict(params: Any) -> dict:
            "scorer_version": getattr(params.scorer_block.params, "VERSION", 1),
            "budget": dataclasses.asdict(params.budget),
            "target": dataclasses.asdict(params.target) if params.target is not None else None}
-    if getattr(params, "domains", None) is not None:  # only when set: the manifests of whole-pool selections keep their keys
+    # only when set: the manifests of whole-pool selections keep their keys
+    if getattr(params, "domains", None) is not None:
         out["domains"] = sorted(params.domains)
     path = params.scorer.get("model_path")
     if path:  # a reference model retrained in place must not reuse the old manifest
