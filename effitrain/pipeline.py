@@ -9,6 +9,11 @@ Layout of a pipeline's run directory::
       stages/02-stacked/                       final_model, summary)
       handoff/02-stacked/                      the transformed model a stage starts from, when it has a transform
 
+A stage with ``sweep:`` trains member runs instead of one (``stages/01-proxies/members/proxy-000/`` ..., each a
+complete run directory, one after another), then its sweep block concludes a config delta, written (atomically)
+as ``stages/01-proxies/concluded.yaml``; a later stage with ``config_from: proxies`` merges it.  A finished member
+is not re-run on resume.
+
 What holds between stages: a stage with ``init: previous`` starts from the previous stage's ``final_model``
 (through its ``transform`` if it has one); a stage that finished is never re-run; ``resume=auto`` resumes the stage
 that was running from its newest verified checkpoint.  The stages themselves are ordinary runs: the engine does not
@@ -95,6 +100,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     stages: list[StageDecl] = spec.stages
     dirs = stage_dirs(run_dir, stages)
     final_models = {name: str(d / "final_model") for name, d in dirs.items()}
+    concluded: dict[str, dict] = {}  # sweep stage -> the config delta it concluded
     rows: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
     for i, stage in enumerate(stages):
@@ -103,6 +109,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         done = _finished_summary(stage_dir)
         if done is not None:
             say(f"{label}: finished before, not re-run ({stage_dir})")
+            if stage.sweep is not None:
+                concluded[stage.name] = _read_concluded(stage_dir)
             rows.append(_row(stage, stage_dir, done, transform=_read_transform(run_dir, stage), skipped=True))
             lock.commit_replacement()
             continue
@@ -111,7 +119,18 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
             source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else Path(stage.init)
             init_model, transform_info = _handoff(source, stage, run_dir, is_main, say)
         run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
-                               final_models=final_models)
+                               final_models=final_models, concluded=concluded)
+        if stage.sweep is not None:
+            stage_summary, delta = _run_sweep(stage, run_cfg, stage_dir, spec.resume == "auto", argv, recipes,
+                                              is_main, say, label)
+            lock.commit_replacement()
+            rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
+            if not stage_summary.get("finished"):
+                outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
+                           "exit_code": stage_summary.get("exit_code", 1)}
+                break
+            concluded[stage.name] = delta  # every rank concluded the same from the same losses: no file read race
+            continue
         resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
         run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
         say(f"{label}: {'resuming' if resuming else 'starting'} in {stage_dir}")
@@ -141,6 +160,70 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         if finished:
             say(f"pipeline finished: {len(rows)} stages, {summary['tokens']} tokens, final model {last.get('final_model')}")
     return summary
+
+
+CONCLUDED = "concluded.yaml"
+MEMBERS_DIR = "members"
+
+
+def _read_concluded(stage_dir: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load((stage_dir / CONCLUDED).read_text()) or {}).get("config") or {}
+
+
+def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resuming: bool,
+               argv: Optional[list[str]], recipes: Optional[list[dict]], is_main: bool, say: Any,
+               label: str) -> tuple[dict[str, Any], Optional[dict]]:
+    """Train every member of a sweep stage (each a whole run under ``members/``), then conclude: the config delta
+    goes to ``concluded.yaml`` with the sweep's record, and ``summary.json`` marks the stage finished."""
+    import os
+
+    import yaml
+
+    from effitrain.config.spec import parse_sweep
+    from effitrain.train import train
+
+    sweep = parse_sweep(stage).build()
+    members = sweep.members(run_cfg, say=say)
+    say(f"{label}: sweep of {len(members)} member runs in {stage_dir / MEMBERS_DIR}")
+    results = []
+    for k, (name, member_cfg) in enumerate(members):
+        member_dir = stage_dir / MEMBERS_DIR / name
+        done = _finished_summary(member_dir)
+        if done is None:
+            resume = resuming and (member_dir / "config.yaml").is_file()
+            member_cfg = {**member_cfg, "run_dir": str(member_dir), "resume": "auto" if resume else None,
+                          "overwrite": False}
+            say(f"{label}: member {k + 1}/{len(members)} {name}")
+            done = train(member_cfg, run_dir=member_dir, argv=argv, recipes=recipes)
+            if not done.get("finished"):
+                return {**done, "stopped_by": f"member {name}: {done.get('stopped_by')}"}, None
+        results.append((name, member_cfg, done))
+    delta, record = sweep.conclude(run_cfg, results, say=say)
+    summary = {"finished": True, "stopped_by": None, "exit_code": 0, "sweep": stage.sweep.get("name"),
+               "members": len(results),
+               "steps": max(int(r[2].get("steps") or 0) for r in results),
+               "tokens": sum(int(r[2].get("tokens") or 0) for r in results),
+               "train_seconds": sum(float(r[2].get("train_seconds") or 0) for r in results),
+               "flops": sum(float(r[2].get("flops") or 0) for r in results),
+               "flops_sparse": sum(float(r[2].get("flops_sparse") or 0) for r in results),
+               # the members' model (they share its shape); no final model, no eval loss of the stage itself
+               "trainable_params": results[0][2].get("trainable_params"),
+               "total_params": results[0][2].get("total_params"),
+               "concluded": str(stage_dir / CONCLUDED)}
+    if is_main:
+        text = (f"# Concluded by the '{stage.name}' sweep stage ({stage.sweep.get('name')}); later stages with "
+                f"config_from: {stage.name} merge `config`.\n" + yaml.safe_dump({"config": delta, "record": record},
+                                                                                 sort_keys=False))
+        tmp = stage_dir / (CONCLUDED + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(stage_dir / CONCLUDED)
+        _write_summary(stage_dir, summary)
+    return summary, delta
 
 
 def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],

@@ -53,7 +53,11 @@ def plan_sections(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> lis
     spec = validate(cfg, recipes)
     if spec.stages:
         return [_section(one, f"stage {stage.index} '{stage.name}' (init {stage.init}"
-                              + (f", transform {stage.transform.get('name')})" if stage.transform else ")"))
+                              + (f", transform {stage.transform.get('name')}" if stage.transform else "")
+                              # what a sweep decides is known only after it ran: the rows show the recipe's stand-in
+                              + (f", sweep {stage.sweep.get('name')}: one run per member" if stage.sweep else "")
+                              + (f", keys concluded by stage '{stage.config_from}' replace the values shown"
+                                 if stage.config_from else "") + ")")
                 for stage, one in zip(spec.stages, spec.stage_specs)]
     return [_section(spec, " + ".join(r.name for r in spec.recipes) or "run")]
 

@@ -40,7 +40,12 @@ REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.p
                    "objective/distill": "objective.teacher"}
 # options that follow a timeline quantity, which must then be declared
 REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, points: [{at: 0, value: {code: 1.0}}]}",
-                     "scheduler/timeline": "+timeline.lr={unit: step, points: [{at: 0, value: 1.0}]}"}
+                     "scheduler/timeline": "+timeline.lr={unit: step, points: [{at: 0, value: 1.0}]}",
+                     "curriculum/meco": "+timeline.phases={unit: fraction, intervals: {cooldown: [0.9, 1.0]}}"}
+# options that read data packed their own way, or schedule named phases, which must then be given
+REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decompose"],
+                    "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
+                                                 "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"]}
 
 
 def test_every_option_of_every_group_validates():
@@ -53,6 +58,7 @@ def test_every_option_of_every_group_validates():
                 overrides.append(f"{REQUIRED_INPUTS[group + '/' + option]}=somewhere")
             if f"{group}/{option}" in REQUIRED_TIMELINE:
                 overrides.append(REQUIRED_TIMELINE[f"{group}/{option}"])
+            overrides += REQUIRED_CONTEXT.get(f"{group}/{option}", [])
             composed = compose_config(overrides)
             assert validate(composed.cfg).blocks[group].entry.group == group
 
@@ -142,3 +148,11 @@ def test_recipe_and_method_mistakes_say_what_to_write(args, expected):
     with pytest.raises(ConfigError) as err:
         compose_config(args)
     assert str(err.value).startswith(expected)
+
+
+def test_a_mapping_that_starts_empty_says_how_to_add_an_entry():
+    with pytest.raises(ConfigError, match=r"^curriculum.phases.warm: curriculum.phases starts empty, so its entries "
+                                          r"are added one by one: '\+curriculum.phases.warm=VALUE'$"):
+        compose_config(["curriculum=domain_phases", "curriculum.phases={warm: [code]}"])
+    composed = compose_config(["curriculum=domain_phases", "+curriculum.phases.warm=[code]"])
+    assert composed.cfg["curriculum"]["phases"] == {"warm": ["code"]}

@@ -24,14 +24,16 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-# A recipe whose preparation trains a model of its own (a selection proxy) keeps it to a few steps here: the recipe
+# A recipe whose preparation trains a model of its own (a selection or scoring proxy) keeps it to a few steps here: the recipe
 # still runs end to end through its real scorer; what the scorer computes is tested in its own module
 # (tests/test_selection_recipes.py, tests/test_selection.py), at sizes chosen for that.
 SMALL_PREPARATION = {
     "diversity_kmeans": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
+    "regmix": ["stages.0.sweep.num_proxies=4"],   # the sweep itself: tests/test_regmix.py
     "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
+    "delt": ["curriculum.proxy_steps=10", "curriculum.ct_states=2", "curriculum.annotate_rows=32"],
     "difficulty_curriculum": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
     "quality_curriculum_avg": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
 }

@@ -230,6 +230,12 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
         valid = _keys_at(parent, [o for o in overrides
                                   if o.split("=")[0].lstrip("+~") in all_groups])
         hint = did_you_mean(leaf, valid)
+        if not valid and parent and _keys_at(parent.rpartition(".")[0], [o for o in overrides if o.split("=")[0]
+                                                                   .lstrip("+~") in all_groups]).count(
+                parent.rpartition(".")[2]):
+            # the parent is a mapping that starts empty (e.g. curriculum.phases): Hydra adds keys only with '+'
+            return ConfigError(f"{full_key}: {parent} starts empty, so its entries are added one by one: "
+                               f"'+{full_key}=VALUE'")
         if not valid:
             return ConfigError(f"{full_key}: unknown key{hint}; 'effitrain show default' prints the keys that exist")
         return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")

@@ -156,8 +156,18 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
             spec.stage_specs.append(validate(run_cfg, recipes))
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
+        if stage.sweep is not None:  # a sweep's own keys checked against its stage's run (e.g. a known domain)
+            check = getattr(parse_sweep(stage).params, "check_stage", None)
+            if check is not None:
+                check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages
     return spec
+
+
+def parse_sweep(stage: Any) -> Block:
+    """The validated ``sweep:`` block of a stage (the ``sweep`` registry group)."""
+    load_builtin_blocks()
+    return REGISTRY.parse("sweep", stage.sweep, f"stages.{stage.name}.sweep")
 
 
 def parse_transform(stage: Any) -> Block:

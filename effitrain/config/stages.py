@@ -38,7 +38,7 @@ from typing import Any, Optional
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 STAGE_REF = "@stage:"
-STAGE_OWN_KEYS = ("name", "init", "transform")
+STAGE_OWN_KEYS = ("name", "init", "transform", "sweep", "config_from")
 # Keys that belong to the pipeline as a whole, never to one stage.
 PIPELINE_KEYS = ("run_dir", "resume", "overwrite", "stages", "recipe", "hydra", "plugins")
 STAGES_DIR = "stages"
@@ -54,6 +54,8 @@ class StageDecl:
     init: str                        # 'scratch', 'previous' or a folder path
     transform: Optional[dict]        # {name: ..., params} of the `transform` group, or None
     delta: dict                      # the run-level keys the stage changes
+    sweep: Optional[dict] = None     # {name: ..., params} of the `sweep` group: the stage trains member runs
+    config_from: Optional[str] = None  # an earlier sweep stage whose concluded config delta this stage merges
 
     @property
     def dir_name(self) -> str:
@@ -105,7 +107,8 @@ def parse_stages(raw: Any) -> list[StageDecl]:
         if init != "scratch" and "model" in delta:
             raise ConfigError(f"{where}.model: a stage with init: {init} takes its model from there; set "
                               f"init: scratch to configure a new model")
-        stages.append(StageDecl(i + 1, name, init, transform, delta))
+        sweep, config_from = _sweep_keys(entry, where, init, transform, stages)
+        stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from))
     for stage in stages:
         for ref in stage_refs(stage.delta):
             earlier = [s.name for s in stages if s.index < stage.index]
@@ -113,6 +116,39 @@ def parse_stages(raw: Any) -> list[StageDecl]:
                 raise ConfigError(f"stages.{stage.name}: '{STAGE_REF}{ref}' must name an earlier stage"
                                   f"{did_you_mean(ref, earlier)}; earlier stages: {choices_text(earlier) or 'none'}")
     return stages
+
+
+def _sweep_keys(entry: Mapping[str, Any], where: str, init: str, transform: Any,
+                stages: list[StageDecl]) -> tuple[Optional[dict], Optional[str]]:
+    """``sweep:`` (this stage trains member runs and concludes a config) and ``config_from:`` (merge what an
+    earlier sweep stage concluded), checked against the stages before."""
+    sweep = entry.get("sweep")
+    if sweep is not None:
+        if not isinstance(sweep, Mapping) or "name" not in sweep:
+            raise ConfigError(f"{where}.sweep: expected a mapping with a 'name' (valid: "
+                              f"{choices_text(_group_names('sweep'))}), got {sweep!r}")
+        if transform is not None:
+            raise ConfigError(f"{where}.transform: a sweep stage trains its members from the stage's own model "
+                              f"config; it takes no transform")
+        sweep = dict(sweep)
+    if stages and stages[-1].sweep is not None and init == "previous":
+        raise ConfigError(f"{where}.init: the previous stage '{stages[-1].name}' is a sweep and leaves no model; "
+                          f"set init: scratch or a model folder")
+    config_from = entry.get("config_from")
+    if config_from is not None:
+        sweeps = [s.name for s in stages if s.sweep is not None]
+        if config_from not in sweeps:
+            raise ConfigError(f"{where}.config_from: '{config_from}' must name an earlier sweep stage"
+                              f"{did_you_mean(str(config_from), sweeps)}; earlier sweep stages: "
+                              f"{choices_text(sweeps) or 'none'}")
+    return sweep, config_from
+
+
+def _group_names(group: str) -> list[str]:
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    return REGISTRY.names(group)
 
 
 def _transform_names() -> list[str]:
@@ -171,17 +207,27 @@ def _group_option(group: str, option: str, where: str) -> dict[str, Any]:
 
 
 def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Optional[str],
-                 final_models: Mapping[str, str]) -> dict[str, Any]:
+                 final_models: Mapping[str, str], concluded: Optional[Mapping[str, dict]] = None) -> dict[str, Any]:
     """The plain run config of ``stage``: the recipe's config with the stage's delta applied.
 
     ``init_model`` is the folder the stage starts from (for init previous/PATH; a placeholder when only checking),
-    ``final_models`` maps earlier stage names to their final model folders (for ``@stage:NAME``)."""
+    ``final_models`` maps earlier stage names to their final model folders (for ``@stage:NAME``), ``concluded``
+    earlier sweep stages to the config delta they concluded (for ``config_from``; merged after the stage's own
+    delta, so the keys the sweep chose win over the recipe's stand-ins; absent when only checking)."""
+    run = base_config(cfg)
+    _apply_delta(run, _resolve_refs(stage.delta, final_models), stage.name)
+    if stage.config_from is not None and concluded and stage.config_from in concluded:
+        _apply_delta(run, concluded[stage.config_from], stage.name)
+    if stage.inherits_model:
+        run["model"] = _inherited_model_block(run.get("model") or {}, init_model or stage.init)
+    return run
+
+
+def _apply_delta(run: dict[str, Any], delta: Mapping[str, Any], stage_name: str) -> None:
     from effitrain.config.spec import BLOCK_GROUPS
 
-    run = base_config(cfg)
-    delta = _resolve_refs(stage.delta, final_models)
     for key, value in delta.items():
-        where = f"stages.{stage.name}.{key}"
+        where = f"stages.{stage_name}.{key}"
         if key in BLOCK_GROUPS and isinstance(value, str):
             run[key] = _group_option(key, value, where)
         elif key in BLOCK_GROUPS and isinstance(value, Mapping):
@@ -196,9 +242,6 @@ def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Option
             run[key] = _merge(run[key], value)
         else:
             run[key] = copy.deepcopy(value)
-    if stage.inherits_model:
-        run["model"] = _inherited_model_block(run.get("model") or {}, init_model or stage.init)
-    return run
 
 
 def _inherited_model_block(configured: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # transformers' label for "no loss at this position"
 #: batch keys that method hooks add for an objective; they are not arguments of the model's forward
 EXAMPLE_WEIGHTS = "example_weights"
-NON_MODEL_KEYS = (EXAMPLE_WEIGHTS,)
+#: set by an objective that computes per-example losses (detached, ``[micro_batch_size]``), for ``after_forward`` hooks
+#: such as ``effitrain.curriculum.loss_tracker``
+EXAMPLE_LOSSES = "example_losses"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

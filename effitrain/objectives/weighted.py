@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from effitrain.errors import RunFailed
-from effitrain.objectives.common import EXAMPLE_WEIGHTS, model_inputs, token_losses
+from effitrain.objectives.common import EXAMPLE_LOSSES, EXAMPLE_WEIGHTS, model_inputs, token_losses
 
 
 def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,7 @@ class WeightedCausalLM:
         # that sum to zero give a non-finite loss, which the non-finite guard reports and skips; keeping them >= 0 is
         # the supplying hook's contract
         loss = (weights * per_example).sum() / weights.sum()
+        batch[EXAMPLE_LOSSES] = per_example.detach()  # for after_forward hooks (a per-example loss tracker)
         return loss, {"unweighted_loss": per_example.detach().mean()}
 
 

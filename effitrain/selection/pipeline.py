@@ -30,6 +30,9 @@ def params_dict(params: Any) -> dict:
            "scorer_version": getattr(params.scorer_block.params, "VERSION", 1),
            "budget": dataclasses.asdict(params.budget),
            "target": dataclasses.asdict(params.target) if params.target is not None else None}
+    # only when set: the manifests of whole-pool selections keep their keys
+    if getattr(params, "domains", None) is not None:
+        out["domains"] = sorted(params.domains)
     path = params.scorer.get("model_path")
     if path:  # a reference model retrained in place must not reuse the old manifest
         from effitrain.selection.scorers.lm import _model_tag
@@ -57,6 +60,24 @@ def _domain_counts(ds: Any) -> dict:
     for batch in ds.select_columns(["domain"]).with_format("arrow").iter(batch_size=65536):
         counts.update(batch.column("domain").to_pylist())
     return dict(sorted(counts.items()))
+
+
+def _domain_scope(candidates: Any, domains: Optional[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices selected among, indices kept whole)``: with ``domains`` set, the selection chooses only among those
+    domains' documents and keeps every other document (no filter, no budget)."""
+    everything = np.arange(len(candidates))
+    if domains is None:
+        return everything, everything[:0]
+    from effitrain.registry import ConfigError, choices_text
+
+    column = np.asarray(candidates["domain"])
+    present = sorted(set(column.tolist()))
+    missing = sorted(set(domains) - set(present))
+    if missing:
+        raise ConfigError(f"selection.domains: '{missing[0]}' has no candidate documents; the pool's domains: "
+                          f"{choices_text(present)}")
+    scoped = np.isin(column, list(domains))
+    return everything[scoped], everything[~scoped]
 
 
 def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0,
@@ -107,14 +128,16 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
                            f"{len(candidates)} candidates")
 
     weights = n_tokens.astype(np.float64) if params.budget.unit == "tokens" else np.ones(len(candidates))
-    budget = params.budget.fraction * float(weights.sum())
+    in_scope, kept_whole = _domain_scope(candidates, params.domains)
+    budget = params.budget.fraction * float(weights[in_scope].sum())
     allowed = np.flatnonzero(result.keep) if result.keep is not None else np.arange(len(candidates))
+    allowed = np.intersect1d(allowed, in_scope)
     selector = params.selector_block.build()
     rng = np.random.default_rng(seed)
     sub = selector.select(scores[allowed], None if result.clusters is None else result.clusters[allowed],
                           weights[allowed], budget, rng,
                           groups=None if result.groups is None else result.groups[allowed])
-    index = np.sort(allowed[np.asarray(sub, dtype=np.int64)])
+    index = np.sort(np.concatenate([allowed[np.asarray(sub, dtype=np.int64)], kept_whole]))
 
     train = candidates.select(index).select_columns([c for c in ORIGINAL_COLUMNS if c in candidates.column_names])
     seconds = time.perf_counter() - t0

@@ -315,6 +315,9 @@ class ScoredSelection:
     target: Optional[dict[str, Any]] = param(None, help="target data (TargetParams; needed by dsir, zip_fit, less, "
                                                         "quality_classifier)")
     budget: BudgetParams = param(default_factory=BudgetParams)
+    # continual pre-training selects a subset of the new domain next to whole general data (cpt_stability_gap)
+    domains: Optional[list[str]] = param(None, help="select only among the pool's documents of these domains (the "
+                                         "budget is a fraction of them); documents of the other domains are all kept")
     num_proc: int = param(1, ge=1, help="worker processes for the batched feature passes (datasets.map)")
     batch_size: int = param(512, ge=1, help="examples per datasets.map batch")
     cache: bool = param(True, help="reuse a manifest written for the same pool, target, method and parameters")
@@ -335,6 +338,8 @@ class ScoredSelection:
         self.selector_block: Block = REGISTRY.parse("selector", selector, f"{path}.selector")
         self.scorer = {"name": self.scorer_block.name, **_plain(self.scorer_block.params)}
         self.selector = {"name": self.selector_block.name, **_plain(self.selector_block.params)}
+        if self.domains is not None and not self.domains:
+            raise ConfigError(f"{path}.domains: expected a non-empty list of the pool's domains, or null for all")
         sp = self.scorer_block.params
         if getattr(sp, "NEEDS_TARGET", False) and self.target is None:
             raise ConfigError(f"{path}.target: scorer '{self.scorer_block.name}' needs target data; set "
