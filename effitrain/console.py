@@ -46,6 +46,21 @@ def say(text: str, err: bool = False) -> None:
     stream.flush()
 
 
+def say_from_signal_handler(text: str, err: bool = False) -> None:
+    """One of effitrain's own lines, written from a signal handler: one ``os.write`` to the terminal's descriptor.
+
+    A handler runs between two bytecodes of whatever the process was doing, possibly inside a write to the same
+    buffered stream; writing through the stream again there raises "reentrant call inside BufferedWriter" (a
+    second Ctrl-C that arrived while the first one's line was being written did exactly that)."""
+    stream = terminal(err)
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's StringIO)
+        stream.write(text + "\n")
+        return
+    os.write(fd, (text + "\n").encode())
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Capture file descriptors 1 and 2 for the duration; effitrain's own lines still reach the terminal."""

@@ -31,6 +31,7 @@ SMALL_PREPARATION = {
     "diversity_kmeans": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
+    "perplexity_filter": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
     "regmix": ["stages.0.sweep.num_proxies=4"],   # the sweep itself: tests/test_regmix.py
     "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
     "delt": ["curriculum.proxy_steps=10", "curriculum.ct_states=2", "curriculum.annotate_rows=32"],

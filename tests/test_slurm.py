@@ -50,7 +50,17 @@ def test_several_slurm_tasks_give_rank_world_and_the_first_host_as_master():
     assert slurm_env.slurm_world({**env, "SLURM_NTASKS": "1"}) is None  # one task (it may run torchrun itself)
 
 
-def test_dist_env_reads_slurm_but_torchrun_variables_win(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """dist_env() writes os.environ itself; what it writes must not outlive the test (a MASTER_PORT left here once
+    sent every job of the SLURM test below to one port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_dist_env_reads_slurm_but_torchrun_variables_win(monkeypatch, restored_environ):
     from effitrain.parallel.dist import dist_env
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -62,10 +72,11 @@ def test_dist_env_reads_slurm_but_torchrun_variables_win(monkeypatch):
     assert (dist_env().rank, dist_env().world_size) == (1, 2)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("vm", "20007")
 
-    # a rank and world size inherited from the submitting shell (sbatch exports it all) are stale: SLURM's win
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+    # a rank, world size and port inherited from the submitting shell (sbatch exports it all) are stale: SLURM's win
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
     assert (dist_env().rank, dist_env().local_rank, dist_env().world_size) == (1, 1, 2)
+    assert os.environ["MASTER_PORT"] == "20007"
 
     # torchrun inside one SLURM task (it sets TORCHELASTIC_RUN_ID): its RANK/WORLD_SIZE/MASTER_* are the truth
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "h",

@@ -111,7 +111,7 @@ def pack_decomposed(ds, tokenizer: Any, seq_len: int, min_len: int, *, seed: int
     import datasets
     from datasets.table import InMemoryTable
 
-    from effitrain.data.packing import _tokenize_batch, tokenizer_fingerprint
+    from effitrain.data.packing import tokenize_to, tokenizer_fingerprint
 
     if not (is_power_of_two(seq_len) and is_power_of_two(min_len) and min_len <= seq_len):
         raise ValueError(f"seq_len ({seq_len}) and min_len ({min_len}) must be powers of two, min_len <= seq_len")
@@ -123,14 +123,7 @@ def pack_decomposed(ds, tokenizer: Any, seq_len: int, min_len: int, *, seed: int
     def build(out: Path) -> None:
         scratch = Path(tempfile.mkdtemp(prefix=".tokenized.", dir=out.parent))
         try:
-            tokenized = ds.select_columns(["text", "domain"]).map(
-                _tokenize_batch, batched=True, batch_size=1000, remove_columns=["text", "domain"],
-                num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
-                fn_kwargs={"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
-                features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                            "domain": datasets.Value("string")}),
-                cache_file_name=str(scratch / "tokenized.arrow"), load_from_cache_file=False,
-                desc="tokenizing")
+            tokenized = tokenize_to(scratch, ds, tokenizer, num_proc)
             table = _decomposed_table(tokenized, seq_len, min_len, seed)
             if table.num_rows == 0:
                 raise ConfigError(f"dataset.min_piece_len: no bucket of the train split fills one row of {seq_len} "

@@ -31,6 +31,20 @@ def _tokenize_batch(batch: dict, *, tokenizer: Any, eos_id: int) -> dict:
     return {"input_ids": [ids + [eos_id] for ids in encoded], "domain": batch["domain"]}
 
 
+def tokenize_to(scratch: Path, ds, tokenizer: Any, num_proc: int):
+    """Each document of ``ds`` as ``input_ids`` (+ EOS) with its ``domain``, written to ``scratch`` (an
+    intermediate of a packing: the caller drops the folder once its rows are built)."""
+    import datasets
+
+    return ds.select_columns(["text", "domain"]).map(
+        _tokenize_batch, batched=True, batch_size=1000, remove_columns=["text", "domain"],
+        num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
+        fn_kwargs={"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
+        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                    "domain": datasets.Value("string")}),
+        cache_file_name=str(scratch / "tokenized.arrow"), load_from_cache_file=False, desc="tokenizing")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything about ``tokenizer`` that changes the ids it produces."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -87,14 +101,7 @@ def pack(ds, tokenizer: Any, seq_len: int, num_proc: int = 1, *, cache_dir: Opti
         # The tokenized documents are an intermediate: written next to the output (same file system), dropped after.
         scratch = Path(tempfile.mkdtemp(prefix=".tokenized.", dir=out.parent))
         try:
-            tokenized = ds.select_columns(["text", "domain"]).map(
-                _tokenize_batch, batched=True, batch_size=1000, remove_columns=["text", "domain"],
-                num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
-                fn_kwargs={"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
-                features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                            "domain": datasets.Value("string")}),
-                cache_file_name=str(scratch / "tokenized.arrow"), load_from_cache_file=False,
-                desc="tokenizing")
+            tokenized = tokenize_to(scratch, ds, tokenizer, num_proc)
             table = _pack_table(tokenized, seq_len)
             if table.num_rows == 0:  # save_to_disk writes no shard for an empty dataset; remember it explicitly
                 (out / _EMPTY).write_text("no full sequence\n")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from effitrain.console import say
+from effitrain.console import say, say_from_signal_handler
 from effitrain.engine import checkpoint as ckpt
 from effitrain.engine.events import EventBus
 from effitrain.engine.guard import NonFiniteGuard
@@ -44,8 +44,8 @@ class StopSignal:
         if signum == signal.SIGINT:
             if self.received == signal.SIGINT:
                 raise KeyboardInterrupt
-            say("Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to quit without saving)",
-                err=True)
+            say_from_signal_handler("Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to "
+                                    "quit without saving)", err=True)
         self.received = signum
 
     def restore(self) -> None:

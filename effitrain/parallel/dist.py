@@ -21,20 +21,14 @@ def dist_env() -> DistEnv:
     rendezvous address/port come from SLURM's environment (effitrain.cluster.slurm_env), so no manual exports are
     needed; torchrun's own variables win where torchrun runs inside one task.
 
-    A job inherits the submitting shell's environment (``sbatch --export=ALL``), so a RANK/WORLD_SIZE found in a
-    several-task job step is only trusted when torchrun set it (``TORCHELASTIC_RUN_ID``); otherwise it is stale
-    (e.g. left by an earlier run in the submitting process) and SLURM's values replace it — a stale WORLD_SIZE=1
-    made every task of a 2-task job train alone."""
+    A job inherits the submitting shell's environment (``sbatch --export=ALL``), so RANK/WORLD_SIZE/MASTER_* found
+    in a several-task job step are only trusted when torchrun set them (``TORCHELASTIC_RUN_ID``); otherwise they are
+    stale (left in the submitting shell or process) and SLURM's values replace them: a stale WORLD_SIZE=1 made every
+    task of a 2-task job train alone, and a stale MASTER_PORT sent every job of a node to one port."""
     from effitrain.cluster.slurm_env import slurm_world
 
     if "TORCHELASTIC_RUN_ID" not in os.environ:
-        world = slurm_world(os.environ) or {}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            if key in world:
-                os.environ[key] = world[key]
-        for key in ("MASTER_ADDR", "MASTER_PORT"):
-            if key in world:
-                os.environ.setdefault(key, world[key])  # a rendezvous address the user exported still wins
+        os.environ.update(slurm_world(os.environ) or {})
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -44,15 +38,16 @@ def dist_env() -> DistEnv:
 def init_process_group(device_type: str) -> None:
     """Initialise torch.distributed, then DeepSpeed's communication layer on top of it.
 
-    A world of one uses a FileStore rather than a TCP port: a port picked as "free" can be taken by another process
-    before the store binds it, which made single-process runs fail at random on a busy machine.
+    A world of one uses a FileStore rather than a TCP port, whatever MASTER_PORT says: a port picked as "free" can be
+    taken by another process before the store binds it, which made single-process runs fail at random on a busy
+    machine, and a MASTER_PORT inherited from the shell made every single-task job of a SLURM node use one port.
     """
     import deepspeed
     import torch.distributed as dist
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if int(os.environ["WORLD_SIZE"]) == 1 and "MASTER_PORT" not in os.environ:
+        if int(os.environ["WORLD_SIZE"]) == 1:
             store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="effitrain-store-"), "store"), 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
         else:
