@@ -60,7 +60,9 @@ def restored_environ():
     os.environ.update(saved)
 
 
-def test_dist_env_reads_slurm_but_torchrun_variables_win(monkeypatch, restored_environ):
+def test_dist_env_reads_slurm_but_torchrun_variables_win(restored_environ, monkeypatch):
+    # (restored_environ first, so it is torn down last: monkeypatch's undo alone would put back the values dist_env
+    # wrote between its setenv calls)
     from effitrain.parallel.dist import dist_env
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
