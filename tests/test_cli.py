@@ -41,9 +41,11 @@ REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.p
 # options that follow a timeline quantity, which must then be declared
 REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, points: [{at: 0, value: {code: 1.0}}]}",
                      "scheduler/timeline": "+timeline.lr={unit: step, points: [{at: 0, value: 1.0}]}",
-                     "curriculum/meco": "+timeline.phases={unit: fraction, intervals: {cooldown: [0.9, 1.0]}}"}
+                     "curriculum/meco": "+timeline.phases={unit: fraction, intervals: {cooldown: [0.9, 1.0]}}",
+                     "curriculum/difficulty": "+timeline.competence={pacing: {function: linear, start: 0.1, until: 0.5}}"}
 # options that read data packed their own way, or schedule named phases, which must then be given
 REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decompose"],
+                    "curriculum/seta": ["objective=weighted_causal_lm"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
                                                  "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"]}
 

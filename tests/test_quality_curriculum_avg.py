@@ -28,7 +28,16 @@ def losses(run_dir):
     return {x["step"]: x["loss"] for x in lines if "loss" in x}
 
 
-def test_sorted_by_quality_averaged_and_resumed_between_snapshots(tmp_path, train_in_process):
+def test_sorted_by_quality_averaged_and_resumed_between_snapshots(tmp_path, train_in_process, monkeypatch):
+    # a cache of its own for the row scores only (the other workers of the session score rows too), the rest shared
+    import os
+    from pathlib import Path
+    shared, own = Path(os.environ["EFFITRAIN_CACHE"]), tmp_path / "cache"
+    own.mkdir()
+    for kind in ("base_models", "datasets", "demo", "packed", "selection", "tokenizers"):
+        (shared / kind).mkdir(exist_ok=True)
+        (own / kind).symlink_to(shared / kind)
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(own))
     full = tmp_path / "full"
     summary = train_in_process(RUN, full)
     assert summary["finished"] and summary["steps"] == 8
