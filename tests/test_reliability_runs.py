@@ -333,6 +333,32 @@ def test_a_diverged_run_exits_3_and_does_not_suggest_resuming(tmp_path):
     assert summary["finished"] is False and summary["exit_code"] == 3
 
 
+def test_a_ctrl_c_that_lands_while_the_first_ones_message_is_written_quits(monkeypatch):
+    """Python may run a second signal's handler inside the first one, between any two bytecodes: a second Ctrl-C
+    during the first one's message must already count as the second (CI once saw it taken as another first)."""
+    from effitrain.engine import loop
+
+    stop = loop.StopSignal()
+
+    def message_interrupted_by_a_second_ctrl_c(*args, **kwargs):
+        stop._handle(signal.SIGINT, None)
+
+    monkeypatch.setattr(loop, "say_from_signal_handler", message_interrupted_by_a_second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_sigterm_then_ctrl_c_still_saves_first():
+    from effitrain.engine import loop
+
+    stop = loop.StopSignal()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGINT, None)   # the first Ctrl-C: says it will save, does not quit
+    assert stop.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_quits_at_once_without_saving(tmp_path):
     run = tmp_path / "run"

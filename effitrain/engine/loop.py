@@ -41,12 +41,15 @@ class StopSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
-                raise KeyboardInterrupt
+        first_ctrl_c = signum == signal.SIGINT and self.received != signal.SIGINT
+        if signum == signal.SIGINT and not first_ctrl_c:
+            raise KeyboardInterrupt
+        # Recorded before the message is written: Python runs a second signal's handler between any two bytecodes,
+        # including inside this one, so a Ctrl-C that lands during the write must already see the first one.
+        self.received = signum
+        if first_ctrl_c:
             say_from_signal_handler("Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to "
                                     "quit without saving)", err=True)
-        self.received = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
