@@ -191,7 +191,7 @@ def main() -> int:
                 f"last stage evaluates (spdf's dense stage fine-tunes and evaluates on `code` only). Machine: "
                 f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.\n\n"
                 f"```\n{cmd}\n```\n\n{table}\n")
-        notes = args.out / "notes.md"
+        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
         if notes.exists():
             body += "\n" + notes.read_text().rstrip() + "\n"
         body += f"{SECTION_END}\n"

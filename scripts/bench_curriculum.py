@@ -176,7 +176,7 @@ def main() -> int:
                 f"is the shuffled baseline's final eval loss. Per-domain columns: mean token loss on the eval split "
                 f"at the end of the (last stage of the) run. Machine: {platform.machine()}, {os.cpu_count()} CPU "
                 f"cores, Python {platform.python_version()}.\n\n```\n{cmd}\n```\n\n{table}\n")
-        notes = args.out / "notes.md"
+        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
         if notes.exists():
             body += "\n" + notes.read_text().rstrip() + "\n"
         body += f"{SECTION_END}\n"

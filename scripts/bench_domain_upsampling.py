@@ -122,7 +122,7 @@ def main() -> int:
                 f"Mixture sampler host time per step against the shuffle sampler's (median of 7 alternating rounds "
                 f"of {args.steps * 10} steps, 20,000 rows, 8 rows per step): {ratio:.2f}x, "
                 f"{per_step * 1e6:.0f} µs per step.\n")
-        notes = args.out / "notes.md"
+        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
         if notes.exists():
             body += "\n" + notes.read_text().rstrip() + "\n"
         body += f"{SECTION_END}\n"

@@ -165,7 +165,7 @@ def main() -> int:
                 f"mean token losses on the untouched eval split. Machine: {platform.machine()}, "
                 f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n\n"
                 f"```\n{cmd}\n```\n\n{tab}\n")
-        notes = args.out / "notes.md"
+        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
         if notes.exists():
             body += "\n" + notes.read_text()
         write_section(args.write, body)

@@ -87,7 +87,7 @@ def test_each_step_draws_only_from_the_easiest_competence_share():
         assert max(rank_of[rows]) < limit
         if step >= 10:
             seen_late |= set(rank_of[rows].tolist())
-    assert max(rank_of[r] for r in [*sampler.step_rows(0)]) < 20
+    assert max(rank_of[r] for r in [*sampler.slots(0)]) < 20
     assert max(seen_late) >= 100                              # once every row is in play, hard rows are drawn
 
 

@@ -25,55 +25,32 @@ from typing import Any, Iterator
 import numpy as np
 
 from effitrain.curriculum.row_scores import rank_difficulty, row_scores
-from effitrain.curriculum.samplers import ResumableBatchSampler, ShuffleSampler
+from effitrain.curriculum.samplers import ShuffleSampler, StepSlotSampler
 from effitrain.engine.events import Hook
 from effitrain.registry import ConfigError
 
 
-class PacedDifficultySampler(ResumableBatchSampler):
+class PacedDifficultySampler(StepSlotSampler):
     """``mode: sample``: each step's rows drawn from the easiest ``c(s)`` share of the rows."""
 
-    def __init__(self, order: np.ndarray, timeline: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
-                 world_size: int, rank: int) -> None:
-        super().__init__(len(order), seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                         world_size=world_size, rank=rank)
+    def __init__(self, order: np.ndarray, timeline: Any, **layout: Any) -> None:
+        super().__init__(len(order), **layout)
         self.order = np.asarray(order, dtype=np.int64)   # easiest first (already reversed for hard_first)
         self.timeline = timeline
-        self.step = 0
-        self.micro = 0
-        self._slots_step: int | None = None
-        self._slots = np.zeros(0, np.int64)
 
     def available(self, step: int) -> int:
         """How many of the easiest rows step ``step`` draws from (at least one global batch)."""
         c = float(self.timeline.value("competence", step))
         return min(self.num_rows, max(self.global_batch_size, math.ceil(c * self.num_rows - 1e-9)))
 
-    def step_rows(self, step: int) -> np.ndarray:
+    def slots(self, step: int) -> np.ndarray:
         """All ``global_batch_size`` rows of ``step`` in slot order (a function of seed and step only)."""
         n = self.available(step)
         rng = np.random.default_rng([self.seed % 2**63, step])
         return self.order[rng.choice(n, size=self.global_batch_size, replace=False)]
 
-    @property
-    def micro_batches_seen(self) -> int:
-        return self.step * self.grad_accum + self.micro
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            if self._slots_step != self.step:
-                self._slots, self._slots_step = self.step_rows(self.step), self.step
-            start = (self.micro * self.world_size + self.rank) * self.micro_batch_size
-            batch = self._slots[start:start + self.micro_batch_size].tolist()
-            self.micro += 1  # counted before the yield: state_dict() between batches is always up to date
-            if self.micro == self.grad_accum:
-                self.step, self.micro = self.step + 1, 0
-            yield batch
-
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "micro": self.micro, "num_rows": self.num_rows, "paced": True,
-                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
-                "world_size": self.world_size}
+        return {**self.slot_state(), "paced": True}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("paced"):
@@ -82,17 +59,7 @@ class PacedDifficultySampler(ResumableBatchSampler):
         if state["num_rows"] != self.num_rows:
             raise ConfigError(f"resume: the checkpoint's sampler counted {state['num_rows']} packed rows, this run "
                               f"has {self.num_rows}; the data changed")
-        old_per_micro = state["micro_batch_size"] * state["world_size"]
-        if old_per_micro * state["grad_accum"] != self.global_batch_size:
-            raise ConfigError(f"resume: the checkpoint's global batch ({old_per_micro * state['grad_accum']} "
-                              f"sequences) differs from this run's ({self.global_batch_size})")
-        consumed = int(state["micro"]) * old_per_micro
-        if consumed % (self.micro_batch_size * self.world_size):
-            raise ConfigError("resume: the checkpoint stopped inside an optimizer step at a point this run's "
-                              "micro-batch layout cannot continue from")
-        self.step = int(state["step"])
-        self.micro = consumed // (self.micro_batch_size * self.world_size)
-        self._slots_step = None
+        self.load_slot_state(state)
 
 
 class WeightedDifficultySampler(ShuffleSampler):

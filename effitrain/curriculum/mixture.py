@@ -19,33 +19,30 @@ stopped: it sees exactly the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from effitrain.curriculum.samplers import ResumableBatchSampler
+from effitrain.curriculum.samplers import StepSlotSampler
 from effitrain.registry import ConfigError, choices_text
 
 
-class MixtureSampler(ResumableBatchSampler):
-    def __init__(self, domains: np.ndarray, timeline: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
-                 world_size: int, rank: int) -> None:
-        super().__init__(len(domains), seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                         world_size=world_size, rank=rank)
-        domains = np.asarray(domains)
-        self.names = sorted(set(domains.tolist()))
-        self.rows_of = [np.flatnonzero(domains == d) for d in self.names]
+class MixtureSampler(StepSlotSampler):
+    def __init__(self, domains: np.ndarray, timeline: Any, **layout: Any) -> None:
+        super().__init__(len(domains), **layout)
+        self._init_streams(domains)
         self.timeline = timeline
         declared = {d for _, weights in timeline.points["mixture"] for d, w in weights.items() if w > 0}
         missing = sorted(declared - set(self.names))
         if missing:
             raise ConfigError(f"timeline.mixture: domain '{missing[0]}' has no packed training rows; the training "
                               f"data's domains: {choices_text(self.names)}")
-        self.step = 0                       # the optimizer step whose rows are being handed out
-        self.micro = 0                      # micro-batches of that step this rank has taken
+
+    def _init_streams(self, labels: np.ndarray) -> None:
+        labels = np.asarray(labels)
+        self.names = sorted(set(labels.tolist()))
+        self.rows_of = [np.flatnonzero(labels == d) for d in self.names]
         self.drawn = [0] * len(self.names)  # rows each domain's stream handed out before ``step``
-        self._slots_step: int | None = None
-        self._slots: np.ndarray = np.zeros(0, np.int64)
         self._drawn_after: list[int] = []
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
@@ -92,26 +89,15 @@ class MixtureSampler(ResumableBatchSampler):
         return rows, after
 
     # -- iteration and state -----------------------------------------------------------------------------------
-    @property
-    def micro_batches_seen(self) -> int:
-        return self.step * self.grad_accum + self.micro
+    def slots(self, step: int) -> np.ndarray:
+        rows, self._drawn_after = self.step_rows(step, self.drawn)
+        return rows
 
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            if self._slots_step != self.step:
-                self._slots, self._drawn_after = self.step_rows(self.step, self.drawn)
-                self._slots_step = self.step
-            start = (self.micro * self.world_size + self.rank) * self.micro_batch_size
-            batch = self._slots[start:start + self.micro_batch_size].tolist()
-            self.micro += 1  # counted before the yield: state_dict() between batches is always up to date
-            if self.micro == self.grad_accum:
-                self.step, self.micro, self.drawn = self.step + 1, 0, self._drawn_after
-            yield batch
+    def step_done(self) -> None:
+        self.drawn = self._drawn_after
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "micro": self.micro, "drawn": dict(zip(self.names, self.drawn)),
-                "num_rows": self.num_rows, "micro_batch_size": self.micro_batch_size,
-                "grad_accum": self.grad_accum, "world_size": self.world_size}
+        return {**self.slot_state(), "drawn": dict(zip(self.names, self.drawn))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "drawn" not in state:
@@ -121,19 +107,8 @@ class MixtureSampler(ResumableBatchSampler):
             raise ConfigError(f"resume: the checkpoint's sampler counted {state['num_rows']} packed rows in domains "
                               f"{choices_text(state['drawn'])}, this run has {self.num_rows} in "
                               f"{choices_text(self.names)}; the data changed")
-        old_per_micro = state["micro_batch_size"] * state["world_size"]
-        if old_per_micro * state["grad_accum"] != self.global_batch_size:
-            raise ConfigError(f"resume: the checkpoint's global batch ({old_per_micro * state['grad_accum']} "
-                              f"sequences) differs from this run's ({self.global_batch_size}); resuming would not "
-                              f"continue the same batches")
-        consumed = int(state["micro"]) * old_per_micro
-        if consumed % (self.micro_batch_size * self.world_size):
-            raise ConfigError("resume: the checkpoint stopped inside an optimizer step at a point this run's "
-                              "micro-batch layout cannot continue from")
-        self.step = int(state["step"])
-        self.micro = consumed // (self.micro_batch_size * self.world_size)
+        self.load_slot_state(state)
         self.drawn = [int(state["drawn"][d]) for d in self.names]
-        self._slots_step = None
 
     def __repr__(self) -> str:
         return (f"MixtureSampler(domains={self.names}, global_batch={self.global_batch_size}, step={self.step}, "

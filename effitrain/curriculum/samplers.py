@@ -144,6 +144,72 @@ class ResumableBatchSampler:
                 f"epoch={self.epoch}, position={self.position}/{self.micro_batches_per_epoch})")
 
 
+class StepSlotSampler(ResumableBatchSampler):
+    """Base of the curricula that compute each optimizer step's rows as a whole (mixture, paced difficulty, the
+    step-stream samplers): there are no epochs, only steps.
+
+    A subclass gives :meth:`slots`, the ``global_batch_size`` rows of optimizer step ``s`` in slot order (a function of
+    the seed, the step and the subclass's own counters), and, if it keeps counters, :meth:`step_done` to move them
+    past a finished step.  Rank ``r``'s micro-batch ``m`` of the step is slots ``[(m*W + r)*B, ... + B)``, the layout
+    of every curriculum (module docstring).  The state is ``(step, micro)`` plus what the subclass adds; a resume with
+    another micro-batch layout of the same global batch continues inside a step through the sequences consumed.
+    """
+
+    def __init__(self, num_rows: int, **layout: Any) -> None:
+        super().__init__(num_rows, **layout)
+        self.step = 0                       # the optimizer step whose rows are being handed out
+        self.micro = 0                      # micro-batches of that step this rank has taken
+        self._slots_step: Optional[int] = None
+        self._slots = np.zeros(0, np.int64)
+
+    # -- what subclasses change -------------------------------------------------------------------------------
+    def slots(self, step: int) -> np.ndarray:
+        """All ``global_batch_size`` rows of ``step`` in slot order; called once per step, in step order."""
+        raise NotImplementedError
+
+    def step_done(self) -> None:
+        """Called once this rank has handed out the last micro-batch of :attr:`step` (already advanced)."""
+
+    # -- iteration and state ----------------------------------------------------------------------------------
+    @property
+    def micro_batches_seen(self) -> int:
+        return self.step * self.grad_accum + self.micro
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            if self._slots_step != self.step:
+                self._slots, self._slots_step = self.slots(self.step), self.step
+            start = (self.micro * self.world_size + self.rank) * self.micro_batch_size
+            batch = self._slots[start:start + self.micro_batch_size].tolist()
+            self.micro += 1  # counted before the yield: state_dict() between batches is always up to date
+            if self.micro == self.grad_accum:
+                self.step, self.micro = self.step + 1, 0
+                self.step_done()
+            yield batch
+
+    def slot_state(self) -> dict[str, Any]:
+        """The step, the micro-batch within it and the layout they were counted in (subclasses add their own)."""
+        return {"step": self.step, "micro": self.micro, "num_rows": self.num_rows,
+                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
+                "world_size": self.world_size}
+
+    def load_slot_state(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s step and micro-batch (converted to this run's layout; the global batch must be
+        the same, or the steps would hold other rows)."""
+        old_per_micro = state["micro_batch_size"] * state["world_size"]
+        if old_per_micro * state["grad_accum"] != self.global_batch_size:
+            raise ConfigError(f"resume: the checkpoint's global batch ({old_per_micro * state['grad_accum']} "
+                              f"sequences) differs from this run's ({self.global_batch_size}); resuming would not "
+                              f"continue the same batches")
+        consumed = int(state["micro"]) * old_per_micro
+        if consumed % (self.micro_batch_size * self.world_size):
+            raise ConfigError("resume: the checkpoint stopped inside an optimizer step at a point this run's "
+                              "micro-batch layout cannot continue from")
+        self.step = int(state["step"])
+        self.micro = consumed // (self.micro_batch_size * self.world_size)
+        self._slots_step = None
+
+
 class ShuffleSampler(ResumableBatchSampler):
     """A fresh uniform permutation every epoch, from ``numpy.random.default_rng([seed, epoch])``.
 

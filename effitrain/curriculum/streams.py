@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from effitrain.curriculum.mixture import MixtureSampler
-from effitrain.curriculum.samplers import ResumableBatchSampler
+from effitrain.curriculum.samplers import StepSlotSampler
 from effitrain.registry import ConfigError
 
 
@@ -26,18 +26,9 @@ class StepStreamSampler(MixtureSampler):
 
     def __init__(self, labels: np.ndarray, *, seed: int, micro_batch_size: int, grad_accum: int, world_size: int,
                  rank: int) -> None:
-        ResumableBatchSampler.__init__(self, len(labels), seed=seed, micro_batch_size=micro_batch_size,
-                                       grad_accum=grad_accum, world_size=world_size, rank=rank)
-        labels = np.asarray(labels)
-        self.names = sorted(set(labels.tolist()))
-        self.rows_of = [np.flatnonzero(labels == n) for n in self.names]
-        self.step = 0
-        self.micro = 0
-        self.drawn = [0] * len(self.names)
-        self._slots_step = None
-        self._slots = np.zeros(0, np.int64)
-        self._drawn_after = []
-        self._perms = {}
+        StepSlotSampler.__init__(self, len(labels), seed=seed, micro_batch_size=micro_batch_size,
+                                 grad_accum=grad_accum, world_size=world_size, rank=rank)
+        self._init_streams(labels)   # a mixture sampler without its timeline: the stream of a step is declared
 
     def stream_of_step(self, step: int) -> int:
         """The index (into :attr:`names`) of the stream that all rows of ``step`` come from."""
