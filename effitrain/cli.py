@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from effitrain.errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RESUMABLE, JOB_EXITS,
-                              REPORT_BUGS, RunFailed)
+from effitrain.errors import (EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
+                              EXIT_RESUMABLE, JOB_EXITS, REPORT_BUGS, RunFailed)
 from effitrain.registry import ConfigError
 
 # Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
@@ -460,6 +460,20 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _run_verb(verb: str, args: list[str]) -> int:
+    """A tool verb; its output piped into a reader that stops early (``effitrain recipes | head``) ends it quietly,
+    as it would end ``cat``, instead of with a BrokenPipeError traceback."""
+    try:
+        code = VERBS[verb](args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot raise a second time
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -474,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 argv.remove(flag)
                 os.environ["EFFITRAIN_VERBOSE"] = "1"
         if argv and argv[0] in VERBS:
-            return VERBS[argv[0]](argv[1:])
+            return _run_verb(argv[0], argv[1:])
         if argv and not argv[0].startswith("-") and "=" not in argv[0] and not argv[0].startswith("~"):
             from effitrain.registry import did_you_mean
             raise ConfigError(f"unknown command '{argv[0]}'{did_you_mean(argv[0], VERBS)}; commands: "

@@ -8,6 +8,7 @@
 | 3   | stopped by the non-finite guard (the loss or gradients diverged); the reason is in summary.json |
 | 75  | stopped by a signal (SIGTERM, SIGUSR1, Ctrl-C) after saving a checkpoint: continue with resume=auto |
 | 130 | interrupted by a second Ctrl-C without saving |
+| 141 | a tool verb's reader closed the pipe early (`effitrain recipes \| head`), as a shell reports SIGPIPE |
 
 75 is ``EX_TEMPFAIL`` of sysexits.h: "try again later", which is what a stopped, resumable run asks for.
 """
@@ -20,6 +21,7 @@ EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_RESUMABLE = 75
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 # The exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), appended by whoever
 # learns them: the CLI for jobs in this process, the SLURM launcher (effitrain.cluster.launcher) for remote ones.

@@ -87,6 +87,17 @@ def test_tool_verbs_import_neither_torch_nor_deepspeed():
     assert "HEAVY [] [0, 0, 0, 0, 0]" in out.stdout, out.stdout + out.stderr
 
 
+def test_a_verb_whose_reader_closes_the_pipe_ends_quietly():
+    """`effitrain recipes | head -1`: the reader is gone before the table is written; no traceback, status 141 as
+    a shell reports SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "recipes"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()   # before the interpreter has even started: every write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_recipes_table_lists_every_recipe_with_its_paper():
     result = effitrain_cli("recipes")
     assert result.returncode == 0
