@@ -107,6 +107,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
 
     ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it, so
     ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
+    from effitrain.models.monarch import fold_monarch, has_monarch
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
     from effitrain.models.static_sparse import fold_masks, has_static_sparsity
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
@@ -148,6 +149,10 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
         final = merge_sltrain(copy.deepcopy(model))
         info["merged"] = True
         info["note"] = "SLTrain factors (alpha/r)·B·A + S were multiplied out into dense nn.Linear weights"
+    elif has_monarch(model):
+        final = fold_monarch(model)
+        info["merged"] = True
+        info["note"] = "Monarch layers were multiplied out into dense nn.Linear weights (their exact matrices)"
     else:
         final = model
 

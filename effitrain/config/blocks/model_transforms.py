@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Optional
+from typing import Literal, Optional
 
 from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
@@ -40,6 +40,26 @@ class StaticSparseParams:
                                       help="module-name patterns whose nn.Linear weights are masked (the LM head "
                                            "never is)")
     seed: int = param(0, help="seed of the random masks")
+
+    def validate(self, path: str) -> None:
+        if not self.target_modules:
+            raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern")
+
+
+@register("peft", "monarch", builder="effitrain.models.monarch:build_monarch",
+          summary="Monarch: linear layers as two block-diagonal factors with fixed permutations (Dao et al., "
+                  "2204.00595)")
+@dataclass
+class MonarchParams:
+    nblocks: int = param(4, ge=1, help="blocks per factor (the authors' MonarchLinear default: 4); parameters and "
+                                       "FLOPs of a square layer fall from n^2 to 2 n^2 / nblocks")
+    target_modules: list[str] = param(default_factory=lambda: ["mlp"],
+                                      help="module-name patterns whose nn.Linear layers become Monarch (the LM "
+                                           "head never does); add self_attn for the attention projections")
+    init: Literal["random", "project"] = param("random",
+                      help="random: train Monarch from scratch (the authors' per-block init); project: start from "
+                           "the best Monarch approximation of the current dense weights (dense-to-Monarch, e.g. "
+                           "after a dense stage)")
 
     def validate(self, path: str) -> None:
         if not self.target_modules:
