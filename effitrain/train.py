@@ -382,14 +382,19 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     else:
         outcome = trainer.fit()
 
+    extra_flops = sum(float(h.extra_flops(state)) for h in hooks if hasattr(h, "extra_flops"))
     summary = {
         "final_eval_loss": state.eval_metrics.get("eval_loss"),
         "eval_losses": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items() if "/" in k},
         "steps": state.step,
         "tokens": state.tokens,
-        "flops": trainer.flops_per_token * state.tokens,  # training FLOPs, all ranks (6N + attention per token)
+        # training FLOPs, all ranks: 6N + attention per token, plus what a method ran beyond the model's counted
+        # parameters (a hook's extra_flops, e.g. structured_ffn's dense guide while it is mixed in)
+        "flops": trainer.flops_per_token * state.tokens + extra_flops,
+        "flops_methods": extra_flops,   # the part of flops that methods reported (0 for most runs)
         # the same, counting masked weights as skipped (static sparsity; equal to flops for a dense model)
-        "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[1])) * state.tokens,
+        "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[1])) * state.tokens
+        + extra_flops,
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,

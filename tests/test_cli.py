@@ -46,6 +46,7 @@ REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, point
 # options that read data packed their own way, or schedule named phases, which must then be given
 REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decompose"],
                     "curriculum/seta": ["objective=weighted_causal_lm"],
+                    "peft/structured_ffn": ["+methods.self_guided={}"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
                                                  "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"]}
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from effitrain.optim.param_groups import module_matches
+from effitrain.registry import ConfigError
 
 
 class MonarchLinear(nn.Module):
@@ -51,7 +52,8 @@ class MonarchLinear(nn.Module):
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         if nblocks < 1 or nblocks > min(in_features, out_features):
-            raise ValueError(f"nblocks must be in [1, {min(in_features, out_features)}], got {nblocks}")
+            raise ConfigError(f"peft.nblocks: {nblocks} is outside [1, {min(in_features, out_features)}] for a "
+                              f"{in_features}x{out_features} layer")
         self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
         self.in_block = math.ceil(in_features / nblocks)      # p
         self.out_block = math.ceil(out_features / nblocks)    # s
@@ -161,7 +163,7 @@ def apply_monarch(model: nn.Module, *, nblocks: int, target_modules: list[str], 
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module is not head and module_matches(name, target_modules)]
     if not targets:
-        raise ValueError(f"monarch: no nn.Linear matches target_modules {target_modules}")
+        raise ConfigError(f"peft.target_modules: no nn.Linear matches {target_modules}")
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -109,6 +109,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
     ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
     from effitrain.models.monarch import fold_monarch, has_monarch
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
+    from effitrain.models.structured_ffn import fold_structured, has_structured_ffn
     from effitrain.models.static_sparse import fold_masks, has_static_sparsity
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
 
@@ -149,6 +150,11 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
         final = merge_sltrain(copy.deepcopy(model))
         info["merged"] = True
         info["note"] = "SLTrain factors (alpha/r)·B·A + S were multiplied out into dense nn.Linear weights"
+    elif has_structured_ffn(model):
+        final = fold_structured(model)
+        info["merged"] = True
+        info["note"] = ("structured FFN layers were multiplied out into dense nn.Linear weights (their effective "
+                        "matrices, the guide's share included while it had not decayed)")
     elif has_monarch(model):
         final = fold_monarch(model)
         info["merged"] = True

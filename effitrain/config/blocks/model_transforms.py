@@ -73,3 +73,44 @@ def _static_sparse_zero3(spec, env) -> Optional[str]:
         return ("peft=static_sparse builds its masks on whole weight matrices, which ZeRO-3 partitions; use "
                 "parallelism=zero2 (or ddp)")
     return None
+
+
+@register("peft", "structured_ffn", builder="effitrain.models.structured_ffn:build_structured_ffn",
+          summary="Structured FFN layers: LowRank, BlockShuffle or BlockDense, optionally with a decaying dense "
+                  "guide (Wei et al., 2406.16450)")
+@dataclass
+class StructuredFFNParams:
+    kind: Literal["lowrank", "blockshuffle", "blockdense"] = param(
+        "lowrank", help="lowrank: W = U V; blockshuffle: two block-diagonal factors with a shuffle (Monarch's op); "
+                        "blockdense: a block-diagonal factor then a dense one")
+    rank: Optional[int] = param(None, ge=1, help="rank of lowrank/blockdense; null = rank_ratio x the layer's smaller "
+                                                 "side (rounded to a multiple of nblocks)")
+    rank_ratio: float = param(0.25, gt=0, le=1, help="rank / smaller side when rank is null (authors' GPT-2 small "
+                                                      "LowRank: 192 / 768)")
+    nblocks: int = param(4, ge=1, help="blocks of blockshuffle/blockdense (authors' scripts: 4 for BlockShuffle, "
+                                       "2-4 for BlockDense)")
+    guide: bool = param(True, help="add the dense guide of self-guided training (needs methods.self_guided, which "
+                                   "decays it away)")
+    target_modules: list[str] = param(default_factory=lambda: ["mlp"],
+                                      help="module-name patterns whose nn.Linear layers become structured (the paper "
+                                           "structures the feed-forward layers)")
+    seed: int = param(0, help="seed of the structured layers' initialisation")
+
+    def validate(self, path: str) -> None:
+        if not self.target_modules:
+            raise ConfigError(f"{path}.target_modules: empty; name at least one module pattern")
+
+
+@rule("self_guided_needs_a_guide", "methods.self_guided and peft.guide go together: a guide nothing decays would "
+                                   "train a dense layer; a decay with no guide does nothing")
+def _self_guided_pairing(spec, env) -> Optional[str]:
+    peft = spec.block("peft")
+    guided = peft.name == "structured_ffn" and peft.params.guide
+    decayed = any(block.name == "self_guided" for block in spec.methods.values())
+    if guided and not decayed:
+        return ("peft.guide=true adds a dense guide to every structured layer, and only methods.self_guided decays "
+                "it away; add '+methods.self_guided={}' (or +recipe=structured_ffn), or set peft.guide=false")
+    if decayed and not guided:
+        return ("methods.self_guided decays the dense guide of peft=structured_ffn with peft.guide=true; this run "
+                f"has peft={peft.name}{' with guide=false' if peft.name == 'structured_ffn' else ''}")
+    return None
