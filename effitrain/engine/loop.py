@@ -23,6 +23,7 @@ from effitrain.engine import checkpoint as ckpt
 from effitrain.engine.events import EventBus
 from effitrain.engine.guard import NonFiniteGuard
 from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_memory_bytes
+from effitrain.objectives.common import mean_token_loss
 from effitrain.engine.rundir import CHECKPOINTS
 from effitrain.engine.state import State
 from effitrain.errors import RunFailed
@@ -114,7 +115,9 @@ class Trainer:
             mine = np.arange(st.rank, limit, st.world_size)
             for start in range(0, len(mine), mb):
                 batch = self._to_batch(rows[mine[start:start + mb]])
-                loss = engine(**batch).loss
+                # the next-token loss from the logits: a model's own .loss may carry extra terms (an MoE router's
+                # load-balancing loss) that are not the eval loss
+                loss = mean_token_loss(engine(**batch).logits, batch["labels"])
                 n = batch["input_ids"].shape[0]
                 sums[i, 0] += loss.double() * n
                 sums[i, 1] += n

@@ -37,7 +37,11 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls with the parameters plus the attention scores (PaLM, App. B)."""
     # a parameter marked _effitrain_flops_excluded does not run every step (structured_ffn's dense guide); the
     # method that owns it reports its FLOPs itself (a hook's extra_flops)
-    n_params = sum(p.numel() for p in model.parameters() if not getattr(p, "_effitrain_flops_excluded", False))
+    # a mixture-of-experts layer's expert weights run for top_k of num_experts experts per token (active, not total)
+    from effitrain.models.moe_upcycle import expert_share
+
+    n_params = sum(p.numel() * expert_share(model, name) for name, p in model.named_parameters()
+                   if not getattr(p, "_effitrain_flops_excluded", False))
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0

@@ -9,7 +9,11 @@ from effitrain.objectives.common import model_inputs
 
 class CausalLM:
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[Any, dict[str, Any]]:
-        return model(**model_inputs(batch)).loss, {}
+        out = model(**model_inputs(batch))
+        # a mixture-of-experts model's loss already includes its router's load-balancing term (coefficient in its
+        # config); it is logged on its own so the language-model part stays readable
+        aux = getattr(out, "aux_loss", None)
+        return out.loss, ({"router_aux_loss": aux.detach()} if aux is not None else {})
 
 
 def build(params: Any, **context: Any) -> CausalLM:

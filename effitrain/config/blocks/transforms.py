@@ -38,3 +38,15 @@ class DensifyParams:
 @dataclass
 class MergeAdaptersParams:
     pass
+
+
+@register("transform", "upcycle_moe", builder="effitrain.models.moe_upcycle:upcycle_moe",
+          summary="Dense -> MoE: every MLP becomes num_experts copies of itself behind a new top-k router "
+                  "(Sparse Upcycling 2212.05055; AquilaMoE 2408.06567)")
+@dataclass
+class UpcycleMoEParams:
+    num_experts: int = param(8, ge=2, help="experts per layer (AquilaMoE: 8; Sparse Upcycling: 32)")
+    top_k: int = param(2, ge=1, help="experts per token (AquilaMoE: 2; Sparse Upcycling: 2 for decoders)")
+    aux_loss_coef: float = param(0.01, ge=0, help="weight of the router's load-balancing loss (Switch/Mixtral: 0.01)")
+    router_std: float = param(0.02, gt=0, help="std of the new router's normal initialisation")
+    seed: int = param(0, help="seed of the router's initialisation")
