@@ -382,16 +382,22 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     else:
         outcome = trainer.fit()
 
-    extra_flops = sum(float(h.extra_flops(state)) for h in hooks if hasattr(h, "extra_flops"))
+    extra_flops = sum(float(h.extra_flops(state)) for h in [*hooks, objective] if hasattr(h, "extra_flops"))
     summary = {
         "final_eval_loss": state.eval_metrics.get("eval_loss"),
-        "eval_losses": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items() if "/" in k},
+        "eval_losses": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items() if k.startswith("eval_loss/")},
+        # sub-models of a layerwise objective: depth -> eval loss (Sorted LLaMA / SortedNet)
+        **({"eval_losses_depth": {k.split("/", 1)[1]: v for k, v in state.eval_metrics.items()
+                                  if k.startswith("eval_loss_depth/")}}
+           if any(k.startswith("eval_loss_depth/") for k in state.eval_metrics) else {}),
         "steps": state.step,
         "tokens": state.tokens,
         # training FLOPs, all ranks: 6N + attention per token, plus what a method ran beyond the model's counted
         # parameters (a hook's extra_flops, e.g. structured_ffn's dense guide while it is mixed in)
         "flops": trainer.flops_per_token * state.tokens + extra_flops,
-        "flops_methods": extra_flops,   # the part of flops that methods reported (0 for most runs)
+        # the part of flops that methods or the objective reported beyond 6N (0 for most runs; negative when a
+        # method skips counted parameters, e.g. SortedNet's sampled sub-models)
+        "flops_methods": extra_flops,
         # the same, counting masked weights as skipped (static sparsity; equal to flops for a dense model)
         "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[1])) * state.tokens
         + extra_flops,

@@ -33,6 +33,9 @@ SMALL_PREPARATION = {
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
     "perplexity_filter": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
     "regmix": ["stages.0.sweep.num_proxies=4"],   # the sweep itself: tests/test_regmix.py
+    # the test model has 2 decoder layers, not tiny_llama's 4
+    "sorted_llama": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
+    "sortednet": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
     "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
     "delt": ["curriculum.proxy_steps=10", "curriculum.ct_states=2", "curriculum.annotate_rows=32"],
     "difficulty_curriculum": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],

@@ -110,6 +110,9 @@ class Trainer:
         engine.eval()
         mb = self.train_cfg.micro_batch_size
         sums = torch.zeros(len(self.eval_sets), 2, dtype=torch.float64, device=self.device)  # loss sum, count
+        # an objective with sub-models (layerwise) also reports each one's loss: eval_loss_depth/K over all domains
+        depth_losses = getattr(self.objective, "eval_losses", None)
+        depth_sums: dict[str, torch.Tensor] = {}
         for i, (domain, rows) in enumerate(self.eval_sets.items()):
             limit = min(len(rows), self.train_cfg.eval_batches * mb)
             mine = np.arange(st.rank, limit, st.world_size)
@@ -121,12 +124,20 @@ class Trainer:
                 n = batch["input_ids"].shape[0]
                 sums[i, 0] += loss.double() * n
                 sums[i, 1] += n
+                for name, value in (depth_losses(engine, batch) if depth_losses else {}).items():
+                    depth_sums[name] = depth_sums.get(name, 0) + value.double() * n
+        names = sorted(depth_sums)
+        depth_totals = torch.stack([depth_sums[n] for n in names]) if names else None
         if dist.is_initialized() and st.world_size > 1:
             dist.all_reduce(sums)
+            if depth_totals is not None:
+                dist.all_reduce(depth_totals)
         engine.train()
         values = sums.cpu().numpy()
         result = {f"eval_loss/{d}": float(values[i, 0] / max(values[i, 1], 1)) for i, d in enumerate(self.eval_sets)}
         result["eval_loss"] = float(values[:, 0].sum() / max(values[:, 1].sum(), 1))
+        for name, total in zip(names, depth_totals.tolist() if depth_totals is not None else []):
+            result[name] = float(total / max(values[:, 1].sum(), 1))
         return result
 
     def _eval_and_log(self) -> None:

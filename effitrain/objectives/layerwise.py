@@ -18,10 +18,12 @@ used (that code would apply the norm a second time there); the last layer alone 
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
+from effitrain.models.transforms import decoder_layers
 from effitrain.objectives.common import mean_token_loss, model_inputs
 from effitrain.registry import ConfigError
 
@@ -63,17 +65,31 @@ def output_head(model: Any) -> torch.nn.Module:
 
 class Layerwise:
     def __init__(self, layers: list[int], weights: list[float], num_layers: int, norm: torch.nn.Module,
-                 head: torch.nn.Module) -> None:
+                 head: torch.nn.Module, sample: str = "all", seed: int = 0) -> None:
         self.layers, self.weights, self.num_layers = layers, weights, num_layers
         self.norm, self.head = norm, head
         self.total_weight = float(sum(weights))
+        self.sample, self.seed = sample, seed
+        self.params_above: dict[int, int] = {}   # sample=one: parameters of the layers above each depth
 
     def layer_logits(self, out: Any, k: int) -> torch.Tensor:
         if k == self.num_layers:  # already normed by the model: its own logits
             return out.logits
         return self.head(self.norm(out.hidden_states[k]))
 
+    def depth_of_step(self, step: int) -> int:
+        """sample=one: the depth trained in optimizer step ``step`` (uniform over ``layers``, weighted by
+        ``weights``), the same on every rank and after a resume."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        probs = torch.tensor(self.weights, dtype=torch.float64) / self.total_weight
+        return self.layers[int(torch.multinomial(probs, 1, generator=generator))]
+
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.sample == "one":
+            k = self.depth_of_step(state.step)
+            with truncated_depth(model, k):     # the sub-model alone: layers above k neither run nor get gradients
+                out = model(**model_inputs(batch))
+            return out.loss, {"sampled_depth": torch.tensor(float(k), device=out.loss.device)}
         out = model(**model_inputs(batch), output_hidden_states=True)
         loss = torch.zeros((), device=out.logits.device)
         metrics = {}
@@ -86,6 +102,42 @@ class Layerwise:
             metrics[f"layer_loss/{k}"] = layer_loss.detach()
         return loss / self.total_weight, metrics
 
+    @torch.no_grad()
+    def eval_losses(self, model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The next-token loss of every listed depth's sub-model on an eval batch (``eval_loss_depth/K``)."""
+        out = model(**model_inputs(batch), output_hidden_states=True)
+        return {f"eval_loss_depth/{k}": mean_token_loss(self.layer_logits(out, k), batch["labels"])
+                for k in self.layers}
+
+    def extra_flops(self, state: Any) -> float:
+        """sample=one: the 6N count charges every layer each step; a step at depth k skips the layers above it."""
+        if self.sample != "one" or not state.step:
+            return 0.0
+        if not self.params_above:
+            _, layers = decoder_layers(unwrap(state.model))
+            sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+            self.params_above = {k: sum(sizes[k:]) for k in self.layers}
+        tokens_per_step = state.tokens / state.step
+        skipped = sum(self.params_above[self.depth_of_step(s)] for s in range(state.step))
+        return -6.0 * skipped * tokens_per_step
+
+
+@contextmanager
+def truncated_depth(model: Any, depth: int) -> Iterator[None]:
+    """Run ``model`` as its sub-model of the first ``depth`` decoder layers (the final norm and head unchanged):
+    the layer list is cut for the duration of the forward (transformers iterates ``layers[:num_hidden_layers]``)."""
+    hf = unwrap(getattr(model, "module", model))     # the DeepSpeed engine's transformers model
+    _, layers = decoder_layers(hf)
+    parent = hf.get_decoder() if callable(getattr(hf, "get_decoder", None)) else hf.model
+    full = parent.layers
+    if full is not layers:
+        raise ConfigError("objective.sample=one: cannot find the decoder's layer list to cut")
+    parent.layers = torch.nn.ModuleList(list(full)[:depth])
+    try:
+        yield
+    finally:
+        parent.layers = full
+
 
 def build(params: Any, *, model: Any, **context: Any) -> Layerwise:
     hf = unwrap(model)
@@ -95,4 +147,5 @@ def build(params: Any, *, model: Any, **context: Any) -> Layerwise:
             raise ConfigError(f"objective.layers[{i}]: layer {k} is out of range; the model has {num_layers} decoder "
                               f"layers (1..{num_layers})")
     weights = params.weights if params.weights is not None else [1.0] * len(params.layers)
-    return Layerwise(list(params.layers), list(weights), num_layers, final_norm(model), output_head(model))
+    return Layerwise(list(params.layers), list(weights), num_layers, final_norm(model), output_head(model),
+                     sample=params.sample, seed=params.seed)

@@ -60,6 +60,11 @@ class LayerwiseParams:
                                    "of layer k; the last layer is the model's own logits)")
     weights: Optional[list[float]] = param(None, help="one weight per entry of layers (null: all 1, as SoFT sums "
                                            "the sub-models' losses with equal weight)")
+    sample: Literal["all", "one"] = param(
+        "all", help="all: every listed depth's loss in every step (Sorted LLaMA / SoFT); one: one depth per step, "
+                    "drawn uniformly with a generator seeded by (seed, step), trained alone through a forward "
+                    "pass that stops at that depth (SortedNet's many-in-one training)")
+    seed: int = param(0, help="seed of sample=one's draws")
 
     def validate(self, path: str) -> None:
         if not self.layers:

@@ -1,0 +1,138 @@
+"""Many-in-one depth sub-models: Sorted LLaMA / SoFT (objective=layerwise, sample=all) and SortedNet (sample=one),
+with per-depth evaluation and export (methods.export_depths).
+
+The mechanism: a depth's sub-model is the first K layers under the shared final norm and head, both when trained
+alone (the cut forward of sample=one) and when exported as its own model; SortedNet draws depths with the declared
+odds, the same after a resume, and only the drawn sub-model gets gradients and is charged FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from effitrain.methods.export_depths import truncate_to_depth
+from effitrain.objectives.common import mean_token_loss
+from effitrain.objectives.layerwise import Layerwise, final_norm, output_head, truncated_depth
+
+VOCAB = 300
+
+
+def _tiny(layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True))
+
+
+def _objective(model, layers=(1, 2, 3, 4), weights=None, sample="one", seed=0):
+    weights = list(weights or [1.0] * len(layers))
+    return Layerwise(list(layers), weights, model.config.num_hidden_layers, final_norm(model), output_head(model),
+                     sample=sample, seed=seed)
+
+
+def test_an_exported_depth_is_the_sub_model_the_objective_decodes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny()
+    objective = _objective(model, sample="all")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        for depth in (1, 2, 4):
+            truncate_to_depth(model, depth).save_pretrained(tmp_path / f"d{depth}")
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"d{depth}")
+            assert loaded.config.num_hidden_layers == depth and len(loaded.model.layers) == depth
+            assert torch.allclose(loaded(ids).logits, objective.layer_logits(out, depth), atol=1e-5)
+    assert len(model.model.layers) == 4     # the trained model is untouched
+
+
+def test_the_cut_forward_trains_the_sub_model_alone():
+    model = _tiny()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        expected = mean_token_loss(_objective(model, sample="all").layer_logits(
+            model(ids, output_hidden_states=True), 2), ids)
+    with truncated_depth(model, 2):
+        loss = model(input_ids=ids, labels=ids).loss
+    assert len(model.model.layers) == 4
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in model.model.layers[2].parameters())    # above the cut: neither run nor trained
+    assert all(p.grad is not None for p in model.model.layers[1].parameters())
+
+
+def test_sortednet_draws_depths_with_the_declared_odds_the_same_after_a_resume():
+    model = _tiny()
+    uniform = _objective(model)
+    draws = [uniform.depth_of_step(s) for s in range(4000)]
+    for depth in (1, 2, 3, 4):   # each 1/4: 1000 expected, sd ~27
+        assert abs(draws.count(depth) - 1000) < 4 * 28
+    assert [_objective(model).depth_of_step(s) for s in range(50)] == draws[:50]      # a function of (seed, step)
+    assert [_objective(model, seed=1).depth_of_step(s) for s in range(50)] != draws[:50]
+    only_three = _objective(model, weights=[0, 0, 1, 0])
+    assert {only_three.depth_of_step(s) for s in range(100)} == {3}
+
+
+def test_sortednet_is_charged_only_for_the_layers_it_ran():
+    model = _tiny()
+    objective = _objective(model)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    state = SimpleNamespace(model=model, step=10, tokens=10 * 512)
+    skipped_layers = sum(4 - objective.depth_of_step(s) for s in range(10))
+    assert objective.extra_flops(state) == -6.0 * per_layer * skipped_layers * 512
+    assert _objective(model, sample="all").extra_flops(state) == 0.0
+
+
+def test_eval_reports_every_depths_loss():
+    model = _tiny()
+    objective = _objective(model, layers=(2, 4), sample="all")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    losses = objective.eval_losses(model, {"input_ids": ids, "labels": ids})
+    assert set(losses) == {"eval_loss_depth/2", "eval_loss_depth/4"}
+    with torch.no_grad():
+        assert torch.allclose(losses["eval_loss_depth/4"], model(input_ids=ids, labels=ids).loss, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sortednet_stopped_and_resumed_repeats_its_depths_and_exports_each(tmp_path, train_in_process, monkeypatch):
+    import os
+    import signal
+
+    from transformers import AutoModelForCausalLM
+
+    from effitrain.methods.export_depths import ExportDepths
+
+    run = ["+recipe=sortednet", "scheduler=constant", "train.max_steps=6", "objective.layers=[1,2]",
+           "methods.export_depths.layers=[1,2]"]
+
+    def lines(run_dir):
+        return {l["step"]: (l["loss"], l["sampled_depth"]) for l in
+                map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in l}
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    summary = train_in_process(run, full)
+    original = Layerwise.__call__
+
+    def stop_after_two(self, model, batch, state):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch, state)
+
+    with monkeypatch.context() as m:
+        m.setattr(Layerwise, "__call__", stop_after_two)
+        m.setattr(ExportDepths, "on_fit_end", lambda self, state: None)
+        assert not train_in_process(run, split)["finished"]
+    resumed = train_in_process([*run, "resume=auto"], split)
+    assert lines(split) == lines(full) and sorted(lines(full)) == list(range(1, 7))
+    assert resumed["flops"] == summary["flops"] and summary["flops_methods"] < 0
+    assert set(summary["eval_losses_depth"]) == {"1", "2"}
+    for depth in (1, 2):
+        folder = full / "final_model_depths" / f"depth_{depth}"
+        assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == depth
+        assert (folder / "tokenizer_config.json").is_file()
