@@ -49,8 +49,6 @@ ARMS: dict[str, str] = {
     "sortednet": "sortednet",
     "structured_ffn": "structured_ffn",
     "monarch": "monarch",
-    "sparse_spectral": "sparse_spectral",
-    "vcycle": "vcycle",
     "moe_upcycle": "moe_upcycle",
 }
 
@@ -110,7 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), help="arms to run (baseline first: it sets the budget)")
     ap.add_argument("--steps", type=int, default=300, help="the baseline's optimizer steps")
-    ap.add_argument("--probe-steps", type=int, default=4, help="steps per stage of the FLOPs probe")
+    ap.add_argument("--probe-steps", type=int, default=8, help="steps per stage of the FLOPs probe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_architecture")
     ap.add_argument("--write", type=Path, default=None, help="markdown file whose section to replace")
