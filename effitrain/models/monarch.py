@@ -34,14 +34,13 @@ same function), so a trained model saves as a stock ``transformers`` model.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from effitrain.optim.param_groups import module_matches
+from effitrain.models.replace import fold_to_linears, replace_linears
 from effitrain.registry import ConfigError
 
 
@@ -159,16 +158,8 @@ def monarch_from_linear(linear: nn.Linear, nblocks: int, *, project: bool) -> Mo
 def apply_monarch(model: nn.Module, *, nblocks: int, target_modules: list[str], init: str) -> int:
     """Replace every matching ``nn.Linear`` (never the LM head) by a :class:`MonarchLinear`; ``init: project`` starts
     from the dense weights' projection, ``random`` from the authors' initialisation.  Returns the layer count."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module is not head and module_matches(name, target_modules)]
-    if not targets:
-        raise ConfigError(f"peft.target_modules: no nn.Linear matches {target_modules}")
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, monarch_from_linear(module, nblocks, project=init == "project"))
-    return len(targets)
+    return replace_linears(model, target_modules,
+                           lambda linear: monarch_from_linear(linear, nblocks, project=init == "project"))
 
 
 def build_monarch(params: Any, model: nn.Module) -> nn.Module:
@@ -182,16 +173,4 @@ def has_monarch(model: nn.Module) -> bool:
 
 def fold_monarch(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every Monarch layer replaced by the ``nn.Linear`` of its materialised matrix."""
-    folded = copy.deepcopy(model)
-    for name, module in list(folded.named_modules()):
-        if not isinstance(module, MonarchLinear):
-            continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=module.blkdiag1.device, dtype=module.blkdiag1.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(module.dense_weight())
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(folded.get_submodule(parent_name) if parent_name else folded, child, linear)
-    return folded
+    return fold_to_linears(model, MonarchLinear, lambda layer: layer.dense_weight())

@@ -26,7 +26,6 @@ Export: :func:`fold_structured` writes each layer as the ``nn.Linear`` of its ef
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Optional
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from effitrain.engine.events import Hook
 from effitrain.models.monarch import MonarchLinear
-from effitrain.optim.param_groups import module_matches
+from effitrain.models.replace import fold_to_linears, replace_linears
 from effitrain.registry import ConfigError
 
 KINDS = ("lowrank", "blockshuffle", "blockdense")
@@ -150,6 +149,10 @@ class StructuredFFNLinear(nn.Module):
                 self.guide = nn.Parameter(inner.effective_weight().detach().clone())
             self.guide._effitrain_flops_excluded = True   # counted by the hook while it runs, not as 6N
 
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.inner.bias
+
     def set_alpha(self, alpha: float) -> None:
         self._alpha = float(alpha)
         self.alpha.fill_(self._alpha)
@@ -190,19 +193,10 @@ def make_structured(linear: nn.Linear, kind: str, *, rank: Optional[int], nblock
 
 def apply_structured_ffn(model: nn.Module, *, kind: str, rank: Optional[int], rank_ratio: Optional[float],
                          nblocks: int, guide: bool, target_modules: list[str], seed: int) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module is not head and module_matches(name, target_modules)]
-    if not targets:
-        raise ConfigError(f"peft.target_modules: no nn.Linear matches {target_modules}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for name, module in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, make_structured(module, kind, rank=rank, nblocks=nblocks, guide=guide,
-                                                   rank_ratio=rank_ratio))
-    return len(targets)
+        return replace_linears(model, target_modules, lambda linear: make_structured(
+            linear, kind, rank=rank, nblocks=nblocks, guide=guide, rank_ratio=rank_ratio))
 
 
 def build_structured_ffn(params: Any, model: nn.Module) -> nn.Module:
@@ -222,20 +216,7 @@ def has_structured_ffn(model: nn.Module) -> bool:
 
 def fold_structured(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every structured layer replaced by the ``nn.Linear`` of its effective matrix."""
-    folded = copy.deepcopy(model)
-    for name, module in list(folded.named_modules()):
-        if not isinstance(module, StructuredFFNLinear):
-            continue
-        weight = module.effective_weight()
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.inner.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.inner.bias is not None:
-                linear.bias.copy_(module.inner.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(folded.get_submodule(parent_name) if parent_name else folded, child, linear)
-    return folded
+    return fold_to_linears(model, StructuredFFNLinear, lambda layer: layer.effective_weight())
 
 
 # ---------------------------------------------------------------------------------------------- self-guided hook
