@@ -72,13 +72,21 @@ def step_overrides(steps: int | list[int]) -> list[str]:
     return [f"stages.{i}.train.max_steps={n}" for i, n in enumerate(steps)]
 
 
+REUSE = False   # --reuse: read back a finished run whose overrides were exactly these
+
+
 def run(overrides: list[str], run_dir: Path, log: Path) -> dict:
     cmd = [sys.executable, "-m", "effitrain.cli", *overrides, f"run_dir={run_dir}", "overwrite=true"]
+    record = run_dir.parent / f"{run_dir.name}.overrides.json"
+    if REUSE and record.is_file() and json.loads(record.read_text()) == overrides and \
+            (run_dir / "summary.json").is_file() and json.loads((run_dir / "summary.json").read_text()).get("finished"):
+        return json.loads((run_dir / "summary.json").read_text())
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ.copy())
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    record.write_text(json.dumps(overrides))
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -112,8 +120,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_architecture")
     ap.add_argument("--write", type=Path, default=None, help="markdown file whose section to replace")
+    ap.add_argument("--reuse", action="store_true", help="read back finished runs (probes included) whose overrides "
+                                                         "are exactly the same instead of training them again")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")

@@ -86,7 +86,9 @@ def test_sortednet_is_charged_only_for_the_layers_it_ran():
     state = SimpleNamespace(model=model, step=10, tokens=10 * 512)
     skipped_layers = sum(4 - objective.depth_of_step(s) for s in range(10))
     assert objective.extra_flops(state) == -6.0 * per_layer * skipped_layers * 512
-    assert _objective(model, sample="all").extra_flops(state) == 0.0
+    # sample=all: the shared head and norm run again for each depth below the last (depths 1-3 of 4 here)
+    head_and_norm = VOCAB * 32 + 32
+    assert _objective(model, sample="all").extra_flops(state) == 6.0 * head_and_norm * 3 * 10 * 512
 
 
 def test_eval_reports_every_depths_loss():

@@ -110,9 +110,15 @@ class Layerwise:
                 for k in self.layers}
 
     def extra_flops(self, state: Any) -> float:
-        """sample=one: the 6N count charges every layer each step; a step at depth k skips the layers above it."""
-        if self.sample != "one" or not state.step:
+        """What the 6N count misses.  sample=all: the shared head (and final norm) run once more, forward and
+        backward, for every listed depth below the last: 6 x their parameters per token each.  sample=one: the 6N
+        count charges every layer each step; a step at depth k skips the layers above it."""
+        if not state.step:
             return 0.0
+        if self.sample == "all":
+            extra_depths = sum(1 for k in self.layers if k != self.num_layers)
+            head = sum(p.numel() for p in self.head.parameters()) + sum(p.numel() for p in self.norm.parameters())
+            return 6.0 * head * extra_depths * state.tokens
         if not self.params_above:
             _, layers = decoder_layers(unwrap(state.model))
             sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
