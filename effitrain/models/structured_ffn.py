@@ -126,9 +126,7 @@ class BlockShuffleLinear(MonarchLinear):
             self.bias = bias
 
     def effective_weight(self) -> torch.Tensor:
-        k, p = self.nblocks, self.in_block
-        eye = torch.eye(k * p, dtype=self.blkdiag1.dtype, device=self.blkdiag1.device)[:self.in_features]
-        return self.structured(eye).T
+        return self.dense_weight()   # the Monarch matrix, bias excluded
 
 
 class StructuredFFNLinear(nn.Module):
