@@ -22,13 +22,15 @@ from effitrain.config.spec import RunSpec, validate
 from effitrain.registry import ConfigError
 
 
-def deepspeed_config(spec: RunSpec, precision_section: dict, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config, generated from the train, precision and parallelism blocks."""
+def deepspeed_config(spec: RunSpec, precision_section: dict, data_parallel_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from the train, precision and parallelism blocks.  The global batch
+    counts the processes that train on different rows (the world size, less sequence parallelism's sharing)."""
     t = spec.train
-    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    global_batch = t.micro_batch_size * t.grad_accum * data_parallel_size
     if t.global_batch_size is not None and t.global_batch_size != global_batch:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
-                          f"x grad_accum {t.grad_accum} x world size {world_size} = {global_batch}")
+                          f"x grad_accum {t.grad_accum} x data-parallel processes {data_parallel_size} = {global_batch}")
+    sequence_parallel = getattr(spec.block("parallelism").params, "sequence_parallel_size", 1)
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -41,6 +43,7 @@ def deepspeed_config(spec: RunSpec, precision_section: dict, world_size: int) ->
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,  # the loop does its own logging
         "wall_clock_breakdown": False,
+        **({"sequence_parallel_size": sequence_parallel} if sequence_parallel > 1 else {}),
     }
 
 
@@ -62,10 +65,20 @@ class Launch:
     device_type: str
     bf16_supported: bool
     barrier: Callable[[], None]
+    sequence_parallel_size: int = 1  # processes that split each sequence (DeepSpeed-Ulysses); 1 = off
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes that train on different rows: the processes of one sequence-parallel group share rows."""
+        return self.world_size // self.sequence_parallel_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.sequence_parallel_size
 
     def main_first(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0, then on the other ranks: rank 0 fills the caches that the others then reuse."""
@@ -108,7 +121,8 @@ def _launch(spec: RunSpec) -> Launch:
         if env.world_size > 1:
             dist.barrier()
 
-    return Launch(env.rank, env.local_rank, env.world_size, device_type, bf16, barrier)
+    return Launch(env.rank, env.local_rank, env.world_size, device_type, bf16, barrier,
+                  sequence_parallel_size=getattr(spec.block("parallelism").params, "sequence_parallel_size", 1))
 
 
 @dataclass
@@ -122,7 +136,7 @@ class RunContext:
 
 def _resolve_timeline(spec: RunSpec, launch: Launch, data: "Data") -> Any:
     """The run's timeline in optimizer steps (tokens per step: the global batch times the packed length)."""
-    global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.world_size
+    global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.data_parallel_size
     return spec.timeline.resolve(max_steps=spec.train.max_steps,
                                  tokens_per_step=global_batch * int(data.train_ids.shape[1]))
 
@@ -167,7 +181,7 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
     start = time.perf_counter()
     selection, (tokenizer, packed_train, packed_eval) = launch.main_first(build)
     train_ids = to_numpy(packed_train)
-    global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.world_size
+    global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.data_parallel_size
     if len(train_ids) < global_batch:
         raise ConfigError(f"dataset: only {len(train_ids)} packed sequences of {train_ids.shape[1]} tokens, fewer "
                           f"than one global batch ({global_batch}); lower train.micro_batch_size or dataset.seq_len")
@@ -229,7 +243,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     launch = _launch(spec)
     say("building data ...")
     precision = spec.block("precision").build(device_type=launch.device_type, bf16_supported=launch.bf16_supported)
-    ds_config = deepspeed_config(spec, precision.ds_config, launch.world_size)
+    ds_config = deepspeed_config(spec, precision.ds_config, launch.data_parallel_size)
     _seed_everything(spec.train.seed)
     data = _build_data(spec, launch)
 
@@ -246,14 +260,20 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                               **_if_accepted(spec.block("scheduler"), timeline=timeline))
     sampler = spec.block("curriculum").build(data.packed_train, seed=spec.train.seed,
                                              micro_batch_size=spec.train.micro_batch_size,
-                                             grad_accum=spec.train.grad_accum, world_size=launch.world_size,
-                                             rank=launch.rank,
+                                             grad_accum=spec.train.grad_accum,
+                                             world_size=launch.data_parallel_size, rank=launch.data_parallel_rank,
                                              **_if_accepted(spec.block("curriculum"), timeline=timeline,
                                                             documents=data.selection.train, tokenizer=data.tokenizer))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build() for m in spec.methods.values()] + list(precision.hooks)
     objective = _build_objective(spec, model, launch, data.tokenizer)
+    from effitrain.parallel import ulysses  # its groups and attention come last: nothing after them can refuse
+    sequence_parallel = ulysses.enable(model, size=launch.sequence_parallel_size,
+                                       micro_batch_size=spec.train.micro_batch_size)
+    if sequence_parallel is not None:
+        say(f"sequence parallel (DeepSpeed-Ulysses): {sequence_parallel.size} processes share each sequence of "
+            f"{data.train_ids.shape[1]} tokens; {launch.data_parallel_size} data-parallel group(s)")
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.
     lock = RunDirLock(run_dir)
@@ -265,7 +285,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before training started"}
     try:
         summary = _run(spec, cfg, argv, run_dir, launch, lock, data, precision, ds_config,
-                       model, optimizer, scheduler, sampler, hooks, objective)
+                       model, optimizer, scheduler, sampler, hooks, objective, sequence_parallel)
     except BaseException as exc:
         summary = {**summary, "finished": False, "failed": f"{type(exc).__name__}: {exc}".strip()}
         if isinstance(exc, KeyboardInterrupt):
@@ -281,6 +301,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
         raise
     finally:
         lock.release()
+        if sequence_parallel is not None:
+            sequence_parallel.close()
     return summary
 
 
@@ -304,7 +326,7 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir: Path, launch: Launch, lock: Any,
          data: Data, precision: Any, ds_config: dict, model: Any, optimizer: Any, scheduler: Any, sampler: Any,
-         hooks: list, objective: Any) -> dict[str, Any]:
+         hooks: list, objective: Any, sequence_parallel: Any = None) -> dict[str, Any]:
     import deepspeed
 
     from effitrain.console import say
@@ -343,12 +365,13 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
             ds_config["checkpoint"] = {"load_universal": True}
     say("starting the DeepSpeed engine ...")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+                                           config=ds_config, dist_init_required=False,
+                                           mpu=sequence_parallel.mpu if sequence_parallel is not None else None)
     if hasattr(optimizer, "attach_engine"):  # an optimizer that adapts the engine (per-layer updates)
         optimizer.attach_engine(engine)
     state = State(spec=spec, run_dir=run_dir, rank=launch.rank, world_size=launch.world_size, model=engine.module,
                   engine=engine, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-                  timeline=_resolve_timeline(spec, launch, data))
+                  timeline=_resolve_timeline(spec, launch, data), sequence_parallel=sequence_parallel)
     final_dir = run_dir / "final_model"
     # a curriculum that re-packs the documents (MeCo, in-context chains) hands the loop its own rows to gather from
     train_rows = getattr(sampler, "train_rows", None)
@@ -408,6 +431,9 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "recipe": [r.name for r in spec.recipes],
         "world_size": launch.world_size,
         "zero_stage": spec.block("parallelism").params.stage,
+        # DeepSpeed-Ulysses: processes per sequence, and the tokens of a row each of them last ran its layers on
+        **({"sequence_parallel": {"size": sequence_parallel.size, "slice_tokens": sequence_parallel.slice_tokens}}
+           if sequence_parallel is not None else {}),
         "precision": precision.mode,
         "device": launch.device_type,
         "global_batch_size": ds_config["train_batch_size"],

@@ -81,6 +81,13 @@ def test_activation_checkpointing_keeps_one_layer_and_the_layer_inputs():
     assert ckpt.get("activation_bytes").device == tokens * ((L * H + per_layer) * 4 + head)
 
 
+def test_sequence_parallelism_keeps_one_slice_of_each_sequence_per_process():
+    whole = planned("precision=fp32", "train.micro_batch_size=2", world=2)
+    split = planned("precision=fp32", "train.micro_batch_size=2", "parallelism.sequence_parallel_size=2", world=2)
+    assert split.get("activation_bytes").device * 2 == whole.get("activation_bytes").device
+    assert split.get("parameter_bytes").device == whole.get("parameter_bytes").device  # weights are not split
+
+
 def test_verb_prints_the_table_and_a_verdict_without_torch():
     code = ("import sys, time; from effitrain.cli import main; t = time.perf_counter(); "
             f"rc = main(['check', '--memory', '--device-gib', '0.001', *{TINY!r}]); "

@@ -153,9 +153,11 @@ def test_kernel_switches_are_refused_where_they_cannot_run(monkeypatch):
     (["model.num_heads=4", "model.num_kv_heads=2", "dataset.seq_len=66", "parallelism.sequence_parallel_size=4"],
      r"dataset.seq_len=66 is not divisible"),
     (["model.attn_implementation=eager", "parallelism.sequence_parallel_size=2"], r"model.attn_implementation=eager builds a full 4-D mask"),
-    (["parallelism.sequence_parallel_size=2"], r"DeepSpeed-Ulysses is not available in effitrain yet: the loop does not yet shard"),
+    (["objective=weighted_causal_lm", "parallelism.sequence_parallel_size=2"],
+     r"objective=weighted_causal_lm scores whole sequences, not slices of them; sequence parallelism trains with "
+     r"objective=causal_lm"),
 ])
-def test_sequence_parallel_size_is_validated_then_refused(overrides, message):
+def test_sequence_parallel_shapes_and_objective_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=r"\[ulysses_sequence_parallel\]: parallelism.sequence_parallel_size=\d: "
                                           + message):
         check_rules(spec(*overrides), Environment(device_type="cuda", world_size=4))  # (spec() checks rules too)
@@ -167,8 +169,7 @@ def test_sequence_parallel_size_must_divide_the_world_size_known_at_launch():
     s.block("parallelism").params.sequence_parallel_size = 3  # valid shapes; the world size is only known at launch
     with pytest.raises(ConfigError, match=r"the world size 4 is not divisible by sequence_parallel_size=3"):
         check_rules(s, Environment(device_type="cuda", world_size=4))
-    with pytest.raises(ConfigError, match=r"not available in effitrain yet"):
-        check_rules(s, Environment(device_type="cuda", world_size=6))
+    check_rules(s, Environment(device_type="cuda", world_size=6))  # 2 groups of 3 processes: accepted
 
 
 @pytest.mark.slow  # a real launch: torch and DeepSpeed start before the device is known

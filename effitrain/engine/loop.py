@@ -88,7 +88,7 @@ class Trainer:
         self.device = state.engine.device
         self.stop = StopSignal()
         self.is_main = state.rank == 0
-        self.global_batch = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.world_size
+        self.global_batch = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum * state.data_parallel_size
         self.tokens_per_step = self.global_batch * seq_len
         self.flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()

@@ -28,3 +28,9 @@ class State:
     should_stop: bool = False
     stop_reason: Optional[str] = None
     timeline: Any = None           # effitrain.timeline.Timeline in steps: value(name, step), phase(step); None if empty
+    sequence_parallel: Any = None  # effitrain.parallel.ulysses.SequenceParallel when sequences are split; else None
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes that train on different rows: the world, less the ones that share a row's sequence."""
+        return self.world_size // (self.sequence_parallel.size if self.sequence_parallel is not None else 1)

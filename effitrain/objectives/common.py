@@ -32,6 +32,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses, mask
 
 
+def shifted_token_loss_sum(logits: torch.Tensor, shift_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of ``logits`` against labels already shifted (position t scored against
+    ``shift_labels[t]``), and the number of labelled positions: for a slice of a sequence, whose last position's
+    label lies in the next slice."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return losses, (shift_labels != IGNORE_INDEX).sum()
+
+
 def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The mean next-token loss over the batch's labelled positions (the model's own loss, recomputed)."""
     losses, mask = token_losses(logits, labels)

@@ -63,6 +63,7 @@ class Setup:
     peft: str
     peft_params: Any
     lisa_active_layers: Optional[int] = None
+    sequence_parallel: int = 1     # DeepSpeed-Ulysses: processes sharing each sequence (each keeps seq_len / sp)
     notes: list[str] = field(default_factory=list)
 
 
@@ -135,7 +136,8 @@ def setup_from_spec(spec: Any, *, world: int) -> Setup:
         eager_attention=getattr(model.params, "attn_implementation", "sdpa") == "eager",
         optimizer=spec.block("optimizer").name, optimizer_params=spec.block("optimizer").params,
         peft=spec.block("peft").name, peft_params=spec.block("peft").params,
-        lisa_active_layers=lisa.active_layers if lisa is not None else None, notes=notes)
+        lisa_active_layers=lisa.active_layers if lisa is not None else None,
+        sequence_parallel=int(getattr(par, "sequence_parallel_size", 1) or 1), notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------ trainable subset
@@ -269,8 +271,10 @@ def activation_bytes(s: Setup) -> int:
     layers: the final norm's input and output and the head's input (3h), and the loss's fp32 log-softmax over the
     vocabulary (4 bytes x vocab, whatever the precision).  With activation checkpointing the forward keeps each
     layer's input (h) only, and the backward recomputes one layer at a time: its activations are added once.
+    Under sequence parallelism a process keeps its slice's tokens (``seq_len / sp``); inside attention it holds the
+    whole sequence for ``heads / sp`` heads, the same number of values.
     """
-    sh, tokens = s.shape, s.micro_batch * s.seq_len
+    sh, tokens = s.shape, s.micro_batch * s.seq_len // s.sequence_parallel
     dtype = 4 if s.precision == "fp32" else 2
     per_layer = 5 * sh.hidden + 3 * sh.q_dim + 2 * sh.kv_dim + 4 * sh.intermediate + 2
     per_layer += 2 * sh.heads * s.seq_len if s.eager_attention else sh.heads
@@ -322,7 +326,9 @@ def plan(s: Setup) -> Plan:
                       f"reduce_bucket_size {s.reduce_bucket_size:,} x {dtype} B" if bucket else "none"))
     acts = activation_bytes(s)
     lines.append(Line("activation_bytes", "activations (one micro-batch)", acts, 0,
-                      f"{s.micro_batch} x {s.seq_len} tokens" + (", checkpointed" if s.checkpointing else "")))
+                      f"{s.micro_batch} x {s.seq_len // s.sequence_parallel} tokens"
+                      + (f" (1/{s.sequence_parallel} of each sequence)" if s.sequence_parallel > 1 else "")
+                      + (", checkpointed" if s.checkpointing else "")))
     return Plan(s, lines, total, trainable)
 
 

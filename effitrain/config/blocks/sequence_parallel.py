@@ -3,17 +3,16 @@
 Ulysses (arXiv 2309.14509; DeepSpeed ``runtime/sequence_parallel/ulysses_sp.py``) splits every sequence over
 ``sp`` processes; inside attention an all-to-all swaps the split from the sequence to the heads, so each process
 attends over the whole sequence for ``heads / sp`` heads.  That fixes what the configuration must satisfy, checked
-here in the order a user would fix them.  Beyond these shape rules, ``sp > 1`` is refused for now: the training
-loop does not yet shard batches over the sequence or combine the per-shard losses (see ``ULYSSES_MISSING``).
+here in the order a user would fix them.  The sharding itself is in ``effitrain.parallel.ulysses``; the
+objective that splits a batch and combines the slices' losses is ``causal_lm``, so the others are refused.
 """
 
 from __future__ import annotations
 
 from effitrain.config.rules import rule
 
-#: what the loop lacks for sp > 1, named in the refusal (and in docs/guide.md)
-ULYSSES_MISSING = ("the loop does not yet shard each micro-batch over the sequence with position_ids, weight the "
-                   "per-shard losses by their token counts, or pass DeepSpeed the sequence-parallel groups (mpu)")
+#: the objectives that know how to train on a slice of each sequence
+SEQUENCE_PARALLEL_OBJECTIVES = ("causal_lm",)
 
 
 def _shape_problem(spec, env) -> str | None:
@@ -35,17 +34,19 @@ def _shape_problem(spec, env) -> str | None:
         return "model.attn_implementation=eager builds a full 4-D mask, which Ulysses drops; use sdpa"
     if getattr(model, "arch", None) == "gpt_neox":
         return "gpt_neox has no num_key_value_heads, which DeepSpeed's Ulysses wrapper reads; use a llama/qwen2/mistral arch"
+    objective = spec.block("objective").name
+    if objective not in SEQUENCE_PARALLEL_OBJECTIVES:
+        return (f"objective={objective} scores whole sequences, not slices of them; sequence parallelism trains with "
+                f"objective={' or '.join(SEQUENCE_PARALLEL_OBJECTIVES)}")
     return None
 
 
 @rule("ulysses_sequence_parallel", "parallelism.sequence_parallel_size > 1 (DeepSpeed-Ulysses): world size, heads, "
-                                   "key/value heads and seq_len divisible by it, attention not eager; not wired yet")
+                                   "key/value heads and seq_len divisible by it, attention not eager, "
+                                   "objective causal_lm")
 def _ulysses(spec, env):
     sp = spec.block("parallelism").params.sequence_parallel_size
     if sp == 1:
         return None
     problem = _shape_problem(spec, env)
-    if problem:
-        return f"parallelism.sequence_parallel_size={sp}: {problem}"
-    return (f"parallelism.sequence_parallel_size={sp}: DeepSpeed-Ulysses is not available in effitrain yet: "
-            f"{ULYSSES_MISSING}; use parallelism.sequence_parallel_size=1")
+    return f"parallelism.sequence_parallel_size={sp}: {problem}" if problem else None
