@@ -1,4 +1,4 @@
-"""What a run's exit status means, and the one error class besides ConfigError that the CLI prints as one line.
+r"""What a run's exit status means, and the one error class besides ConfigError that the CLI prints as one line.
 
 | status | meaning |
 |---|---|
