@@ -22,7 +22,7 @@ def replace_linears(model: nn.Module, target_modules: list[str], make: Callable[
     if not targets:
         raise ConfigError(f"peft.target_modules: no nn.Linear matches {target_modules}")
     for name, module in targets:
-        _set_module(model, name, make(module))
+        set_module(model, name, make(module))
     return len(targets)
 
 
@@ -41,10 +41,11 @@ def fold_to_linears(model: nn.Module, kind: type, weight_of: Callable[[nn.Module
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias)
-        _set_module(folded, name, linear)
+        set_module(folded, name, linear)
     return folded
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (``model.layers.0.mlp.up_proj``)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effitrain.optim.param_groups import module_matches
+from effitrain.models.replace import fold_to_linears, set_module
 
 log = logging.getLogger("effitrain")
 
@@ -61,23 +62,9 @@ class SLTrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
 
-    def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.A.device, dtype=self.A.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"nnz={self.sparse_values.numel()}, alpha={self.alpha}")
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def apply_sltrain(model: nn.Module, *, rank: int, sparsity: float, alpha: float, target_modules, seed: int = 0) -> int:
@@ -94,7 +81,7 @@ def apply_sltrain(model: nn.Module, *, rank: int, sparsity: float, alpha: float,
             log.warning("sltrain: keeping '%s' dense, rank %d is not below min(in, out) = %d", name, rank,
                         min(linear.in_features, linear.out_features))
             continue
-        _replace(model, name, SLTrainLinear.from_linear(linear, rank=rank, sparsity=sparsity, alpha=alpha,
+        set_module(model, name, SLTrainLinear.from_linear(linear, rank=rank, sparsity=sparsity, alpha=alpha,
                                                         generator=generator))
         replaced += 1
     if not replaced:
@@ -114,8 +101,5 @@ def has_sltrain(model: nn.Module) -> bool:
 
 
 def merge_sltrain(model: nn.Module) -> nn.Module:
-    """Replace every SLTrainLinear with the equivalent dense nn.Linear (in place; returns the model)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SLTrainLinear):
-            _replace(model, name, module.to_linear())
-    return model
+    """A copy of ``model`` in which every SLTrainLinear is the equivalent dense nn.Linear."""
+    return fold_to_linears(model, SLTrainLinear, SLTrainLinear.dense_weight)

@@ -147,7 +147,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
         info["merged"] = True
         info["note"] = "static sparsity masks were folded into plain nn.Linear weights (zeros where masked)"
     elif has_sltrain(model):
-        final = merge_sltrain(copy.deepcopy(model))
+        final = merge_sltrain(model)
         info["merged"] = True
         info["note"] = "SLTrain factors (alpha/r)·B·A + S were multiplied out into dense nn.Linear weights"
     elif has_structured_ffn(model):
