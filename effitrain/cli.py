@@ -207,6 +207,30 @@ def _verb_export(args: list[str]) -> int:
     return export_main(args)
 
 
+def _verb_report(args: list[str]) -> int:
+    from effitrain.report import collect, default_out_dir, write_report
+
+    paths, out, title, rest = [], None, "effitrain report", list(args)
+    while rest:
+        word = rest.pop(0)
+        if word in ("--out", "--title"):
+            if not rest:
+                raise ConfigError(f"report: {word} needs a value, e.g. 'effitrain report outputs/run --out report/'")
+            value = rest.pop(0)
+            out, title = (Path(value), title) if word == "--out" else (out, value)
+        elif word.startswith("--"):
+            raise ConfigError(f"report: unknown option '{word}'; options: --out DIR, --title TEXT")
+        else:
+            paths.append(Path(word))
+    if not paths:
+        raise ConfigError("report: name run directories or a sweep root, e.g. 'effitrain report outputs/run' or "
+                          "'effitrain report outputs/sweep'")
+    runs = collect(paths)
+    html_path, md_path = write_report(runs, out or default_out_dir(paths), title=title)
+    print(f"report of {len(runs)} run(s): {html_path} (self-contained), {md_path}")
+    return 0
+
+
 def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
     from effitrain.config.inputs import check_inputs
@@ -250,7 +274,7 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
     "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
-    "evaluate": _verb_evaluate, "plan": _verb_plan,
+    "evaluate": _verb_evaluate, "plan": _verb_plan, "report": _verb_report,
 }
 
 

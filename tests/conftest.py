@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,22 @@ def train_in_process():
         return train(composed.cfg, run_dir=run_dir, argv=["effitrain", *overrides], recipes=composed.recipes)
 
     return run
+
+
+@contextmanager
+def sigterm_after_step(step: int, when=lambda state: True):
+    """Within the block, a run in this process receives SIGTERM right after optimizer step ``step`` (of a stage for
+    which ``when(state)`` holds): it saves a checkpoint there and stops, as a preempted job does.  Method hooks run
+    before the signal, so their state at that step is what the checkpoint holds."""
+    from effitrain.engine.events import EventBus
+
+    original = EventBus.emit
+
+    def emit(self, event, state):
+        original(self, event, state)
+        if event == "step_end" and state.step == step and when(state):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EventBus, "emit", emit)
+        yield

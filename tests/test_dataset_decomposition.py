@@ -9,6 +9,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
+from conftest import sigterm_after_step
 from effitrain.config.compose import compose_config
 from effitrain.config.rules import check_rules
 from effitrain.config.spec import validate
@@ -164,13 +165,9 @@ def test_the_curriculum_and_the_packing_are_refused_apart():
 
 # ------------------------------------------------------------------------------------------- a real run
 @pytest.mark.slow
-def test_a_decomposition_run_stopped_mid_cycle_resumes_with_the_same_lengths_and_losses(tmp_path, train_in_process,
-                                                                                      monkeypatch):
+def test_a_decomposition_run_stopped_mid_cycle_resumes_with_the_same_lengths_and_losses(tmp_path, train_in_process):
     """Six steps in two cycles of three; the second run is stopped by SIGTERM after step 2 (inside the first
     cycle), saves, and `resume=auto` finishes it: the later losses and logged lengths are the uninterrupted run's."""
-    import os
-    import signal
-
     run = ["+recipe=dataset_decomposition", "curriculum.cycles=2", "scheduler=constant", "train.max_steps=6"]
 
     def lines(run_dir):
@@ -179,15 +176,7 @@ def test_a_decomposition_run_stopped_mid_cycle_resumes_with_the_same_lengths_and
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert train_in_process(run, full)["finished"]
-    original = DecompositionHook.on_step_end
-
-    def stop_after_two(self, state):
-        original(self, state)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(DecompositionHook, "on_step_end", stop_after_two)
+    with sigterm_after_step(2):
         assert not train_in_process(run, split)["finished"]
     assert sorted(lines(split)) == [1, 2]
     assert train_in_process([*run, "resume=auto"], split)["finished"]

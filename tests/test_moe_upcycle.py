@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import sigterm_after_step
 from effitrain.models.moe_upcycle import active_parameters, upcycle_moe
 from effitrain.registry import ConfigError
 
@@ -100,12 +101,7 @@ def test_what_cannot_be_upcycled_is_refused_with_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_pipeline_stopped_in_its_moe_stage_resumes_exactly(tmp_path, train_in_process, monkeypatch):
-    import os
-    import signal
-
-    from effitrain.objectives.causal_lm import CausalLM
-
+def test_a_pipeline_stopped_in_its_moe_stage_resumes_exactly(tmp_path, train_in_process):
     run = ["+recipe=moe_upcycle", "scheduler=constant", "stages.0.train.max_steps=2", "stages.1.train.max_steps=4"]
 
     def moe_lines(run_dir):
@@ -117,16 +113,7 @@ def test_a_pipeline_stopped_in_its_moe_stage_resumes_exactly(tmp_path, train_in_
     summary = train_in_process(run, full)
     dense_row, moe_row = summary["stages"]
     assert moe_row["transform"]["info"]["top_k"] == 2
-    original = CausalLM.__call__
-
-    def stop_in_the_moe_stage(self, model, batch, state):
-        out = original(self, model, batch, state)
-        if "router_aux_loss" in out[1] and state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    with monkeypatch.context() as m:
-        m.setattr(CausalLM, "__call__", stop_in_the_moe_stage)
+    with sigterm_after_step(2, when=lambda state: state.run_dir.name == "02-moe"):
         assert not train_in_process(run, split)["finished"]
     assert train_in_process([*run, "resume=auto"], split)["finished"]
     assert moe_lines(split) == moe_lines(full) and sorted(moe_lines(full)) == [1, 2, 3, 4]

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import sigterm_after_step
 from effitrain.methods.export_depths import truncate_to_depth
 from effitrain.objectives.common import mean_token_loss
 from effitrain.objectives.layerwise import Layerwise, final_norm, output_head, truncated_depth
@@ -102,10 +103,7 @@ def test_eval_reports_every_depths_loss():
 
 
 @pytest.mark.slow
-def test_sortednet_stopped_and_resumed_repeats_its_depths_and_exports_each(tmp_path, train_in_process, monkeypatch):
-    import os
-    import signal
-
+def test_sortednet_stopped_and_resumed_repeats_its_depths_and_exports_each(tmp_path, train_in_process):
     from transformers import AutoModelForCausalLM
 
     from effitrain.methods.export_depths import ExportDepths
@@ -119,15 +117,7 @@ def test_sortednet_stopped_and_resumed_repeats_its_depths_and_exports_each(tmp_p
 
     full, split = tmp_path / "full", tmp_path / "split"
     summary = train_in_process(run, full)
-    original = Layerwise.__call__
-
-    def stop_after_two(self, model, batch, state):
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch, state)
-
-    with monkeypatch.context() as m:
-        m.setattr(Layerwise, "__call__", stop_after_two)
+    with sigterm_after_step(2), pytest.MonkeyPatch.context() as m:
         m.setattr(ExportDepths, "on_fit_end", lambda self, state: None)
         assert not train_in_process(run, split)["finished"]
     resumed = train_in_process([*run, "resume=auto"], split)

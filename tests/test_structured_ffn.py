@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import effitrain_cli
+from conftest import effitrain_cli, sigterm_after_step
 from effitrain.models.structured_ffn import (BlockDenseLinear, BlockShuffleLinear, LowRankLinear, SelfGuided,
                                              StructuredFFNLinear, apply_structured_ffn, fold_structured,
                                              guide_weight, make_structured)
@@ -164,13 +164,10 @@ def test_a_guide_and_its_decay_come_together(args, expected):
 
 
 @pytest.mark.slow
-def test_structured_ffn_stopped_while_the_guide_decays_resumes_exactly(tmp_path, train_in_process, monkeypatch):
+def test_structured_ffn_stopped_while_the_guide_decays_resumes_exactly(tmp_path, train_in_process):
     """Eight steps, the guide decaying over the first four (reduce_flop draws included); the second run is stopped by
     SIGTERM after step 2, saves, and `resume=auto` finishes it: every loss, alpha and the guides' FLOPs are the
     uninterrupted run's; the export is a dense model."""
-    import os
-    import signal
-
     run = ["+recipe=structured_ffn", "scheduler=constant", "train.max_steps=8"]
 
     def lines(run_dir):
@@ -179,15 +176,7 @@ def test_structured_ffn_stopped_while_the_guide_decays_resumes_exactly(tmp_path,
 
     full, split = tmp_path / "full", tmp_path / "split"
     summary = train_in_process(run, full)
-    original = SelfGuided.on_step_end
-
-    def stop_after_two(self, state):
-        original(self, state)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with monkeypatch.context() as m:
-        m.setattr(SelfGuided, "on_step_end", stop_after_two)
+    with sigterm_after_step(2):
         assert not train_in_process(run, split)["finished"]
     resumed = train_in_process([*run, "resume=auto"], split)
     assert lines(split) == lines(full) and sorted(lines(full)) == list(range(1, 9))

@@ -1,0 +1,330 @@
+"""``effitrain report RUN_DIR... | SWEEP_DIR``: the runs' curves and final figures as one self-contained HTML page
+(figures embedded as PNG data) and a Markdown page beside it (figures as files), for a pull request or a notebook.
+
+What is read: each run's ``metrics.jsonl`` (train lines: loss, lr, tokens/s; eval lines: ``eval_loss`` and one
+``eval_loss/DOMAIN`` per domain), ``summary.json`` (final figures, memory, time), ``recipes.yaml`` and the first line
+of ``command.txt`` (for the label).  A sweep root contributes its members in ``sweep.json`` order; a multi-stage run
+contributes its stages, each labelled ``run / stage``.  Runs are labelled by their recipes and by the overrides that
+tell them apart (what all runs share is said once, above the table), and keep one colour in every panel.
+
+Torch-free: matplotlib (the ``plot`` extra) is imported only to draw.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from effitrain.registry import ConfigError
+
+SWEEP_MANIFEST = "sweep.json"  # effitrain.cluster.manifest.MANIFEST, named here to keep this module light
+#: columns of the final-figures table: (summary key or derived name, header)
+TABLE = [("steps", "steps"), ("tokens", "tokens"), ("final_train_loss", "final train loss"),
+         ("final_eval_loss", "final eval loss"), ("tokens_per_s", "tokens/s"),
+         ("peak_memory", "peak memory"), ("train_seconds", "train time"), ("status", "status")]
+
+
+@dataclass
+class RunCurves:
+    """One run as the report sees it."""
+    path: Path
+    recipes: list[str]
+    overrides: list[str]
+    summary: dict[str, Any]
+    train: list[dict[str, Any]] = field(default_factory=list)   # metrics lines with a train loss
+    evals: list[dict[str, Any]] = field(default_factory=list)   # metrics lines with eval_loss
+    label: str = ""
+    stage: Optional[str] = None
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted({k.split("/", 1)[1] for line in self.evals for k in line if k.startswith("eval_loss/")})
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    if path.is_file():
+        for raw in path.read_text().splitlines():
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line: the rest still counts
+                continue
+            if "loss" in line:
+                train.append(line)
+            if "eval_loss" in line:
+                evals.append(line)
+    return train, evals
+
+
+def _overrides_of(run_dir: Path, given: Optional[list[str]] = None) -> list[str]:
+    if given is not None:
+        words = given
+    else:
+        command = run_dir / "command.txt"
+        first = command.read_text().splitlines()[0] if command.is_file() and command.read_text().strip() else ""
+        try:
+            words = shlex.split(first)
+        except ValueError:
+            words = first.split()
+    return [w for w in words if "=" in w and not w.lstrip("+~").startswith(("run_dir=", "hydra.", "resume=",
+                                                                              "overwrite="))]
+
+
+def _recipes_of(run_dir: Path) -> list[str]:
+    import yaml
+
+    path = run_dir / "recipes.yaml"
+    if not path.is_file():
+        return []
+    return [r.get("name", "?") for r in (yaml.safe_load(path.read_text()) or []) if isinstance(r, dict)]
+
+
+def _read_run(run_dir: Path, overrides: Optional[list[str]] = None, stage: Optional[str] = None) -> RunCurves:
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    train, evals = _read_metrics(run_dir / "metrics.jsonl")
+    return RunCurves(run_dir, _recipes_of(run_dir), _overrides_of(run_dir, overrides), summary, train, evals,
+                     stage=stage)
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
+
+
+def collect(paths: list[Path]) -> list[RunCurves]:
+    """The runs under ``paths`` (run directories, sweep roots, multi-stage runs), in the order given."""
+    runs: list[RunCurves] = []
+    for path in paths:
+        if not path.is_dir():
+            raise ConfigError(f"report: '{path}' is not a folder; give run directories (holding metrics.jsonl) "
+                              f"or a sweep root (holding {SWEEP_MANIFEST})")
+        if (path / SWEEP_MANIFEST).is_file():
+            members = json.loads((path / SWEEP_MANIFEST).read_text()).get("members", [])
+            for entry in members:
+                member_dir = Path(entry["dir"])
+                if not member_dir.is_absolute() and not member_dir.exists():
+                    member_dir = path / member_dir
+                if _is_run(member_dir):
+                    runs.append(_read_run(member_dir, entry.get("overrides")))
+        elif (path / "stages").is_dir() and not (path / "metrics.jsonl").is_file():
+            for stage_dir in sorted(p for p in (path / "stages").iterdir() if _is_run(p)):
+                run = _read_run(stage_dir, _overrides_of(path), stage=stage_dir.name)
+                run.recipes = _recipes_of(path) or run.recipes
+                runs.append(run)
+        elif _is_run(path):
+            runs.append(_read_run(path))
+        else:
+            raise ConfigError(f"report: '{path}' holds no run (no metrics.jsonl or summary.json) and no sweep "
+                              f"({SWEEP_MANIFEST})")
+    if not runs:
+        raise ConfigError(f"report: no run with metrics under {', '.join(map(str, paths))}")
+    _label(runs)
+    return runs
+
+
+def _label(runs: list[RunCurves]) -> None:
+    """Recipes plus the overrides that differ between the runs; the folder's name where that is still ambiguous."""
+    shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
+    for run in runs:
+        own = [o for o in run.overrides if o not in shared]
+        words = ["+".join(run.recipes) or "default", *own]
+        run.label = " ".join(words) + (f" / {run.stage}" if run.stage else "")
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({run.path.name})"
+
+
+def shared_overrides(runs: list[RunCurves]) -> list[str]:
+    if len(runs) < 2:
+        return runs[0].overrides if runs else []
+    shared = set.intersection(*(set(r.overrides) for r in runs))
+    return [o for o in runs[0].overrides if o in shared]
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def _status(summary: dict[str, Any]) -> str:
+    if not summary:
+        return "running or failed before its summary"
+    if summary.get("finished"):
+        return "finished"
+    return f"stopped: {summary.get('stopped_by') or summary.get('failed') or 'unknown'}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    seconds = float(seconds)
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def _bytes(n: Optional[float]) -> str:
+    if not n:
+        return "—"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def table_rows(runs: list[RunCurves]) -> list[list[str]]:
+    """One row per run: the label and the TABLE columns, formatted."""
+    rows = []
+    for run in runs:
+        s = run.summary
+        last_train = run.train[-1] if run.train else {}
+        peak = max((line.get("peak_memory_bytes", 0) for line in run.train), default=0) or s.get("peak_memory_bytes")
+        values = {
+            "steps": f"{s.get('steps', last_train.get('step', 0)):,}",
+            "tokens": f"{s.get('tokens', last_train.get('tokens', 0)):,}",
+            "final_train_loss": f"{last_train['loss']:.4f}" if "loss" in last_train else "—",
+            "final_eval_loss": f"{s['final_eval_loss']:.4f}" if s.get("final_eval_loss") is not None else
+            (f"{run.evals[-1]['eval_loss']:.4f}" if run.evals else "—"),
+            "tokens_per_s": f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "—",
+            "peak_memory": _bytes(peak),
+            "train_seconds": _duration(s.get("train_seconds")),
+            "status": _status(s),
+        }
+        rows.append([run.label, *(values[key] for key, _ in TABLE)])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ the figures
+def _colours(runs: list[RunCurves]) -> dict[str, Any]:
+    import matplotlib
+
+    cycle = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    return {run.label: cycle(i % cycle.N) for i, run in enumerate(runs)}
+
+
+def _panel(ax, runs, colours, x_key, y_key, source, *, title, xlabel, ylabel, log_y=False) -> bool:
+    drawn = False
+    for run in runs:
+        points = [(line[x_key], line[y_key]) for line in getattr(run, source) if y_key in line and x_key in line]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=run.label, color=colours[run.label], linewidth=1.4,
+                marker="o" if len(xs) <= 12 else None, markersize=3)
+        drawn = True
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if log_y and drawn:
+        ax.set_yscale("log")
+    return drawn
+
+
+def figures(runs: list[RunCurves]) -> dict[str, bytes]:
+    """name -> PNG bytes: losses (by step and by tokens), eval losses per domain, learning rate, throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    colours = _colours(runs)
+    out: dict[str, bytes] = {}
+
+    def finish(fig, name: str, axes) -> None:
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False,
+                       bbox_to_anchor=(0.5, 0.0))
+            fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 3), 1, 1))
+        else:
+            fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        out[name] = buffer.getvalue()
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    _panel(axes[0], runs, colours, "step", "loss", "train", title="train loss by step", xlabel="optimizer step",
+           ylabel="loss (nats/token)")
+    _panel(axes[1], runs, colours, "tokens", "loss", "train", title="train loss by tokens", xlabel="training tokens",
+           ylabel="loss (nats/token)")
+    finish(fig, "loss", axes)
+
+    domains = sorted({d for run in runs for d in run.domains})
+    panels = ["eval_loss", *(f"eval_loss/{d}" for d in domains)]
+    cols = min(len(panels), 3)
+    rows = (len(panels) + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.3 * rows), squeeze=False)
+    flat = list(grid.flat)
+    for ax, key in zip(flat, panels):
+        _panel(ax, runs, colours, "tokens", key, "evals", title="eval loss (all domains)" if key == "eval_loss"
+               else f"eval loss: {key.split('/', 1)[1]}", xlabel="training tokens", ylabel="loss (nats/token)")
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    finish(fig, "eval_loss", flat)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    _panel(axes[0], runs, colours, "step", "lr", "train", title="learning rate", xlabel="optimizer step",
+           ylabel="learning rate")
+    _panel(axes[1], runs, colours, "step", "tokens_per_s", "train", title="throughput", xlabel="optimizer step",
+           ylabel="tokens/s")
+    finish(fig, "lr_throughput", axes)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the pages
+FIGURE_TITLES = {"loss": "Training loss", "eval_loss": "Held-out loss, overall and per domain",
+                 "lr_throughput": "Learning rate and throughput"}
+
+
+def write_report(runs: list[RunCurves], out_dir: Path, *, title: str = "effitrain report") -> tuple[Path, Path]:
+    """``out_dir/report.html`` (self-contained) and ``out_dir/report.md`` with its PNG files; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = figures(runs)
+    rows = table_rows(runs)
+    headers = ["run", *(h for _, h in TABLE)]
+    shared = shared_overrides(runs)
+    for name, data in pngs.items():
+        (out_dir / f"{name}.png").write_bytes(data)
+
+    md = [f"# {title}", "", f"{len(runs)} run(s)." + (f" Shared overrides: `{' '.join(shared)}`." if shared else ""),
+          "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    md += ["", *(line for name in pngs for line in (f"## {FIGURE_TITLES[name]}", "", f"![{name}]({name}.png)", ""))]
+    md += ["Folders: " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p>{len(runs)} run(s)." + (f" Shared overrides: <code>{esc(' '.join(shared))}</code>." if shared else "")
+            + "</p>",
+            "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
+    body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    body += ["</tbody></table>"]
+    for name, data in pngs.items():
+        encoded = base64.b64encode(data).decode("ascii")
+        body += [f"<h2>{esc(FIGURE_TITLES[name])}</h2>",
+                 f'<img class="figure" id="fig-{name}" alt="{esc(FIGURE_TITLES[name])}" '
+                 f'src="data:image/png;base64,{encoded}">']
+    body += ["<p class='folders'>Folders: " + ", ".join(f"<code>{esc(str(r.path))}</code>" for r in runs) + "</p>"]
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{esc(title)}</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+            "table{border-collapse:collapse;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;"
+            "text-align:right}th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}"
+            "img.figure{max-width:100%;display:block;margin:0.5em 0 1.5em}code{background:#f6f6f6}"
+            ".folders{font-size:0.8em;color:#666}"
+            "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    html_path = out_dir / "report.html"
+    html_path.write_text(page)
+    return html_path, md_path
+
+
+def default_out_dir(paths: list[Path]) -> Path:
+    """One folder given: its ``report/``; several: ``outputs/report``."""
+    return paths[0] / "report" if len(paths) == 1 else Path("outputs") / "report"
