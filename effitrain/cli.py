@@ -362,6 +362,10 @@ def _hydra_task(cfg) -> int:
     code = _train_job(resolved, run_dir, recipes, argv=argv, refused_dir_goes=True)
     if multirun and requeue_handler is None:  # members run in this process (Hydra's basic launcher)
         _sweep_member_done(Path(str(hydra_cfg.sweep.dir)), int(hydra_cfg.job.num), run_dir, overrides, code)
+    if multirun and not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        # a search sweeper (Optuna: +sweep=lr_search) minimises what the task returns: the final eval loss; a run
+        # that did not finish is a failed trial (NaN), never a good score
+        return _LAST_SUMMARY.get("final_eval_loss") if code == EXIT_OK else float("nan")
     if requeue_handler is not None:
         if code == EXIT_RESUMABLE:
             cluster_job.hand_over_stop(_LAST_SUMMARY, requeue_handler)

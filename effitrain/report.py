@@ -75,8 +75,9 @@ def _overrides_of(run_dir: Path, given: Optional[list[str]] = None) -> list[str]
             words = shlex.split(first)
         except ValueError:
             words = first.split()
-    return [w for w in words if "=" in w and not w.lstrip("+~").startswith(("run_dir=", "hydra.", "resume=",
-                                                                              "overwrite="))]
+    # the recipes label a run by name; where it ran and how it was resumed do not tell runs apart
+    skipped = ("recipe=", "run_dir=", "hydra.", "resume=", "overwrite=")
+    return [w for w in words if "=" in w and not w.lstrip("+~").startswith(skipped)]
 
 
 def _recipes_of(run_dir: Path) -> list[str]:

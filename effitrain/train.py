@@ -456,6 +456,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         say(f"tasks: {format_results(summary['tasks'])}")
     if launch.is_main:
         _write_summary(run_dir, summary)
+        if outcome["finished"]:
+            say(finished_line(summary, run_dir))
         if outcome.get("signal"):
             say(f"stopped ({outcome['stopped_by']}) at step {state.step}; checkpoint saved, "
                 f"continue with resume=auto run_dir={run_dir}")
@@ -464,6 +466,17 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
                 f"{run_dir / 'summary.json'})", err=True)
     launch.barrier()
     return summary
+
+
+def finished_line(summary: dict[str, Any], run_dir: Path) -> str:
+    """The run in one line at its end, and where its curves are."""
+    loss = summary.get("final_eval_loss")
+    seconds = float(summary.get("train_seconds") or 0.0)
+    took = f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    return (f"finished: {summary['steps']:,} steps, {summary['tokens']:,} tokens in {took} "
+            f"({summary.get('tokens_per_s', 0):,.0f} tokens/s)"
+            + (f", eval loss {loss:.4f}" if loss is not None else "")
+            + f"; curves and table: effitrain report {run_dir}")
 
 
 def exit_code_for(outcome: dict[str, Any]) -> int:

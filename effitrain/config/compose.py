@@ -184,8 +184,34 @@ def check_group_choices(overrides: list[Any]) -> None:
             raise ConfigError(f"recipe: train.yaml selects no recipe, so add one with '+recipe={o.value()}'")
 
 
+SWEEP_GROUP = "sweep"
+
+
+def sweep_config_axes(args: list[str]) -> list[str]:
+    """The grid a ``+sweep=NAME`` config hands Hydra's basic sweeper (its ``hydra.sweeper.params``), as overrides, so
+    that every member of the grid is validated before any runs.  A search config (it replaces the sweeper, e.g.
+    Optuna) has no grid to enumerate: nothing.  An unknown NAME is one line naming the valid ones."""
+    names = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith(f"{SWEEP_GROUP}=")]
+    axes: list[str] = []
+    for name in names:
+        options = group_options(SWEEP_GROUP)
+        if name not in options:
+            raise ConfigError(f"sweep: unknown sweep '{name}'{did_you_mean(name, options)}; valid: "
+                              f"{choices_text(options)}")
+        path = config_root() / SWEEP_GROUP / f"{name}.yaml"
+        node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        replaces_sweeper = any(isinstance(d, dict) and any("hydra/sweeper" in k for k in d)
+                               for d in node.get("defaults", []))
+        params = ((node.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+        if not replaces_sweeper:
+            axes += [f"{key}={value}" for key, value in params.items()]
+    return axes
+
+
 def expand_sweeps(args: list[str]) -> list[list[str]]:
-    """The overrides of every job of a ``-m`` sweep (up to MAX_VALIDATED_SWEEP jobs are validated)."""
+    """The overrides of every job of a ``-m`` sweep (up to MAX_VALIDATED_SWEEP jobs are validated), the grid of a
+    ``+sweep=NAME`` config included."""
+    args = [*args, *sweep_config_axes(args)]
     overrides = parse_overrides(args)
     axes = []
     for o, text in zip(overrides, args):
