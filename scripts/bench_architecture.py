@@ -50,6 +50,7 @@ ARMS: dict[str, str] = {
     "structured_ffn": "structured_ffn",
     "monarch": "monarch",
     "moe_upcycle": "moe_upcycle",
+    "sparse_spectral": "sparse_spectral",
 }
 
 

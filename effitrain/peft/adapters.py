@@ -109,6 +109,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
     ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
     from effitrain.models.monarch import fold_monarch, has_monarch
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
+    from effitrain.models.sparse_spectral import fold_sparse_spectral, has_sparse_spectral
     from effitrain.models.structured_ffn import fold_structured, has_structured_ffn
     from effitrain.models.static_sparse import fold_masks, has_static_sparsity
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
@@ -159,6 +160,10 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
         final = fold_monarch(model)
         info["merged"] = True
         info["note"] = "Monarch layers were multiplied out into dense nn.Linear weights (their exact matrices)"
+    elif has_sparse_spectral(model):
+        final = fold_sparse_spectral(model)
+        info["merged"] = True
+        info["note"] = "sparse spectral layers were multiplied out into dense nn.Linear weights (U diag(S) V^T)"
     else:
         final = model
 
