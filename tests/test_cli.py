@@ -47,6 +47,7 @@ REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, point
 REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decompose"],
                     "curriculum/seta": ["objective=weighted_causal_lm"],
                     "peft/structured_ffn": ["+methods.self_guided={}"],
+                    "peft/sparse_spectral": ["+methods.sparse_spectral={}"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
                                                  "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"]}
 

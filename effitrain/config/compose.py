@@ -22,6 +22,7 @@ from effitrain.registry import ConfigError, choices_text, did_you_mean
 CONFIG_MODULE = "effitrain.configs"
 PRIMARY = "train"
 RECIPE_GROUP = "recipe"
+SWEEP_GROUP = "sweep"
 MAX_VALIDATED_SWEEP = 256
 
 
@@ -36,9 +37,10 @@ def group_options(group: str) -> tuple[str, ...]:
 
 
 def groups() -> tuple[str, ...]:
-    # hydra/ holds Hydra's own groups (the launcher presets, effitrain.config.launcher), not blocks
+    # hydra/ holds Hydra's own groups (the launcher presets, effitrain.config.launcher) and sweep/ the sweep configs
+    # (`-m +sweep=NAME`, Hydra's sweeper settings): neither is a block
     return tuple(sorted(p.name for p in config_root().iterdir()
-                        if p.is_dir() and not p.name.startswith("_") and p.name != "hydra"))
+                        if p.is_dir() and not p.name.startswith("_") and p.name not in ("hydra", SWEEP_GROUP)))
 
 
 def load_recipe(name: str) -> dict[str, Any]:
@@ -182,9 +184,6 @@ def check_group_choices(overrides: list[Any]) -> None:
                                       f"valid: {choices_text(options)}")
         if group == RECIPE_GROUP and not o.is_add() and not o.is_force_add():
             raise ConfigError(f"recipe: train.yaml selects no recipe, so add one with '+recipe={o.value()}'")
-
-
-SWEEP_GROUP = "sweep"
 
 
 def sweep_config_axes(args: list[str]) -> list[str]:
