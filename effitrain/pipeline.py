@@ -22,6 +22,7 @@ know it is inside a pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -117,7 +118,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         init_model, transform_info = None, None
         if stage.inherits_model:
             source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else Path(stage.init)
-            init_model, transform_info = _handoff(source, stage, run_dir, is_main, say)
+            init_model, transform_info = _handoff(source, stage, run_dir, is_main, say, final_models)
         run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
                                final_models=final_models, concluded=concluded)
         if stage.sweep is not None:
@@ -234,7 +235,8 @@ def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transfor
             "skipped_as_finished": skipped, **{k: summary.get(k) for k in keys}}
 
 
-def _handoff(source: Path, stage: StageDecl, run_dir: Path, is_main: bool, say: Any) -> tuple[Path, Optional[dict]]:
+def _handoff(source: Path, stage: StageDecl, run_dir: Path, is_main: bool, say: Any,
+             final_models: Optional[dict[str, str]] = None) -> tuple[Path, Optional[dict]]:
     """The folder the stage starts from: ``source`` itself, or ``source`` through the stage's transform (written once,
     atomically, by rank 0; a resumed pipeline reuses it)."""
     if not (source / "config.json").is_file():
@@ -252,7 +254,11 @@ def _handoff(source: Path, stage: StageDecl, run_dir: Path, is_main: bool, say: 
     if is_main and not record.is_file():
         from effitrain.config.spec import parse_transform
 
-        transform = parse_transform(stage)
+        from effitrain.config.stages import resolve_refs
+
+        # '@stage:NAME' in a transform's parameters: that earlier stage's final model
+        transform = parse_transform(dataclasses.replace(stage, transform=resolve_refs(stage.transform,
+                                                                                      final_models or {})))
         say(f"stage '{stage.name}': applying transform {transform.name} to {source} ...")
         model, info = transform.build(source)
         tmp = out.with_name(out.name + ".tmp")

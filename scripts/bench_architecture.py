@@ -51,6 +51,7 @@ ARMS: dict[str, str] = {
     "monarch": "monarch",
     "moe_upcycle": "moe_upcycle",
     "sparse_spectral": "sparse_spectral",
+    "vcycle": "vcycle",
 }
 
 

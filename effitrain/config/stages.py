@@ -110,7 +110,8 @@ def parse_stages(raw: Any) -> list[StageDecl]:
         sweep, config_from = _sweep_keys(entry, where, init, transform, stages)
         stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from))
     for stage in stages:
-        for ref in stage_refs(stage.delta):
+        # a delta's value or a transform's parameter (decoalesce_interpolate.reference) may name an earlier stage
+        for ref in stage_refs(stage.delta) + stage_refs(stage.transform or {}):
             earlier = [s.name for s in stages if s.index < stage.index]
             if ref not in earlier:
                 raise ConfigError(f"stages.{stage.name}: '{STAGE_REF}{ref}' must name an earlier stage"
@@ -168,13 +169,14 @@ def stage_refs(node: Any) -> list[str]:
     return []
 
 
-def _resolve_refs(node: Any, final_models: Mapping[str, str]) -> Any:
+def resolve_refs(node: Any, final_models: Mapping[str, str]) -> Any:
+    """``@stage:NAME`` strings anywhere in ``node`` replaced by that stage's final-model folder."""
     if isinstance(node, str) and node.startswith(STAGE_REF):
         return final_models[node[len(STAGE_REF):]]
     if isinstance(node, Mapping):
-        return {k: _resolve_refs(v, final_models) for k, v in node.items()}
+        return {k: resolve_refs(v, final_models) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve_refs(v, final_models) for v in node]
+        return [resolve_refs(v, final_models) for v in node]
     return node
 
 
@@ -215,7 +217,7 @@ def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Option
     earlier sweep stages to the config delta they concluded (for ``config_from``; merged after the stage's own
     delta, so the keys the sweep chose win over the recipe's stand-ins; absent when only checking)."""
     run = base_config(cfg)
-    _apply_delta(run, _resolve_refs(stage.delta, final_models), stage.name)
+    _apply_delta(run, resolve_refs(stage.delta, final_models), stage.name)
     if stage.config_from is not None and concluded and stage.config_from in concluded:
         _apply_delta(run, concluded[stage.config_from], stage.name)
     if stage.inherits_model:
