@@ -162,21 +162,59 @@ def _check_memory(args: list[str]) -> int:
 
 
 def _verb_diff(args: list[str]) -> int:
-    from effitrain.config.compose import compose_config, flatten
+    from effitrain.config.provenance import diff, format_diff
 
-    if len(args) < 2:
-        raise ConfigError("diff: name two recipes, e.g. 'effitrain diff baseline wsd'")
-    flats = []
-    for name in args[:2]:
-        flat = flatten("", compose_config(_recipe_overrides(name) + args[2:]).cfg, {})
-        flat = {k: v for k, v in flat.items() if not k.startswith(("recipe.", "run_dir"))}
-        flats.append(flat)
-    a, b = flats
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    for key in keys:
-        print(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
-    if not keys:
-        print("no differences")
+    fmt, rest = "text", []
+    words = list(args)
+    while words:
+        word = words.pop(0)
+        if word == "--format":
+            fmt = words.pop(0) if words else ""
+            if fmt not in ("text", "markdown"):
+                raise ConfigError(f"diff: --format: expected text or markdown, got '{fmt}'")
+        elif word.startswith("--"):
+            raise ConfigError(f"diff: unknown option '{word}'; options: --format text|markdown")
+        else:
+            rest.append(word)
+    if len(rest) < 2:
+        raise ConfigError("diff: name two sides -- recipes ('baseline wsd'), stacks ('galore+lisa'), quoted override "
+                          "lists ('optimizer=galore optimizer.lr=1e-3') or run directories -- then overrides for both")
+    rows, a, b = diff(rest[0], rest[1], rest[2:])
+    print(format_diff(rows, a, b, fmt))
+    return 0
+
+
+def _verb_explain(args: list[str]) -> int:
+    from effitrain.config.provenance import explain
+
+    if not args or "=" in args[0]:
+        raise ConfigError("explain: name a key, then the recipe and overrides, e.g. 'effitrain explain optimizer.lr "
+                          "+recipe=galore optimizer.lr=1e-3'")
+    print(explain(args[0], args[1:]))
+    return 0
+
+
+def _verb_lock(args: list[str]) -> int:
+    from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe
+    from effitrain.config.lock import lock_dir, stale_locks, write_locks
+
+    check = "--check" in args
+    names = [a for a in args if a != "--check"]
+    for name in names:
+        if name.startswith("--"):
+            raise ConfigError(f"lock: unknown option '{name}'; options: --check, or recipe names")
+        load_recipe(name)
+    if check:
+        problems = stale_locks(names or None)
+        if problems:
+            listed = ", ".join(f"{n} ({why})" for n, why in sorted(problems.items()))
+            print(f"effitrain: lock files not current: {listed}; run 'effitrain lock' and commit {lock_dir()}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{len(names or group_options(RECIPE_GROUP))} lock file(s) current")
+        return 0
+    changed = write_locks(names or None)
+    print(f"rewrote {len(changed)} lock file(s) in {lock_dir()}" + (f": {', '.join(changed)}" if changed else ""))
     return 0
 
 
@@ -274,7 +312,8 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
     "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
-    "evaluate": _verb_evaluate, "plan": _verb_plan, "report": _verb_report,
+    "evaluate": _verb_evaluate, "plan": _verb_plan, "report": _verb_report, "explain": _verb_explain,
+    "lock": _verb_lock,
 }
 
 

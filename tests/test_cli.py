@@ -82,11 +82,12 @@ def test_recipe_must_be_added_not_assigned():
 def test_tool_verbs_import_neither_torch_nor_deepspeed():
     code = ("import sys; from effitrain.cli import main; "
             "codes = [main(['recipes']), main(['show', 'wsd']), main(['check', '+recipe=wsd']), main(['rules']), "
-            "main(['diff', 'baseline', 'wsd'])]; "
+            "main(['diff', 'baseline', 'wsd']), main(['explain', 'optimizer.lr', '+recipe=galore']), "
+            "main(['lock', '--check', 'wsd']), main(['plan', '+recipe=wsd'])]; "
             "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets') if m in sys.modules]; "
             "print('HEAVY', heavy, codes)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert "HEAVY [] [0, 0, 0, 0, 0]" in out.stdout, out.stdout + out.stderr
+    assert "HEAVY [] [0, 0, 0, 0, 0, 0, 0, 0]" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_verb_whose_reader_closes_the_pipe_ends_quietly():

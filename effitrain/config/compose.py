@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Optional, Iterable
 
 import yaml
 
@@ -303,16 +303,22 @@ def _keys_at(parent: str, overrides: list[str]) -> list[str]:
     return list(node)
 
 
-def compose_raw(overrides: list[str]) -> dict[str, Any]:
+def compose_raw(overrides: list[str], choices: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The composed config, resolved, without the ``hydra`` node; ``choices`` (when given) receives the option
+    Hydra picked for every group (``hydra.runtime.choices``: what effitrain.config.provenance attributes keys to)."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(PRIMARY, overrides=overrides)
+        cfg = compose(PRIMARY, overrides=overrides, return_hydra_config=choices is not None)
+    if choices is not None:
+        choices.update({str(g): str(c) for g, c in cfg.hydra.runtime.choices.items() if c is not None})
+        with open_dict(cfg):
+            del cfg["hydra"]
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def compose_config(overrides: list[str]) -> Composed:
+def compose_config(overrides: list[str], choices: Optional[dict[str, str]] = None) -> Composed:
     """Compose ``train.yaml`` with the overrides, checked: unknown options, recipe conflicts, unknown keys."""
     from effitrain.config.launcher import check_launcher
 
@@ -322,7 +328,7 @@ def compose_config(overrides: list[str]) -> Composed:
     names = recipe_names(parsed)
     check_recipe_conflicts(names)
     try:
-        cfg = compose_raw(overrides)
+        cfg = compose_raw(overrides, choices)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: turn them into one readable line
