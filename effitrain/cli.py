@@ -204,17 +204,24 @@ def _verb_lock(args: list[str]) -> int:
         if name.startswith("--"):
             raise ConfigError(f"lock: unknown option '{name}'; options: --check, or recipe names")
         load_recipe(name)
+    from effitrain.config.generated import stale_generated, write_generated
+
     if check:
         problems = stale_locks(names or None)
-        if problems:
-            listed = ", ".join(f"{n} ({why})" for n, why in sorted(problems.items()))
-            print(f"effitrain: lock files not current: {listed}; run 'effitrain lock' and commit {lock_dir()}",
+        stale_docs = stale_generated(names or None)
+        if problems or stale_docs:
+            listed = ", ".join([*(f"{n} ({why})" for n, why in sorted(problems.items())),
+                                *(str(p) for p in stale_docs)])
+            print(f"effitrain: generated files not current: {listed}; run 'effitrain lock' and commit them",
                   file=sys.stderr)
             return EXIT_FAILED
-        print(f"{len(names or group_options(RECIPE_GROUP))} lock file(s) current")
+        print(f"{len(names or group_options(RECIPE_GROUP))} lock file(s), their cards' generated blocks"
+              f"{'' if names else ' and docs/compatibility.md'} current")
         return 0
     changed = write_locks(names or None)
-    print(f"rewrote {len(changed)} lock file(s) in {lock_dir()}" + (f": {', '.join(changed)}" if changed else ""))
+    docs = write_generated(names or None)
+    print(f"rewrote {len(changed)} lock file(s) in {lock_dir()}" + (f": {', '.join(changed)}" if changed else "")
+          + f"; {len(docs)} generated doc(s)" + (f": {', '.join(p.name for p in docs)}" if docs else ""))
     return 0
 
 

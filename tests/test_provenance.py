@@ -3,13 +3,11 @@ of every recipe's resolved config (`effitrain lock`)."""
 
 from __future__ import annotations
 
-import pytest
-
-from conftest import effitrain_cli
+from conftest import REPO, effitrain_cli
 from effitrain.config.compose import group_options
+from effitrain.config.generated import expected, stale_generated
 from effitrain.config.lock import lock_dir, resolved_text, stale_locks, write_locks
 from effitrain.config.provenance import diff, explain, format_diff, provenance
-from effitrain.registry import ConfigError
 
 
 def test_diff_of_two_recipes_names_exactly_the_keys_they_change_and_who_set_them():
@@ -74,13 +72,38 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_every_lock_file_is_current():
-    """recipes/locked/NAME.yaml holds each recipe's resolved config; a change to a block default must come with the
-    lock files it changes (run `effitrain lock`), so that the pull request shows every affected recipe."""
+def test_every_lock_file_and_generated_doc_is_current():
+    """recipes/locked/NAME.yaml holds each recipe's resolved config, and each card's generated block and
+    docs/compatibility.md come from the code; a change to a block default, a recipe or a rule must come with the files
+    it changes (run `effitrain lock`), so that the pull request shows every affected recipe."""
     problems = stale_locks()
     assert not problems, (f"lock files not current: {', '.join(f'{n} ({why})' for n, why in sorted(problems.items()))}"
                           f"; run 'effitrain lock' and commit {lock_dir()}")
     assert len(list(lock_dir().glob("*.yaml"))) == len(group_options("recipe"))
+    stale = stale_generated()
+    assert not stale, f"generated docs not current: {', '.join(map(str, stale))}; run 'effitrain lock' and commit them"
+
+
+def test_a_stale_card_block_is_named_and_the_hand_written_text_kept(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    original = (REPO / "docs" / "recipes" / "wsd.md").read_text()
+    card = tmp_path / "recipes" / "wsd.md"
+    card.write_text(original.replace("| `scheduler.decay_shape` | `'exp'` |", "| `scheduler.decay_shape` | `'x'` |"))
+    assert stale_generated(["wsd"], docs=tmp_path) == [card]
+    regenerated = expected(["wsd"], docs=tmp_path)[card]
+    assert regenerated == original and "## Paper vs this recipe" in regenerated  # the hand-written part is kept
+    card.write_text(original.split("<!-- generated:start -->")[0] + original.split("<!-- generated:end -->\n")[1])
+    assert expected(["wsd"], docs=tmp_path)[card] == original  # a card without a block gets it under its title
+
+
+def test_the_matrix_cells_are_the_rules_verdicts():
+    from effitrain.config.generated import VARIANTS, recipe_matrix_row
+
+    columns = [v[0] for v in VARIANTS]
+    galore = dict(zip(columns, recipe_matrix_row("galore")))
+    assert galore["ZeRO-3"] == "galore_needs_2d_gradients" and galore["CPU"] == galore["GPU bf16"] == "ok"
+    spectral = dict(zip(columns, recipe_matrix_row("sparse_spectral")))
+    assert spectral["GPU bf16"] == spectral["ZeRO-2"] == "sparse_spectral_rewrites_its_factors"
 
 
 def test_a_stale_lock_file_is_named(tmp_path):

@@ -8,8 +8,10 @@ only compares.  Torch-free: composition only.
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -24,8 +26,15 @@ def lock_dir() -> Path:
     return config_root() / RECIPE_GROUP / LOCK_DIR_NAME
 
 
+@functools.lru_cache(maxsize=None)
+def composed_recipe(name: str) -> Any:
+    """``+recipe=NAME`` composed once per process (Hydra's composition is most of a lock's time); callers copy
+    before changing it."""
+    return compose_config([f"+recipe={name}"])
+
+
 def resolved_text(name: str) -> str:
-    cfg = compose_config([f"+recipe={name}"]).cfg
+    cfg = copy.deepcopy(composed_recipe(name).cfg)
     cfg.pop("run_dir", None)   # a timestamped default folder: where a run goes, not what it is
     cfg.pop("recipe", None)    # the recipe's metadata, already in its own file
     return HEADER.format(name=name) + yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False)
