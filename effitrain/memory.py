@@ -101,6 +101,15 @@ def peak_memory_bytes() -> dict[str, int]:
     return out
 
 
+def held_gradient_bytes(model: Any) -> int:
+    """Bytes of the gradients the parameters hold now (``p.grad``); the loop reads it just before the first optimizer
+    step, when they exist.  Gradients DeepSpeed keeps in its own flat buffers (ZeRO-2's partitions) are not counted."""
+    module = model
+    while type(module).__name__ == "DeepSpeedEngine" or not isinstance(module, torch.nn.Module):
+        module = module.module
+    return _sum_unique([p.grad for p in module.parameters() if p.grad is not None], set())
+
+
 def memory_report(model: Any, optimizer: Any = None) -> dict[str, int]:
     """Bytes and counts read from the live model and optimizer; JSON-serialisable (the engine puts it in
     ``summary.json`` and the log)."""

@@ -428,6 +428,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,
         **memory_report(engine.module, optimizer),
+        # gradient_bytes above is read at the end, after DeepSpeed freed them (0); this is what they took in a step
+        "gradient_bytes_at_step": trainer.gradient_bytes_at_step,
         "recipe": [r.name for r in spec.recipes],
         "world_size": launch.world_size,
         "zero_stage": spec.block("parallelism").params.stage,

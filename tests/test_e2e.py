@@ -32,6 +32,8 @@ def test_a_short_run_learns_and_leaves_a_complete_run_directory(tmp_path, train_
                 "trainable_params", "total_params", "recipe", "world_size", "zero_stage"):
         assert key in summary, key
     assert summary["steps"] == 40 and summary["tokens"] == 40 * 4 * 64
+    # fp32 on CPU: one 4-byte gradient per trainable parameter in a step; DeepSpeed frees them after it
+    assert summary["gradient_bytes_at_step"] == 4 * summary["trainable_params"]
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
     for name in ("config.yaml", "command.txt", "env.json"):

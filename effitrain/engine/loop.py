@@ -26,6 +26,7 @@ from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_me
 from effitrain.objectives.common import mean_token_loss
 from effitrain.engine.rundir import CHECKPOINTS
 from effitrain.engine.state import State
+from effitrain.memory import held_gradient_bytes
 from effitrain.errors import RunFailed
 
 
@@ -93,6 +94,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(state.model, seq_len)
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
+        self.gradient_bytes_at_step: Optional[int] = None  # gradients held just before this launch's first step
         self.train_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------- batches
@@ -285,6 +287,8 @@ class Trainer:
                 step_loss += st.loss.detach()
                 if engine.is_gradient_accumulation_boundary():
                     self.guard.arm(step_loss)
+                    if self.gradient_bytes_at_step is None:  # after the step DeepSpeed frees them: read them now
+                        self.gradient_bytes_at_step = held_gradient_bytes(st.model)
                 engine.step()
                 st.micro_step += 1
             st.step += 1
