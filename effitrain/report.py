@@ -248,12 +248,15 @@ def figures(runs: list[RunCurves]) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buffer.getvalue()
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _panel(axes[0], runs, colours, "step", "loss", "train", title="train loss by step", xlabel="optimizer step",
-           ylabel="loss (nats/token)")
-    _panel(axes[1], runs, colours, "tokens", "loss", "train", title="train loss by tokens", xlabel="training tokens",
-           ylabel="loss (nats/token)")
-    finish(fig, "loss", axes)
+    def side_by_side(name: str, left: tuple, right: tuple) -> None:
+        """Two panels, each (x key, y key, title, x label, y label) over the train lines."""
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, (x, y, title, xlabel, ylabel) in zip(axes, (left, right)):
+            _panel(ax, runs, colours, x, y, "train", title=title, xlabel=xlabel, ylabel=ylabel)
+        finish(fig, name, axes)
+
+    side_by_side("loss", ("step", "loss", "train loss by step", "optimizer step", "loss (nats/token)"),
+                 ("tokens", "loss", "train loss by tokens", "training tokens", "loss (nats/token)"))
 
     domains = sorted({d for run in runs for d in run.domains})
     panels = ["eval_loss", *(f"eval_loss/{d}" for d in domains)]
@@ -268,12 +271,8 @@ def figures(runs: list[RunCurves]) -> dict[str, bytes]:
         ax.set_visible(False)
     finish(fig, "eval_loss", flat)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _panel(axes[0], runs, colours, "step", "lr", "train", title="learning rate", xlabel="optimizer step",
-           ylabel="learning rate")
-    _panel(axes[1], runs, colours, "step", "tokens_per_s", "train", title="throughput", xlabel="optimizer step",
-           ylabel="tokens/s")
-    finish(fig, "lr_throughput", axes)
+    side_by_side("lr_throughput", ("step", "lr", "learning rate", "optimizer step", "learning rate"),
+                 ("step", "tokens_per_s", "throughput", "optimizer step", "tokens/s"))
     return out
 
 

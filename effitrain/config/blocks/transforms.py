@@ -52,32 +52,32 @@ class UpcycleMoEParams:
     seed: int = param(0, help="seed of the router's initialisation")
 
 
+@dataclass
+class _Levels:
+    """What a coalescing halves, and what de-coalescing must therefore double (the same for both transforms)."""
+    width: bool = param(True, help="hidden size, heads, key/value heads and MLP width (channel c with c + n/2, the "
+                                   "authors' scheme)")
+    depth: bool = param(True, help="the layers (layer i with i + L/2, the authors' depth_scheme)")
+
+    def validate(self, path: str) -> None:
+        if not (self.width or self.depth):
+            raise ConfigError(f"{path}: width and depth are both false; the transform would change nothing")
+
+
 @register("transform", "coalesce", builder="effitrain.models.vcycle:coalesce",
           summary="Multi-level training: merge a model's channels/heads and layers in pairs into one of half the "
                   "width and depth (Zou et al., 2404.07999)")
 @dataclass
-class CoalesceParams:
-    width: bool = param(True, help="halve hidden size, heads, key/value heads and MLP width (channel c with c + n/2, "
-                                   "the authors' scheme)")
-    depth: bool = param(True, help="halve the layers (layer i with i + L/2, the authors' depth_scheme)")
-
-    def validate(self, path: str) -> None:
-        if not (self.width or self.depth):
-            raise ConfigError(f"{path}: width and depth are both false; coalescing would change nothing")
+class CoalesceParams(_Levels):
+    pass
 
 
 @register("transform", "decoalesce_interpolate", builder="effitrain.models.vcycle:decoalesce_interpolate",
           summary="Multi-level training: de-coalesce a trained small model to the large shape and interpolate it "
                   "with the large model of an earlier stage (Zou et al., 2404.07999)")
-@dataclass
-class DecoalesceInterpolateParams:
+@dataclass(kw_only=True)
+class DecoalesceInterpolateParams(_Levels):
     reference: str = param(help="the large model to interpolate with: '@stage:NAME' (the stage before the "
                                 "coalescing) or a save_pretrained folder")
     alpha: float = param(0.5, ge=0, le=1, help="weight of the de-coalesced model: (1 - alpha) * reference + alpha * "
                                                "decoalesced (the authors' scripts: 0.5)")
-    width: bool = param(True, help="undo a width coalescing (as the coalesce transform had it)")
-    depth: bool = param(True, help="undo a depth coalescing")
-
-    def validate(self, path: str) -> None:
-        if not (self.width or self.depth):
-            raise ConfigError(f"{path}: width and depth are both false; de-coalescing would change nothing")
