@@ -118,7 +118,8 @@ def test_show_prints_the_resolved_recipe_config():
 def test_diff_names_the_keys_a_recipe_changes():
     result = effitrain_cli("diff", "baseline", "wsd")
     assert result.returncode == 0, result.stderr
-    assert "scheduler.name: 'cosine' -> 'wsd'" in result.stdout
+    assert ("scheduler.name: 'cosine' [configs/scheduler/cosine.yaml (chosen by recipe baseline)] -> "
+            "'wsd' [configs/scheduler/wsd.yaml (chosen by recipe wsd)]") in result.stdout
 
 
 def test_check_refuses_an_existing_run_dir(tmp_path):

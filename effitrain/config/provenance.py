@@ -200,7 +200,7 @@ def format_diff(rows: list[DiffRow], a: str, b: str, fmt: str = "text") -> str:
     if not rows:
         return "no differences"
     def side(value: Any, source: str) -> str:
-        return UNSET if value == UNSET else f"{value!r} ({source})"
+        return UNSET if value == UNSET else f"{value!r} [{source}]"
 
     return "\n".join(f"{r.key}: {side(r.a, r.a_source)} -> {side(r.b, r.b_source)}" for r in rows)
 
