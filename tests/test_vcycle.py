@@ -122,6 +122,21 @@ def test_a_reference_to_a_stage_that_does_not_come_earlier_is_refused_by_name():
         validate(composed.cfg, composed.recipes)
 
 
+
+def test_odd_sizes_of_a_config_built_model_are_refused_before_the_first_stage_trains():
+    # the model of stage 'large' comes from config: its odd sizes are known without training it
+    for overrides, odd in [(["model.num_layers=3"], "model.num_layers=3"),
+                           (["model.num_kv_heads=1"], "model.num_kv_heads=1")]:
+        composed = compose_config(["+recipe=vcycle", *overrides])
+        with pytest.raises(ConfigError, match=rf"^stages.small.transform: coalesce halves the model and needs even "
+                                              rf"sizes; the stage before has {odd}$"):
+            validate(composed.cfg, composed.recipes)
+    # coalescing only the width leaves the depth alone: three layers are fine then
+    composed = compose_config(["+recipe=vcycle", "model.num_layers=3", "stages.1.transform.depth=false",
+                               "+stages.2.transform.depth=false"])
+    assert [s.name for s in validate(composed.cfg, composed.recipes).stages] == ["large", "small", "merged"]
+
+
 @pytest.mark.slow
 def test_a_vcycle_stopped_in_its_small_stage_resumes_exactly(tmp_path, train_in_process):
     run = ["+recipe=vcycle", "stages.0.train.max_steps=2", "stages.1.train.max_steps=4", "stages.2.train.max_steps=2"]

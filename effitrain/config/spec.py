@@ -150,7 +150,12 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
     init_models, final_models = placeholder_paths(stages)
     for stage in stages:
         if stage.transform is not None:
-            parse_transform(stage)
+            transform = parse_transform(stage)
+            # a transform may check the model it will receive where that model is built from config (the previous
+            # stage's spec), so that e.g. odd sizes are refused before the first stage trains
+            check = getattr(transform.params, "check_source", None)
+            if check is not None and stage.init == "previous" and spec.stage_specs:
+                check(spec.stage_specs[-1], f"stages.{stage.name}.transform")
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
             spec.stage_specs.append(validate(run_cfg, recipes))

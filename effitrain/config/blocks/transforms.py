@@ -8,7 +8,7 @@ stage is launched; the stage itself is an ordinary run of a ``pretrained`` model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from effitrain.registry import ConfigError, param, register
 
@@ -69,7 +69,23 @@ class _Levels:
                   "width and depth (Zou et al., 2404.07999)")
 @dataclass
 class CoalesceParams(_Levels):
-    pass
+    def check_source(self, spec: Any, path: str) -> None:
+        """Halving needs even sizes: checked here when the source model is built from config (llama-style model
+        blocks); a pretrained source is checked when the transform loads it."""
+        model = spec.block("model").params
+        if not hasattr(model, "num_layers"):
+            return
+        sizes = []
+        if self.width:
+            sizes += [("hidden_size", model.hidden_size), ("num_heads", model.num_heads),
+                      ("num_kv_heads", model.num_kv_heads or model.num_heads),
+                      ("intermediate_size", model.intermediate_size)]
+        if self.depth:
+            sizes.append(("num_layers", model.num_layers))
+        odd = [f"model.{name}={value}" for name, value in sizes if value % 2]
+        if odd:
+            raise ConfigError(f"{path}: coalesce halves the model and needs even sizes; the stage before has "
+                              f"{', '.join(odd)}")
 
 
 @register("transform", "decoalesce_interpolate", builder="effitrain.models.vcycle:decoalesce_interpolate",
