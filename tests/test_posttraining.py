@@ -1,0 +1,143 @@
+"""Post-training data and objectives (issue #14, first slice).
+
+What holds: a conversation's labels are its ids on exactly the assistant tokens (content and closing EOS) and -100
+everywhere else; packed conversations do not attend to each other (a conversation's logits are the same packed and
+alone); the built-in arithmetic set is checkable and its eval questions never occur in train; ``sft`` is the mean
+next-token loss over the assistant tokens; ``dpo``/``simpo`` equal their closed forms on a hand-built pair (and
+TRL's DPO loss when trl is installed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from effitrain.data import arithmetic_chat, chat
+from effitrain.objectives.common import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the arithmetic conversations rendered with the default template (no template
+    of its own, like effitrain's BPE)."""
+    import datasets
+
+    from effitrain.data.tokenizer import train_bpe
+
+    train, _ = arithmetic_chat.splits(300, 0)
+    texts = [f"<|user|>\n{e['question']}\n<|assistant|>\n{e['answer']}" for e in train]
+    folder = tmp_path_factory.mktemp("bpe")
+    train_bpe(datasets.Dataset.from_dict({"text": texts}), 300, folder)
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    assert tok.chat_template is None
+    return tok
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
+         {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4+4?"},
+         {"role": "assistant", "content": "8"}]
+
+
+def test_default_template_is_tulu3(tokenizer):
+    text = tokenizer.apply_chat_template(CONVO, chat_template=chat.chat_template(tokenizer), tokenize=False)
+    assert text == ("<|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\n5<|endoftext|>\n"
+                    "<|user|>\nAnd 4+4?\n<|assistant|>\n8<|endoftext|>")
+
+
+def test_labels_are_exactly_the_assistant_tokens(tokenizer):
+    ids, labels = chat.encode_conversation(tokenizer, CONVO)
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    # each assistant message's own text: its content and the EOS that closes it; the newline after an inner turn's
+    # EOS is rendered only once the next message exists, so it belongs to the untrained prompt of that turn
+    assert tokenizer.decode(trained) == "5<|endoftext|>8<|endoftext|>"
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    # the whole rendering, nothing more and nothing less
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(
+        CONVO, chat_template=chat.DEFAULT_CHAT_TEMPLATE, tokenize=False)
+    # the prompt given at generation is the untrained prefix of the training ids
+    prompt = chat.prompt_ids(tokenizer, CONVO[:2])
+    assert prompt == ids[:len(prompt)] and tokenizer.decode(prompt).endswith("<|assistant|>\n")
+    assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] == ids[len(prompt)]
+
+
+def test_packing_places_whole_conversations_and_restarts_positions(tokenizer):
+    encoded = [chat.encode_conversation(tokenizer, e["messages"]) for e in arithmetic_chat.splits(6, 0)[0]]
+    lengths = [len(ids) for ids, _ in encoded]
+    seq_len = max(lengths) * 2 + 1
+    packed = chat.pack_conversations(encoded, seq_len, tokenizer.pad_token_id)
+    rows = packed.rows
+    assert rows.shape[1:] == (3, seq_len) and packed.truncated == 0
+    # every conversation appears whole, in order, positions 0..n-1
+    flat = [(r, start) for r in range(len(rows)) for start in range(seq_len) if rows[r, 2, start] == 0]
+    found = []
+    for r, start in flat:
+        end = start + 1
+        while end < seq_len and rows[r, 2, end] == rows[r, 2, end - 1] + 1:
+            end += 1
+        found.append((rows[r, 0, start:end].tolist(), rows[r, 1, start:end].tolist()))
+    assert [f for f in found if any(label != IGNORE_INDEX for label in f[1])] == [(i, l) for i, l in encoded]
+    assert (rows[:, 1][rows[:, 0] == tokenizer.pad_token_id] == IGNORE_INDEX).all()
+
+
+def test_packed_conversations_do_not_attend_across_boundaries(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    convos = [chat.encode_conversation(tokenizer, e["messages"])[0] for e in arithmetic_chat.splits(3, 0)[0]]
+    seq_len = sum(map(len, convos)) + 3
+    rows = chat.pack_conversations([(c, c) for c in convos], seq_len, tokenizer.pad_token_id).rows
+    assert len(rows) == 1  # all three in one row
+    batch = chat.to_batch(torch.from_numpy(rows))
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        # without the restarting positions the later conversations would see the earlier ones: a real difference
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        start = 0
+        for c in convos:
+            alone = model(input_ids=torch.tensor([c])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(c)], alone, rtol=1e-5, atol=1e-5)
+            if start:
+                assert (leaky[start:start + len(c)] - alone).abs().max() > 1e-3
+            start += len(c)
+
+
+def test_builtin_arithmetic_is_checkable_and_held_out():
+    train, eval_ = arithmetic_chat.splits(2000, 200, seed=0, max_digits=2)
+    assert len(train) == 2000 and 0 < len(eval_) <= 200
+    assert not {e["question"] for e in eval_} & {e["question"] for e in train}
+    for e in train[:200] + eval_:
+        assert arithmetic_chat.answer_of(e["question"]) == e["answer"] == int(e["messages"][1]["content"])
+        assert int(e["rejected"][1]["content"]) != e["answer"]
+        assert e["rejected"][0] == e["messages"][0]
+    assert arithmetic_chat.answer_of("What is 37+45?") == 82 and arithmetic_chat.answer_of("hello") is None
+    assert arithmetic_chat.splits(5, 5, seed=1) == arithmetic_chat.splits(5, 5, seed=1)  # deterministic
+
+
+def test_preference_rows_pair_chosen_with_rejected(tokenizer):
+    train, _ = arithmetic_chat.splits(4, 0)
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in train], 32)
+    assert rows.shape == (4, 2, 3, 32)
+    batch = chat.to_batch(torch.from_numpy(rows))
+    assert batch["input_ids"].shape == (8, 32)
+    for i, e in enumerate(train):
+        chosen = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        rejected = batch["labels"][4 + i][batch["labels"][4 + i] != IGNORE_INDEX]
+        assert tokenizer.decode(chosen) == f"{e['answer']}<|endoftext|>"
+        assert tokenizer.decode(rejected) == f"{e['rejected'][1]['content']}<|endoftext|>"
+
+
+def test_bad_messages_name_the_key():
+    from effitrain.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.messages\[0\].role: 'bot' is not one of system, user, assistant"):
+        chat.check_messages([{"role": "bot", "content": "x"}], "dataset.messages")
+    with pytest.raises(ConfigError, match="no assistant message"):
+        chat.check_messages([{"role": "user", "content": "x"}], "dataset.messages")
