@@ -141,3 +141,88 @@ def test_bad_messages_name_the_key():
         chat.check_messages([{"role": "bot", "content": "x"}], "dataset.messages")
     with pytest.raises(ConfigError, match="no assistant message"):
         chat.check_messages([{"role": "user", "content": "x"}], "dataset.messages")
+
+
+# ---------------------------------------------------------------------------------------------------- objectives
+
+def objective(name: str, model=None, **params):
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    return REGISTRY.parse("objective", {"name": name, **params}).build(model=model, device="cpu",
+                                                                       bf16_supported=False)
+
+
+def response_logp(model, ids: list[int], labels: list[int]) -> float:
+    """log pi(response | prompt) by hand: the sum over labelled positions t of log softmax(logits[t-1])[ids[t]]."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(1, len(ids))
+               if labels[t] != IGNORE_INDEX)
+
+
+def pair_batch(tokenizer, examples, seq_len: int = 24):
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in examples], seq_len)
+    return chat.to_batch(torch.from_numpy(rows))
+
+
+def test_sft_is_the_mean_loss_over_assistant_tokens(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    convos = [chat.encode_conversation(tokenizer, e["messages"]) for e in arithmetic_chat.splits(4, 0)[0]]
+    rows = chat.pack_conversations(convos, 40, tokenizer.pad_token_id).rows
+    loss, metrics = objective("sft")(model, chat.to_batch(torch.from_numpy(rows)), None)
+    # by hand, conversation by conversation alone: -sum of log-probs of the assistant tokens / their count
+    total = sum(response_logp(model, ids, labels) for ids, labels in convos)
+    count = sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for _, labels in convos)
+    assert int(metrics["assistant_tokens"]) == count
+    assert loss.item() == pytest.approx(-total / count, rel=1e-5)
+
+
+def test_dpo_loss_on_a_hand_built_pair_is_the_closed_form(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=0)
+    dpo = objective("dpo", model=model, beta=0.5)
+    assert not any(p.requires_grad for p in dpo.reference.parameters()) and not dpo.reference.training
+    with torch.no_grad():  # the policy moves away from its start; the reference stays the start model
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    example = arithmetic_chat.splits(1, 0)[0][0]
+    batch = pair_batch(tokenizer, [example])
+    loss, metrics = dpo(model, batch, None)
+    chosen, rejected = (chat.encode_conversation(tokenizer, example[k]) for k in ("messages", "rejected"))
+    start = tiny_llama(len(tokenizer), seed=0)
+    pw, pl = response_logp(model, *chosen), response_logp(model, *rejected)
+    rw, rl = response_logp(start, *chosen), response_logp(start, *rejected)
+    margin = 0.5 * ((pw - rw) - (pl - rl))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))), rel=1e-5)
+    assert metrics["reward_margin"].item() == pytest.approx(margin, rel=1e-4)
+    assert metrics["reward_accuracy"].item() == float(margin > 0)
+    # at the start (policy == reference) every pair's loss is log 2
+    fresh = tiny_llama(len(tokenizer), seed=3)
+    loss0, _ = objective("dpo", model=fresh)(fresh, pair_batch(tokenizer, arithmetic_chat.splits(3, 0)[0]), None)
+    assert loss0.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_length_normalized_dpo_and_simpo_divide_by_the_response_length(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=1)
+    example = arithmetic_chat.splits(1, 0)[0][0]
+    batch = pair_batch(tokenizer, [example])
+    chosen, rejected = (chat.encode_conversation(tokenizer, example[k]) for k in ("messages", "rejected"))
+    n_w, n_l = (sum(1 for label in c[1][1:] if label != IGNORE_INDEX) for c in (chosen, rejected))
+    avg_w, avg_l = response_logp(model, *chosen) / n_w, response_logp(model, *rejected) / n_l
+    loss, _ = objective("simpo", beta=2.0, gamma_beta_ratio=0.5)(model, batch, None)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-(2.0 * (avg_w - avg_l) - 1.0))), rel=1e-5)
+    dpo = objective("dpo", model=tiny_llama(len(tokenizer), seed=2), beta=5.0, length_normalized=True)
+    start = tiny_llama(len(tokenizer), seed=2)
+    ref_w, ref_l = response_logp(start, *chosen) / n_w, response_logp(start, *rejected) / n_l
+    margin = 5.0 * ((avg_w - ref_w) - (avg_l - ref_l))
+    assert dpo(model, batch, None)[0].item() == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-5)
+
+
+def test_bad_objective_parameters_name_the_key():
+    from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+
+    load_builtin_blocks()
+    with pytest.raises(ConfigError, match="beta"):
+        REGISTRY.parse("objective", {"name": "dpo", "beta": -1})
+    with pytest.raises(ConfigError, match="gama_beta_ratio"):
+        REGISTRY.parse("objective", {"name": "simpo", "gama_beta_ratio": 1})
