@@ -54,7 +54,7 @@ def build_chat_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
 
     from effitrain.data.arithmetic_chat import DOMAIN, splits
 
-    train, eval_ = splits(params.train_examples, params.eval_examples_per_domain, seed=params.seed,
+    train, eval_ = splits(params.max_docs_per_domain, params.eval_examples_per_domain, seed=params.seed,
                           max_digits=params.max_digits)
     keep_rejected = params.format == "preference"
     records = [[{"id": e["id"], "domain": DOMAIN, "messages": e["messages"],

@@ -21,7 +21,7 @@ class _ChatCommon:
           summary="Built-in instructions: procedural arithmetic with checkable answers (a wrong answer as rejected)")
 @dataclass
 class ChatDemoParams(_ChatCommon):
-    train_examples: int = param(4000, ge=1, help="generated training conversations")
+    max_docs_per_domain: int = param(4000, ge=1, help="generated training conversations (one domain)")
     max_digits: int = param(2, ge=1, le=6, help="operands have 1..max_digits digits")
     seed: int = 0
 
