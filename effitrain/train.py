@@ -252,7 +252,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                                             documents=data.selection.train, tokenizer=data.tokenizer))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
-        [m.build() for m in spec.methods.values()] + list(precision.hooks)
+        [m.build(**_if_accepted(m, tokenizer=data.tokenizer)) for m in spec.methods.values()] + \
+        list(precision.hooks)
     objective = _build_objective(spec, model, launch, data.tokenizer)
 
     # Everything that can refuse the configuration has been built: now the run directory may be taken.

@@ -256,3 +256,27 @@ def test_dpo_loss_equals_trl_on_identical_inputs(tokenizer, tmp_path):
     loss, _ = ours(model, batch, None)
     assert loss.item() == pytest.approx(theirs.item(), rel=1e-5)
     assert abs(loss.item() - math.log(2)) > 1e-4  # the policy moved: not the trivial value at the start
+
+
+# ---------------------------------------------------------------------------------------------------- answer accuracy
+
+def test_exact_answer_match_on_correct_wrong_and_malformed_answers():
+    from effitrain.methods.answer_accuracy import is_exact_answer
+
+    assert is_exact_answer("82", 82) and is_exact_answer(" 82\n", 82) and is_exact_answer("-7", -7)
+    assert not is_exact_answer("83", 82) and not is_exact_answer("7", -7)          # wrong
+    assert not any(is_exact_answer(t, 82) for t in ("82.", "8 2", "", "082", "82 apples", "+82"))  # malformed
+
+
+def test_batched_greedy_answers_equal_each_prompt_answered_alone(tokenizer):
+    """Left padding with an attention mask: a question's greedy answer does not depend on its batch."""
+    from effitrain.methods.answer_accuracy import AnswerAccuracy
+
+    model = tiny_llama(len(tokenizer), seed=6)
+    hook = AnswerAccuracy(tokenizer, examples=6, max_new_tokens=5, batch_size=6)
+    questions = arithmetic_chat.splits(0, 6)[1]
+    prompts = [chat.prompt_ids(tokenizer, e["messages"][:1]) for e in questions]
+    assert len({len(p) for p in prompts}) > 1  # different lengths, so some are padded
+    batched, lengths = hook.responses(model, prompts)
+    alone = [hook.responses(model, [p])[0][0] for p in prompts]
+    assert batched == alone and all(1 <= n <= 5 for n in lengths)

@@ -27,6 +27,9 @@ def test_sft_recipe_trains_on_the_assistant_tokens(tmp_path, train_in_process):
     lines = [m for m in _metrics(tmp_path / "run") if "loss" in m]
     # every packed row holds several conversations, each with a few assistant tokens; far fewer than all tokens
     assert all(0 < m["assistant_tokens"] < 4 * 63 for m in lines)
+    # the recipe's generation-based evaluation answered the held-out questions at the final evaluation
+    evals = [m for m in _metrics(tmp_path / "run") if "eval_accuracy" in m]
+    assert evals and all(0 <= m["eval_accuracy"] <= 1 and 1 <= m["eval_response_tokens"] <= 8 for m in evals)
 
 
 def test_dpo_recipe_runs_sft_then_dpo_from_the_sft_model(tmp_path, train_in_process):
@@ -42,7 +45,7 @@ def test_dpo_recipe_runs_sft_then_dpo_from_the_sft_model(tmp_path, train_in_proc
 def test_sigkill_in_the_dpo_stage_then_resume_gives_the_uninterrupted_losses(tmp_path):
     tiny = [o for o in TINY if not o.startswith(("train.max_steps=", "dataset.max_docs"))]
     run_args = [*tiny, "+recipe=dpo", "dataset.max_docs_per_domain=200", "stages.0.train.max_steps=2",
-                "stages.1.train.max_steps=12", "stages.1.train.save_every=4", "train.keep_checkpoints=3"]
+                "stages.1.train.max_steps=12", "+stages.1.train.save_every=4", "train.keep_checkpoints=3"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = effitrain_cli(*run_args, f"run_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
