@@ -280,3 +280,20 @@ def test_batched_greedy_answers_equal_each_prompt_answered_alone(tokenizer):
     batched, lengths = hook.responses(model, prompts)
     alone = [hook.responses(model, [p])[0][0] for p in prompts]
     assert batched == alone and all(1 <= n <= 5 for n in lengths)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=dpo", "dataset=chat_demo"], "objective=dpo trains on (chosen, rejected) pairs; use a chat dataset "
+                                             "with dataset.format=preference"),
+    (["objective=sft"], "objective=sft trains on the assistant tokens of conversations; use a chat dataset"),
+    (["dataset=chat_demo", "dataset.format=preference"], "which objective=causal_lm would train on alike"),
+    (["dataset=chat_demo", "dataset.format=pairs"], "dataset.format: 'pairs' is not one of"),
+    (["+methods.answer_accuracy={}"], "methods.answer_accuracy checks answers to the built-in arithmetic questions"),
+])
+def test_mismatched_post_training_configs_are_one_line_before_any_run_dir(overrides, message, tmp_path):
+    from tests.conftest import effitrain_cli
+
+    result = effitrain_cli(*overrides, f"run_dir={tmp_path / 'run'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
 
@@ -49,3 +50,24 @@ class ChatLocalParams(_ChatCommon):
         for p in [*self.path, *(self.eval_path or [])]:
             if not p.rstrip("*").endswith((".jsonl", ".json", "*")):
                 raise ConfigError(f"{path}.path: '{p}' is not a .jsonl file; chat data is one JSON record per line")
+
+
+_PAIR_OBJECTIVES = ("dpo", "simpo")
+
+
+@rule("objective_matches_chat_format", "objective sft needs conversations (a chat dataset with format=chat); dpo "
+                                       "and simpo need pairs (format=preference), which no other objective reads")
+def _objective_matches_format(spec, env) -> Optional[str]:
+    objective = spec.block("objective").name
+    data = spec.block("dataset")
+    fmt = getattr(data.params, "format", None) if data.name.startswith("chat_") else None
+    if objective in _PAIR_OBJECTIVES and fmt != "preference":
+        return (f"objective={objective} trains on (chosen, rejected) pairs; use a chat dataset with "
+                f"dataset.format=preference (e.g. dataset=chat_demo dataset.format=preference)")
+    if fmt == "preference" and objective not in _PAIR_OBJECTIVES:
+        return (f"dataset.format=preference makes (chosen, rejected) pairs, which objective={objective} would train "
+                f"on alike; use objective=dpo or objective=simpo, or dataset.format=chat")
+    if objective == "sft" and fmt != "chat":
+        return ("objective=sft trains on the assistant tokens of conversations; use a chat dataset (dataset=chat_demo "
+                "or dataset=chat_local)")
+    return None
