@@ -1,4 +1,4 @@
-"""Chat and preference datasets as sources (``dataset.name: chat_demo | chat_local``), and their rows.
+"""Chat and preference datasets as sources (``dataset.name: chat_demo | chat_local | chat_hub``), and their rows.
 
 A source ends, like every other, as a ``DatasetDict`` with ``train`` and ``eval`` splits and the columns ``id``,
 ``text`` and ``domain`` (so selection methods and the BPE tokenizer work unchanged), plus ``messages`` (the
@@ -62,6 +62,26 @@ def build_chat_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
     return datasets.DatasetDict({"train": _dataset(records[0]), "eval": _dataset(records[1])})
 
 
+def _record(row: dict, params: Any, where: str, default_id: str) -> dict:
+    """One source record as ``{id, domain, messages, rejected}``, checked (errors name ``where``)."""
+    if params.format == "preference":
+        for field in (params.chosen_field, params.rejected_field):
+            if field not in row:
+                raise ConfigError(f"{where}: no '{field}' (dataset.chosen_field / rejected_field name the chosen "
+                                  f"and rejected conversations)")
+        messages = chat.check_messages(row[params.chosen_field], f"{where}.{params.chosen_field}")
+        rejected = chat.check_messages(row[params.rejected_field], f"{where}.{params.rejected_field}")
+        chat.shared_prompt(messages, rejected, where)
+    else:
+        if params.messages_field not in row:
+            raise ConfigError(f"{where}: no '{params.messages_field}' (dataset.messages_field names the list of "
+                              f"{{role, content}} messages)")
+        messages, rejected = chat.check_messages(row[params.messages_field], f"{where}.{params.messages_field}"), None
+    return {"id": str(row["id"]) if row.get("id") is not None else default_id,
+            "domain": str(row[params.domain_field]) if params.domain_field else "all",
+            "messages": messages, "rejected": rejected}
+
+
 def _read_jsonl(files: list[str], params: Any, key: str) -> list[dict]:
     records = []
     for f in files:
@@ -74,26 +94,38 @@ def _read_jsonl(files: list[str], params: Any, key: str) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{where}: not JSON: {exc.msg}") from None
-                if params.format == "preference":
-                    for field in (params.chosen_field, params.rejected_field):
-                        if field not in row:
-                            raise ConfigError(f"{where}: no '{field}' (dataset.chosen_field / rejected_field name "
-                                              f"the chosen and rejected conversations)")
-                    messages = chat.check_messages(row[params.chosen_field], f"{where}.{params.chosen_field}")
-                    rejected = chat.check_messages(row[params.rejected_field], f"{where}.{params.rejected_field}")
-                    chat.shared_prompt(messages, rejected, where)
-                else:
-                    if params.messages_field not in row:
-                        raise ConfigError(f"{where}: no '{params.messages_field}' (dataset.messages_field names the "
-                                          f"list of {{role, content}} messages)")
-                    messages, rejected = chat.check_messages(row[params.messages_field],
-                                                             f"{where}.{params.messages_field}"), None
-                records.append({"id": str(row.get("id", f"{Path(f).stem}-{n:09d}")),
-                                "domain": str(row[params.domain_field]) if params.domain_field else "all",
-                                "messages": messages, "rejected": rejected})
+                records.append(_record(row, params, where, f"{Path(f).stem}-{n:09d}"))
     if not records:
         raise ConfigError(f"{key}: no conversations in {', '.join(files)}")
     return records
+
+
+def build_chat_hub(params: Any, *, cache_dir: Optional[str | Path] = None):
+    """Conversations from a Hugging Face dataset (a hub id, or a local dataset folder): ``split`` for training,
+    ``eval_split`` (or a hold-out of ``split``) for evaluation.  Hub downloads go to the ordinary Hugging Face cache,
+    so ``HF_DATASETS_OFFLINE=1`` runs from it."""
+    import datasets
+
+    from effitrain.data import sources
+
+    def load(split: str, key: str) -> list[dict]:
+        try:
+            ds = datasets.load_dataset(params.path, params.config_name, split=split, revision=params.revision)
+        except ConnectionError as exc:
+            raise ConfigError(f"{_KEY}.path: cannot reach '{params.path}' on the Hugging Face hub and it is not in "
+                              f"the local cache ({str(exc).splitlines()[0] if str(exc) else 'offline'})") from None
+        except (FileNotFoundError, ValueError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{key}: cannot load '{params.path}' split {split!r}: {message}") from None
+        return [_record(row, params, f"{key} (row {i + 1})", f"{split}-{i:09d}") for i, row in enumerate(ds)]
+
+    train = _dataset(load(params.split, f"{_KEY}.split"))
+    if params.eval_split:
+        eval_ = sources.cap_per_domain(_dataset(load(params.eval_split, f"{_KEY}.eval_split")),
+                                       params.eval_examples_per_domain)
+    else:
+        train, eval_ = sources.hold_out(train, params.eval_examples_per_domain, _KEY)
+    return datasets.DatasetDict({"train": train, "eval": eval_})
 
 
 def build_chat_local(params: Any, *, cache_dir: Optional[str | Path] = None):

@@ -52,6 +52,21 @@ class ChatLocalParams(_ChatCommon):
                 raise ConfigError(f"{path}.path: '{p}' is not a .jsonl file; chat data is one JSON record per line")
 
 
+
+@register("dataset", "chat_hub", builder="effitrain.data.chat_sources:build_chat_hub",
+          summary="Conversations from a Hugging Face dataset (hub id or local folder): messages or chosen/rejected")
+@dataclass(kw_only=True)
+class ChatHubParams(_ChatCommon):
+    path: str = param(help="dataset id, e.g. 'allenai/tulu-3-sft-mixture', or a local dataset folder")
+    config_name: Optional[str] = None
+    split: str = "train"
+    eval_split: Optional[str] = param(None, help="the source's eval split; null = hold out conversations of split")
+    revision: Optional[str] = None
+    messages_field: str = param("messages", help="format=chat: the field with the [{role, content}] list")
+    chosen_field: str = param("chosen", help="format=preference: the chosen conversation")
+    rejected_field: str = param("rejected", help="format=preference: the rejected conversation (same prompt)")
+    domain_field: Optional[str] = param(None, help="field with a domain label; null = one domain 'all'")
+
 _PAIR_OBJECTIVES = ("dpo", "simpo")
 
 
