@@ -111,7 +111,7 @@ def test_packed_conversations_do_not_attend_across_boundaries(tokenizer):
 
 def test_builtin_arithmetic_is_checkable_and_held_out():
     train, eval_ = arithmetic_chat.splits(2000, 200, seed=0, max_digits=2)
-    assert len(train) == 2000 and 0 < len(eval_) <= 200
+    assert len(train) == 2000 and len(eval_) == 200 and len({e["question"] for e in eval_}) == 200
     assert not {e["question"] for e in eval_} & {e["question"] for e in train}
     for e in train[:200] + eval_:
         assert arithmetic_chat.answer_of(e["question"]) == e["answer"] == int(e["messages"][1]["content"])

@@ -9,8 +9,9 @@ The preference variant adds a rejected conversation with a wrong answer: the rig
 -10..10 drawn from the same generator (near misses, the errors a small model makes), so chosen and rejected share
 the prompt.
 
-Train and eval never share a question: an eval question that also occurs among the train questions is dropped
-(the check is over the question text), so held-out accuracy measures generalisation, not recall.
+Train and eval never share a question: eval questions that occur among the train questions (or earlier in eval)
+are skipped and further ones drawn (the check is over the question text), so held-out accuracy measures
+generalisation, not recall.
 """
 
 from __future__ import annotations
@@ -50,13 +51,19 @@ def conversation(question: str, answer: int) -> list[dict[str, str]]:
 
 
 def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: frozenset = frozenset()) -> list[dict]:
-    """``count`` examples of ``split`` (fewer when questions of ``exclude`` are dropped), each a dict with ``id``,
-    ``question``, ``answer``, ``messages`` (chosen) and ``rejected``."""
-    out = []
-    for i in range(count):
+    """``count`` examples of ``split``, each a dict with ``id``, ``question``, ``answer``, ``messages`` (chosen) and
+    ``rejected``.  Questions in ``exclude`` (and repeats) are skipped and more are drawn, up to ``20 * count``
+    draws, so a small question space can give fewer."""
+    out: list[dict] = []
+    seen = set(exclude)
+    for i in range(20 * count):
+        if len(out) == count:
+            break
         question, answer, wrong = problem(seed, split, i, max_digits)
-        if question in exclude:
+        if question in seen:
             continue
+        if exclude:  # held-out questions are distinct; training data keeps its natural repeats
+            seen.add(question)
         out.append({"id": f"{DOMAIN}-{split}-{i:06d}", "question": question, "answer": answer,
                     "messages": conversation(question, answer), "rejected": conversation(question, wrong)})
     return out
