@@ -291,7 +291,7 @@ def test_batched_greedy_answers_equal_each_prompt_answered_alone(tokenizer):
     (["+methods.answer_accuracy={}"], "methods.answer_accuracy checks answers to the built-in arithmetic questions"),
 ])
 def test_mismatched_post_training_configs_are_one_line_before_any_run_dir(overrides, message, tmp_path):
-    from tests.conftest import effitrain_cli
+    from conftest import effitrain_cli
 
     result = effitrain_cli(*overrides, f"run_dir={tmp_path / 'run'}")
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, TINY, effitrain_cli
+from conftest import REPO, TINY, effitrain_cli
 
 pytestmark = pytest.mark.slow
 
