@@ -47,9 +47,6 @@ class ChatLocalParams(_ChatCommon):
     def validate(self, path: str) -> None:
         if not self.path or any(not p.strip() for p in self.path):
             raise ConfigError(f"{path}.path: dataset=chat_local needs files; set {path}.path=FILE.jsonl")
-        for p in [*self.path, *(self.eval_path or [])]:
-            if not p.rstrip("*").endswith((".jsonl", ".json", "*")):
-                raise ConfigError(f"{path}.path: '{p}' is not a .jsonl file; chat data is one JSON record per line")
 
 
 
