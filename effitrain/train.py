@@ -138,7 +138,7 @@ def _resolve_timeline(spec: RunSpec, launch: Launch, data: "Data") -> Any:
     """The run's timeline in optimizer steps (tokens per step: the global batch times the packed length)."""
     global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.data_parallel_size
     return spec.timeline.resolve(max_steps=spec.train.max_steps,
-                                 tokens_per_step=global_batch * int(data.train_ids.shape[1]))
+                                 tokens_per_step=global_batch * int(data.train_ids.shape[-1]))
 
 
 def _if_accepted(block: Any, **context: Any) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
     train_ids = to_numpy(packed_train)
     global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.data_parallel_size
     if len(train_ids) < global_batch:
-        raise ConfigError(f"dataset: only {len(train_ids)} packed sequences of {train_ids.shape[1]} tokens, fewer "
+        raise ConfigError(f"dataset: only {len(train_ids)} packed sequences of {train_ids.shape[-1]} tokens, fewer "
                           f"than one global batch ({global_batch}); lower train.micro_batch_size or dataset.seq_len")
     eval_sets = {domain: to_numpy(ds) for domain, ds in sorted(packed_eval.items())}
     return Data(tokenizer, packed_train, train_ids, eval_sets, selection, time.perf_counter() - start)
@@ -266,7 +266,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                                             documents=data.selection.train, tokenizer=data.tokenizer))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
-        [m.build() for m in spec.methods.values()] + list(precision.hooks)
+        [m.build(**_if_accepted(m, tokenizer=data.tokenizer)) for m in spec.methods.values()] + \
+        list(precision.hooks)
     objective = _build_objective(spec, model, launch, data.tokenizer)
     from effitrain.parallel import ulysses  # its groups and attention come last: nothing after them can refuse
     sequence_parallel = ulysses.enable(model, size=launch.sequence_parallel_size,
@@ -378,7 +379,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     if train_rows is None:
         train_rows = data.train_ids
     trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=train_rows, eval_sets=data.eval_sets,
-                      sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[1], objective=objective,
+                      sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[-1], objective=objective,
                       save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
                       on_started=lock.commit_replacement)
 
@@ -422,7 +423,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         # method skips counted parameters, e.g. SortedNet's sampled sub-models)
         "flops_methods": extra_flops,
         # the same, counting masked weights as skipped (static sparsity; equal to flops for a dense model)
-        "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[1])) * state.tokens
+        "flops_sparse": sparse_flops_per_token(engine.module, int(data.train_ids.shape[-1])) * state.tokens
         + extra_flops,
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
@@ -439,7 +440,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "precision": precision.mode,
         "device": launch.device_type,
         "global_batch_size": ds_config["train_batch_size"],
-        "seq_len": int(data.train_ids.shape[1]),
+        "seq_len": int(data.train_ids.shape[-1]),
         "skipped_steps": guard.total_skipped,
         "finished": outcome["finished"],
         "stopped_by": outcome["stopped_by"],

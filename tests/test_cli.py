@@ -37,7 +37,8 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, expected
 # options whose YAML leaves an input for the user to give (validated as a string here, loaded only at launch)
 # (selection options need none: without a reference model they train a proxy on the pool)
 REQUIRED_INPUTS = {"model/pretrained": "model.path", "dataset/local": "dataset.path", "dataset/hub": "dataset.path",
-                   "objective/distill": "objective.teacher"}
+                   "objective/distill": "objective.teacher", "dataset/chat_local": "dataset.path",
+                   "dataset/chat_hub": "dataset.path"}
 # options that follow a timeline quantity, which must then be declared
 REQUIRED_TIMELINE = {"curriculum/mixture": "+timeline.mixture={unit: step, points: [{at: 0, value: {code: 1.0}}]}",
                      "scheduler/timeline": "+timeline.lr={unit: step, points: [{at: 0, value: 1.0}]}",
@@ -49,7 +50,11 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
                     "peft/structured_ffn": ["+methods.self_guided={}"],
                     "peft/sparse_spectral": ["+methods.sparse_spectral={}"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
-                                                 "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"]}
+                                                 "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"],
+                    # post-training objectives read conversations (sft) or pairs (dpo, simpo)
+                    "objective/sft": ["dataset=chat_demo"],
+                    "objective/dpo": ["dataset=chat_demo", "dataset.format=preference"],
+                    "objective/simpo": ["dataset=chat_demo", "dataset.format=preference"]}
 
 
 def test_every_option_of_every_group_validates():

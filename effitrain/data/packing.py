@@ -120,12 +120,22 @@ def pack(ds, tokenizer: Any, seq_len: int, num_proc: int = 1, *, cache_dir: Opti
 
 
 def to_numpy(packed) -> np.ndarray:
-    """The packed ``input_ids`` as an ``int32`` array of shape ``(rows, seq_len)``.
+    """The packed ``input_ids`` as an ``int32`` array of shape ``(rows, seq_len)``; for chat rows (with labels and
+    position ids, :mod:`effitrain.data.chat_sources`) the channels stacked, ``(rows, 3, seq_len)`` or, for
+    preference pairs, ``(rows, 2, 3, seq_len)``.
 
     Zero-copy over the memory-mapped Arrow file when it is a single chunk, so a training loop can gather a batch
     with ``tokens[indices]`` (then ``torch.from_numpy(...).long()``) without going through ``datasets`` per step.
     """
-    column = packed.with_format("arrow")[:].column("input_ids")
+    from effitrain.data.chat_sources import stacked_rows
+
+    rows = stacked_rows(packed)
+    return column_numpy(packed, "input_ids") if rows is None else rows
+
+
+def column_numpy(packed, name: str) -> np.ndarray:
+    """One fixed-length integer column as a ``(rows, length)`` array."""
+    column = packed.with_format("arrow")[:].column(name)
     seq_len = column.type.list_size
     chunks = column.chunks
     if len(chunks) == 1 and chunks[0].offset == 0:
@@ -168,6 +178,11 @@ def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_di
     from effitrain.data.sources import domain_indices
     from effitrain.data.tokenizer import build_tokenizer
 
+    if getattr(dataset_params, "format", "text") in ("chat", "preference"):  # conversations: their own rows
+        from effitrain.data.chat_sources import build_chat_splits
+
+        return build_chat_splits(dataset_params, model_params, raw, cache_dir=cache_dir,
+                                 tokenizer_corpus=tokenizer_corpus)
     seq_len = dataset_params.seq_len
     num_proc = getattr(dataset_params, "num_proc", 1)
     with quiet_progress(len(raw["train"])):

@@ -100,6 +100,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- batches
     def _to_batch(self, array: np.ndarray) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype=torch.long, non_blocking=True)
+        if ids.dim() > 2:  # chat rows carry their own labels and position ids (effitrain.data.chat)
+            from effitrain.data.chat import to_batch
+
+            return to_batch(ids)
         return {"input_ids": ids, "labels": ids}
 
     # ------------------------------------------------------------------------------------------------- eval

@@ -80,3 +80,37 @@ class LayerwiseParams:
                                   f"one weight per layer")
             if min(self.weights) < 0 or sum(self.weights) <= 0:
                 raise ConfigError(f"{path}.weights: {self.weights} must be >= 0 with a positive sum")
+
+
+@register("objective", "sft", builder="effitrain.objectives.sft:build",
+          summary="Supervised fine-tuning on chat data: next-token loss on the assistant tokens only")
+@dataclass
+class SFTParams:
+    pass
+
+
+@register("objective", "dpo", builder="effitrain.objectives.preference:build_dpo",
+          summary="Direct Preference Optimization against a frozen reference model (Rafailov et al., 2305.18290)")
+@dataclass
+class DPOParams:
+    beta: float = param(0.1, gt=0, help="beta: the strength of the implicit KL to the reference (the paper: 0.1; "
+                                        "Tülu 3's length-normalized DPO: 5)")
+    length_normalized: bool = param(False, help="divide each response's log-probability by its token count "
+                                                "(Tülu 3's length-normalized DPO)")
+    reference: Optional[str] = param(None, help="null: a frozen copy of the model at the start of the stage; else "
+                                                "a save_pretrained folder (in a stage, '@stage:NAME')")
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        if self.reference is not None:
+            from effitrain.config.inputs import check_model_folder
+
+            check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+
+
+@register("objective", "simpo", builder="effitrain.objectives.preference:build_simpo",
+          summary="SimPO: reference-free preference loss on length-normalized log-probabilities with a margin "
+                  "(Meng et al., 2405.14734)")
+@dataclass
+class SimPOParams:
+    beta: float = param(2.0, gt=0, help="beta (the authors' Llama-3-8B-base config: 2.0)")
+    gamma_beta_ratio: float = param(0.5, ge=0, help="gamma / beta, the target margin (the authors: 0.5)")

@@ -1,0 +1,85 @@
+"""Chat and preference datasets (conversations as ``messages`` lists): the built-in arithmetic instructions and
+local JSONL files.  Rows are whole conversations with labels on the assistant tokens only (effitrain.data.chat)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from effitrain.config.rules import rule
+from effitrain.registry import ConfigError, param, register
+
+
+@dataclass
+class _ChatCommon:
+    format: Literal["chat", "preference"] = param(
+        "chat", help="chat: packed conversations for sft; preference: (chosen, rejected) pairs for dpo / simpo")
+    seq_len: int = param(128, ge=8, help="tokens per row (packed conversations, or each side of a pair)")
+    eval_examples_per_domain: int = param(64, ge=1, help="held-out conversations per domain")
+
+
+@register("dataset", "chat_demo", builder="effitrain.data.chat_sources:build_chat_demo",
+          summary="Built-in instructions: procedural arithmetic with checkable answers (a wrong answer as rejected)")
+@dataclass
+class ChatDemoParams(_ChatCommon):
+    max_docs_per_domain: int = param(4000, ge=1, help="generated training conversations (one domain)")
+    max_digits: int = param(2, ge=1, le=6, help="operands have 1..max_digits digits")
+    seed: int = 0
+
+
+@register("dataset", "chat_local", builder="effitrain.data.chat_sources:build_chat_local",
+          summary="Conversations from local JSONL: a messages list per line, or chosen/rejected lists")
+@dataclass
+class ChatLocalParams(_ChatCommon):
+    path: Union[str, list[str]] = param(default_factory=list, help="a .jsonl file or glob, or a list")
+    eval_path: Optional[Union[str, list[str]]] = None
+    messages_field: str = param("messages", help="format=chat: the field with the [{role, content}] list")
+    chosen_field: str = param("chosen", help="format=preference: the chosen conversation")
+    rejected_field: str = param("rejected", help="format=preference: the rejected conversation (same prompt)")
+    domain_field: Optional[str] = param(None, help="field with a domain label; null = one domain 'all'")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, str):
+            self.path = [self.path]
+        if isinstance(self.eval_path, str):
+            self.eval_path = [self.eval_path]
+
+    def validate(self, path: str) -> None:
+        if not self.path or any(not p.strip() for p in self.path):
+            raise ConfigError(f"{path}.path: dataset=chat_local needs files; set {path}.path=FILE.jsonl")
+
+
+
+@register("dataset", "chat_hub", builder="effitrain.data.chat_sources:build_chat_hub",
+          summary="Conversations from a Hugging Face dataset (hub id or local folder): messages or chosen/rejected")
+@dataclass(kw_only=True)
+class ChatHubParams(_ChatCommon):
+    path: str = param(help="dataset id, e.g. 'allenai/tulu-3-sft-mixture', or a local dataset folder")
+    config_name: Optional[str] = None
+    split: str = "train"
+    eval_split: Optional[str] = param(None, help="the source's eval split; null = hold out conversations of split")
+    revision: Optional[str] = None
+    messages_field: str = param("messages", help="format=chat: the field with the [{role, content}] list")
+    chosen_field: str = param("chosen", help="format=preference: the chosen conversation")
+    rejected_field: str = param("rejected", help="format=preference: the rejected conversation (same prompt)")
+    domain_field: Optional[str] = param(None, help="field with a domain label; null = one domain 'all'")
+
+_PAIR_OBJECTIVES = ("dpo", "simpo")
+
+
+@rule("objective_matches_chat_format", "objective sft needs conversations (a chat dataset with format=chat); dpo "
+                                       "and simpo need pairs (format=preference), which no other objective reads")
+def _objective_matches_format(spec, env) -> Optional[str]:
+    objective = spec.block("objective").name
+    data = spec.block("dataset")
+    fmt = getattr(data.params, "format", None) if data.name.startswith("chat_") else None
+    if objective in _PAIR_OBJECTIVES and fmt != "preference":
+        return (f"objective={objective} trains on (chosen, rejected) pairs; use a chat dataset with "
+                f"dataset.format=preference (e.g. dataset=chat_demo dataset.format=preference)")
+    if fmt == "preference" and objective not in _PAIR_OBJECTIVES:
+        return (f"dataset.format=preference makes (chosen, rejected) pairs, which objective={objective} would train "
+                f"on alike; use objective=dpo or objective=simpo, or dataset.format=chat")
+    if objective == "sft" and fmt != "chat":
+        return ("objective=sft trains on the assistant tokens of conversations; use a chat dataset (dataset=chat_demo "
+                "or dataset=chat_local)")
+    return None

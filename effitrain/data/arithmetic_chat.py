@@ -1,0 +1,76 @@
+"""The built-in instruction set: procedural arithmetic questions with checkable answers, so post-training runs and
+its tests need no download.
+
+Example ``i`` of a split is drawn from ``random.Random(f"{seed}:{split}:{i}")``: an operation (``+``, ``-``, ``*``)
+and operands of 1..``max_digits`` digits (``*`` takes a 1-digit right operand, so answers stay short).  The
+conversation is ``[{"role": "user", "content": "What is 37+45?"}, {"role": "assistant", "content": "82"}]``.
+
+The preference variant adds a rejected conversation with a wrong answer: the right one plus a non-zero offset of
+-10..10 drawn from the same generator (near misses, the errors a small model makes), so chosen and rejected share
+the prompt.
+
+Train and eval never share a question: eval questions that occur among the train questions (or earlier in eval)
+are skipped and further ones drawn (the check is over the question text), so held-out accuracy measures
+generalisation, not recall.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Optional
+
+OPERATIONS = ("+", "-", "*")
+DOMAIN = "arithmetic_chat"
+_QUESTION = re.compile(r"What is (-?\d+)([+\-*])(-?\d+)\?")
+
+
+def problem(seed: int, split: str, index: int, max_digits: int) -> tuple[str, int, int]:
+    """``(question, answer, wrong answer)`` of example ``index`` of ``split``."""
+    rng = random.Random(f"{seed}:{split}:{index}")
+    op = rng.choice(OPERATIONS)
+    digits = rng.randint(1, max_digits)
+    a = rng.randint(0, 10 ** digits - 1)
+    b = rng.randint(0, 9) if op == "*" else rng.randint(0, 10 ** rng.randint(1, max_digits) - 1)
+    answer = a + b if op == "+" else a - b if op == "-" else a * b
+    offset = rng.choice([d for d in range(-10, 11) if d])
+    return f"What is {a}{op}{b}?", answer, answer + offset
+
+
+def answer_of(question: str) -> Optional[int]:
+    """The right answer of a question this module wrote (None for any other text)."""
+    m = _QUESTION.fullmatch(question.strip())
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def conversation(question: str, answer: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": str(answer)}]
+
+
+def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: frozenset = frozenset()) -> list[dict]:
+    """``count`` examples of ``split``, each a dict with ``id``, ``question``, ``answer``, ``messages`` (chosen) and
+    ``rejected``.  Questions in ``exclude`` (and repeats) are skipped and more are drawn, up to ``20 * count``
+    draws, so a small question space can give fewer."""
+    out: list[dict] = []
+    seen = set(exclude)
+    for i in range(20 * count):
+        if len(out) == count:
+            break
+        question, answer, wrong = problem(seed, split, i, max_digits)
+        if question in seen:
+            continue
+        if exclude:  # held-out questions are distinct; training data keeps its natural repeats
+            seen.add(question)
+        out.append({"id": f"{DOMAIN}-{split}-{i:06d}", "question": question, "answer": answer,
+                    "messages": conversation(question, answer), "rejected": conversation(question, wrong)})
+    return out
+
+
+def splits(train: int, eval_: int, *, seed: int = 0, max_digits: int = 2) -> tuple[list[dict], list[dict]]:
+    """The train and eval examples, eval questions disjoint from train questions."""
+    train_examples = examples(train, "train", seed=seed, max_digits=max_digits)
+    seen = frozenset(e["question"] for e in train_examples)
+    return train_examples, examples(eval_, "eval", seed=seed, max_digits=max_digits, exclude=seen)

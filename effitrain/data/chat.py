@@ -1,0 +1,225 @@
+"""Chat-formatted (instruction) data: conversations as token rows with assistant-only labels, packed so that no
+conversation attends to another.
+
+A conversation is a ``messages`` list of ``{"role": "system" | "user" | "assistant", "content": str}``.  It is
+rendered with the tokenizer's own chat template, or with :data:`DEFAULT_CHAT_TEMPLATE` when the tokenizer has none
+(effitrain's trained BPE has none).  The default is the template of Tülu 3 (open-instruct's ``tulu`` template,
+arXiv 2411.15124): every message starts with a role header line (``<|user|>``, ``<|assistant|>``, ``<|system|>``)
+and an assistant message ends with the tokenizer's end-of-sequence token, so a model learns to stop.
+
+Labels: only the tokens of assistant messages (their content and the closing EOS) carry a label; the role headers,
+system and user messages are ``-100``.  The spans are found from the rendered text, not by searching token ids:
+message ``i`` occupies the text between the rendering of ``messages[:i]`` and of ``messages[:i + 1]`` (for an
+assistant message the rendering of ``messages[:i]`` *with the generation prompt*, so the ``<|assistant|>`` header
+is part of the prompt, not of the answer).  Each span is tokenized on its own and the pieces concatenated, so a
+label boundary never falls inside a token.  Generation uses the same rule: the prompt is tokenized span by span,
+exactly as in training (:func:`prompt_ids`).
+
+Packing (:func:`pack_conversations`): whole conversations are placed one after another into rows of ``seq_len``
+tokens; a conversation that does not fit in what is left of a row starts the next row (one longer than ``seq_len``
+is cut at ``seq_len``), and the rest of a row is padding with label ``-100``.  ``position_ids`` restart at 0 at
+every conversation (and at the padding).  That is transformers' packed-sequence convention: given ``position_ids``
+and no ``attention_mask``, its mask builder (``masking_utils.find_packed_sequence_indices``) makes the causal mask
+block-diagonal wherever the positions do not increase by one, for the eager and sdpa kernels as for flash
+attention, and RoPE sees every conversation from position 0, so a packed conversation's logits equal its logits
+alone (tests/test_posttraining.py checks it).  transformers looks for packing only when no key/value cache is made,
+so a batch carries ``use_cache=False`` (a model in eval mode would otherwise make a cache and silently attend across
+conversations).
+
+A row is stored as three channels ``[3, seq_len]``: :data:`CHANNELS` = input_ids, labels, position_ids.  A
+preference pair (DPO) is two such rows, chosen then rejected, ``[2, 3, seq_len]``, never packed with another pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.registry import ConfigError
+
+#: the channels of a stored row, in order
+CHANNELS = ("input_ids", "labels", "position_ids")
+ROLES = ("system", "user", "assistant")
+
+#: Tülu 3's chat template (open-instruct ``CHAT_TEMPLATES["tulu"]``), used when the tokenizer has none
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The tokenizer's own chat template, or the documented default when it has none."""
+    return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def check_messages(messages: Any, key: str) -> list[dict[str, str]]:
+    """``messages`` as a list of {role, content} dicts, or a ConfigError naming ``key`` and what is wrong."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ConfigError(f"{key}: expected a non-empty list of {{role, content}} messages, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConfigError(f"{key}[{i}]: a message needs 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise ConfigError(f"{key}[{i}].role: '{m['role']}' is not one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ConfigError(f"{key}[{i}].content: expected a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ConfigError(f"{key}: the conversation has no assistant message, so nothing would be trained")
+    return out
+
+
+def _render(tokenizer: Any, messages: Sequence[dict], *, generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), chat_template=chat_template(tokenizer), tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def spans(tokenizer: Any, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation as ``(text, trained)`` pieces whose concatenation is the whole rendering; a piece
+    is trained when it is an assistant message's own text (after its header)."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            if not header.startswith(done):
+                raise ConfigError("chat template: the rendering of a conversation's start is not a prefix of the "
+                                  "rendering with the generation prompt; the assistant tokens cannot be told apart")
+            pieces.append((header[len(done):], False))
+            done = header
+        full = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        if not full.startswith(done):
+            raise ConfigError(f"chat template: rendering message {i} changes the text before it; the template must "
+                              f"render a conversation's messages one after another")
+        pieces.append((full[len(done):], message["role"] == "assistant"))
+        done = full
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one conversation: labels equal the ids on assistant tokens, -100 elsewhere."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in spans(tokenizer, messages):
+        piece = _encode(tokenizer, text)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+    return ids, labels
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """The ids a model is given to answer the conversation ``messages`` (which ends with a user message): the
+    prompt spans tokenized as in training, then the assistant header."""
+    convo = [*messages, {"role": "assistant", "content": ""}]
+    ids: list[int] = []
+    for text, trained in spans(tokenizer, convo):
+        if trained:
+            break
+        ids.extend(_encode(tokenizer, text))
+    return ids
+
+
+@dataclass
+class Packed:
+    rows: np.ndarray          # int64 [N, 3, seq_len]: input_ids, labels, position_ids
+    truncated: int            # conversations cut at seq_len
+    conversations: int
+
+
+def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
+    """Place whole conversations one after another into rows of ``seq_len`` (see the module docstring)."""
+    rows: list[np.ndarray] = []
+    row = np.empty((3, seq_len), dtype=np.int64)
+    used = 0
+    truncated = count = 0
+
+    def close() -> None:
+        nonlocal row, used
+        if used == 0:
+            return
+        pad = seq_len - used
+        row[0, used:] = pad_id
+        row[1, used:] = IGNORE_INDEX
+        row[2, used:] = np.arange(pad)
+        rows.append(row)
+        row = np.empty((3, seq_len), dtype=np.int64)
+        used = 0
+
+    for ids, labels in encoded:
+        count += 1
+        if len(ids) > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            truncated += 1
+        if not any(label != IGNORE_INDEX for label in labels[1:]):
+            continue  # nothing to learn: the assistant part was cut away (or is only the first token)
+        if used + len(ids) > seq_len:
+            close()
+        n = len(ids)
+        row[0, used:used + n] = ids
+        row[1, used:used + n] = labels
+        row[2, used:used + n] = np.arange(n)
+        used += n
+    close()
+    out = np.stack(rows) if rows else np.zeros((0, 3, seq_len), dtype=np.int64)
+    return Packed(out, truncated, count)
+
+
+def preference_rows(tokenizer: Any, pairs: Iterable[tuple[Sequence[dict], Sequence[dict]]], seq_len: int,
+                    key: str = "dataset") -> np.ndarray:
+    """``[N, 2, 3, seq_len]`` rows of (chosen, rejected) conversations that share their prompt; pairs where either
+    side has no assistant token left after cutting at ``seq_len`` are dropped."""
+    out = []
+    for chosen, rejected in pairs:
+        encoded = [encode_conversation(tokenizer, m) for m in (chosen, rejected)]
+        packed = [pack_conversations([e], seq_len, tokenizer.pad_token_id).rows for e in encoded]
+        if all(len(p) == 1 for p in packed):
+            out.append(np.stack([packed[0][0], packed[1][0]]))
+    if not out:
+        raise ConfigError(f"{key}.seq_len: no preference pair keeps an assistant token within {seq_len} tokens; "
+                          f"raise {key}.seq_len")
+    return np.stack(out)
+
+
+def to_batch(rows: Any) -> dict[str, Any]:
+    """A batch from stored rows (a torch tensor): ``[B, 3, S]`` -> input_ids/labels/position_ids ``[B, S]``;
+    preference rows ``[B, 2, 3, S]`` -> ``[2B, S]``, the B chosen rows first, then the B rejected ones (what
+    the ``dpo`` objective splits in two)."""
+    if rows.dim() == 4:
+        rows = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
+    return {**{name: rows[:, i] for i, name in enumerate(CHANNELS)}, "use_cache": False}
+
+
+def first_assistant_split(messages: Sequence[dict], key: str) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, the rest) at the first assistant message."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            return list(messages[:i]), list(messages[i:])
+    raise ConfigError(f"{key}: the conversation has no assistant message")
+
+
+def shared_prompt(chosen: Sequence[dict], rejected: Sequence[dict], key: str) -> Optional[list[dict]]:
+    """The prompt of a preference pair; a ConfigError when the two conversations do not start alike."""
+    p_chosen, _ = first_assistant_split(chosen, f"{key}.chosen")
+    p_rejected, _ = first_assistant_split(rejected, f"{key}.rejected")
+    if p_chosen != p_rejected:
+        raise ConfigError(f"{key}: chosen and rejected must share their prompt (the messages before the first "
+                          f"assistant message)")
+    return p_chosen

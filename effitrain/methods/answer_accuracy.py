@@ -1,0 +1,85 @@
+"""``methods: {answer_accuracy: {...}}``: generation-based evaluation on held-out checkable questions.
+
+At every evaluation the model answers the held-out arithmetic questions of the built-in instruction set
+(:mod:`effitrain.data.arithmetic_chat`, the same eval split the eval loss uses): each prompt is the user message
+rendered with the chat template and tokenized as in training (:func:`effitrain.data.chat.prompt_ids`), the answer is
+generated greedily (``do_sample=False``) up to EOS or ``max_new_tokens``, and it is right when the decoded text,
+stripped of surrounding whitespace, is exactly the decimal answer.  Logged with the eval losses:
+``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included).
+
+Prompts are left-padded into batches with an attention mask (transformers derives the positions from it), so a
+prompt's answer does not depend on the other prompts of its batch.  Every rank answers all questions (they are few);
+the model's parameters must be whole (ZeRO <= 2, refused under ZeRO-3 by a rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from effitrain.engine.events import Hook
+
+
+def is_exact_answer(response: str, answer: int) -> bool:
+    """The response is the answer's decimal digits (an optional minus), nothing more than surrounding space."""
+    text = response.strip()
+    return text.lstrip("-").isdigit() and text == str(answer)
+
+
+class AnswerAccuracy(Hook):
+    name = "answer_accuracy"
+
+    def __init__(self, tokenizer: Any, *, examples: int, max_new_tokens: int, batch_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.examples, self.max_new_tokens, self.batch_size = examples, max_new_tokens, batch_size
+        self.prompts: Optional[list[list[int]]] = None
+        self.answers: list[int] = []
+
+    def _questions(self, state: Any) -> None:
+        from effitrain.data import arithmetic_chat, chat
+
+        data = state.spec.block("dataset").params
+        _, held_out = arithmetic_chat.splits(data.max_docs_per_domain, self.examples, seed=data.seed,
+                                             max_digits=data.max_digits)
+        self.prompts = [chat.prompt_ids(self.tokenizer, e["messages"][:1]) for e in held_out]
+        self.answers = [e["answer"] for e in held_out]
+
+    @torch.no_grad()
+    def responses(self, model: Any, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
+        """Greedy answers (decoded, special tokens dropped) and their lengths in tokens."""
+        device = next(model.parameters()).device
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        texts, lengths = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            for row in out[:, width:].tolist():
+                if eos in row:
+                    row = row[:row.index(eos) + 1]
+                lengths.append(len(row))
+                texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts, lengths
+
+    def on_eval_end(self, state: Any) -> None:
+        if self.prompts is None:
+            self._questions(state)
+        model = state.model
+        was_training = model.training
+        model.eval()
+        try:
+            texts, lengths = self.responses(model, self.prompts)
+        finally:
+            model.train(was_training)
+        right = sum(is_exact_answer(t, a) for t, a in zip(texts, self.answers))
+        state.eval_metrics["eval_accuracy"] = right / max(len(self.answers), 1)
+        state.eval_metrics["eval_response_tokens"] = sum(lengths) / max(len(lengths), 1)
+
+
+def build_answer_accuracy(params: Any, *, tokenizer: Any = None, **context: Any) -> AnswerAccuracy:
+    return AnswerAccuracy(tokenizer, examples=params.examples, max_new_tokens=params.max_new_tokens,
+                          batch_size=params.batch_size)
