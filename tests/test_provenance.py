@@ -104,6 +104,9 @@ def test_the_matrix_cells_are_the_rules_verdicts():
     assert galore["ZeRO-3"] == "galore_needs_2d_gradients" and galore["CPU"] == galore["GPU bf16"] == "ok"
     spectral = dict(zip(columns, recipe_matrix_row("sparse_spectral")))
     assert spectral["GPU bf16"] == spectral["ZeRO-2"] == "sparse_spectral_rewrites_its_factors"
+    # every refusing rule, sorted: the same whatever order the rule modules were imported in
+    coat = dict(zip(columns, recipe_matrix_row("coat")))
+    assert coat["CPU"] == "fp8_needs_sm89" and coat["ZeRO-3"] == "fp8_not_with_zero3"
 
 
 def test_a_stale_lock_file_is_named(tmp_path):

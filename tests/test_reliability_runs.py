@@ -383,7 +383,7 @@ def test_a_second_ctrl_c_quits_at_once_without_saving(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ console
 _OWN_LINE = re.compile(r"^(step \d+: |building |starting the DeepSpeed engine|resumed from |resume=auto: |"
-                       r"warning: checkpoint )")
+                       r"warning: checkpoint |finished: \d+ steps, .*; curves and table: effitrain report )")
 
 
 @pytest.mark.slow
@@ -394,6 +394,7 @@ def test_a_normal_run_prints_only_effitrains_own_lines(tmp_path):
     lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
     assert lines and all(_OWN_LINE.match(l) for l in lines), [l for l in lines if not _OWN_LINE.match(l)]
     assert (run / "third_party.log").is_file()   # what the libraries printed is kept, not thrown away
+    assert lines[-1].startswith("finished: 3 steps, ") and lines[-1].endswith(f"effitrain report {run}")
 
     verbose = effitrain_cli("--verbose", *TINY, "train.max_steps=3", f"run_dir={tmp_path / 'loud'}")
     assert verbose.returncode == 0

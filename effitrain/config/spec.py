@@ -73,12 +73,14 @@ ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "r
              "timeline", *BLOCK_GROUPS}
 
 
-def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None) -> RunSpec:
+def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None, *,
+             rules: bool = True) -> RunSpec:
     """Validate a composed config (a resolved mapping).  ``recipes`` are the ``recipe:`` blocks of the stacked
     recipe files, in order; by default the single ``recipe`` key of ``cfg`` is used.  A config with ``stages:`` is
-    validated as its base (the recipe without stages) and as every stage's resolved run config."""
+    validated as its base (the recipe without stages) and as every stage's resolved run config.  ``rules=False``
+    leaves the compatibility rules to the caller (docs/compatibility.md evaluates every one of them)."""
     if cfg.get("stages") is not None:
-        return _validate_stages(cfg, recipes)
+        return _validate_stages(cfg, recipes, rules)
     load_builtin_blocks()
     plugins = cfg.get("plugins") or []
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
@@ -137,16 +139,17 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
     timeline = _timeline(cfg.get("timeline"), blocks)
     spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
                    plugins=list(plugins), recipes=infos, timeline=timeline)
-    from effitrain.config.rules import check_rules
-    check_rules(spec)
+    if rules:
+        from effitrain.config.rules import check_rules
+        check_rules(spec)
     return spec
 
 
-def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]]) -> RunSpec:
+def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]], rules: bool = True) -> RunSpec:
     from effitrain.config.stages import base_config, parse_stages, placeholder_paths, stage_config
 
     stages = parse_stages(cfg.get("stages"))
-    spec = validate(base_config(cfg), recipes)
+    spec = validate(base_config(cfg), recipes, rules=rules)
     init_models, final_models = placeholder_paths(stages)
     for stage in stages:
         if stage.transform is not None:
@@ -158,7 +161,7 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
                 check(spec.stage_specs[-1], f"stages.{stage.name}.transform")
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
-            spec.stage_specs.append(validate(run_cfg, recipes))
+            spec.stage_specs.append(validate(run_cfg, recipes, rules=rules))
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
         if stage.sweep is not None:  # a sweep's own keys checked against its stage's run (e.g. a known domain)
