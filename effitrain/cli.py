@@ -196,7 +196,7 @@ def _verb_explain(args: list[str]) -> int:
 
 def _verb_lock(args: list[str]) -> int:
     from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe
-    from effitrain.config.lock import lock_dir, stale_locks, write_locks
+    from effitrain.config.lock import digest_is_current, lock_dir, stale_locks, write_digest, write_locks
 
     check = "--check" in args
     names = [a for a in args if a != "--check"]
@@ -207,6 +207,10 @@ def _verb_lock(args: list[str]) -> int:
     from effitrain.config.generated import stale_generated, write_generated
 
     if check:
+        if not names and digest_is_current():  # nothing they are computed from changed since `effitrain lock`
+            print(f"{len(group_options(RECIPE_GROUP))} lock file(s), their cards' generated blocks and "
+                  f"docs/compatibility.md current (inputs unchanged since the last 'effitrain lock')")
+            return 0
         problems = stale_locks(names or None)
         stale_docs = stale_generated(names or None)
         if problems or stale_docs:
@@ -220,6 +224,8 @@ def _verb_lock(args: list[str]) -> int:
         return 0
     changed = write_locks(names or None)
     docs = write_generated(names or None)
+    if not names:
+        write_digest()
     print(f"rewrote {len(changed)} lock file(s) in {lock_dir()}" + (f": {', '.join(changed)}" if changed else "")
           + f"; {len(docs)} generated doc(s)" + (f": {', '.join(p.name for p in docs)}" if docs else ""))
     return 0

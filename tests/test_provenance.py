@@ -117,3 +117,17 @@ def test_a_stale_lock_file_is_named(tmp_path):
     assert stale_locks(["wsd", "galore", "lisa"], folder=tmp_path) == {"wsd": "stale", "lisa": "missing"}
     assert "decay_shape: exp" in resolved_text("wsd") and "run_dir" not in resolved_text("wsd")
     assert write_locks(["wsd", "galore"], folder=tmp_path) == ["wsd"]  # only what changed is rewritten
+
+
+def test_the_inputs_digest_changes_with_any_input(tmp_path, monkeypatch):
+    """`lock --check` answers at once when nothing the lock files and generated docs are computed from has changed;
+    the digest must therefore move with any of those inputs."""
+    from effitrain.config import lock
+
+    card = tmp_path / "card.md"
+    card.write_text("# a card\n")
+    monkeypatch.setattr(lock, "_DOCS", (*lock._DOCS, str(card)))
+    before = lock.inputs_digest()
+    assert lock.inputs_digest() == before                  # deterministic
+    card.write_text("# a card, edited\n")
+    assert lock.inputs_digest() != before

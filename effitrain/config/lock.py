@@ -77,3 +77,48 @@ def write_locks(names: Optional[list[str]] = None, folder: Optional[Path] = None
             path.unlink()
             changed.append(path.stem)
     return changed
+
+
+# ------------------------------------------------------------------------------------------------ the inputs' digest
+DIGEST_FILE = "INPUTS.sha256"
+#: what the lock files and generated docs are computed from, besides the config tree: the code that composes and
+#: validates configs and evaluates the rules, the hand-written cards and the benchmark tables they quote
+_CODE = ("effitrain/config", "effitrain/registry.py")
+_DOCS = ("docs/recipes", "docs/benchmarks.md", "docs/compatibility.md")
+_PACKAGES = ("hydra-core", "omegaconf", "pyyaml")
+
+
+def inputs_digest() -> str:
+    """A digest of everything ``effitrain lock`` reads and writes: the config tree (recipes, block options, the lock
+    files), the configuration code, the cards and benchmark tables, and the versions of Hydra, OmegaConf and PyYAML.
+    Equal digests mean a full ``--check`` would find nothing to rewrite; any change, anywhere in them, means the
+    files are recomputed and compared."""
+    import hashlib
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parents[2]
+    paths = sorted(p for p in config_root().rglob("*.yaml"))
+    for entry in (*_CODE, *_DOCS):
+        base = root / entry
+        paths += sorted(base.rglob("*.py") if base.is_dir() and entry.startswith("effitrain") else
+                        base.rglob("*.md") if base.is_dir() else [base])
+    digest = hashlib.sha256()
+    for path in paths:
+        if path.is_file():
+            digest.update(str(path.relative_to(root) if root in path.parents else path.name).encode())
+            digest.update(path.read_bytes())
+    for package in _PACKAGES:
+        try:
+            digest.update(f"{package}=={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{package} missing".encode())
+    return digest.hexdigest()
+
+
+def digest_is_current() -> bool:
+    path = lock_dir() / DIGEST_FILE
+    return path.is_file() and path.read_text().strip() == inputs_digest()
+
+
+def write_digest() -> None:
+    (lock_dir() / DIGEST_FILE).write_text(inputs_digest() + "\n")
