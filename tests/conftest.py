@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,3 +78,16 @@ def sigterm_after_step(step: int, when=lambda state: True):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EventBus, "emit", emit)
         yield
+
+
+def sigkill_at(args: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start ``effitrain ARGS`` in a subprocess and SIGKILL it as soon as ``marker`` exists (a checkpoint's
+    ``COMPLETE``): the machine lost mid-run, with no chance to save.  Fails if the run ended before it was killed."""
+    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -5,14 +5,10 @@ losses of the uninterrupted run."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO, TINY, effitrain_cli
+from conftest import TINY, effitrain_cli, sigkill_at
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +46,7 @@ def test_sigkill_in_the_dpo_stage_then_resume_gives_the_uninterrupted_losses(tmp
     result = effitrain_cli(*run_args, f"run_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *run_args, f"run_dir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "stages" / "02-dpo" / "checkpoints" / "step_00000004" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    sigkill_at([*run_args, f"run_dir={killed}"], killed / "stages" / "02-dpo" / "checkpoints" / "step_00000004" / "COMPLETE")
 
     result = effitrain_cli("resume", str(killed))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,16 +4,14 @@ uninterrupted run; a SIGKILL during a checkpoint write leaves the previous check
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from conftest import REPO, TINY, effitrain_cli
+from conftest import REPO, TINY, effitrain_cli, sigkill_at
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +29,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     result = effitrain_cli(*RUN, f"run_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *RUN, f"run_dir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "step_00000010" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at([*RUN, f"run_dir={killed}"], killed / "checkpoints" / "step_00000010" / "COMPLETE")
     logged = _losses(killed)
     assert max(step for step, _ in logged) < 40, "the run finished before it could be killed"
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, effitrain_cli
+from conftest import TINY, effitrain_cli, sigkill_at
 from effitrain.config.compose import compose_config
 from effitrain.config.spec import validate
 from effitrain.registry import ConfigError
@@ -233,15 +229,7 @@ def test_sigkill_during_stage_two_then_resume_continues_stage_two_only(tmp_path)
     result = effitrain_cli(*run_args, f"run_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *run_args, f"run_dir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "stages" / "02-second" / "checkpoints" / "step_00000008" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    sigkill_at([*run_args, f"run_dir={killed}"], killed / "stages" / "02-second" / "checkpoints" / "step_00000008" / "COMPLETE")
     first_metrics = (killed / "stages" / "01-first" / "metrics.jsonl").read_text()
 
     result = effitrain_cli("resume", str(killed))

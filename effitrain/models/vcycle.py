@@ -27,7 +27,7 @@ Each builder is ``builder(params, source_dir) -> (model, info)`` (effitrain/mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -224,7 +224,3 @@ def decoalesce_interpolate(params: Any, source: Path) -> tuple[Any, dict[str, An
     return model, {"alpha": alpha, "reference": str(reference_dir), "to_params": _params(model),
                    "width": params.width, "depth": params.depth}
 
-
-#: for tests and docs: the four pair maps by name
-PAIR_MAPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "merge_mean": merge_mean, "merge_sum": merge_sum, "split_copy": split_copy, "split_half": split_half}
