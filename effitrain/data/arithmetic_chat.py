@@ -46,11 +46,24 @@ def answer_of(question: str) -> Optional[int]:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def conversation(question: str, answer: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": str(answer)}]
+ANSWER_STYLES = ("plain", "think_boxed")
 
 
-def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: frozenset = frozenset()) -> list[dict]:
+def response(question: str, answer: int, style: str = "plain") -> str:
+    """The assistant's text: ``plain`` is the number; ``think_boxed`` restates the sum in ``<think>`` tags and boxes
+    the number, the response format of math RL data that the ``format`` and ``length`` rewards check."""
+    if style == "plain":
+        return str(answer)
+    expression = question.removeprefix("What is ").removesuffix("?")
+    return f"<think>{expression}</think> \\boxed{{{answer}}}"
+
+
+def conversation(question: str, answer: int, style: str = "plain") -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": response(question, answer, style)}]
+
+
+def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: frozenset = frozenset(),
+             style: str = "plain") -> list[dict]:
     """``count`` examples of ``split``, each a dict with ``id``, ``question``, ``answer``, ``messages`` (chosen) and
     ``rejected``.  Questions in ``exclude`` (and repeats) are skipped and more are drawn, up to ``20 * count``
     draws, so a small question space can give fewer."""
@@ -65,12 +78,14 @@ def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: fro
         if exclude:  # held-out questions are distinct; training data keeps its natural repeats
             seen.add(question)
         out.append({"id": f"{DOMAIN}-{split}-{i:06d}", "question": question, "answer": answer,
-                    "messages": conversation(question, answer), "rejected": conversation(question, wrong)})
+                    "messages": conversation(question, answer, style),
+                    "rejected": conversation(question, wrong, style)})
     return out
 
 
-def splits(train: int, eval_: int, *, seed: int = 0, max_digits: int = 2) -> tuple[list[dict], list[dict]]:
+def splits(train: int, eval_: int, *, seed: int = 0, max_digits: int = 2,
+           style: str = "plain") -> tuple[list[dict], list[dict]]:
     """The train and eval examples, eval questions disjoint from train questions."""
-    train_examples = examples(train, "train", seed=seed, max_digits=max_digits)
+    train_examples = examples(train, "train", seed=seed, max_digits=max_digits, style=style)
     seen = frozenset(e["question"] for e in train_examples)
-    return train_examples, examples(eval_, "eval", seed=seed, max_digits=max_digits, exclude=seen)
+    return train_examples, examples(eval_, "eval", seed=seed, max_digits=max_digits, exclude=seen, style=style)

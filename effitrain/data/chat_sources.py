@@ -7,7 +7,8 @@ conversation rendered with the default chat template: it is what a trained BPE l
 selection methods read.
 
 :func:`build_chat_splits` turns the documents into rows (:mod:`effitrain.data.chat`): packed conversations
-``[N, 3, seq_len]`` (``format: chat``) or (chosen, rejected) pairs ``[N, 2, 3, seq_len]`` (``format: preference``),
+``[N, 3, seq_len]`` (``format: chat``), (chosen, rejected) pairs ``[N, 2, 3, seq_len]`` (``format: preference``) or one conversation
+a row ``[N, 3, seq_len]`` (``format: prompts``: a prompt and its reference answer, for sampling),
 stored as ``datasets`` columns of ``seq_len`` ints each (``input_ids``, ``labels``, ``position_ids`` and, for pairs,
 the same three prefixed ``rejected_``), which :func:`effitrain.data.packing.to_numpy` stacks back.  Evaluation rows
 are always packed conversations (of a pair, the chosen one), so the eval loss is the next-token loss on the assistant
@@ -55,7 +56,7 @@ def build_chat_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
     from effitrain.data.arithmetic_chat import DOMAIN, splits
 
     train, eval_ = splits(params.max_docs_per_domain, params.eval_examples_per_domain, seed=params.seed,
-                          max_digits=params.max_digits)
+                          max_digits=params.max_digits, style=params.answer_style)
     keep_rejected = params.format == "preference"
     records = [[{"id": e["id"], "domain": DOMAIN, "messages": e["messages"],
                  "rejected": e["rejected"] if keep_rejected else None} for e in split] for split in (train, eval_)]
@@ -174,6 +175,23 @@ def _packed(ds, tokenizer: Any, seq_len: int):
     return (np.concatenate(parts) if parts else np.zeros((0, 3, seq_len), np.int64)), domains
 
 
+def prompt_rows(tokenizer: Any, conversations: list[list[dict]], seq_len: int) -> np.ndarray:
+    """``[N, 3, seq_len]``: one conversation a row, cut after its first assistant message: the tokens before the
+    first label are the prompt a policy answers, the labelled ones the reference answer (``objective: grpo``).
+    Conversations whose answer does not start within ``seq_len`` tokens are dropped."""
+    out = []
+    for messages in conversations:
+        prompt, rest = chat.first_assistant_split(messages, _KEY)
+        packed = chat.pack_conversations([chat.encode_conversation(tokenizer, prompt + rest[:1])], seq_len,
+                                         tokenizer.pad_token_id).rows
+        if len(packed):
+            out.append(packed[0])
+    if not out:
+        raise ConfigError(f"{_KEY}.seq_len: no prompt leaves room for its answer within {seq_len} tokens; raise "
+                          f"{_KEY}.seq_len")
+    return np.stack(out)
+
+
 def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
                       tokenizer_corpus: Any = None):
     """``(tokenizer, train rows, {domain: eval rows})`` as :func:`effitrain.data.packing.build_packed_splits`
@@ -189,6 +207,9 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
         pairs = list(zip(_column(train, "messages"), _column(train, "rejected")))
         rows = chat.preference_rows(tokenizer, pairs, seq_len, key=_KEY)
         packed_train = _rows_dataset(rows, ["preference"] * len(rows), CHANNEL_COLUMNS + REJECTED_COLUMNS)
+    elif dataset_params.format == "prompts":
+        rows = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
+        packed_train = _rows_dataset(rows, ["prompts"] * len(rows), CHANNEL_COLUMNS)
     else:
         rows, domains = _packed(train, tokenizer, seq_len)
         if not len(rows):

@@ -178,7 +178,7 @@ def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_di
     from effitrain.data.sources import domain_indices
     from effitrain.data.tokenizer import build_tokenizer
 
-    if getattr(dataset_params, "format", "text") in ("chat", "preference"):  # conversations: their own rows
+    if getattr(dataset_params, "format", "text") in ("chat", "preference", "prompts"):  # conversations: own rows
         from effitrain.data.chat_sources import build_chat_splits
 
         return build_chat_splits(dataset_params, model_params, raw, cache_dir=cache_dir,

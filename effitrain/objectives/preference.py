@@ -106,10 +106,10 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_dpo(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False,
-              **context: Any) -> DPO:
-    device = torch.device(device)
-    if params.reference is None:
+def reference_model(folder: Optional[str], model: Any, device: torch.device, bf16_supported: bool) -> torch.nn.Module:
+    """The frozen reference of a KL-regularised objective (dpo, grpo): a copy of ``model`` as it is now, i.e. at the
+    start of the stage, when ``folder`` is None; else the model saved there."""
+    if folder is None:
         reference = copy.deepcopy(model)  # the model at the start of the stage, before any update
     else:
         from transformers import AutoModelForCausalLM
@@ -117,10 +117,15 @@ def build_dpo(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: b
         from effitrain.config.inputs import check_model_folder
         from effitrain.objectives.distill import teacher_dtype
 
-        check_model_folder("objective.reference", params.reference, revision=None, need_tokenizer=False)
-        reference = AutoModelForCausalLM.from_pretrained(params.reference,
-                                                         dtype=teacher_dtype("auto", device, bf16_supported))
-    return DPO(frozen(reference.to(device)), beta=params.beta, length_normalized=params.length_normalized)
+        check_model_folder("objective.reference", folder, revision=None, need_tokenizer=False)
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=teacher_dtype("auto", device, bf16_supported))
+    return frozen(reference.to(device))
+
+
+def build_dpo(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False,
+              **context: Any) -> DPO:
+    reference = reference_model(params.reference, model, torch.device(device), bf16_supported)
+    return DPO(reference, beta=params.beta, length_normalized=params.length_normalized)
 
 
 def build_simpo(params: Any, **context: Any) -> SimPO:

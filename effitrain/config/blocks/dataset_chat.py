@@ -12,8 +12,9 @@ from effitrain.registry import ConfigError, param, register
 
 @dataclass
 class _ChatCommon:
-    format: Literal["chat", "preference"] = param(
-        "chat", help="chat: packed conversations for sft; preference: (chosen, rejected) pairs for dpo / simpo")
+    format: Literal["chat", "preference", "prompts"] = param(
+        "chat", help="chat: packed conversations for sft; preference: (chosen, rejected) pairs for dpo / simpo; "
+                     "prompts: one conversation a row, its first assistant message the reference answer, for grpo")
     seq_len: int = param(128, ge=8, help="tokens per row (packed conversations, or each side of a pair)")
     eval_examples_per_domain: int = param(64, ge=1, help="held-out conversations per domain")
 
@@ -24,6 +25,9 @@ class _ChatCommon:
 class ChatDemoParams(_ChatCommon):
     max_docs_per_domain: int = param(4000, ge=1, help="generated training conversations (one domain)")
     max_digits: int = param(2, ge=1, le=6, help="operands have 1..max_digits digits")
+    answer_style: Literal["plain", "think_boxed"] = param(
+        "plain", help="plain: '82'; think_boxed: '<think>37+45</think> \\boxed{82}' (the format the format and "
+                      "length rewards check)")
     seed: int = 0
 
 
@@ -68,7 +72,8 @@ _PAIR_OBJECTIVES = ("dpo", "simpo")
 
 
 @rule("objective_matches_chat_format", "objective sft needs conversations (a chat dataset with format=chat); dpo "
-                                       "and simpo need pairs (format=preference), which no other objective reads")
+                                       "and simpo need pairs (format=preference), grpo prompts (format=prompts); "
+                                       "no other objective reads pairs or prompts")
 def _objective_matches_format(spec, env) -> Optional[str]:
     objective = spec.block("objective").name
     data = spec.block("dataset")
@@ -79,6 +84,12 @@ def _objective_matches_format(spec, env) -> Optional[str]:
     if fmt == "preference" and objective not in _PAIR_OBJECTIVES:
         return (f"dataset.format=preference makes (chosen, rejected) pairs, which objective={objective} would train "
                 f"on alike; use objective=dpo or objective=simpo, or dataset.format=chat")
+    if objective == "grpo" and fmt != "prompts":
+        return ("objective=grpo samples answers to prompts; use a chat dataset with dataset.format=prompts (e.g. "
+                "dataset=chat_demo dataset.format=prompts)")
+    if fmt == "prompts" and objective != "grpo":
+        return (f"dataset.format=prompts keeps one conversation a row for sampling, which objective={objective} does "
+                f"not do; use objective=grpo, or dataset.format=chat")
     if objective == "sft" and fmt != "chat":
         return ("objective=sft trains on the assistant tokens of conversations; use a chat dataset (dataset=chat_demo "
                 "or dataset=chat_local)")

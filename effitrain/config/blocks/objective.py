@@ -8,8 +8,9 @@ plain next-token loss, whatever the objective, so eval losses stay comparable be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
+from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
 
@@ -114,3 +115,55 @@ class DPOParams:
 class SimPOParams:
     beta: float = param(2.0, gt=0, help="beta (the authors' Llama-3-8B-base config: 2.0)")
     gamma_beta_ratio: float = param(0.5, ge=0, help="gamma / beta, the target margin (the authors: 0.5)")
+
+
+@register("objective", "grpo", builder="effitrain.objectives.grpo:build",
+          summary="GRPO: sampled groups per prompt, group-normalised verifiable rewards, clipped ratio, KL to a "
+                  "frozen reference (Shao et al., 2402.03300)")
+@dataclass
+class GRPOParams:
+    rewards: list[dict[str, Any]] = param(
+        default_factory=lambda: [{"name": "exact_answer"}],
+        help="reward blocks summed with their weights: exact_answer (needs reference answers), format, length")
+    group_size: int = param(8, ge=2, help="G: completions sampled per prompt (TRL's num_generations: 8)")
+    max_new_tokens: int = param(16, ge=1, help="completion tokens at most (TRL's max_completion_length)")
+    temperature: float = param(1.0, gt=0, help="sampling temperature; the log-probabilities use the same one")
+    beta: float = param(0.04, ge=0, help="weight of the k3 KL estimate to the reference (DeepSeekMath: 0.04; 0 = "
+                                         "no reference model is kept)")
+    epsilon: float = param(0.2, gt=0, help="the ratio is clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: Optional[float] = param(None, gt=0, help="upper clip (DAPO's clip-higher); null = epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = param(
+        "group", help="divide the advantages by the group's reward std (GRPO), the micro-batch's, or not (Dr. GRPO)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = param(
+        "grpo", help="grpo: token mean per completion, then mean; bnpo: mean over all completion tokens; dr_grpo: "
+                     "sum over tokens / (completions x max_new_tokens)")
+    reference: Optional[str] = param(None, help="null: a frozen copy of the model at the start of the stage; else "
+                                                "a save_pretrained folder (in a stage, '@stage:NAME')")
+    seed: int = param(0, help="sampling seed; a micro-batch's samples depend on (seed, micro-step, rank) only, so a "
+                              "resumed run draws the same completions")
+
+    def validate(self, path: str) -> None:
+        from effitrain.registry import REGISTRY
+
+        if not self.rewards:
+            raise ConfigError(f"{path}.rewards: empty; name at least one reward block, e.g. [{{name: exact_answer}}]")
+        self.reward_blocks = [REGISTRY.parse("reward", r, f"{path}.rewards[{i}]") for i, r in enumerate(self.rewards)]
+        names = [b.name for b in self.reward_blocks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}.rewards: {names} names a reward twice; give each once with its weight")
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        if self.reference is not None:
+            from effitrain.config.inputs import check_model_folder
+
+            check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+
+
+@rule("grpo_needs_whole_parameters", "objective grpo samples with model.generate, which needs whole parameters: "
+                                     "ZeRO <= 2 and no sequence parallelism")
+def _grpo_whole_parameters(spec, env) -> Optional[str]:
+    if spec.block("objective").name != "grpo":
+        return None
+    if spec.block("parallelism").params.stage == 3:
+        return "objective=grpo samples completions with whole parameters, which ZeRO-3 partitions; use parallelism=zero2"
+    return None

@@ -1,0 +1,231 @@
+"""``objective: grpo``: Group Relative Policy Optimization with verifiable rewards (Shao et al., DeepSeekMath,
+2402.03300, section 4.1; the loss as TRL's ``GRPOTrainer._compute_loss`` computes it).
+
+Per micro-batch of B prompts (rows of ``dataset.format: prompts``: the tokens before the first label are the prompt,
+the labelled ones the reference answer):
+
+1. **Group sampling.**  Each prompt is answered ``G = group_size`` times with ``model.generate`` (multinomial
+   sampling at ``temperature``, no top-k/top-p), up to ``max_new_tokens``; a completion ends at its first EOS
+   (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
+   the same completions and the global RNG stream of the run is untouched.
+2. **Rewards.**  Each completion is decoded and scored by the reward blocks (:mod:`effitrain.objectives.rewards`);
+   its reward is their weighted sum ``r``.
+3. **Group-normalised advantages.**  ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)`` (``scale_rewards:
+   group``; ``batch`` divides by the micro-batch's std, ``none`` not at all, as Dr. GRPO); the std is the unbiased
+   one, as TRL's.  Every token of a completion gets its completion's advantage (outcome supervision).
+4. **Clipped surrogate with a KL penalty**, per completion token ``t``::
+
+       ratio = exp(log pi(t) - log pi_old(t))
+       loss_t = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL_t
+       KL_t = exp(log ref(t) - log pi(t)) - (log ref(t) - log pi(t)) - 1      (the k3 estimator, always >= 0)
+
+   reduced per ``loss_type``: ``grpo`` averages over each completion's tokens, then over completions (the paper's
+   1/G sum 1/|o_i| sum_t); ``bnpo`` over all completion tokens of the micro-batch; ``dr_grpo`` sums and divides by
+   completions x max_new_tokens.
+
+``pi_old`` is the policy that sampled the completions.  effitrain takes one optimizer step per sampled batch (TRL's
+default ``num_iterations = 1``), so ``pi_old = pi`` at the time of the loss: the ratio is 1 and the clip inactive,
+but its gradient is the policy gradient ``A * grad log pi``.  :func:`grpo_loss` takes ``old_logps`` explicitly, so the
+clip is exact for a caller that reuses samples.
+
+Log-probabilities are taken from ``logits / temperature`` (the distribution the samples were drawn from) at the
+positions of the completion tokens, with ``position_ids`` counted from each prompt's first real token, so a
+left-padded prompt is scored as it was sampled.
+
+The reference model is owned by the objective, as ``dpo``'s (:func:`effitrain.objectives.preference.reference_model`):
+the model at the start of the stage, or a saved folder; none is kept when ``beta`` is 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.objectives.rewards import RewardFn
+
+STD_EPS = 1e-4  # TRL's and the paper's implementations add it to the group std
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """``[N * G]`` advantages of rewards laid out group after group (the G completions of a prompt together)."""
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    else:
+        raise ValueError(f"scale_rewards: {scale!r}")
+    return centred / (std + STD_EPS)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
+              advantages: torch.Tensor, mask: torch.Tensor, *, beta: float, epsilon_low: float, epsilon_high: float,
+              loss_type: str = "grpo", max_new_tokens: Optional[int] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The clipped GRPO loss of completion tokens (``[N, T]`` log-probabilities, ``mask`` 1 on completion tokens)
+    and per-token statistics (the masked mean KL and the share of clipped tokens)."""
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (per_token.shape[0] * (max_new_tokens or per_token.shape[1]))
+    else:
+        raise ValueError(f"loss_type: {loss_type!r}")
+    tokens = mask.sum().clamp(min=1.0)
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats = {"clip_ratio": (is_clipped.to(mask.dtype) * mask).sum().detach() / tokens}
+    if kl is not None:
+        stats["kl"] = (kl * mask).sum().detach() / tokens
+    return loss, stats
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` at ``tokens`` (logits already aligned: row t scores token t)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def split_prompts(batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's prompt ids (before its first label) and reference answer ids (its labelled tokens)."""
+    prompts, answers = [], []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        prompts.append(ids[:first])
+        answers.append([label for label in labels if label != IGNORE_INDEX])
+    return prompts, answers
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def completion_mask(completions: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on every completion token up to and including the first EOS (all tokens when there is none)."""
+    is_eos = completions == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1),
+                        torch.full_like(is_eos[:, 0], completions.shape[1], dtype=torch.long))
+    positions = torch.arange(completions.shape[1], device=completions.device).unsqueeze(0)
+    return (positions <= first.unsqueeze(1)).long()
+
+
+def sampling_seed(seed: int, micro_step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class GRPO:
+    def __init__(self, tokenizer: Any, rewards: list[tuple[str, float, RewardFn]], reference: Optional[Any], *,
+                 group_size: int, max_new_tokens: int, temperature: float, beta: float, epsilon: float,
+                 epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int) -> None:
+        self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
+        self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
+        self.beta, self.epsilon_low = beta, epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.scale_rewards, self.loss_type, self.seed = scale_rewards, loss_type, seed
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, module: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> torch.Tensor:
+        """``[N * G, C]`` completion tokens, G per prompt, group after group (pad after the first EOS)."""
+        ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
+        mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
+        was_training = module.training
+        module.eval()  # sample from the policy itself: no dropout
+        try:
+            with seeded(seed, ids.device):
+                out = module.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                      temperature=self.temperature, top_k=0, top_p=1.0,
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+        finally:
+            module.train(was_training)
+        return out[:, ids.shape[1]:]
+
+    def score(self, texts: list[str], references: list[str], lengths: list[int],
+              device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the rewards ``[N * G]`` and each reward's mean."""
+        total = torch.zeros(len(texts), device=device)
+        means = {}
+        for name, weight, fn in self.rewards:
+            values = torch.tensor(fn(texts, references, lengths), dtype=torch.float32, device=device)
+            total += weight * values
+            means[f"reward_{name}"] = values.mean()
+        return total, means
+
+    def logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        return token_logps(logits[:, prompt_width - 1:-1], ids[:, prompt_width:], self.temperature)
+
+    # -------------------------------------------------------------------------------------------- the loss
+    def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tok = self.tokenizer
+        device = batch["input_ids"].device
+        prompts, answers = split_prompts(batch)
+        references = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id, device)
+        module = getattr(model, "module", model)
+        completions = self.sample(module, prompt_ids, prompt_mask,
+                                  sampling_seed(self.seed, state.micro_step, state.rank))
+        mask = completion_mask(completions, tok.eos_token_id)
+        lengths = mask.sum(dim=1)
+        texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(completions.tolist(), lengths.tolist())]
+        rewards, reward_means = self.score(texts, [r for r in references for _ in range(self.group_size)],
+                                           lengths.tolist(), device)
+        advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+
+        width = prompt_ids.shape[1]
+        ids = torch.cat([prompt_ids.repeat_interleave(self.group_size, dim=0), completions], dim=1)
+        attention = torch.cat([prompt_mask.repeat_interleave(self.group_size, dim=0), mask], dim=1)
+        logps = self.logps(model, ids, attention, width)
+        ref_logps = None
+        if self.beta != 0.0:
+            with torch.no_grad():
+                ref_logps = self.logps(self.reference, ids, attention, width)
+        loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, beta=self.beta,
+                                epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                                loss_type=self.loss_type, max_new_tokens=self.max_new_tokens)
+        group_std = rewards.view(-1, self.group_size).std(dim=1).mean()
+        return loss, {"reward": rewards.mean(), "reward_std": group_std, **reward_means,
+                      "completion_tokens": lengths.float().mean(), **stats}
+
+
+def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu", bf16_supported: bool = False,
+          **context: Any) -> GRPO:
+    from effitrain.objectives.preference import reference_model
+    from effitrain.objectives.rewards import build_rewards
+
+    reference = None
+    if params.beta != 0.0:
+        reference = reference_model(params.reference, model, torch.device(device), bf16_supported)
+    return GRPO(tokenizer, build_rewards(params.reward_blocks), reference, group_size=params.group_size,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, beta=params.beta,
+                epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,
+                loss_type=params.loss_type, seed=params.seed)

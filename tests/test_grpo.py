@@ -1,0 +1,260 @@
+"""GRPO and its verifiable rewards (issue #14).
+
+What holds: advantages are zero-mean within each group (and unit-std where the group's rewards differ); the loss
+equals the closed form on a hand-built case, the clip included, and TRL's GRPO loss on identical inputs; one update
+on a crafted case raises the probability of the rewarded samples and lowers the others'; a micro-batch's samples
+are a function of (seed, micro-step, rank); prompt rows give back the prompt and the reference answer; every reward
+is checked on correct, wrong and malformed answers; GRPO's bad combinations are refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from effitrain.data import arithmetic_chat, chat
+from effitrain.data.chat_sources import prompt_rows
+from effitrain.objectives import grpo, rewards
+from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+
+load_builtin_blocks()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import datasets
+
+    from effitrain.data.tokenizer import train_bpe
+
+    train, _ = arithmetic_chat.splits(300, 0)
+    texts = [f"<|user|>\n{e['question']}\n<|assistant|>\n{e['answer']}" for e in train]
+    folder = tmp_path_factory.mktemp("bpe")
+    train_bpe(datasets.Dataset.from_dict({"text": texts}), 300, folder)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config)
+
+
+def reward_blocks(*specs):
+    return [REGISTRY.parse("reward", s, f"rewards[{i}]") for i, s in enumerate(specs)]
+
+
+# ------------------------------------------------------------------------------------------------------- advantages
+
+def test_advantages_are_zero_mean_per_group_and_divided_by_the_groups_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 0.0, 1.0])
+    a = grpo.group_advantages(r, group_size=4)
+    for group in a.view(3, 4):
+        assert group.sum().abs() < 1e-6
+    # group 1: mean 0.5, unbiased std sqrt(1/3); group 2: all equal, so no signal at all
+    std = math.sqrt(1 / 3)
+    assert a[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4),
+                                           0.5 / (std + 1e-4)], rel=1e-6)
+    assert a[4:8].tolist() == [0.0] * 4
+    assert a[8:].std().item() == pytest.approx(1.0, abs=1e-3)
+    assert grpo.group_advantages(r, 4, scale="none")[:4].tolist() == [0.5, -0.5, -0.5, 0.5]  # Dr. GRPO: centred only
+
+
+# ------------------------------------------------------------------------------------------------------------- loss
+
+def test_loss_equals_the_clipped_closed_form_with_the_k3_kl():
+    """Two completions, two tokens each (the second of completion 2 is padding), old log-probabilities set so that
+    one ratio is clipped above and one below."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
+    old = torch.tensor([[-1.5, -2.0], [-0.2, -1.0]])
+    ref = torch.tensor([[-1.2, -1.0], [-0.5, -3.0]])
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, stats = grpo.grpo_loss(logps, old, ref, adv, mask, beta=0.1, epsilon_low=0.2, epsilon_high=0.2)
+
+    def term(lp, lo, lr, a):
+        ratio = math.exp(lp - lo)
+        surrogate = min(ratio * a, min(max(ratio, 0.8), 1.2) * a)
+        kl = math.exp(lr - lp) - (lr - lp) - 1
+        return -surrogate + 0.1 * kl
+    first = (term(-1.0, -1.5, -1.2, 2.0) + term(-2.0, -2.0, -1.0, 2.0)) / 2   # ratio e^0.5 = 1.65: clipped to 1.2
+    second = term(-0.5, -0.2, -0.5, -1.0)                                     # ratio e^-0.3 = 0.74 < 0.8, A < 0: clipped
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert stats["clip_ratio"].item() == pytest.approx(2 / 3)
+
+
+def test_loss_equals_trls_on_identical_inputs(tokenizer, tmp_path):
+    """TRL's GRPOTrainer._compute_loss and ours, on the same prompts, completions, advantages and reference
+    log-probabilities, with the same policy weights, for each loss type."""
+    trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[dev]' brings it)")
+    import datasets
+
+    tiny_llama(len(tokenizer), seed=3).save_pretrained(tmp_path / "policy")
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                          beta=0.04, use_cpu=True, report_to=[], bf16=False, max_completion_length=4,
+                          temperature=0.7)
+    trainer = trl.GRPOTrainer(model=str(tmp_path / "policy"), reward_funcs=[lambda completions, **k: [0.0] * 4],
+                              args=args, train_dataset=datasets.Dataset.from_list([{"prompt": "a"}] * 4),
+                              processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, len(tokenizer), (4, 5), generator=g)
+    completion = torch.randint(0, len(tokenizer), (4, 4), generator=g)
+    prompt_mask = torch.ones(4, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    ref = torch.randn(4, 4, generator=g) * 0.1 - 3.0
+    ours_obj = grpo.GRPO(tokenizer, [], None, group_size=4, max_new_tokens=4, temperature=0.7, beta=0.04,
+                         epsilon=0.2, epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
+    trainer.model.train()
+    logps = ours_obj.logps(trainer.model, torch.cat([prompt, completion], 1), torch.cat([prompt_mask, mask], 1), 5)
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        trainer.loss_type = loss_type
+        theirs = trainer._compute_loss(trainer.model, {
+            "prompt_ids": prompt, "prompt_mask": prompt_mask, "completion_ids": completion, "completion_mask": mask,
+            "advantages": adv, "ref_per_token_logps": ref, "old_per_token_logps": None})
+        ours, _ = grpo.grpo_loss(logps, logps.detach(), ref, adv, mask, beta=0.04, epsilon_low=0.2,
+                                 epsilon_high=0.2, loss_type=loss_type, max_new_tokens=4)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5), loss_type
+
+
+# ------------------------------------------------------------------------------------------------- sampling, update
+
+def _prompt_batch(tokenizer, n=2):
+    examples = arithmetic_chat.splits(n, 0)[0]
+    rows = prompt_rows(tokenizer, [e["messages"] for e in examples], seq_len=32)
+    return chat.to_batch(torch.from_numpy(rows)), examples
+
+
+def test_prompt_rows_give_back_the_prompt_and_the_reference_answer(tokenizer):
+    batch, examples = _prompt_batch(tokenizer, 3)
+    prompts, answers = grpo.split_prompts(batch)
+    for prompt, answer, e in zip(prompts, answers, examples):
+        assert prompt == chat.prompt_ids(tokenizer, e["messages"][:1])   # exactly what generation is given
+        assert tokenizer.decode(answer, skip_special_tokens=True) == str(e["answer"])
+        assert answer[-1] == tokenizer.eos_token_id                       # the reference ends as an answer should
+
+
+def test_samples_depend_only_on_seed_micro_step_and_rank(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=1)
+    obj = grpo.GRPO(tokenizer, [], None, group_size=4, max_new_tokens=6, temperature=1.0, beta=0.0, epsilon=0.2,
+                    epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
+    batch, _ = _prompt_batch(tokenizer)
+    ids, mask = grpo.left_pad(grpo.split_prompts(batch)[0], tokenizer.pad_token_id, "cpu")
+    first = obj.sample(model, ids, mask, grpo.sampling_seed(0, 5, 0))
+    torch.rand(10)  # the global stream moves on; the samples must not care
+    assert torch.equal(obj.sample(model, ids, mask, grpo.sampling_seed(0, 5, 0)), first)
+    assert not torch.equal(obj.sample(model, ids, mask, grpo.sampling_seed(0, 6, 0)), first)
+    assert first.shape == (2 * 4, 6)
+
+
+def test_one_update_raises_the_probability_of_rewarded_samples(tokenizer):
+    """Crafted case: the reward is the share of a completion's characters that are digits.  After one SGD step on
+    the GRPO loss (beta 0), the completions that scored above their group's mean became more likely on average and
+    those below less likely, and the advantage-weighted change (the surrogate the step climbs) is positive.  (Single
+    completions may move against their sign: they share tokens and parameters with the others.)"""
+    model = tiny_llama(len(tokenizer), seed=2)
+    digits = {i for i in range(len(tokenizer)) if any(c.isdigit() for c in tokenizer.decode([i]))}
+
+    def digit_share(responses, references, lengths):
+        return [sum(ch.isdigit() for ch in r) / max(len(r), 1) for r in responses]
+
+    obj = grpo.GRPO(tokenizer, [("digits", 1.0, digit_share)], None, group_size=8, max_new_tokens=5,
+                    temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=None, scale_rewards="group",
+                    loss_type="grpo", seed=7)
+    batch, _ = _prompt_batch(tokenizer)
+    state = SimpleNamespace(micro_step=0, rank=0)
+    ids, pmask = grpo.left_pad(grpo.split_prompts(batch)[0], tokenizer.pad_token_id, "cpu")
+    completions = obj.sample(model, ids, pmask, grpo.sampling_seed(7, 0, 0))   # what the objective will draw
+    cmask = grpo.completion_mask(completions, tokenizer.eos_token_id)
+    full = torch.cat([ids.repeat_interleave(8, 0), completions], 1)
+    attention = torch.cat([pmask.repeat_interleave(8, 0), cmask], 1)
+    texts = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(completions.tolist(), cmask.sum(1))]
+    adv = grpo.group_advantages(torch.tensor(digit_share(texts, None, None)), 8)
+    assert (adv > 0).any() and (adv < 0).any() and len(digits) > 0
+
+    def mean_logp():
+        with torch.no_grad():
+            lp = obj.logps(model, full, attention, ids.shape[1])
+        return (lp * cmask).sum(1) / cmask.sum(1)
+
+    before = mean_logp()
+    loss, metrics = obj(model, batch, state)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    change = mean_logp() - before
+    assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
+    assert (adv * change).sum() > 0
+    assert ((change > 0) == (adv > 0))[adv != 0].float().mean() >= 0.75  # most move with their advantage's sign
+    assert metrics["reward"].item() == pytest.approx(sum(digit_share(texts, None, None)) / 16, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- rewards
+
+def _score(spec, responses, references=None, lengths=None):
+    (block,) = reward_blocks(spec)
+    references = references or [""] * len(responses)
+    return block.build()(responses, references, lengths or [1] * len(responses))
+
+
+def test_exact_answer_on_correct_wrong_and_malformed_answers():
+    assert _score({"name": "exact_answer"}, ["82", " 82\n", "83", "", "82 apples"], ["82"] * 5) == [1, 1, 0, 0, 0]
+    boxed = {"name": "exact_answer", "extract": "boxed", "correct": 10.0}  # Tülu 3's RLVR gives 10
+    refs = ["<think>40+42</think> \\boxed{82}"] * 5
+    assert _score(boxed, ["<think>x</think> \\boxed{82}", "\\boxed{ 82.0 }", "\\boxed{83}", "\\boxed{82", "82"],
+                  refs) == [10, 10, 0, 0, 0]                                      # right, right, wrong, unclosed, no box
+    last = {"name": "exact_answer", "extract": "last_number"}
+    assert _score(last, ["so it is 1,024", "first 3 then 7", "no number"], ["1024", "3", "0"]) == [1, 0, 0]
+
+
+def test_format_reward_on_well_formed_partial_and_malformed_responses():
+    responses = ["<think>8+0</think> \\boxed{8}", "\\boxed{8}", "<think>8+0</think> 8", "<think>8+0 \\boxed{eight}",
+                 "\\boxed{}"]
+    assert _score({"name": "format"}, responses) == [1.0, 0.5, 0.5, 0.0, 0.0]     # the authors' 0.5 + 0.5
+    # their format-length score keeps the format part only when the answer is well formed
+    assert _score({"name": "format", "zero_without_answer": True}, responses) == [1.0, 0.5, 0.0, 0.0, 0.0]
+    with pytest.raises(ConfigError, match="checks nothing"):
+        reward_blocks({"name": "format", "think": False, "answer": False})
+
+
+def test_length_reward_follows_the_authors_curve_and_gates_on_the_answer():
+    # max_tokens 100, peak 0.5: 0 at 0 tokens, 0.75 at 25, 1 at 50, 0.5 at 75, -1 at 100
+    spec = {"name": "length", "max_tokens": 100, "peak": 0.5}
+    boxed = ["\\boxed{8}"] * 5
+    assert _score(spec, boxed, lengths=[0, 25, 50, 75, 100]) == pytest.approx([0.0, 0.75, 1.0, 0.5, -1.0])
+    # without a well-formed answer only the penalty remains: min(0, length)
+    assert _score(spec, ["8"] * 3, lengths=[50, 75, 100]) == pytest.approx([0.0, 0.0, -1.0])
+    assert _score({**spec, "gated": False}, ["8"], lengths=[50]) == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+def test_grpo_parses_its_reward_blocks_and_refuses_bad_ones():
+    block = REGISTRY.parse("objective", {"name": "grpo", "rewards": [{"name": "format"}, {"name": "length"}]})
+    assert [b.name for b in block.params.reward_blocks] == ["format", "length"]
+    with pytest.raises(ConfigError, match=r"rewards\[0\].name: unknown reward 'exact'; valid: exact_answer, format"):
+        REGISTRY.parse("objective", {"name": "grpo", "rewards": [{"name": "exact"}]})
+    with pytest.raises(ConfigError, match="names a reward twice"):
+        REGISTRY.parse("objective", {"name": "grpo", "rewards": [{"name": "format"}, {"name": "format"}]})
+    with pytest.raises(ConfigError, match=r"group_size: .*>= 2"):
+        REGISTRY.parse("objective", {"name": "grpo", "group_size": 1})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=grpo", "dataset=chat_demo"], "objective=grpo samples answers to prompts; use a chat dataset with "
+                                              "dataset.format=prompts"),
+    (["objective=sft", "dataset=chat_demo", "dataset.format=prompts"], "which objective=sft does not do"),
+    (["objective=grpo", "dataset=chat_demo", "dataset.format=prompts", "parallelism=zero3"],
+     "objective=grpo samples completions with whole parameters, which ZeRO-3 partitions"),
+])
+def test_grpo_combinations_are_refused_at_check(overrides, message):
+    from conftest import effitrain_cli
+
+    result = effitrain_cli("check", *overrides)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
