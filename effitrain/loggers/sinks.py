@@ -43,8 +43,10 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-_LINE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "peak_memory_bytes",
-              "skipped_steps")
+# the RL reward and the generation-based eval figures sit next to the losses: they are what a post-training run is
+# watched for
+_LINE_KEYS = ("loss", "reward", "eval_loss", "eval_accuracy", "eval_reward", "lr", "grad_norm", "tokens_per_s",
+              "step_time_s", "mfu", "peak_memory_bytes", "skipped_steps")
 
 
 class ConsoleSink(Sink):

@@ -4,8 +4,14 @@ At every evaluation the model answers the held-out arithmetic questions of the b
 (:mod:`effitrain.data.arithmetic_chat`, the same eval split the eval loss uses): each prompt is the user message
 rendered with the chat template and tokenized as in training (:func:`effitrain.data.chat.prompt_ids`), the answer is
 generated greedily (``do_sample=False``) up to EOS or ``max_new_tokens``, and it is right when the decoded text,
-stripped of surrounding whitespace, is exactly the decimal answer.  Logged with the eval losses:
-``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included).
+stripped of surrounding whitespace, is exactly the decimal answer (``extract: full``), or when the answer extracted
+from it (``boxed``, ``last_number``: :data:`effitrain.objectives.rewards.EXTRACTORS`) equals it.  Logged with the
+eval losses: ``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included).
+
+Reward statistics: when the run's objective is ``grpo``, its own reward blocks also score the greedy answers (the
+held-out reference answers in the dataset's ``answer_style``), logged as ``eval_reward`` (their weighted sum,
+averaged over the questions), ``eval_reward_std`` and ``eval_reward_NAME`` per reward, so an RL stage's held-out
+reward is on the same curve as its training reward.
 
 Prompts are left-padded into batches with an attention mask (transformers derives the positions from it), so a
 prompt's answer does not depend on the other prompts of its batch.  Every rank answers all questions (they are few);
@@ -30,20 +36,52 @@ def is_exact_answer(response: str, answer: int) -> bool:
 class AnswerAccuracy(Hook):
     name = "answer_accuracy"
 
-    def __init__(self, tokenizer: Any, *, examples: int, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, tokenizer: Any, *, examples: int, max_new_tokens: int, batch_size: int,
+                 extract: str = "full") -> None:
         self.tokenizer = tokenizer
         self.examples, self.max_new_tokens, self.batch_size = examples, max_new_tokens, batch_size
+        self.extract = extract
         self.prompts: Optional[list[list[int]]] = None
         self.answers: list[int] = []
+        self.references: list[str] = []
+        self.rewards: list = []
 
     def _questions(self, state: Any) -> None:
         from effitrain.data import arithmetic_chat, chat
 
         data = state.spec.block("dataset").params
         _, held_out = arithmetic_chat.splits(data.max_docs_per_domain, self.examples, seed=data.seed,
-                                             max_digits=data.max_digits)
+                                             max_digits=data.max_digits, style=data.answer_style)
         self.prompts = [chat.prompt_ids(self.tokenizer, e["messages"][:1]) for e in held_out]
         self.answers = [e["answer"] for e in held_out]
+        self.references = [e["messages"][1]["content"] for e in held_out]
+        objective = state.spec.block("objective")
+        if objective.name == "grpo":
+            from effitrain.objectives.rewards import build_rewards
+
+            self.rewards = build_rewards(objective.params.reward_blocks)
+
+    def is_right(self, text: str, answer: int) -> bool:
+        if self.extract == "full":
+            return is_exact_answer(text, answer)
+        from effitrain.objectives.rewards import EXTRACTORS, same_answer
+
+        return same_answer(EXTRACTORS[self.extract](text), str(answer))
+
+    def reward_metrics(self, texts: list[str], lengths: list[int]) -> dict[str, float]:
+        if not self.rewards:
+            return {}
+        import statistics
+
+        total = [0.0] * len(texts)
+        out = {}
+        for name, weight, fn in self.rewards:
+            values = fn(texts, self.references, lengths)
+            out[f"eval_reward_{name}"] = sum(values) / len(values)
+            total = [t + weight * v for t, v in zip(total, values)]
+        out["eval_reward"] = sum(total) / len(total)
+        out["eval_reward_std"] = statistics.pstdev(total)
+        return out
 
     @torch.no_grad()
     def responses(self, model: Any, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
@@ -75,11 +113,12 @@ class AnswerAccuracy(Hook):
             texts, lengths = self.responses(model, self.prompts)
         finally:
             model.train(was_training)
-        right = sum(is_exact_answer(t, a) for t, a in zip(texts, self.answers))
+        right = sum(self.is_right(t, a) for t, a in zip(texts, self.answers))
         state.eval_metrics["eval_accuracy"] = right / max(len(self.answers), 1)
         state.eval_metrics["eval_response_tokens"] = sum(lengths) / max(len(lengths), 1)
+        state.eval_metrics.update(self.reward_metrics(texts, lengths))
 
 
 def build_answer_accuracy(params: Any, *, tokenizer: Any = None, **context: Any) -> AnswerAccuracy:
     return AnswerAccuracy(tokenizer, examples=params.examples, max_new_tokens=params.max_new_tokens,
-                          batch_size=params.batch_size)
+                          batch_size=params.batch_size, extract=params.extract)

@@ -4,7 +4,7 @@ arithmetic questions, exact-match accuracy logged with the eval loss (effitrain.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from effitrain.config.rules import rule
 from effitrain.registry import param, register
@@ -17,6 +17,9 @@ class AnswerAccuracyParams:
     examples: int = param(64, ge=1, help="held-out questions answered (the chat_demo eval split's first ones)")
     max_new_tokens: int = param(8, ge=1, help="tokens generated at most per answer")
     batch_size: int = param(32, ge=1, help="questions per generate call")
+    extract: Literal["full", "boxed", "last_number"] = param(
+        "full", help="full: the whole answer is the number; boxed: the last \\boxed{...}; last_number: the last "
+                     "number in the answer")
 
 
 @rule("answer_accuracy_needs_chat_demo", "methods.answer_accuracy asks the built-in arithmetic questions: it needs "
