@@ -4,13 +4,21 @@ eval loss (next-token loss on the assistant tokens of the right answers) before 
 stage's training throughput and peak memory.
 
 * ``sft``: the ``sft`` recipe (the tiny model from scratch, trained on the conversations);
-* ``dpo``: the ``dpo`` recipe (the same SFT stage, then DPO on right-vs-wrong pairs against the frozen SFT model).
+* ``dpo``: the ``dpo`` recipe (the same SFT stage, then DPO on right-vs-wrong pairs against the frozen SFT model);
+* ``sft_then_grpo``: SFT on ``<think>..</think> \\boxed{N}`` answers, then GRPO with accuracy + format rewards;
+* ``format_length_grpo``: a short SFT, then GRPO on the format reward, then on format + length (no answers read);
+* ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right).
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
-``answer_accuracy`` method: greedy answers to the held-out questions, exact match).
+``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
+on those answers).  ``--first-stage-steps N`` sets the SFT stage's length (``train.max_steps`` of ``sft``,
+``stages.0.train.max_steps`` of the others), so the RL stages start from a model that answers some questions right.
+Time per step is reported rather than tokens/s: an RL step's tokens counter counts prompt rows, not the sampled
+completions.
 
-    OMP_NUM_THREADS=1 python scripts/bench_posttraining.py            # both recipes, seed 0
-    OMP_NUM_THREADS=1 python scripts/bench_posttraining.py --only sft --seeds 0 1 2
+    OMP_NUM_THREADS=1 python scripts/bench_posttraining.py            # sft and dpo, seed 0
+    OMP_NUM_THREADS=1 python scripts/bench_posttraining.py --only sft_then_grpo format_length_grpo \\
+        --first-stage-steps 600
 
 Extra ``key=value`` arguments go to every run.
 """
@@ -25,6 +33,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -35,8 +44,13 @@ def stage_figures(run: Path) -> dict:
     evals = [m for m in _lines(run) if "eval_accuracy" in m]
     summary = json.loads((run / "summary.json").read_text())
     train = [m for m in _lines(run) if "tokens_per_s" in m]
+    rewards = [m for m in evals if "eval_reward" in m]
     return {"acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
             "loss_before": evals[0]["eval_loss"], "loss_after": evals[-1]["eval_loss"],
+            "reward_before": rewards[0]["eval_reward"] if rewards else None,
+            "reward_after": rewards[-1]["eval_reward"] if rewards else None,
+            "len_before": evals[0]["eval_response_tokens"], "len_after": evals[-1]["eval_response_tokens"],
+            "step_time_s": statistics.median(m["step_time_s"] for m in train),
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train),
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
             "steps": summary.get("steps")}
@@ -55,21 +69,28 @@ def run_recipe(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["sft", "dpo"], nargs="*", default=["sft", "dpo"])
+    parser.add_argument("--only", choices=RECIPES, nargs="*", default=["sft", "dpo"])
+    parser.add_argument("--first-stage-steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_posttraining")
     args, extra = parser.parse_known_args()
     rows = []
     for recipe in args.only:
         for seed in args.seeds:
-            for stage, f in run_recipe(recipe, seed, args.out, extra).items():
+            length = []
+            if args.first_stage_steps is not None:
+                key = "train.max_steps" if recipe == "sft" else "stages.0.train.max_steps"
+                length = [f"{key}={args.first_stage_steps}"]
+            for stage, f in run_recipe(recipe, seed, args.out, [*length, *extra]).items():
                 rows.append((recipe, seed, stage, f))
-    print("| recipe | seed | stage | steps | accuracy before -> after | eval loss before -> after | tokens/s | "
-          "peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | seed | stage | steps | accuracy before -> after | eval reward before -> after | answer tokens "
+          "before -> after | eval loss before -> after | s/step | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for recipe, seed, stage, f in rows:
+        reward = "-" if f["reward_before"] is None else f"{f['reward_before']:.3f} -> {f['reward_after']:.3f}"
         print(f"| {recipe} | {seed} | {stage} | {f['steps']} | {f['acc_before']:.3f} -> {f['acc_after']:.3f} | "
-              f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['tokens_per_s']:.0f} | "
+              f"{reward} | {f['len_before']:.1f} -> {f['len_after']:.1f} | "
+              f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['step_time_s']:.3f} | "
               f"{f['peak_memory_mib']:.0f} |")
 
 

@@ -51,10 +51,11 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
                     "peft/sparse_spectral": ["+methods.sparse_spectral={}"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
                                                  "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"],
-                    # post-training objectives read conversations (sft) or pairs (dpo, simpo)
+                    # post-training objectives read conversations (sft), pairs (dpo, simpo) or prompts (grpo)
                     "objective/sft": ["dataset=chat_demo"],
                     "objective/dpo": ["dataset=chat_demo", "dataset.format=preference"],
-                    "objective/simpo": ["dataset=chat_demo", "dataset.format=preference"]}
+                    "objective/simpo": ["dataset=chat_demo", "dataset.format=preference"],
+                    "objective/grpo": ["dataset=chat_demo", "dataset.format=prompts"]}
 
 
 def test_every_option_of_every_group_validates():
