@@ -258,3 +258,20 @@ def test_grpo_combinations_are_refused_at_check(overrides, message):
 
     result = effitrain_cli("check", *overrides)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_answer_accuracy_reads_boxed_answers_and_reports_the_rl_rewards(tokenizer):
+    """In an RL stage the held-out greedy answers are scored by the objective's own rewards (eval_reward and one
+    figure per reward), next to the exact-match accuracy on the extracted answer."""
+    from effitrain.methods.answer_accuracy import AnswerAccuracy
+    from effitrain.objectives.rewards import build_rewards
+
+    hook = AnswerAccuracy(tokenizer, examples=2, max_new_tokens=8, batch_size=2, extract="boxed")
+    assert hook.is_right("<think>40+42</think> \\boxed{82}", 82) and not hook.is_right("82", 82)
+    hook.rewards = build_rewards(reward_blocks({"name": "exact_answer", "extract": "boxed", "correct": 10.0},
+                                               {"name": "format", "weight": 0.5}))
+    hook.references = ["<think>40+42</think> \\boxed{82}", "<think>3*3</think> \\boxed{9}"]
+    figures = hook.reward_metrics(["<think>40+42</think> \\boxed{82}", "\\boxed{8}"], [9, 4])
+    # answer 1: right and well formed = 10 + 0.5 x 1; answer 2: wrong, no <think> = 0 + 0.5 x 0.5
+    assert figures == pytest.approx({"eval_reward_exact_answer": 5.0, "eval_reward_format": 0.75,
+                                     "eval_reward": (10.5 + 0.25) / 2, "eval_reward_std": (10.5 - 0.25) / 2})
