@@ -24,6 +24,11 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 # A recipe whose preparation trains a model of its own (a selection or scoring proxy) keeps it to a few steps here: the recipe
 # still runs end to end through its real scorer; what the scorer computes is tested in its own module
 # (tests/test_selection_recipes.py, tests/test_selection.py), at sizes chosen for that.
@@ -50,6 +55,11 @@ def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     if "fp8_gpu" in meta.get("requires", []) and not _fp8_gpu():
         # where the device cannot run the recipe, it is refused before anything is built or any folder is made
         with pytest.raises(ConfigError, match="fp8_needs_sm89"):
+            train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+        return
+    if "cuda" in meta.get("requires", []) and not _cuda():
+        with pytest.raises(ConfigError, match="qlora_needs_cuda"):  # bitsandbytes' 4-bit kernels: CUDA only
             train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
         assert not (tmp_path / "run").exists()
         return
