@@ -37,7 +37,8 @@ SMALL_PREPARATION = {
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
     "perplexity_filter": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
-    "regmix": ["stages.0.sweep.num_proxies=4"],   # the sweep itself: tests/test_regmix.py
+    "regmix": ["stages.0.sweep.num_proxies=4"],
+    "conditional_training": ["dataset.control_tokens.scorer.proxy_steps=4", "dataset.control_tokens.scorer.max_length=48"],   # the sweep itself: tests/test_regmix.py
     # the test model has 2 decoder layers, not tiny_llama's 4
     "sorted_llama": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
     "sortednet": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
