@@ -106,6 +106,17 @@ def test_check_refuses_mismatched_user_folders_in_one_line_with_exit_status_2(tm
     assert len(lines) == 1 and "stages.transfer.transform.finetuned:" in lines[0] and "hidden_size 16" in lines[0]
 
 
+def test_check_refuses_a_target_base_of_another_architecture_before_anything_runs(tmp_path):
+    base, finetuned = _save(_tiny_model(0), tmp_path / "base"), _save(_tiny_model(0), tmp_path / "ft")
+    target = _save(_tiny_model(1, num_hidden_layers=3), tmp_path / "target")
+    stage = (f"+stages=[{{name: transfer, init: '{target}', transform: {{name: add_diff_vector, "
+             f"finetuned: '{finetuned}', base: '{base}'}}}}]")
+    with pytest.raises(ConfigError, match=r"^stages.transfer.transform.finetuned: .* differs from the stage's model "
+                                          r".* in num_hidden_layers 2 \(the target base has 3\)"):
+        composed = compose_config([stage])
+        validate(composed.cfg, composed.recipes)
+
+
 def test_a_stage_may_start_from_any_earlier_stage_and_must_name_one():
     composed = compose_config(["+recipe=ft_transfer"])
     spec = validate(composed.cfg, composed.recipes)

@@ -143,3 +143,18 @@ class AddDiffVectorParams:
                 raise ConfigError(f"{path}.finetuned: '{self.finetuned}' is not a fine-tuned copy of the base "
                                   f"'{self.base}': {why.replace('the target base', 'the base')}; a diff vector "
                                   f"needs the same architecture")
+
+    def check_init_folder(self, folder: str, path: str) -> None:
+        """The stage's own model (the target base) against the two folders, when all exist before the run."""
+        from effitrain.config.inputs import model_config_json
+
+        target = model_config_json(folder)
+        if target is None:
+            return  # the input checks name a missing or unreadable folder
+        for key in ("finetuned", "base"):
+            value = getattr(self, key)
+            config = None if value.startswith("@stage:") else model_config_json(value)
+            why = config is not None and architecture_mismatch(config, target)
+            if why:
+                raise ConfigError(f"{path}.{key}: '{value}' differs from the stage's model '{folder}' (the target "
+                                  f"base) in {why}; a diff vector needs the same architecture")
