@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 START, END = "<!-- bench_conditional_training:start -->", "<!-- bench_conditional_training:end -->"
+ARITHMETIC = re.compile(r"\d+\s*[-+*/x]\s*\d+\s*=")  # "12 + 7 =": the demo corpus's arithmetic worksheets
 THRESHOLD = re.compile(r"control tokens: .* threshold (\S+) \(<= is good\)")
 
 
@@ -55,7 +56,7 @@ def sample_scores(run: Path, proxy: Path, seed: int, n: int) -> dict[str, list[f
     tokenizer = AutoTokenizer.from_pretrained(str(run / "final_model"))
     model = AutoModelForCausalLM.from_pretrained(str(run / "final_model")).eval()
     good, bad = tokenizer.convert_tokens_to_ids(["<|good|>", "<|bad|>"])
-    scores = {}
+    scores, arithmetic = {}, {}
     for name, prefix in (("<|good|>", [good]), ("<|bad|>", [bad]), ("no token", [])):
         torch.manual_seed(seed)
         ids = torch.tensor([[tokenizer.eos_token_id, *prefix]] * n)
@@ -65,10 +66,38 @@ def sample_scores(run: Path, proxy: Path, seed: int, n: int) -> dict[str, list[f
                                  bad_words_ids=[[good], [bad]], pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        arithmetic[name] = sum(bool(ARITHMETIC.search(t)) for t in texts) / len(texts)
         # rated as the training data were: sentence by sentence
         sentences = [s for text in texts for s in split_segments(text, "sentence") if s.strip()]
         scores[name] = example_losses(rater, encode, sentences, "cpu")
-    return scores
+    return {name: (scores[name], arithmetic[name]) for name in scores}
+
+
+def good_by_domain(run: Path, threshold: float) -> dict[str, tuple[int, int]]:
+    """``{domain: (good training sentences, all training sentences)}``: the run's own sentences and scores (the
+    scorer's cache answers; nothing is rated again)."""
+    import numpy as np
+    import yaml
+
+    from effitrain.curriculum.row_scores import scorer_text_scores
+    from effitrain.data.conditional import split_segments
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    dataset = REGISTRY.parse("dataset", cfg["dataset"], "dataset")
+    control = dataset.params.control_tokens
+    train = dataset.build()["train"]
+    segments, domains = [], []
+    for text, domain in zip(train["text"], train["domain"]):
+        for segment in split_segments(text, control.segment):
+            segments.append(segment)
+            domains.append(domain)
+    scores = scorer_text_scores(control.scorer, segments, seed=dataset.params.seed, key="bench", group="conditional",
+                                what="the bench")
+    good = np.asarray(scores) <= threshold
+    return {d: (int(good[np.asarray(domains) == d].sum()), int((np.asarray(domains) == d).sum()))
+            for d in sorted(set(domains))}
 
 
 def main() -> None:
@@ -82,19 +111,22 @@ def main() -> None:
 
     from effitrain.paths import cache_dir
 
-    rows = []
+    rows, composition = [], ""
     for seed in args.seeds:
         run, threshold = train(seed, args.out, extra)
+        if not composition:  # the labels depend on the data and the scorer, not on the training seed
+            composition = "; ".join(f"{d} {g} of {n}" for d, (g, n) in good_by_domain(run, threshold).items())
         proxies = sorted((cache_dir("conditional")).glob("proxy-*"), key=os.path.getmtime)
         scores = sample_scores(run, proxies[-1], seed, args.samples)
-        for name, values in scores.items():
+        for name, (values, share_arithmetic) in scores.items():
             values = np.asarray(values)
             cell = name.replace("|", "\\|")  # <|good|> inside a table row
             rows.append(f"| {seed} | {cell} | {len(values)} | {values.mean():.3f} | {(values <= threshold).mean():.3f} | "
-                        f"{threshold:.3f} |")
+                        f"{threshold:.3f} | {share_arithmetic:.2f} |")
     table = "\n".join(["| seed | conditioned on | sampled sentences | mean proxy loss | share at or under the threshold "
-                       "| threshold |", "|---|---|---|---|---|---|", *rows])
+                       "| threshold | samples with arithmetic |", "|---|---|---|---|---|---|---|", *rows])
     print(table)
+    print(f"<|good|> training sentences by domain: {composition}")
     if args.write:
         from _sections import replace_marked_section
 
@@ -103,7 +135,8 @@ def main() -> None:
         section = (f"{START}\n## Conditional training: samples conditioned on <|good|> / <|bad|>\n\n`{command}` "
                    f"(tiny Llama from scratch, CPU). {args.samples} samples of 64 tokens per prefix (temperature "
                    f"0.7, top-p 0.9, control tokens banned), split into sentences, each rated by the run's own "
-                   f"perplexity proxy (the scorer that labelled the training sentences; lower is better).\n\n{table}\n{END}\n")
+                   f"perplexity proxy (the scorer that labelled the training sentences; lower is better). Samples with arithmetic: the share with 'a op b =' "
+                   f"in them. The <|good|> training sentences by domain: {composition}.\n\n{table}\n{END}\n")
         replace_marked_section(REPO / "docs" / "benchmarks.md", START, END, section)
 
 
