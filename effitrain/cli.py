@@ -374,6 +374,8 @@ def _specs_with_inputs_now(spec) -> list:
 
     ready = []
     for stage, one in zip(spec.stages, spec.stage_specs):
+        if stage.init.startswith("@stage:"):  # an earlier stage's model: it does not exist yet
+            continue
         if stage.init not in ("scratch", "previous") and stage.transform is not None:
             check_model_folder(f"stages.{stage.name}.init", stage.init, revision=None, need_tokenizer=False)
         elif stage.init != "previous" and not stage_refs(stage.delta):

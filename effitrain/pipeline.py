@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, stage_config
+from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
 from effitrain.registry import ConfigError
 from effitrain.train import _write_summary  # the runs' own atomic summary writer, for the pipeline's summary too
 
@@ -117,7 +117,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
             continue
         init_model, transform_info = None, None
         if stage.inherits_model:
-            source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else Path(stage.init)
+            source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else \
+                Path(resolve_refs(stage.init, final_models))  # a folder, or '@stage:NAME': that stage's model
             init_model, transform_info = _handoff(source, stage, run_dir, is_main, say, final_models)
         run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
                                final_models=final_models, concluded=concluded)

@@ -104,7 +104,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return coerce(value, arg, key)
             except ConfigError as exc:
-                errors.append(exc)
+                errors.append((arg, exc))
+        nested = [exc for arg, exc in errors if dataclasses.is_dataclass(arg)]
+        if _is_mapping(value) and len(nested) == 1:  # a mapping for an optional nested block: say what is wrong in it
+            raise nested[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

@@ -59,6 +59,8 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
 
 
 def test_every_option_of_every_group_validates():
+    from effitrain.config.blocks.peft_qlora import cuda_device_visible
+
     for group in groups():
         if group == "recipe":
             continue
@@ -70,6 +72,11 @@ def test_every_option_of_every_group_validates():
                 overrides.append(REQUIRED_TIMELINE[f"{group}/{option}"])
             overrides += REQUIRED_CONTEXT.get(f"{group}/{option}", [])
             composed = compose_config(overrides)
+            if f"{group}/{option}" == "peft/qlora" and not cuda_device_visible():
+                # bitsandbytes' 4-bit weights: validation on a machine without a GPU refuses it (tests/test_qlora.py)
+                with pytest.raises(ConfigError, match="qlora_needs_cuda"):
+                    validate(composed.cfg)
+                continue
             assert validate(composed.cfg).blocks[group].entry.group == group
 
 

@@ -24,6 +24,11 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 # A recipe whose preparation trains a model of its own (a selection or scoring proxy) keeps it to a few steps here: the recipe
 # still runs end to end through its real scorer; what the scorer computes is tested in its own module
 # (tests/test_selection_recipes.py, tests/test_selection.py), at sizes chosen for that.
@@ -32,7 +37,8 @@ SMALL_PREPARATION = {
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
     "perplexity_filter": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
-    "regmix": ["stages.0.sweep.num_proxies=4"],   # the sweep itself: tests/test_regmix.py
+    "regmix": ["stages.0.sweep.num_proxies=4"],
+    "conditional_training": ["dataset.control_tokens.scorer.proxy_steps=4", "dataset.control_tokens.scorer.max_length=48"],   # the sweep itself: tests/test_regmix.py
     # the test model has 2 decoder layers, not tiny_llama's 4
     "sorted_llama": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
     "sortednet": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
@@ -50,6 +56,11 @@ def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     if "fp8_gpu" in meta.get("requires", []) and not _fp8_gpu():
         # where the device cannot run the recipe, it is refused before anything is built or any folder is made
         with pytest.raises(ConfigError, match="fp8_needs_sm89"):
+            train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+        return
+    if "cuda" in meta.get("requires", []) and not _cuda():
+        with pytest.raises(ConfigError, match="qlora_needs_cuda"):  # bitsandbytes' 4-bit kernels: CUDA only
             train_in_process([f"+recipe={name}", "train.max_steps=3"], tmp_path / "run")
         assert not (tmp_path / "run").exists()
         return

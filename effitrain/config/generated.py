@@ -116,6 +116,11 @@ def benchmark_rows(name: str, benchmarks: Optional[Path] = None) -> list[tuple[s
     return found
 
 
+def _cell(text: str) -> str:
+    """A table cell's text with its pipes escaped (a control token such as <|good|> would split the row)."""
+    return str(text).replace("|", "\\|")
+
+
 def card_block(name: str, refused: dict[str, str]) -> str:
     recipe = load_recipe(name)
     meta = recipe.get("recipe") or {}
@@ -127,7 +132,7 @@ def card_block(name: str, refused: dict[str, str]) -> str:
              "| | |", "|---|---|",
              f"| run | `effitrain +recipe={name}` |",
              f"| paper | {paper}" + (f" (arXiv [{arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else "") + " |",
-             f"| claim | {meta.get('claim') or '—'} |",
+             f"| claim | {_cell(meta.get('claim') or '—')} |",
              f"| requires | {', '.join(map(str, meta.get('requires') or [])) or 'nothing beyond the defaults'} |",
              f"| conflicts | {', '.join(map(str, meta.get('conflicts') or [])) or 'none declared'} |",
              "| refused under | " + ("; ".join(f"{setting} (`{'`, `'.join(rules.split(', '))}`)"
@@ -136,7 +141,7 @@ def card_block(name: str, refused: dict[str, str]) -> str:
              "", f"Keys `recipes/{name}.yaml` sets (`effitrain explain KEY +recipe={name}` shows each one's layers):",
              "", "| key | value |", "|---|---|"]
     for key, value in recipe_keys(recipe).items():
-        lines.append(f"| `{key}` | `{value!r}` |".replace("\n", " "))
+        lines.append(f"| `{key}` | `{_cell(repr(value))}` |".replace("\n", " "))
     rows = benchmark_rows(name)
     if rows:
         lines += ["", "Latest figures in docs/benchmarks.md:", ""]

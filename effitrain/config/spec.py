@@ -159,6 +159,11 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
             check = getattr(transform.params, "check_source", None)
             if check is not None and stage.init == "previous" and spec.stage_specs:
                 check(spec.stage_specs[-1], f"stages.{stage.name}.transform")
+            # ... or the folder it starts from, when that is a user's folder that exists now (torch-free)
+            check_folder = getattr(transform.params, "check_init_folder", None)
+            if check_folder is not None and stage.init not in ("scratch", "previous") \
+                    and not stage.init.startswith("@stage:"):
+                check_folder(stage.init, f"stages.{stage.name}.transform")
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
             spec.stage_specs.append(validate(run_cfg, recipes, rules=rules))

@@ -20,7 +20,8 @@ How a delta applies (this module turns ``(recipe config, stage)`` into the plain
 * any other key (``train``, ``methods``, ``timeline``, ...) merges, lists and scalars replace;
 * ``init: scratch`` builds the model block as configured; ``init: previous`` (the default after the first stage)
   and ``init: PATH`` load a folder written by ``save_pretrained`` (``model: {name: pretrained, path: ...}``), so a
-  stage that starts from another stage's model sets no ``model`` keys itself.
+  stage that starts from another stage's model sets no ``model`` keys itself; ``init: "@stage:NAME"`` starts from
+  an earlier stage's final model (not the one just before: ft_transfer's second base continues the first).
 
 Command-line overrides of dotted keys (``train.max_steps=3``, ``optimizer.lr=1e-3``) apply to every stage and win
 over the stage deltas; ``stages.N.KEY=V`` changes one stage.  Torch-free: ``effitrain check`` validates every stage
@@ -90,6 +91,12 @@ def parse_stages(raw: Any) -> list[StageDecl]:
             raise ConfigError(f"{where}.init: expected 'scratch', 'previous' or a model folder, got {init!r}")
         if i == 0 and init == "previous":
             raise ConfigError(f"{where}.init: the first stage has no previous stage; use 'scratch' or a model folder")
+        if init.startswith(STAGE_REF):  # start from an earlier stage's final model, not the one just before
+            earlier = [s.name for s in stages]
+            if init[len(STAGE_REF):] not in earlier:
+                raise ConfigError(f"{where}.init: '{init}' must name an earlier stage"
+                                  f"{did_you_mean(init[len(STAGE_REF):], earlier)}; earlier stages: "
+                                  f"{choices_text(earlier) or 'none'}")
         transform = entry.get("transform")
         if transform is not None:
             if not isinstance(transform, Mapping) or "name" not in transform:
@@ -262,6 +269,8 @@ def placeholder_paths(stages: list[StageDecl]) -> tuple[dict[str, str], dict[str
     for i, s in enumerate(stages):
         if s.init == "previous":
             init[s.name] = final[stages[i - 1].name]
+        elif s.init.startswith(STAGE_REF):
+            init[s.name] = final[s.init[len(STAGE_REF):]]
         elif s.init != "scratch":
             init[s.name] = s.init
     return init, final

@@ -30,30 +30,54 @@ from effitrain.registry import ConfigError, choices_text
 def scorer_row_scores(scorer: dict[str, Any], rows: np.ndarray, tokenizer: Any, *, seed: int,
                       key: str = "curriculum.scorer") -> np.ndarray:
     """The scorer's score of each row of ``rows`` (``[N, L]`` token ids), in row order."""
-    import datasets
+    block = _target_free_scorer(scorer, key, "a curriculum")
+    digest = hashlib.sha256(np.ascontiguousarray(rows).tobytes())
+    return _cached_scores(block, scorer, digest, lambda: tokenizer.batch_decode(rows.tolist(),
+                                                                               skip_special_tokens=True),
+                          len(rows), seed=seed, group="curriculum", prefix="row-scores")
 
-    from effitrain.paths import cache_dir
+
+def scorer_text_scores(scorer: dict[str, Any], texts: Sequence[str], *, seed: int, key: str, group: str,
+                       what: str) -> np.ndarray:
+    """The scorer's score of each text, in order (cached under ``$EFFITRAIN_CACHE/GROUP`` by the texts and the
+    scorer's parameters); ``what`` names the user in the refusal of a scorer that needs target data."""
+    block = _target_free_scorer(scorer, key, what)
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return _cached_scores(block, scorer, digest, lambda: list(texts), len(texts), seed=seed, group=group,
+                          prefix="text-scores")
+
+
+def _target_free_scorer(scorer: dict[str, Any], key: str, what: str) -> Any:
     from effitrain.registry import REGISTRY
-    from effitrain.selection.base import Context
 
     block = REGISTRY.parse("scorer", dict(scorer), key)
     if getattr(block.params, "NEEDS_TARGET", False):
-        raise ConfigError(f"{key}.name: scorer '{block.name}' needs target data, which a curriculum does not "
-                          f"declare; use a scorer without a target (e.g. perplexity)")
-    digest = hashlib.sha256(np.ascontiguousarray(rows).tobytes())
+        raise ConfigError(f"{key}.name: scorer '{block.name}' needs target data, which {what} does not declare; "
+                          f"use a scorer without a target (e.g. perplexity)")
+    return block
+
+
+def _cached_scores(block: Any, scorer: dict[str, Any], digest: Any, texts: Any, count: int, *, seed: int,
+                   group: str, prefix: str) -> np.ndarray:
+    import datasets
+
+    from effitrain.paths import cache_dir
+    from effitrain.selection.base import Context
+
     digest.update(json.dumps({"scorer": scorer, "seed": seed, "version": getattr(block.params, "VERSION", 0)},
                              sort_keys=True, default=str).encode())
     key_hex = digest.hexdigest()[:20]
-    folder = cache_dir("curriculum")
-    cached = folder / f"row-scores-{key_hex}.npy"
+    folder = cache_dir(group)
+    cached = folder / f"{prefix}-{key_hex}.npy"
     if cached.is_file():
         return np.load(cached)
-    texts = tokenizer.batch_decode(rows.tolist(), skip_special_tokens=True)
-    candidates = datasets.Dataset.from_dict({"text": texts})
+    candidates = datasets.Dataset.from_dict({"text": texts()})
     ctx = Context(target=None, seed=seed, work_dir=str(folder), candidates_hash=key_hex)
     scores = np.asarray(block.build().score(candidates, ctx).scores, dtype=np.float64)
-    if scores.shape != (len(rows),):
-        raise RuntimeError(f"scorer {block.name} returned {scores.shape} scores for {len(rows)} rows")
+    if scores.shape != (count,):
+        raise RuntimeError(f"scorer {block.name} returned {scores.shape} scores for {count} texts")
     tmp = folder / f".{cached.name}.{os.getpid()}.tmp.npy"  # every rank scores (same result); none clobbers another
     np.save(tmp, scores)
     tmp.replace(cached)

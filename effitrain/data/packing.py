@@ -193,6 +193,16 @@ def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_di
         from effitrain.data.procedural import with_procedural
 
         train_docs = with_procedural(raw["train"], dataset_params)
+        control = getattr(dataset_params, "control_tokens", None)
+        if control is not None:  # conditional training: a control token before every rated segment
+            from effitrain.console import say
+            from effitrain.data.conditional import condition_documents
+
+            tokenizer, train_docs, info = condition_documents(train_docs, tokenizer, control,
+                                                              seed=getattr(dataset_params, "seed", 0))
+            say(f"control tokens: {info['good']} {control.good_token} / {info['bad']} {control.bad_token} of "
+                f"{info['segments']} {control.segment} segments ({info['without_token']} without), threshold "
+                f"{info['threshold']:.4g} ({'<=' if control.good_when == 'low' else '>='} is good)")
         if getattr(dataset_params, "packing", "concatenate") == "decompose":
             from effitrain.data.decompose import pack_decomposed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from effitrain.config.blocks.dataset_control import ControlTokensParams
 from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
@@ -29,6 +30,9 @@ class _Common:
     procedural_symbols: int = param(64, ge=1, help="bracket types / alphabet size (k)")
     procedural_length: int = param(256, ge=2, help="symbols per generated document")
     procedural_seed: int = 0
+    # conditional training: a control token before every segment of the training documents (dataset_control.py)
+    control_tokens: Optional[ControlTokensParams] = param(None, help="{scorer, threshold | bad_fraction, segment, "
+                                                                     "drop_token_fraction, ...}; null = none")
 
     def validate(self, path: str) -> None:
         if self.packing == "decompose":

@@ -97,3 +97,64 @@ class DecoalesceInterpolateParams(_Levels):
                                 "coalescing) or a save_pretrained folder")
     alpha: float = param(0.5, ge=0, le=1, help="weight of the de-coalesced model: (1 - alpha) * reference + alpha * "
                                                "decoalesced (the authors' scripts: 0.5)")
+
+
+# config.json fields that fix every weight's shape: two models whose values differ cannot share a diff vector
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                       "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def architecture_mismatch(config: dict, target: dict) -> Optional[str]:
+    """The first shape-defining field of ``config.json`` in which ``config`` differs from ``target``, as
+    ``"field X (target Y)"``, or None.  Torch-free: validation compares folders that exist before the run."""
+    for field in ARCHITECTURE_FIELDS:
+        if config.get(field) != target.get(field):
+            return f"{field} {config.get(field)!r} (the target base has {target.get(field)!r})"
+    return None
+
+
+@register("transform", "add_diff_vector", builder="effitrain.models.diff_vector:add_diff_vector",
+          summary="Fine-tuning transfer: add the diff vector finetuned - base of one base version to the stage's "
+                  "model, another version of that base (Lin et al., 2503.20110)")
+@dataclass(kw_only=True)
+class AddDiffVectorParams:
+    finetuned: str = param(help="the fine-tuned model of the other version: '@stage:NAME' or a save_pretrained folder")
+    base: str = param(help="the base it was fine-tuned from: '@stage:NAME' or a save_pretrained folder")
+    scale: float = param(1.0, gt=0, help="lambda in target + lambda * (finetuned - base) (the authors' default: 1)")
+
+    def validate(self, path: str) -> None:
+        """Two folders that exist now (a user's own checkpoints) are compared here, torch-free; the target base and
+        models of earlier stages are compared when the transform runs."""
+        from effitrain.config.inputs import model_config_json
+
+        configs = {}
+        for key in ("finetuned", "base"):
+            value = getattr(self, key)
+            if not value.strip():
+                raise ConfigError(f"{path}.{key}: empty; give '@stage:NAME' or a save_pretrained folder")
+            if not value.startswith("@stage:"):
+                configs[key] = model_config_json(value)
+                if configs[key] is None:
+                    raise ConfigError(f"{path}.{key}: '{value}' is not a save_pretrained model folder (no readable "
+                                      f"config.json)")
+        if len(configs) == 2:
+            why = architecture_mismatch(configs["finetuned"], configs["base"])
+            if why:
+                raise ConfigError(f"{path}.finetuned: '{self.finetuned}' is not a fine-tuned copy of the base "
+                                  f"'{self.base}': {why.replace('the target base', 'the base')}; a diff vector "
+                                  f"needs the same architecture")
+
+    def check_init_folder(self, folder: str, path: str) -> None:
+        """The stage's own model (the target base) against the two folders, when all exist before the run."""
+        from effitrain.config.inputs import model_config_json
+
+        target = model_config_json(folder)
+        if target is None:
+            return  # the input checks name a missing or unreadable folder
+        for key in ("finetuned", "base"):
+            value = getattr(self, key)
+            config = None if value.startswith("@stage:") else model_config_json(value)
+            why = config is not None and architecture_mismatch(config, target)
+            if why:
+                raise ConfigError(f"{path}.{key}: '{value}' differs from the stage's model '{folder}' (the target "
+                                  f"base) in {why}; a diff vector needs the same architecture")
