@@ -211,3 +211,14 @@ def test_salt_ds_keeps_the_band_of_slm_losses_above_the_median_and_below_the_noi
     losses = np.array([3, 17, 0, 12, 19, 5, 8, 11, 14, 1, 18, 2, 9, 16, 4, 13, 6, 10, 15, 7], dtype=float)
     kept = BandSelector(params).select(losses, None, np.ones(20), budget=0.4 * 20, rng=np.random.default_rng(0))
     assert sorted(losses[kept].tolist()) == [10, 11, 12, 13, 14, 15, 16, 17]
+
+
+def test_plan_prints_salts_distillation_weight_per_stage():
+    from effitrain.plan import format_section, plan_sections
+
+    composed = compose_config(["+recipe=salt"])
+    slm, kd, llm = plan_sections(composed.cfg, composed.recipes)
+    assert {r["step"]: r["distill_weight"] for r in kd.rows} == pytest.approx({0: 0.5, 20: 0.4, 99: 0.005})
+    assert "distill_weight" in format_section(kd).splitlines()[1]
+    assert all(r["distill_weight"] is None for r in slm.rows + llm.rows)
+    assert "distill_weight" not in format_section(llm)
