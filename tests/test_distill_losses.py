@@ -160,6 +160,13 @@ def test_a_layer_the_model_does_not_have_is_refused_naming_the_key(wide_teacher)
         distill(llama(32, 2, seed=0), wide_teacher, pkt={"student_layer": 1, "teacher_layr": 1})
 
 
+def test_a_student_layer_past_the_models_depth_is_refused_at_validation_before_any_stage_trains():
+    with pytest.raises(ConfigError, match=re.escape("stages.student: incompatible configuration "
+                                                    "[distill_student_layers_exist]: objective.attention.pairs[1]: "
+                                                    "student layer 5 does not exist; model.num_layers=4")):
+        validate(compose_config(["+recipe=kd_torchdistill", "stages.1.objective.attention.pairs=[[2,3],[5,6]]"]).cfg)
+
+
 # ------------------------------------------------------------------------------------------- SALT
 def salt_timeline(max_steps: int = 100):
     raw = {"distill_weight": {"unit": "step", "interpolate": "linear",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
 
@@ -103,6 +104,32 @@ class PKTParams:
     student_layer: int = param(ge=1, help="decoder layer of the student, 1-based (the last: the LM head's input)")
     teacher_layer: int = param(ge=1, help="decoder layer of the teacher, 1-based")
     weight: float = param(1.0, gt=0, help="weight of the PKT loss in the total")
+
+
+def student_layers(params: Any) -> list[tuple[str, int]]:
+    """(key, student layer) of every intermediate term of a distill objective."""
+    named = []
+    if params.hint is not None:
+        named.append(("hint.student_layer", params.hint.student_layer))
+    if params.attention is not None:
+        named += [(f"attention.pairs[{i}]", pair[0]) for i, pair in enumerate(params.attention.pairs)]
+    if params.pkt is not None:
+        named.append(("pkt.student_layer", params.pkt.student_layer))
+    return named
+
+
+@rule("distill_student_layers_exist", "objective distill's hint/attention/pkt student layers must be decoder layers "
+      "of a model built from config (model.num_layers); the teacher's are checked when it is loaded")
+def _distill_student_layers(spec, env) -> Optional[str]:
+    objective = spec.blocks["objective"]
+    depth = getattr(spec.blocks["model"].params, "num_layers", None)
+    if objective.name != "distill" or depth is None:
+        return None
+    for key, layer in student_layers(objective.params):
+        if layer > depth:
+            return (f"objective.{key}: student layer {layer} does not exist; model.num_layers={depth} "
+                    f"(layers count from 1)")
+    return None
 
 
 @register("objective", "layerwise", builder="effitrain.objectives.layerwise:build",
