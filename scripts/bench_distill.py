@@ -6,14 +6,14 @@
   from the *same teacher folder* with logit KD alone (T = 1, alpha = 0.5, as the recipe), and without a teacher
   (objective causal_lm).
 * ``salt``: the recipe (SLM trained first; the larger LM distils from it on the SLM-selected band for its first
-  100 steps with the weight decaying to 0, then 500 next-token steps), against SALT without data selection
-  (``stages.1.selection=none``) and against the same larger LM trained 600 steps on next tokens alone.  The SLM's
+  100 steps with the weight decaying to 0, then 500 next-token steps), against the same larger LM trained 600 steps
+  on next tokens alone (and, with ``--no-selection-variant``, SALT without data selection: ``stages.1.selection=none``).  The SLM's
   cost is reported, not hidden.
 
 Each run is the real ``effitrain`` CLI; the figure is the final held-out loss (mean over the demo's domains).
 
     python scripts/bench_distill.py                      # both, seed 0
-    python scripts/bench_distill.py --only salt --seeds 0 1
+    python scripts/bench_distill.py --only salt --seeds 0 1 --no-selection-variant
     python scripts/bench_distill.py --reuse --write docs/benchmarks.md
 
 Run with ``OMP_NUM_THREADS=1`` on a shared CPU machine.  Extra ``key=value`` arguments go to every run.
@@ -76,7 +76,8 @@ def bench_salt(args, extra: list[str], out: Path) -> list[str]:
     for seed in args.seeds:
         common = [f"train.seed={seed}", *extra]
         salt = bench_growth.run(["+recipe=salt", *common], out / f"salt-s{seed}")
-        no_ds = bench_growth.run(["+recipe=salt", "stages.1.selection=none", *common], out / f"salt-nods-s{seed}")
+        no_ds = bench_growth.run(["+recipe=salt", "stages.1.selection=none", *common], out / f"salt-nods-s{seed}") \
+            if args.no_selection_variant else {"final_eval_loss": float("nan")}
         slm, kd, llm = salt["stages"]
         llm_steps = kd["steps"] + llm["steps"]
         baseline = bench_growth.run([*LLM, f"train.max_steps={llm_steps}", *common], out / f"llm-alone-s{seed}")
@@ -99,7 +100,8 @@ def bench_salt(args, extra: list[str], out: Path) -> list[str]:
         f"| SLM (stage 1 of salt) | {med['slm']:.4f} | {r0['slm_flops']:.3g} |",
         f"| SALT_DS: LLM after KD on the SLM's band, then next-token training | {med['salt']:.4f} | "
         f"{r0['llm_flops']:.3g} (+ the SLM's, + its forward passes in the KD phase) |",
-        f"| SALT without selection (`stages.1.selection=none`) | {med['no_ds']:.4f} | {r0['llm_flops']:.3g} (+ the same) |",
+        *([f"| SALT without selection (`stages.1.selection=none`) | {med['no_ds']:.4f} | {r0['llm_flops']:.3g} "
+           f"(+ the same) |"] if args.no_selection_variant else []),
         f"| LLM alone, next-token loss | {med['baseline']:.4f} | {r0['baseline_flops']:.3g} |",
         f"| (SALT_DS's LLM at the end of the KD phase) | {med['salt_kd_phase']:.4f} | |",
         "",
@@ -110,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("kd_torchdistill", "salt"), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-selection-variant", action="store_true",
+                        help="also run SALT without data selection (one more three-stage pipeline)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_distill")
     parser.add_argument("--reuse", action="store_true", help="read back finished runs with the same overrides")
     parser.add_argument("--write", type=Path, default=None, help="replace the section between the markers in FILE")
