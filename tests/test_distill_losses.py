@@ -58,6 +58,9 @@ def test_hint_loss_is_the_squared_error_summed_over_units_and_averaged_over_posi
     # position 0: (1-0)^2 + 0 = 1; position 1: 0 + (4-6)^2 = 4
     assert hint_loss(student, teacher, torch.tensor([[True, True]])).item() == 2.5
     assert hint_loss(student, teacher, torch.tensor([[True, False]])).item() == 1.0
+    # normalize: divided by the teacher's mean squared norm, (0 + 4 + 9 + 36) / 2 = 24.5
+    assert hint_loss(student, teacher, torch.tensor([[True, True]]), normalize=True).item() == \
+        pytest.approx(2.5 / 24.5, rel=1e-6)
     # torchdistill's MSELoss(reduction='sum') divided by the number of positions
     assert hint_loss(student, teacher, torch.ones(1, 2, dtype=torch.bool)) == \
         torch.nn.MSELoss(reduction="sum")(student, teacher) / 2

@@ -113,7 +113,7 @@ class Distill:
             guided = student[self.hint.student_layer][:, :-1, :]
             if self.regressor is not None:
                 guided = self.regressor(guided)
-            term = hint_loss(guided, teacher[self.hint.teacher_layer][:, :-1, :], mask)
+            term = hint_loss(guided, teacher[self.hint.teacher_layer][:, :-1, :], mask, self.hint.normalize)
             total, metrics["hint_loss"] = total + self.hint.weight * term, term.detach()
         if self.attention is not None:
             term = sum(attention_transfer_loss(student[s], teacher[t], self.attention.mode)

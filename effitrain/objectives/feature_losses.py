@@ -10,7 +10,8 @@ token positions.
 * **Hint (FitNets, 1412.6550).** torchdistill: ``MSELoss(reduction='sum')`` between the student's guided layer passed
   through a regressor (``ConvReg``: 1x1 conv + BN + ReLU for CNNs) and the teacher's hint layer.  Here: the squared
   error summed over the hidden units, averaged over the token positions (torchdistill's sum divided by the number of
-  positions, so the weight does not depend on batch size and sequence length).  The regressor is a plain
+  positions, so the weight does not depend on batch size and sequence length; ``normalize: true`` further divides by
+  the teacher's mean squared norm, an addition of ours).  The regressor is a plain
   ``nn.Linear(H_student, H_teacher)`` (no ReLU: transformer hidden states are signed), present only when the widths
   differ.
 * **Attention transfer (Zagoruyko & Komodakis, 1612.03928), torchdistill's ``ATLoss``.**  The map of a sequence is
@@ -31,11 +32,16 @@ import torch.nn.functional as F
 PKT_EPS = 1e-7  # torchdistill's PKTLoss default
 
 
-def hint_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hint_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+              normalize: bool = False) -> torch.Tensor:
     """Squared error summed over hidden units, averaged over the ``mask`` positions.  ``student`` is already through
-    the regressor (same width as ``teacher``)."""
-    per_position = (student.float() - teacher.float()).pow(2).sum(dim=-1)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+    the regressor (same width as ``teacher``).  ``normalize`` divides by the teacher's squared norm averaged the same
+    way (no gradient: the teacher is frozen), so the term is a relative error whatever the residual stream's scale."""
+    count = mask.sum().clamp(min=1)
+    loss = ((student.float() - teacher.float()).pow(2).sum(dim=-1) * mask).sum() / count
+    if normalize:
+        loss = loss / ((teacher.float().pow(2).sum(dim=-1) * mask).sum() / count).clamp(min=1e-12)
+    return loss
 
 
 def attention_map(hidden: torch.Tensor) -> torch.Tensor:

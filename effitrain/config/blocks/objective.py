@@ -78,6 +78,10 @@ class HintParams:
     student_layer: int = param(ge=1, help="decoder layer of the student, 1-based (hidden_states[k])")
     teacher_layer: int = param(ge=1, help="decoder layer of the teacher, 1-based")
     weight: float = param(1.0, gt=0, help="weight of the hint loss in the total")
+    normalize: bool = param(False, help="divide by the teacher's mean squared hidden-state norm over the counted "
+                            "positions (a scale-free relative error, 1 for a zero prediction); a trained pre-norm "
+                            "transformer's residual stream is large, so torchdistill's plain sum can swamp the "
+                            "other terms")
 
 
 @dataclass
