@@ -76,7 +76,9 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, merge_adapters: bo
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = spec.block("model").build(tokenizer=tokenizer)
     model = spec.block("peft").build(model)
-    state = _state_dict(checkpoint)
+    from effitrain.models.training_only import strip_state
+
+    state = strip_state(_state_dict(checkpoint))  # e.g. a hint regressor that trained with the model: not exported
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if not any(k.endswith(t) for t in tied)]

@@ -40,8 +40,8 @@ class PlanSection:
             return self.timeline.value("mixture", step) if self.timeline.declares("mixture") else None
         if name == "phase":
             return self.timeline.phase(step)
-        if name == "competence":
-            return self.timeline.value("competence", step) if self.timeline.declares("competence") else None
+        if name in ("competence", "distill_weight"):
+            return self.timeline.value(name, step) if self.timeline.declares(name) else None
         raise KeyError(name)
 
 
@@ -105,6 +105,7 @@ def _section(spec: Any, title: str) -> PlanSection:
                              "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
                              "mixture": section.value_at("mixture", step), "phase": section.value_at("phase", step),
                              "competence": section.value_at("competence", step),
+                             "distill_weight": section.value_at("distill_weight", step),
                              "what": ", ".join(marks[step])})
     return section
 
@@ -135,14 +136,16 @@ def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[di
 def format_section(section: PlanSection) -> str:
     domains = sorted({d for r in section.rows if r["mixture"] for d in r["mixture"]})
     paced = section.timeline.declares("competence")  # a difficulty curriculum: the share of sorted rows in play
+    distilled = section.timeline.declares("distill_weight")  # SALT: the teacher's weight in the loss
     header = ["step", "tokens", "fraction", "lr", "seq_len"] + [f"w[{d}]" for d in domains] + \
-        (["competence"] if paced else []) + ["phase", "what"]
+        (["competence"] if paced else []) + (["distill_weight"] if distilled else []) + ["phase", "what"]
     table = [header]
     for r in section.rows:
         table.append([str(r["step"]), f"{r['tokens']:,}", f"{r['fraction']:.3f}",
                       "?" if r["lr"] is None else f"{r['lr']:.3g}", str(r["seq_len"])]
                      + [f"{r['mixture'].get(d, 0.0):.3g}" for d in domains]
                      + ([f"{r['competence']:.3f}"] if paced else [])
+                     + ([f"{r['distill_weight']:.3g}"] if distilled else [])
                      + [r["phase"] or "-", r["what"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [f"{section.title}: {section.max_steps} steps x {section.tokens_per_step:,} tokens "

@@ -14,7 +14,7 @@ Each quantity is a piecewise function of progress with an explicit unit::
 
 ``unit`` is ``step`` (optimizer steps completed), ``tokens`` (training tokens seen, all ranks together) or
 ``fraction`` (of ``train.max_steps``).  A point's value holds from its ``at`` until the next point (``interpolate:
-linear`` — only for ``lr`` — draws straight lines between points instead).  The first point is at 0.
+linear`` — for ``lr``, ``competence`` and ``distill_weight`` — draws straight lines between points instead).  The first point is at 0.
 
 Who reads what: ``mixture`` — the ``curriculum: mixture`` sampler; ``seq_len`` — a batch hook that reshapes each
 packed ``[B, L]`` micro-batch into ``[B*L/l, l]`` (:mod:`effitrain.timeline_hooks`); ``lr`` — ``scheduler:
@@ -43,12 +43,14 @@ QUANTITIES = {
     "phases": "named intervals that hooks query (state.timeline.phase(step))",
     "competence": "share of the difficulty-sorted rows in play, in (0, 1] (read by curriculum: difficulty); "
                   "declared by points or by a pacing function {function: linear|root|step, start, until}",
+    "distill_weight": "weight of the teacher's soft loss in [0, 1], in place of objective.alpha (read by "
+                      "objective: distill; SALT's KD phase and its decay to plain next-token training)",
 }
 NOT_SUPPORTED = {
     "batch_size": "timeline.batch_size: not supported yet (changing the global batch mid-run is not implemented "
                   "resumably); set train.micro_batch_size / train.grad_accum for the whole run",
 }
-_LINEAR_OK = {"lr", "competence"}  # quantities whose values may be interpolated; the others change in steps
+_LINEAR_OK = {"lr", "competence", "distill_weight"}  # quantities whose values may be interpolated; the others change in steps
 _WEIGHT_TOLERANCE = 1e-6
 
 
@@ -273,7 +275,9 @@ def _point_value(name: str, value: Any, key: str, *, dataset_seq_len: Optional[i
             raise ConfigError(f"{key}: {n} does not divide the packed length dataset.seq_len={dataset_seq_len}; "
                               f"a packed row is cut into dataset.seq_len / seq_len pieces")
         return n
-    n = _number(value, key)  # lr, competence
+    n = _number(value, key)  # lr, competence, distill_weight
+    if name == "distill_weight" and not 0 <= n <= 1:
+        raise ConfigError(f"{key}: a distillation weight is in [0, 1] (1 - it weighs the next-token loss), got {n}")
     if name == "competence" and not 0 < n <= 1:
         raise ConfigError(f"{key}: a competence is a share of the rows in (0, 1], got {n}")
     if n < 0:
@@ -406,10 +410,13 @@ def parse_timeline(raw: Any, *, dataset_seq_len: Optional[int] = None,
     return TimelineSpec(quantities, phases)
 
 
-def check_readers(timeline: TimelineSpec, *, curriculum: str, scheduler: str) -> None:
+def check_readers(timeline: TimelineSpec, *, curriculum: str, scheduler: str, objective: str = "") -> None:
     """A declared quantity needs the block that reads it, and that block needs the quantity."""
     pairs = (("mixture", "curriculum", curriculum, "mixture"), ("lr", "scheduler", scheduler, "timeline"),
              ("competence", "curriculum", curriculum, "difficulty"))
+    if timeline.declares("distill_weight") and objective != "distill":  # distill reads it when declared, else alpha
+        raise ConfigError(f"timeline.distill_weight: read only by objective=distill, but objective={objective or '?'}; "
+                          f"select objective=distill or remove timeline.distill_weight")
     for quantity, group, chosen, reader in pairs:
         if timeline.declares(quantity) and chosen != reader:
             raise ConfigError(f"timeline.{quantity}: read only by {group}={reader}, but {group}={chosen}; select "

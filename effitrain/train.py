@@ -254,6 +254,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     if precision.prepare_model is not None:  # e.g. fp8: linears become torchao Float8Linear (before adapters)
         model = precision.prepare_model(model)
     model = spec.block("peft").build(model)
+    # before the optimizer: an objective may attach training-only modules to the model (FitNets' hint regressor)
+    objective = _build_objective(spec, model, launch, data.tokenizer)
     optimizer = spec.block("optimizer").build(model, max_steps=spec.train.max_steps)
     timeline = _resolve_timeline(spec, launch, data)
     scheduler = spec.block("scheduler").build(optimizer, max_steps=spec.train.max_steps,
@@ -268,7 +270,6 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build(**_if_accepted(m, tokenizer=data.tokenizer)) for m in spec.methods.values()] + \
         list(precision.hooks)
-    objective = _build_objective(spec, model, launch, data.tokenizer)
     from effitrain.parallel import ulysses  # its groups and attention come last: nothing after them can refuse
     sequence_parallel = ulysses.enable(model, size=launch.sequence_parallel_size,
                                        micro_batch_size=spec.train.micro_batch_size)

@@ -42,6 +42,9 @@ SMALL_PREPARATION = {
     # the test model has 2 decoder layers, not tiny_llama's 4
     "sorted_llama": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
     "sortednet": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
+    # the teacher stage gets the test model's 2 layers too (a model.* override reaches every stage that sets it)
+    "kd_torchdistill": ["stages.1.objective.hint.teacher_layer=2", "stages.1.objective.attention.pairs=[[1,1],[2,2]]",
+                        "stages.1.objective.pkt.student_layer=2", "stages.1.objective.pkt.teacher_layer=2"],
     "s2l": ["selection.scorer.proxy_epochs=1", "selection.scorer.checkpoints=2", "selection.scorer.max_length=48"],
     "delt": ["curriculum.proxy_steps=10", "curriculum.ct_states=2", "curriculum.annotate_rows=32"],
     "difficulty_curriculum": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],

@@ -203,5 +203,6 @@ def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
     if domains is not None and getattr(dataset.params, "procedural_docs", 0):
         domains = [*domains, "procedural"]  # generated documents (dataset.procedural_docs) join as this domain
     timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
-    check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name)
+    check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name,
+                  objective=blocks["objective"].name)
     return timeline

@@ -107,6 +107,14 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
 
     ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it, so
     ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
+    from effitrain.models.training_only import detached
+
+    model = _unwrap(model)
+    with detached(model):  # a distillation regressor trained with the model is not part of what it exports
+        return _export_final_model(model, tokenizer, Path(out_dir), merge)
+
+
+def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool) -> dict[str, Any]:
     from effitrain.models.monarch import fold_monarch, has_monarch
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
     from effitrain.models.sparse_spectral import fold_sparse_spectral, has_sparse_spectral
@@ -114,9 +122,7 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
     from effitrain.models.static_sparse import fold_masks, has_static_sparsity
     from effitrain.peft.mam import has_parallel_adapters, parallel_adapter_state, strip_parallel_adapters
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
     info: dict[str, Any] = {"format": "huggingface", "adapter": None, "merged": None}
 
     if is_peft_model(model):

@@ -45,11 +45,95 @@ class DistillParams:
                                               "(Ba & Caruana), temperature unused")
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = param(
         "auto", help="auto: bfloat16 on a GPU that supports it, else float32")
+    # torchdistill's intermediate-representation losses (effitrain/objectives/feature_losses.py), each added with its
+    # own weight. Mappings checked in validate() (a union with a dataclass would hide which inner key is wrong).
+    hint: Optional[dict[str, Any]] = param(None, help="FitNets hint loss {student_layer, teacher_layer, weight}: squared error "
+                                 "between a linear regressor of the student's hidden states and the teacher's; the "
+                                 "regressor (only when the widths differ) trains with the student, is checkpointed "
+                                 "with it and is dropped at export")
+    attention: Optional[dict[str, Any]] = param(None, help="attention transfer {pairs: [[student_layer, teacher_layer], ...], "
+                                      "weight, mode: code|paper} on per-position activation maps (Zagoruyko & "
+                                      "Komodakis; torchdistill ATLoss)")
+    pkt: Optional[dict[str, Any]] = param(None, help="probabilistic knowledge transfer {student_layer, teacher_layer, weight}: "
+                                "KL between the cosine-similarity distributions of the batch's token representations "
+                                "(Passalis & Tefas; torchdistill PKTLoss)")
+
+    def validate(self, path: str) -> None:
+        from effitrain.registry import parse_params
+
+        for key, cls in (("hint", HintParams), ("attention", AttentionTransferParams), ("pkt", PKTParams)):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, cls):
+                setattr(self, key, parse_params(cls, value, f"{path}.{key}"))
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
         from effitrain.config.inputs import check_model_folder
 
         check_model_folder(f"{path}.teacher", self.teacher, revision=None, need_tokenizer=False)
+
+
+@dataclass
+class HintParams:
+    """FitNets (Romero et al., 1412.6550): the student's guided layer, regressed to the teacher's hint layer."""
+    student_layer: int = param(ge=1, help="decoder layer of the student, 1-based (hidden_states[k])")
+    teacher_layer: int = param(ge=1, help="decoder layer of the teacher, 1-based")
+    weight: float = param(1.0, gt=0, help="weight of the hint loss in the total")
+    normalize: bool = param(False, help="divide by the teacher's mean squared hidden-state norm over the counted "
+                            "positions (a scale-free relative error, 1 for a zero prediction); a trained pre-norm "
+                            "transformer's residual stream is large, so torchdistill's plain sum can swamp the "
+                            "other terms")
+
+
+@dataclass
+class AttentionTransferParams:
+    """Attention transfer (Zagoruyko & Komodakis, 1612.03928) as torchdistill's ATLoss computes it."""
+    pairs: list[list[int]] = param(help="[[student_layer, teacher_layer], ...], 1-based decoder layers")
+    weight: float = param(1.0, gt=0, help="weight of the summed pair losses in the total")
+    mode: Literal["code", "paper"] = param("code", help="code: mean squared difference of the normalized maps "
+                                           "(the authors' code, torchdistill's default); paper: L2 norm of the "
+                                           "difference per sequence, averaged over the batch (Eq. 2)")
+
+    def validate(self, path: str) -> None:
+        if not self.pairs:
+            raise ConfigError(f"{path}.pairs: empty; give at least one [student_layer, teacher_layer]")
+        for i, pair in enumerate(self.pairs):
+            if len(pair) != 2 or min(pair) < 1:
+                raise ConfigError(f"{path}.pairs[{i}]: {pair} is not [student_layer, teacher_layer] with layers "
+                                  f"counted from 1")
+
+
+@dataclass
+class PKTParams:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) as torchdistill's PKTLoss computes it."""
+    student_layer: int = param(ge=1, help="decoder layer of the student, 1-based (the last: the LM head's input)")
+    teacher_layer: int = param(ge=1, help="decoder layer of the teacher, 1-based")
+    weight: float = param(1.0, gt=0, help="weight of the PKT loss in the total")
+
+
+def student_layers(params: Any) -> list[tuple[str, int]]:
+    """(key, student layer) of every intermediate term of a distill objective."""
+    named = []
+    if params.hint is not None:
+        named.append(("hint.student_layer", params.hint.student_layer))
+    if params.attention is not None:
+        named += [(f"attention.pairs[{i}]", pair[0]) for i, pair in enumerate(params.attention.pairs)]
+    if params.pkt is not None:
+        named.append(("pkt.student_layer", params.pkt.student_layer))
+    return named
+
+
+@rule("distill_student_layers_exist", "objective distill's hint/attention/pkt student layers must be decoder layers "
+      "of a model built from config (model.num_layers); the teacher's are checked when it is loaded")
+def _distill_student_layers(spec, env) -> Optional[str]:
+    objective = spec.blocks["objective"]
+    depth = getattr(spec.blocks["model"].params, "num_layers", None)
+    if objective.name != "distill" or depth is None:
+        return None
+    for key, layer in student_layers(objective.params):
+        if layer > depth:
+            return (f"objective.{key}: student layer {layer} does not exist; model.num_layers={depth} "
+                    f"(layers count from 1)")
+    return None
 
 
 @register("objective", "layerwise", builder="effitrain.objectives.layerwise:build",
