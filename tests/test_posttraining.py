@@ -327,3 +327,31 @@ def test_local_jsonl_and_dataset_folders_give_the_same_conversations(tmp_path):
                                "rejected": [{"role": "user", "content": "other"}, train[0]["rejected"][1]]}) + "\n")
     with pytest.raises(ConfigError, match=r"bad.jsonl, line 1\): chosen and rejected must share their prompt"):
         build_chat_local(REGISTRY.parse("dataset", {"name": "chat_local", "path": str(bad), **common}).params)
+
+
+def test_chat_rows_are_built_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    """Every stage and rank of a pipeline asks for the same rows: the second build reads them from the cache (the
+    conversations are not rendered and tokenized again) and gives the same rows; another seq_len is a new entry."""
+    from effitrain.data import chat_sources
+    from effitrain.data.packing import to_numpy
+    from effitrain.registry import REGISTRY, load_builtin_blocks
+
+    load_builtin_blocks()
+    data = REGISTRY.parse("dataset", {"name": "chat_demo", "max_docs_per_domain": 60, "eval_examples_per_domain": 4,
+                                      "seq_len": 64})
+    model = REGISTRY.parse("model", {"name": "llama", "vocab_size": 300}).params
+    raw = data.build()
+    encoded = []
+    real_encode = chat.encode_conversation
+    monkeypatch.setattr(chat, "encode_conversation", lambda *a: encoded.append(1) or real_encode(*a))
+
+    _, first, first_eval = chat_sources.build_chat_splits(data.params, model, raw, cache_dir=tmp_path)
+    built = len(encoded)
+    _, again, again_eval = chat_sources.build_chat_splits(data.params, model, raw, cache_dir=tmp_path)
+    assert built >= 60 + 4 and len(encoded) == built          # the second build encoded nothing
+    assert (to_numpy(again) == to_numpy(first)).all()
+    assert all((to_numpy(again_eval[d]) == to_numpy(first_eval[d])).all() for d in first_eval)
+    longer = REGISTRY.parse("dataset", {"name": "chat_demo", "max_docs_per_domain": 60,
+                                        "eval_examples_per_domain": 4, "seq_len": 96}).params
+    chat_sources.build_chat_splits(longer, model, raw, cache_dir=tmp_path)
+    assert len(encoded) > built

@@ -17,6 +17,7 @@ tokens of good answers, whatever the objective.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +33,18 @@ CHANNEL_COLUMNS = chat.CHANNELS
 REJECTED_COLUMNS = tuple(f"rejected_{c}" for c in chat.CHANNELS)
 
 
-def render_text(messages: list[dict]) -> str:
-    """The conversation in the default template with effitrain's EOS (the ``text`` column)."""
+@functools.lru_cache(maxsize=1)
+def _default_template():
+    """The default chat template compiled once: compiling it per conversation took ~10 ms, most of building the
+    4000 built-in conversations."""
     import jinja2
 
-    template = jinja2.Environment().from_string(chat.DEFAULT_CHAT_TEMPLATE)
-    return template.render(messages=messages, eos_token=EOS_TOKEN, add_generation_prompt=False)
+    return jinja2.Environment().from_string(chat.DEFAULT_CHAT_TEMPLATE)
+
+
+def render_text(messages: list[dict]) -> str:
+    """The conversation in the default template with effitrain's EOS (the ``text`` column)."""
+    return _default_template().render(messages=messages, eos_token=EOS_TOKEN, add_generation_prompt=False)
 
 
 def _dataset(records: list[dict]):
@@ -192,36 +199,68 @@ def prompt_rows(tokenizer: Any, conversations: list[list[dict]], seq_len: int) -
     return np.stack(out)
 
 
+#: bump when the rows built from the same conversations change (cache keys include it)
+_ROWS_VERSION = 1
+
+
+def _cached_rows(parts: tuple, build_rows, cache_dir: Optional[str | Path]):
+    """The rows dataset that ``build_rows()`` makes, cached under ``<cache>/chat_rows/<key>`` by ``parts`` (the
+    conversations' content, the tokenizer, its chat template, the format and ``seq_len``): rendering and tokenizing
+    conversations span by span takes seconds per thousand, and every stage and rank of a pipeline asks for the same
+    rows.  A ConfigError raised while building leaves nothing in the cache."""
+    import datasets
+
+    from effitrain.data.cache import ContentHash, build_once
+
+    key = ContentHash("chat_rows", _ROWS_VERSION, *parts).hexdigest()
+    folder = build_once("chat_rows", key, lambda out: build_rows().save_to_disk(str(out)), cache_root=cache_dir)
+    return datasets.load_from_disk(str(folder))
+
+
 def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
                       tokenizer_corpus: Any = None):
     """``(tokenizer, train rows, {domain: eval rows})`` as :func:`effitrain.data.packing.build_packed_splits`
-    returns them, for chat and preference sources."""
+    returns them, for chat and preference sources; the rows are cached by content (:func:`_cached_rows`)."""
+    from effitrain.data.cache import dataset_content_hash
+    from effitrain.data.packing import tokenizer_fingerprint
     from effitrain.data.sources import domain_indices
     from effitrain.data.tokenizer import build_tokenizer
 
-    seq_len = dataset_params.seq_len
+    seq_len, fmt = dataset_params.seq_len, dataset_params.format
     tokenizer = build_tokenizer(model_params, raw["train"] if tokenizer_corpus is None else tokenizer_corpus,
                                 cache_dir=cache_dir)
+    common = (tokenizer_fingerprint(tokenizer), chat.chat_template(tokenizer), seq_len)
+    columns = ("id", "domain", "messages", "rejected")
     train = raw["train"]
-    if dataset_params.format == "preference":
-        pairs = list(zip(_column(train, "messages"), _column(train, "rejected")))
-        rows = chat.preference_rows(tokenizer, pairs, seq_len, key=_KEY)
-        packed_train = _rows_dataset(rows, ["preference"] * len(rows), CHANNEL_COLUMNS + REJECTED_COLUMNS)
-    elif dataset_params.format == "prompts":
-        rows = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
-        packed_train = _rows_dataset(rows, ["prompts"] * len(rows), CHANNEL_COLUMNS)
-    else:
+
+    def train_rows():
+        if fmt == "preference":
+            pairs = list(zip(_column(train, "messages"), _column(train, "rejected")))
+            rows = chat.preference_rows(tokenizer, pairs, seq_len, key=_KEY)
+            return _rows_dataset(rows, ["preference"] * len(rows), CHANNEL_COLUMNS + REJECTED_COLUMNS)
+        if fmt == "prompts":
+            rows = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
+            return _rows_dataset(rows, ["prompts"] * len(rows), CHANNEL_COLUMNS)
         rows, domains = _packed(train, tokenizer, seq_len)
         if not len(rows):
             raise ConfigError(f"{_KEY}.seq_len: no conversation keeps an assistant token within {seq_len} tokens")
-        packed_train = _rows_dataset(rows, domains, CHANNEL_COLUMNS)
+        return _rows_dataset(rows, domains, CHANNEL_COLUMNS)
+
+    packed_train = _cached_rows(("train", fmt, dataset_content_hash(train, columns), *common), train_rows,
+                                cache_dir)
     by_domain = {}
     for domain, indices in domain_indices(raw["eval"]).items():
-        rows, _ = _packed(raw["eval"].select(indices), tokenizer, seq_len)
-        if not len(rows):
-            raise ConfigError(f"{_KEY}.eval_examples_per_domain: the eval conversations of domain '{domain}' make no "
-                              f"row of {seq_len} tokens; raise {_KEY}.seq_len")
-        by_domain[domain] = _rows_dataset(rows, [domain] * len(rows), CHANNEL_COLUMNS)
+        part = raw["eval"].select(indices)
+
+        def eval_rows(part=part, domain=domain):
+            rows, _ = _packed(part, tokenizer, seq_len)
+            if not len(rows):
+                raise ConfigError(f"{_KEY}.eval_examples_per_domain: the eval conversations of domain '{domain}' "
+                                  f"make no row of {seq_len} tokens; raise {_KEY}.seq_len")
+            return _rows_dataset(rows, [domain] * len(rows), CHANNEL_COLUMNS)
+
+        by_domain[domain] = _cached_rows(("eval", domain, dataset_content_hash(part, columns), *common), eval_rows,
+                                    cache_dir)
     return tokenizer, packed_train, by_domain
 
 
