@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from effitrain.cluster.manifest import MANIFEST
 from effitrain.registry import ConfigError
 
-SWEEP_MANIFEST = "sweep.json"  # effitrain.cluster.manifest.MANIFEST, named here to keep this module light
 #: columns of the final-figures table: (summary key or derived name, header)
 TABLE = [("steps", "steps"), ("tokens", "tokens"), ("final_train_loss", "final train loss"),
          ("final_eval_loss", "final eval loss"), ("tokens_per_s", "tokens/s"),
@@ -107,9 +107,9 @@ def collect(paths: list[Path]) -> list[RunCurves]:
     for path in paths:
         if not path.is_dir():
             raise ConfigError(f"report: '{path}' is not a folder; give run directories (holding metrics.jsonl) "
-                              f"or a sweep root (holding {SWEEP_MANIFEST})")
-        if (path / SWEEP_MANIFEST).is_file():
-            members = json.loads((path / SWEEP_MANIFEST).read_text()).get("members", [])
+                              f"or a sweep root (holding {MANIFEST})")
+        if (path / MANIFEST).is_file():
+            members = json.loads((path / MANIFEST).read_text()).get("members", [])
             for entry in members:
                 member_dir = Path(entry["dir"])
                 if not member_dir.is_absolute() and not member_dir.exists():
@@ -125,7 +125,7 @@ def collect(paths: list[Path]) -> list[RunCurves]:
             runs.append(_read_run(path))
         else:
             raise ConfigError(f"report: '{path}' holds no run (no metrics.jsonl or summary.json) and no sweep "
-                              f"({SWEEP_MANIFEST})")
+                              f"({MANIFEST})")
     if not runs:
         raise ConfigError(f"report: no run with metrics under {', '.join(map(str, paths))}")
     _label(runs)
