@@ -317,7 +317,7 @@ def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) 
         else torch.device(launch.device_type)
     block = spec.block("objective")
     return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
-                                      tokenizer=tokenizer))
+                                      tokenizer=tokenizer, grad_accum=spec.train.grad_accum))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -275,3 +275,41 @@ def test_answer_accuracy_reads_boxed_answers_and_reports_the_rl_rewards(tokenize
     # answer 1: right and well formed = 10 + 0.5 x 1; answer 2: wrong, no <think> = 0 + 0.5 x 0.5
     assert figures == pytest.approx({"eval_reward_exact_answer": 5.0, "eval_reward_format": 0.75,
                                      "eval_reward": (10.5 + 0.25) / 2, "eval_reward_std": (10.5 - 0.25) / 2})
+
+
+def test_iterations_reuse_the_samples_so_the_ratio_moves_and_is_clipped(tokenizer):
+    """mu = 2: the second step of a cycle scores the first step's completions against the log-probabilities they
+    were drawn with; after a large update the ratio leaves [0.8, 1.2] and is clipped.  The reused samples survive a
+    state_dict round trip (a checkpoint), giving the same loss."""
+    def make():
+        def digit_share(responses, references, lengths):
+            return [sum(ch.isdigit() for ch in r) / max(len(r), 1) for r in responses]
+        return grpo.GRPO(tokenizer, [("digits", 1.0, digit_share)], None, group_size=4,
+                         max_new_tokens=5, temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=None,
+                         scale_rewards="group", loss_type="grpo", seed=3, iterations=2)
+    model = tiny_llama(len(tokenizer), seed=5)
+    obj = make()
+    batch, _ = _prompt_batch(tokenizer)
+    loss, first = obj(model, batch, SimpleNamespace(step=0, micro_step=0, rank=0))
+    assert first["clip_ratio"].item() == 0.0 and set(obj.samples) == {0}
+    assert obj.samples[0]["advantages"].abs().sum() > 0  # the crafted reward differs within the groups
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 2.0 * p.grad
+    other_rows, _ = _prompt_batch(tokenizer, 3)  # what the loader gives at step 1 is not used
+    loss2, second = obj(model, other_rows, SimpleNamespace(step=1, micro_step=1, rank=0))
+    assert second["reward"].item() == first["reward"].item()          # the same completions
+    assert second["clip_ratio"].item() > 0                             # the ratio moved out of the clip range
+    e = obj.samples[0]
+    logps = obj.logps(model, e["ids"], e["attention"], int(e["width"]))
+    by_hand, _ = grpo.grpo_loss(logps, e["old_logps"], None, e["advantages"], e["mask"], beta=0.0,
+                                epsilon_low=0.2, epsilon_high=0.2)
+    assert loss2.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    restored = make()
+    restored.load_state_dict(obj.state_dict())
+    loss3, _ = restored(model, other_rows, SimpleNamespace(step=1, micro_step=1, rank=0))
+    assert loss3.item() == pytest.approx(loss2.item(), rel=1e-6)
+    # the next cycle samples afresh
+    _, third = obj(model, batch, SimpleNamespace(step=2, micro_step=2, rank=0))
+    assert third["clip_ratio"].item() == 0.0

@@ -63,12 +63,15 @@ def test_tulu3_runs_sft_dpo_rlvr_and_survives_sigkill_in_the_rl_stage(tmp_path):
     and resumed, it repeats the uninterrupted run's losses and rewards exactly (the samples are seeded by the
     micro-step, not by the process's RNG stream).  A model this small never answers right, so the verifiable reward
     alone would give every completion 0 and the RL stage nothing to learn; the test adds the length reward, whose
-    values differ within a group, so the updates (and what resume must repeat) are real."""
+    values differ within a group, so the updates (and what resume must repeat) are real.  With iterations=2 the
+    checkpoint at step 3 falls inside a sampling cycle: the resumed step 4 must reuse the samples of step 3, which
+    the checkpoint keeps."""
     tiny = [o for o in TINY if not o.startswith(("train.max_steps=", "dataset.max_docs"))]
     run_args = [*tiny, "+recipe=tulu3", "dataset.max_docs_per_domain=200", "stages.0.train.max_steps=20",
                 "stages.1.train.max_steps=2", "stages.2.train.max_steps=6", "+stages.2.train.save_every=3",
                 "stages.2.objective.group_size=4", "stages.2.objective.max_new_tokens=4",
                 "stages.2.objective.rewards=[{name:exact_answer,correct:10.0},{name:length,max_tokens:4,gated:false}]",
+                "+stages.2.objective.iterations=2",  # samples reused for 2 steps: the kill at step 3 is mid-cycle
                 "methods.answer_accuracy.examples=4", "train.keep_checkpoints=3"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = effitrain_cli(*run_args, f"run_dir={full}")
@@ -81,6 +84,8 @@ def test_tulu3_runs_sft_dpo_rlvr_and_survives_sigkill_in_the_rl_stage(tmp_path):
     assert all(m["reward"] == pytest.approx(m["reward_exact_answer"] + m["reward_length"], abs=1e-6) for m in rl)
     assert all(1 <= m["completion_tokens"] <= 4 for m in rl)
     assert any(m["loss"] != 0 for m in rl) and rl[-1]["kl"] > 0   # the policy moved away from the DPO model
+    # the second step of each cycle reuses the first's samples: the same rewards and lengths
+    assert [m["reward"] for m in rl[1::2]] == [m["reward"] for m in rl[0::2]]
     evals = [m for m in _metrics(full / "stages" / "03-rlvr") if "eval_reward" in m]
     assert evals and all(m["eval_reward_exact_answer"] == pytest.approx(10 * m["eval_accuracy"]) for m in evals)
 

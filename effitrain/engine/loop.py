@@ -163,9 +163,11 @@ class Trainer:
 
         def write(tmp: Path) -> None:
             st.engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
+            objective_state = getattr(self.objective, "state_dict", None)  # per-rank state, e.g. grpo's samples
             torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "objective": objective_state() if objective_state is not None else None},
                        tmp / f"rank{st.rank}.pt")
             if self.is_main:
                 torch.save(client, tmp / "state.pt")
@@ -205,6 +207,8 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+            if rng.get("objective") is not None:
+                self.objective.load_state_dict(rng["objective"])
 
     # ------------------------------------------------------------------------------------------------- logging
     def _add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:

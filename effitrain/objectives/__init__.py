@@ -7,6 +7,8 @@
   forward of the trained model goes through it, so ZeRO-3 gathers its parameters.  ``loss`` is the 0-d tensor the
   loop back-propagates; ``metrics`` maps names to detached 0-d tensors, which the loop averages over each logging
   window and writes into the log line (no host sync before the log point).
+* An objective with per-rank state that a resumed run needs (``grpo``'s samples reused over several steps) defines
+  ``state_dict()`` / ``load_state_dict(state)``; the loop saves it in each rank's checkpoint file.
 * Models an objective owns (a teacher, a reference) are its own: frozen, in eval mode, never in the optimizer or the
   checkpoints (they are loaded again from their path on resume).
 * Parameters an objective trains (FitNets' hint regressor in ``distill``) are the opposite: it attaches them to the

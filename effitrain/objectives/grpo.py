@@ -23,10 +23,14 @@ the labelled ones the reference answer):
    1/G sum 1/|o_i| sum_t); ``bnpo`` over all completion tokens of the micro-batch; ``dr_grpo`` sums and divides by
    completions x max_new_tokens.
 
-``pi_old`` is the policy that sampled the completions.  effitrain takes one optimizer step per sampled batch (TRL's
-default ``num_iterations = 1``), so ``pi_old = pi`` at the time of the loss: the ratio is 1 and the clip inactive,
-but its gradient is the policy gradient ``A * grad log pi``.  :func:`grpo_loss` takes ``old_logps`` explicitly, so the
-clip is exact for a caller that reuses samples.
+``pi_old`` is the policy that sampled the completions.  With ``iterations: 1`` (TRL's default ``num_iterations``)
+each sampled batch gets one optimizer step, so ``pi_old = pi`` when the loss is taken: the ratio is 1 and the clip
+inactive, and the gradient is the policy gradient ``A * grad log pi``.  With ``iterations: mu > 1`` (DeepSeekMath's
+mu, TRL's ``num_iterations``) the completions, advantages and ``log pi_old`` sampled at the first step of a cycle
+are reused for the next ``mu - 1`` optimizer steps, in the same micro-batch order, and the ratio moves away from 1
+and is clipped.  The data loader's rows at those steps are not used (a pass over the prompts takes mu times as many
+steps).  The reused samples are per-rank state saved in each checkpoint (:meth:`GRPO.state_dict`), so a run stopped
+mid-cycle resumes exactly; a rank without saved samples (a resume onto more ranks) starts a new cycle.
 
 Log-probabilities are taken from ``logits / temperature`` (the distribution the samples were drawn from) at the
 positions of the completion tokens, with ``position_ids`` counted from each prompt's first real token, so a
@@ -143,12 +147,24 @@ def seeded(seed: int, device: torch.device):
 class GRPO:
     def __init__(self, tokenizer: Any, rewards: list[tuple[str, float, RewardFn]], reference: Optional[Any], *,
                  group_size: int, max_new_tokens: int, temperature: float, beta: float, epsilon: float,
-                 epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int) -> None:
+                 epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int,
+                 iterations: int = 1, grad_accum: int = 1) -> None:
         self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.beta, self.epsilon_low = beta, epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.scale_rewards, self.loss_type, self.seed = scale_rewards, loss_type, seed
+        self.iterations, self.grad_accum = iterations, grad_accum
+        # micro-batch slot (micro-step mod grad_accum) -> what was sampled at the cycle's first step, for reuse
+        self.samples: dict[int, dict[str, torch.Tensor]] = {}
+
+    def state_dict(self) -> Optional[dict]:
+        if self.iterations == 1:
+            return None
+        return {slot: {k: v.cpu() for k, v in entry.items()} for slot, entry in self.samples.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples = {slot: dict(entry) for slot, entry in state.items()}
 
     # ------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -186,6 +202,9 @@ class GRPO:
 
     # -------------------------------------------------------------------------------------------- the loss
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        slot = state.micro_step % self.grad_accum
+        if self.iterations > 1 and state.step % self.iterations and slot in self.samples:
+            return self.reused(model, self.samples[slot], batch["input_ids"].device)
         tok = self.tokenizer
         device = batch["input_ids"].device
         prompts, answers = split_prompts(batch)
@@ -213,12 +232,28 @@ class GRPO:
                                 epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                                 loss_type=self.loss_type, max_new_tokens=self.max_new_tokens)
         group_std = rewards.view(-1, self.group_size).std(dim=1).mean()
-        return loss, {"reward": rewards.mean(), "reward_std": group_std, **reward_means,
-                      "completion_tokens": lengths.float().mean(), **stats}
+        metrics = {"reward": rewards.mean(), "reward_std": group_std, **reward_means,
+                   "completion_tokens": lengths.float().mean()}
+        if self.iterations > 1:  # kept for the cycle's next mu - 1 steps (and saved with a checkpoint)
+            self.samples[slot] = {"ids": ids, "attention": attention, "mask": mask, "advantages": advantages,
+                                  "old_logps": logps.detach(), "width": torch.tensor(width),
+                                  **({"ref_logps": ref_logps} if ref_logps is not None else {}),
+                                  **{f"metric.{k}": v.detach() for k, v in metrics.items()}}
+        return loss, {**metrics, **stats}
+
+    def reused(self, model: Any, entry: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, dict]:
+        """The loss on the samples of the cycle's first step, against the log-probabilities they were drawn with."""
+        e = {k: v.to(device) for k, v in entry.items()}
+        logps = self.logps(model, e["ids"], e["attention"], int(e["width"]))
+        loss, stats = grpo_loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"],
+                                beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                                loss_type=self.loss_type, max_new_tokens=self.max_new_tokens)
+        metrics = {k.removeprefix("metric."): v for k, v in e.items() if k.startswith("metric.")}
+        return loss, {**metrics, **stats}
 
 
 def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu", bf16_supported: bool = False,
-          **context: Any) -> GRPO:
+          grad_accum: int = 1, **context: Any) -> GRPO:
     from effitrain.objectives.preference import reference_model
     from effitrain.objectives.rewards import build_rewards
 
@@ -228,4 +263,5 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
     return GRPO(tokenizer, build_rewards(params.reward_blocks), reference, group_size=params.group_size,
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, beta=params.beta,
                 epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,
-                loss_type=params.loss_type, seed=params.seed)
+                loss_type=params.loss_type, seed=params.seed, iterations=params.iterations,
+                grad_accum=grad_accum)

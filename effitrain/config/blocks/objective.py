@@ -218,6 +218,8 @@ class GRPOParams:
     epsilon_high: Optional[float] = param(None, gt=0, help="upper clip (DAPO's clip-higher); null = epsilon")
     scale_rewards: Literal["group", "batch", "none"] = param(
         "group", help="divide the advantages by the group's reward std (GRPO), the micro-batch's, or not (Dr. GRPO)")
+    iterations: int = param(1, ge=1, help="mu: optimizer steps per sampled batch (TRL's num_iterations: 1); > 1 "
+                                          "reuses the samples, so the ratio moves from 1 and the clip acts")
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = param(
         "grpo", help="grpo: token mean per completion, then mean; bnpo: mean over all completion tokens; dr_grpo: "
                      "sum over tokens / (completions x max_new_tokens)")
