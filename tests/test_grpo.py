@@ -82,7 +82,7 @@ def test_loss_equals_the_clipped_closed_form_with_the_k3_kl():
         kl = math.exp(lr - lp) - (lr - lp) - 1
         return -surrogate + 0.1 * kl
     first = (term(-1.0, -1.5, -1.2, 2.0) + term(-2.0, -2.0, -1.0, 2.0)) / 2   # ratio e^0.5 = 1.65: clipped to 1.2
-    second = term(-0.5, -0.2, -0.5, -1.0)                                     # ratio e^-0.3 = 0.74 < 0.8, A < 0: clipped
+    second = term(-0.5, -0.2, -0.5, -1.0)   # ratio e^-0.3 = 0.74 < 0.8, A < 0: clipped
     assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
     assert stats["clip_ratio"].item() == pytest.approx(2 / 3)
 
@@ -208,7 +208,7 @@ def test_exact_answer_on_correct_wrong_and_malformed_answers():
     boxed = {"name": "exact_answer", "extract": "boxed", "correct": 10.0}  # Tülu 3's RLVR gives 10
     refs = ["<think>40+42</think> \\boxed{82}"] * 5
     assert _score(boxed, ["<think>x</think> \\boxed{82}", "\\boxed{ 82.0 }", "\\boxed{83}", "\\boxed{82", "82"],
-                  refs) == [10, 10, 0, 0, 0]                                      # right, right, wrong, unclosed, no box
+                  refs) == [10, 10, 0, 0, 0]   # right, right, wrong, unclosed, no box
     last = {"name": "exact_answer", "extract": "last_number"}
     assert _score(last, ["so it is 1,024", "first 3 then 7", "no number"], ["1024", "3", "0"]) == [1, 0, 0]
 

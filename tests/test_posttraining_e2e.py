@@ -89,7 +89,8 @@ def test_tulu3_runs_sft_dpo_rlvr_and_survives_sigkill_in_the_rl_stage(tmp_path):
     evals = [m for m in _metrics(full / "stages" / "03-rlvr") if "eval_reward" in m]
     assert evals and all(m["eval_reward_exact_answer"] == pytest.approx(10 * m["eval_accuracy"]) for m in evals)
 
-    sigkill_at([*run_args, f"run_dir={killed}"], killed / "stages" / "03-rlvr" / "checkpoints" / "step_00000003" / "COMPLETE")
+    marker = killed / "stages" / "03-rlvr" / "checkpoints" / "step_00000003" / "COMPLETE"
+    sigkill_at([*run_args, f"run_dir={killed}"], marker)
     result = effitrain_cli("resume", str(killed))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step_00000003" in result.stdout

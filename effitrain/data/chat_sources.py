@@ -7,8 +7,9 @@ conversation rendered with the default chat template: it is what a trained BPE l
 selection methods read.
 
 :func:`build_chat_splits` turns the documents into rows (:mod:`effitrain.data.chat`): packed conversations
-``[N, 3, seq_len]`` (``format: chat``), (chosen, rejected) pairs ``[N, 2, 3, seq_len]`` (``format: preference``) or one conversation
-a row ``[N, 3, seq_len]`` (``format: prompts``: a prompt and its reference answer, for sampling),
+``[N, 3, seq_len]`` (``format: chat``), (chosen, rejected) pairs ``[N, 2, 3, seq_len]`` (``format:
+preference``) or one conversation a row ``[N, 3, seq_len]`` (``format: prompts``: a prompt and its reference
+answer, for sampling),
 stored as ``datasets`` columns of ``seq_len`` ints each (``input_ids``, ``labels``, ``position_ids`` and, for pairs,
 the same three prefixed ``rejected_``), which :func:`effitrain.data.packing.to_numpy` stacks back.  Evaluation rows
 are always packed conversations (of a pair, the chosen one), so the eval loss is the next-token loss on the assistant

@@ -215,7 +215,8 @@ class GRPO:
                                   sampling_seed(self.seed, state.micro_step, state.rank))
         mask = completion_mask(completions, tok.eos_token_id)
         lengths = mask.sum(dim=1)
-        texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(completions.tolist(), lengths.tolist())]
+        texts = [tok.decode(row[:n], skip_special_tokens=True)
+                 for row, n in zip(completions.tolist(), lengths.tolist())]
         rewards, reward_means = self.score(texts, [r for r in references for _ in range(self.group_size)],
                                            lengths.tolist(), device)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)

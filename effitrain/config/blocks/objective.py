@@ -251,5 +251,6 @@ def _grpo_whole_parameters(spec, env) -> Optional[str]:
     if spec.block("objective").name != "grpo":
         return None
     if spec.block("parallelism").params.stage == 3:
-        return "objective=grpo samples completions with whole parameters, which ZeRO-3 partitions; use parallelism=zero2"
+        return ("objective=grpo samples completions with whole parameters, which ZeRO-3 partitions; use "
+                "parallelism=zero2")
     return None
