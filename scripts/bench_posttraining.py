@@ -13,8 +13,8 @@ Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
 on those answers).  ``--first-stage-steps N`` sets the SFT stage's length (``train.max_steps`` of ``sft``,
 ``stages.0.train.max_steps`` of the others), so the RL stages start from a model that answers some questions right.
-Time per step is reported rather than tokens/s: an RL step's tokens counter counts prompt rows, not the sampled
-completions.
+Tokens/s: the training loop's figure (packed rows) for sft and dpo stages; for a grpo stage the completion tokens
+sampled per second (the loop's counter there counts prompt rows, not the samples), marked "sampled".
 
     OMP_NUM_THREADS=1 python scripts/bench_posttraining.py            # sft and dpo, seed 0
     OMP_NUM_THREADS=1 python scripts/bench_posttraining.py --only sft_then_grpo format_length_grpo \\
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3"]
@@ -40,10 +41,24 @@ def _lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def sampled_tokens_per_s(run: Path, train: list[dict]) -> Optional[float]:
+    """For a grpo stage, the completion tokens sampled per second (completion length x group size x prompts per
+    step / time per step, median over the log lines); None for other objectives."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    if cfg["objective"]["name"] != "grpo":
+        return None
+    prompts = cfg["train"]["micro_batch_size"] * cfg["train"]["grad_accum"]
+    return statistics.median(m["completion_tokens"] * cfg["objective"]["group_size"] * prompts / m["step_time_s"]
+                             for m in train)
+
+
 def stage_figures(run: Path) -> dict:
     evals = [m for m in _lines(run) if "eval_accuracy" in m]
     summary = json.loads((run / "summary.json").read_text())
     train = [m for m in _lines(run) if "tokens_per_s" in m]
+    sampled = sampled_tokens_per_s(run, train)
     rewards = [m for m in evals if "eval_reward" in m]
     return {"acc_before": evals[0]["eval_accuracy"], "acc_after": evals[-1]["eval_accuracy"],
             "loss_before": evals[0]["eval_loss"], "loss_after": evals[-1]["eval_loss"],
@@ -51,16 +66,18 @@ def stage_figures(run: Path) -> dict:
             "reward_after": rewards[-1]["eval_reward"] if rewards else None,
             "len_before": evals[0]["eval_response_tokens"], "len_after": evals[-1]["eval_response_tokens"],
             "step_time_s": statistics.median(m["step_time_s"] for m in train),
-            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train),
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if sampled is None else sampled,
+            "sampled": sampled is not None,
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
             "steps": summary.get("steps")}
 
 
-def run_recipe(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, dict]:
+def run_recipe(recipe: str, seed: int, out: Path, extra: list[str], reuse: bool = False) -> dict[str, dict]:
     run = out / f"{recipe}-seed{seed}"
     cmd = [sys.executable, "-m", "effitrain.cli", f"+recipe={recipe}", f"train.seed={seed}", f"run_dir={run}",
            "overwrite=true", "logger.progress_bar=false", *extra]
-    subprocess.run(cmd, cwd=REPO, check=True)
+    if not (reuse and (run / "summary.json").is_file()):
+        subprocess.run(cmd, cwd=REPO, check=True)
     stages = run / "stages"
     if stages.is_dir():
         return {d.name.split("-", 1)[1]: stage_figures(d) for d in sorted(stages.iterdir()) if d.is_dir()}
@@ -71,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=RECIPES, nargs="*", default=["sft", "dpo"])
     parser.add_argument("--first-stage-steps", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="read finished runs under --out instead of running")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_posttraining")
     args, extra = parser.parse_known_args()
@@ -81,17 +99,17 @@ def main() -> None:
             if args.first_stage_steps is not None:
                 key = "train.max_steps" if recipe == "sft" else "stages.0.train.max_steps"
                 length = [f"{key}={args.first_stage_steps}"]
-            for stage, f in run_recipe(recipe, seed, args.out, [*length, *extra]).items():
+            for stage, f in run_recipe(recipe, seed, args.out, [*length, *extra], args.reuse).items():
                 rows.append((recipe, seed, stage, f))
     print("| recipe | seed | stage | steps | accuracy before -> after | eval reward before -> after | answer tokens "
-          "before -> after | eval loss before -> after | s/step | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "before -> after | eval loss before -> after | s/step | tokens/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for recipe, seed, stage, f in rows:
         reward = "-" if f["reward_before"] is None else f"{f['reward_before']:.3f} -> {f['reward_after']:.3f}"
         print(f"| {recipe} | {seed} | {stage} | {f['steps']} | {f['acc_before']:.3f} -> {f['acc_after']:.3f} | "
               f"{reward} | {f['len_before']:.1f} -> {f['len_after']:.1f} | "
               f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['step_time_s']:.3f} | "
-              f"{f['peak_memory_mib']:.0f} |")
+              f"{f['tokens_per_s']:.0f}{' sampled' if f['sampled'] else ''} | {f['peak_memory_mib']:.0f} |")
 
 
 if __name__ == "__main__":
