@@ -156,14 +156,24 @@ def data_dir(tmp_path_factory):
     return tmp, _data_cases(tmp)
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch, isolated_cache):
+    """A cache folder of this test's own: the session's cache is shared with the other pytest-xdist workers, which
+    may be building an entry (the demo corpus, a tokenizer) while this test checks that `check` wrote nothing."""
+    cache = tmp_path / "effitrain-cache"
+    cache.mkdir()
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(cache))
+    return cache
+
+
 @pytest.mark.parametrize("case", DATA_CASES)
-def test_bad_local_data_is_one_line_at_check(case, data_dir, capsys, isolated_cache):
+def test_bad_local_data_is_one_line_at_check(case, data_dir, capsys, private_cache):
     tmp, cases = data_dir
     overrides, expected = cases[case]
-    before = snapshot(tmp, isolated_cache)
+    before = snapshot(tmp, private_cache)
     code, out, err = run_check(["dataset=local", *overrides], capsys)
     assert_one_line_error(code, out, err, *expected)
-    assert snapshot(tmp, isolated_cache) == before
+    assert snapshot(tmp, private_cache) == before
 
 
 def test_data_case_list_is_complete(data_dir):
@@ -307,7 +317,7 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_untruthful_config_is_one_line_at_check(case, model_dirs, capsys, monkeypatch, tmp_path, isolated_cache):
+def test_untruthful_config_is_one_line_at_check(case, model_dirs, capsys, monkeypatch, tmp_path, private_cache):
     tmp, folders, plugins = model_dirs
     monkeypatch.syspath_prepend(str(plugins))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -320,10 +330,10 @@ def test_untruthful_config_is_one_line_at_check(case, model_dirs, capsys, monkey
     for o in [o for o in overrides if o.startswith("CACHE=")]:
         monkeypatch.setenv("EFFITRAIN_CACHE", o.split("=", 1)[1])
         overrides.remove(o)
-    before = snapshot(tmp, isolated_cache)
+    before = snapshot(tmp, private_cache)
     code, out, err = run_check(overrides, capsys)
     assert_one_line_error(code, out, err, *expected)
-    assert snapshot(tmp, isolated_cache) == before
+    assert snapshot(tmp, private_cache) == before
 
 
 def test_check_accepts_a_good_pretrained_folder_and_wandb_with_a_key(model_dirs, capsys, monkeypatch):
