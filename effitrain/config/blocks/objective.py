@@ -174,6 +174,14 @@ class SFTParams:
     pass
 
 
+def _check_reference_folder(self, path: str, *, spec, deep: bool) -> None:
+    """``check_inputs`` of the objectives with a frozen reference (dpo, grpo): a given folder must hold a model."""
+    if self.reference is not None:
+        from effitrain.config.inputs import check_model_folder
+
+        check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+
+
 @register("objective", "dpo", builder="effitrain.objectives.preference:build_dpo",
           summary="Direct Preference Optimization against a frozen reference model (Rafailov et al., 2305.18290)")
 @dataclass
@@ -185,11 +193,7 @@ class DPOParams:
     reference: Optional[str] = param(None, help="null: a frozen copy of the model at the start of the stage; else "
                                                 "a save_pretrained folder (in a stage, '@stage:NAME')")
 
-    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
-        if self.reference is not None:
-            from effitrain.config.inputs import check_model_folder
-
-            check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    check_inputs = _check_reference_folder
 
 
 @register("objective", "simpo", builder="effitrain.objectives.preference:build_simpo",
@@ -238,11 +242,7 @@ class GRPOParams:
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.rewards: {names} names a reward twice; give each once with its weight")
 
-    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
-        if self.reference is not None:
-            from effitrain.config.inputs import check_model_folder
-
-            check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    check_inputs = _check_reference_folder
 
 
 @rule("grpo_needs_whole_parameters", "objective grpo samples with model.generate, which needs whole parameters: "
