@@ -7,6 +7,7 @@ same key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import re
@@ -303,14 +304,34 @@ def _keys_at(parent: str, overrides: list[str]) -> list[str]:
     return list(node)
 
 
+@contextlib.contextmanager
+def _outside_running_app():
+    """Compose as if no Hydra app were running, then give the running one back.
+
+    A run started by the console script runs inside ``hydra.main``, which holds Hydra's global state; a config
+    composed during that run (``model=demo_base`` composes its base model's own run) would otherwise fail with
+    "GlobalHydra is already initialized".  Hydra's ``initialize`` restores what it found on exit but refuses to start
+    while an app holds the state, so the app's state is set aside here for the duration."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
+    running = Singleton._instances.pop(GlobalHydra, None) if GlobalHydra.instance().is_initialized() else None
+    try:
+        yield
+    finally:
+        if running is not None:
+            Singleton._instances[GlobalHydra] = running
+
+
 def compose_raw(overrides: list[str], choices: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The composed config, resolved, without the ``hydra`` node; ``choices`` (when given) receives the option
     Hydra picked for every group (``hydra.runtime.choices``: what effitrain.config.provenance attributes keys to)."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(PRIMARY, overrides=overrides, return_hydra_config=choices is not None)
+    with _outside_running_app():
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(PRIMARY, overrides=overrides, return_hydra_config=choices is not None)
     if choices is not None:
         choices.update({str(g): str(c) for g, c in cfg.hydra.runtime.choices.items() if c is not None})
         with open_dict(cfg):

@@ -71,7 +71,8 @@ class ConsoleSink(Sink):
         extra = {k: v for k, v in line.items() if k.startswith("eval_loss/")}
         text = f"step {line['step']}: " + "  ".join(f"{k}={_fmt(k, v)}" for k, v in {**shown, **extra}.items())
         if self._bar is not None:
-            self._bar.write(text)
+            # through the bar's own stream: tqdm.write defaults to sys.stdout, which quiet() points at the log file
+            self._bar.write(text, file=self._bar.fp)
         else:
             say(text)
 

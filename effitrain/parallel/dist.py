@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -52,4 +53,32 @@ def init_process_group(device_type: str) -> None:
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
         else:
             dist.init_process_group(backend)  # env:// from torchrun / SLURM (MASTER_ADDR, MASTER_PORT)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if dist.get_world_size() == 1:
+        with _no_shared_memory_op():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+@contextlib.contextmanager
+def _no_shared_memory_op():
+    """DeepSpeed's CPU communication layer compiles a shared-memory all-reduce op with gcc when it starts (about
+    80 s the first time, again whenever another environment touched the torch extensions folder, and a silent wait
+    forever on a lock left by a killed compile).  A world of one never communicates, so it is not built there:
+    DeepSpeed's own fallback when the op is unavailable (``build_shm_op`` returning None) is torch.distributed."""
+    import importlib
+
+    try:  # by module path: the attribute deepspeed.comm.torch is the torch package, which deepspeed.comm imports
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:  # a DeepSpeed without the hook: nothing to avoid
+        yield
+        return
+    original = getattr(ds_torch_comm, "build_shm_op", None)
+    if original is None:
+        yield
+        return
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch_comm.build_shm_op = original
