@@ -480,6 +480,9 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     sys.argv = [saved[0], *flags, *overrides]
     _JOB_EXITS.clear()
     _SWEEP_ENTRIES.clear()
+    from effitrain.cluster.manifest import written_roots
+
+    written_roots(forget=True)
     try:
         main()
     finally:
@@ -488,6 +491,9 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     if len(_JOB_EXITS) > 1 and failed:
         print(f"effitrain: {len(failed)} of {len(_JOB_EXITS)} sweep jobs did not finish (exit statuses "
               f"{_JOB_EXITS})", file=sys.stderr)
+    for root in written_roots(forget=True):  # where the members' curves are compared
+        print(f"sweep: {len(_JOB_EXITS) - len(failed)} of {len(_JOB_EXITS)} members finished; manifest "
+              f"{root / 'sweep.json'}; curves and table: effitrain report {root}")
     return failed[0] if failed else EXIT_OK
 
 
@@ -503,28 +509,55 @@ def _continue_if_requeued(overrides: list[str]) -> list[str]:
 
 def _sweep_root(overrides: list[str]) -> list[str]:
     """A sweep's ``run_dir=R`` is its root: member N runs in R/N (Hydra's ``hydra.sweep.dir``), and R/sweep.json
-    is its manifest.  A root that already holds a sweep or a run is refused, as a run directory would be."""
+    is its manifest.  A root that already holds a sweep, a run or anything else is refused, as a run directory
+    would be -- whether it is named by ``run_dir`` or by Hydra's own ``hydra.sweep.dir``."""
     from effitrain.cluster.manifest import MANIFEST
     from effitrain.engine.rundir import holds_run
 
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
-    if not given or any(o.startswith("hydra.sweep.dir=") for o in overrides):
+    hydra_given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
+    if not given and not hydra_given:
         return overrides
-    root = given[-1]
+    key, root = ("hydra.sweep.dir", hydra_given[-1]) if hydra_given else ("run_dir", given[-1])
+    if given and hydra_given and Path(given[-1]).absolute() != Path(hydra_given[-1]).absolute():
+        raise ConfigError(f"run_dir: '{given[-1]}' and hydra.sweep.dir: '{hydra_given[-1]}' name two roots for one "
+                          f"sweep; give one (run_dir=FOLDER: members in FOLDER/0, FOLDER/1, ...)")
     if "," in root:
-        raise ConfigError(f"run_dir: a sweep has one root folder, got '{root}'; sweep other keys, e.g. "
+        raise ConfigError(f"{key}: a sweep has one root folder, got '{root}'; sweep other keys, e.g. "
                           f"run_dir=outputs/my-sweep 'optimizer.lr=1e-3,3e-3'")
-    if (Path(root) / MANIFEST).exists() or holds_run(Path(root)):
-        raise ConfigError(f"run_dir: '{root}' already holds a {'sweep' if (Path(root) / MANIFEST).exists() else 'run'}"
-                          f"; choose another run_dir for this sweep")
-    return [*overrides, f"hydra.sweep.dir={root}"]
+    folder = Path(root)
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(f"{key}: '{root}' is a broken or looping symbolic link; choose another folder")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}: '{root}' is a file; a sweep's root is a folder")
+    if (folder / MANIFEST).exists() or holds_run(folder):
+        raise ConfigError(f"{key}: '{root}' already holds a {'sweep' if (folder / MANIFEST).exists() else 'run'}"
+                          f"; choose another {key} for this sweep")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"{key}: '{root}' is a folder that is not empty; a sweep writes its members into "
+                          f"{root}/0, {root}/1, ... and {root}/{MANIFEST}, so it starts in a new or empty folder")
+    return overrides if hydra_given else [*overrides, f"hydra.sweep.dir={root}"]
+
+
+def _say_starting(spec, *, multirun: bool) -> None:
+    """The first line of a launch, as soon as the config is known to be good: importing torch and starting
+    DeepSpeed take seconds before the run has anything of its own to say, and a blank terminal reads as a hang."""
+    if os.environ.get("RANK", "0") != "0" or multirun:
+        return
+    from effitrain.console import say
+
+    recipes = "+".join(r.name for r in spec.recipes) or "default"
+    stages = f", {len(spec.stages)} stages" if spec.stages else f", {spec.train.max_steps} steps"
+    say(f"effitrain: {recipes} (model={spec.block('model').name}{stages}) in {spec.run_dir}; starting ...")
 
 
 def _world_size() -> int:
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ConfigError(f"WORLD_SIZE: expected a positive whole number (set by torchrun or SLURM), got {value!r}")
-    return int(value)
+    """The world this launch will train in (torchrun's, srun's, or the environment's variables), after refusing
+    variables that describe no world (a stale RANK/WORLD_SIZE left in the shell: effitrain.parallel.dist)."""
+    from effitrain.parallel.dist import check_launch_environment, launch_variables
+
+    check_launch_environment(os.environ)
+    return int(launch_variables(os.environ)[0].get("WORLD_SIZE", "1"))
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
@@ -586,7 +619,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if multirun:
             overrides = _sweep_root(overrides)
         if not info_only:
-            preflight(overrides, multirun=multirun, check_dir=True)
+            first = preflight(overrides, multirun=multirun, check_dir=True)
+            _say_starting(first[0], multirun=multirun)
     except ConfigError as exc:
         return _fail(str(exc))
     try:

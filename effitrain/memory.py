@@ -6,15 +6,14 @@
 * the optimizer's ``state``: every tensor in it, however nested (lists, dicts, helper objects such as
   pytorch-optimizer's projectors), through DeepSpeed wrappers (``.optimizer``) and - for ZeRO's flat fp32 master
   partitions and DeepSpeed's fp16/bf16 master copies - the wrapper's own fp32 groups;
-* the process peak: ``ru_maxrss`` of this process, and ``torch.cuda.max_memory_allocated`` on a GPU.
+* the process peak since the run started (effitrain.engine.metrics.peak_rss_bytes), and
+  ``torch.cuda.max_memory_allocated`` on a GPU.
 
 Tensors are deduplicated by storage pointer, so a view or a tensor referenced twice is counted once.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 from typing import Any, Iterable, Optional
 
 import torch
@@ -93,9 +92,10 @@ def optimizer_state_bytes(optimizer: Any, *, exclude: Optional[set] = None) -> t
 
 
 def peak_memory_bytes() -> dict[str, int]:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes) and, on a GPU, torch's peak."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+    """Peak resident set size of this process since the run started and, on a GPU, torch's peak."""
+    from effitrain.engine.metrics import peak_rss_bytes
+
+    out = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     return out

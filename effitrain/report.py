@@ -27,7 +27,8 @@ from effitrain.registry import ConfigError
 #: columns of the final-figures table: (summary key or derived name, header)
 TABLE = [("steps", "steps"), ("tokens", "tokens"), ("final_train_loss", "final train loss"),
          ("final_eval_loss", "final eval loss"), ("tokens_per_s", "tokens/s"),
-         ("peak_memory", "peak memory"), ("train_seconds", "train time"), ("status", "status")]
+         ("training_state", "training state"), ("peak_memory", "peak memory"), ("train_seconds", "train time"),
+         ("status", "status")]
 
 
 @dataclass
@@ -190,6 +191,9 @@ def table_rows(runs: list[RunCurves]) -> list[list[str]]:
             "final_eval_loss": f"{s['final_eval_loss']:.4f}" if s.get("final_eval_loss") is not None else
             (f"{run.evals[-1]['eval_loss']:.4f}" if run.evals else "—"),
             "tokens_per_s": f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "—",
+            # weights + gradients + optimizer state, from the tensors: what a memory-saving method changes
+            "training_state": _bytes(s.get("training_state_bytes")),
+            # the process's peak (RSS on a CPU, which includes the libraries and data; allocated memory on a GPU)
             "peak_memory": _bytes(peak),
             "train_seconds": _duration(s.get("train_seconds")),
             "status": _status(s),

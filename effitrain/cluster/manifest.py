@@ -35,8 +35,20 @@ def member_entry(member: int, run_dir: Path, overrides: list[str], *, code: Opti
     return entry
 
 
+_WRITTEN: list[Path] = []  # the sweep roots this process wrote a manifest into (the head points the user there)
+
+
+def written_roots(forget: bool = False) -> list[Path]:
+    roots = list(_WRITTEN)
+    if forget:
+        _WRITTEN.clear()
+    return roots
+
+
 def write_manifest(root: Path, entries: list[dict[str, Any]]) -> Path:
     """Atomically (a reader never sees half a file)."""
+    if root not in _WRITTEN:
+        _WRITTEN.append(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / MANIFEST
     tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"

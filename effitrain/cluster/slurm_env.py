@@ -65,9 +65,13 @@ def job_id(env: Mapping[str, str]) -> Optional[str]:
 
 def slurm_world(env: Mapping[str, str]) -> Optional[dict[str, str]]:
     """torch.distributed's variables for a task started by SLURM (``srun``, or submitit's ``tasks_per_node``), or
-    None where SLURM did not start several tasks (a plain job, or a single task that runs torchrun itself)."""
-    ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
-    if "SLURM_PROCID" not in env or not ntasks or int(ntasks) <= 1:
+    None where SLURM did not start several tasks (a plain job, or a single task that runs torchrun itself).
+
+    The tasks are those of the job *step* (``SLURM_STEP_NUM_TASKS``, set by srun only), not of the allocation: a
+    batch script and an ``salloc`` shell run once although the job has ``SLURM_NTASKS=2`` (the batch script even
+    has ``SLURM_PROCID=0``), and read as a world of two they waited forever for a second rank that never comes."""
+    ntasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if "SLURM_PROCID" not in env or not ntasks.isdigit() or int(ntasks) <= 1:
         return None
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     jid = job_id(env)
@@ -75,6 +79,15 @@ def slurm_world(env: Mapping[str, str]) -> Optional[dict[str, str]]:
         return None
     return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "WORLD_SIZE": ntasks,
             "MASTER_ADDR": expand_nodelist(nodelist)[0], "MASTER_PORT": str(master_port(jid))}
+
+
+def tasks_not_started(env: Mapping[str, str]) -> int:
+    """The job's task count where effitrain runs outside any job step (a batch script or an ``salloc`` shell that did
+    not go through ``srun``) of a job that asked for several tasks; 0 otherwise."""
+    ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or ""
+    if job_id(env) is None or "SLURM_STEP_NUM_TASKS" in env or not ntasks.isdigit():
+        return 0
+    return int(ntasks) if int(ntasks) > 1 else 0
 
 
 def restart_count(env: Optional[Mapping[str, str]] = None) -> int:

@@ -142,5 +142,75 @@ def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tok
                               f"network, or give the path of a save_pretrained folder")
 
 
+def weight_names(folder: str) -> Optional[list[str]]:
+    """The parameter names of a local ``save_pretrained`` folder, read from its safetensors header(s) or shard index
+    without loading a tensor (torch-free); None where they cannot be read this way (``.bin`` weights, a hub id)."""
+    local = Path(folder).expanduser()
+    index = local / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        single = local / "model.safetensors"
+        if not single.is_file():
+            return None
+        with open(single, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100 * 2 ** 20:
+                return None
+            header = json.loads(fh.read(size).decode("utf-8"))
+        return sorted(k for k in header if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # damaged weights are the loader's to report, with the file named
+
+
+def module_suffix_matches(target: str, module: str) -> bool:
+    """PEFT's rule for a target-module name: the module's dotted name is the target or ends with ``.target``."""
+    return module == target or module.endswith("." + target)
+
+
+def check_target_modules(key: str, targets: list[str], spec: Any, method: str = "LORA") -> None:
+    """A ``pretrained`` model whose layers none of ``targets`` names is refused here, not 20 s later inside PEFT;
+    the message lists the model's layer names and PEFT's own default targets for that model type."""
+    model = spec.blocks["model"]
+    folder = getattr(model.params, "path", None) if model.name == "pretrained" else None
+    names = weight_names(folder) if isinstance(folder, str) and folder else None
+    if not names:
+        return
+    modules = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith(".weight") and "." in n})
+    if any(module_suffix_matches(t, m) for t in targets for m in modules):
+        return
+    config = model_config_json(folder) or {}
+    model_type = config.get("model_type", "?")
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()})
+    suggestion = peft_default_targets(model_type, method)
+    hint = (f"; PEFT's default for {model_type}: {key}=[{','.join(suggestion)}]" if suggestion else "")
+    raise ConfigError(f"{key}: {list(targets)} name no layer of the {model_type} model in '{folder}'; its layers: "
+                      f"{', '.join(leaves)}{hint}")
+
+
+def peft_default_targets(model_type: str, method: str = "LORA") -> Optional[list[str]]:
+    """PEFT's own table of default target modules per model type for ``method`` (LORA, IA3).
+
+    Read from the source of ``peft.utils.constants`` rather than imported: importing it loads torch, torchao and
+    transformers (10 s, and their warnings on the terminal), and ``check`` stays torch-free.  The table is a plain
+    dict literal there; anything else (another peft layout) gives None and the message lists the layers only."""
+    import ast
+
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.origin:
+        return None
+    source = Path(spec.origin).parent / "utils" / "constants.py"
+    wanted = f"TRANSFORMERS_MODELS_TO_{method}_TARGET_MODULES_MAPPING"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == wanted for t in node.targets):
+                found = ast.literal_eval(node.value).get(model_type)
+                return list(found) if found else None
+    except (OSError, SyntaxError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def package_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None

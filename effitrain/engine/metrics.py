@@ -12,10 +12,35 @@ _PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e
                     "L4": 121e12, "RTX 4090": 165e12}
 
 
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process since :func:`reset_peaks`: Linux's ``VmHWM``, which (unlike
+    ``ru_maxrss``) can be reset, so the second member of a sweep run in one process does not inherit the first
+    one's peak; ``ru_maxrss`` (the process's lifetime peak) where ``/proc`` is not there (macOS reports bytes)."""
+    try:
+        with open(_STATUS, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def reset_peaks() -> None:
+    """Start the peak-memory figures afresh for a new run in this process (Linux: ``echo 5 > clear_refs`` resets
+    ``VmHWM`` to the current RSS; on a GPU, torch's peak statistics)."""
+    try:
+        with open(_CLEAR_REFS, "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux, or /proc read-only: the figure stays the process's lifetime peak
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory_bytes() -> int:

@@ -29,6 +29,11 @@ class _LoraCommon:
         if not self.target_modules:
             raise ConfigError(f"{path}.target_modules: empty; name at least one module, e.g. {LLAMA_ATTN}")
 
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        from effitrain.config.inputs import check_target_modules
+
+        check_target_modules(f"{path}.target_modules", self.target_modules, spec)
+
 
 @register("peft", "lora", builder="effitrain.peft.adapters:build_lora",
           summary="LoRA: frozen base, trainable low-rank update B·A (Hu et al., 2106.09685)")
@@ -63,6 +68,11 @@ class IA3Params:
         extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
         if extra:
             raise ConfigError(f"{path}.feedforward_modules: {extra} are not in target_modules")
+
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        from effitrain.config.inputs import check_target_modules
+
+        check_target_modules(f"{path}.target_modules", self.target_modules, spec, method="IA3")
 
 
 @register("peft", "prefix", builder="effitrain.peft.adapters:build_prefix",
