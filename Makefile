@@ -21,6 +21,7 @@ install: $(STAMP)
 ## The default job: a tiny Llama on the built-in demo corpus, about a minute on a laptop CPU.
 run: $(STAMP)
 	@$(VENV)/bin/effitrain run_dir=outputs/default overwrite=true $(ARGS)
+	@echo "(the effitrain command lives in $(VENV)/bin: 'source $(VENV)/bin/activate' puts it on your PATH)"
 
 ## The whole test suite (what CI runs). Two workers or more (pytest-xdist): most tests wait on a subprocess, a
 ## file or a cluster, so one worker used under one core of two. A test file stays on one worker (--dist loadfile):

@@ -103,11 +103,16 @@ def _verb_check(args: list[str]) -> int:
         _prepare_resume(resumed, deep=True)
         print(f"ok: resuming {resumed[0]} with its stored config and recipes")
         return 0
+    from effitrain.config.inputs import what_was_read
+
+    what_was_read()
     spec, _ = preflight(args, multirun=False, check_dir=True, deep=True)  # deep: reads local data files through
     names = ", ".join(r.name for r in spec.recipes) or "none"
     blocks = ", ".join(f"{g}={b.name}" for g, b in spec.blocks.items())
     stages = f"; stages [{', '.join(s.name for s in spec.stages)}]" if spec.stages else ""
     print(f"ok: recipes [{names}]; {blocks}; methods [{', '.join(spec.methods) or 'none'}]{stages}")
+    for note in what_was_read():
+        print(f"  read {note}")
     return 0
 
 

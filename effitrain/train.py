@@ -455,6 +455,9 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "device": launch.device_type,
         "global_batch_size": ds_config["train_batch_size"],
         "seq_len": int(data.train_ids.shape[-1]),
+        # how often the run went through its training rows: tokens trained / tokens in the packed training split
+        "train_sequences": int(data.train_ids.shape[0]),
+        "data_passes": state.tokens / max(1, int(data.train_ids.shape[0]) * int(data.train_ids.shape[-1])),
         "skipped_steps": guard.total_skipped,
         "finished": outcome["finished"],
         "stopped_by": outcome["stopped_by"],
@@ -493,7 +496,13 @@ def finished_line(summary: dict[str, Any], run_dir: Path) -> str:
     return (f"finished: {summary['steps']:,} steps, {summary['tokens']:,} tokens in {took} "
             f"({summary.get('tokens_per_s', 0):,.0f} tokens/s)"
             + (f", eval loss {loss:.4f}" if loss is not None else "")
+            + (f", {_passes(summary['data_passes'])} over the {summary['train_sequences']:,} training sequences"
+               if summary.get("train_sequences") else "")
             + f"; curves and table: effitrain report {run_dir}")
+
+
+def _passes(passes: float) -> str:
+    return f"{passes:.2f} passes" if passes >= 0.1 else f"{passes:.2g} of a pass"
 
 
 def exit_code_for(outcome: dict[str, Any]) -> int:

@@ -313,8 +313,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     # the jobs share the session's cache (warm in a full run: the jobs start in seconds instead of building the demo
     # data side by side) and inherit the whole environment, as sbatch gives a user's shell to a job -- including
     # the RANK/WORLD_SIZE an in-process run of an earlier test left behind, which a job must not trust
-    env = {**os.environ, "SLURM_CONF": str(conf), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # (no PYTHONPATH: the jobs import effitrain and its Hydra launcher plugin through the install, as a user's do;
+    # with the repository on PYTHONPATH this test once passed while `hydra/launcher=slurm` was "Unknown plugin class"
+    # for every user of an editable install)
+    env = {**os.environ, "SLURM_CONF": str(conf), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
     daemons = [subprocess.Popen([d, "-D", "-f", str(conf), *(["-i"] if d == "slurmctld" else [])], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for d in ("slurmctld", "slurmd")]
     try:
@@ -348,7 +351,9 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launch
 
 
 def _sweep(env, root: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "effitrain.cli", "-m", *SLURM, f"run_dir={root}", *TINY,
+    """The console script, from a folder outside the repository (the test's own), as a user runs a sweep."""
+    assert REPO not in root.parents
+    return subprocess.Popen([str(Path(sys.executable).parent / "effitrain"), "-m", *SLURM, f"run_dir={root}", *TINY,
                              *overrides], env=env, cwd=root.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

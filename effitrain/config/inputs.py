@@ -22,6 +22,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
                    "spiece.model")
 
 
+_READ: list[str] = []  # what the checks read through, in words, for `effitrain check` to report
+
+
+def note_read(text: str) -> None:
+    if text not in _READ:
+        _READ.append(text)
+
+
+def what_was_read() -> list[str]:
+    """The notes of the checks run since the last call (and forget them)."""
+    notes = list(_READ)
+    _READ.clear()
+    return notes
+
+
 def check_inputs(spec: Any, *, deep: bool) -> None:
     """Run every block's and method's ``check_inputs`` (the first problem raises)."""
     for group, block in spec.blocks.items():

@@ -94,6 +94,12 @@ class LocalParams(_Common):
         from effitrain.data.inspect import check_enough_for_a_batch, check_local
 
         inv = check_local(self, deep=deep, key=path)
+        if inv is not None:
+            from effitrain.config.inputs import note_read
+
+            note_read(f"{path}.path: {inv.documents:,} documents in {len(inv.domains)} domain(s), at most "
+                      f"{sum(inv.domain_tokens_max.values()):,} tokens (one per byte of text)"
+                      + (f"; {inv.blank_text:,} blank rows skipped" if inv.blank_text else ""))
         if inv is not None and getattr(spec.blocks["model"].params, "tokenizer", None) == "bpe":
             t = spec.train
             world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
