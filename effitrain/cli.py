@@ -589,6 +589,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             preflight(overrides, multirun=multirun, check_dir=True)
     except ConfigError as exc:
         return _fail(str(exc))
+    except RunFailed as exc:  # a verb that the machine failed (export onto a full disk): one line, exit 1
+        return _fail(str(exc), EXIT_FAILED)
     try:
         return _run_hydra(flags, overrides)
     except KeyboardInterrupt:
