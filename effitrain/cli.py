@@ -113,14 +113,14 @@ def _verb_check(args: list[str]) -> int:
 
 def _verb_plan(args: list[str]) -> int:
     from effitrain.config.compose import compose_config
-    from effitrain.plan import format_section, plan_sections, plot_sections
+    from effitrain.plan import check_plot_path, format_section, plan_sections, plot_sections
 
     plot_to = None
     if "--plot" in args:
         i = args.index("--plot")
         if i + 1 >= len(args) or not args[i + 1].lower().endswith(".png"):
             raise ConfigError("plan: --plot needs a file name ending in .png, e.g. --plot plan.png")
-        plot_to, args = args[i + 1], args[:i] + args[i + 2:]
+        plot_to, args = check_plot_path(args[i + 1]), args[:i] + args[i + 2:]
     composed = compose_config(args)
     sections = plan_sections(composed.cfg, composed.recipes)
     print("\n\n".join(format_section(section) for section in sections))
@@ -259,7 +259,7 @@ def _verb_export(args: list[str]) -> int:
 
 
 def _verb_report(args: list[str]) -> int:
-    from effitrain.report import collect, default_out_dir, write_report
+    from effitrain.report import check_out_dir, collect, default_out_dir, write_report
 
     paths, out, title, rest = [], None, "effitrain report", list(args)
     while rest:
@@ -276,8 +276,13 @@ def _verb_report(args: list[str]) -> int:
     if not paths:
         raise ConfigError("report: name run directories or a sweep root, e.g. 'effitrain report outputs/run' or "
                           "'effitrain report outputs/sweep'")
-    runs = collect(paths)
-    html_path, md_path = write_report(runs, out or default_out_dir(paths), title=title)
+    out = out or default_out_dir(paths)
+    check_out_dir(out)  # before reading: a refused --out costs nothing
+    notes: list[str] = []
+    runs = collect(paths, notes)
+    for note in notes:  # damaged files were left out; the rest is reported
+        print(f"effitrain: warning: report: {note}", file=sys.stderr)
+    html_path, md_path = write_report(runs, out, title=title, notes=notes)
     print(f"report of {len(runs)} run(s): {html_path} (self-contained), {md_path}")
     return 0
 
