@@ -8,13 +8,20 @@
     effitrain check [OVERRIDES]           validate only (keys, types, ranges, compatibility rules)
     effitrain check --memory [--device-gib N] [--world-size N] [OVERRIDES]
                                           also estimate per-device memory and say whether it fits (exit 1: no)
-    effitrain diff A B                    the keys in which two recipes' resolved configs differ
+    effitrain diff A B [OVERRIDES]        the keys in which two sides' configs differ (recipes, stacks, quoted
+                                          override lists, or run directories: the values their config.yaml holds)
+    effitrain explain KEY [OVERRIDES]     one key's value and every layer that set it, in Hydra's order
     effitrain rules                       the compatibility rules as a table
     effitrain plan [OVERRIDES] [--plot F.png]  the run's timeline: lr, seq_len, mixture, phases at each breakpoint
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
-                                          a Hugging Face folder from any checkpoint (ZeRO-3 gathered)
+                                          a Hugging Face folder from any checkpoint (ZeRO-3 gathered); a run dir:
+                                          its newest checkpoint (a multi-stage run: its last stage's)
     effitrain evaluate PATH [eval.KEY=V]  lm-evaluation-harness tasks on a model folder, checkpoint or run dir
+    effitrain report RUN_DIR...|SWEEP_DIR [--out DIR] [--title T]
+                                          curves and final figures as report.html (self-contained) + report.md
+    effitrain lock [--check] [NAME...]    rewrite (or check) recipes/locked/, the cards' generated blocks and
+                                          docs/compatibility.md
     effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
                                           eval/save/log cadence and logger.* may change)
 
@@ -24,7 +31,7 @@
 Every configuration error is one line on stderr and exit status 2, before any model, data or run directory is made.
 Exit status: 0 finished, 1 failed, 2 refused (bad input), 3 diverged (non-finite guard), 75 stopped by a signal
 with a checkpoint (continue with resume=auto), 130 interrupted without saving (docs/reliability.md).
-The verbs import neither torch nor deepspeed.
+The configuration verbs (recipes, show, check, diff, explain, rules, plan, lock) import neither torch nor deepspeed.
 """
 
 from __future__ import annotations

@@ -196,8 +196,9 @@ def collect(paths: list[Path], notes: Optional[list[str]] = None) -> list[RunCur
     runs: list[RunCurves] = []
     for path in paths:
         if not path.is_dir():
-            what = "is a file, not a folder" if path.exists() else why_missing(path)
-            raise ConfigError(f"report: '{path}' {what}; give run directories (holding metrics.jsonl) "
+            if not path.exists():
+                raise ConfigError(f"report: '{path}' {why_missing(path)}")
+            raise ConfigError(f"report: '{path}' is not a folder; give run directories (holding metrics.jsonl) "
                               f"or a sweep root (holding {MANIFEST})")
         if (path / MANIFEST).is_file():
             for member_dir, overrides in _sweep_members(path, notes):
