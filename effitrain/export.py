@@ -72,8 +72,9 @@ def find_source(path: Path, verb: str = "export") -> Source:
                 found.note = f"the last stage of the multi-stage run {path} with a model: {stage_dir.name}, " \
                              f"{found.note or found.path.name}"
                 return found
-        raise ConfigError(f"{verb}: '{path}' is a multi-stage run, but none of its stages ({', '.join(s.name for s in stages)}) "
-                          f"has a checkpoint or a final_model yet; name a checkpoint, e.g. {stages[-1]}/checkpoints/step_N")
+        names = ", ".join(s.name for s in stages)
+        raise ConfigError(f"{verb}: '{path}' is a multi-stage run, but none of its stages ({names}) has a checkpoint "
+                          f"or a final_model yet; name a checkpoint, e.g. {stages[-1]}/checkpoints/step_N")
     found = _run_source(path, verb)
     if found is not None:
         return found
@@ -132,7 +133,8 @@ def check_target(out: Path) -> str:
     state = _state(out)
     if state == "foreign":
         raise ConfigError(f"export: --out '{out}' is not empty and is not an earlier export (it holds "
-                          f"{_listing(out)}); effitrain never writes into a folder of other files; choose another --out")
+                          f"{_listing(out)}); effitrain never writes into a folder of other files; choose another "
+                          f"--out")
     parent = out.absolute().parent
     anchor = parent
     while not anchor.exists() and anchor != anchor.parent:
@@ -328,21 +330,25 @@ def _copy_final_model(source: Source, tmp: Path, merge_adapters: bool) -> dict[s
 
 
 def _readme(info: dict[str, Any], source: Source) -> str:
-    lines = ["# effitrain export", "", f"Made by `effitrain export` from `{source.path}`.", "",
-             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
-             'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")', "```", ""]
+    """How to load the folder: a plain (or merged) model, or the base with its adapter on top."""
+    lines = ["# effitrain export", "", f"Made by `effitrain export` from `{source.path}`.", ""]
     if info.get("adapter"):
         lines += ["The top level is the base model without the adapter; `adapter/` holds the adapter. Its "
-                  "`adapter_config.json` names its base as `..` (this folder, relative to `adapter/`), so the pair "
-                  "can be moved or copied together. Load them with:", "",
-                  "```python", "from peft import PeftModel", "",
-                  'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("THIS_FOLDER"), '
-                  '"THIS_FOLDER/adapter")', "```", "",
-                  "(`AutoPeftModelForCausalLM` reads `..` from the working directory, not from `adapter/`; to "
-                  "publish the adapter alone, set `base_model_name_or_path` to the base model's hub id.)", ""]
-    elif info.get("merged"):
-        lines += ["Adapters or structured layers were folded into these weights: no extra package is needed.", ""]
+                  "`adapter_config.json` names its base as `..` (this folder, seen from `adapter/`), so the pair "
+                  "can be moved or copied together. Load the trained model with:", "",
+                  "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, "
+                  "AutoTokenizer", "",
+                  'base = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+                  'model = PeftModel.from_pretrained(base, "THIS_FOLDER/adapter")',
+                  'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")', "```", "",
+                  "`AutoPeftModelForCausalLM` would look for `..` from the working directory, not from `adapter/`; "
+                  "to publish the adapter alone, set `base_model_name_or_path` to the base model's hub id.", ""]
+    else:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+                  'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")', "```", ""]
+        if info.get("merged"):
+            lines += ["Adapters or structured layers were folded into these weights: no extra package is needed.", ""]
     if info.get("note"):
         lines += [f"Note: {info['note']}.", ""]
     return "\n".join(lines)
