@@ -203,11 +203,11 @@ def evaluate_main(args: list[str]) -> int:
     if bad:
         raise ConfigError(f"evaluate: only eval.* keys may be given, not '{bad[0]}'")
     params = validate(compose_config(["eval=lm_eval", *overrides]).cfg).block("eval").params
+    check_tasks(params)
     source = None if (path / "config.json").is_file() else find_source(path, verb="evaluate")
     model_dir = path if source is None else source.path
     if source is None or not source.is_checkpoint:
         check_model_dir(model_dir)
-    check_tasks(params)
     if source is not None and source.note:
         say(f"evaluating {source.path} ({source.note})")
     with quiet(), tempfile.TemporaryDirectory() as tmp:

@@ -184,17 +184,16 @@ def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool, keep
 
 
 def _save_adapter(model: Any, adapter_dir: Path, base: Optional[str]) -> None:
-    """``save_pretrained`` of the adapter; ``base``: what its config names as the base model (the live model's
-    own config is left as it was, since a mid-run export must not change the model that goes on training)."""
-    saved = {name: config.base_model_name_or_path for name, config in model.peft_config.items()}
-    try:
-        if base is not None:
-            for config in model.peft_config.values():
-                config.base_model_name_or_path = base
-        model.save_pretrained(adapter_dir)
-    finally:
-        for name, config in model.peft_config.items():
-            config.base_model_name_or_path = saved[name]
+    """``save_pretrained`` of the adapter; ``base``: what its ``adapter_config.json`` names as the base model.  It is
+    written into the saved file afterwards: peft reads the base's config while saving (to tell whether the
+    vocabulary changed), which a relative path would resolve against the working directory."""
+    model.save_pretrained(adapter_dir)
+    if base is None:
+        return
+    for path in adapter_dir.rglob("adapter_config.json"):  # one per adapter (named ones in subfolders)
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = base if path.parent == adapter_dir else f"../{base}"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def trainable_report(model: torch.nn.Module) -> tuple[int, int]:
