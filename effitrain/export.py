@@ -78,6 +78,9 @@ def find_source(path: Path, verb: str = "export") -> Source:
     found = _run_source(path, verb)
     if found is not None:
         return found
+    if (path / "config.json").is_file():
+        raise ConfigError(f"{verb}: '{path}' is already a Hugging Face model folder (it has config.json); load it "
+                          f"directly, or name the checkpoint or run it came from")
     if (path / "config.yaml").is_file():
         raise ConfigError(f"{verb}: the run '{path}' has no intact checkpoint and no final_model (it saves "
                           f"checkpoints every train.save_every steps); nothing to {verb}")
