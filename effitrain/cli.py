@@ -8,13 +8,20 @@
     effitrain check [OVERRIDES]           validate only (keys, types, ranges, compatibility rules)
     effitrain check --memory [--device-gib N] [--world-size N] [OVERRIDES]
                                           also estimate per-device memory and say whether it fits (exit 1: no)
-    effitrain diff A B                    the keys in which two recipes' resolved configs differ
+    effitrain diff A B [OVERRIDES]        the keys in which two sides' configs differ (recipes, stacks, quoted
+                                          override lists, or run directories: the values their config.yaml holds)
+    effitrain explain KEY [OVERRIDES]     one key's value and every layer that set it, in Hydra's order
     effitrain rules                       the compatibility rules as a table
     effitrain plan [OVERRIDES] [--plot F.png]  the run's timeline: lr, seq_len, mixture, phases at each breakpoint
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
-                                          a Hugging Face folder from any checkpoint (ZeRO-3 gathered)
+                                          a Hugging Face folder from any checkpoint (ZeRO-3 gathered); a run dir:
+                                          its newest checkpoint (a multi-stage run: its last stage's)
     effitrain evaluate PATH [eval.KEY=V]  lm-evaluation-harness tasks on a model folder, checkpoint or run dir
+    effitrain report RUN_DIR...|SWEEP_DIR [--out DIR] [--title T]
+                                          curves and final figures as report.html (self-contained) + report.md
+    effitrain lock [--check] [NAME...]    rewrite (or check) recipes/locked/, the cards' generated blocks and
+                                          docs/compatibility.md
     effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
                                           eval/save/log cadence and logger.* may change)
 
@@ -24,7 +31,7 @@
 Every configuration error is one line on stderr and exit status 2, before any model, data or run directory is made.
 Exit status: 0 finished, 1 failed, 2 refused (bad input), 3 diverged (non-finite guard), 75 stopped by a signal
 with a checkpoint (continue with resume=auto), 130 interrupted without saving (docs/reliability.md).
-The verbs import neither torch nor deepspeed.
+The configuration verbs (recipes, show, check, diff, explain, rules, plan, lock) import neither torch nor deepspeed.
 """
 
 from __future__ import annotations
@@ -118,14 +125,14 @@ def _verb_check(args: list[str]) -> int:
 
 def _verb_plan(args: list[str]) -> int:
     from effitrain.config.compose import compose_config
-    from effitrain.plan import format_section, plan_sections, plot_sections
+    from effitrain.plan import check_plot_path, format_section, plan_sections, plot_sections
 
     plot_to = None
     if "--plot" in args:
         i = args.index("--plot")
         if i + 1 >= len(args) or not args[i + 1].lower().endswith(".png"):
             raise ConfigError("plan: --plot needs a file name ending in .png, e.g. --plot plan.png")
-        plot_to, args = args[i + 1], args[:i] + args[i + 2:]
+        plot_to, args = check_plot_path(args[i + 1]), args[:i] + args[i + 2:]
     composed = compose_config(args)
     sections = plan_sections(composed.cfg, composed.recipes)
     print("\n\n".join(format_section(section) for section in sections))
@@ -264,7 +271,7 @@ def _verb_export(args: list[str]) -> int:
 
 
 def _verb_report(args: list[str]) -> int:
-    from effitrain.report import collect, default_out_dir, write_report
+    from effitrain.report import check_out_dir, collect, default_out_dir, write_report
 
     paths, out, title, rest = [], None, "effitrain report", list(args)
     while rest:
@@ -281,8 +288,13 @@ def _verb_report(args: list[str]) -> int:
     if not paths:
         raise ConfigError("report: name run directories or a sweep root, e.g. 'effitrain report outputs/run' or "
                           "'effitrain report outputs/sweep'")
-    runs = collect(paths)
-    html_path, md_path = write_report(runs, out or default_out_dir(paths), title=title)
+    out = out or default_out_dir(paths)
+    check_out_dir(out)  # before reading: a refused --out costs nothing
+    notes: list[str] = []
+    runs = collect(paths, notes)
+    for note in notes:  # damaged files were left out; the rest is reported
+        print(f"effitrain: warning: report: {note}", file=sys.stderr)
+    html_path, md_path = write_report(runs, out, title=title, notes=notes)
     print(f"report of {len(runs)} run(s): {html_path} (self-contained), {md_path}")
     return 0
 
@@ -628,6 +640,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _say_starting(first[0], multirun=multirun)
     except ConfigError as exc:
         return _fail(str(exc))
+    except RunFailed as exc:  # a verb that the machine failed (export onto a full disk): one line, exit 1
+        return _fail(str(exc), EXIT_FAILED)
     try:
         return _run_hydra(flags, overrides)
     except KeyboardInterrupt:

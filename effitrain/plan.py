@@ -10,6 +10,7 @@ from :mod:`effitrain.optim.lr_curves`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ class PlanSection:
     lr: Optional[Callable[[int], float]]   # the absolute lr at a step (None: the scheduler block gives no curve)
     rows: list[dict]
     notes: list[str] = field(default_factory=list)  # lines printed under the table (what the columns cannot show)
+    step_unit: Optional[str] = None  # what one step trains on, where that is not packed rows (pairs, prompts)
 
     def value_at(self, name: str, step: int) -> Any:
         """A quantity as the run sees it at ``step`` (defaults where the timeline declares nothing)."""
@@ -99,7 +101,8 @@ def _section(spec: Any, title: str) -> PlanSection:
     marks.setdefault(t.max_steps - 1, []).append("last step")
     notes = _curriculum_notes(spec, marks, seq_len)
 
-    section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [], notes)
+    section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [], notes,
+                          step_unit=_step_unit(spec, t.micro_batch_size * t.grad_accum * world, seq_len))
     for step in sorted(s for s in marks if 0 <= s < t.max_steps):
         section.rows.append({"step": step, "tokens": step * tokens_per_step, "fraction": step / t.max_steps,
                              "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
@@ -108,6 +111,13 @@ def _section(spec: Any, title: str) -> PlanSection:
                              "distill_weight": section.value_at("distill_weight", step),
                              "what": ", ".join(marks[step])})
     return section
+
+
+def _step_unit(spec: Any, rows: int, seq_len: int) -> Optional[str]:
+    """An objective that trains on something other than packed rows (preference pairs, prompts answered by sampled
+    groups) says what a step holds; the others train on packed rows, which the header says by default."""
+    describe = getattr(spec.block("objective").params, "step_description", None)
+    return describe(rows, seq_len) if describe is not None else None
 
 
 def _curriculum_notes(spec: Any, marks: dict[int, list[str]], seq_len: int) -> list[str]:
@@ -148,8 +158,9 @@ def format_section(section: PlanSection) -> str:
                      + ([f"{r['distill_weight']:.3g}"] if distilled else [])
                      + [r["phase"] or "-", r["what"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    unit = section.step_unit or f"packed rows of {section.packed_seq_len} tokens"
     lines = [f"{section.title}: {section.max_steps} steps x {section.tokens_per_step:,} tokens "
-             f"(world size {section.world_size}, packed rows of {section.packed_seq_len} tokens)"]
+             f"(world size {section.world_size}, {unit})"]
     for i, row in enumerate(table):
         lines.append("  ".join(c.rjust(w) if j < len(header) - 2 else c.ljust(w)
                                for j, (c, w) in enumerate(zip(row, widths))).rstrip())
@@ -161,14 +172,39 @@ def format_section(section: PlanSection) -> str:
     return "\n".join(lines)
 
 
-def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
-    """One panel per quantity (lr, sequence length, mixture weights) against the optimizer step; phases shaded."""
+def check_plot_path(path: str | Path) -> Path:
+    """The ``--plot`` file: its folder is made if missing; a folder in its place, a file on the way, a symlink loop
+    or a read-only place is one line (matplotlib would fail after the plan is printed, with a traceback)."""
+    from effitrain.fsutil import why_missing
+    from effitrain.registry import ConfigError
+
+    path = Path(path)
+    if os.path.lexists(path) and not path.exists():
+        raise ConfigError(f"plan: --plot '{path}' {why_missing(path)}")
+    if path.is_dir():
+        raise ConfigError(f"plan: --plot '{path}' is a folder; name the .png file to write")
+    anchor = path.absolute().parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ConfigError(f"plan: --plot '{path}' lies below '{anchor}', which is a file")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ConfigError(f"plan: --plot '{path}': cannot write in '{anchor}' (read-only or not yours)")
+    return path
+
+
+def plan_figure(sections: list[PlanSection]) -> Any:
+    """One panel per quantity (lr, sequence length, mixture weights) against the optimizer step; phases shaded.
+    A multi-stage recipe's stages follow one another on the step axis; each panel's y range covers every stage."""
     import matplotlib
     matplotlib.use("Agg")  # a file, never a window
     import matplotlib.pyplot as plt
 
     panels = ["lr", "seq_len"] + (["mixture"] if any(s.timeline.declares("mixture") for s in sections) else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    highest: dict[str, float] = {}
+    peaks = [max(lrs) for lrs in ([s.value_at("lr", k) for k in range(s.max_steps)] for s in sections)
+             if lrs and None not in lrs and max(lrs) > 0]
     offset = 0
     for section in sections:
         steps = list(range(section.max_steps))
@@ -185,7 +221,7 @@ def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
                 ys = [section.value_at(name, s) for s in steps]
                 if all(y is not None for y in ys):
                     ax.plot(x, ys, drawstyle="steps-post" if name == "seq_len" else "default")
-                    ax.set_ylim(bottom=0, top=max(ys) * 1.1 if max(ys) > 0 else 1)
+                    highest[name] = max(highest.get(name, 0.0), max(ys))
             for k, (phase, a, b) in enumerate(section.timeline.phases):
                 ax.axvspan(offset + a, offset + b, alpha=0.10, color=("C7", "C8", "C9")[k % 3])
                 if name == panels[0]:
@@ -201,12 +237,29 @@ def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
     for ax, name in zip(axes[:, 0], panels):
         ax.set_ylabel(labels[name])
         ax.grid(alpha=0.3)
+        if name == "lr" and len(peaks) > 1 and max(peaks) > 10 * min(peaks):
+            # stages whose peaks differ by orders of magnitude (SFT 3e-3, RL 3e-5): on a linear axis the smaller
+            # ones are a flat line at the bottom, so a log axis down to a hundredth of the smallest peak
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=min(peaks) / 100, top=max(peaks) * 2)
+            ax.set_ylabel("learning rate\n(log scale)")
+        elif name in highest:  # once, over all stages: a per-stage limit would cut off the stages before the last
+            ax.set_ylim(bottom=0, top=highest[name] * 1.1 if highest[name] > 0 else 1)
     last = sections[-1]
     axes[-1, 0].set_xlabel(f"optimizer step ({last.tokens_per_step:,} tokens per step)" if len(sections) == 1
                            else "optimizer step, counted across the stages")
     fig.suptitle(sections[0].title if len(sections) == 1 else f"{len(sections)} stages")
     fig.tight_layout()
-    path = Path(path)
+    return fig
+
+
+def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
+    """Draw :func:`plan_figure` into ``path`` (a PNG), making its folder if missing."""
+    import matplotlib.pyplot as plt
+
+    path = check_plot_path(path)
+    fig = plan_figure(sections)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

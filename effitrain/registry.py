@@ -27,10 +27,57 @@ class ConfigError(ValueError):
     """A user-facing configuration problem: one readable line, reported by the CLI with exit status 2."""
 
 
+#: what other trainers (Hugging Face's Trainer, TRL, peft, nanoGPT) call a parameter -> effitrain's name for it; a
+#: spelling close to none of ours ('learning_rate' vs 'lr') is still recognised.  Used only when the name exists.
+ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "wd": "weight_decay", "adam_beta1": "beta1", "adam_beta2": "beta2",
+    "adam_epsilon": "eps", "epsilon": "eps", "max_grad_norm": "clip_grad_norm", "gradient_clipping": "clip_grad_norm",
+    "grad_clip": "clip_grad_norm", "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_train_steps": "max_steps", "num_train_steps": "max_steps", "total_steps": "max_steps",
+    "num_warmup_steps": "warmup_steps", "warmup": "warmup_steps", "eval_steps": "eval_every",
+    "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+    "max_seq_length": "seq_len", "max_length": "seq_len", "seq_length": "seq_len", "block_size": "seq_len",
+    "context_length": "seq_len", "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "num_hidden_layers": "num_layers", "n_layer": "num_layers", "n_layers": "num_layers",
+    "num_attention_heads": "num_heads", "n_head": "num_heads", "num_key_value_heads": "num_kv_heads",
+    "n_embd": "hidden_size", "d_model": "hidden_size", "num_generations": "group_size",
+    "max_completion_length": "max_new_tokens",
+}
+
+
+def closest(word: str, choices: typing.Iterable[str]) -> typing.Optional[str]:
+    """The choice ``word`` most likely meant: its alias (``learning_rate`` -> ``lr``), else the closest spelling."""
+    names = [str(c) for c in choices]
+    alias = ALIASES.get(str(word).lower())
+    if alias in names:
+        return alias
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """`` (did you mean 'x'?)`` for the closest choice (see :func:`closest`), or an empty string."""
+    near = closest(word, choices)
+    return f" (did you mean '{near}'?)" if near else ""
+
+
+def did_you_mean_key(key: str, keys: typing.Iterable[str]) -> str:
+    """Did-you-mean for a dotted key: the last segment among the keys beside it first (``optimizer.learning_rate``
+    -> ``optimizer.lr``, not the whole path's nearest spelling ``optimizer.name``), then the whole path, then the
+    same name under another parent (``lora.r`` -> ``peft.r``)."""
+    keys = [str(k) for k in keys]
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k[len(parent) + 1:] for k in keys if parent and k.startswith(parent + ".") and "." not in
+                k[len(parent) + 1:]]
+    near = closest(leaf, siblings) if siblings else None
+    if near:
+        return f" (did you mean '{parent}.{near}'?)"
+    whole = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if whole:
+        return f" (did you mean '{whole[0]}'?)"
+    same_leaf = sorted(k for k in keys if k.rpartition(".")[2] in (leaf, ALIASES.get(leaf.lower())))
+    return f" (did you mean '{same_leaf[0]}'?)" if len(same_leaf) == 1 else ""
 
 
 def choices_text(choices: typing.Iterable[str]) -> str:

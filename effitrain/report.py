@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class RunCurves:
     evals: list[dict[str, Any]] = field(default_factory=list)   # metrics lines with eval_loss
     label: str = ""
     stage: Optional[str] = None
+    notes: list[str] = field(default_factory=list)   # damaged files or lines left out, each naming its file
 
     @property
     def domains(self) -> list[str]:
@@ -49,29 +51,81 @@ class RunCurves:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    train, evals = [], []
-    if path.is_file():
-        for raw in path.read_text().splitlines():
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line: the rest still counts
-                continue
-            if "loss" in line:
-                train.append(line)
-            if "eval_loss" in line:
-                evals.append(line)
-    return train, evals
+#: the numbers a metrics line or summary.json may hold; any other type there is damage, dropped with a note
+NUMBER_KEYS = ("step", "tokens", "loss", "lr", "tokens_per_s", "peak_memory_bytes", "grad_norm", "step_time_s",
+               "eval_loss", "steps", "final_eval_loss", "train_seconds", "final_train_loss")
+
+
+def _is_number_key(key: str) -> bool:
+    return key in NUMBER_KEYS or key.startswith("eval_loss/")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers_only(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``record`` without the number keys whose values are not numbers; those keys, as ``key=value`` words."""
+    bad = [k for k, v in record.items() if _is_number_key(k) and not _is_number(v)]
+    return {k: v for k, v in record.items() if k not in bad}, [f"{k}={record[k]!r}"[:60] for k in bad]
+
+
+def _lines_of(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """Train lines, eval lines, and what was skipped (as one note naming the file and the first bad line)."""
+    train, evals, skipped = [], [], []
+    if not path.is_file():
+        return train, evals, []
+    raw_lines = _lines_of(path)
+    last = max((i for i, raw in enumerate(raw_lines) if raw.strip()), default=-1)
+    for i, raw in enumerate(raw_lines):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:
+            if i != last:  # a run killed mid-write leaves a partial last line: expected, not damage
+                skipped.append(f"line {i + 1} is not JSON")
+            continue
+        if not isinstance(line, dict):
+            skipped.append(f"line {i + 1} is a JSON {type(line).__name__}, not an object")
+            continue
+        line, bad = _numbers_only(line)
+        if bad:
+            skipped.append(f"line {i + 1} has {', '.join(bad)} (not a number)")
+        if "loss" in line:
+            train.append(line)
+        if "eval_loss" in line:
+            evals.append(line)
+    notes = [f"{path}: {len(skipped)} damaged line(s) left out (first: {skipped[0]})"] if skipped else []
+    return train, evals, notes
+
+
+def _read_summary(path: Path) -> tuple[dict[str, Any], list[str]]:
+    if not path.is_file():
+        return {}, []
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        return {}, [f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}; truncated?); "
+                    f"the run's final figures come from metrics.jsonl"]
+    if not isinstance(summary, dict):
+        return {}, [f"{path}: holds a JSON {type(summary).__name__}, not an object; the run's final figures come "
+                    f"from metrics.jsonl"]
+    summary, bad = _numbers_only(summary)
+    return summary, [f"{path}: {', '.join(bad)} left out (not a number)"] if bad else []
 
 
 def _overrides_of(run_dir: Path, given: Optional[list[str]] = None) -> list[str]:
     if given is not None:
-        words = given
+        words = [str(w) for w in given] if isinstance(given, list) else []
     else:
         command = run_dir / "command.txt"
-        first = command.read_text().splitlines()[0] if command.is_file() and command.read_text().strip() else ""
+        lines = _lines_of(command) if command.is_file() else []
+        first = lines[0] if lines else ""
         try:
             words = shlex.split(first)
         except ValueError:
@@ -81,46 +135,80 @@ def _overrides_of(run_dir: Path, given: Optional[list[str]] = None) -> list[str]
     return [w for w in words if "=" in w and not w.lstrip("+~").startswith(skipped)]
 
 
-def _recipes_of(run_dir: Path) -> list[str]:
+def _recipes_of(run_dir: Path, notes: list[str]) -> list[str]:
     import yaml
 
     path = run_dir / "recipes.yaml"
     if not path.is_file():
         return []
-    return [r.get("name", "?") for r in (yaml.safe_load(path.read_text()) or []) if isinstance(r, dict)]
+    try:
+        rows = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) or []
+    except yaml.YAMLError:
+        notes.append(f"{path}: not valid YAML; the run is labelled without its recipes")
+        return []
+    return [str(r.get("name", "?")) for r in (rows if isinstance(rows, list) else []) if isinstance(r, dict)]
 
 
 def _read_run(run_dir: Path, overrides: Optional[list[str]] = None, stage: Optional[str] = None) -> RunCurves:
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    train, evals = _read_metrics(run_dir / "metrics.jsonl")
-    return RunCurves(run_dir, _recipes_of(run_dir), _overrides_of(run_dir, overrides), summary, train, evals,
-                     stage=stage)
+    summary, notes = _read_summary(run_dir / "summary.json")
+    train, evals, metric_notes = _read_metrics(run_dir / "metrics.jsonl")
+    recipes = _recipes_of(run_dir, notes)
+    return RunCurves(run_dir, recipes, _overrides_of(run_dir, overrides), summary, train, evals,
+                     stage=stage, notes=[*notes, *metric_notes])
 
 
 def _is_run(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
 
 
-def collect(paths: list[Path]) -> list[RunCurves]:
-    """The runs under ``paths`` (run directories, sweep roots, multi-stage runs), in the order given."""
+def _sweep_members(root: Path, notes: list[str]) -> list[tuple[Path, Optional[list[str]]]]:
+    """The member folders of a sweep root with their overrides, in sweep.json's order; from a damaged sweep.json,
+    the numbered subfolders that hold runs (Hydra names a sweep's members 0, 1, ...)."""
+    manifest = root / MANIFEST
+    try:
+        members = json.loads(manifest.read_text(encoding="utf-8", errors="replace")).get("members", [])
+        if not isinstance(members, list):
+            raise TypeError
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        found = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and _is_run(p)),
+                       key=lambda p: int(p.name))
+        notes.append(f"{manifest}: damaged (not a JSON object with a members list); reporting the {len(found)} "
+                     f"run(s) in its numbered subfolders, labelled by their command.txt")
+        return [(p, None) for p in found]
+    out = []
+    for k, entry in enumerate(members):
+        if not isinstance(entry, dict) or not isinstance(entry.get("dir"), str):
+            notes.append(f"{manifest}: member {k} names no folder ('dir'); left out")
+            continue
+        member_dir = Path(entry["dir"])
+        if not member_dir.is_absolute() and not member_dir.exists():
+            member_dir = root / member_dir
+        overrides = entry.get("overrides")
+        out.append((member_dir, overrides if isinstance(overrides, list) else None))
+    return out
+
+
+def collect(paths: list[Path], notes: Optional[list[str]] = None) -> list[RunCurves]:
+    """The runs under ``paths`` (run directories, sweep roots, multi-stage runs), in the order given.  Damaged files
+    are left out with a line in ``notes`` (and in each run's own ``notes``); the rest is still reported."""
+    from effitrain.fsutil import why_missing
+
+    notes = [] if notes is None else notes
     runs: list[RunCurves] = []
     for path in paths:
         if not path.is_dir():
+            if not path.exists():
+                raise ConfigError(f"report: '{path}' {why_missing(path)}")
             raise ConfigError(f"report: '{path}' is not a folder; give run directories (holding metrics.jsonl) "
                               f"or a sweep root (holding {MANIFEST})")
         if (path / MANIFEST).is_file():
-            members = json.loads((path / MANIFEST).read_text()).get("members", [])
-            for entry in members:
-                member_dir = Path(entry["dir"])
-                if not member_dir.is_absolute() and not member_dir.exists():
-                    member_dir = path / member_dir
+            for member_dir, overrides in _sweep_members(path, notes):
                 if _is_run(member_dir):
-                    runs.append(_read_run(member_dir, entry.get("overrides")))
+                    runs.append(_read_run(member_dir, overrides))
         elif (path / "stages").is_dir() and not (path / "metrics.jsonl").is_file():
             for stage_dir in sorted(p for p in (path / "stages").iterdir() if _is_run(p)):
                 run = _read_run(stage_dir, _overrides_of(path), stage=stage_dir.name)
-                run.recipes = _recipes_of(path) or run.recipes
+                run.recipes = _recipes_of(path, run.notes) or run.recipes
                 runs.append(run)
         elif _is_run(path):
             runs.append(_read_run(path))
@@ -129,6 +217,7 @@ def collect(paths: list[Path]) -> list[RunCurves]:
                               f"({MANIFEST})")
     if not runs:
         raise ConfigError(f"report: no run with metrics under {', '.join(map(str, paths))}")
+    notes += [note for run in runs for note in run.notes]
     _label(runs)
     return runs
 
@@ -156,9 +245,9 @@ def shared_overrides(runs: list[RunCurves]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the table
-def _status(summary: dict[str, Any]) -> str:
+def _status(summary: dict[str, Any], damaged: bool = False) -> str:
     if not summary:
-        return "running or failed before its summary"
+        return "summary.json damaged" if damaged else "running or failed before its summary"
     if summary.get("finished"):
         return "finished"
     return f"stopped: {summary.get('stopped_by') or summary.get('failed') or 'unknown'}"
@@ -196,7 +285,7 @@ def table_rows(runs: list[RunCurves]) -> list[list[str]]:
             # the process's peak (RSS on a CPU, which includes the libraries and data; allocated memory on a GPU)
             "peak_memory": _bytes(peak),
             "train_seconds": _duration(s.get("train_seconds")),
-            "status": _status(s),
+            "status": _status(s, damaged=any("summary.json" in note for note in run.notes)),
         }
         rows.append([run.label, *(values[key] for key, _ in TABLE)])
     return rows
@@ -285,9 +374,40 @@ FIGURE_TITLES = {"loss": "Training loss", "eval_loss": "Held-out loss, overall a
                  "lr_throughput": "Learning rate and throughput"}
 
 
-def write_report(runs: list[RunCurves], out_dir: Path, *, title: str = "effitrain report") -> tuple[Path, Path]:
-    """``out_dir/report.html`` (self-contained) and ``out_dir/report.md`` with its PNG files; returns both paths."""
+#: marks a folder as an effitrain report: only such a folder (or a new or empty one) is written into
+REPORT_MARKER = ".effitrain-report"
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder of other files: a report replaces only an earlier report's
+    own files (``report.md``, ``report.html``, the PNGs), never a user's."""
+    from effitrain.fsutil import why_missing
+
+    if os.path.lexists(out_dir) and not out_dir.exists():
+        raise ConfigError(f"report: --out '{out_dir}' {why_missing(out_dir)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"report: --out '{out_dir}' is a file; name a folder for report.html, report.md and the "
+                          f"figures")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT_MARKER).is_file():
+        names = sorted(p.name for p in out_dir.iterdir())
+        raise ConfigError(f"report: --out '{out_dir}' is not empty and is not an earlier effitrain report (it holds "
+                          f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); effitrain never overwrites "
+                          f"files it did not write; choose another --out")
+    anchor = out_dir.absolute()
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ConfigError(f"report: --out '{out_dir}' lies below '{anchor}', which is a file")
+
+
+def write_report(runs: list[RunCurves], out_dir: Path, *, title: str = "effitrain report",
+                 notes: Optional[list[str]] = None) -> tuple[Path, Path]:
+    """``out_dir/report.html`` (self-contained) and ``out_dir/report.md`` with its PNG files; returns both paths.
+    ``out_dir`` must pass :func:`check_out_dir`; it is marked as a report before anything else is written."""
+    check_out_dir(out_dir)
+    notes = list(notes or [])
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_MARKER).write_text("an effitrain report: 'effitrain report --out' may replace its files\n")
     pngs = figures(runs)
     rows = table_rows(runs)
     headers = ["run", *(h for _, h in TABLE)]
@@ -300,6 +420,8 @@ def write_report(runs: list[RunCurves], out_dir: Path, *, title: str = "effitrai
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     md += ["", *(line for name in pngs for line in (f"## {FIGURE_TITLES[name]}", "", f"![{name}]({name}.png)", ""))]
     md += ["Folders: " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    if notes:
+        md += ["Left out (damaged):", "", *(f"- {note}" for note in notes), ""]
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
 
@@ -316,6 +438,9 @@ def write_report(runs: list[RunCurves], out_dir: Path, *, title: str = "effitrai
                  f'<img class="figure" id="fig-{name}" alt="{esc(FIGURE_TITLES[name])}" '
                  f'src="data:image/png;base64,{encoded}">']
     body += ["<p class='folders'>Folders: " + ", ".join(f"<code>{esc(str(r.path))}</code>" for r in runs) + "</p>"]
+    if notes:
+        body += ["<p class='folders'>Left out (damaged):</p><ul class='folders'>"
+                 + "".join(f"<li>{esc(note)}</li>" for note in notes) + "</ul>"]
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{esc(title)}</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"

@@ -50,14 +50,16 @@ def test_a_mid_run_checkpoint_exports_to_the_training_models_logits(extra, tmp_p
 
 
 def test_an_adapter_export_keeps_the_base_and_the_adapter_apart(tmp_path, train_in_process, logits_at_each_save):
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
     train_in_process(["+recipe=lora", "train.max_steps=2", "train.save_every=2"], run)
     result = effitrain_cli("export", str(run), "--out", str(tmp_path / "export"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "exported" in result.stdout
-    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "export" / "adapter").eval()
+    out = tmp_path / "export"  # loaded as its README says: the base at the top, the adapter on it
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
     with torch.no_grad():
         logits = model(input_ids=PROBE).logits
     assert torch.allclose(logits, logits_at_each_save[2], atol=1e-5)
@@ -70,7 +72,7 @@ def test_export_refuses_a_damaged_checkpoint_and_a_non_empty_target(tmp_path, tr
     target.mkdir()
     (target / "mine.txt").write_text("x")
     result = effitrain_cli("export", str(run), "--out", str(target))
-    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert result.returncode == 2 and "is not empty and is not an earlier export" in result.stderr
     (run / "checkpoints" / "step_00000002" / "state.pt").write_bytes(b"")
     result = effitrain_cli("export", str(run / "checkpoints" / "step_00000002"), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "state.pt" in result.stderr and "Traceback" not in result.stderr

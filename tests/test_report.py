@@ -68,7 +68,7 @@ def test_the_html_page_embeds_every_figure_and_the_markdown_links_them(tmp_path)
 
 def test_bad_report_input_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    for args, message in [([str(tmp_path / "missing")], "is not a folder"),
+    for args, message in [([str(tmp_path / "missing")], "does not exist"),
                           ([str(tmp_path / "empty")], "holds no run (no metrics.jsonl or summary.json)"),
                           ([], "name run directories or a sweep root"),
                           ([str(tmp_path / "empty"), "--colour"], "unknown option '--colour'")]:

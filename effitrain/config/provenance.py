@@ -17,6 +17,7 @@ Torch-free: composition only.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,11 @@ import yaml
 
 from effitrain.config.compose import (PRIMARY, RECIPE_GROUP, compose_config, config_root, flatten, groups,
                                       load_recipe, parse_overrides, recipe_names)
-from effitrain.registry import ConfigError, did_you_mean
+from effitrain.registry import ConfigError, did_you_mean_key
 
 UNSET = "<unset>"
-#: keys that say where or when a run happens, not what it is (a timestamped default folder)
-IGNORED = ("run_dir", "recipe.")
+#: keys that say where, when or how a run was launched, not what it is (a timestamped default folder, a resume)
+IGNORED = ("run_dir", "recipe.", "resume", "overwrite")
 
 
 @dataclass
@@ -141,15 +142,8 @@ def provenance(overrides: list[str]) -> Provenance:
 # ------------------------------------------------------------------------------------------------ sides of a diff
 def side_overrides(side: str) -> tuple[list[str], str]:
     """What one side of ``effitrain diff`` names, as overrides, and its label: a recipe (``galore``), a stack
-    (``galore+lisa``), ``default``, an override list (``'optimizer=galore optimizer.lr=1e-3'``) or a run directory
-    (its first command line)."""
-    path = Path(side)
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ConfigError(f"diff: '{side}' is a folder but holds no run (no config.yaml)")
-        command = (path / "command.txt").read_text().splitlines() if (path / "command.txt").is_file() else []
-        words = shlex.split(command[0]) if command else []
-        return [w for w in words if "=" in w and not w.startswith(("run_dir=", "resume=", "overwrite="))], side
+    (``galore+lisa``), ``default`` or an override list (``'optimizer=galore optimizer.lr=1e-3'``).  A run
+    directory is not replayed from its command line: :func:`run_provenance` reads the values it ran with."""
     if "=" in side or " " in side:
         return shlex.split(side), side
     if side in ("default", PRIMARY):
@@ -158,6 +152,56 @@ def side_overrides(side: str) -> tuple[list[str], str]:
     for name in names:
         load_recipe(name)  # an unknown recipe: one line naming the valid ones
     return ([f"+recipe={names[0]}"] if len(names) == 1 else [f"+recipe=[{','.join(names)}]"]), side
+
+
+def _stored_values(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved configuration as it ran (``config.yaml``), flattened."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"diff: '{run_dir}' is a folder but holds no run (no config.yaml)")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ConfigError(f"diff: {path} is not valid YAML{at}; the run's configuration is unknown") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"diff: {path} holds a {type(cfg).__name__}, not a configuration mapping")
+    return {k: v for k, v in flatten("", cfg, {}).items() if not k.startswith(IGNORED)}
+
+
+def run_provenance(run_dir: Path, overrides: list[str]) -> Provenance:
+    """A run directory as a side of a diff: the values of its ``config.yaml`` (what it ran with, whatever its command
+    line said: resumed horizons, stages' propagated keys, edits), then ``key=value`` overrides given to both sides."""
+    stored = _stored_values(run_dir)
+    layers = [Layer(f"{run_dir}/config.yaml", dict(stored))]
+    values = dict(stored)
+    for override, text in zip(parse_overrides(overrides), overrides):
+        key = override.key_or_group
+        if key in groups() or key == RECIPE_GROUP:
+            raise ConfigError(f"diff: '{text}' chooses a block or recipe, which a finished run cannot change; with a "
+                              f"run directory as a side give key=value overrides only")
+        if override.is_delete():
+            values = {k: v for k, v in values.items() if k != key and not k.startswith(key + ".")}
+            layers.append(Layer(f"command line: {text}", {}, removes=(key,)))
+            continue
+        value = override.value()
+        keys = flatten(key, value, {}) if isinstance(value, (dict, list)) and value else {key: value}
+        values.update(keys)
+        layers.append(Layer(f"command line: {text}", keys))
+    return Provenance(values, layers)
+
+
+def side_provenance(side: str, shared: list[str]) -> tuple[Provenance, str]:
+    from effitrain.fsutil import why_missing
+
+    path = Path(side)
+    if os.path.lexists(path) and not path.exists():
+        raise ConfigError(f"diff: '{side}' {why_missing(path)}")
+    if path.is_dir():
+        return run_provenance(path, shared), side
+    overrides, label = side_overrides(side)
+    return provenance(overrides + shared), label
 
 
 @dataclass
@@ -171,8 +215,7 @@ class DiffRow:
 
 def diff(a: str, b: str, shared: Optional[list[str]] = None) -> tuple[list[DiffRow], str, str]:
     shared = list(shared or [])
-    (oa, la), (ob, lb) = side_overrides(a), side_overrides(b)
-    pa, pb = provenance(oa + shared), provenance(ob + shared)
+    (pa, la), (pb, lb) = side_provenance(a, shared), side_provenance(b, shared)
     rows = []
     for key in sorted(set(pa.values) | set(pb.values)):
         va, vb = pa.values.get(key, UNSET), pb.values.get(key, UNSET)
@@ -209,7 +252,7 @@ def explain(key: str, overrides: list[str]) -> str:
     p = provenance(overrides)
     chain = p.chain(key)
     if key not in p.values and not chain:
-        near = did_you_mean(key, list(p.values))
+        near = did_you_mean_key(key, list(p.values))
         raise ConfigError(f"explain: no key '{key}' in this config{near}; 'effitrain show default' lists the keys")
     lines = [f"{key} = {p.values.get(key, UNSET)!r}"]
     for i, (source, value) in enumerate(chain):

@@ -50,7 +50,10 @@ def resolve_files(patterns: Sequence[str], key: str) -> list[str]:
             raise ConfigError(f"{key}: '{pattern}' is a directory, not a file; name the files in it, e.g. "
                               f"'{pattern.rstrip('/')}/*.jsonl'")
         else:
-            raise ConfigError(f"{key}: file '{pattern}' does not exist (working directory {os.getcwd()})")
+            from effitrain.fsutil import why_missing
+
+            raise ConfigError(f"{key}: file '{pattern}' {why_missing(Path(expanded))} (working directory "
+                              f"{os.getcwd()})")
     return [str(Path(f).resolve()) for f in files]
 
 

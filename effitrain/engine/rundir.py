@@ -80,6 +80,9 @@ def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool, lock
 
     ``locked_by_us``: the caller already holds the folder's lock (the re-check under the lock)."""
     shown = str(run_dir)
+    if os.path.lexists(run_dir) and not run_dir.exists():  # a symlink loop or a dangling link: say which
+        from effitrain.fsutil import why_missing
+        raise ConfigError(f"run_dir: '{shown}' {why_missing(run_dir)}")
     problem = _dangerous(run_dir)
     if problem:
         raise ConfigError(f"run_dir: '{shown}' {problem}; a run needs a folder of its own, "

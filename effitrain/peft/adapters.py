@@ -101,20 +101,23 @@ def is_mergeable(model: Any) -> bool:
         hasattr(model, "merge_and_unload")
 
 
-def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> dict[str, Any]:
+def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True,
+                       keep_adapter: bool = True) -> dict[str, Any]:
     """Write the final model of a run (see the module docstring).  Returns what was written, also saved as
     ``effitrain_export.json``; the engine can log it.  Call on rank 0 with whole (not ZeRO-3-partitioned) weights.
 
-    ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it, so
-    ``AutoPeftModelForCausalLM.from_pretrained(out/"adapter")`` loads the pair."""
+    ``merge=False`` keeps an adapter model's top level as its trained base and points ``adapter/`` at it by the
+    relative path ``..`` (the folder stays valid when moved): ``PeftModel.from_pretrained(base, out/"adapter")``
+    loads the pair.  ``keep_adapter=False`` writes no ``adapter/`` beside a merged model (``effitrain export
+    --merge-adapters``: only the merged model); an adapter that cannot be merged is always kept."""
     from effitrain.models.training_only import detached
 
     model = _unwrap(model)
     with detached(model):  # a distillation regressor trained with the model is not part of what it exports
-        return _export_final_model(model, tokenizer, Path(out_dir), merge)
+        return _export_final_model(model, tokenizer, Path(out_dir), merge, keep_adapter)
 
 
-def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool) -> dict[str, Any]:
+def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool, keep_adapter: bool) -> dict[str, Any]:
     from effitrain.models.monarch import fold_monarch, has_monarch
     from effitrain.models.sltrain import has_sltrain, merge_sltrain
     from effitrain.models.sparse_spectral import fold_sparse_spectral, has_sparse_spectral
@@ -127,13 +130,13 @@ def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool) -> d
 
     if is_peft_model(model):
         adapter_dir = out / "adapter"
-        if not merge:
-            for config in model.peft_config.values():
-                config.base_model_name_or_path = str(out.resolve())
-        model.save_pretrained(adapter_dir)
-        info["adapter"] = "adapter"
         info["peft_type"] = sorted({str(c.peft_type.value) for c in model.peft_config.values()})
-        if has_parallel_adapters(model):
+        merged = merge and is_mergeable(model)
+        if keep_adapter or not merged:
+            # an unmerged top level is the adapter's base: named relative to adapter/, so the pair can move
+            _save_adapter(model, adapter_dir, base=None if merged else "..")
+            info["adapter"] = "adapter"
+        if has_parallel_adapters(model) and info["adapter"]:
             from safetensors.torch import save_file
             save_file(parallel_adapter_state(model), str(adapter_dir / "parallel_adapters.safetensors"))
         if is_mergeable(model):
@@ -178,6 +181,19 @@ def _export_final_model(model: Any, tokenizer: Any, out: Path, merge: bool) -> d
         tokenizer.save_pretrained(out)
     (out / "effitrain_export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _save_adapter(model: Any, adapter_dir: Path, base: Optional[str]) -> None:
+    """``save_pretrained`` of the adapter; ``base``: what its ``adapter_config.json`` names as the base model.  It is
+    written into the saved file afterwards: peft reads the base's config while saving (to tell whether the
+    vocabulary changed), which a relative path would resolve against the working directory."""
+    model.save_pretrained(adapter_dir)
+    if base is None:
+        return
+    for path in adapter_dir.rglob("adapter_config.json"):  # one per adapter (named ones in subfolders)
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = base if path.parent == adapter_dir else f"../{base}"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def trainable_report(model: torch.nn.Module) -> tuple[int, int]:

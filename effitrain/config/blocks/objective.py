@@ -182,6 +182,12 @@ def _check_reference_folder(self, path: str, *, spec, deep: bool) -> None:
         check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
 
 
+def _pairs_per_step(self, rows: int, seq_len: int) -> str:
+    """What one optimizer step trains on (``effitrain plan``): a row of the batch is a (chosen, rejected) pair."""
+    return (f"{rows} preference pairs per step: chosen and rejected each a row of up to {seq_len} tokens, padded, "
+            f"not packed; the tokens column counts {seq_len} per pair, as the run's log does")
+
+
 @register("objective", "dpo", builder="effitrain.objectives.preference:build_dpo",
           summary="Direct Preference Optimization against a frozen reference model (Rafailov et al., 2305.18290)")
 @dataclass
@@ -194,6 +200,7 @@ class DPOParams:
                                                 "a save_pretrained folder (in a stage, '@stage:NAME')")
 
     check_inputs = _check_reference_folder
+    step_description = _pairs_per_step
 
 
 @register("objective", "simpo", builder="effitrain.objectives.preference:build_simpo",
@@ -203,6 +210,8 @@ class DPOParams:
 class SimPOParams:
     beta: float = param(2.0, gt=0, help="beta (the authors' Llama-3-8B-base config: 2.0)")
     gamma_beta_ratio: float = param(0.5, ge=0, help="gamma / beta, the target margin (the authors: 0.5)")
+
+    step_description = _pairs_per_step
 
 
 @register("objective", "grpo", builder="effitrain.objectives.grpo:build",
@@ -241,6 +250,14 @@ class GRPOParams:
         names = [b.name for b in self.reward_blocks]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.rewards: {names} names a reward twice; give each once with its weight")
+
+    def step_description(self, rows: int, seq_len: int) -> str:
+        """What one optimizer step trains on (``effitrain plan``): a row of the batch is a prompt, answered by a
+        sampled group."""
+        return (f"{rows} prompts per step, each answered {self.group_size} times: {rows * self.group_size} sampled "
+                f"completions of up to {self.max_new_tokens} new tokens after prompts of up to {seq_len} tokens"
+                + (f", each sampled batch reused for {self.iterations} steps" if self.iterations > 1 else "")
+                + f"; the tokens column counts {seq_len} per prompt, as the run's log does")
 
     check_inputs = _check_reference_folder
 
