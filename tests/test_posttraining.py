@@ -123,7 +123,7 @@ def test_builtin_arithmetic_is_checkable_and_held_out():
 
 def test_preference_rows_pair_chosen_with_rejected(tokenizer):
     train, _ = arithmetic_chat.splits(4, 0)
-    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in train], 32)
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in train], 32).rows
     assert rows.shape == (4, 2, 3, 32)
     batch = chat.to_batch(torch.from_numpy(rows))
     assert batch["input_ids"].shape == (8, 32)
@@ -162,7 +162,7 @@ def response_logp(model, ids: list[int], labels: list[int]) -> float:
 
 
 def pair_batch(tokenizer, examples, seq_len: int = 24):
-    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in examples], seq_len)
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in examples], seq_len).rows
     return chat.to_batch(torch.from_numpy(rows))
 
 

@@ -64,6 +64,7 @@ class RunSpec:
     stages: list[Any] = field(default_factory=list)
     stage_specs: list["RunSpec"] = field(default_factory=list)
     timeline: Any = None           # effitrain.timeline.TimelineSpec (declared units; resolved per run)
+    sweep: Optional[Block] = None  # a sweep stage's validated `sweep:` block (its members train this spec)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
@@ -170,7 +171,8 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
         if stage.sweep is not None:  # a sweep's own keys checked against its stage's run (e.g. a known domain)
-            check = getattr(parse_sweep(stage).params, "check_stage", None)
+            spec.stage_specs[-1].sweep = parse_sweep(stage)
+            check = getattr(spec.stage_specs[-1].sweep.params, "check_stage", None)
             if check is not None:
                 check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages

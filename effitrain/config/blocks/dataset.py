@@ -88,7 +88,8 @@ class LocalParams(_Common):
         if self.eval_path is not None and (not self.eval_path or any(not p.strip() for p in self.eval_path)):
             raise ConfigError(f"{path}.eval_path: an empty path; give eval files or null to hold out documents")
 
-    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+    def check_inputs(self, path: str, *, spec, deep: bool):
+        """The files, read through where ``deep`` or small: returns what was found (its domains), or None."""
         import os
 
         from effitrain.data.inspect import check_enough_for_a_batch, check_local
@@ -99,6 +100,7 @@ class LocalParams(_Common):
             world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
             check_enough_for_a_batch(inv, seq_len=self.seq_len, global_batch=t.micro_batch_size * t.grad_accum * world,
                                      domains=self.domains, key=path)
+        return inv
 
 
 @register("dataset", "hub", builder="effitrain.data.build:build_hub",

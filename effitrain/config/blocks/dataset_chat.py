@@ -52,6 +52,12 @@ class ChatLocalParams(_ChatCommon):
         if not self.path or any(not p.strip() for p in self.path):
             raise ConfigError(f"{path}.path: dataset=chat_local needs files; set {path}.path=FILE.jsonl")
 
+    def check_inputs(self, path: str, *, spec, deep: bool):
+        """The files, read through as the builder reads them (``effitrain check``; a launch when they are small):
+        returns what was found (its domains), or None."""
+        from effitrain.data.chat_records import check_chat_local
+
+        return check_chat_local(self, spec=spec, deep=deep, key=path)
 
 
 @register("dataset", "chat_hub", builder="effitrain.data.chat_sources:build_chat_hub",

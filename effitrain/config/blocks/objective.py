@@ -241,6 +241,11 @@ class GRPOParams:
         names = [b.name for b in self.reward_blocks]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.rewards: {names} names a reward twice; give each once with its weight")
+        # a reward of weight 0 is still computed and logged (a monitor), but with every weight 0 all samples of a
+        # group score alike, every advantage is 0 and nothing is learned
+        if all(b.params.weight == 0 for b in self.reward_blocks):
+            raise ConfigError(f"{path}.rewards: every reward has weight 0, so all samples score 0 and GRPO learns "
+                              f"nothing; give at least one reward a non-zero weight")
 
     check_inputs = _check_reference_folder
 

@@ -37,6 +37,9 @@ class RegMixParams:
     top_k: int = param(128, ge=1, help="the predicted-best mixture is the mean of the top_k simulated ones "
                        "(paper: 128)")
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [] if self.target == "all" else [(f"{path}.target", self.target)]
+
     def check_stage(self, spec: Any, path: str) -> None:
         """``target`` against the stage's domains where they are known without reading data (a declared
         ``dataset.domains``, or the demo corpus's); other sources are checked when the sweep builds its members."""
