@@ -144,6 +144,9 @@ def _seq_len_within_positions(spec, env):
         config = model_config_json(model.params.path, getattr(model.params, "revision", None))
         limit = position_limit(config) if config else None
         source = f"the position limit in {model.params.path}/config.json"
+        inherited = getattr(spec, "start_shape", None)  # a stage's model that an earlier stage will write
+        if limit is None and inherited is not None and inherited.positions is not None:
+            limit, source = inherited.positions, f"the position limit of {inherited.source}"
     # peft prefix tuning feeds its virtual tokens as a past: the sequence's positions start after them
     prefix = getattr(spec.blocks["peft"].params, "num_virtual_tokens", 0) if spec.blocks["peft"].name == "prefix" else 0
     if isinstance(limit, int) and seq_len + prefix > limit:

@@ -175,11 +175,22 @@ class SFTParams:
 
 
 def _check_reference_folder(self, path: str, *, spec, deep: bool) -> None:
-    """``check_inputs`` of the objectives with a frozen reference (dpo, grpo): a given folder must hold a model."""
-    if self.reference is not None:
-        from effitrain.config.inputs import check_model_folder
+    """``check_inputs`` of the objectives with a frozen reference (dpo, grpo): a given folder must hold a model, of
+    the policy's vocabulary where both are folders that exist now (a model built from config has the size of its
+    tokenizer, known only at launch, where the builder compares them)."""
+    if self.reference is None:
+        return
+    from effitrain.config.inputs import check_model_folder, model_config_json
 
-        check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    policy_path = getattr(spec.block("model").params, "path", None)
+    policy = model_config_json(policy_path) if isinstance(policy_path, str) else None
+    reference = model_config_json(self.reference)
+    if policy and reference and policy.get("vocab_size") != reference.get("vocab_size"):
+        raise ConfigError(f"{path}.reference: the model at {self.reference} has a vocabulary of "
+                          f"{reference.get('vocab_size')} tokens, the policy ({policy_path}) "
+                          f"{policy.get('vocab_size')}; the reference must share the policy's tokenizer (null: a "
+                          f"frozen copy of the policy at the start)")
 
 
 @register("objective", "dpo", builder="effitrain.objectives.preference:build_dpo",
