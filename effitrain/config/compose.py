@@ -281,9 +281,9 @@ def _stage_override_error(overrides: list[str]) -> Optional[ConfigError]:
     given = [o.split("=")[0].lstrip("+~") for o in overrides if o.split("=")[0].lstrip("+~").startswith("stages.")]
     if not given:
         return None
-    all_groups = set(groups())
+    structure = set(groups()) | {"stages"}  # the recipes chosen, and a whole stages list given on the command line
     try:
-        stages = compose_raw([o for o in overrides if o.split("=")[0].lstrip("+~") in all_groups]).get("stages")
+        stages = compose_raw([o for o in overrides if o.split("=")[0].lstrip("+~") in structure]).get("stages")
     except Exception:  # noqa: BLE001 - a best-effort explanation only
         return None
     names = [s.get("name") if isinstance(s, dict) else "?" for s in stages] if isinstance(stages, list) else []

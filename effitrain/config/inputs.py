@@ -36,8 +36,9 @@ def check_inputs(spec: Any, *, deep: bool, later: Collection[str] = ()) -> None:
             _call(block.params, f"methods.{name}", spec, deep)
     if found is not None and getattr(found, "domains", None):
         check_named_domains(spec, training_domains(spec, found.domains))
-    _check_selection_target(spec)
-    _check_selection_model(spec)
+    if "selection" not in later:
+        _check_selection_target(spec)
+        _check_selection_model(spec)
     from effitrain.paths import check_cache_root
     check_cache_root()
 

@@ -168,12 +168,12 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
         if stage.transform is not None:
             transform = parse_transform(stage)
             where = f"stages.{stage.name}.transform"
-            start = stage_shapes.transformed_shape(transform, start, where)
             # a transform may check the model it will receive where that model is built from config (the previous
             # stage's spec), so that e.g. odd sizes are refused before the first stage trains
             check = getattr(transform.params, "check_source", None)
             if check is not None and stage.init == "previous" and spec.stage_specs:
                 check(spec.stage_specs[-1], where)
+            start = stage_shapes.transformed_shape(transform, start, where)
             # ... or the folder it starts from, when that is a user's folder that exists now (torch-free)
             check_folder = getattr(transform.params, "check_init_folder", None)
             if check_folder is not None and stage.init not in ("scratch", "previous") \

@@ -125,7 +125,7 @@ def _check_model_ref(name: str, where: str, earlier: list[StageDecl]) -> None:
     models = [s.name for s in earlier if s.sweep is None]
     if name in models:
         return
-    valid = f"earlier stages with a model: {choices_text(models)}" if models else "no earlier stage leaves a model"
+    valid = f"earlier stages: {choices_text(models)}" if models else "no earlier stage leaves a model"
     if name in {s.name for s in earlier}:
         raise ConfigError(f"{where}: '{STAGE_REF}{name}' names a sweep stage, which leaves no model (its members "
                           f"are measured, not kept; config_from: {name} takes the config it concludes); {valid}")
