@@ -275,9 +275,7 @@ def domain_data(tmp_path_factory):
     (["curriculum=skill_it", "+curriculum.prior={a: 2, c: 1}"], ["curriculum.prior", "domain 'c'"]),
     (["+recipe=difficulty_curriculum", "curriculum.scorer=null", "curriculum.domain_order=[b, x]"],
      ["curriculum.domain_order", "domain 'x'"]),
-    (["+recipe=regmix"], ["stages.proxies:", "domain 'arithmetic' is not in the training data"]),
-    (["+recipe=regmix", "timeline={mixture: {unit: step, points: [{at: 0, value: {a: 0.5, b: 0.5}}]}}"],
-     ["stages.proxies: sweep.target", "domain 'prose'"]),
+    (["+recipe=regmix"], ["stages.proxies: sweep.target", "domain 'prose' is not in the training data"]),
 ])
 def test_domains_the_local_data_lacks_are_refused_at_check(domain_data, overrides, expected, capsys):
     """Before, `check` said ok and the mixture sampler (or the sweep, after its stage began) refused at launch."""
@@ -290,6 +288,11 @@ def test_domains_of_the_data_are_accepted_and_chat_domains_are_checked_too(domai
     mixture = "+timeline.mixture={unit: step, points: [{at: 0, value: {a: 0.3, b: 0.7}}]}"
     code, out, err = run_check(["dataset=local", f"dataset.path={domain_data}/text.jsonl", "dataset.domain_field=src",
                                 "dataset.eval_examples_per_domain=4", "curriculum=mixture", mixture], capsys)
+    assert code == 0, err
+    # regmix's declared mixture is a stand-in (its sweep sets every member's and the main stage's): not checked
+    code, out, err = run_check(["dataset=local", f"dataset.path={domain_data}/text.jsonl", "dataset.domain_field=src",
+                                "dataset.eval_examples_per_domain=4", "+recipe=regmix", "stages.0.sweep.target=a"],
+                               capsys)
     assert code == 0, err
     code, out, err = run_check(["dataset=chat_local", f"dataset.path={domain_data}/chat.jsonl", "objective=sft",
                                 "dataset.domain_field=src", "dataset.eval_examples_per_domain=4", "curriculum=mixture",

@@ -49,6 +49,11 @@ def named_domains(spec: Any) -> list[tuple[str, str]]:
     named: list[tuple[str, str]] = []
     timeline = getattr(spec, "timeline", None)
     mixture = timeline.quantities.get("mixture") if timeline else None
+    # a sweep that sets the mixture itself (its members', and a config_from stage's) leaves the declared one a
+    # stand-in that never trains: it need not name the data's domains
+    sweeps = [s for s in (getattr(spec, "sweep", None), getattr(spec, "concluded_by", None)) if s is not None]
+    if any("timeline.mixture" in getattr(s.params, "CONCLUDES", ()) for s in sweeps):
+        mixture = None
     for i, (_, weights) in enumerate(mixture.points if mixture is not None else ()):
         named += [(f"timeline.mixture.points[{i}].value.{d}", d) for d in weights]
     blocks = [*spec.blocks.items(), *((("sweep", spec.sweep),) if getattr(spec, "sweep", None) else ())]

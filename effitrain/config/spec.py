@@ -65,6 +65,7 @@ class RunSpec:
     stage_specs: list["RunSpec"] = field(default_factory=list)
     timeline: Any = None           # effitrain.timeline.TimelineSpec (declared units; resolved per run)
     sweep: Optional[Block] = None  # a sweep stage's validated `sweep:` block (its members train this spec)
+    concluded_by: Optional[Block] = None  # the sweep whose concluded config a `config_from` stage merges
     start_shape: Any = None        # a stage's inherited model (effitrain.config.stage_shapes.ModelShape), or None
 
     def block(self, group: str) -> Block:
@@ -191,6 +192,8 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
         spec.stage_specs.append(one)
+        if stage.config_from is not None:
+            one.concluded_by = next(s.sweep for s, d in zip(spec.stage_specs, stages) if d.name == stage.config_from)
         if stage.sweep is None:
             built = start if start is not None else stage_shapes.built_shape(one, f"stage '{stage.name}'s model")
             shapes[stage.name] = stage_shapes.trained_shape(built, one, stage.name)
