@@ -111,47 +111,55 @@ class ChatRecords:
     def add(self, row: Any, where: str, default_id: str) -> dict:
         """One source row as a record ``{id, domain, messages, rejected}``; ``where`` is its place ("'f.jsonl' line
         4", "row 5"), which the errors name after the config key."""
-        p, at = self.params, f"{self.key} ({where})"
         if not isinstance(row, dict):
             raise ConfigError(f"{self.key}: {where} is a JSON {_json_type(row)}, not an object like "
-                              f"{{\"{self._main_field()}\": "
-                              f"[{{\"role\": \"user\", \"content\": \"...\"}}, ...]}}")
+                              f"{{\"{self._main_field()}\": [{{\"role\": \"user\", \"content\": \"...\"}}, ...]}}")
         self.inv.records += 1
         self.inv.fields.update(row)
-        rejected = None
-        if p.format == "preference":
-            messages = check_messages(self._field(row, p.chosen_field, "chosen_field", at), f"{at}.{p.chosen_field}")
-            rejected = check_messages(self._field(row, p.rejected_field, "rejected_field", at),
-                                      f"{at}.{p.rejected_field}")
-            shared_prompt(messages, rejected, at)
-            if messages == rejected:
-                self.identical_pair.add(where)
-            for side, conversation in ((p.chosen_field, messages), (p.rejected_field, rejected)):
-                empty = _empty_answer(conversation)
-                if empty is not None:
-                    self.empty_answer.add(f"{where}, {side}[{empty}]")
-                    break
+        if self.params.format == "preference":
+            messages, rejected = self._pair(row, where)
         else:
-            messages = check_messages(self._field(row, p.messages_field, "messages_field", at),
-                                      f"{at}.{p.messages_field}")
-            if p.format == "prompts":
-                # a prompt keeps only its first answer, the reference that rewards compare with (none may need it)
-                if not messages[_first_answer(messages)]["content"].strip():
-                    self.inv.empty_references.add(where)
-            else:
-                empty = _empty_answer(messages)
-                if empty is not None:
-                    self.empty_answer.add(f"{where}, {p.messages_field}[{empty}]")
+            messages, rejected = self._conversation(row, where), None
+        return {"id": str(row["id"]) if row.get("id") is not None else default_id,
+                "domain": self._domain(row, where), "messages": messages, "rejected": rejected}
+
+    def _pair(self, row: dict, where: str) -> tuple[list[dict], list[dict]]:
+        p, at = self.params, f"{self.key} ({where})"
+        chosen = check_messages(self._field(row, p.chosen_field, "chosen_field", at), f"{at}.{p.chosen_field}")
+        rejected = check_messages(self._field(row, p.rejected_field, "rejected_field", at), f"{at}.{p.rejected_field}")
+        shared_prompt(chosen, rejected, at)
+        if chosen == rejected:
+            self.identical_pair.add(where)
+        for side, conversation in ((p.chosen_field, chosen), (p.rejected_field, rejected)):
+            empty = _empty_answer(conversation)
+            if empty is not None:
+                self.empty_answer.add(f"{where}, {side}[{empty}]")
+                break
+        return chosen, rejected
+
+    def _conversation(self, row: dict, where: str) -> list[dict]:
+        p, at = self.params, f"{self.key} ({where})"
+        messages = check_messages(self._field(row, p.messages_field, "messages_field", at), f"{at}.{p.messages_field}")
+        if p.format == "prompts":
+            # a prompt keeps only its first answer, the reference that rewards compare with (some rewards need none)
+            if not messages[_first_answer(messages)]["content"].strip():
+                self.inv.empty_references.add(where)
+            return messages
+        empty = _empty_answer(messages)
+        if empty is not None:
+            self.empty_answer.add(f"{where}, {p.messages_field}[{empty}]")
+        return messages
+
+    def _domain(self, row: dict, where: str) -> str:
         domain = DEFAULT_DOMAIN
-        if p.domain_field:
-            value = row.get(p.domain_field)
+        if self.params.domain_field:
+            value = row.get(self.params.domain_field)
             if value is None:
                 self.no_domain.add(where)
             else:
                 domain = str(value)
         self.inv.domains[domain] += 1
-        return {"id": str(row["id"]) if row.get("id") is not None else default_id, "domain": domain,
-                "messages": messages, "rejected": rejected}
+        return domain
 
     def _main_field(self) -> str:
         return self.params.chosen_field if self.params.format == "preference" else self.params.messages_field
@@ -161,8 +169,8 @@ class ChatRecords:
         message)."""
         inv, key, base = self.inv, self.key, self.key.rsplit(".", 1)[0]
         if inv.records == 0:
-            raise ConfigError(f"{key}: {what} holds no conversations (only blank lines); give one JSON object per "
-                              f"line")
+            raise ConfigError(f"{key}: {what} holds no conversations; give one JSON object per line with a "
+                              f"'{self._main_field()}' list")
         if self.no_domain.count:
             field_name = self.params.domain_field
             if self.no_domain.count == inv.records:
@@ -174,7 +182,8 @@ class ChatRecords:
                               f"'{field_name}' (first: {self.no_domain.first}); fix those rows or set "
                               f"{base}.domain_field=null for one domain 'all'")
         if self.empty_answer.count:
-            raise ConfigError(f"{key}: {self.empty_answer.count} of {inv.records} conversations have an empty "
+            rows = "preference pairs" if self.params.format == "preference" else "conversations"
+            raise ConfigError(f"{key}: {self.empty_answer.count} of {inv.records} {rows} have an empty "
                               f"assistant message (first: {self.empty_answer.first}); training on it teaches the "
                               f"model to answer with nothing; fix or remove those rows")
         if self.identical_pair.count:
