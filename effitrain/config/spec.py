@@ -159,13 +159,7 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
     init_models, final_models = placeholder_paths(stages)
     shapes: dict[str, Any] = {}  # stage name -> the shape of its final model
     for i, stage in enumerate(stages):
-        start = None  # the model the stage starts from, when it is not built from the stage's own config
-        if stage.init == "previous":
-            start = shapes[stages[i - 1].name]
-        elif stage.init.startswith(STAGE_REF):
-            start = shapes[stage.init[len(STAGE_REF):]]
-        elif stage.init != "scratch":
-            start = stage_shapes.folder_shape(stage.init, f"the model at {stage.init}")
+        start = _start_shape(stage, stages[i - 1] if i else None, shapes)
         if stage.transform is not None:
             transform = parse_transform(stage)
             where = f"stages.{stage.name}.transform"
@@ -204,6 +198,18 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
                 check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages
     return spec
+
+
+def _start_shape(stage: Any, previous: Any, shapes: dict[str, Any]) -> Any:
+    """The shape of the model a stage starts from (None: the stage builds its own from its config)."""
+    from effitrain.config.stage_shapes import folder_shape
+    from effitrain.config.stages import STAGE_REF
+
+    if stage.init == "previous":
+        return shapes[previous.name]
+    if stage.init.startswith(STAGE_REF):
+        return shapes[stage.init[len(STAGE_REF):]]
+    return None if stage.init == "scratch" else folder_shape(stage.init, f"the model at {stage.init}")
 
 
 def parse_sweep(stage: Any) -> Block:
