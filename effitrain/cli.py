@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from effitrain.errors import (EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                               EXIT_RESUMABLE, JOB_EXITS, REPORT_BUGS, RunFailed)
@@ -367,8 +367,11 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
         spec = validate(composed.cfg, composed.recipes)
         for one in [spec, *spec.stage_specs]:
             check_rules(one, Environment(world_size=world))
-        for one in _specs_with_inputs_now(spec):
-            check_inputs(one, deep=deep)
+        for one, later, stage in _specs_with_inputs_now(spec):
+            try:
+                check_inputs(one, deep=deep, later=later)
+            except ConfigError as exc:  # in a pipeline, say which stage's input it is
+                raise ConfigError(f"stages.{stage}: {exc}" if stage else str(exc)) from None
         if check_dir and not multirun:
             if not (spec.run_dir or "").strip():
                 raise ConfigError("run_dir: is empty; a run needs a folder of its own, e.g. run_dir=outputs/my-run")
@@ -381,23 +384,27 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
     return first
 
 
-def _specs_with_inputs_now(spec) -> list:
-    """The specs whose input files exist before the run: a single run's, or every stage's that neither starts from
-    nor refers to a model an earlier stage writes (a stage from a folder through a transform: the folder itself)."""
+def _specs_with_inputs_now(spec) -> list[tuple[Any, set[str], Optional[str]]]:
+    """Every spec whose inputs are checked before the run, with the groups (``later``) whose inputs an earlier stage
+    writes and the stage's name: a stage's model when it starts from an earlier stage (or from a folder through a
+    transform: then the folder itself is checked), and the blocks that name '@stage:NAME'.  Everything else of a
+    later stage (its data files, above all) is checked now, so it is not found only after the earlier stages
+    trained."""
     if not spec.stages:
-        return [spec]
+        return [(spec, set(), None)]
     from effitrain.config.inputs import check_model_folder
     from effitrain.config.stages import stage_refs
 
-    ready = []
+    checked = []
     for stage, one in zip(spec.stages, spec.stage_specs):
-        if stage.init.startswith("@stage:"):  # an earlier stage's model: it does not exist yet
-            continue
-        if stage.init not in ("scratch", "previous") and stage.transform is not None:
+        later = {key for key, value in stage.delta.items() if stage_refs(value)}
+        if stage.init not in ("scratch", "previous") and not stage.init.startswith("@stage:") \
+                and stage.transform is not None:
             check_model_folder(f"stages.{stage.name}.init", stage.init, revision=None, need_tokenizer=False)
-        elif stage.init != "previous" and not stage_refs(stage.delta):
-            ready.append(one)
-    return ready
+        if stage.init == "previous" or stage.init.startswith("@stage:") or stage.transform is not None:
+            later.add("model")
+        checked.append((one, later, stage.name))
+    return checked
 
 
 def _hydra_task(cfg) -> int:

@@ -104,45 +104,59 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     concluded: dict[str, dict] = {}  # sweep stage -> the config delta it concluded
     rows: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
-    for i, stage in enumerate(stages):
-        stage_dir = dirs[stage.name]
-        label = f"stage {stage.index}/{len(stages)} '{stage.name}'"
-        done = _finished_summary(stage_dir)
-        if done is not None:
-            say(f"{label}: finished before, not re-run ({stage_dir})")
+    ran_here: list[str] = []  # stages this launch trained: after them a refusal no longer leaves things unchanged
+    stage = stages[0]
+    try:
+        for i, stage in enumerate(stages):
+            stage_dir = dirs[stage.name]
+            label = f"stage {stage.index}/{len(stages)} '{stage.name}'"
+            done = _finished_summary(stage_dir)
+            if done is not None:
+                say(f"{label}: finished before, not re-run ({stage_dir})")
+                if stage.sweep is not None:
+                    concluded[stage.name] = _read_concluded(stage_dir)
+                rows.append(_row(stage, stage_dir, done, transform=_read_transform(run_dir, stage), skipped=True))
+                lock.commit_replacement()
+                continue
+            init_model, transform_info = None, None
+            if stage.inherits_model:
+                source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else \
+                    Path(resolve_refs(stage.init, final_models))  # a folder, or '@stage:NAME': that stage's model
+                init_model, transform_info = _handoff(source, stage, run_dir, is_main, say, final_models)
+            run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
+                                   final_models=final_models, concluded=concluded)
             if stage.sweep is not None:
-                concluded[stage.name] = _read_concluded(stage_dir)
-            rows.append(_row(stage, stage_dir, done, transform=_read_transform(run_dir, stage), skipped=True))
-            lock.commit_replacement()
-            continue
-        init_model, transform_info = None, None
-        if stage.inherits_model:
-            source = Path(final_models[stages[i - 1].name]) if stage.init == "previous" else \
-                Path(resolve_refs(stage.init, final_models))  # a folder, or '@stage:NAME': that stage's model
-            init_model, transform_info = _handoff(source, stage, run_dir, is_main, say, final_models)
-        run_cfg = stage_config(cfg, stage, init_model=str(init_model) if init_model else None,
-                               final_models=final_models, concluded=concluded)
-        if stage.sweep is not None:
-            stage_summary, delta = _run_sweep(stage, run_cfg, stage_dir, spec.resume == "auto", argv, recipes,
-                                              is_main, say, label)
-            lock.commit_replacement()
-            rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
+                stage_summary, delta = _run_sweep(stage, run_cfg, stage_dir, spec.resume == "auto", argv, recipes,
+                                                  is_main, say, label, on_started=lock.commit_replacement)
+                lock.commit_replacement()
+                ran_here.append(stage.name)
+                rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
+                if not stage_summary.get("finished"):
+                    outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
+                               "exit_code": stage_summary.get("exit_code", 1)}
+                    break
+                concluded[stage.name] = delta  # every rank concluded the same from the same losses: no file read race
+                continue
+            resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
+            run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
+            say(f"{label}: {'resuming' if resuming else 'starting'} in {stage_dir}")
+            # the pipeline it replaces goes at the new pipeline's first optimizer step, as a single run's does
+            stage_summary = train(run_cfg, run_dir=stage_dir, argv=argv, recipes=recipes,
+                                  on_started=lock.commit_replacement)
+            lock.commit_replacement()  # a stage has run: the pipeline it replaced is not coming back
+            ran_here.append(stage.name)
+            rows.append(_row(stage, stage_dir, stage_summary, transform=transform_info, skipped=False))
             if not stage_summary.get("finished"):
                 outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
                            "exit_code": stage_summary.get("exit_code", 1)}
                 break
-            concluded[stage.name] = delta  # every rank concluded the same from the same losses: no file read race
-            continue
-        resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
-        run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
-        say(f"{label}: {'resuming' if resuming else 'starting'} in {stage_dir}")
-        stage_summary = train(run_cfg, run_dir=stage_dir, argv=argv, recipes=recipes)
-        lock.commit_replacement()  # a stage has run: the pipeline it replaced is not coming back
-        rows.append(_row(stage, stage_dir, stage_summary, transform=transform_info, skipped=False))
-        if not stage_summary.get("finished"):
-            outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
-                       "exit_code": stage_summary.get("exit_code", 1)}
-            break
+    except ConfigError as exc:
+        if not ran_here:
+            raise  # nothing was trained or changed: an ordinary refusal
+        from effitrain.errors import RunFailed
+
+        raise RunFailed(f"stages.{stage.name}: refused after stage(s) {', '.join(ran_here)} trained (kept in "
+                        f"{run_dir / STAGES_DIR}): {exc}") from None
     finished = len(rows) == len(stages) and all(r["finished"] for r in rows)
     last = rows[-1] if rows else {}
     summary = {
@@ -176,7 +190,7 @@ def _read_concluded(stage_dir: Path) -> dict:
 
 def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resuming: bool,
                argv: Optional[list[str]], recipes: Optional[list[dict]], is_main: bool, say: Any,
-               label: str) -> tuple[dict[str, Any], Optional[dict]]:
+               label: str, on_started: Any = None) -> tuple[dict[str, Any], Optional[dict]]:
     """Train every member of a sweep stage (each a whole run under ``members/``), then conclude: the config delta
     goes to ``concluded.yaml`` with the sweep's record, and ``summary.json`` marks the stage finished."""
     import os
@@ -198,7 +212,7 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
             member_cfg = {**member_cfg, "run_dir": str(member_dir), "resume": "auto" if resume else None,
                           "overwrite": False}
             say(f"{label}: member {k + 1}/{len(members)} {name}")
-            done = train(member_cfg, run_dir=member_dir, argv=argv, recipes=recipes)
+            done = train(member_cfg, run_dir=member_dir, argv=argv, recipes=recipes, on_started=on_started)
             if not done.get("finished"):
                 return {**done, "stopped_by": f"member {name}: {done.get('stopped_by')}"}, None
         results.append((name, member_cfg, done))

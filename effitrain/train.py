@@ -222,12 +222,13 @@ _NESTED: list[Path] = []  # the run directories of the runs in progress in this 
 
 
 def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional[list[str]] = None,
-          recipes: Optional[list[dict]] = None) -> dict[str, Any]:
+          recipes: Optional[list[dict]] = None, on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Train from a resolved config mapping; returns the summary (also written to ``summary.json``).
 
     Everything that can refuse the configuration is built first; only then is the run directory taken (locked,
     marked, an old run moved aside for ``overwrite=true``).  From there on any failure still leaves a
     ``summary.json`` that says why the run stopped, and the lock is released however the process ends.
+    ``on_started`` is called once, after the first optimizer step (a pipeline replaces the one it overwrites then).
     """
     spec = validate(cfg, recipes)
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
@@ -237,12 +238,13 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
             from effitrain.pipeline import run_pipeline
 
             return run_pipeline(dict(cfg), spec, run_dir, argv, recipes)
-        return _train(cfg, spec, run_dir, argv)
+        return _train(cfg, spec, run_dir, argv, on_started)
     finally:
         _NESTED.pop()
 
 
-def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[list[str]]) -> dict[str, Any]:
+def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[list[str]],
+           on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     from effitrain.console import attach_log, say
     from effitrain.config.resume import check_resume_config
     from effitrain.engine.rundir import RunDirLock, check_run_dir
@@ -300,7 +302,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     summary: dict[str, Any] = {"finished": False, "stopped_by": "failed before training started"}
     try:
         summary = _run(spec, cfg, argv, run_dir, launch, lock, data, precision, ds_config,
-                       model, optimizer, scheduler, sampler, hooks, objective, sequence_parallel)
+                       model, optimizer, scheduler, sampler, hooks, objective, sequence_parallel, on_started)
     except BaseException as exc:
         summary = {**summary, "finished": False, "failed": f"{type(exc).__name__}: {exc}".strip()}
         if isinstance(exc, KeyboardInterrupt):
@@ -319,6 +321,14 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
         if sequence_parallel is not None:
             sequence_parallel.close()
     return summary
+
+
+def _chained(*calls: Optional[Callable[[], None]]) -> Callable[[], None]:
+    def call_all() -> None:
+        for call in calls:
+            if call is not None:
+                call()
+    return call_all
 
 
 def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) -> Any:
@@ -341,7 +351,8 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir: Path, launch: Launch, lock: Any,
          data: Data, precision: Any, ds_config: dict, model: Any, optimizer: Any, scheduler: Any, sampler: Any,
-         hooks: list, objective: Any, sequence_parallel: Any = None) -> dict[str, Any]:
+         hooks: list, objective: Any, sequence_parallel: Any = None,
+         on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     import deepspeed
 
     from effitrain.console import say
@@ -395,7 +406,7 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
     trainer = Trainer(state=state, bus=EventBus(hooks), packed_train=train_rows, eval_sets=data.eval_sets,
                       sinks=Sinks([]), guard=guard, seq_len=data.train_ids.shape[-1], objective=objective,
                       save_final_model=_final_model_writer(spec, launch, engine, data.tokenizer, final_dir),
-                      on_started=lock.commit_replacement)
+                      on_started=_chained(lock.commit_replacement, on_started))
 
     if resume_from is not None:
         declared = follow_this_horizon(scheduler)

@@ -126,7 +126,7 @@ def test_loss_equals_trls_on_identical_inputs(tokenizer, tmp_path):
 
 def _prompt_batch(tokenizer, n=2):
     examples = arithmetic_chat.splits(n, 0)[0]
-    rows = prompt_rows(tokenizer, [e["messages"] for e in examples], seq_len=32)
+    rows = prompt_rows(tokenizer, [e["messages"] for e in examples], seq_len=32).rows
     return chat.to_batch(torch.from_numpy(rows)), examples
 
 

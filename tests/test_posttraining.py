@@ -123,7 +123,7 @@ def test_builtin_arithmetic_is_checkable_and_held_out():
 
 def test_preference_rows_pair_chosen_with_rejected(tokenizer):
     train, _ = arithmetic_chat.splits(4, 0)
-    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in train], 32)
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in train], 32).rows
     assert rows.shape == (4, 2, 3, 32)
     batch = chat.to_batch(torch.from_numpy(rows))
     assert batch["input_ids"].shape == (8, 32)
@@ -162,7 +162,7 @@ def response_logp(model, ids: list[int], labels: list[int]) -> float:
 
 
 def pair_batch(tokenizer, examples, seq_len: int = 24):
-    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in examples], seq_len)
+    rows = chat.preference_rows(tokenizer, [(e["messages"], e["rejected"]) for e in examples], seq_len).rows
     return chat.to_batch(torch.from_numpy(rows))
 
 
@@ -288,7 +288,8 @@ def test_batched_greedy_answers_equal_each_prompt_answered_alone(tokenizer):
     (["objective=sft"], "objective=sft trains on the assistant tokens of conversations; use a chat dataset"),
     (["dataset=chat_demo", "dataset.format=preference"], "which objective=causal_lm would train on alike"),
     (["dataset=chat_demo", "dataset.format=pairs"], "dataset.format: 'pairs' is not one of"),
-    (["+methods.answer_accuracy={}"], "methods.answer_accuracy checks answers to the built-in arithmetic questions"),
+    (["+methods.answer_accuracy={}"], "methods.answer_accuracy asks the built-in arithmetic questions, which "
+                                      "dataset=demo does not have; switch it off with '~methods.answer_accuracy'"),
 ])
 def test_mismatched_post_training_configs_are_one_line_before_any_run_dir(overrides, message, tmp_path):
     from conftest import effitrain_cli
@@ -325,7 +326,7 @@ def test_local_jsonl_and_dataset_folders_give_the_same_conversations(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"chosen": train[0]["messages"],
                                "rejected": [{"role": "user", "content": "other"}, train[0]["rejected"][1]]}) + "\n")
-    with pytest.raises(ConfigError, match=r"bad.jsonl, line 1\): chosen and rejected must share their prompt"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl' line 1\): chosen and rejected must share their prompt"):
         build_chat_local(REGISTRY.parse("dataset", {"name": "chat_local", "path": str(bad), **common}).params)
 
 

@@ -234,6 +234,10 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
     cause = exc.__cause__
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     full_key = getattr(cause, "full_key", None)
+    if full_key is None or str(full_key).startswith("stages"):
+        no_such_stage = _stage_override_error(overrides)
+        if no_such_stage is not None:
+            return no_such_stage
     if full_key:
         parent, _, leaf = str(full_key).rpartition(".")
         if parent == "methods":
@@ -269,6 +273,33 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
         return ConfigError("recipe: give recipes once, as '+recipe=[a,b]' (quoted) to stack them, or sweep them with "
                            "-m '+recipe=a,b'")
     return ConfigError(message)
+
+
+def _stage_override_error(overrides: list[str]) -> Optional[ConfigError]:
+    """A ``stages.N.KEY`` override whose N is no stage of the recipe (or of a config without stages): the stages
+    that exist, by index.  Adding the stage with '+stages.N=...' fails the same way, so it is never suggested."""
+    given = [o.split("=")[0].lstrip("+~") for o in overrides if o.split("=")[0].lstrip("+~").startswith("stages.")]
+    if not given:
+        return None
+    structure = set(groups()) | {"stages"}  # the recipes chosen, and a whole stages list given on the command line
+    try:
+        stages = compose_raw([o for o in overrides if o.split("=")[0].lstrip("+~") in structure]).get("stages")
+    except Exception:  # noqa: BLE001 - a best-effort explanation only
+        return None
+    names = [s.get("name") if isinstance(s, dict) else "?" for s in stages] if isinstance(stages, list) else []
+    for key in given:
+        parts = key.split(".")
+        if not names:
+            return ConfigError(f"{key}: this configuration has no stages; stages.N.KEY changes one stage of a "
+                               f"multi-stage recipe (e.g. +recipe=g_stack); for this run set "
+                               f"'{'.'.join(parts[2:]) or 'KEY'}=VALUE'")
+        index = parts[1] if len(parts) > 1 else ""
+        if not index.isdigit() or int(index) >= len(names):
+            listing = ", ".join(f"stages.{i} ({n})" for i, n in enumerate(names))
+            named = f"; '{index}' is stages.{names.index(index)}" if index in names else ""
+            return ConfigError(f"{key}: no such stage{named}; the recipe has {len(names)} stages, counted from 0: "
+                               f"{listing}; change one with stages.N.KEY=VALUE")
+    return None
 
 
 def _method_names() -> list[str]:

@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from effitrain.registry import ConfigError
 
@@ -37,16 +37,65 @@ def what_was_read() -> list[str]:
     return notes
 
 
-def check_inputs(spec: Any, *, deep: bool) -> None:
-    """Run every block's and method's ``check_inputs`` (the first problem raises)."""
+def check_inputs(spec: Any, *, deep: bool, later: Collection[str] = ()) -> None:
+    """Run every block's and method's ``check_inputs`` (the first problem raises).  ``later`` names the groups whose
+    inputs an earlier stage of a pipeline writes (its model, a teacher '@stage:NAME'): they are not checked here.
+    Where the dataset's check read the data, the domains the config names are checked against the ones found."""
+    found = None
     for group, block in spec.blocks.items():
-        _call(block.params, group, spec, deep)
+        if group not in later:
+            result = _call(block.params, group, spec, deep)
+            found = result if group == "dataset" else found
     for name, block in spec.methods.items():
-        _call(block.params, f"methods.{name}", spec, deep)
-    _check_selection_target(spec)
-    _check_selection_model(spec)
+        if "methods" not in later:
+            _call(block.params, f"methods.{name}", spec, deep)
+    if found is not None and getattr(found, "domains", None):
+        check_named_domains(spec, training_domains(spec, found.domains))
+    if "selection" not in later:
+        _check_selection_target(spec)
+        _check_selection_model(spec)
     from effitrain.paths import check_cache_root
     check_cache_root()
+
+
+def named_domains(spec: Any) -> list[tuple[str, str]]:
+    """``(key, domain)`` for every domain the config names: the timeline's mixture and the blocks whose params
+    have ``named_domains(path)`` (curriculum orders and phases, Skill-It's graph, selection, a sweep's target)."""
+    named: list[tuple[str, str]] = []
+    timeline = getattr(spec, "timeline", None)
+    mixture = timeline.quantities.get("mixture") if timeline else None
+    # a sweep that sets the mixture itself (its members', and a config_from stage's) leaves the declared one a
+    # stand-in that never trains: it need not name the data's domains
+    sweeps = [s for s in (getattr(spec, "sweep", None), getattr(spec, "concluded_by", None)) if s is not None]
+    if any("timeline.mixture" in getattr(s.params, "CONCLUDES", ()) for s in sweeps):
+        mixture = None
+    for i, (_, weights) in enumerate(mixture.points if mixture is not None else ()):
+        named += [(f"timeline.mixture.points[{i}].value.{d}", d) for d in weights]
+    blocks = [*spec.blocks.items(), *((("sweep", spec.sweep),) if getattr(spec, "sweep", None) else ())]
+    for group, block in blocks:
+        fn = getattr(block.params, "named_domains", None)
+        if callable(fn):
+            named += fn(group)
+    return named
+
+
+def training_domains(spec: Any, found: Collection[str]) -> list[str]:
+    """The domains the run trains on, from those found in the data: ``dataset.domains`` keeps some, and generated
+    documents (``dataset.procedural_docs``) join as 'procedural'."""
+    params = spec.block("dataset").params
+    kept = [d for d in found if getattr(params, "domains", None) is None or d in params.domains]
+    return sorted(kept) + (["procedural"] if getattr(params, "procedural_docs", 0) else [])
+
+
+def check_named_domains(spec: Any, domains: Collection[str]) -> None:
+    """Refuse a domain the config names that the data does not have (found before anything trains, instead of when
+    the sampler or a later stage meets it)."""
+    from effitrain.registry import choices_text, did_you_mean
+
+    for key, domain in named_domains(spec):
+        if domain not in domains:
+            raise ConfigError(f"{key}: domain '{domain}' is not in the training data{did_you_mean(domain, domains)}; "
+                              f"its domains: {choices_text(sorted(domains))}")
 
 
 def _check_selection_model(spec: Any) -> None:
@@ -56,10 +105,9 @@ def _check_selection_model(spec: Any) -> None:
         check_model_folder("selection.scorer.model_path", model_path, revision=None, need_tokenizer=True)
 
 
-def _call(params: Any, path: str, spec: Any, deep: bool) -> None:
+def _call(params: Any, path: str, spec: Any, deep: bool) -> Any:
     fn = getattr(params, "check_inputs", None)
-    if callable(fn):
-        fn(path, spec=spec, deep=deep)
+    return fn(path, spec=spec, deep=deep) if callable(fn) else None
 
 
 def _check_selection_target(spec: Any) -> None:

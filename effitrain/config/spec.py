@@ -64,6 +64,9 @@ class RunSpec:
     stages: list[Any] = field(default_factory=list)
     stage_specs: list["RunSpec"] = field(default_factory=list)
     timeline: Any = None           # effitrain.timeline.TimelineSpec (declared units; resolved per run)
+    sweep: Optional[Block] = None  # a sweep stage's validated `sweep:` block (its members train this spec)
+    concluded_by: Optional[Block] = None  # the sweep whose concluded config a `config_from` stage merges
+    start_shape: Any = None        # a stage's inherited model (effitrain.config.stage_shapes.ModelShape), or None
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
@@ -146,35 +149,67 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
 
 
 def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]], rules: bool = True) -> RunSpec:
-    from effitrain.config.stages import base_config, parse_stages, placeholder_paths, stage_config
+    """The base and every stage validated, each stage against the model the stages before it will hand it
+    (:mod:`effitrain.config.stage_shapes`), so a later stage's mistake is refused before the first stage trains."""
+    from effitrain.config import stage_shapes
+    from effitrain.config.stages import STAGE_REF, base_config, parse_stages, placeholder_paths, stage_config
 
     stages = parse_stages(cfg.get("stages"))
     spec = validate(base_config(cfg), recipes, rules=rules)
     init_models, final_models = placeholder_paths(stages)
-    for stage in stages:
+    shapes: dict[str, Any] = {}  # stage name -> the shape of its final model
+    for i, stage in enumerate(stages):
+        start = _start_shape(stage, stages[i - 1] if i else None, shapes)
         if stage.transform is not None:
             transform = parse_transform(stage)
+            where = f"stages.{stage.name}.transform"
             # a transform may check the model it will receive where that model is built from config (the previous
             # stage's spec), so that e.g. odd sizes are refused before the first stage trains
             check = getattr(transform.params, "check_source", None)
             if check is not None and stage.init == "previous" and spec.stage_specs:
-                check(spec.stage_specs[-1], f"stages.{stage.name}.transform")
+                check(spec.stage_specs[-1], where)
+            start = stage_shapes.transformed_shape(transform, start, where)
             # ... or the folder it starts from, when that is a user's folder that exists now (torch-free)
             check_folder = getattr(transform.params, "check_init_folder", None)
             if check_folder is not None and stage.init not in ("scratch", "previous") \
-                    and not stage.init.startswith("@stage:"):
-                check_folder(stage.init, f"stages.{stage.name}.transform")
+                    and not stage.init.startswith(STAGE_REF):
+                check_folder(stage.init, where)
+        elif start is not None:
+            stage_shapes.check_inherited(start, stage.name)
         run_cfg = stage_config(cfg, stage, init_model=init_models.get(stage.name), final_models=final_models)
         try:
-            spec.stage_specs.append(validate(run_cfg, recipes, rules=rules))
+            one = validate(run_cfg, recipes, rules=False)
+            one.start_shape = start  # what the rules know of an inherited model (its positions)
+            if rules:
+                from effitrain.config.rules import check_rules
+                check_rules(one)
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
+        spec.stage_specs.append(one)
+        if stage.config_from is not None:
+            one.concluded_by = next(s.sweep for s, d in zip(spec.stage_specs, stages) if d.name == stage.config_from)
+        if stage.sweep is None:
+            built = start if start is not None else stage_shapes.built_shape(one, f"stage '{stage.name}'s model")
+            shapes[stage.name] = stage_shapes.trained_shape(built, one, stage.name)
         if stage.sweep is not None:  # a sweep's own keys checked against its stage's run (e.g. a known domain)
-            check = getattr(parse_sweep(stage).params, "check_stage", None)
+            spec.stage_specs[-1].sweep = parse_sweep(stage)
+            check = getattr(spec.stage_specs[-1].sweep.params, "check_stage", None)
             if check is not None:
                 check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages
     return spec
+
+
+def _start_shape(stage: Any, previous: Any, shapes: dict[str, Any]) -> Any:
+    """The shape of the model a stage starts from (None: the stage builds its own from its config)."""
+    from effitrain.config.stage_shapes import folder_shape
+    from effitrain.config.stages import STAGE_REF
+
+    if stage.init == "previous":
+        return shapes[previous.name]
+    if stage.init.startswith(STAGE_REF):
+        return shapes[stage.init[len(STAGE_REF):]]
+    return None if stage.init == "scratch" else folder_shape(stage.init, f"the model at {stage.init}")
 
 
 def parse_sweep(stage: Any) -> Block:

@@ -92,11 +92,7 @@ def parse_stages(raw: Any) -> list[StageDecl]:
         if i == 0 and init == "previous":
             raise ConfigError(f"{where}.init: the first stage has no previous stage; use 'scratch' or a model folder")
         if init.startswith(STAGE_REF):  # start from an earlier stage's final model, not the one just before
-            earlier = [s.name for s in stages]
-            if init[len(STAGE_REF):] not in earlier:
-                raise ConfigError(f"{where}.init: '{init}' must name an earlier stage"
-                                  f"{did_you_mean(init[len(STAGE_REF):], earlier)}; earlier stages: "
-                                  f"{choices_text(earlier) or 'none'}")
+            _check_model_ref(init[len(STAGE_REF):], f"{where}.init", stages)
         transform = entry.get("transform")
         if transform is not None:
             if not isinstance(transform, Mapping) or "name" not in transform:
@@ -119,11 +115,21 @@ def parse_stages(raw: Any) -> list[StageDecl]:
     for stage in stages:
         # a delta's value or a transform's parameter (decoalesce_interpolate.reference) may name an earlier stage
         for ref in stage_refs(stage.delta) + stage_refs(stage.transform or {}):
-            earlier = [s.name for s in stages if s.index < stage.index]
-            if ref not in earlier:
-                raise ConfigError(f"stages.{stage.name}: '{STAGE_REF}{ref}' must name an earlier stage"
-                                  f"{did_you_mean(ref, earlier)}; earlier stages: {choices_text(earlier) or 'none'}")
+            _check_model_ref(ref, f"stages.{stage.name}", [s for s in stages if s.index < stage.index])
     return stages
+
+
+def _check_model_ref(name: str, where: str, earlier: list[StageDecl]) -> None:
+    """'@stage:NAME' must name an earlier stage that leaves a model: a sweep stage trains member runs, measured and
+    not kept, and concludes a config (config_from), not a model."""
+    models = [s.name for s in earlier if s.sweep is None]
+    if name in models:
+        return
+    valid = f"earlier stages: {choices_text(models)}" if models else "no earlier stage leaves a model"
+    if name in {s.name for s in earlier}:
+        raise ConfigError(f"{where}: '{STAGE_REF}{name}' names a sweep stage, which leaves no model (its members "
+                          f"are measured, not kept; config_from: {name} takes the config it concludes); {valid}")
+    raise ConfigError(f"{where}: '{STAGE_REF}{name}' must name an earlier stage{did_you_mean(name, models)}; {valid}")
 
 
 def _sweep_keys(entry: Mapping[str, Any], where: str, init: str, transform: Any,

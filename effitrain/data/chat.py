@@ -37,12 +37,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from effitrain.data.chat_records import ROLES, check_messages, first_assistant_split, shared_prompt  # noqa: F401
 from effitrain.objectives.common import IGNORE_INDEX
 from effitrain.registry import ConfigError
 
 #: the channels of a stored row, in order
 CHANNELS = ("input_ids", "labels", "position_ids")
-ROLES = ("system", "user", "assistant")
 
 #: Tülu 3's chat template (open-instruct ``CHAT_TEMPLATES["tulu"]``), used when the tokenizer has none
 DEFAULT_CHAT_TEMPLATE = (
@@ -61,24 +61,6 @@ DEFAULT_CHAT_TEMPLATE = (
 def chat_template(tokenizer: Any) -> str:
     """The tokenizer's own chat template, or the documented default when it has none."""
     return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-
-
-def check_messages(messages: Any, key: str) -> list[dict[str, str]]:
-    """``messages`` as a list of {role, content} dicts, or a ConfigError naming ``key`` and what is wrong."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ConfigError(f"{key}: expected a non-empty list of {{role, content}} messages, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ConfigError(f"{key}[{i}]: a message needs 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise ConfigError(f"{key}[{i}].role: '{m['role']}' is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ConfigError(f"{key}[{i}].content: expected a string, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise ConfigError(f"{key}: the conversation has no assistant message, so nothing would be trained")
-    return out
 
 
 def _render(tokenizer: Any, messages: Sequence[dict], *, generation_prompt: bool) -> str:
@@ -142,6 +124,7 @@ class Packed:
     rows: np.ndarray          # int64 [N, 3, seq_len]: input_ids, labels, position_ids
     truncated: int            # conversations cut at seq_len
     conversations: int
+    dropped: int = 0          # conversations left without a trained token after the cut: not in any row
 
 
 def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
@@ -149,7 +132,7 @@ def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: 
     rows: list[np.ndarray] = []
     row = np.empty((3, seq_len), dtype=np.int64)
     used = 0
-    truncated = count = 0
+    truncated = count = dropped = 0
 
     def close() -> None:
         nonlocal row, used
@@ -169,7 +152,8 @@ def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: 
             ids, labels = ids[:seq_len], labels[:seq_len]
             truncated += 1
         if not any(label != IGNORE_INDEX for label in labels[1:]):
-            continue  # nothing to learn: the assistant part was cut away (or is only the first token)
+            dropped += 1  # nothing to learn: the assistant part was cut away (or is only the first token)
+            continue
         if used + len(ids) > seq_len:
             close()
         n = len(ids)
@@ -179,23 +163,26 @@ def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: 
         used += n
     close()
     out = np.stack(rows) if rows else np.zeros((0, 3, seq_len), dtype=np.int64)
-    return Packed(out, truncated, count)
+    return Packed(out, truncated, count, dropped)
 
 
 def preference_rows(tokenizer: Any, pairs: Iterable[tuple[Sequence[dict], Sequence[dict]]], seq_len: int,
-                    key: str = "dataset") -> np.ndarray:
+                    key: str = "dataset") -> Packed:
     """``[N, 2, 3, seq_len]`` rows of (chosen, rejected) conversations that share their prompt; pairs where either
-    side has no assistant token left after cutting at ``seq_len`` are dropped."""
+    side has no assistant token left after cutting at ``seq_len`` are dropped (counted in ``dropped``)."""
     out = []
+    truncated = count = 0
     for chosen, rejected in pairs:
+        count += 1
         encoded = [encode_conversation(tokenizer, m) for m in (chosen, rejected)]
-        packed = [pack_conversations([e], seq_len, tokenizer.pad_token_id).rows for e in encoded]
-        if all(len(p) == 1 for p in packed):
-            out.append(np.stack([packed[0][0], packed[1][0]]))
+        packed = [pack_conversations([e], seq_len, tokenizer.pad_token_id) for e in encoded]
+        truncated += any(p.truncated for p in packed)
+        if all(len(p.rows) == 1 for p in packed):
+            out.append(np.stack([packed[0].rows[0], packed[1].rows[0]]))
     if not out:
         raise ConfigError(f"{key}.seq_len: no preference pair keeps an assistant token within {seq_len} tokens; "
                           f"raise {key}.seq_len")
-    return np.stack(out)
+    return Packed(np.stack(out), truncated, count, count - len(out))
 
 
 def to_batch(rows: Any) -> dict[str, Any]:
@@ -205,21 +192,3 @@ def to_batch(rows: Any) -> dict[str, Any]:
     if rows.dim() == 4:
         rows = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
     return {**{name: rows[:, i] for i, name in enumerate(CHANNELS)}, "use_cache": False}
-
-
-def first_assistant_split(messages: Sequence[dict], key: str) -> tuple[list[dict], list[dict]]:
-    """(prompt messages, the rest) at the first assistant message."""
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            return list(messages[:i]), list(messages[i:])
-    raise ConfigError(f"{key}: the conversation has no assistant message")
-
-
-def shared_prompt(chosen: Sequence[dict], rejected: Sequence[dict], key: str) -> Optional[list[dict]]:
-    """The prompt of a preference pair; a ConfigError when the two conversations do not start alike."""
-    p_chosen, _ = first_assistant_split(chosen, f"{key}.chosen")
-    p_rejected, _ = first_assistant_split(rejected, f"{key}.rejected")
-    if p_chosen != p_rejected:
-        raise ConfigError(f"{key}: chosen and rejected must share their prompt (the messages before the first "
-                          f"assistant message)")
-    return p_chosen

@@ -71,42 +71,14 @@ def build_chat_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
     return datasets.DatasetDict({"train": _dataset(records[0]), "eval": _dataset(records[1])})
 
 
-def _record(row: dict, params: Any, where: str, default_id: str) -> dict:
-    """One source record as ``{id, domain, messages, rejected}``, checked (errors name ``where``)."""
-    if params.format == "preference":
-        for field in (params.chosen_field, params.rejected_field):
-            if field not in row:
-                raise ConfigError(f"{where}: no '{field}' (dataset.chosen_field / rejected_field name the chosen "
-                                  f"and rejected conversations)")
-        messages = chat.check_messages(row[params.chosen_field], f"{where}.{params.chosen_field}")
-        rejected = chat.check_messages(row[params.rejected_field], f"{where}.{params.rejected_field}")
-        chat.shared_prompt(messages, rejected, where)
-    else:
-        if params.messages_field not in row:
-            raise ConfigError(f"{where}: no '{params.messages_field}' (dataset.messages_field names the list of "
-                              f"{{role, content}} messages)")
-        messages, rejected = chat.check_messages(row[params.messages_field], f"{where}.{params.messages_field}"), None
-    return {"id": str(row["id"]) if row.get("id") is not None else default_id,
-            "domain": str(row[params.domain_field]) if params.domain_field else "all",
-            "messages": messages, "rejected": rejected}
+def read_chat_files(files: list[str], params: Any, key: str) -> tuple[list[dict], Any]:
+    """The records of chat JSONL files and what reading them found (:mod:`effitrain.data.chat_records`: the same
+    checks as ``effitrain check``, so a bad file is refused with the same line)."""
+    from effitrain.data.chat_records import ChatRecords, describe, read_jsonl
 
-
-def _read_jsonl(files: list[str], params: Any, key: str) -> list[dict]:
-    records = []
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{key} ({f}, line {n})"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{where}: not JSON: {exc.msg}") from None
-                records.append(_record(row, params, where, f"{Path(f).stem}-{n:09d}"))
-    if not records:
-        raise ConfigError(f"{key}: no conversations in {', '.join(files)}")
-    return records
+    reader = ChatRecords(params, key)
+    records = list(read_jsonl(files, reader))
+    return records, reader.finish(describe(files))
 
 
 def build_chat_hub(params: Any, *, cache_dir: Optional[str | Path] = None):
@@ -116,6 +88,7 @@ def build_chat_hub(params: Any, *, cache_dir: Optional[str | Path] = None):
     import datasets
 
     from effitrain.data import sources
+    from effitrain.data.chat_records import ChatRecords
 
     def load(split: str, key: str) -> list[dict]:
         try:
@@ -126,7 +99,10 @@ def build_chat_hub(params: Any, *, cache_dir: Optional[str | Path] = None):
         except (FileNotFoundError, ValueError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{key}: cannot load '{params.path}' split {split!r}: {message}") from None
-        return [_record(row, params, f"{key} (row {i + 1})", f"{split}-{i:09d}") for i, row in enumerate(ds)]
+        reader = ChatRecords(params, key)
+        records = [reader.add(row, f"row {i + 1}", f"{split}-{i:09d}") for i, row in enumerate(ds)]
+        reader.finish(f"'{params.path}' split {split!r}")
+        return records
 
     train = _dataset(load(params.split, f"{_KEY}.split"))
     if params.eval_split:
@@ -144,10 +120,10 @@ def build_chat_local(params: Any, *, cache_dir: Optional[str | Path] = None):
 
     from effitrain.data import sources
 
-    train = _dataset(_read_jsonl(sources.resolve_files(params.path, f"{_KEY}.path"), params, f"{_KEY}.path"))
+    train = _dataset(read_chat_files(sources.resolve_files(params.path, f"{_KEY}.path"), params, f"{_KEY}.path")[0])
     if params.eval_path:
-        eval_ = _dataset(_read_jsonl(sources.resolve_files(params.eval_path, f"{_KEY}.eval_path"), params,
-                                     f"{_KEY}.eval_path"))
+        eval_ = _dataset(read_chat_files(sources.resolve_files(params.eval_path, f"{_KEY}.eval_path"), params,
+                                         f"{_KEY}.eval_path")[0])
         eval_ = sources.cap_per_domain(eval_, params.eval_examples_per_domain)
     else:
         train, eval_ = sources.hold_out(train, params.eval_examples_per_domain, _KEY)
@@ -169,59 +145,88 @@ def _rows_dataset(rows: np.ndarray, domains: list[str], columns: tuple[str, ...]
                                        "domain": domains}, features=features)
 
 
-def _packed(ds, tokenizer: Any, seq_len: int):
-    """Packed conversation rows of ``ds`` (its ``messages``), one domain after another."""
+def _packed(ds, tokenizer: Any, seq_len: int) -> tuple[chat.Packed, list[str]]:
+    """Packed conversation rows of ``ds`` (its ``messages``), one domain after another, with the counts of all."""
     from effitrain.data.sources import domain_indices
 
     parts, domains = [], []
+    truncated = count = dropped = 0
     messages = _column(ds, "messages")
     for domain, rows in domain_indices(ds).items():
         encoded = (chat.encode_conversation(tokenizer, messages[r]) for r in rows.tolist())
-        packed = chat.pack_conversations(encoded, seq_len, tokenizer.pad_token_id).rows
-        parts.append(packed)
-        domains += [domain] * len(packed)
-    return (np.concatenate(parts) if parts else np.zeros((0, 3, seq_len), np.int64)), domains
+        packed = chat.pack_conversations(encoded, seq_len, tokenizer.pad_token_id)
+        parts.append(packed.rows)
+        domains += [domain] * len(packed.rows)
+        truncated, count, dropped = truncated + packed.truncated, count + packed.conversations, dropped + packed.dropped
+    rows = np.concatenate(parts) if parts else np.zeros((0, 3, seq_len), np.int64)
+    return chat.Packed(rows, truncated, count, dropped), domains
 
 
-def prompt_rows(tokenizer: Any, conversations: list[list[dict]], seq_len: int) -> np.ndarray:
+def prompt_rows(tokenizer: Any, conversations: list[list[dict]], seq_len: int) -> chat.Packed:
     """``[N, 3, seq_len]``: one conversation a row, cut after its first assistant message: the tokens before the
     first label are the prompt a policy answers, the labelled ones the reference answer (``objective: grpo``).
-    Conversations whose answer does not start within ``seq_len`` tokens are dropped."""
+    Conversations whose answer does not start within ``seq_len`` tokens are dropped (counted in ``dropped``)."""
     out = []
+    truncated = 0
     for messages in conversations:
         prompt, rest = chat.first_assistant_split(messages, _KEY)
         packed = chat.pack_conversations([chat.encode_conversation(tokenizer, prompt + rest[:1])], seq_len,
-                                         tokenizer.pad_token_id).rows
-        if len(packed):
-            out.append(packed[0])
+                                         tokenizer.pad_token_id)
+        truncated += packed.truncated
+        if len(packed.rows):
+            out.append(packed.rows[0])
     if not out:
         raise ConfigError(f"{_KEY}.seq_len: no prompt leaves room for its answer within {seq_len} tokens; raise "
                           f"{_KEY}.seq_len")
-    return np.stack(out)
+    return chat.Packed(np.stack(out), truncated, len(conversations), len(conversations) - len(out))
 
 
-#: bump when the rows built from the same conversations change (cache keys include it)
-_ROWS_VERSION = 1
+#: bump when the rows built from the same conversations change (cache keys include it); 2: counts.json beside them
+_ROWS_VERSION = 2
+_COUNTS = "counts.json"
 
 
-def _cached_rows(parts: tuple, build_rows, cache_dir: Optional[str | Path]):
-    """The rows dataset that ``build_rows()`` makes, cached under ``<cache>/chat_rows/<key>`` by ``parts`` (the
-    conversations' content, the tokenizer, its chat template, the format and ``seq_len``): rendering and tokenizing
-    conversations span by span takes seconds per thousand, and every stage and rank of a pipeline asks for the same
-    rows.  A ConfigError raised while building leaves nothing in the cache."""
+def _cached_rows(parts: tuple, build_rows, cache_dir: Optional[str | Path]) -> tuple[Any, dict[str, int]]:
+    """The rows dataset that ``build_rows()`` makes and its counts (``build_rows`` returns both), cached under
+    ``<cache>/chat_rows/<key>`` by ``parts`` (the conversations' content, the tokenizer, its chat template, the
+    format and ``seq_len``): rendering and tokenizing conversations span by span takes seconds per thousand, and
+    every stage and rank of a pipeline asks for the same rows.  The counts are kept beside the rows, so a run that
+    reuses them reports what was dropped as the run that built them did.  A ConfigError raised while building
+    leaves nothing in the cache."""
     import datasets
 
     from effitrain.data.cache import ContentHash, build_once
 
+    def build(out: Path) -> None:
+        rows, counts = build_rows()
+        rows.save_to_disk(str(out))
+        (out / _COUNTS).write_text(json.dumps(counts))
+
     key = ContentHash("chat_rows", _ROWS_VERSION, *parts).hexdigest()
-    folder = build_once("chat_rows", key, lambda out: build_rows().save_to_disk(str(out)), cache_root=cache_dir)
-    return datasets.load_from_disk(str(folder))
+    folder = build_once("chat_rows", key, build, cache_root=cache_dir)
+    counts = json.loads((folder / _COUNTS).read_text()) if (folder / _COUNTS).is_file() else {}
+    return datasets.load_from_disk(str(folder)), counts
+
+
+def _counts(packed: chat.Packed) -> dict[str, int]:
+    return {"conversations": packed.conversations, "dropped": packed.dropped, "truncated": packed.truncated}
+
+
+def report_dropped(counts: dict[str, int], seq_len: int, what: str) -> Optional[str]:
+    """The console line for conversations that lost every trained token to the cut at ``seq_len`` (None if none):
+    they are not trained on, and a user who sized ``seq_len`` for most of the data should know how many."""
+    dropped, total = counts.get("dropped", 0), counts.get("conversations", 0)
+    if not dropped:
+        return None
+    return (f"{_KEY}: {dropped} of {total} {what} keep no answer token within {_KEY}.seq_len={seq_len} and are "
+            f"left out of training; raise {_KEY}.seq_len to keep them")
 
 
 def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
                       tokenizer_corpus: Any = None):
     """``(tokenizer, train rows, {domain: eval rows})`` as :func:`effitrain.data.packing.build_packed_splits`
     returns them, for chat and preference sources; the rows are cached by content (:func:`_cached_rows`)."""
+    from effitrain.console import say
     from effitrain.data.cache import dataset_content_hash
     from effitrain.data.packing import tokenizer_fingerprint
     from effitrain.data.sources import domain_indices
@@ -237,31 +242,37 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
     def train_rows():
         if fmt == "preference":
             pairs = list(zip(_column(train, "messages"), _column(train, "rejected")))
-            rows = chat.preference_rows(tokenizer, pairs, seq_len, key=_KEY)
-            return _rows_dataset(rows, ["preference"] * len(rows), CHANNEL_COLUMNS + REJECTED_COLUMNS)
+            packed = chat.preference_rows(tokenizer, pairs, seq_len, key=_KEY)
+            return (_rows_dataset(packed.rows, ["preference"] * len(packed.rows), CHANNEL_COLUMNS + REJECTED_COLUMNS),
+                    _counts(packed))
         if fmt == "prompts":
-            rows = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
-            return _rows_dataset(rows, ["prompts"] * len(rows), CHANNEL_COLUMNS)
-        rows, domains = _packed(train, tokenizer, seq_len)
-        if not len(rows):
-            raise ConfigError(f"{_KEY}.seq_len: no conversation keeps an assistant token within {seq_len} tokens")
-        return _rows_dataset(rows, domains, CHANNEL_COLUMNS)
+            packed = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
+            return _rows_dataset(packed.rows, ["prompts"] * len(packed.rows), CHANNEL_COLUMNS), _counts(packed)
+        packed, domains = _packed(train, tokenizer, seq_len)
+        if not len(packed.rows):
+            raise ConfigError(f"{_KEY}.seq_len: none of the {packed.conversations} conversations keeps an assistant "
+                              f"token within {seq_len} tokens; raise {_KEY}.seq_len")
+        return _rows_dataset(packed.rows, domains, CHANNEL_COLUMNS), _counts(packed)
 
-    packed_train = _cached_rows(("train", fmt, dataset_content_hash(train, columns), *common), train_rows,
-                                cache_dir)
+    packed_train, counts = _cached_rows(("train", fmt, dataset_content_hash(train, columns), *common), train_rows,
+                                        cache_dir)
+    line = report_dropped(counts, seq_len, {"preference": "preference pairs", "prompts": "prompts"}.get(
+        fmt, "training conversations"))
+    if line:
+        say(line)
     by_domain = {}
     for domain, indices in domain_indices(raw["eval"]).items():
         part = raw["eval"].select(indices)
 
         def eval_rows(part=part, domain=domain):
-            rows, _ = _packed(part, tokenizer, seq_len)
-            if not len(rows):
+            packed, _ = _packed(part, tokenizer, seq_len)
+            if not len(packed.rows):
                 raise ConfigError(f"{_KEY}.eval_examples_per_domain: the eval conversations of domain '{domain}' "
                                   f"make no row of {seq_len} tokens; raise {_KEY}.seq_len")
-            return _rows_dataset(rows, [domain] * len(rows), CHANNEL_COLUMNS)
+            return _rows_dataset(packed.rows, [domain] * len(packed.rows), CHANNEL_COLUMNS), _counts(packed)
 
         by_domain[domain] = _cached_rows(("eval", domain, dataset_content_hash(part, columns), *common), eval_rows,
-                                    cache_dir)
+                                         cache_dir)[0]
     return tokenizer, packed_train, by_domain
 
 

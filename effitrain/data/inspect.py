@@ -47,7 +47,7 @@ class Inventory:
     fields: set = field(default_factory=set)
 
 
-def _short(path: str) -> str:
+def short_path(path: str) -> str:
     """The path as the user most likely wrote it: relative when under the working directory."""
     try:
         rel = os.path.relpath(path)
@@ -69,24 +69,24 @@ def check_file_shallow(path: str, fmt: str, key: str) -> None:
     try:
         size = os.path.getsize(path)
         if size == 0:
-            raise ConfigError(f"{key}: '{_short(path)}' is empty (0 bytes); give a file with documents")
+            raise ConfigError(f"{key}: '{short_path(path)}' is empty (0 bytes); give a file with documents")
         if fmt == "parquet" and _inner_ext(path)[1] is None:
             with open(path, "rb") as fh:
                 head = fh.read(4)
                 fh.seek(max(0, size - 4))
                 tail = fh.read(4)
             if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
-                raise ConfigError(f"{key}: '{_short(path)}' is not a parquet file (no 'PAR1' magic bytes); "
+                raise ConfigError(f"{key}: '{short_path(path)}' is not a parquet file (no 'PAR1' magic bytes); "
                                   f"give a .parquet written by pyarrow/pandas, or rename it to its real format "
                                   f"(.jsonl, .json, .txt)")
         elif _inner_ext(path)[1] is None:
             with open(path, "rb"):
                 pass
     except PermissionError:
-        raise ConfigError(f"{key}: '{_short(path)}' cannot be read (permission denied)") from None
+        raise ConfigError(f"{key}: '{short_path(path)}' cannot be read (permission denied)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{key}: '{_short(path)}' is a directory; give the files in it, e.g. "
-                          f"'{_short(path)}/*.jsonl'") from None
+        raise ConfigError(f"{key}: '{short_path(path)}' is a directory; give the files in it, e.g. "
+                          f"'{short_path(path)}/*.jsonl'") from None
 
 
 def _open_binary(path: str) -> Optional[IO[bytes]]:
@@ -96,7 +96,7 @@ def _open_binary(path: str) -> Optional[IO[bytes]]:
     return _OPENERS[comp](path, "rb") if comp else open(path, "rb")
 
 
-def _lines(path: str, key: str) -> Iterator[tuple[int, str]]:
+def utf8_lines(path: str, key: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a text file, refusing bytes that are not UTF-8 with their position."""
     fh = _open_binary(path)
     if fh is None:
@@ -109,13 +109,13 @@ def _lines(path: str, key: str) -> Iterator[tuple[int, str]]:
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise ConfigError(f"{key}: '{_short(path)}' line {number} is not UTF-8 (byte "
+                    raise ConfigError(f"{key}: '{short_path(path)}' line {number} is not UTF-8 (byte "
                                       f"0x{raw[exc.start]:02x} at column {exc.start + 1}); re-encode the file as "
                                       f"UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     except (OSError, EOFError, lzma.LZMAError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{key}: cannot read '{_short(path)}': {exc}") from None
+        raise ConfigError(f"{key}: cannot read '{short_path(path)}': {exc}") from None
 
 
 class _Rows:
@@ -154,7 +154,7 @@ class _Rows:
 
     def finish(self, files: Sequence[str]) -> Inventory:
         inv = self.inv
-        what = f"'{_short(files[0])}'" if len(files) == 1 else f"{len(files)} files"
+        what = f"'{short_path(files[0])}'" if len(files) == 1 else f"{len(files)} files"
         if inv.records == 0:
             raise ConfigError(f"{self.path_key}: {what} holds no records (only blank lines); give a file with one "
                               f"document per line")
@@ -189,18 +189,18 @@ def _clip(value: object, n: int = 40) -> str:
 
 
 def _read_json_lines(path: str, rows: _Rows, key: str) -> None:
-    for number, line in _lines(path, key):
+    for number, line in utf8_lines(path, key):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{key}: '{_short(path)}' line {number} is not valid JSON ({exc.msg} at column "
+            raise ConfigError(f"{key}: '{short_path(path)}' line {number} is not valid JSON ({exc.msg} at column "
                               f"{exc.colno}); every line must be one JSON object") from None
         if not isinstance(record, dict):
-            raise ConfigError(f"{key}: '{_short(path)}' line {number} is a JSON {type(record).__name__}, not an "
+            raise ConfigError(f"{key}: '{short_path(path)}' line {number} is a JSON {type(record).__name__}, not an "
                               f"object like {{\"{rows.text_field}\": \"...\"}}")
-        rows.add(record, f"'{_short(path)}' line {number}")
+        rows.add(record, f"'{short_path(path)}' line {number}")
 
 
 def _first_char(path: str) -> str:
@@ -217,40 +217,41 @@ def _read_json(path: str, rows: _Rows, key: str) -> None:
     if _first_char(path) != "[":
         _read_json_lines(path, rows, key)
         return
-    text = "".join(line for _, line in _lines(path, key))
+    text = "".join(line for _, line in utf8_lines(path, key))
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{key}: '{_short(path)}' is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+        raise ConfigError(f"{key}: '{short_path(path)}' is not valid JSON ({exc.msg} at line {exc.lineno}, column "
                           f"{exc.colno})") from None
     for i, record in enumerate(records, start=1):
         if not isinstance(record, dict):
-            raise ConfigError(f"{key}: '{_short(path)}' record {i} is a JSON {type(record).__name__}, not an object")
-        rows.add(record, f"'{_short(path)}' record {i}")
+            raise ConfigError(f"{key}: '{short_path(path)}' record {i} is a JSON {type(record).__name__}, not an "
+                              f"object")
+        rows.add(record, f"'{short_path(path)}' record {i}")
 
 
 def _read_text(path: str, rows: _Rows, key: str, txt_split: str = "blank_line") -> None:
     """Plain text, cut into documents as the builder cuts it (``dataset.txt_split``): at blank lines
     (``sample_by='paragraph'``), at every line, or one document per file."""
     if txt_split != "blank_line":
-        lines = list(_lines(path, key))
+        lines = list(utf8_lines(path, key))
         if txt_split == "file":
-            rows.add({"text": "".join(line for _, line in lines)}, f"'{_short(path)}'")
+            rows.add({"text": "".join(line for _, line in lines)}, f"'{short_path(path)}'")
         else:
             for number, line in lines:
-                rows.add({"text": line.rstrip("\n")}, f"'{_short(path)}' line {number}")
+                rows.add({"text": line.rstrip("\n")}, f"'{short_path(path)}' line {number}")
         return
     start, buf = 0, []
-    for number, line in _lines(path, key):
+    for number, line in utf8_lines(path, key):
         if line.strip():
             if not buf:
                 start = number
             buf.append(line)
         elif buf:
-            rows.add({"text": "".join(buf)}, f"'{_short(path)}' line {start}")
+            rows.add({"text": "".join(buf)}, f"'{short_path(path)}' line {start}")
             buf = []
     if buf:
-        rows.add({"text": "".join(buf)}, f"'{_short(path)}' line {start}")
+        rows.add({"text": "".join(buf)}, f"'{short_path(path)}' line {start}")
 
 
 def _read_parquet(path: str, rows: _Rows, key: str) -> None:
@@ -260,14 +261,14 @@ def _read_parquet(path: str, rows: _Rows, key: str) -> None:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a damaged file are many
-        raise ConfigError(f"{key}: '{_short(path)}' is not a readable parquet file: "
+        raise ConfigError(f"{key}: '{short_path(path)}' is not a readable parquet file: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     import pyarrow as pa
 
     if rows.text_field in names:
         tp = pf.schema_arrow.field(rows.text_field).type
         if not (pa.types.is_string(tp) or pa.types.is_large_string(tp)):
-            raise ConfigError(f"{rows.key}.text_field: column '{rows.text_field}' of '{_short(path)}' holds {tp}, "
+            raise ConfigError(f"{rows.key}.text_field: column '{rows.text_field}' of '{short_path(path)}' holds {tp}, "
                               f"not strings")
     columns = [c for c in (rows.text_field, rows.domain_field) if c and c in names]
     offset = 0
@@ -278,12 +279,12 @@ def _read_parquet(path: str, rows: _Rows, key: str) -> None:
                 record = {c: data[c][i] for c in columns}
                 if not columns:
                     record = {n: None for n in names}
-                rows.add(record, f"'{_short(path)}' row {offset + i + 1}")
+                rows.add(record, f"'{short_path(path)}' row {offset + i + 1}")
             offset += batch.num_rows
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{key}: cannot read '{_short(path)}' as parquet: "
+        raise ConfigError(f"{key}: cannot read '{short_path(path)}' as parquet: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     rows.inv.fields.update(names)
 

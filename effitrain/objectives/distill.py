@@ -158,9 +158,9 @@ def load_teacher(params: Any, *, device: torch.device, bf16_supported: bool) -> 
     return teacher
 
 
-def check_same_tokenizer(teacher_path: str, tokenizer: Any) -> None:
-    """Logits are compared id by id, so equal vocabulary sizes are not enough: a teacher folder that carries its
-    tokenizer must map every token to the id the run's tokenizer gives it."""
+def check_same_tokenizer(teacher_path: str, tokenizer: Any, key: str = "objective.teacher") -> None:
+    """Logits are compared id by id, so equal vocabulary sizes are not enough: a teacher (or reference) folder that
+    carries its tokenizer must map every token to the id the run's tokenizer gives it."""
     from pathlib import Path
 
     from effitrain.config.inputs import TOKENIZER_FILES
@@ -173,9 +173,9 @@ def check_same_tokenizer(teacher_path: str, tokenizer: Any) -> None:
     theirs, ours = AutoTokenizer.from_pretrained(str(folder)).get_vocab(), tokenizer.get_vocab()
     differ = sum(1 for token, i in ours.items() if theirs.get(token) != i) + len(set(theirs) - set(ours))
     if differ:
-        raise ConfigError(f"objective.teacher: the tokenizer saved with the teacher at {teacher_path} differs from "
-                          f"the run's ({differ} of {len(ours)} tokens have another id or are missing); distill from "
-                          f"a teacher trained with the same tokenizer (e.g. on the same data and model.vocab_size)")
+        raise ConfigError(f"{key}: the tokenizer saved with the model at {teacher_path} differs from the run's "
+                          f"({differ} of {len(ours)} tokens have another id or are missing); use a model trained "
+                          f"with the same tokenizer (e.g. on the same data and model.vocab_size)")
 
 
 def decoder_layers(model: Any) -> int:

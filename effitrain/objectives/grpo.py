@@ -260,7 +260,7 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
 
     reference = None
     if params.beta != 0.0:
-        reference = reference_model(params.reference, model, torch.device(device), bf16_supported)
+        reference = reference_model(params.reference, model, torch.device(device), bf16_supported, tokenizer)
     return GRPO(tokenizer, build_rewards(params.reward_blocks), reference, group_size=params.group_size,
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, beta=params.beta,
                 epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from effitrain.objectives.common import model_inputs, token_losses
+from effitrain.registry import ConfigError
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, length_normalized: bool) -> torch.Tensor:
@@ -106,25 +107,35 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def reference_model(folder: Optional[str], model: Any, device: torch.device, bf16_supported: bool) -> torch.nn.Module:
+def reference_model(folder: Optional[str], model: Any, device: torch.device, bf16_supported: bool,
+                    tokenizer: Any = None) -> torch.nn.Module:
     """The frozen reference of a KL-regularised objective (dpo, grpo): a copy of ``model`` as it is now, i.e. at the
-    start of the stage, when ``folder`` is None; else the model saved there."""
+    start of the stage, when ``folder`` is None; else the model saved there, which must score the policy's token ids
+    (the same vocabulary and, where its tokenizer is saved with it, the same tokenizer)."""
     if folder is None:
         reference = copy.deepcopy(model)  # the model at the start of the stage, before any update
     else:
         from transformers import AutoModelForCausalLM
 
         from effitrain.config.inputs import check_model_folder
-        from effitrain.objectives.distill import teacher_dtype
+        from effitrain.objectives.distill import check_same_tokenizer, teacher_dtype, vocab_rows
 
         check_model_folder("objective.reference", folder, revision=None, need_tokenizer=False)
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=teacher_dtype("auto", device, bf16_supported))
+        ours, theirs = vocab_rows(model), vocab_rows(reference)
+        if ours != theirs:
+            # the log-probability ratios compare the two models on the policy's ids: another vocabulary either
+            # fails on an id past its end or, when larger, normalises over tokens the policy does not have
+            raise ConfigError(f"objective.reference: the model at {folder} has a vocabulary of {theirs} tokens, "
+                              f"the policy {ours}; the reference must share the policy's tokenizer (null: a frozen "
+                              f"copy of the policy at the start)")
+        check_same_tokenizer(folder, tokenizer, key="objective.reference")
     return frozen(reference.to(device))
 
 
-def build_dpo(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False,
+def build_dpo(params: Any, *, model: Any, device: Any = "cpu", bf16_supported: bool = False, tokenizer: Any = None,
               **context: Any) -> DPO:
-    reference = reference_model(params.reference, model, torch.device(device), bf16_supported)
+    reference = reference_model(params.reference, model, torch.device(device), bf16_supported, tokenizer)
     return DPO(reference, beta=params.beta, length_normalized=params.length_normalized)
 
 

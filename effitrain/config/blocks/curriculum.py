@@ -52,6 +52,9 @@ class _RowScoreSource:
                                   f"does not declare; use a scorer without a target (e.g. perplexity)")
             self.scorer = scorer
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [(f"{path}.domain_order", d) for d in self.domain_order or []]
+
 
 @register("curriculum", "difficulty", builder="effitrain.curriculum.difficulty:build_difficulty",
           summary="Rows by difficulty (proxy-model loss or a domain order), paced by timeline.competence: sampled "

@@ -48,6 +48,9 @@ class DeltParams:
     proxy_hidden_size: int = param(64, ge=8)
     proxy_layers: int = param(2, ge=1)
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [] if self.target_domain is None else [(f"{path}.target_domain", self.target_domain)]
+
 
 @rule("seta_needs_example_losses", "curriculum seta reads per-example training losses: objective must be "
                                    "weighted_causal_lm (it publishes them)")

@@ -27,6 +27,12 @@ class SkillItParams:
     prior: Optional[dict[str, float]] = param(None, help="relative prior weight per domain (missing: 1); null = "
                                                          "all 1 (the authors' default)")
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        named = [(f"{path}.prior", d) for d in self.prior or {}]
+        for i, row in (self.edges or {}).items():
+            named += [(f"{path}.edges", i)] + [(f"{path}.edges.{i}", j) for j in row]
+        return named
+
 
 @rule("skill_it_updates_at_evaluations", "curriculum skill_it updates at evaluations: update_every must be a "
                                          "multiple of train.eval_every when an update falls inside the run")

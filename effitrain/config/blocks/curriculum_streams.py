@@ -42,6 +42,9 @@ class DomainPhasesParams:
                 raise ConfigError(f"{path}.phases.{phase}: domain '{sorted(twice)[0]}' is already in another phase")
             seen |= set(domains)
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [(f"{path}.phases.{phase}", d) for phase, domains in self.phases.items() for d in domains]
+
 
 @rule("curriculum_reads_its_data",
       "curriculum dataset_decomposition needs dataset.packing=decompose (and the reverse) and sets the sequence "

@@ -88,7 +88,8 @@ class LocalParams(_Common):
         if self.eval_path is not None and (not self.eval_path or any(not p.strip() for p in self.eval_path)):
             raise ConfigError(f"{path}.eval_path: an empty path; give eval files or null to hold out documents")
 
-    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+    def check_inputs(self, path: str, *, spec, deep: bool):
+        """The files, read through where ``deep`` or small: returns what was found (its domains), or None."""
         import os
 
         from effitrain.data.inspect import check_enough_for_a_batch, check_local
@@ -105,6 +106,7 @@ class LocalParams(_Common):
             world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
             check_enough_for_a_batch(inv, seq_len=self.seq_len, global_batch=t.micro_batch_size * t.grad_accum * world,
                                      domains=self.domains, key=path)
+        return inv
 
 
 @register("dataset", "hub", builder="effitrain.data.build:build_hub",
@@ -148,6 +150,9 @@ def _seq_len_within_positions(spec, env):
         config = model_config_json(model.params.path, getattr(model.params, "revision", None))
         limit = position_limit(config) if config else None
         source = f"the position limit in {model.params.path}/config.json"
+        inherited = getattr(spec, "start_shape", None)  # a stage's model that an earlier stage will write
+        if limit is None and inherited is not None and inherited.positions is not None:
+            limit, source = inherited.positions, f"the position limit of {inherited.source}"
     # peft prefix tuning feeds its virtual tokens as a past: the sequence's positions start after them
     prefix = getattr(spec.blocks["peft"].params, "num_virtual_tokens", 0) if spec.blocks["peft"].name == "prefix" else 0
     if isinstance(limit, int) and seq_len + prefix > limit:

@@ -52,6 +52,16 @@ class ChatLocalParams(_ChatCommon):
         if not self.path or any(not p.strip() for p in self.path):
             raise ConfigError(f"{path}.path: dataset=chat_local needs files; set {path}.path=FILE.jsonl")
 
+    def check_inputs(self, path: str, *, spec, deep: bool):
+        """The files, read through as the builder reads them (``effitrain check``; a launch when they are small):
+        returns what was found (its domains), or None."""
+        from effitrain.config.inputs import note_read
+        from effitrain.data.chat_records import check_chat_local
+
+        inv = check_chat_local(self, spec=spec, deep=deep, key=path)
+        if inv is not None:
+            note_read(f"{path}.path: {inv.records:,} {self.format} records in {len(inv.domains)} domain(s)")
+        return inv
 
 
 @register("dataset", "chat_hub", builder="effitrain.data.chat_sources:build_chat_hub",

@@ -28,8 +28,12 @@ def _answer_accuracy(spec, env) -> Optional[str]:
     if not any(b.name == "answer_accuracy" for b in spec.methods.values()):
         return None
     if spec.block("dataset").name != "chat_demo":
-        return ("methods.answer_accuracy checks answers to the built-in arithmetic questions; use dataset=chat_demo "
-                f"(got dataset={spec.block('dataset').name})")
+        # it knows each held-out question's number, which only the generated arithmetic data has: your own data's
+        # answers are free text, so there is no exact match to score (the eval loss still measures the fit)
+        return (f"methods.answer_accuracy asks the built-in arithmetic questions, which dataset="
+                f"{spec.block('dataset').name} does not have; switch it off with '~methods.answer_accuracy' (where a "
+                f"stage sets it: '~stages.N.methods.answer_accuracy'; the eval loss on your held-out conversations "
+                f"remains), or use dataset=chat_demo")
     if spec.block("parallelism").params.stage == 3:
         return "methods.answer_accuracy generates with whole parameters, which ZeRO-3 partitions; use parallelism=zero2"
     return None

@@ -175,11 +175,22 @@ class SFTParams:
 
 
 def _check_reference_folder(self, path: str, *, spec, deep: bool) -> None:
-    """``check_inputs`` of the objectives with a frozen reference (dpo, grpo): a given folder must hold a model."""
-    if self.reference is not None:
-        from effitrain.config.inputs import check_model_folder
+    """``check_inputs`` of the objectives with a frozen reference (dpo, grpo): a given folder must hold a model, of
+    the policy's vocabulary where both are folders that exist now (a model built from config has the size of its
+    tokenizer, known only at launch, where the builder compares them)."""
+    if self.reference is None:
+        return
+    from effitrain.config.inputs import check_model_folder, model_config_json
 
-        check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    check_model_folder(f"{path}.reference", self.reference, revision=None, need_tokenizer=False)
+    policy_path = getattr(spec.block("model").params, "path", None)
+    policy = model_config_json(policy_path) if isinstance(policy_path, str) else None
+    reference = model_config_json(self.reference)
+    if policy and reference and policy.get("vocab_size") != reference.get("vocab_size"):
+        raise ConfigError(f"{path}.reference: the model at {self.reference} has a vocabulary of "
+                          f"{reference.get('vocab_size')} tokens, the policy ({policy_path}) "
+                          f"{policy.get('vocab_size')}; the reference must share the policy's tokenizer (null: a "
+                          f"frozen copy of the policy at the start)")
 
 
 def _pairs_per_step(self, rows: int, seq_len: int) -> str:
@@ -250,6 +261,11 @@ class GRPOParams:
         names = [b.name for b in self.reward_blocks]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.rewards: {names} names a reward twice; give each once with its weight")
+        # a reward of weight 0 is still computed and logged (a monitor), but with every weight 0 all samples of a
+        # group score alike, every advantage is 0 and nothing is learned
+        if all(b.params.weight == 0 for b in self.reward_blocks):
+            raise ConfigError(f"{path}.rewards: every reward has weight 0, so all samples score 0 and GRPO learns "
+                              f"nothing; give at least one reward a non-zero weight")
 
     def step_description(self, rows: int, seq_len: int) -> str:
         """What one optimizer step trains on (``effitrain plan``): a row of the batch is a prompt, answered by a

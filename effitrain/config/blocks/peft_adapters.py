@@ -7,7 +7,7 @@ a name matches a module whose dotted name ends with it (``q_proj`` matches ``mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
@@ -18,6 +18,8 @@ LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]
 
 @dataclass
 class _LoraCommon:
+    #: what a stage's final model keeps of it (effitrain.config.stage_shapes): an adapter merge_adapters can fold
+    ADAPTER: ClassVar[str] = "mergeable"
     r: int = param(8, ge=1, help="adapter rank (LoRA paper: 4-8 on GPT-3)")
     alpha: float = param(16.0, gt=0, help="the update is scaled by alpha / r")
     dropout: float = param(0.05, ge=0, lt=1)
@@ -60,6 +62,7 @@ class PissaParams(_LoraCommon):
           summary="(IA)^3: learned vectors rescaling keys, values and FFN activations (Liu et al., 2205.05638)")
 @dataclass
 class IA3Params:
+    ADAPTER: ClassVar[str] = "mergeable"
     target_modules: list[str] = param(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] = param(default_factory=lambda: ["down_proj"],
                                            help="targets whose *input* is scaled (must be a subset of target_modules)")
@@ -79,6 +82,8 @@ class IA3Params:
           summary="Prefix tuning: trained key/value prefixes in every attention layer (Li & Liang, 2101.00190)")
 @dataclass
 class PrefixParams:
+    #: prompt learning adds computation: it cannot be folded into weights
+    ADAPTER: ClassVar[str] = "prompt"
     num_virtual_tokens: int = param(10, ge=1, help="prefix length (paper: 10 for table-to-text, 200 for summarization)")
     prefix_projection: bool = param(True, help="re-parameterise the prefix through an MLP (the paper's stabiliser)")
     encoder_hidden_size: int = param(512, ge=1, help="hidden width of that MLP (paper: 512; MAM: 800)")
@@ -88,6 +93,7 @@ class PrefixParams:
           summary="MAM adapter: prefix tuning on attention + scaled parallel adapter on the FFN (He et al., 2110.04366)")
 @dataclass
 class MamAdapterParams:
+    ADAPTER: ClassVar[str] = "prompt"
     prefix_length: int = param(30, ge=1, help="prefix tokens on attention (paper: 30)")
     prefix_hidden: int = param(800, ge=1, help="prefix re-parameterisation MLP width (paper: 800)")
     adapter_bottleneck: int = param(512, ge=1, help="parallel FFN adapter bottleneck (paper: 512)")

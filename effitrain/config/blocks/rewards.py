@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from effitrain.registry import ConfigError, param, register
 
@@ -20,6 +20,8 @@ class _Weighted:
           summary="`correct` when the response's answer equals the reference answer, else 0 (Tülu 3's RLVR reward)")
 @dataclass
 class ExactAnswerParams(_Weighted):
+    #: compares with the prompt's reference answer, so a prompt without one can never be rewarded
+    reads_reference: ClassVar[bool] = True
     extract: Extract = param("full", help="full: the whole response; boxed: the last \\boxed{...}; last_number: the "
                                           "last number in the text (the reference is read the same way)")
     correct: float = param(1.0, gt=0, help="the reward of a right answer (DeepSeekMath: 1; Tülu 3's RLVR: 10)")

@@ -322,6 +322,12 @@ class ScoredSelection:
     batch_size: int = param(512, ge=1, help="examples per datasets.map batch")
     cache: bool = param(True, help="reuse a manifest written for the same pool, target, method and parameters")
 
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        named = [(f"{path}.domains", d) for d in self.domains or []]
+        if self.target is not None and self.target.domain is not None:
+            named.append((f"{path}.target.domain", self.target.domain))
+        return named
+
     def validate(self, path: str) -> None:
         if self.target is not None and not isinstance(self.target, TargetParams):
             self.target = parse_params(TargetParams, self.target, f"{path}.target")

@@ -11,7 +11,7 @@ pipeline writes next to it for the reader).  Torch-free here; the builders live 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from effitrain.registry import ConfigError, choices_text, did_you_mean, param, register
 
@@ -21,6 +21,8 @@ from effitrain.registry import ConfigError, choices_text, did_you_mean, param, r
                   "mixture (Liu et al., 2407.01492)")
 @dataclass
 class RegMixParams:
+    #: the keys its members train with and its conclusion sets: the recipe's own values are stand-ins
+    CONCLUDES: ClassVar[tuple[str, ...]] = ("curriculum", "timeline.mixture")
     num_proxies: int = param(16, ge=4, help="proxy runs, each with its own random mixture (paper: 512 for 17 "
                              "domains; the card scales it to 4 domains)")
     target: str = param("prose", help="the eval domain whose loss the mixture minimises, or 'all' for the mean "
@@ -36,6 +38,9 @@ class RegMixParams:
     num_samples: int = param(100000, ge=100, help="simulated mixtures scored by the regression (paper: 100,000)")
     top_k: int = param(128, ge=1, help="the predicted-best mixture is the mean of the top_k simulated ones "
                        "(paper: 128)")
+
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [] if self.target == "all" else [(f"{path}.target", self.target)]
 
     def check_stage(self, spec: Any, path: str) -> None:
         """``target`` against the stage's domains where they are known without reading data (a declared

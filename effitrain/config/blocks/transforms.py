@@ -25,6 +25,15 @@ class StackLayersParams:
         if self.order is not None and (not self.order or min(self.order) < 0):
             raise ConfigError(f"{path}.order: expected a non-empty list of source layer indices (>= 0)")
 
+    def check_shape(self, shape: Any, path: str) -> Any:
+        """Every copied layer must exist in the model the stage receives; the grown model has len(order) layers."""
+        if shape.layers is None:
+            return shape.replace(layers=len(self.order) if self.order is not None else None)
+        if self.order is not None and max(self.order) >= shape.layers:
+            raise ConfigError(f"{path}.order: source layer {max(self.order)} does not exist; {shape.source} has "
+                              f"{shape.layers} layers (0..{shape.layers - 1})")
+        return shape.replace(layers=len(self.order) if self.order is not None else shape.layers * self.factor)
+
 
 @register("transform", "densify", builder="effitrain.models.transforms:densify",
           summary="Sparse -> dense: drop sparsity masks/re-parameterisations so every weight trains again (SPDF)")
@@ -37,7 +46,17 @@ class DensifyParams:
           summary="Fold a stage's LoRA-family adapter into its base weights (peft merge_and_unload)")
 @dataclass
 class MergeAdaptersParams:
-    pass
+    def check_shape(self, shape: Any, path: str) -> Any:
+        """The stage before must have trained an adapter that folds into weights (LoRA and its relatives)."""
+        from effitrain.config.stage_shapes import MERGEABLE
+
+        if shape.adapter != MERGEABLE:
+            what = (f"a {shape.adapter_name} adapter, which adds computation and cannot be folded into weights"
+                    if shape.adapter else f"no adapter (peft={shape.adapter_name or 'none'})")
+            raise ConfigError(f"{path}: merge_adapters folds the adapter of the stage before, but {shape.source} "
+                              f"has {what}; train that stage with peft=lora (or dora, pissa, ia3, qlora), or drop "
+                              f"the transform")
+        return shape
 
 
 @register("transform", "upcycle_moe", builder="effitrain.models.moe_upcycle:upcycle_moe",
@@ -50,6 +69,11 @@ class UpcycleMoEParams:
     aux_loss_coef: float = param(0.01, ge=0, help="weight of the router's load-balancing loss (Switch/Mixtral: 0.01)")
     router_std: float = param(0.02, gt=0, help="std of the new router's normal initialisation")
     seed: int = param(0, help="seed of the router's initialisation")
+
+    def validate(self, path: str) -> None:
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{path}.top_k: {self.top_k} is more than num_experts ({self.num_experts}); a token "
+                              f"is routed to top_k of the experts")
 
 
 @dataclass
@@ -87,6 +111,14 @@ class CoalesceParams(_Levels):
             raise ConfigError(f"{path}: coalesce halves the model and needs even sizes; the stage before has "
                               f"{', '.join(odd)}")
 
+    def check_shape(self, shape: Any, path: str) -> Any:
+        if self.depth and shape.layers is not None:
+            if shape.layers % 2:
+                raise ConfigError(f"{path}: coalesce halves the layers and needs an even number; {shape.source} has "
+                                  f"{shape.layers}")
+            return shape.replace(layers=shape.layers // 2)
+        return shape
+
 
 @register("transform", "decoalesce_interpolate", builder="effitrain.models.vcycle:decoalesce_interpolate",
           summary="Multi-level training: de-coalesce a trained small model to the large shape and interpolate it "
@@ -97,6 +129,9 @@ class DecoalesceInterpolateParams(_Levels):
                                 "coalescing) or a save_pretrained folder")
     alpha: float = param(0.5, ge=0, le=1, help="weight of the de-coalesced model: (1 - alpha) * reference + alpha * "
                                                "decoalesced (the authors' scripts: 0.5)")
+
+    def check_shape(self, shape: Any, path: str) -> Any:
+        return shape.replace(layers=shape.layers * 2) if self.depth and shape.layers is not None else shape
 
 
 # config.json fields that fix every weight's shape: two models whose values differ cannot share a diff vector
