@@ -43,11 +43,14 @@ def test_the_rendezvous_port_is_derived_from_the_job_id_below_the_ephemeral_rang
 
 
 def test_several_slurm_tasks_give_rank_world_and_the_first_host_as_master():
-    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "n[07-08]"}
+    # what srun -n 4 gives its tasks (the step's task count; the allocation's SLURM_NTASKS may be larger)
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[07-08]"}
     assert slurm_env.slurm_world(env) == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
                                           "MASTER_ADDR": "n07", "MASTER_PORT": "24242"}
-    assert slurm_env.slurm_world({**env, "SLURM_NTASKS": "1"}) is None  # one task (it may run torchrun itself)
+    assert slurm_env.slurm_world({**env, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task (it may run torchrun)
+    no_step = {k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert slurm_env.slurm_world(no_step) is None  # the batch script itself, or an salloc shell: not srun's tasks
 
 
 @pytest.fixture
@@ -67,8 +70,8 @@ def test_dist_env_reads_slurm_but_torchrun_variables_win(restored_environ, monke
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    slurm = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
-             "SLURM_JOB_NODELIST": "vm"}
+    slurm = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     assert (dist_env().rank, dist_env().world_size) == (1, 2)
