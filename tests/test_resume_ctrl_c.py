@@ -61,7 +61,7 @@ def assert_repeats(expected, resumed, stop, last):
 @pytest.mark.parametrize("families", list(FAMILIES))
 def test_ctrl_c_then_resume_repeats_the_uninterrupted_run(tmp_path, families):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    reference = start([*RUN, *FAMILIES[families], f"run_dir={full}"])   # alongside the stopped run: same machine, same time
+    reference = start([*RUN, *FAMILIES[families], f"run_dir={full}"])   # beside the stopped run: same machine
     result = ctrl_c_after([*RUN, *FAMILIES[families], f"run_dir={stopped}"], stopped / "metrics.jsonl", lines=1)
     out, err = reference.communicate(timeout=600)
     assert reference.returncode == 0, err[-2000:]

@@ -337,7 +337,7 @@ class Trainer:
             self._eval_and_log()
         batches = iter(st.sampler)
         window = self.window  # restored by load_checkpoint when the run was stopped between two log lines
-        window.start, window.paused = time.perf_counter(), 0.0  # the time before fit (building, loading) is not training
+        window.start, window.paused = time.perf_counter(), 0.0  # building and loading are not training time
         last_saved = st.step if st.step > 0 else -1
         stopped_by: Optional[str] = None
         started = False
