@@ -265,14 +265,17 @@ def nothing_to_resume(run_dir: Path, spec: Any) -> Optional[Finished]:
 
     Refuses a horizon below the step the run (or the stage that was running) has reached: the run continues from
     that checkpoint and would train past its own ``train.max_steps``.  Returns the run's summary when it finished at
-    or beyond the horizon asked for (a finished stage of a pipeline is never trained further, so a finished pipeline
-    is finished at any horizon); None when there is training left."""
+    or beyond the horizon asked for and its newest checkpoint is there too (a finished stage of a pipeline is never
+    trained further, so a finished pipeline is finished at any horizon); None when there is training left."""
     if spec.stages:
         return _pipeline_finished(run_dir, spec)
     _check_horizon(run_dir, spec.train.max_steps, "train.max_steps")
     summary = finished_summary(run_dir)
     if summary is None or int(summary.get("steps") or 0) < spec.train.max_steps:
         return None
+    newest = _newest_checkpoint_step(run_dir)
+    if newest is not None and newest < spec.train.max_steps:
+        return None  # its last checkpoints are gone: resume continues from the newest one left
     return Finished(summary, f"resume: {run_dir} finished at step {summary['steps']} (train.max_steps="
                              f"{spec.train.max_steps}); nothing was changed; give a larger train.max_steps to "
                              f"train it further")
@@ -290,6 +293,13 @@ def _pipeline_finished(run_dir: Path, spec: Any) -> Optional[Finished]:
         return None
     return Finished(summary, f"resume: {run_dir} finished all {len(spec.stages)} stages; nothing was changed (a "
                              f"finished stage is not trained further: start a new run_dir to train longer)")
+
+
+def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
+    from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    return found[-1][0] if found else None
 
 
 def _check_horizon(run_dir: Path, max_steps: int, key: str) -> None:
