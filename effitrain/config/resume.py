@@ -284,12 +284,15 @@ def nothing_to_resume(run_dir: Path, spec: Any) -> Optional[Finished]:
 def _pipeline_finished(run_dir: Path, spec: Any) -> Optional[Finished]:
     from effitrain.config.stages import STAGES_DIR
 
+    unfinished = []
     for stage, stage_spec in zip(spec.stages, spec.stage_specs):
         stage_dir = run_dir / STAGES_DIR / stage.dir_name
-        if stage.sweep is None and finished_summary(stage_dir) is None:
-            _check_horizon(stage_dir, stage_spec.train.max_steps, f"train.max_steps of stage '{stage.name}'")
+        if finished_summary(stage_dir) is None:
+            unfinished.append(stage.name)
+            if stage.sweep is None:
+                _check_horizon(stage_dir, stage_spec.train.max_steps, f"train.max_steps of stage '{stage.name}'")
     summary = finished_summary(run_dir)
-    if summary is None:
+    if summary is None or unfinished:  # e.g. a stage's record removed to train it again
         return None
     return Finished(summary, f"resume: {run_dir} finished all {len(spec.stages)} stages; nothing was changed (a "
                              f"finished stage is not trained further: start a new run_dir to train longer)")
