@@ -32,11 +32,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from effitrain.errors import (EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                               EXIT_RESUMABLE, JOB_EXITS, REPORT_BUGS, RunFailed)
 from effitrain.registry import ConfigError
+
+if TYPE_CHECKING:  # the tool verbs import the config modules lazily
+    from effitrain.config.resume import Finished
 
 # Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
 # that did not exist before the pre-flight (an empty one that Hydra made for a refused job is removed again).
@@ -282,7 +285,7 @@ def _verb_report(args: list[str]) -> int:
     return 0
 
 
-def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list], Optional[Any]]:
+def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list], Optional[Finished]]:
     """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated, and whether the
     run already finished at that horizon (then nothing is to be done)."""
     from effitrain.config.inputs import check_inputs

@@ -269,7 +269,7 @@ def nothing_to_resume(run_dir: Path, spec: Any) -> Optional[Finished]:
     trained further, so a finished pipeline is finished at any horizon); None when there is training left."""
     if spec.stages:
         return _pipeline_finished(run_dir, spec)
-    _check_horizon(run_dir, spec.train.max_steps, "train.max_steps")
+    _check_horizon(run_dir, spec.train.max_steps)
     summary = finished_summary(run_dir)
     if summary is None or int(summary.get("steps") or 0) < spec.train.max_steps:
         return None
@@ -290,7 +290,7 @@ def _pipeline_finished(run_dir: Path, spec: Any) -> Optional[Finished]:
         if finished_summary(stage_dir) is None:
             unfinished.append(stage.name)
             if stage.sweep is None:
-                _check_horizon(stage_dir, stage_spec.train.max_steps, f"train.max_steps of stage '{stage.name}'")
+                _check_horizon(stage_dir, stage_spec.train.max_steps, f" (stage '{stage.name}')")
     summary = finished_summary(run_dir)
     if summary is None or unfinished:  # e.g. a stage's record removed to train it again
         return None
@@ -305,15 +305,15 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return found[-1][0] if found else None
 
 
-def _check_horizon(run_dir: Path, max_steps: int, key: str) -> None:
+def _check_horizon(run_dir: Path, max_steps: int, stage: str = "") -> None:
     from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
 
     found = complete_checkpoints(run_dir / "checkpoints")
     if found and max_steps < found[-1][0]:
         step, path = found[-1]
-        raise ConfigError(f"resume: {key}={max_steps} is below step {step}, where the run's newest checkpoint "
-                          f"is ({path}); a resumed run continues from there: give {key.split(' ')[0]}={step} or "
-                          f"more, or start a new run_dir")
+        raise ConfigError(f"resume: train.max_steps={max_steps}{stage} is below step {step}, where the run's newest "
+                          f"checkpoint is ({path}); a resumed run continues from there: give train.max_steps={step} "
+                          f"or more, or start a new run_dir")
 
 
 def finished_summary(run_dir: Path) -> Optional[dict[str, Any]]:
