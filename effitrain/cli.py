@@ -39,11 +39,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from effitrain.errors import (EXIT_BROKEN_PIPE, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                               EXIT_RESUMABLE, JOB_EXITS, REPORT_BUGS, RunFailed)
 from effitrain.registry import ConfigError
+
+if TYPE_CHECKING:  # the tool verbs import the config modules lazily
+    from effitrain.config.resume import Finished
 
 # Exit statuses of the jobs of this invocation (one for a run, one per member of a sweep), and the run directories
 # that did not exist before the pre-flight (an empty one that Hydra made for a refused job is removed again).
@@ -107,8 +110,8 @@ def _verb_check(args: list[str]) -> int:
         return _check_memory(args)
     resumed = _remembered_resume(args) if args[:1] != ["resume"] else args[1:]
     if resumed is not None:
-        _prepare_resume(resumed, deep=True)
-        print(f"ok: resuming {resumed[0]} with its stored config and recipes")
+        *_, finished = _prepare_resume(resumed, deep=True)
+        print(f"ok: {finished.line}" if finished else f"ok: resuming {resumed[0]} with its stored config and recipes")
         return 0
     from effitrain.config.inputs import what_was_read
 
@@ -299,10 +302,11 @@ def _verb_report(args: list[str]) -> int:
     return 0
 
 
-def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list]]:
-    """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated."""
+def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Optional[list], Optional[Finished]]:
+    """``RUN_DIR [KEY=VALUE ...]`` -> the run's stored config with the safe overrides, validated, and whether the
+    run already finished at that horizon (then nothing is to be done)."""
     from effitrain.config.inputs import check_inputs
-    from effitrain.config.resume import keep_global_batch, remembered_config
+    from effitrain.config.resume import keep_global_batch, nothing_to_resume, remembered_config
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
     from effitrain.engine.rundir import check_run_dir
@@ -317,13 +321,19 @@ def _prepare_resume(args: list[str], deep: bool = False) -> tuple[dict, Path, Op
         from effitrain.console import say
         say(elastic)
     spec = validate(cfg, recipes)
+    finished = nothing_to_resume(run_dir, spec)  # refuses a horizon below the run's step before any other check
     check_rules(spec, Environment(world_size=_world_size()))
     check_inputs(spec, deep=deep)
-    return cfg, run_dir, recipes
+    return cfg, run_dir, recipes, finished
 
 
 def _verb_resume(args: list[str]) -> int:
-    cfg, run_dir, recipes = _prepare_resume(args)
+    cfg, run_dir, recipes, finished = _prepare_resume(args)
+    if finished is not None:
+        # exit 0, not 2: nothing was wrong with the request, and the run is where it was asked to get (a requeue
+        # loop or a script that resumes until done stops here instead of seeing a failure)
+        print(finished.line)
+        return EXIT_OK
     return _train_job(cfg, run_dir, recipes, argv=["effitrain", "resume", *args])
 
 
@@ -356,7 +366,7 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
     from effitrain.config.inputs import check_inputs
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
-    from effitrain.config.resume import check_resume_config
+    from effitrain.config.resume import check_resume_config, nothing_to_resume
     from effitrain.engine.rundir import check_run_dir
 
     jobs = expand_sweeps(overrides) if multirun else [overrides]
@@ -377,7 +387,9 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
                 raise ConfigError("run_dir: is empty; a run needs a folder of its own, e.g. run_dir=outputs/my-run")
             run_dir = Path(spec.run_dir)
             check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)
-            check_resume_config(run_dir, composed.cfg, spec.resume)
+            check_resume_config(run_dir, composed.cfg, spec.resume, composed.recipes)
+            if spec.resume == "auto" and (run_dir / "config.yaml").is_file():
+                nothing_to_resume(run_dir, spec)  # a horizon below the run's step is refused here, before Hydra
             if not run_dir.exists():
                 _NEW_DIRS.add(str(run_dir.absolute()))
         first = first or (spec, composed)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from effitrain.config.resume import finished_summary
 from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
 from effitrain.registry import ConfigError
 from effitrain.train import _write_summary  # the runs' own atomic summary writer, for the pipeline's summary too
@@ -40,24 +41,13 @@ def stage_dirs(run_dir: Path, stages: list[StageDecl]) -> dict[str, Path]:
     return {s.name: run_dir / STAGES_DIR / s.dir_name for s in stages}
 
 
-def _finished_summary(stage_dir: Path) -> Optional[dict[str, Any]]:
-    path = stage_dir / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if summary.get("finished") else None
-
-
 def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[list[str]],
                  recipes: Optional[list[dict]]) -> dict[str, Any]:
     """Train every stage of ``spec.stages`` in order; returns (and writes) the pipeline summary."""
     import dataclasses
     import sys
 
-    from effitrain.config.resume import check_resume_config
+    from effitrain.config.resume import check_resume_config, nothing_to_resume
     from effitrain.console import attach_log, say
     from effitrain.engine.rundir import RunDirLock, check_run_dir, write_run_record
     from effitrain.parallel.dist import dist_env
@@ -66,7 +56,11 @@ def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[l
         raise ConfigError(f"resume: a multi-stage run resumes with resume=auto (it finds the stage that was running), "
                           f"not from one checkpoint ({spec.resume})")
     check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)
-    check_resume_config(run_dir, cfg, spec.resume)
+    check_resume_config(run_dir, cfg, spec.resume, recipes if recipes is not None else spec.recipes)
+    finished = nothing_to_resume(run_dir, spec) if spec.resume == "auto" else None
+    if finished is not None:  # before the lock and the run record: a finished pipeline is left as it is
+        say(finished.line)
+        return finished.summary
     env = dist_env()
     is_main = env.rank == 0
     lock = RunDirLock(run_dir)
@@ -99,6 +93,9 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     from effitrain.train import train
 
     stages: list[StageDecl] = spec.stages
+    # absolute: the stages' configs record the models they start from (model.path), and `effitrain resume
+    # outputs/r2` must find the same paths the first launch (which Hydra gave an absolute folder) stored
+    run_dir = run_dir.absolute()
     dirs = stage_dirs(run_dir, stages)
     final_models = {name: str(d / "final_model") for name, d in dirs.items()}
     concluded: dict[str, dict] = {}  # sweep stage -> the config delta it concluded
@@ -110,7 +107,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         for i, stage in enumerate(stages):
             stage_dir = dirs[stage.name]
             label = f"stage {stage.index}/{len(stages)} '{stage.name}'"
-            done = _finished_summary(stage_dir)
+            done = finished_summary(stage_dir)
             if done is not None:
                 say(f"{label}: finished before, not re-run ({stage_dir})")
                 if stage.sweep is not None:
@@ -206,7 +203,7 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
     results = []
     for k, (name, member_cfg) in enumerate(members):
         member_dir = stage_dir / MEMBERS_DIR / name
-        done = _finished_summary(member_dir)
+        done = finished_summary(member_dir)
         if done is None:
             resume = resuming and (member_dir / "config.yaml").is_file()
             member_cfg = {**member_cfg, "run_dir": str(member_dir), "resume": "auto" if resume else None,

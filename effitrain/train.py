@@ -246,12 +246,16 @@ def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional
 def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[list[str]],
            on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     from effitrain.console import attach_log, say
-    from effitrain.config.resume import check_resume_config
+    from effitrain.config.resume import check_resume_config, nothing_to_resume
     from effitrain.engine.rundir import RunDirLock, check_run_dir
     from effitrain.timeline_hooks import timeline_hooks
 
     check_run_dir(run_dir, resume=spec.resume, overwrite=spec.overwrite)  # read-only, so every rank agrees
-    check_resume_config(run_dir, cfg, spec.resume)
+    check_resume_config(run_dir, cfg, spec.resume, spec.recipes)
+    finished = nothing_to_resume(run_dir, spec) if spec.resume == "auto" else None
+    if finished is not None:  # before anything starts or is written: a finished run is left as it is
+        say(finished.line)
+        return finished.summary
     launch = _launch(spec)
     if len(_NESTED) == 1:  # the peak-memory figures are this run's, not an earlier sweep member's in this process
         from effitrain.engine.metrics import reset_peaks
@@ -490,8 +494,10 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         if outcome["finished"]:
             say(finished_line(summary, run_dir))
         if outcome.get("signal"):
+            # the outermost run: a pipeline resumes as a whole (it finds the stage that was running), never from
+            # one stage's folder
             say(f"stopped ({outcome['stopped_by']}) at step {state.step}; checkpoint saved, "
-                f"continue with resume=auto run_dir={run_dir}")
+                f"continue with: effitrain resume {_NESTED[0] if _NESTED else run_dir}")
         elif not outcome["finished"]:
             say(f"stopped at step {state.step}: {outcome['stopped_by']}; the run did not finish (see "
                 f"{run_dir / 'summary.json'})", err=True)

@@ -91,3 +91,19 @@ def sigkill_at(args: list[str], marker: Path, timeout: float = 300) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def ctrl_c_after(args: list[str], metrics: Path, lines: int, *, cwd: Path | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start ``effitrain ARGS`` as a user does in a terminal and press Ctrl-C (SIGINT to the process) once
+    ``metrics`` holds ``lines`` training log lines: the run saves at the end of the step it is in and exits."""
+    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd or REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

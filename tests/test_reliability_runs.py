@@ -198,8 +198,86 @@ def test_resume_remembers_the_runs_recipe(tmp_path):
 
 def test_resume_with_a_different_recipe_names_what_differs(tmp_path):
     run = mark_run(tmp_path / "run", composed("+recipe=galore"))
-    assert_refused(effitrain_cli("check", f"run_dir={run}", *TINY, "+recipe=lisa", "resume=auto"),
-                   "differs from the run's in", "effitrain resume")
+    result = effitrain_cli("check", f"run_dir={run}", *TINY, "+recipe=apollo", "resume=auto")
+    assert_refused(result, "the run's recipe is 'galore' and this launch's is 'apollo'",
+                   "differs from the run's in optimizer.name: 'galore' -> 'apollo'", "effitrain resume")
+    listed = result.stderr.split("differs from the run's in ")[1].split("; resume with")[0]
+    assert "recipe." not in listed   # the recipe's name, paper and claim are its description, not settings
+    assert_refused(effitrain_cli("check", "resume", str(run), "+recipe=apollo"),
+                   "recipe: 'galore' -> 'apollo' cannot change")
+    assert_refused(effitrain_cli("check", "resume", str(run), "optimizer=adamw"),
+                   "optimizer: 'galore' -> 'adamw' cannot change")
+
+
+def test_a_recipe_whose_description_changed_still_resumes_and_another_recipe_is_named(tmp_path):
+    """A recipe file whose paper or claim text was edited since the run started computes the same run; another
+    recipe with the very same settings is still another run, and is named as such."""
+    from effitrain.config.resume import check_resume_config
+    from effitrain.registry import ConfigError
+
+    stored = composed("+recipe=galore")
+    run = mark_run(tmp_path / "run", stored)
+    edited = {**stored, "recipe": {**stored["recipe"], "claim": "reworded", "notes": "more notes"}}
+    check_resume_config(run, edited, "auto", [edited["recipe"]])
+    renamed = {**stored, "recipe": {**stored["recipe"], "name": "my_galore"}}
+    with pytest.raises(ConfigError, match="the run's recipe is 'galore' and this launch's is 'my_galore'; no setting "
+                                          "differs"):
+        check_resume_config(run, renamed, "auto", [renamed["recipe"]])
+
+
+def test_paths_are_compared_resolved_on_resume(tmp_path, monkeypatch):
+    """A pipeline started as run_dir=outputs/r2 stored its stage's model path absolute (Hydra gives the task an
+    absolute folder); `effitrain resume outputs/r2` from the same folder spells it relative: the same path."""
+    from effitrain.config.resume import check_resume_config
+    from effitrain.registry import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    stored = composed()
+    stored["model"] = {"name": "pretrained", "path": str(tmp_path / "outputs/r2/stages/01-sft/final_model")}
+    run = mark_run(tmp_path / "run", stored)
+    relative = {**stored, "model": {**stored["model"], "path": "outputs/r2/stages/01-sft/final_model"}}
+    check_resume_config(run, relative, "auto")
+    dotted = {**stored, "model": {**stored["model"], "path": "./outputs/r2/stages/../stages/01-sft/final_model"}}
+    check_resume_config(run, dotted, "auto")
+    other = {**stored, "model": {**stored["model"], "path": "outputs/r3/stages/01-sft/final_model"}}
+    with pytest.raises(ConfigError, match="model.path: .* -> 'outputs/r3/stages/01-sft/final_model'"):
+        check_resume_config(run, other, "auto")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, train_in_process):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train_in_process(["train.max_steps=2"], run)
+    return run
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished_run):
+    """Exit 0, not 2: the request is valid and the run is already where it was asked to get, so a script or a
+    requeue loop that resumes until done ends there, instead of seeing a refusal."""
+    before = snapshot(finished_run)
+    # the verb, its spelling as overrides, and a launch that names a block option (composed, then Hydra's run)
+    for args in (["resume", str(finished_run)], [f"run_dir={finished_run}", "resume=auto"],
+                 [*TINY, "train.max_steps=2", "optimizer=adamw", f"run_dir={finished_run}", "resume=auto"]):
+        result = effitrain_cli(*args)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == (f"resume: {finished_run} finished at step 2 (train.max_steps"
+                                                          f"=2); nothing was changed; give a larger train.max_steps to "
+                                                          f"train it further"), result.stdout
+        assert "resumed from" not in result.stdout and "Traceback" not in result.stderr
+        assert snapshot(finished_run) == before
+    result = effitrain_cli("check", "resume", str(finished_run))
+    assert result.returncode == 0 and "finished at step 2" in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_with_a_horizon_below_the_runs_step_is_refused(finished_run):
+    before = snapshot(finished_run)
+    expected = "train.max_steps=1 is below step 2, where the run's newest checkpoint is"
+    assert_refused(effitrain_cli("resume", str(finished_run), "train.max_steps=1"), expected, "step_00000002")
+    assert_refused(effitrain_cli(f"run_dir={finished_run}", "resume=auto", "train.max_steps=1"), expected)
+    assert_refused(effitrain_cli("check", "resume", str(finished_run), "train.max_steps=1"), expected)
+    assert snapshot(finished_run) == before
 
 
 def test_resume_of_a_folder_that_holds_no_run_is_refused(tmp_path):

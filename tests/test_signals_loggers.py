@@ -31,7 +31,7 @@ def test_a_preemption_signal_or_ctrl_c_saves_a_checkpoint_and_exits_resumable(tm
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
-    assert "continue with resume=auto" in out and "Traceback" not in err
+    assert f"continue with: effitrain resume {run_dir}" in out and "Traceback" not in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] is False and summary["stopped_by"].startswith("signal")
     step = summary["steps"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,8 +74,11 @@ def remembers(overrides: list[str]) -> bool:
 
 def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Optional[list[dict]]]:
     """The run's stored config with the command line's safe overrides applied, set to resume in ``run_dir``."""
+    from effitrain.config.spec import BLOCK_GROUPS
+
     cfg = stored_config(run_dir)
     stored = flatten("", cfg, {})
+    recipes = stored_recipes(run_dir, cfg)
     changed = {}
     for override in parse_overrides(overrides):
         key, value = override.key_or_group, override.value()
@@ -82,19 +86,29 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
             continue
         if override.is_sweep_override():
             raise ConfigError(f"{key}: a resumed run takes one value, not a sweep")
-        if not _safe(key) and stored.get(key, "<unset>") != value:
-            changed[key] = (stored.get(key, "<unset>"), value)
+        if key == RECIPE_GROUP:  # naming the run's own recipe again is fine; another one is a different run
+            old, new = _recipe_names(recipes, cfg), [value] if isinstance(value, str) else list(value or [])
+            if old != new:
+                changed[key] = (_names_text(old), _names_text(new))
+            continue
+        if key in BLOCK_GROUPS:  # a block option (optimizer=adamw): compared with the option the run used
+            old = (cfg.get(key) or {}).get("name", "<unset>") if isinstance(cfg.get(key), dict) else "<unset>"
+            if old != value:
+                changed[key] = (repr(old), repr(value))
+            continue
+        if not _safe(key) and not same_value(stored.get(key, "<unset>"), value):
+            changed[key] = (repr(stored.get(key, "<unset>")), repr(value))
             continue
         _set(cfg, key, value)
     if changed:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:4])
+        shown = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(changed.items())[:4])
         raise ConfigError(f"resume: {shown} cannot change when a run resumes (it changes what the run computes); "
                           f"only {_safe_keys_text()} may; start a new run_dir for a different configuration")
     cfg.update(run_dir=str(run_dir), resume="auto", overwrite=False)
     from effitrain.config.stages import propagate_overrides
 
     propagate_overrides(cfg, parse_overrides(overrides))  # e.g. train.max_steps reaches every stage's delta
-    return cfg, stored_recipes(run_dir, cfg)
+    return cfg, recipes
 
 
 def saved_layout(run_dir: Path, cfg: dict[str, Any]) -> Optional[tuple[int, int, int]]:
@@ -157,32 +171,76 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str]) -> None:
+def same_value(old: Any, new: Any) -> bool:
+    """Equal, or two spellings of one path: a run started as ``run_dir=outputs/r2`` stored its stages' model paths
+    absolute (Hydra hands the task an absolute run directory), and ``effitrain resume outputs/r2`` from the same
+    folder spells them relative."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and _looks_like_path(old) and _looks_like_path(new):
+        return Path(old).expanduser().absolute().resolve() == Path(new).expanduser().absolute().resolve()
+    return False
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(("~", "."))
+
+
+def _recipe_names(recipes: Optional[list[Any]], cfg: dict[str, Any]) -> list[str]:
+    """The names of a run's recipes, from its recipe list (``recipes.yaml``, a composition's recipe blocks or a
+    spec's) or, for a run stored before that list, from the config's own ``recipe:`` block."""
+    if recipes is not None:
+        return [str(r.get("name", "?")) if isinstance(r, dict) else r.name for r in recipes]
+    block = cfg.get("recipe")
+    return [block["name"]] if isinstance(block, dict) and block.get("name") else []
+
+
+def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str],
+                        recipes: Optional[list[Any]] = None) -> None:
     """For a composed config (group choices on the command line): ``resume=auto`` continues the run only if the
-    result equals the stored config apart from :data:`RESUME_SAFE_KEYS`."""
+    result equals the stored config apart from :data:`RESUME_SAFE_KEYS`.  The recipes' own description (the
+    ``recipe:`` block: name, paper, claim) is not a setting: a different recipe is named once, by name, and only the
+    settings it changes are listed."""
     if resume != "auto" or not (run_dir / "config.yaml").is_file():
         return
     from effitrain.config.spec import OPTIONAL_GROUPS
 
     # a run stored before a group existed ran with that group's default option (objective: causal_lm)
     defaults = {g: dict(v) for g, v in OPTIONAL_GROUPS.items()}
-    stored = {**defaults, **stored_config(run_dir)}
+    stored_cfg = stored_config(run_dir)
+    stored = {**defaults, **stored_cfg}
     old, new = flatten("", stored, {}), flatten("", {**defaults, **dict(cfg)}, {})
     changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k, "<unset>") != new.get(k, "<unset>") and not _safe(k)]
+               if not same_value(old.get(k, "<unset>"), new.get(k, "<unset>")) and not _safe(k)
+               and not _recipe_description(k)]
+    old_recipes = _recipe_names(stored_recipes(run_dir, stored_cfg), stored_cfg)
+    new_recipes = _recipe_names(recipes, dict(cfg))
     if changed == ["train.grad_accum"] and _keeps_global_batch(run_dir, new):
         return  # an elastic resume with the grad_accum that keeps the global batch at this world size
-    if not changed and not _keeps_global_batch(run_dir, new, same_world_ok=True):
+    if not changed and old_recipes == new_recipes and not _keeps_global_batch(run_dir, new, same_world_ok=True):
         layout = saved_layout(run_dir, stored_config(run_dir))
         raise ConfigError(f"resume: the run was saved by {layout[0]} processes with global batch "
                           f"{layout[0] * layout[1] * layout[2]}, which this launch's world size changes; resume with "
                           f"`effitrain resume {run_dir}` (it sets train.grad_accum to keep the global batch)")
-    if changed:
+    if changed or old_recipes != new_recipes:
+        recipe = (f"the run's recipe is {_names_text(old_recipes)} and this launch's is {_names_text(new_recipes)}; "
+                  if old_recipes != new_recipes else "")
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise ConfigError(f"resume: this launch's config differs from the run's in {shown}{more}; resume with "
+        keys = f"this launch's config differs from the run's in {shown}{more}" if changed else \
+            "no setting differs"
+        raise ConfigError(f"resume: {recipe}{keys}; resume with "
                           f"`effitrain resume {run_dir}` (it remembers the run's recipe and overrides; see "
                           f"{run_dir / 'command.txt'}); only {_safe_keys_text()} may change")
+
+
+def _recipe_description(key: str) -> bool:
+    """``recipe.name``, ``recipe.paper``, ... describe the recipe; its settings are the other keys."""
+    return key == "recipe" or key.startswith("recipe.")
+
+
+def _names_text(names: list[str]) -> str:
+    return "+".join(f"'{n}'" for n in names) if names else "none"
 
 
 def _keeps_global_batch(run_dir: Path, flat: dict[str, Any], same_world_ok: bool = False) -> bool:
@@ -193,3 +251,75 @@ def _keeps_global_batch(run_dir: Path, flat: dict[str, Any], same_world_ok: bool
     if layout is None or layout[0] == world:
         return same_world_ok
     return flat["train.micro_batch_size"] * flat["train.grad_accum"] * world == layout[0] * layout[1] * layout[2]
+
+
+@dataclass
+class Finished:
+    """A run that ``resume=auto`` has nothing left to do for: its stored summary and the line that says so."""
+    summary: dict[str, Any]
+    line: str
+
+
+def nothing_to_resume(run_dir: Path, spec: Any) -> Optional[Finished]:
+    """What ``resume=auto`` of ``run_dir`` with the validated ``spec`` would do, decided before anything is written.
+
+    Refuses a horizon below the step the run (or the stage that was running) has reached: the run continues from
+    that checkpoint and would train past its own ``train.max_steps``.  Returns the run's summary when it finished at
+    or beyond the horizon asked for and its newest checkpoint is there too (a finished stage of a pipeline is never
+    trained further, so a finished pipeline is finished at any horizon); None when there is training left."""
+    if spec.stages:
+        return _pipeline_finished(run_dir, spec)
+    _check_horizon(run_dir, spec.train.max_steps)
+    summary = finished_summary(run_dir)
+    if summary is None or int(summary.get("steps") or 0) < spec.train.max_steps:
+        return None
+    newest = _newest_checkpoint_step(run_dir)
+    if newest is not None and newest < spec.train.max_steps:
+        return None  # its last checkpoints are gone: resume continues from the newest one left
+    return Finished(summary, f"resume: {run_dir} finished at step {summary['steps']} (train.max_steps="
+                             f"{spec.train.max_steps}); nothing was changed; give a larger train.max_steps to "
+                             f"train it further")
+
+
+def _pipeline_finished(run_dir: Path, spec: Any) -> Optional[Finished]:
+    from effitrain.config.stages import STAGES_DIR
+
+    unfinished = []
+    for stage, stage_spec in zip(spec.stages, spec.stage_specs):
+        stage_dir = run_dir / STAGES_DIR / stage.dir_name
+        if finished_summary(stage_dir) is None:
+            unfinished.append(stage.name)
+            if stage.sweep is None:
+                _check_horizon(stage_dir, stage_spec.train.max_steps, f" (stage '{stage.name}')")
+    summary = finished_summary(run_dir)
+    if summary is None or unfinished:  # e.g. a stage's record removed to train it again
+        return None
+    return Finished(summary, f"resume: {run_dir} finished all {len(spec.stages)} stages; nothing was changed (a "
+                             f"finished stage is not trained further: start a new run_dir to train longer)")
+
+
+def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
+    from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    return found[-1][0] if found else None
+
+
+def _check_horizon(run_dir: Path, max_steps: int, stage: str = "") -> None:
+    from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if found and max_steps < found[-1][0]:
+        step, path = found[-1]
+        raise ConfigError(f"resume: train.max_steps={max_steps}{stage} is below step {step}, where the run's newest "
+                          f"checkpoint is ({path}); a resumed run continues from there: give train.max_steps={step} "
+                          f"or more, or start a new run_dir")
+
+
+def finished_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's (or stage's, or sweep member's) ``summary.json`` if it says the run finished; else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("finished") else None

@@ -58,6 +58,44 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class LogWindow:
+    """The steps since the last log line: the summed loss that line will average, and the training time it will
+    divide the tokens by (evaluation and saving excluded).
+
+    It is part of every checkpoint (per rank: each rank sums its own losses), so that a run stopped between two log
+    lines (Ctrl-C, SIGTERM, a save_every that is not a multiple of log_every) logs, once resumed, exactly the line
+    the run that was never stopped logs: the same mean over the same steps, not a mean over only the steps after
+    the resume."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)  # summed step losses, kept on the device (no host sync)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.paused = 0.0           # seconds of evaluation and saving inside the window
+        self.carried = 0.0          # training seconds of this window spent before the resume
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.loss_sum += step_loss
+        self.steps += 1
+
+    def seconds(self, now: float) -> float:
+        return max(now - self.start - self.paused + self.carried, 1e-9)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start, self.paused, self.carried = time.perf_counter(), 0.0, 0.0
+
+    def state_dict(self, now: float) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.detach().cpu(), "steps": self.steps, "seconds": self.seconds(now)
+                if self.steps else 0.0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum = state["loss_sum"].to(self.loss_sum.device)
+        self.steps = int(state["steps"])
+        self.start, self.paused, self.carried = time.perf_counter(), 0.0, float(state["seconds"])
+
+
 def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag, true if it is true on any rank (one small all-reduce)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -96,6 +134,7 @@ class Trainer:
         self.tokens_per_s: float = 0.0
         self.gradient_bytes_at_step: Optional[int] = None  # gradients held just before this launch's first step
         self.train_seconds = 0.0
+        self.window = LogWindow(self.device)
 
     # ------------------------------------------------------------------------------------------------- batches
     def _to_batch(self, array: np.ndarray) -> dict[str, torch.Tensor]:
@@ -160,6 +199,7 @@ class Trainer:
         client = {"step": st.step, "micro_step": st.micro_step, "tokens": st.tokens,
                   "sampler": st.sampler.state_dict(), "hooks": self.bus.state_dict(),
                   "guard": self.guard.state_dict(), "train_seconds": self.train_seconds}
+        log_window = self._log_window_state()  # before the save: its time is not the window's training time
 
         def write(tmp: Path) -> None:
             st.engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
@@ -167,7 +207,8 @@ class Trainer:
             torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "objective": objective_state() if objective_state is not None else None},
+                        "objective": objective_state() if objective_state is not None else None,
+                        "log_window": log_window},
                        tmp / f"rank{st.rank}.pt")
             if self.is_main:
                 torch.save(client, tmp / "state.pt")
@@ -209,8 +250,27 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
             if rng.get("objective") is not None:
                 self.objective.load_state_dict(rng["objective"])
+            self._load_log_window(rng.get("log_window"))
 
     # ------------------------------------------------------------------------------------------------- logging
+    def _log_window_state(self) -> dict[str, Any]:
+        """This rank's part of the next log line: the window's loss and time, the objective's metric sums, and the
+        hooks' values not logged yet (e.g. LISA's switch count at a step between two log lines)."""
+        return {"world_size": self.state.world_size, **self.window.state_dict(time.perf_counter()),
+                "metric_sums": {name: value.detach().cpu() for name, value in self._metric_sums.items()},
+                "metric_count": self._metric_count, "hook_metrics": dict(self.state.metrics)}
+
+    def _load_log_window(self, saved: Optional[dict[str, Any]]) -> None:
+        """Continue the log window the checkpoint was saved in.  A checkpoint from before windows were saved, or
+        saved by another number of processes (each rank's sums belong to its own rows), starts an empty window:
+        the first line after the resume then averages only the steps since the resume."""
+        if saved is None or saved["world_size"] != self.state.world_size:
+            return
+        self.window.load_state_dict(saved)
+        self._metric_sums = {name: value.to(self.device) for name, value in saved["metric_sums"].items()}
+        self._metric_count = int(saved["metric_count"])
+        self.state.metrics = dict(saved["hook_metrics"])
+
     def _add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         """Sum the objective's detached 0-d metrics on the device: no host sync until the log point."""
         for name, value in metrics.items():
@@ -230,16 +290,17 @@ class Trainer:
         self._metric_sums, self._metric_count = {}, 0
         return dict(zip(names, means.tolist()))
 
-    def _log(self, mean_loss: torch.Tensor, window_steps: int, window_start: float, paused: float) -> None:
+    def _log(self) -> None:
         """One log line for the window of steps since the last one.  ``.item()`` is the loop's host sync, so the
         window's time is read after it (on a GPU the queued work has finished by then)."""
-        st, engine = self.state, self.state.engine
-        loss = mean_loss.item()
+        st, engine, window = self.state, self.state.engine, self.window
+        window_steps = window.steps
+        loss = (window.loss_sum / window_steps).item()
         if dist.is_initialized() and st.world_size > 1:
             t = torch.tensor([loss], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             loss = float(t.item()) / st.world_size
-        elapsed = max(time.perf_counter() - window_start - paused, 1e-9)
+        elapsed = window.seconds(time.perf_counter())
         self.train_seconds += elapsed
         self.tokens_per_s = self.tokens_per_step * window_steps / elapsed
         line = {"step": st.step, "tokens": st.tokens, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
@@ -257,6 +318,7 @@ class Trainer:
         st.metrics = {}
         if self.is_main:
             self.sinks.log(line)
+        window.reset()
 
     # ------------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -274,9 +336,8 @@ class Trainer:
         if st.step == 0:
             self._eval_and_log()
         batches = iter(st.sampler)
-        loss_sum = torch.zeros((), device=self.device)  # summed micro-batch losses since the last log line
-        window_steps = 0
-        window_start, paused = time.perf_counter(), 0.0
+        window = self.window  # restored by load_checkpoint when the run was stopped between two log lines
+        window.start, window.paused = time.perf_counter(), 0.0  # building and loading are not training time
         last_saved = st.step if st.step > 0 else -1
         stopped_by: Optional[str] = None
         started = False
@@ -304,8 +365,7 @@ class Trainer:
             if not started:
                 started = True
                 self.on_started()
-            loss_sum += step_loss / cfg.grad_accum
-            window_steps += 1
+            window.add(step_loss / cfg.grad_accum)
             self.bus.emit("step_end", st)
             if self.is_main:
                 self.sinks.on_step(st.step)
@@ -314,9 +374,7 @@ class Trainer:
 
             at_log = st.step % cfg.log_every == 0 or st.step == cfg.max_steps
             if at_log:
-                self._log(loss_sum / window_steps, window_steps, window_start, paused)
-                loss_sum.zero_()
-                window_steps = 0
+                self._log()
             # one process sees a signal at the next step; several agree on it at log points (a collective)
             signalled = self.stop.received is not None
             timed = cfg.save_every_minutes > 0 and time.monotonic() - last_saved_at >= 60 * cfg.save_every_minutes
@@ -326,17 +384,17 @@ class Trainer:
                 received = self.stop.received
                 stopped_by = f"signal {signal.Signals(received).name if received else 'on another rank'}"
 
-            if at_log:
-                window_start, paused = time.perf_counter(), 0.0
             pause_start = time.perf_counter()  # evaluation and saving do not count towards tokens/s
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.max_steps:
                 self._eval_and_log()
             if (cfg.save_every and st.step % cfg.save_every == 0) or timed or stopped_by or st.should_stop:
+                window.paused += time.perf_counter() - pause_start  # the window's training time ends here
+                pause_start = time.perf_counter()
                 self.save_checkpoint()
                 last_saved, last_saved_at = st.step, time.monotonic()
             if stopped_by or st.should_stop:
                 break
-            paused += time.perf_counter() - pause_start
+            window.paused += time.perf_counter() - pause_start
 
         finished = st.step >= cfg.max_steps and not st.should_stop
         if finished:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from effitrain.linalg import svd
 from effitrain.models.replace import fold_to_linears, replace_linears
 from effitrain.registry import ConfigError
 
@@ -132,7 +133,7 @@ def project_dense(weight: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, tor
             if not terms:
                 continue
             block = rows[:, b, i * p:(i + 1) * p]           # [s, p]
-            u, sv, vh = torch.linalg.svd(block, full_matrices=False)
+            u, sv, vh = svd(block)
             for n, (r, j) in enumerate(terms):
                 if n >= len(sv):
                     break

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effitrain.engine.events import Hook
+from effitrain.linalg import svd
 from effitrain.models.replace import fold_to_linears, replace_linears
 
 
@@ -55,7 +56,7 @@ class SpectralLinear(nn.Module):
             raise ValueError(f"rank {rank} is outside 1..{self.full_rank} for a {self.out_features}x"
                              f"{self.in_features} layer")
         self.rank, self.seed, self.index, self.enhanced_gradient = rank, seed, index, enhanced_gradient
-        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        u, s, vh = svd(weight.float())
         dtype, device = weight.dtype, weight.device
         self.register_buffer("U", u.to(dtype))                       # out x k, columns: left singular vectors
         self.register_buffer("V", vh.T.contiguous().to(dtype))       # in x k, columns: right singular vectors
@@ -116,7 +117,7 @@ class SpectralLinear(nn.Module):
     def redecompose(self) -> None:
         """End of a round: write back, re-SVD the whole matrix (orthonormal factors again, same W), draw anew."""
         self.write_back()
-        u, s, vh = torch.linalg.svd(self.dense_weight().float(), full_matrices=False)
+        u, s, vh = svd(self.dense_weight().float())
         self.U.copy_(u)
         self.V.copy_(vh.T)
         self.S.copy_(s)

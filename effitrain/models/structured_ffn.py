@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from effitrain.engine.events import Hook
+from effitrain.linalg import svd
 from effitrain.models.monarch import MonarchLinear
 from effitrain.models.replace import fold_to_linears, replace_linears
 from effitrain.registry import ConfigError
@@ -48,7 +49,7 @@ def _normal_fan_in(param: torch.Tensor) -> None:
 @torch.no_grad()
 def _orthogonalise(matrix: torch.Tensor) -> torch.Tensor:
     """The authors' ``post_init: ortho``: ``U Vh`` of the matrix's SVD (its singular values set to one)."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, _, vh = svd(matrix)
     return u @ vh
 
 
@@ -65,7 +66,7 @@ class LowRankLinear(nn.Module):
         with torch.no_grad():   # post_init "svd": the best rank-r approximation of a random dense init
             dense = torch.empty(out_features, in_features)
             _normal_fan_in(dense)
-            u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+            u, s, vh = svd(dense)
             root = s[:rank].sqrt()
             self.lr1.copy_(root[:, None] * vh[:rank])
             self.lr2.copy_(u[:, :rank] * root[None, :])

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from effitrain.linalg import svd
+
 
 class Projector:
     kind = "base"
@@ -99,7 +101,7 @@ class SVDProjector(Projector):
     kind = "svd"
 
     def _choose(self, grad: torch.Tensor, state: dict) -> None:
-        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        u, _, vh = svd(grad)  # the same basis at any CPU thread count (effitrain.linalg)
         if self.right_side(grad.shape):
             state["proj"] = vh[: self.rank].transpose(0, 1).contiguous()  # n x r
         else:
