@@ -35,7 +35,9 @@ class _RowScoreSource:
     """Where a row's score comes from: exactly one of ``scorer`` (a target-free selection scorer run on the rows'
     text; default ``{name: perplexity}``: a pool proxy's loss) and ``domain_order`` (domains, lowest score first)."""
     scorer: Optional[dict[str, Any]] = param(None, help="selection scorer block run on the rows, e.g. {name: "
-                                                        "perplexity, proxy_steps: 400}; null = perplexity")
+                                                        "perplexity, proxy_steps: 400}; null = perplexity.  Each "
+                                                        "row is scored whole: an unset max_length covers the "
+                                                        "longest row")
     domain_order: Optional[list[str]] = param(None, help="declared difficulty: every training domain, easiest "
                                                          "(lowest score) first")
 
