@@ -96,7 +96,7 @@ class SpectralLinear(nn.Module):
         self.bias = linear.bias
         for p in (self.S, self.U_sampled, self.V_sampled):
             p._effitrain_flops_excluded = True  # the hook reports the layer's true cost (dense W per token)
-        self.draws = 0    # samples drawn after the first (the draw number seeds the next one)
+        self.draws = 0    # the number of the current sample (0: the first); it seeds that draw
         self.rounds = 0   # re-decompositions done
         self.load_sample(self.draw(0))
 
