@@ -246,6 +246,7 @@ def test_a_row_is_scored_whole_so_rows_alike_for_their_first_200_bytes_rank_by_t
     tl = timeline({"function": "linear", "start": 0.1, "until": 0.5}, max_steps=20)
     paced = build_difficulty(DifficultyParams(scorer=scorer), packed, timeline=tl, tokenizer=bpe, **LAYOUT)
     assert sorted(paced.order[:8].tolist()) == list(range(8))            # the easy tails first
-    descending = build_scored_order(ScoredOrderParams(scorer=scorer, order="descending", fit_to_run=False), packed,
-                                    tokenizer=bpe, **LAYOUT)
+    as_recipes_set_it = {**scorer, "max_length": None}                   # null: the whole row, as the recipes say
+    descending = build_scored_order(ScoredOrderParams(scorer=as_recipes_set_it, order="descending", fit_to_run=False),
+                                    packed, tokenizer=bpe, **LAYOUT)
     assert sorted(descending.order[:8].tolist()) == list(range(8, 16))   # highest loss first: the random tails
