@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from effitrain.curriculum.folding import FixedOrderSampler, folding_order, top_ratio
 from effitrain.curriculum.delt import delt_order
@@ -206,6 +207,52 @@ def test_lqs_ranks_rows_like_the_target_above_unrelated_rows():
     assert info["ct_states"] == [0, 2, 4]
     assert score[:12].mean() > score[12:].mean() + 0.3
     assert (score[:12] > np.median(score[12:])).sum() >= 8
+
+
+def test_lqs_lambda_holds_the_authors_count_of_target_gradients_and_ct_is_the_learnability_ratio(monkeypatch):
+    """By hand, with crafted gradients: 20 proxy steps, states 0, 5, 10, 15 (interval 5), final state 20.  The
+    authors' lambda at state s sums the target gradients of states s+1 .. 20; each recorded one stands for the
+    5 steps ending at it, so lambda(15) = 5 g20, lambda(10) = 5 g20 + 5 g15, ...  A row's contribution at s is
+    |lambda| x (|g_n(s)| / |g_n(later)|) x cos(g_n(s), lambda), the later norm 1 at the first state scored."""
+    from effitrain.curriculum import lqs
+
+    dev = {0: [1.0, 0.0], 5: [0.0, 2.0], 10: [1.0, 1.0], 15: [3.0, 0.0], 20: [0.0, 1.0]}
+    rows = {15: [[1.0, 0.0], [0.0, 1.0]], 10: [[2.0, 0.0], [0.0, 3.0]],     # row 0 grows, row 1 grows faster
+            5: [[2.0, 2.0], [0.0, -1.0]], 0: [[4.0, 0.0], [1.0, 1.0]]}
+    dev_calls, row_calls = [], []
+
+    def fake_dev_gradient(model, ids):      # called at the recorded states and the final one, in training order
+        step = sorted(dev)[len(dev_calls)]
+        dev_calls.append(step)
+        return torch.tensor(dev[step], dtype=torch.float64)
+
+    def fake_row_gradients(model, rows_ids):   # called at the recorded states, latest first
+        step = sorted(rows, reverse=True)[len(row_calls)]
+        row_calls.append(step)
+        yield 0, torch.tensor(rows[step], dtype=torch.float64)
+
+    monkeypatch.setattr(lqs, "_flat_grad", fake_dev_gradient)
+    monkeypatch.setattr(lqs, "row_gradients", fake_row_gradients)
+    ids = np.random.default_rng(0).integers(0, 8, (2, 6))
+    score, info = lqs.lqs_scores(ids, ids, proxy_steps=20, states=4, batch_size=2, lr=1e-2, hidden=32, layers=1,
+                                 seed=0)
+    assert info["ct_states"] == [0, 5, 10, 15] and dev_calls == [0, 5, 10, 15, 20] and row_calls == [15, 10, 5, 0]
+
+    g = {s: np.array(v) for s, v in dev.items()}
+    lam = {15: 5 * g[20], 10: 5 * g[20] + 5 * g[15], 5: 5 * g[20] + 5 * g[15] + 5 * g[10],
+           0: 5 * g[20] + 5 * g[15] + 5 * g[10] + 5 * g[5]}
+    for n in (0, 1):
+        expected, later = 0.0, 1.0
+        for s in (15, 10, 5, 0):
+            mine = np.array(rows[s][n])
+            learnability = np.linalg.norm(mine) / later
+            cos = mine @ lam[s] / (np.linalg.norm(mine) * np.linalg.norm(lam[s]))
+            expected += np.linalg.norm(lam[s]) * learnability * cos
+            later = np.linalg.norm(mine)
+        assert score[n] == pytest.approx(expected)
+    # an uneven spacing: the final state stands for the 10 steps after the last recorded one, 90 for 30
+    assert lqs.adjoint_weights([15, 10, 5, 0], 20) == {20: 5, 15: 5, 10: 5, 5: 5}
+    assert lqs.adjoint_weights([90, 60], 100) == {100: 10, 90: 30}
 
 
 def test_the_cached_scores_are_reused_and_scorer_fills_unannotated_rows(tmp_path):

@@ -158,3 +158,95 @@ def test_a_short_run_sorts_a_random_subset_of_its_own_size():
     assert [position[r] for r in subset.tolist()] == sorted(position[r] for r in subset.tolist())  # still sorted
     assert run_subset(order, 10, seed=0).tolist() == order.tolist()                            # long run: all
     assert run_subset(order, 4, seed=0).tolist() == subset.tolist()                            # seeded
+
+
+# ------------------------------------------------------------------ the builders' direction, from the score source
+DOMAINS = ["prose", "code", "arithmetic"] * 20            # 60 rows, declared easiest first below: arithmetic
+EASIEST_FIRST = ["arithmetic", "code", "prose"]
+
+
+def _packed(domains, rows=None):
+    import datasets
+
+    rows = rows if rows is not None else [[i % 50] * 8 for i in range(len(domains))]
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=len(rows[0])),
+                                  "domain": datasets.Value("string")})   # as packing writes them: fixed length
+    return datasets.Dataset.from_dict({"input_ids": rows, "domain": list(domains)}, features=features)
+
+
+@pytest.mark.parametrize("direction, first, last", [("easy_first", "arithmetic", "prose"),
+                                                    ("hard_first", "prose", "arithmetic")])
+def test_build_difficulty_starts_at_the_low_score_end_and_hard_first_at_the_other(direction, first, last):
+    from effitrain.config.blocks.curriculum import DifficultyParams
+    from effitrain.curriculum.difficulty import build_difficulty
+
+    domains = np.array(DOMAINS)
+    tl = timeline({"function": "linear", "start": 0.1, "until": 0.5}, max_steps=20)
+    paced = build_difficulty(DifficultyParams(domain_order=EASIEST_FIRST, direction=direction), _packed(DOMAINS),
+                             timeline=tl, **LAYOUT)
+    assert set(domains[paced.slots(0)]) == {first}          # c = 0.1: the 6 rows at the start of the order
+    assert set(domains[paced.order[:20]]) == {first} and set(domains[paced.order[-20:]]) == {last}
+    weighted = build_difficulty(DifficultyParams(domain_order=EASIEST_FIRST, direction=direction, mode="weight"),
+                                _packed(DOMAINS), timeline=tl, **LAYOUT)
+    w = weighted.hook.weights(list(range(60)), 0)           # the far end starts near c0, the near end near 1
+    assert w[domains == first].min() > w[domains == "code"].max() >= w[domains == "code"].min() > \
+        w[domains == last].max()
+    assert w.min() == pytest.approx(0.1) and w.max() == 1.0
+
+
+@pytest.mark.parametrize("order, first", [("ascending", "arithmetic"), ("descending", "prose")])
+def test_build_scored_order_puts_the_lowest_score_first_when_ascending(order, first):
+    from effitrain.config.blocks.curriculum import ScoredOrderParams
+    from effitrain.curriculum.scored_order import build_scored_order
+
+    sampler = build_scored_order(ScoredOrderParams(domain_order=EASIEST_FIRST, order=order, fit_to_run=False),
+                                 _packed(DOMAINS), **LAYOUT)
+    domains = np.array(DOMAINS)[sampler.order]
+    expected = EASIEST_FIRST if order == "ascending" else EASIEST_FIRST[::-1]
+    assert [set(domains[i:i + 20]) for i in (0, 20, 40)] == [{d} for d in expected] and domains[0] == first
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    import datasets
+    import transformers
+
+    from effitrain.data.tokenizer import train_bpe
+
+    words = "the quick brown fox jumps over the lazy dog while a small cat watches from the warm window".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 30)) for _ in range(200)]
+    folder = tmp_path_factory.mktemp("bpe")
+    train_bpe(datasets.Dataset.from_dict({"text": texts}), 300, folder)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def test_a_row_is_scored_whole_so_rows_alike_for_their_first_200_bytes_rank_by_their_tails(bpe):
+    """Eight rows continue a shared 200-byte opening with the same sentence again (easy for the proxy), eight with
+    random letters (hard).  Scored on their first 127 bytes (the byte proxy's old max_length 128) all 16 tie; scored
+    whole, every easy row ranks easier than every hard one, in both builders."""
+    from effitrain.config.blocks.curriculum import DifficultyParams, ScoredOrderParams
+    from effitrain.curriculum.difficulty import build_difficulty
+    from effitrain.curriculum.scored_order import build_scored_order
+    from effitrain.registry import load_builtin_blocks
+
+    load_builtin_blocks()
+    sentence = "the quick brown fox jumps over the lazy dog. "
+    opening = (sentence * 5)[:200]
+    rng = np.random.default_rng(1)
+    easy = [opening + sentence * 6 for _ in range(8)]
+    hard = [opening + "".join(rng.choice(list("qzxjvkwy"), 300)) for _ in range(8)]
+    ids = [bpe(text, add_special_tokens=False)["input_ids"] for text in easy + hard]
+    width = min(map(len, ids))
+    rows = [row[:width] for row in ids]
+    decoded = bpe.batch_decode(rows, skip_special_tokens=True)
+    assert len({text.encode()[:200] for text in decoded}) == 1 and min(len(t.encode()) for t in decoded) > 300
+    packed = _packed(["prose"] * 16, rows)
+    scorer = {"name": "perplexity", "proxy_steps": 20, "proxy_batch_size": 8}
+    tl = timeline({"function": "linear", "start": 0.1, "until": 0.5}, max_steps=20)
+    paced = build_difficulty(DifficultyParams(scorer=scorer), packed, timeline=tl, tokenizer=bpe, **LAYOUT)
+    assert sorted(paced.order[:8].tolist()) == list(range(8))            # the easy tails first
+    as_recipes_set_it = {**scorer, "max_length": None}                   # null: the whole row, as the recipes say
+    descending = build_scored_order(ScoredOrderParams(scorer=as_recipes_set_it, order="descending", fit_to_run=False),
+                                    packed, tokenizer=bpe, **LAYOUT)
+    assert sorted(descending.order[:8].tolist()) == list(range(8, 16))   # highest loss first: the random tails

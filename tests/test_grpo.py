@@ -152,6 +152,82 @@ def test_samples_depend_only_on_seed_micro_step_and_rank(tokenizer):
     assert first.shape == (2 * 4, 6)
 
 
+def _opinionated_checkpoint(tokenizer, folder, sharpness, **generation):
+    """A saved tiny model whose generation_config.json asks for ``generation``.  Its embeddings are tied, so the
+    last input token is the likeliest next one (a repetition, what a repetition penalty acts on), more so as the
+    final norm's ``sharpness`` scales the logits."""
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpness)
+    model.generation_config.update(**generation)
+    model.save_pretrained(folder)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert all(getattr(loaded.generation_config, k) == v for k, v in generation.items())
+    return loaded
+
+
+def test_grpo_samples_from_softmax_of_logits_over_t_whatever_the_checkpoints_generation_config(tokenizer, tmp_path):
+    """A checkpoint whose generation_config.json sets repetition_penalty=2.0 (and a top-k, a min-p): 4000 one-token
+    completions of a prompt follow softmax(logits / T), the distribution GRPO scores them under (chi-square over
+    the likeliest tokens and the rest, p = 0.001); the penalised distribution would be far off."""
+    model = _opinionated_checkpoint(tokenizer, tmp_path / "ckpt", 4.0, do_sample=True, repetition_penalty=2.0,
+                                    top_k=3, min_p=0.3)
+    temperature, draws = 0.7, 4000
+    obj = grpo.GRPO(tokenizer, [], None, group_size=draws, max_new_tokens=1, temperature=temperature, beta=0.0,
+                    epsilon=0.2, epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
+    batch, _ = _prompt_batch(tokenizer, 1)
+    ids, mask = grpo.left_pad(grpo.split_prompts(batch)[0], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    penalised = logits.clone()
+    seen = ids[0].unique()
+    penalised[seen] = torch.where(penalised[seen] > 0, penalised[seen] / 2.0, penalised[seen] * 2.0)
+    penalised_probs = torch.softmax(penalised / temperature, dim=-1)
+
+    sampled = obj.sample(model, ids, mask, grpo.sampling_seed(0, 0, 0))[:, 0]
+    counts = torch.bincount(sampled, minlength=len(probs)).double()
+    bins = probs.argsort(descending=True)[:6]                 # the likeliest tokens, each its own bin; then the rest
+
+    def binned(p):
+        rest = torch.ones_like(p, dtype=torch.bool)
+        rest[bins] = False
+        return torch.cat([p[bins], p[rest].sum().unsqueeze(0)])
+
+    expected, observed = draws * binned(probs), binned(counts)
+    assert float(expected.min()) >= 5                          # the chi-square approximation holds
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 22.46                                  # 6 degrees of freedom, p = 0.001
+    off = draws * binned(penalised_probs)                      # what the checkpoint's penalty alone would give
+    assert float(((off - expected) ** 2 / expected).sum()) > 200
+    assert model.generation_config.repetition_penalty == 2.0   # the checkpoint's own config is left as it was
+
+
+def test_answer_accuracy_decodes_greedily_on_the_models_logits_whatever_its_generation_config(tokenizer, tmp_path):
+    from effitrain.methods.answer_accuracy import AnswerAccuracy
+
+    model = _opinionated_checkpoint(tokenizer, tmp_path / "ckpt", 8.0, repetition_penalty=2.0,
+                                    no_repeat_ngram_size=1)
+    batch, _ = _prompt_batch(tokenizer, 2)
+    prompts, _ = grpo.split_prompts(batch)
+    hook = AnswerAccuracy(tokenizer, examples=2, max_new_tokens=8, batch_size=2, extract="full")
+    texts, lengths = hook.responses(model, prompts)
+    repeats = 0
+    for prompt, text, length in zip(prompts, texts, lengths):
+        tokens = list(prompt)
+        with torch.no_grad():                                  # greedy by hand: argmax of the plain logits
+            for _ in range(length):
+                tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+        generated = tokens[len(prompt):]
+        assert text == tokenizer.decode(generated, skip_special_tokens=True)
+        repeats += len(generated) - len(set(generated)) + len(set(generated) & set(prompt))
+    assert repeats > 0      # the checkpoint's penalty and banned repeats would have changed these answers
+
+
 def test_one_update_raises_the_probability_of_rewarded_samples(tokenizer):
     """Crafted case: the reward is the share of a completion's characters that are digits.  After one SGD step on
     the GRPO loss (beta 0), the completions that scored above their group's mean became more likely on average and
@@ -275,6 +351,35 @@ def test_answer_accuracy_reads_boxed_answers_and_reports_the_rl_rewards(tokenize
     # answer 1: right and well formed = 10 + 0.5 x 1; answer 2: wrong, no <think> = 0 + 0.5 x 0.5
     assert figures == pytest.approx({"eval_reward_exact_answer": 5.0, "eval_reward_format": 0.75,
                                      "eval_reward": (10.5 + 0.25) / 2, "eval_reward_std": (10.5 - 0.25) / 2})
+
+
+def test_sft_then_grpo_rewards_are_r1s_accuracy_plus_format_on_the_sft_stages_answer_style(tokenizer):
+    """The recipe's RL stage, as composed: DeepSeek-R1's rule-based rewards with weight 1 each, the accuracy reward
+    on the boxed number and the format reward on the <think> reasoning, scored against references in the answer
+    style the SFT stage trained (think_boxed).  A right, well-formed answer gets 2; each half alone 1."""
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+    from effitrain.objectives.rewards import build_rewards
+
+    composed = compose_config(["+recipe=sft_then_grpo"])
+    sft, rl = validate(composed.cfg, composed.recipes).stage_specs
+    assert sft.block("objective").name == "sft" and rl.block("objective").name == "grpo"
+    assert sft.block("dataset").params.answer_style == rl.block("dataset").params.answer_style == "think_boxed"
+    params = rl.block("objective").params
+    obj = grpo.GRPO(tokenizer, build_rewards(params.reward_blocks), None, group_size=5,
+                    max_new_tokens=params.max_new_tokens, temperature=1.0, beta=params.beta, epsilon=0.2,
+                    epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
+    reference = arithmetic_chat.response("What is 40+42?", 82, "think_boxed")
+    responses = [reference,                            # right and well formed
+                 "<think>40+42</think> \\boxed{81}",    # well formed, wrong
+                 "\\boxed{82}",                          # right, no reasoning block
+                 "<think>40+42</think> 82",              # reasoning, no boxed answer to check
+                 "82"]                                   # neither
+    total, means = obj.score(responses, [reference] * 5, [9] * 5, "cpu")
+    assert total.tolist() == [2.0, 1.0, 1.0, 1.0, 0.0]
+    assert {k: round(float(v), 6) for k, v in means.items()} == {"reward_exact_answer": 0.4, "reward_format": 0.6}
+    advantages = grpo.group_advantages(total, 5)
+    assert advantages[0] > advantages[1] == advantages[2] == advantages[3] > advantages[4]
 
 
 def test_iterations_reuse_the_samples_so_the_ratio_moves_and_is_clipped(tokenizer):

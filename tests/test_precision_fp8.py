@@ -120,6 +120,52 @@ def test_adamw_fp8_builds_torchao_optimizer_with_decay_groups():
         (1, 0.1), (3, 0.0)]
 
 
+def _compiled_step(optimizer):
+    """``optimizer.step()``; skips where torchao's step cannot be compiled (it runs the update through
+    ``torch.compile``, whose CPU backend needs a C++ compiler) -- the one place this check cannot run."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        optimizer.step()
+    except Exception as error:   # dynamo wraps the backend's failure
+        if isinstance(error, InvalidCxxCompiler) or isinstance(getattr(error, "inner_exception", None),
+                                                                InvalidCxxCompiler):
+            pytest.skip(f"torchao's AdamWFp8 compiles its step with torch.compile, which needs a C++ compiler "
+                        f"here: {error}")
+        raise
+
+
+def test_coat_stores_both_adam_moments_in_fp8_after_a_step():
+    """COAT's optimizer half, as the recipe builds it: after one step the moments of a large matrix are E4M3 codes
+    (1 byte a value) with one fp32 scale per block of 128, and they dequantise to AdamW's first-step moments
+    (1 - beta) g and (1 - beta2) g^2 within E4M3's rounding (3 mantissa bits: a relative 2^-4, or 2^-9 of the
+    block's scale for the smallest values); small tensors keep fp32 moments, as torchao (and bitsandbytes) do."""
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
+    block = spec("+recipe=coat").block("optimizer")
+    optimizer = block.build(model, max_steps=10)
+    grads = {p: torch.randn_like(p) for p in model.parameters()}
+    for p, g in grads.items():
+        p.grad = g.clone()
+    _compiled_step(optimizer)
+    weight = model[0].weight
+    state = optimizer.state[weight]
+    beta1, beta2 = block.params.beta1, block.params.beta2
+    for key, exact in (("exp_avg", (1 - beta1) * grads[weight]), ("exp_avg_sq", (1 - beta2) * grads[weight] ** 2)):
+        moment = state[key]
+        assert isinstance(moment, OptimStateFp8) and moment.codes.dtype == torch.float8_e4m3fn
+        assert moment.codes.element_size() == 1 and moment.codes.numel() == weight.numel() == 8192
+        assert moment.scale.dtype == torch.float32 and moment.block_size == 128 and moment.scale.numel() == 8192 // 128
+        stored = moment.dequantize()
+        scale = moment.scale.repeat_interleave(128).view_as(exact)
+        assert bool(((stored - exact).abs() <= exact.abs() * 2 ** -4 + scale * 2 ** -9).all())
+        assert not torch.equal(stored, exact)   # rounded: the moments are not kept in full precision somewhere
+    for small in (model[0].bias, model[1].weight):
+        assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in optimizer.state[small].values())
+
+
 def test_kernel_switches_are_refused_where_they_cannot_run(monkeypatch):
     from effitrain.config.blocks import model_kernels
     monkeypatch.setattr(model_kernels, "installed", lambda module: True)

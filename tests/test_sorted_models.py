@@ -80,6 +80,41 @@ def test_sortednet_draws_depths_with_the_declared_odds_the_same_after_a_resume()
     assert {only_three.depth_of_step(s) for s in range(100)} == {3}
 
 
+def test_sortednet_accumulates_each_micro_batchs_sub_model_gradient_over_a_step():
+    """Three micro-batches of one optimizer step, each backward adding into .grad as the engine's accumulation
+    does: the accumulated gradient is the sum of each micro-batch's own sub-model gradient (the depth it reports),
+    computed alone by hand, and the layers above every trained depth accumulate nothing."""
+    model = _tiny()
+    objective = _objective(model)
+    step = next(s for s in range(100) if objective.depth_of_step(s) == 2)   # a sub-model that leaves layers out
+    batches = [torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    depths = []
+    for micro, ids in enumerate(batches):
+        loss, metrics = objective(model, {"input_ids": ids, "labels": ids},
+                                  SimpleNamespace(step=step, micro_step=3 * step + micro))
+        (loss / len(batches)).backward()
+        depths.append(int(metrics["sampled_depth"]))
+    accumulated = {name: p.grad for name, p in model.named_parameters()}
+
+    expected: dict = {}
+    last_alone: dict = {}
+    for ids, depth in zip(batches, depths):
+        model.zero_grad(set_to_none=True)
+        with truncated_depth(model, depth):
+            (model(input_ids=ids, labels=ids).loss / len(batches)).backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                expected[name] = expected.get(name, 0) + p.grad
+                last_alone[name] = p.grad
+    assert set(name for name, g in accumulated.items() if g is not None) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7)
+    above = {f"model.layers.{i}." for i in range(max(depths), 4)}
+    assert above and not any(name.startswith(tuple(above)) for name in expected)
+    head = "model.embed_tokens.weight"                  # every micro-batch added to it: not just the last one's
+    assert not torch.allclose(accumulated[head], last_alone[head])
+
+
 def test_sortednet_is_charged_only_for_the_layers_it_ran():
     model = _tiny()
     objective = _objective(model)

@@ -97,27 +97,105 @@ def test_redecomposition_restores_orthonormal_factors_keeps_W_and_draws_anew():
     assert torch.equal(layer.sampled, layer.draw(1))
 
 
-def test_the_hook_ends_a_round_every_interval_drops_the_optimizer_state_and_counts_flops():
-    _, layer = _layer(rank=4)
+def _hooked(layer, **hook_args):
     model = nn.Sequential(layer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    hook = SparseSpectral(interval=3)
+    hook = SparseSpectral(**hook_args)
     state = SimpleNamespace(model=model, optimizer=optimizer, step=0, metrics={}, tokens=0, micro_step=0,
                             world_size=1)
     hook.on_fit_start(state)
-    for step in (1, 2, 3):
-        model(torch.randn(8, IN)).pow(2).mean().backward()
+    return model, optimizer, hook, state
+
+
+def _train_step(model, optimizer, hook, state, loss_fn=lambda y: y.pow(2).mean()):
+    loss_fn(model(torch.randn(8, IN))).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    state.step += 1
+    state.tokens, state.micro_step = 8 * state.step, state.step
+    hook.on_step_end(state)
+
+
+def _orthonormal(layer) -> bool:
+    u, v = layer.factors()
+    eye = torch.eye(layer.full_rank)
+    return torch.allclose(u.T @ u, eye, atol=1e-4) and torch.allclose(v.T @ v, eye, atol=1e-4)
+
+
+def test_after_every_step_the_trained_vectors_have_unit_length_and_no_singular_value_is_negative():
+    _, layer = _layer(rank=4)
+    model, optimizer, hook, state = _hooked(layer, interval=1000)
+    with torch.no_grad():  # the smallest singular values sit just above 0, where a step pushes some of them below
+        layer.S[12:] = 1e-3
+    optimizer.param_groups[0]["lr"] = 0.05
+    drifted = negative = 0
+    for _ in range(5):
+        loss_fn = lambda y: -(y * y.detach().sign()).mean() + y.pow(2).mean()
+        loss_fn(model(torch.randn(8, IN))).backward()
         optimizer.step()
         optimizer.zero_grad()
-        state.step, state.tokens, state.micro_step = step, 8 * step, step
+        # what the optimizer left: vectors off unit length, singular values below 0 (so the checks below can fail)
+        drifted += int(not torch.allclose(layer.U_sampled.norm(dim=0), torch.ones(4), atol=1e-4))
+        negative += int(bool((layer.S < 0).any()))
+        state.step += 1
         hook.on_step_end(state)
-        factors_with_state = [p for p in (layer.S, layer.U_sampled, layer.V_sampled) if p in optimizer.state]
-        assert len(factors_with_state) == (0 if step == 3 else 3)  # Adam's moments dropped at the round's end only
-        assert layer.bias in optimizer.state                        # the bias is not re-decomposed: it keeps them
-    assert hook.rounds == layer.rounds == 1 and state.metrics["spectral_rounds"] == 1
+        for factor in (layer.U_sampled, layer.V_sampled):
+            assert torch.allclose(factor.norm(dim=0), torch.ones(4), atol=1e-6)
+        assert bool((layer.S >= 0).all())
+    assert drifted == 5 and negative >= 1
+
+
+@pytest.mark.parametrize("sigma", [-1e-3, 0.0, 1e-30])
+def test_a_singular_value_at_or_below_zero_gets_the_finite_hand_derived_gradient(sigma):
+    """Enhanced: dL/dU_i = G V_i and dL/dV_i = G^T U_i whatever sigma_i is; dL/dS_i = U_i^T G V_i."""
+    _, layer = _layer(rank=4)
+    with torch.no_grad():
+        layer.S[layer.sampled[0]] = sigma
+    target = torch.randn(OUT, IN)
+    (layer.dense_weight() * target).sum().backward()
+    u, v = (f.detach() for f in layer.factors())
+    for grad in (layer.U_sampled.grad, layer.V_sampled.grad, layer.S.grad):
+        assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(layer.U_sampled.grad, target @ v[:, layer.sampled])
+    torch.testing.assert_close(layer.V_sampled.grad, target.T @ u[:, layer.sampled])
+    torch.testing.assert_close(layer.S.grad, torch.diagonal(u.T @ target @ v))
+
+
+def test_a_new_draw_every_interval_and_a_re_svd_only_at_the_end_of_each_round():
+    _, layer = _layer(rank=4)   # k = 24, r = 4: a round is ceil(24 / 4) = 6 intervals by default
+    model, optimizer, hook, state = _hooked(layer, interval=2)
+    assert hook.round_length(layer) == 6
+    samples, events = [layer.sampled.clone()], {}
+    for step in range(1, 15):
+        _train_step(model, optimizer, hook, state)
+        changed = not torch.equal(layer.sampled, samples[-1])
+        samples.append(layer.sampled.clone())
+        events[step] = ("re-svd" if _orthonormal(layer) else "draw" if changed else "-")
+        vectors_kept_state = layer.U_sampled in optimizer.state and layer.V_sampled in optimizer.state
+        assert vectors_kept_state == (step % 2 != 0)          # dropped whenever the vectors are new columns
+        assert (layer.S in optimizer.state) == (step != 12)     # S keeps its moments, except at the re-SVD
+    expected = {s: "re-svd" if s == 12 else "draw" if s % 2 == 0 else "-" for s in range(1, 15)}
+    assert events == expected
+    assert layer.draws == hook.intervals == 7 and layer.rounds == 1 and state.metrics["spectral_rounds"] == 1
+    assert torch.equal(layer.sampled, layer.draw(7))            # the draw number seeds the draw: resumable
     per_token, per_micro_batch = 6 * OUT * IN, 6 * OUT * IN * 24
     assert svd_flops(OUT, IN) == 14 * 32 * 24 ** 2 + 8 * 24 ** 3
-    assert hook.extra_flops(state) == per_token * 24 + per_micro_batch * 3 + svd_flops(OUT, IN) * 2
+    assert hook.extra_flops(state) == per_token * 8 * 14 + per_micro_batch * 14 + svd_flops(OUT, IN) * 2
+
+
+def test_intervals_per_round_sets_the_re_svd_cadence_and_a_resumed_hook_keeps_it():
+    _, layer = _layer(rank=4)
+    model, optimizer, hook, state = _hooked(layer, interval=1, intervals_per_round=3)
+    resvd = []
+    for step in range(1, 8):
+        _train_step(model, optimizer, hook, state)
+        if _orthonormal(layer):
+            resvd.append(step)
+    assert resvd == [3, 6] and layer.rounds == 2
+    again = SparseSpectral(interval=1, intervals_per_round=3)
+    again.on_fit_start(SimpleNamespace(model=model, optimizer=optimizer))
+    again.load_state_dict(hook.state_dict())
+    assert layer.draws == 7 and layer.rounds == 2 and again.intervals == 7
 
 
 def test_a_rank_above_a_layers_smaller_side_names_the_key():
@@ -141,7 +219,8 @@ def test_what_would_silently_break_the_rounds_is_refused(overrides, message):
 def test_sparse_spectral_stopped_mid_run_resumes_with_the_same_draws_and_exports_dense(tmp_path, train_in_process):
     from transformers import AutoModelForCausalLM
 
-    run = ["+recipe=sparse_spectral", "peft.rank=8", "methods.sparse_spectral.interval=2", "train.max_steps=6"]
+    run = ["+recipe=sparse_spectral", "peft.rank=8", "methods.sparse_spectral.interval=1",
+           "methods.sparse_spectral.intervals_per_round=2", "train.max_steps=6"]
 
     def lines(run_dir):
         return {l["step"]: l["loss"] for l in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -149,7 +228,7 @@ def test_sparse_spectral_stopped_mid_run_resumes_with_the_same_draws_and_exports
 
     full, split = tmp_path / "full", tmp_path / "split"
     summary = train_in_process(run, full)
-    with sigterm_after_step(3):   # mid-round: the second round's draw must come back from the checkpoint
+    with sigterm_after_step(3):   # mid-round: the third draw and the re-SVD of step 2 come back from the checkpoint
         assert not train_in_process(run, split)["finished"]
     resumed = train_in_process([*run, "resume=auto"], split)
     assert lines(split) == lines(full) and sorted(lines(full)) == [1, 2, 3, 4, 5, 6]

@@ -22,8 +22,10 @@ The same sum over ``ct_states`` states evenly spaced over ``proxy_steps`` AdamW 
 scratch on the run's own packed rows (vocabulary: the run's tokenizer ids); ``lambda`` is the sum of the target
 gradients of the later states, **without the Hessian term** (no Hessian-vector products; on a proxy trained for a
 hundred steps the term is a correction of the order ``lr * H``), with the target gradient evaluated at the recorded
-states only, each standing for its ``interval`` of steps (``lambda = g_T + interval * sum_{later recorded} g_j``;
-the authors evaluate it at every step).  The constant learning-rate factor of ``ct`` is
+states only, each standing for the ``interval`` of steps that ends at it (:func:`adjoint_weights`: at the latest
+recorded state ``lambda = interval * g_T``, at each earlier one ``interval`` times the next later recorded state's
+gradient more, so ``lambda`` at state ``s`` counts ``T - s`` gradients, as the authors' sum; they evaluate the
+target gradient at every step).  The constant learning-rate factor of ``ct`` is
 dropped (the z-score removes it).  Every row is annotated directly; the authors annotate a proxy sample and train a
 separate scorer model to infer the rest (a cost saving that a pool of a few thousand rows does not need).  The target
 is ``target_rows`` rows of ``target_domain`` from the training data (the authors: LIMA).  Only ``annotate_rows``
@@ -43,7 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2   # 2: lambda holds T - s target gradients at state s (1 held T - s - interval + 1)
 
 
 def standardise(scores: np.ndarray) -> np.ndarray:
@@ -58,6 +60,18 @@ def ct_states(total_steps: int, count: int) -> list[int]:
     spaced as the authors' ``i % compute_ct_interval == 0``; the final state ``total_steps`` only starts ``lambda``."""
     interval = max(1, total_steps // count)
     return list(range(0, total_steps, interval))[:count]
+
+
+def adjoint_weights(recorded_desc: list[int], total_steps: int) -> dict[int, int]:
+    """How many of the authors' per-step target gradients each recorded one stands for in ``lambda``.
+
+    The authors' ``lambda`` at state ``s`` is ``sum_{j = s+1}^{T} grad L_dev(theta_j)`` (without the Hessian term):
+    ``T - s`` gradients.  Only the recorded states' gradients are computed here, so each stands for the steps from
+    the recorded state before it (exclusive) up to itself: the final state's for ``T - s_last``, a recorded state
+    ``r``'s for ``r - (the next earlier recorded state)``.  ``lambda`` at every recorded state then holds ``T - s``
+    gradients, as the authors' does, built only from states later than ``s``."""
+    states = [total_steps, *recorded_desc]
+    return {later: later - earlier for later, earlier in zip(states, states[1:])}
 
 
 def _proxy(vocab: int, seq_len: int, hidden: int, layers: int, seed: int, device: str):
@@ -132,11 +146,13 @@ def lqs_scores(ids: np.ndarray, target: np.ndarray, *, proxy_steps: int, states:
         opt.step()
         losses.append(float(loss.detach()))
     final = saved.pop(proxy_steps)
-    lam = dev_at[proxy_steps].clone()        # lambda starts as the target gradient of the final state
     score = np.zeros(len(annotate), dtype=np.float64)
     later_norm = np.ones(len(annotate), dtype=np.float64)
     rows = torch.as_tensor(np.array(ids[annotate]), dtype=torch.long, device=device)
-    for step in sorted(saved, reverse=True):           # backwards in training time, as the adjoint pass
+    recorded = sorted(saved, reverse=True)             # backwards in training time, as the adjoint pass
+    weights = adjoint_weights(recorded, proxy_steps)
+    lam = weights[proxy_steps] * dev_at[proxy_steps]
+    for i, step in enumerate(recorded):
         model.load_state_dict(saved[step])
         lam_norm = float(lam.norm())
         for start, g in row_gradients(model, rows):
@@ -145,7 +161,8 @@ def lqs_scores(ids: np.ndarray, target: np.ndarray, *, proxy_steps: int, states:
             end = start + len(g_norm)
             score[start:end] += lam_norm * (g_norm / later_norm[start:end]) * cos
             later_norm[start:end] = g_norm
-        lam += interval * dev_at[step]               # this state's target gradient stands for its interval
+        if i + 1 < len(recorded):
+            lam += weights[step] * dev_at[step]
     model.zero_grad(set_to_none=True)
     model.load_state_dict(final)
     return score, {"model": model, "interval": interval, "proxy_first_loss": round(losses[0], 4) if losses else None,

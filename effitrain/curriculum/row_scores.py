@@ -5,7 +5,9 @@ Two sources:
 * ``scorer``: any registered selection scorer that needs no target (``perplexity``: a reference/proxy model's loss,
   the scorer of perplexity_filter; ``uniform``; ...) run on the rows' text, i.e. the row's tokens decoded with the
   run's tokenizer.  Rows are what the sampler orders, so they are what is scored (a packed row may join the end of
-  one document and the start of the next; its score is the model's loss on exactly what training will see).  Scores
+  one document and the start of the next; its score is the model's loss on exactly what training will see), all of
+  it: unless the scorer's ``max_length`` is set (null or absent), it is raised to cover the longest row
+  (:func:`whole_row_scorer`).  Scores
   are cached under ``$EFFITRAIN_CACHE/curriculum`` by a hash of the rows and the scorer's parameters; the pool proxy
   a scorer trains is cached there too.
 * ``domain_order``: a declared order of the domains (first = lowest score); rows of one domain tie, and
@@ -30,11 +32,35 @@ from effitrain.registry import ConfigError, choices_text
 def scorer_row_scores(scorer: dict[str, Any], rows: np.ndarray, tokenizer: Any, *, seed: int,
                       key: str = "curriculum.scorer") -> np.ndarray:
     """The scorer's score of each row of ``rows`` (``[N, L]`` token ids), in row order."""
+    texts = tokenizer.batch_decode(rows.tolist(), skip_special_tokens=True)
+    scorer = whole_row_scorer(scorer, texts, key)
     block = _target_free_scorer(scorer, key, "a curriculum")
     digest = hashlib.sha256(np.ascontiguousarray(rows).tobytes())
-    return _cached_scores(block, scorer, digest, lambda: tokenizer.batch_decode(rows.tolist(),
-                                                                               skip_special_tokens=True),
-                          len(rows), seed=seed, group="curriculum", prefix="row-scores")
+    return _cached_scores(block, scorer, digest, lambda: texts, len(rows), seed=seed, group="curriculum",
+                          prefix="row-scores")
+
+
+# a reference model's tokenizer may add a few special tokens (BOS, EOS, a word-start piece) to a row's bytes
+SPECIAL_TOKEN_ALLOWANCE = 8
+
+
+def whole_row_scorer(scorer: dict[str, Any], texts: Sequence[str], key: str) -> dict[str, Any]:
+    """``scorer`` with ``max_length`` long enough for the longest row, unless the user set it (unset or null).
+
+    A row is ranked for what training sees, all of it: the scorers' ``max_length`` default (128, counted in bytes by
+    the byte-level pool proxy) would rank a demo row of about 400 bytes by its first 127.  A byte-level tokenizer
+    never gives more tokens than bytes, so the longest row's byte count (plus a few special tokens) bounds every
+    encoder's length; the batches are padded to their own longest row, not to this bound."""
+    from effitrain.registry import REGISTRY
+
+    if scorer.get("max_length") is not None:
+        return dict(scorer)
+    scorer = {k: v for k, v in scorer.items() if k != "max_length"}
+    block = REGISTRY.parse("scorer", dict(scorer), key)
+    if not hasattr(block.params, "max_length"):
+        return scorer
+    longest = max((len(text.encode("utf-8", "surrogatepass")) for text in texts), default=0)
+    return {**scorer, "max_length": max(block.params.max_length, longest + SPECIAL_TOKEN_ALLOWANCE)}
 
 
 def scorer_text_scores(scorer: dict[str, Any], texts: Sequence[str], *, seed: int, key: str, group: str,

@@ -3,7 +3,8 @@
 At every evaluation the model answers the held-out arithmetic questions of the built-in instruction set
 (:mod:`effitrain.data.arithmetic_chat`, the same eval split the eval loss uses): each prompt is the user message
 rendered with the chat template and tokenized as in training (:func:`effitrain.data.chat.prompt_ids`), the answer is
-generated greedily (``do_sample=False``) up to EOS or ``max_new_tokens``, and it is right when the decoded text,
+generated greedily (``do_sample=False``, no logits processor of the checkpoint's ``generation_config.json``:
+:mod:`effitrain.objectives.generation`) up to EOS or ``max_new_tokens``, and it is right when the decoded text,
 stripped of surrounding whitespace, is exactly the decimal answer (``extract: full``), or when the answer extracted
 from it (``boxed``, ``last_number``: :data:`effitrain.objectives.rewards.EXTRACTORS`) equals it.  Logged with the
 eval losses: ``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included).
@@ -86,16 +87,21 @@ class AnswerAccuracy(Hook):
     @torch.no_grad()
     def responses(self, model: Any, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
         """Greedy answers (decoded, special tokens dropped) and their lengths in tokens."""
+        from effitrain.objectives.generation import generate_plainly, plain_generation_config
+
         device = next(model.parameters()).device
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        # greedy on the model's own logits: a checkpoint's repetition penalty or banned n-grams would grade another
+        # decoder than the one GRPO trains
+        config = plain_generation_config(do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad,
+                                         eos_token_id=eos)
         texts, lengths = [], []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             width = max(map(len, chunk))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            out = generate_plainly(model, config, input_ids=ids, attention_mask=mask)
             for row in out[:, width:].tolist():
                 if eos in row:
                     row = row[:row.index(eos) + 1]

@@ -5,8 +5,9 @@ Per micro-batch of B prompts (rows of ``dataset.format: prompts``: the tokens be
 the labelled ones the reference answer):
 
 1. **Group sampling.**  Each prompt is answered ``G = group_size`` times with ``model.generate`` (multinomial
-   sampling at ``temperature``, no top-k/top-p), up to ``max_new_tokens``; a completion ends at its first EOS
-   (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
+   sampling from ``softmax(logits / temperature)``, every other logits processor off whatever the checkpoint's
+   ``generation_config.json`` says: :mod:`effitrain.objectives.generation`), up to ``max_new_tokens``; a completion
+   ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
    the same completions and the global RNG stream of the run is untouched.
 2. **Rewards.**  Each completion is decoded and scored by the reward blocks (:mod:`effitrain.objectives.rewards`);
    its reward is their weighted sum ``r``.
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 
 from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.objectives.generation import generate_plainly, plain_generation_config
 from effitrain.objectives.rewards import RewardFn
 
 STD_EPS = 1e-4  # TRL's and the paper's implementations add it to the group std
@@ -175,11 +177,12 @@ class GRPO:
         was_training = module.training
         module.eval()  # sample from the policy itself: no dropout
         try:
+            config = plain_generation_config(do_sample=True, temperature=self.temperature,
+                                             max_new_tokens=self.max_new_tokens,
+                                             pad_token_id=self.tokenizer.pad_token_id,
+                                             eos_token_id=self.tokenizer.eos_token_id)
             with seeded(seed, ids.device):
-                out = module.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                      temperature=self.temperature, top_k=0, top_p=1.0,
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id)
+                out = generate_plainly(module, config, input_ids=ids, attention_mask=mask)
         finally:
             module.train(was_training)
         return out[:, ids.shape[1]:]

@@ -35,7 +35,9 @@ class _RowScoreSource:
     """Where a row's score comes from: exactly one of ``scorer`` (a target-free selection scorer run on the rows'
     text; default ``{name: perplexity}``: a pool proxy's loss) and ``domain_order`` (domains, lowest score first)."""
     scorer: Optional[dict[str, Any]] = param(None, help="selection scorer block run on the rows, e.g. {name: "
-                                                        "perplexity, proxy_steps: 400}; null = perplexity")
+                                                        "perplexity, proxy_steps: 400}; null = perplexity.  Each "
+                                                        "row is scored whole: a null or unset max_length covers "
+                                                        "the longest row")
     domain_order: Optional[list[str]] = param(None, help="declared difficulty: every training domain, easiest "
                                                          "(lowest score) first")
 
@@ -46,7 +48,9 @@ class _RowScoreSource:
             raise ConfigError(f"{path}: set one of {path}.scorer and {path}.domain_order, not both")
         if not self.domain_order:
             scorer = dict(self.scorer or {"name": "perplexity"})
-            block = REGISTRY.parse("scorer", scorer, f"{path}.scorer")
+            # max_length: null = the whole row, resolved from the rows (effitrain.curriculum.row_scores)
+            checked = {k: v for k, v in scorer.items() if not (k == "max_length" and v is None)}
+            block = REGISTRY.parse("scorer", checked, f"{path}.scorer")
             if getattr(block.params, "NEEDS_TARGET", False):
                 raise ConfigError(f"{path}.scorer.name: scorer '{block.name}' needs target data, which a curriculum "
                                   f"does not declare; use a scorer without a target (e.g. perplexity)")

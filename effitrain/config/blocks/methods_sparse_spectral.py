@@ -30,12 +30,17 @@ class SparseSpectralParams:
 
 
 @register("method", "sparse_spectral", builder="effitrain.models.sparse_spectral:build_sparse_spectral_method",
-          summary="Sparse Spectral Training's rounds: every interval steps, re-SVD each spectral layer, reset its "
-                  "optimizer state and draw new singular vectors")
+          summary="Sparse Spectral Training's schedule: unit-length vectors and S >= 0 after each step, a new draw "
+                  "of singular vectors every interval, a re-SVD (optimizer state reset) every round of intervals")
 @dataclass
 class SparseSpectralMethodParams:
-    interval: int = param(100, ge=1, help="optimizer steps per round (re-SVD and a new draw at its end); the "
-                                          "authors' value could not be checked here, see the recipe card")
+    interval: int = param(10, ge=1, help="the paper's iteration interval: optimizer steps between two draws of the "
+                                         "trained singular-vector pairs (the authors' value is unverified, see "
+                                         "the recipe card)")
+    intervals_per_round: Optional[int] = param(
+        None, ge=1, help="intervals per round, each round ending in a re-SVD; null = ceil(k / r) per layer (k its "
+                         "full rank, r peft.rank: enough draws for every pair to be drawn about once), a reading of "
+                         "the paper")
 
 
 def _has_method(spec) -> bool:
