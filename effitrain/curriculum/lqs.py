@@ -219,6 +219,12 @@ def cached_lqs(ids: np.ndarray, domains: np.ndarray, params: Any, *, seed: int,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     annotate = (np.arange(len(ids)) if params.annotate_rows >= len(ids)
                 else np.sort(np.random.default_rng([seed % 2**63, 17]).permutation(len(ids))[:params.annotate_rows]))
+    from effitrain.console import say
+
+    # minutes of CPU on a first run (a gradient per row at every recorded state): say so before the wait
+    say(f"LQS: scoring {len(annotate):,} of {len(ids):,} packed rows against {len(target)} target rows -- a proxy "
+        f"of {params.proxy_layers} x {params.proxy_hidden_size} trained {params.proxy_steps} steps, a gradient per row "
+        f"at {params.ct_states} states; once, then cached in {folder}")
     raw, info = lqs_scores(ids, ids[target], proxy_steps=params.proxy_steps, states=params.ct_states,
                            batch_size=params.proxy_batch_size, lr=params.proxy_lr, hidden=params.proxy_hidden_size,
                            layers=params.proxy_layers, seed=seed, device=device, annotate=annotate)

@@ -99,6 +99,9 @@ def _cached_scores(block: Any, scorer: dict[str, Any], digest: Any, texts: Any, 
     cached = folder / f"{prefix}-{key_hex}.npy"
     if cached.is_file():
         return np.load(cached)
+    from effitrain.console import say
+
+    say(f"{prefix}: scoring {count:,} rows with the {block.name} scorer (once; cached in {folder})")
     candidates = datasets.Dataset.from_dict({"text": texts()})
     ctx = Context(target=None, seed=seed, work_dir=str(folder), candidates_hash=key_hex)
     scores = np.asarray(block.build().score(candidates, ctx).scores, dtype=np.float64)
