@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # (pyproject.toml only asks for torch>=2.4), then `pip install -e .[loggers,methods]`.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-first-day test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ run: $(STAMP)
 ## module fixtures (the SLURM cluster, trained runs several tests read) are made once.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile -m "not first_day" $(ARGS)
+
+## Every shipped recipe from the console script on an empty cache, as a new user runs them (about half an hour on
+## 2 cores, most of it the cold work of a fresh cache: kept out of `make test`; CI runs it as a step of its own).
+test-first-day: $(STAMP)
+	$(PY) -m pytest -q -p no:xdist -m first_day $(ARGS)
 
 ## Unit tests only (seconds).
 test-fast: $(STAMP)

@@ -231,3 +231,24 @@ def test_a_run_on_a_terminal_shows_the_bar_and_its_step_and_eval_lines(tmp_path)
     assert "step/s]" in text or "s/step]" in text  # tqdm's bar was drawn on the terminal
     assert any(line.startswith("finished: 6 steps") for line in lines)
     assert "step 2: loss=" not in (tmp_path / "run" / "third_party.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_recipe_runs_alone_on_an_empty_cache(tmp_path):
+    # the console script in a fresh process on an empty cache and extensions folder: its base model (model=demo_base)
+    # is pre-trained first by a run that composes its own config inside the console script's running Hydra app
+    root = tmp_path
+    env = {**os.environ, "EFFITRAIN_CACHE": str(root / "cache"), "TORCH_EXTENSIONS_DIR": str(root / "extensions"),
+           "OMP_NUM_THREADS": "1"}
+    for key in ("PYTHONPATH", "EFFITRAIN_VERBOSE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    (root / "work").mkdir()
+    assert not (root / "cache").exists()
+    result = subprocess.run([EFFITRAIN, "+recipe=lora", "train.max_steps=2", "train.eval_batches=1", "run_dir=lora"],
+                            env=env, cwd=root / "work", capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model=demo_base: no model to fine-tune was given" in result.stdout  # the cold path: base model trained
+    summary = json.loads((root / "work" / "lora" / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 2
+    assert not (root / "extensions").exists() or not any((root / "extensions").rglob("*.so")), \
+        "a one-process run compiled a torch extension"
