@@ -340,7 +340,8 @@ def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) 
         else torch.device(launch.device_type)
     block = spec.block("objective")
     return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
-                                      tokenizer=tokenizer, grad_accum=spec.train.grad_accum))
+                                      tokenizer=tokenizer, grad_accum=spec.train.grad_accum,
+                                      world_size=launch.data_parallel_size))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
