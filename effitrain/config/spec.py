@@ -36,6 +36,10 @@ class TrainParams:
     clip_grad_norm: float = param(1.0, ge=0, help="0 disables clipping")
     max_bad_steps: int = param(5, ge=1, help="stop after this many non-finite steps in a row")
     save_final_model: bool = param(True, help="write the final model with save_pretrained")
+    continue_data_from: Optional[str] = param(None, help="a run directory: start the data sampler where its newest "
+                                              "checkpoint left it, so this run trains on the batches that run would "
+                                              "have seen next (a stage with `data: continue` sets it to the stage "
+                                              "before); a resume of this run continues from its own checkpoint")
 
 
 @dataclass
