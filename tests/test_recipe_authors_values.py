@@ -29,6 +29,9 @@ AUTHORS = [
     # g_stack: tongxuluo/prts g_stack.sh --resume_id 5000 continues the data stream; the small model grows at peak LR
     ("g_stack", "stages.1.data", "continue"),
     ("g_stack", "stages.0.scheduler.min_lr_ratio", 1.0),
+    # structured_ffn: the authors' first_layer: true (every config) and per-batch guide draws
+    ("structured_ffn", "peft.first_layer_dense", True),
+    ("structured_ffn", "methods.self_guided.draw_every", "micro_batch"),
     # moe_upcycle: AquilaMoE's router losses
     ("moe_upcycle", "stages.1.transform.aux_loss_coef", 0.001),
     ("moe_upcycle", "stages.1.transform.z_loss_coef", 0.01),
