@@ -32,6 +32,8 @@ AUTHORS = [
     # structured_ffn: the authors' first_layer: true (every config) and per-batch guide draws
     ("structured_ffn", "peft.first_layer_dense", True),
     ("structured_ffn", "methods.self_guided.draw_every", "micro_batch"),
+    # quality_curriculum_avg: the paper's EMA "decay 0.2" in the reading its card states (the newest snapshot 0.8)
+    ("quality_curriculum_avg", "methods.checkpoint_average.alpha", 0.8),
     # moe_upcycle: AquilaMoE's router losses
     ("moe_upcycle", "stages.1.transform.aux_loss_coef", 0.001),
     ("moe_upcycle", "stages.1.transform.z_loss_coef", 0.01),
