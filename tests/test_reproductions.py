@@ -119,3 +119,12 @@ def test_a_bad_results_file_is_one_readable_error(tmp_path):
     (folder / "salt.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"^docs/results/salt.json: not valid JSON"):
         load_results(tmp_path)
+
+
+def test_a_recipe_without_a_results_file_is_refused_by_lock_naming_the_file(tmp_path):
+    from effitrain.config.generated import expected
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "wsd.md").write_text((DOCS / "recipes" / "wsd.md").read_text())
+    with pytest.raises(ConfigError, match=r"^lock: recipe 'wsd' has no .*results/wsd\.json; write its paper claim"):
+        expected(["wsd"], docs=tmp_path)
