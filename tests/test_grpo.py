@@ -141,7 +141,7 @@ def test_dapo_weighs_every_token_of_all_ranks_alike_where_bnpo_weighs_each_ranks
     assert every_token != pytest.approx(sum(per_rank("bnpo")) / 2)
 
 
-def test_the_entropy_bonus_subtracts_its_weight_times_the_mean_token_entropy():
+def test_the_entropy_bonus_subtracts_its_weight_times_the_mean_token_entropy(tokenizer):
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[1.0, 1.0, -1.0], [5.0, 0.0, 0.0]]])
     entropy = grpo.token_entropy(logits, temperature=0.6)
     p = torch.softmax(logits / 0.6, dim=-1)
@@ -155,6 +155,18 @@ def test_the_entropy_bonus_subtracts_its_weight_times_the_mean_token_entropy():
     masked_mean = (entropy[0, 0] + entropy[0, 1] + entropy[1, 0]) / 3
     assert stats["entropy"].item() == pytest.approx(masked_mean.item())
     assert (plain - bonus).item() == pytest.approx(0.001 * masked_mean.item(), abs=1e-7)
+    # in the objective: the entropies of the sampled completions, logged, only when the bonus is on
+    def make(coef):
+        return grpo.GRPO(tokenizer, [("len", 1.0, lambda r, ref, n: [float(x) for x in n])], None, group_size=4,
+                         max_new_tokens=4, temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=None,
+                         scale_rewards="group", loss_type="bnpo", seed=0, entropy_coef=coef)
+    batch, _ = _prompt_batch(tokenizer)
+    model = tiny_llama(len(tokenizer), seed=5)
+    state = SimpleNamespace(step=0, micro_step=0, rank=0)
+    with_bonus, metrics = make(0.001)(model, batch, state)
+    without, plain_metrics = make(0.0)(model, batch, state)
+    assert metrics["entropy"].item() > 0 and "entropy" not in plain_metrics
+    assert (without - with_bonus).item() == pytest.approx(0.001 * metrics["entropy"].item(), abs=1e-6)
 
 
 def test_a_completion_without_eos_gets_the_no_eos_reward_right_or_wrong(tokenizer):

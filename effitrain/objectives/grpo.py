@@ -251,10 +251,18 @@ class GRPO:
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
         completion_logits = logits[:, prompt_width - 1:-1]
-        logps = token_logps(completion_logits, ids[:, prompt_width:], self.temperature)
-        if with_entropy:
-            return logps, token_entropy(completion_logits, self.temperature)
-        return logps
+        if not with_entropy:
+            return token_logps(completion_logits, ids[:, prompt_width:], self.temperature)
+        logp = torch.log_softmax(completion_logits.float() / self.temperature, dim=-1)   # one softmax for both
+        return logp.gather(-1, ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    def policy_logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor,
+                     prompt_width: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The trained policy's log-probabilities, and its per-token entropies only when the entropy bonus needs
+        them (the full-vocabulary entropy is a second pass over the logits)."""
+        if self.entropy_coef:
+            return self.logps(model, ids, attention, prompt_width, with_entropy=True)
+        return self.logps(model, ids, attention, prompt_width), None
 
     def loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
              advantages: torch.Tensor, mask: torch.Tensor, entropy: Optional[torch.Tensor]) -> tuple[Any, dict]:
@@ -289,7 +297,7 @@ class GRPO:
         width = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(self.group_size, dim=0), completions], dim=1)
         attention = torch.cat([prompt_mask.repeat_interleave(self.group_size, dim=0), mask], dim=1)
-        logps, entropy = self.logps(model, ids, attention, width, with_entropy=True)
+        logps, entropy = self.policy_logps(model, ids, attention, width)
         ref_logps = None
         if self.beta != 0.0:
             with torch.no_grad():
@@ -308,7 +316,7 @@ class GRPO:
     def reused(self, model: Any, entry: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, dict]:
         """The loss on the samples of the cycle's first step, against the log-probabilities they were drawn with."""
         e = {k: v.to(device) for k, v in entry.items()}
-        logps, entropy = self.logps(model, e["ids"], e["attention"], int(e["width"]), with_entropy=True)
+        logps, entropy = self.policy_logps(model, e["ids"], e["attention"], int(e["width"]))
         loss, stats = self.loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"], entropy)
         metrics = {k.removeprefix("metric."): v for k, v in e.items() if k.startswith("metric.")}
         return loss, {**metrics, **stats}
