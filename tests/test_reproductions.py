@@ -59,7 +59,7 @@ def test_a_figure_the_benchmarks_do_not_print_is_caught(tmp_path):
     results = load_results()
     g_stack = results["g_stack"]
     g_stack.measurements[0].recipe[1] = 5.1234          # a value no command wrote
-    g_stack.measurements[0].command = "python scripts/bench_growth.py --seeds 7"
+    g_stack.measurements[0].commands = ["python scripts/bench_growth.py --seeds 7"]
     assert unsupported_values(g_stack) == [
         "g_stack: measurement 0: 5.1234 is not in section 'G_stack vs training the large model from scratch'",
         "g_stack: measurement 0: its command is not in section 'G_stack vs training the large model from scratch'"]

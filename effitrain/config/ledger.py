@@ -19,7 +19,8 @@ A results file::
 
 ``recipe`` and ``baseline`` hold one value per seed (paired by position when both have one per seed; a single
 baseline value is shared by every seed).  ``seeds: null`` marks a figure no seed moves (the size of a tensor).
-``noise`` is the run-to-run difference the benchmark's own reading calls noise.  ``expect`` is what the paper claims
+``noise`` is the run-to-run difference the benchmark's own reading calls noise; ``command`` is the command line that
+wrote the figures, or a list of them when seeds came from separate invocations.  ``expect`` is what the paper claims
 about the metric: ``better`` (the recipe beats the baseline) or ``no worse`` (it matches it).  A recipe without a
 measurement says why in ``not_measured``; one whose headline claim is not what was measured may say so there too.
 
@@ -60,7 +61,7 @@ class Measurement:
     baseline_name: str
     seeds: Optional[list[int]]
     noise: float
-    command: str
+    commands: list[str]              # what wrote the figures (several when seeds came from separate runs)
     source: str
     note: str = ""
 
@@ -164,6 +165,16 @@ def _numbers(data: dict, key: str, where: str) -> list[float]:
     return [float(v) for v in values]
 
 
+def _commands(data: dict, where: str) -> list[str]:
+    """``command``: one command line, or a list of them (seeds run by separate invocations)."""
+    command = data.get("command")
+    commands = [command] if isinstance(command, str) else command
+    if not isinstance(commands, list) or not commands or not all(isinstance(c, str) and c.strip() for c in commands):
+        raise ConfigError(f"{where}.command: expected the command line that wrote the figures (or a list of them), "
+                          f"got {command!r}")
+    return commands
+
+
 def parse_measurement(data: Any, where: str) -> Measurement:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
@@ -176,7 +187,7 @@ def parse_measurement(data: Any, where: str) -> Measurement:
                     better=_need(data, "better", str, where), expect=_need(data, "expect", str, where),
                     recipe=_numbers(data, "recipe", where), baseline=_numbers(data, "baseline", where),
                     baseline_name=_need(data, "baseline_name", str, where), seeds=data.get("seeds"),
-                    noise=_need(data, "noise", float, where), command=_need(data, "command", str, where),
+                    noise=_need(data, "noise", float, where), commands=_commands(data, where),
                     source=_need(data, "source", str, where), note=data.get("note") or "")
     if m.better not in _BETTER:
         raise ConfigError(f"{where}.better: {m.better!r}; valid: {', '.join(_BETTER)}")
@@ -277,8 +288,9 @@ def unsupported_values(result: Result, benchmarks: Optional[Path] = None) -> lis
         for value in [*m.recipe, *m.baseline]:
             if not any(s in text for s in _spellings(value)):
                 problems.append(f"{result.recipe}: measurement {i}: {_value(value)} is not in section '{heading}'")
-        if m.command not in text:
-            problems.append(f"{result.recipe}: measurement {i}: its command is not in section '{heading}'")
+        for command in m.commands:
+            if command not in text:
+                problems.append(f"{result.recipe}: measurement {i}: its command is not in section '{heading}'")
     return problems
 
 
@@ -302,7 +314,8 @@ def ledger_text(results: dict[str, Result], recipes: list[str]) -> str:
     commands: dict[str, int] = {}
     for name in recipes:
         for m in results[name].measurements if name in results else []:
-            commands.setdefault(m.command, len(commands) + 1)
+            for command in m.commands:
+                commands.setdefault(command, len(commands) + 1)
     counts = {v: 0 for v in (REPRODUCED, WITHIN_NOISE, OPPOSITE, NOT_MEASURED)}
     for name in recipes:
         counts[results[name].headline_verdict()] += 1
@@ -328,7 +341,8 @@ def ledger_text(results: dict[str, Result], recipes: list[str]) -> str:
              "|---|---|---|---|---|"]
     for name in recipes:
         r = results[name]
-        measured = "<br>".join(f"{_cell(m.label)}: {_cell(m.figure_text())} [C{commands[m.command]}]"
+        measured = "<br>".join(f"{_cell(m.label)}: {_cell(m.figure_text())} "
+                               f"[{', '.join(f'C{commands[c]}' for c in m.commands)}]"
                                + (f" ({_cell(m.note)})" if m.note else "") for m in r.measurements)
         if r.measurements and r.not_measured:
             measured += f"<br>not measured: {_cell(r.not_measured)}"
