@@ -16,8 +16,9 @@ is not re-run on resume.
 
 What holds between stages: a stage with ``init: previous`` starts from the previous stage's ``final_model``
 (through its ``transform`` if it has one); a stage with ``data: continue`` trains on the batches after the previous
-stage's last one (its sampler starts from that stage's final checkpoint, ``train.continue_data_from``); a stage that finished is never re-run; ``resume=auto`` resumes the stage
-that was running from its newest verified checkpoint.  The stages themselves are ordinary runs: the engine does not
+stage's last one (its sampler starts from that stage's final checkpoint, ``train.continue_data_from``); a stage
+that finished is never re-run; ``resume=auto`` resumes the stage that was running from its newest verified
+checkpoint.  The stages themselves are ordinary runs: the engine does not
 know it is inside a pipeline.
 """
 

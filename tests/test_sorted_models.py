@@ -117,8 +117,9 @@ def test_sortednet_draws_a_depth_per_micro_batch_and_a_step_sums_their_sub_model
     per_step = Layerwise([1, 2, 3, 4], [1.0] * 4, 4, final_norm(model), output_head(model), sample="one",
                          draw_every="step")
     ids = batches[0]
-    depths = {int(per_step(model, {"input_ids": ids, "labels": ids}, SimpleNamespace(step=step, micro_step=4 * step + m))
-                  [1]["sampled_depth"]) for m in range(4)}
+    batch = {"input_ids": ids, "labels": ids}
+    depths = {int(per_step(model, batch, SimpleNamespace(step=step, micro_step=4 * step + m))[1]["sampled_depth"])
+              for m in range(4)}
     assert depths == {per_step.depth_of(step)}
 
 
