@@ -20,8 +20,8 @@
     effitrain evaluate PATH [eval.KEY=V]  lm-evaluation-harness tasks on a model folder, checkpoint or run dir
     effitrain report RUN_DIR...|SWEEP_DIR [--out DIR] [--title T]
                                           curves and final figures as report.html (self-contained) + report.md
-    effitrain lock [--check] [NAME...]    rewrite (or check) recipes/locked/, the cards' generated blocks and
-                                          docs/compatibility.md
+    effitrain lock [--check] [NAME...]    rewrite (or check) recipes/locked/, the cards' generated blocks,
+                                          docs/compatibility.md and docs/reproductions.md (from docs/results/)
     effitrain resume RUN_DIR [KEY=VALUE]  continue a run with its own config and recipes (only e.g. train.max_steps,
                                           eval/save/log cadence and logger.* may change)
 
@@ -223,8 +223,9 @@ def _verb_lock(args: list[str]) -> int:
 
     if check:
         if not names and digest_is_current():  # nothing they are computed from changed since `effitrain lock`
-            print(f"{len(group_options(RECIPE_GROUP))} lock file(s), their cards' generated blocks and "
-                  f"docs/compatibility.md current (inputs unchanged since the last 'effitrain lock')")
+            print(f"{len(group_options(RECIPE_GROUP))} lock file(s), their cards' generated blocks, "
+                  f"docs/compatibility.md and docs/reproductions.md current (inputs unchanged since the last "
+                  f"'effitrain lock')")
             return 0
         problems = stale_locks(names or None)
         stale_docs = stale_generated(names or None)
@@ -235,7 +236,7 @@ def _verb_lock(args: list[str]) -> int:
                   file=sys.stderr)
             return EXIT_FAILED
         print(f"{len(names or group_options(RECIPE_GROUP))} lock file(s), their cards' generated blocks"
-              f"{'' if names else ' and docs/compatibility.md'} current")
+              f"{'' if names else ', docs/compatibility.md and docs/reproductions.md'} current")
         return 0
     changed = write_locks(names or None)
     docs = write_generated(names or None)

@@ -15,8 +15,10 @@ as ``stages/01-proxies/concluded.yaml``; a later stage with ``config_from: proxi
 is not re-run on resume.
 
 What holds between stages: a stage with ``init: previous`` starts from the previous stage's ``final_model``
-(through its ``transform`` if it has one); a stage that finished is never re-run; ``resume=auto`` resumes the stage
-that was running from its newest verified checkpoint.  The stages themselves are ordinary runs: the engine does not
+(through its ``transform`` if it has one); a stage with ``data: continue`` trains on the batches after the previous
+stage's last one (its sampler starts from that stage's final checkpoint, ``train.continue_data_from``); a stage
+that finished is never re-run; ``resume=auto`` resumes the stage that was running from its newest verified
+checkpoint.  The stages themselves are ordinary runs: the engine does not
 know it is inside a pipeline.
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from effitrain.config.resume import finished_summary
-from effitrain.config.stages import HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
+from effitrain.config.stages import DATA_CONTINUE, HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
 from effitrain.registry import ConfigError
 from effitrain.train import _write_summary  # the runs' own atomic summary writer, for the pipeline's summary too
 
@@ -136,6 +138,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
                 continue
             resuming = spec.resume == "auto" and (stage_dir / "config.yaml").is_file()
             run_cfg.update(run_dir=str(stage_dir), resume="auto" if resuming else None, overwrite=False)
+            if stage.data == DATA_CONTINUE:  # the sampler starts where the previous stage's last checkpoint left it
+                run_cfg.setdefault("train", {})["continue_data_from"] = str(dirs[stages[i - 1].name])
             say(f"{label}: {'resuming' if resuming else 'starting'} in {stage_dir}")
             # the pipeline it replaces goes at the new pipeline's first optimizer step, as a single run's does
             stage_summary = train(run_cfg, run_dir=stage_dir, argv=argv, recipes=recipes,

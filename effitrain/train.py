@@ -285,6 +285,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
                                              world_size=launch.data_parallel_size, rank=launch.data_parallel_rank,
                                              **_if_accepted(spec.block("curriculum"), timeline=timeline,
                                                             documents=data.selection.train, tokenizer=data.tokenizer))
+    if spec.train.continue_data_from:  # a resume of this run loads its own checkpoint's sampler state over this
+        continue_data_stream(sampler, Path(spec.train.continue_data_from))
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build(**_if_accepted(m, tokenizer=data.tokenizer)) for m in spec.methods.values()] + \
@@ -335,6 +337,23 @@ def _chained(*calls: Optional[Callable[[], None]]) -> Callable[[], None]:
     return call_all
 
 
+def continue_data_stream(sampler: Any, previous_run: Path) -> None:
+    """Start ``sampler`` at the batch after the last one ``previous_run`` trained on (its newest checkpoint's
+    sampler state).  The two runs must pack the same rows with the same global batch, or "the next batch" would be
+    another dataset's."""
+    from effitrain.engine.checkpoint import newest_sampler_state
+
+    state = newest_sampler_state(previous_run)
+    if state is None:
+        raise ConfigError(f"train.continue_data_from: {previous_run} has no complete checkpoint whose data sampler "
+                          f"state this run could continue from")
+    try:
+        sampler.load_state_dict(state)
+    except ConfigError as exc:
+        raise ConfigError(f"train.continue_data_from: this run's data cannot continue {previous_run}'s: "
+                          f"{str(exc).removeprefix('resume: ')}") from None
+
+
 def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) -> Any:
     """The objective, built on the trained model (after peft) on this process's device; a teacher it loads is
     checked here (folder, vocabulary, tokenizer), before the run directory is taken."""
@@ -344,7 +363,8 @@ def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) 
         else torch.device(launch.device_type)
     block = spec.block("objective")
     return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
-                                      tokenizer=tokenizer, grad_accum=spec.train.grad_accum))
+                                      tokenizer=tokenizer, grad_accum=spec.train.grad_accum,
+                                      world_size=launch.data_parallel_size))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -210,9 +210,64 @@ def test_the_distillation_weight_needs_the_distill_objective_and_a_value_in_0_1(
         parse_timeline({"distill_weight": {"unit": "step", "points": [{"at": 0, "value": 1.5}]}})
 
 
+class _FixedLogits(torch.nn.Module):
+    """A 'reference model' whose next-token logits at position t are row t of a table, whatever the input."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return types.SimpleNamespace(logits=self.table[: input_ids.shape[1]].unsqueeze(0).expand(
+            input_ids.shape[0], -1, -1))
+
+
+def test_salt_scores_an_example_by_the_median_loss_of_its_tokens_in_the_slms_top_k():
+    """SALT's Eq. 10: only tokens whose true token is among the SLM's top-k count (learnable), and the score is the
+    median of their losses. Five positions over a vocabulary of 6; with k = 2 the true tokens at positions 1, 2 and 4
+    are in the top 2, position 3's is ranked 6th (not learnable); the mean loss counts it, the score does not."""
+    from effitrain.selection.refmodel import learnable_token_medians
+
+    table = torch.tensor([[4.0, 3, 2, 1, 0, -1],    # predicts token 1 at t=1: rank 2
+                          [0.0, 5, 1, 0, 0, 0],     # predicts token 1 at t=2: rank 1
+                          [3.0, 2, 1, 0, -1, -9],   # predicts token 5 at t=3: rank 6 (not in the top 2)
+                          [1.0, 1, 4, 0, 0, 0],     # predicts token 0 at t=4: rank 2 (tied with 1)
+                          [0.0, 0, 0, 0, 0, 0]])
+    ids = torch.tensor([[2, 1, 1, 5, 0]])
+    encode = lambda texts: (ids.expand(len(texts), -1), torch.ones(len(texts), 5, dtype=torch.long))
+    losses = torch.nn.functional.cross_entropy(table[:4], ids[0, 1:], reduction="none")
+    score = learnable_token_medians(_FixedLogits(table), encode, ["x"], "cpu", top_k=2)
+    assert score == pytest.approx([float(torch.tensor([losses[0], losses[1], losses[3]]).median())])
+    assert losses[2] > 5 and losses.mean() > 2 * score[0]   # the unlearnable token's loss is left out
+    # nothing learnable (k = 1 and every true token off the top): NaN, which the top-k selector ranks last
+    unlearnable = torch.tensor([[2, 5, 5, 5, 5]])
+    encode_un = lambda texts: (unlearnable, torch.ones(1, 5, dtype=torch.long))
+    assert math.isnan(learnable_token_medians(_FixedLogits(table), encode_un, ["x"], "cpu", top_k=1)[0])
+
+
+def test_salt_ds_takes_the_highest_eq10_scores_where_the_mean_loss_band_takes_others():
+    """The recipe's selection (topk on the Eq. 10 score) against the earlier band of mean losses: an example that
+    is hard only through tokens the SLM cannot rank (a high mean, a low Eq. 10 score) is kept by the band, not by
+    SALT_DS; examples without a learnable token (NaN) come last."""
+    from effitrain.selection.selectors import BandSelector, TopKSelector
+
+    load_builtin_blocks()
+    salt = compose_config(["+recipe=salt"]).cfg["stages"][1]["selection"]
+    assert salt["scorer"]["statistic"] == "topk_median" and salt["scorer"]["top_k"] == 10
+    assert salt["selector"] == {"name": "topk"}
+    eq10 = np.array([1.0, 2.0, 5.0, 4.0, float("nan"), 3.0, 0.5, 6.0, 2.5, 1.5])
+    mean = np.array([1.0, 2.0, 2.1, 4.0, 9.0, 3.0, 8.0, 2.2, 2.5, 1.5])   # example 6: hard where it is unlearnable
+    topk = TopKSelector(REGISTRY.parse("selector", {"name": "topk"}).params)
+    kept = topk.select(eq10, None, np.ones(10), budget=4, rng=np.random.default_rng(0))
+    assert sorted(kept.tolist()) == [2, 3, 5, 7]
+    band = BandSelector(REGISTRY.parse("selector", {"name": "band", "low": 0.5, "high": 0.9}).params)
+    assert 6 in band.select(mean, None, np.ones(10), budget=4, rng=np.random.default_rng(0)).tolist()
+    assert topk.select(eq10, None, np.ones(10), budget=10, rng=np.random.default_rng(0)).tolist()[-1] == 4
+
+
 def test_salt_ds_keeps_the_band_of_slm_losses_above_the_median_and_below_the_noisiest_tenth():
-    """SALT_DS as the recipe configures it (selection: perplexity under the SLM, selector band [0.5, 0.9], budget
-    the band's share): on 20 crafted losses 0..19 the quantiles are 9.5 and 17.1, so exactly the losses 10..17 are
+    """The earlier SALT_DS reading, still an option (scorer.statistic=mean, selector band [0.5, 0.9], budget the
+    band's share): on 20 crafted losses 0..19 the quantiles are 9.5 and 17.1, so exactly the losses 10..17 are
     kept: harder than half the pool, but not the hardest tenth."""
     from effitrain.selection.selectors import BandSelector
 

@@ -83,7 +83,8 @@ def test_salt_kd_stage_follows_its_weight_across_a_resume_then_hands_over_to_nex
 
     config = yaml_config(run / "stages" / "02-llm_kd")
     assert config["selection"]["scorer"]["model_path"] == str(run / "stages" / "01-slm" / "final_model")
-    assert config["selection"]["selector"] == {"name": "band", "low": 0.5, "high": 0.9}
+    assert config["selection"]["selector"] == {"name": "topk"}
+    assert (config["selection"]["scorer"]["statistic"], config["selection"]["scorer"]["top_k"]) == ("topk_median", 10)
     llm = yaml_config(run / "stages" / "03-llm")
     assert llm["objective"]["name"] == "causal_lm" and llm["selection"]["name"] == "none"
     assert llm["model"]["path"] == str(run / "stages" / "02-llm_kd" / "final_model")  # the same LLM continues

@@ -112,14 +112,80 @@ def test_loss_equals_trls_on_identical_inputs(tokenizer, tmp_path):
                          epsilon=0.2, epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
     trainer.model.train()
     logps = ours_obj.logps(trainer.model, torch.cat([prompt, completion], 1), torch.cat([prompt_mask, mask], 1), 5)
-    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         trainer.loss_type = loss_type
         theirs = trainer._compute_loss(trainer.model, {
             "prompt_ids": prompt, "prompt_mask": prompt_mask, "completion_ids": completion, "completion_mask": mask,
-            "advantages": adv, "ref_per_token_logps": ref, "old_per_token_logps": None})
+            "advantages": adv, "ref_per_token_logps": ref, "old_per_token_logps": None,
+            "num_items_in_batch": mask.sum()})   # dapo's count: every completion token of the (one-process) batch
         ours, _ = grpo.grpo_loss(logps, logps.detach(), ref, adv, mask, beta=0.04, epsilon_low=0.2,
-                                 epsilon_high=0.2, loss_type=loss_type, max_new_tokens=4)
+                                 epsilon_high=0.2, loss_type=loss_type, max_new_tokens=4,
+                                 global_tokens=float(mask.sum()))
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-5), loss_type
+
+
+def test_dapo_weighs_every_token_of_all_ranks_alike_where_bnpo_weighs_each_ranks_mean():
+    """Two data-parallel ranks with 6 and 2 completion tokens: the mean of their dapo losses (what averaging the
+    ranks' gradients amounts to) is the sum over all 8 tokens / 8; bnpo's is the mean of the two ranks' means."""
+    g = torch.Generator().manual_seed(0)
+    ranks = [(torch.randn(2, 3, generator=g) - 2, torch.tensor([[1, 1, 1], [1, 1, 1]]), torch.tensor([1.0, -1.0])),
+             (torch.randn(2, 3, generator=g) - 2, torch.tensor([[1, 0, 0], [1, 0, 0]]), torch.tensor([0.5, 2.0]))]
+
+    def per_rank(loss_type):
+        return [grpo.grpo_loss(lp, lp.detach(), None, a, m, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                               loss_type=loss_type, global_tokens=8.0, world_size=2)[0].item() for lp, m, a in ranks]
+    token_terms = [(-a.unsqueeze(1) * m).flatten()[m.flatten() == 1] for lp, m, a in ranks]  # ratio 1: -A per token
+    every_token = torch.cat(token_terms).sum().item() / 8
+    assert sum(per_rank("dapo")) / 2 == pytest.approx(every_token, rel=1e-6)
+    assert sum(per_rank("bnpo")) / 2 == pytest.approx((token_terms[0].mean() + token_terms[1].mean()).item() / 2)
+    assert every_token != pytest.approx(sum(per_rank("bnpo")) / 2)
+
+
+def test_the_entropy_bonus_subtracts_its_weight_times_the_mean_token_entropy(tokenizer):
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[1.0, 1.0, -1.0], [5.0, 0.0, 0.0]]])
+    entropy = grpo.token_entropy(logits, temperature=0.6)
+    p = torch.softmax(logits / 0.6, dim=-1)
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1))
+    logps = torch.tensor([[-1.0, -1.1], [-0.4, -2.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    kwargs = dict(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="bnpo", entropy=entropy)
+    plain, stats = grpo.grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), mask, **kwargs)
+    bonus, _ = grpo.grpo_loss(logps, logps.detach(), None, torch.tensor([1.0, -1.0]), mask, entropy_coef=0.001,
+                              **kwargs)
+    masked_mean = (entropy[0, 0] + entropy[0, 1] + entropy[1, 0]) / 3
+    assert stats["entropy"].item() == pytest.approx(masked_mean.item())
+    assert (plain - bonus).item() == pytest.approx(0.001 * masked_mean.item(), abs=1e-7)
+    # in the objective: the entropies of the sampled completions, logged, only when the bonus is on
+    def make(coef):
+        return grpo.GRPO(tokenizer, [("len", 1.0, lambda r, ref, n: [float(x) for x in n])], None, group_size=4,
+                         max_new_tokens=4, temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=None,
+                         scale_rewards="group", loss_type="bnpo", seed=0, entropy_coef=coef)
+    batch, _ = _prompt_batch(tokenizer)
+    model = tiny_llama(len(tokenizer), seed=5)
+    state = SimpleNamespace(step=0, micro_step=0, rank=0)
+    with_bonus, metrics = make(0.001)(model, batch, state)
+    without, plain_metrics = make(0.0)(model, batch, state)
+    assert metrics["entropy"].item() > 0 and "entropy" not in plain_metrics
+    assert (without - with_bonus).item() == pytest.approx(0.001 * metrics["entropy"].item(), abs=1e-6)
+
+
+def test_a_completion_without_eos_gets_the_no_eos_reward_right_or_wrong(tokenizer):
+    """Tülu 3's non-stop penalty (open-instruct replaces the score of a response that did not stop with -10)."""
+    eos = 7
+    completions = torch.tensor([[3, 4, eos, 0], [3, 4, 5, 6], [eos, 0, 0, 0], [1, 2, 3, 4]])
+    rewards = torch.tensor([10.0, 10.0, 0.0, 0.0])
+    assert grpo.without_eos_replaced(rewards, completions, eos, -10.0).tolist() == [10.0, -10.0, 0.0, -10.0]
+    assert grpo.without_eos_replaced(rewards, completions, eos, None).tolist() == rewards.tolist()
+    # wired into the objective: a model whose EOS logit is -1e9 never stops, so every sample gets -10
+    obj = grpo.GRPO(tokenizer, [("one", 1.0, lambda r, ref, n: [1.0] * len(r))], None, group_size=4,
+                    max_new_tokens=3, temperature=1.0, beta=0.0, epsilon=0.2, epsilon_high=None,
+                    scale_rewards="group", loss_type="grpo", seed=0, no_eos_reward=-10.0)
+    batch, _ = _prompt_batch(tokenizer)
+    model = tiny_llama(len(tokenizer), seed=5)
+    never_eos = torch.tensor([tokenizer.eos_token_id])
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, never_eos, -1e9))
+    _, metrics = obj(model, batch, SimpleNamespace(step=0, micro_step=0, rank=0))
+    assert metrics["reward"].item() == -10.0 and metrics["reward_one"].item() == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- sampling, update

@@ -34,8 +34,8 @@ def _dense_folder(tmp_path):
 
 
 def _params(**kw):
-    return SimpleNamespace(**{"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.01, "router_std": 0.02, "seed": 0,
-                              **kw})
+    return SimpleNamespace(**{"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.01, "z_loss_coef": 0.0,
+                              "router_std": 0.02, "seed": 0, **kw})
 
 
 def test_upcycled_experts_reproduce_the_dense_model_before_training(tmp_path):
@@ -74,6 +74,31 @@ def test_the_router_loss_is_in_the_training_loss_and_logged_but_not_in_the_eval_
     lm_loss = mean_token_loss(moe(ids).logits, ids)
     assert metrics["router_aux_loss"] > 0
     assert torch.allclose(loss, lm_loss + 0.5 * metrics["router_aux_loss"], atol=1e-5)
+
+
+def test_the_router_z_loss_is_added_with_its_weight_and_survives_save_and_load(tmp_path):
+    # AquilaMoE trains with a router z-loss (ST-MoE: mean over tokens of logsumexp(router logits)^2, each MoE layer's
+    # term summed); Mixtral has none, so the weight rides in the saved config and causal_lm adds it
+    from transformers import AutoModelForCausalLM
+
+    from effitrain.objectives.causal_lm import CausalLM
+    from effitrain.objectives.common import mean_token_loss
+
+    _, folder = _dense_folder(tmp_path)
+    moe, _ = upcycle_moe(_params(aux_loss_coef=0.001, z_loss_coef=0.01, router_std=1.0), folder)
+    moe.save_pretrained(tmp_path / "moe")
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    ids = torch.randint(0, VOCAB, (2, 16))
+    loss, metrics = CausalLM()(moe, {"input_ids": ids, "labels": ids}, None)
+    with torch.no_grad():
+        out = moe(ids)
+        assert len(out.router_logits) == LAYERS and out.router_logits[0].shape == (2 * 16, 4)   # [tokens, experts]
+        by_hand = sum(float(torch.logsumexp(logits, dim=-1).pow(2).mean()) for logits in out.router_logits)
+        lm_loss = mean_token_loss(out.logits, ids)
+    assert metrics["router_z_loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert torch.allclose(loss, lm_loss + 0.001 * metrics["router_aux_loss"] + 0.01 * by_hand, atol=1e-5)
+    plain, _ = upcycle_moe(_params(), folder)   # z_loss_coef 0: the model's own loss, no z term
+    assert "router_z_loss" not in CausalLM()(plain, {"input_ids": ids, "labels": ids}, None)[1]
 
 
 def test_the_moe_model_saves_and_loads_as_a_stock_transformers_model(tmp_path):

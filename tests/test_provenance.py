@@ -86,6 +86,8 @@ def test_every_lock_file_and_generated_doc_is_current():
 
 def test_a_stale_card_block_is_named_and_the_hand_written_text_kept(tmp_path):
     (tmp_path / "recipes").mkdir()
+    (tmp_path / "results").mkdir()   # the card's reproduction row comes from the recipe's results file
+    (tmp_path / "results" / "wsd.json").write_text((REPO / "docs" / "results" / "wsd.json").read_text())
     original = (REPO / "docs" / "recipes" / "wsd.md").read_text()
     card = tmp_path / "recipes" / "wsd.md"
     card.write_text(original.replace("| `scheduler.decay_shape` | `'exp'` |", "| `scheduler.decay_shape` | `'x'` |"))

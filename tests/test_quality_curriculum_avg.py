@@ -53,7 +53,7 @@ def test_sorted_by_quality_averaged_and_resumed_between_snapshots(tmp_path, trai
     state = torch.load(full / "checkpoints" / "step_00000001" / "state.pt", weights_only=False)
     assert len(scores) > 32 and state["sampler"]["num_rows"] == 32 and state["sampler"]["position"] == 1
 
-    # the snapshots after steps 6, 7 and 8 are in the hook's state; the final model is their EMA (alpha 0.2), and
+    # the snapshots after steps 6, 7 and 8 are in the hook's state; the final model is their EMA (recipe's alpha), and
     # it differs from the last step's raw weights, which the step-7 checkpoint's average cannot be
     hooks = torch.load(full / "checkpoints" / "step_00000008" / "state.pt", weights_only=False)["hooks"]
     assert hooks["checkpoint_average"]["taken"] == [6, 7, 8]

@@ -35,6 +35,9 @@ ONE_LAYER = "stages.0.model.num_layers=1"  # g_stack's small stage; the stacked 
      ["stages.stacked.init", "frozen base of a prefix adapter"]),
     (["+recipe=g_stack", "+stages.1.dataset.seq_len=4096"],
      ["stages.stacked", "dataset.seq_len=4096", "position limit of the final model of stage 'small'", "2048"]),
+    (["+recipe=g_stack", "+stages.1.dataset.seq_len=2048"],   # data: continue needs the small stage's rows
+     ["stages.stacked.data", "'continue' needs the data stream of stage 'small'", "dataset.seq_len is 2048 here and "
+      "128 there", "data: fresh"]),
     (["+recipe=regmix", "stages.1.init=@stage:proxies"],
      ["stages.main.init", "'@stage:proxies' names a sweep stage, which leaves no model", "config_from: proxies"]),
     (["+recipe=g_stack", "stages.1.init=@stage:nope"],
@@ -55,7 +58,7 @@ def test_what_the_stages_hand_each_other_is_accepted_when_it_fits(capsys):
     for overrides in (["+recipe=g_stack", "+stages.1.transform.order=[0,0]"],
                       ["+recipe=g_stack", "~stages.1.transform.factor", "stages.1.transform.name=merge_adapters",
                        "+stages.0.peft=lora"],
-                      ["+recipe=g_stack", "+stages.1.dataset.seq_len=2048"],
+                      ["+recipe=g_stack", "+stages.1.dataset.seq_len=2048", "stages.1.data=fresh"],
                       ["+recipe=g_stack", "stages.1.train.max_steps=3"]):
         code, out, err = run_check(overrides, capsys)
         assert code == 0, f"{overrides}: {err}"

@@ -71,13 +71,56 @@ def test_the_cut_forward_trains_the_sub_model_alone():
 def test_sortednet_draws_depths_with_the_declared_odds_the_same_after_a_resume():
     model = _tiny()
     uniform = _objective(model)
-    draws = [uniform.depth_of_step(s) for s in range(4000)]
+    draws = [uniform.depth_of(s) for s in range(4000)]
     for depth in (1, 2, 3, 4):   # each 1/4: 1000 expected, sd ~27
         assert abs(draws.count(depth) - 1000) < 4 * 28
-    assert [_objective(model).depth_of_step(s) for s in range(50)] == draws[:50]      # a function of (seed, step)
-    assert [_objective(model, seed=1).depth_of_step(s) for s in range(50)] != draws[:50]
+    assert [_objective(model).depth_of(s) for s in range(50)] == draws[:50]      # a function of (seed, step)
+    assert [_objective(model, seed=1).depth_of(s) for s in range(50)] != draws[:50]
     only_three = _objective(model, weights=[0, 0, 1, 0])
-    assert {only_three.depth_of_step(s) for s in range(100)} == {3}
+    assert {only_three.depth_of(s) for s in range(100)} == {3}
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def test_sortednet_draws_a_depth_per_micro_batch_and_a_step_sums_their_sub_models_gradients():
+    # the authors' loop samples a sub-model for every batch it backpropagates: with 4 accumulated micro-batches an
+    # optimizer step sums the gradients of the sub-models its micro-batches drew (one depth per step did not)
+    model = _tiny()
+    objective = _objective(model)
+    batches = [torch.randint(0, VOCAB, (2, 12)) for _ in range(4)]
+    for step in range(5):
+        model.zero_grad()
+        drawn = []
+        for m, ids in enumerate(batches):
+            loss, metrics = objective(model, {"input_ids": ids, "labels": ids},
+                                      SimpleNamespace(step=step, micro_step=4 * step + m))
+            (loss / 4).backward()
+            drawn.append(int(metrics["sampled_depth"]))
+        if len(set(drawn)) > 1:
+            break
+    assert len(set(drawn)) > 1, f"every micro-batch of 5 steps drew one depth: {drawn}"
+    assert drawn == [objective.depth_of(4 * step + m) for m in range(4)]   # every rank draws the same depths
+    accumulated = _grads(model)
+    top_trained = model.model.layers[3].self_attn.q_proj.weight.grad is not None
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for depth, ids in zip(drawn, batches):   # each micro-batch's sub-model alone, by hand
+        model.zero_grad()
+        with truncated_depth(model, depth):
+            (model(input_ids=ids, labels=ids).loss / 4).backward()
+        expected = [e + g for e, g in zip(expected, _grads(model))]
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(accumulated, expected))
+    # the top layer got gradients only from the micro-batches that drew the full depth
+    assert top_trained == (4 in drawn)
+    # draw_every=step: one depth for every micro-batch of a step
+    per_step = Layerwise([1, 2, 3, 4], [1.0] * 4, 4, final_norm(model), output_head(model), sample="one",
+                         draw_every="step")
+    ids = batches[0]
+    batch = {"input_ids": ids, "labels": ids}
+    depths = {int(per_step(model, batch, SimpleNamespace(step=step, micro_step=4 * step + m))[1]["sampled_depth"])
+              for m in range(4)}
+    assert depths == {per_step.depth_of(step)}
 
 
 def test_sortednet_accumulates_each_micro_batchs_sub_model_gradient_over_a_step():
@@ -119,9 +162,12 @@ def test_sortednet_is_charged_only_for_the_layers_it_ran():
     model = _tiny()
     objective = _objective(model)
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    state = SimpleNamespace(model=model, step=10, tokens=10 * 512)
-    skipped_layers = sum(4 - objective.depth_of_step(s) for s in range(10))
+    state = SimpleNamespace(model=model, step=10, micro_step=10, tokens=10 * 512)    # one micro-batch per step
+    skipped_layers = sum(4 - objective.depth_of(s) for s in range(10))
     assert objective.extra_flops(state) == -6.0 * per_layer * skipped_layers * 512
+    # with 2 accumulated micro-batches per step there are 20 draws, each charged for its half of the tokens
+    two = SimpleNamespace(model=model, step=10, micro_step=20, tokens=10 * 512)
+    assert objective.extra_flops(two) == -6.0 * per_layer * sum(4 - objective.depth_of(d) for d in range(20)) * 256
     # sample=all: the shared head and norm run again for each depth below the last (depths 1-3 of 4 here)
     head_and_norm = VOCAB * 32 + 32
     assert _objective(model, sample="all").extra_flops(state) == 6.0 * head_and_norm * 3 * 10 * 512

@@ -106,7 +106,7 @@ def _guided_model():
 def test_the_hook_draws_guide_use_with_probability_alpha_and_counts_only_what_ran():
     model = _guided_model()
     state = SimpleNamespace(model=model, spec=SimpleNamespace(train=SimpleNamespace(max_steps=400)), step=0,
-                            tokens=0, metrics={})
+                            micro_step=0, tokens=0, metrics={})
     hook = SelfGuided(steps_ratio=0.5, schedule="linear", reduce_flop=True, seed=3)
     hook.on_fit_start(state)
     assert hook.guided_steps == 200
@@ -114,7 +114,7 @@ def test_the_hook_draws_guide_use_with_probability_alpha_and_counts_only_what_ra
     guide_params = layers[0].guide.numel()                    # every MLP matrix is 32x64 or 64x32
     expected_flops, used_at_half = 0.0, []
     for step in range(260):
-        state.step = step
+        state.step = state.micro_step = step                  # one micro-batch per step
         hook.on_batch_start(state)
         used = [layer.use_guide and layer._alpha > 0 for layer in layers]
         if 90 <= step < 110:
@@ -128,6 +128,51 @@ def test_the_hook_draws_guide_use_with_probability_alpha_and_counts_only_what_ra
     replay = SelfGuided(steps_ratio=0.5, schedule="linear", reduce_flop=True, seed=3)
     replay.on_fit_start(state)
     assert replay.guide_use(100, 0.5) == hook.guide_use(100, 0.5)   # a resumed run draws the same
+
+
+def test_with_accumulation_each_micro_batch_draws_its_own_guide_use_and_is_charged_its_share():
+    # the authors' forward pass draws the guide's use for every batch it runs: with 4 accumulated micro-batches one
+    # optimizer step mixes different layers' guides in different micro-batches (one draw per step did not)
+    model = _guided_model()
+    state = SimpleNamespace(model=model, spec=SimpleNamespace(train=SimpleNamespace(max_steps=400)), step=100,
+                            micro_step=400, tokens=100 * 4000, metrics={})
+    hook = SelfGuided(steps_ratio=0.5, schedule="linear", reduce_flop=True, seed=3)
+    hook.on_fit_start(state)
+    layers = [m for m in model.modules() if isinstance(m, StructuredFFNLinear)]
+    draws = []
+    for micro in range(4):                                     # alpha = 0.5 at step 100 of 200
+        state.micro_step = 400 + micro
+        hook.on_batch_start(state)
+        draws.append([layer.use_guide for layer in layers])
+        assert draws[-1] == hook.guide_use(400 + micro, 0.5)  # a function of (seed, micro-batch number)
+    assert len({tuple(d) for d in draws}) > 1
+    state.tokens += 4000
+    hook.on_step_end(state)
+    guide_params = layers[0].guide.numel()
+    assert hook.flops == pytest.approx(6 * guide_params * sum(map(sum, draws)) / 4 * 4000)
+    per_step = SelfGuided(steps_ratio=0.5, schedule="linear", reduce_flop=True, seed=3, draw_every="step")
+    per_step.on_fit_start(state)
+    seen = []
+    for micro in range(4):
+        state.micro_step = 404 + micro
+        per_step.on_batch_start(state)
+        seen.append(tuple(layer.use_guide for layer in layers))
+    assert len(set(seen)) == 1
+
+
+def test_the_first_blocks_ffn_stays_dense_as_in_every_authors_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    replaced = apply_structured_ffn(model, kind="lowrank", rank=8, rank_ratio=None, nblocks=4, guide=True,
+                                    target_modules=["mlp"], seed=0, first_layer_dense=True)
+    assert replaced == 2 * 3                                   # gate, up, down of blocks 1 and 2
+    projections = ("gate_proj", "up_proj", "down_proj")
+    assert all(type(getattr(model.model.layers[0].mlp, p)) is torch.nn.Linear for p in projections)
+    assert all(isinstance(getattr(layer.mlp, p), StructuredFFNLinear) for layer in model.model.layers[1:]
+               for p in projections)
 
 
 def test_the_guide_is_left_out_of_the_6n_count():

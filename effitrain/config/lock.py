@@ -84,7 +84,7 @@ DIGEST_FILE = "INPUTS.sha256"
 #: what the lock files and generated docs are computed from, besides the config tree: the code that composes and
 #: validates configs and evaluates the rules, the hand-written cards and the benchmark tables they quote
 _CODE = ("effitrain/config", "effitrain/registry.py")
-_DOCS = ("docs/recipes", "docs/benchmarks.md", "docs/compatibility.md")
+_DOCS = ("docs/recipes", "docs/benchmarks.md", "docs/compatibility.md", "docs/results", "docs/reproductions.md")
 _PACKAGES = ("hydra-core", "omegaconf", "pyyaml")
 
 
@@ -101,7 +101,7 @@ def inputs_digest() -> str:
     for entry in (*_CODE, *_DOCS):
         base = root / entry
         paths += sorted(base.rglob("*.py") if base.is_dir() and entry.startswith("effitrain") else
-                        base.rglob("*.md") if base.is_dir() else [base])
+                        [p for p in base.rglob("*") if p.suffix in (".md", ".json")] if base.is_dir() else [base])
     digest = hashlib.sha256()
     for path in paths:
         if path.is_file():

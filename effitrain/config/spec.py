@@ -36,6 +36,10 @@ class TrainParams:
     clip_grad_norm: float = param(1.0, ge=0, help="0 disables clipping")
     max_bad_steps: int = param(5, ge=1, help="stop after this many non-finite steps in a row")
     save_final_model: bool = param(True, help="write the final model with save_pretrained")
+    continue_data_from: Optional[str] = param(None, help="a run directory: start the data sampler where its newest "
+                                              "checkpoint left it, so this run trains on the batches that run would "
+                                              "have seen next (a stage with `data: continue` sets it to the stage "
+                                              "before); a resume of this run continues from its own checkpoint")
 
 
 @dataclass
@@ -152,12 +156,14 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
     """The base and every stage validated, each stage against the model the stages before it will hand it
     (:mod:`effitrain.config.stage_shapes`), so a later stage's mistake is refused before the first stage trains."""
     from effitrain.config import stage_shapes
-    from effitrain.config.stages import STAGE_REF, base_config, parse_stages, placeholder_paths, stage_config
+    from effitrain.config.stages import (DATA_CONTINUE, STAGE_REF, base_config, parse_stages, placeholder_paths,
+                                         stage_config)
 
     stages = parse_stages(cfg.get("stages"))
     spec = validate(base_config(cfg), recipes, rules=rules)
     init_models, final_models = placeholder_paths(stages)
     shapes: dict[str, Any] = {}  # stage name -> the shape of its final model
+    run_cfgs: list[dict[str, Any]] = []
     for i, stage in enumerate(stages):
         start = _start_shape(stage, stages[i - 1] if i else None, shapes)
         if stage.transform is not None:
@@ -185,6 +191,9 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
                 check_rules(one)
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage.name}: {exc}") from None
+        if stage.data == DATA_CONTINUE:
+            _check_continued_data(run_cfgs[-1], run_cfg, stages[i - 1].name, stage.name)
+        run_cfgs.append(run_cfg)
         spec.stage_specs.append(one)
         if stage.config_from is not None:
             one.concluded_by = next(s.sweep for s, d in zip(spec.stage_specs, stages) if d.name == stage.config_from)
@@ -198,6 +207,36 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
                 check(spec.stage_specs[-1], f"stages.{stage.name}.sweep")
     spec.stages = stages
     return spec
+
+
+#: what must be equal for a stage to continue the previous stage's data stream: the same packed rows, drawn by the
+#: same sampler in the same global batches
+_DATA_KEYS = ("dataset", "selection", "curriculum", "train.micro_batch_size", "train.grad_accum", "train.seed")
+
+
+def _check_continued_data(previous: dict[str, Any], this: dict[str, Any], previous_name: str, name: str) -> None:
+    """``data: continue`` starts the sampler where the previous stage's stopped; refused here, before anything
+    trains, when the two stages would pack or draw other rows (the run itself would refuse only after the previous
+    stage trained)."""
+    for key in _DATA_KEYS:
+        mine, theirs = _flat(_dotted(this, key), key), _flat(_dotted(previous, key), key)
+        for leaf in sorted(set(mine) | set(theirs)):
+            if mine.get(leaf) != theirs.get(leaf):
+                raise ConfigError(f"stages.{name}.data: 'continue' needs the data stream of stage '{previous_name}', "
+                                  f"but {leaf} is {mine.get(leaf)!r} here and {theirs.get(leaf)!r} there; make them "
+                                  f"equal, or use data: fresh")
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
 
 
 def _start_shape(stage: Any, previous: Any, shapes: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ keys of the recipe it sits in::
       - name: stacked
         init: previous                                # the final model of the stage before
         transform: {name: stack_layers, factor: 2}    # a registered model transform, applied between stages
+        data: continue                                # the batches after the small stage's last one (default: fresh)
         objective: {name: distill, teacher: "@stage:small"}   # "@stage:NAME": that stage's final model folder
 
 How a delta applies (this module turns ``(recipe config, stage)`` into the plain run config of the stage):
@@ -39,7 +40,8 @@ from typing import Any, Optional
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 STAGE_REF = "@stage:"
-STAGE_OWN_KEYS = ("name", "init", "transform", "sweep", "config_from")
+STAGE_OWN_KEYS = ("name", "init", "transform", "sweep", "config_from", "data")
+DATA_FRESH, DATA_CONTINUE = "fresh", "continue"
 # Keys that belong to the pipeline as a whole, never to one stage.
 PIPELINE_KEYS = ("run_dir", "resume", "overwrite", "stages", "recipe", "hydra", "plugins")
 STAGES_DIR = "stages"
@@ -57,6 +59,7 @@ class StageDecl:
     delta: dict                      # the run-level keys the stage changes
     sweep: Optional[dict] = None     # {name: ..., params} of the `sweep` group: the stage trains member runs
     config_from: Optional[str] = None  # an earlier sweep stage whose concluded config delta this stage merges
+    data: str = DATA_FRESH           # 'continue': the sampler starts after the previous stage's last batch
 
     @property
     def dir_name(self) -> str:
@@ -111,7 +114,8 @@ def parse_stages(raw: Any) -> list[StageDecl]:
             raise ConfigError(f"{where}.model: a stage with init: {init} takes its model from there; set "
                               f"init: scratch to configure a new model")
         sweep, config_from = _sweep_keys(entry, where, init, transform, stages)
-        stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from))
+        data = _data_key(entry, where, sweep, stages)
+        stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from, data))
     for stage in stages:
         # a delta's value or a transform's parameter (decoalesce_interpolate.reference) may name an earlier stage
         for ref in stage_refs(stage.delta) + stage_refs(stage.transform or {}):
@@ -156,6 +160,24 @@ def _sweep_keys(entry: Mapping[str, Any], where: str, init: str, transform: Any,
                               f"{did_you_mean(str(config_from), sweeps)}; earlier sweep stages: "
                               f"{choices_text(sweeps) or 'none'}")
     return sweep, config_from
+
+
+def _data_key(entry: Mapping[str, Any], where: str, sweep: Any, stages: list[StageDecl]) -> str:
+    """``data: continue`` (the stage trains on the batches after the previous stage's last one: G_stack's grown
+    model continues the small model's data stream) or ``fresh`` (the default: the sampler starts at its first
+    batch, as a new run does)."""
+    data = entry.get("data", DATA_FRESH)
+    if data not in (DATA_FRESH, DATA_CONTINUE):
+        raise ConfigError(f"{where}.data: expected '{DATA_FRESH}' (the stage's data starts at its first batch) or "
+                          f"'{DATA_CONTINUE}' (after the previous stage's last batch), got {data!r}")
+    if data == DATA_CONTINUE:
+        if not stages:
+            raise ConfigError(f"{where}.data: the first stage has no previous stage whose data it could continue; "
+                              f"use data: {DATA_FRESH}")
+        if sweep is not None or stages[-1].sweep is not None:
+            raise ConfigError(f"{where}.data: a sweep stage trains member runs, so there is no single data stream "
+                              f"to continue across it; use data: {DATA_FRESH}")
+    return data
 
 
 def _group_names(group: str) -> list[str]:

@@ -65,6 +65,19 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def newest_sampler_state(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The data sampler's state saved in the newest complete, verified checkpoint of ``run_dir`` (None without one):
+    where that run's data stream stopped."""
+    import torch
+
+    from effitrain.engine.rundir import CHECKPOINTS
+
+    newest = newest_verified_checkpoint(run_dir / CHECKPOINTS, report=lambda line: None)
+    if newest is None:
+        return None
+    return torch.load(newest / "state.pt", weights_only=False)["sampler"]
+
+
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 

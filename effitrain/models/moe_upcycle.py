@@ -12,7 +12,13 @@ block), so it trains on the same engine and saves and loads with ``save_pretrain
 DeepSpeed's own MoE layer (``deepspeed.moe.layer.MoE``) is not used: its experts live in expert-parallel process
 groups, and a model built from it has no ``transformers`` class to save to and reload from, which the next stage and
 the export need.  The router's load-balancing loss (Switch/Mixtral form) is added to the training loss with the
-coefficient ``aux_loss_coef`` through the model's own ``output_router_logits``; the objective logs it.
+coefficient ``aux_loss_coef`` through the model's own ``output_router_logits``; the objective logs it.  The router
+z-loss (ST-MoE; AquilaMoE trains with 0.01 of it) is not Mixtral's: its weight ``z_loss_coef`` is stored in the
+model's config as ``router_z_loss_coef``, and ``objective: causal_lm`` adds it from the router logits.
+
+Mixtral renormalises the top-``k`` router probabilities to sum to one, where upcycling code weights the experts by
+the raw softmax probabilities.  The renormalised form is kept (a stock class that saves and reloads, and an upcycled
+model equal to the dense one at the start); docs/recipes/moe_upcycle.md states the difference.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ def upcycle_moe(params: Any, source: Path) -> tuple[Any, dict[str, Any]]:
         rope_parameters=getattr(cfg, "rope_parameters", None), sliding_window=None,
         num_local_experts=params.num_experts, num_experts_per_tok=params.top_k,
         output_router_logits=True, router_aux_loss_coef=params.aux_loss_coef, router_jitter_noise=0.0,
+        router_z_loss_coef=params.z_loss_coef,   # not Mixtral's own: kept in config.json, read by causal_lm
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     moe_config._attn_implementation = getattr(cfg, "_attn_implementation", None) or "sdpa"
     moe = MixtralForCausalLM(moe_config).to(torch.float32)

@@ -13,12 +13,14 @@ from effitrain.optim.param_groups import module_matches
 from effitrain.registry import ConfigError
 
 
-def replace_linears(model: nn.Module, target_modules: list[str], make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Replace every ``nn.Linear`` whose name matches ``target_modules`` (never the LM head) by ``make(linear)``, in
-    module order; returns how many were replaced."""
+def replace_linears(model: nn.Module, target_modules: list[str], make: Callable[[nn.Linear], nn.Module],
+                    exclude: tuple[str, ...] = ()) -> int:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` (never the LM head, nor one whose name starts
+    with a prefix in ``exclude``) by ``make(linear)``, in module order; returns how many were replaced."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module is not head and module_matches(name, target_modules)]
+               if isinstance(module, nn.Linear) and module is not head and module_matches(name, target_modules)
+               and not name.startswith(exclude)]
     if not targets:
         raise ConfigError(f"peft.target_modules: no nn.Linear matches {target_modules}")
     for name, module in targets:

@@ -191,17 +191,26 @@ def make_structured(linear: nn.Linear, kind: str, *, rank: Optional[int], nblock
 
 
 def apply_structured_ffn(model: nn.Module, *, kind: str, rank: Optional[int], rank_ratio: Optional[float],
-                         nblocks: int, guide: bool, target_modules: list[str], seed: int) -> int:
+                         nblocks: int, guide: bool, target_modules: list[str], seed: int,
+                         first_layer_dense: bool = False) -> int:
+    """Structure the matching linears; ``first_layer_dense`` leaves the first decoder block's alone (the authors'
+    ``first_layer: true``, set in every one of their configs)."""
+    exclude: tuple[str, ...] = ()
+    if first_layer_dense:
+        from effitrain.models.transforms import decoder_layers
+
+        prefix, _ = decoder_layers(model)
+        exclude = (f"{prefix}.0.",)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return replace_linears(model, target_modules, lambda linear: make_structured(
-            linear, kind, rank=rank, nblocks=nblocks, guide=guide, rank_ratio=rank_ratio))
+            linear, kind, rank=rank, nblocks=nblocks, guide=guide, rank_ratio=rank_ratio), exclude=exclude)
 
 
 def build_structured_ffn(params: Any, model: nn.Module) -> nn.Module:
     apply_structured_ffn(model, kind=params.kind, rank=params.rank, rank_ratio=params.rank_ratio,
                          nblocks=params.nblocks, guide=params.guide, target_modules=list(params.target_modules),
-                         seed=params.seed)
+                         seed=params.seed, first_layer_dense=params.first_layer_dense)
     return model
 
 
@@ -230,22 +239,26 @@ def guide_weight(step: int, guided_steps: int, schedule: str) -> float:
 
 class SelfGuided(Hook):
     """Sets every structured layer's ``alpha`` before each optimizer step from the step count, and, with
-    ``reduce_flop`` (the authors' setting in their scripts), lets each layer use its guide in that step only with
-    probability ``alpha`` (else the structured path alone), from a generator seeded by (seed, step) so that a resumed
-    run makes the same draws.  The guides' FLOPs actually run are summed (and checkpointed) for the summary."""
+    ``reduce_flop`` (the authors' setting in their scripts), lets each layer use its guide in a micro-batch only
+    with probability ``alpha`` (else the structured path alone): a new draw for every micro-batch, as the authors'
+    forward pass draws it (``draw_every: step`` keeps one draw for all micro-batches of a step), from a generator
+    seeded by (seed, draw number) so that a resumed run makes the same draws.  The guides' FLOPs actually run are
+    summed (and checkpointed) for the summary."""
 
     name = "self_guided"
 
-    def __init__(self, steps_ratio: float, schedule: str, reduce_flop: bool, seed: int) -> None:
+    def __init__(self, steps_ratio: float, schedule: str, reduce_flop: bool, seed: int,
+                 draw_every: str = "micro_batch") -> None:
         self.steps_ratio = steps_ratio
         self.schedule = schedule
         self.reduce_flop = reduce_flop
         self.seed = seed
+        self.draw_every = draw_every
         self.guided_steps = 0
         self.flops = 0.0              # training FLOPs of the guides so far
         self._layers: list[StructuredFFNLinear] = []
-        self._decided_step: Optional[int] = None
-        self._guide_params_this_step = 0
+        self._decided: Optional[int] = None      # the draw the layers are set for
+        self._guide_params_this_step: list[int] = []   # per micro-batch of the step: guide parameters that ran
         self._tokens_at_step_start = 0
 
     def on_fit_start(self, state: Any) -> None:
@@ -255,30 +268,37 @@ class SelfGuided(Hook):
                              "peft=structured_ffn with peft.guide=true")
         self.guided_steps = int(state.spec.train.max_steps * self.steps_ratio)
 
-    def guide_use(self, step: int, alpha: float) -> list[bool]:
-        """Which layers mix their guide in at ``step``."""
+    def guide_use(self, draw: int, alpha: float) -> list[bool]:
+        """Which layers mix their guide in for draw number ``draw`` (a micro-batch's, or a step's)."""
         if alpha <= 0:
             return [False] * len(self._layers)
         if not self.reduce_flop:
             return [True] * len(self._layers)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
         return (torch.rand(len(self._layers), generator=generator) < alpha).tolist()
 
     def on_batch_start(self, state: Any) -> None:
-        if self._decided_step == state.step:      # the same mixture for every micro-batch of the step
+        draw = state.micro_step if self.draw_every == "micro_batch" else state.step
+        if self._decided == draw:                 # draw_every=step: the same mixture for every micro-batch
             return
-        alpha = guide_weight(state.step, self.guided_steps, self.schedule)
-        use = self.guide_use(state.step, alpha)
+        if not self._guide_params_this_step:      # the step's first draw (on_step_end empties the list)
+            self._tokens_at_step_start = state.tokens
+        alpha = guide_weight(state.step, self.guided_steps, self.schedule)   # alpha follows the optimizer step
+        use = self.guide_use(draw, alpha)
         for layer, used in zip(self._layers, use):
             layer.set_alpha(alpha)
             layer.use_guide = used
-        self._decided_step = state.step
-        self._guide_params_this_step = sum(layer.guide.numel() for layer, used in zip(self._layers, use) if used)
-        self._tokens_at_step_start = state.tokens
+        self._decided = draw
+        self._guide_params_this_step.append(sum(layer.guide.numel() for layer, used in zip(self._layers, use)
+                                                if used))
         state.metrics["guide_alpha"] = alpha
 
     def on_step_end(self, state: Any) -> None:
-        self.flops += 6.0 * self._guide_params_this_step * (state.tokens - self._tokens_at_step_start)
+        # each micro-batch holds an equal share of the step's tokens; draw_every=step made one draw for all of them
+        tokens = state.tokens - self._tokens_at_step_start
+        per_draw = sum(self._guide_params_this_step) / max(len(self._guide_params_this_step), 1)
+        self.flops += 6.0 * per_draw * tokens
+        self._guide_params_this_step = []
 
     def extra_flops(self, state: Any) -> float:
         return self.flops
@@ -292,4 +312,4 @@ class SelfGuided(Hook):
 
 def build_self_guided(params: Any) -> SelfGuided:
     return SelfGuided(steps_ratio=params.steps_ratio, schedule=params.schedule, reduce_flop=params.reduce_flop,
-                      seed=params.seed)
+                      seed=params.seed, draw_every=params.draw_every)

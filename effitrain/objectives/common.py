@@ -45,3 +45,12 @@ def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The mean next-token loss over the batch's labelled positions (the model's own loss, recomputed)."""
     losses, mask = token_losses(logits, labels)
     return losses.sum() / mask.sum().clamp(min=1)
+
+
+def router_z_loss(router_logits: Any) -> Any:
+    """ST-MoE's router z-loss (Zoph et al., 2202.08906, eq. 5) of every MoE layer, summed over the layers as
+    Megatron-LM adds each layer's term: ``mean over tokens of (logsumexp over experts of the router logits)^2``.
+    It keeps the router logits small, so the softmax stays in a numerically stable range."""
+    import torch
+
+    return sum(torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits)

@@ -10,7 +10,7 @@ the labelled ones the reference answer):
    ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
    the same completions and the global RNG stream of the run is untouched.
 2. **Rewards.**  Each completion is decoded and scored by the reward blocks (:mod:`effitrain.objectives.rewards`);
-   its reward is their weighted sum ``r``.
+   its reward is their weighted sum ``r``, or ``no_eos_reward`` when it has no EOS (Tülu 3's non-stop penalty).
 3. **Group-normalised advantages.**  ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)`` (``scale_rewards:
    group``; ``batch`` divides by the micro-batch's std, ``none`` not at all, as Dr. GRPO); the std is the unbiased
    one, as TRL's.  Every token of a completion gets its completion's advantage (outcome supervision).
@@ -21,8 +21,14 @@ the labelled ones the reference answer):
        KL_t = exp(log ref(t) - log pi(t)) - (log ref(t) - log pi(t)) - 1      (the k3 estimator, always >= 0)
 
    reduced per ``loss_type``: ``grpo`` averages over each completion's tokens, then over completions (the paper's
-   1/G sum 1/|o_i| sum_t); ``bnpo`` over all completion tokens of the micro-batch; ``dr_grpo`` sums and divides by
-   completions x max_new_tokens.
+   1/G sum 1/|o_i| sum_t); ``bnpo`` over all completion tokens of the micro-batch (verl's ``token-mean``);
+   ``dr_grpo`` sums and divides by completions x max_new_tokens; ``dapo`` (TRL's default) sums and divides by the
+   completion tokens of the micro-batch on all data-parallel ranks over the number of ranks, so after the ranks'
+   gradients are averaged every token of the global micro-batch weighs the same.  TRL counts the tokens of the
+   whole accumulated batch, which it samples before the first micro-step; here each micro-batch samples its own
+   completions as it comes, so with ``grad_accum`` > 1 the count is the micro-batch's (exactly TRL's with one
+   micro-batch per step).  ``entropy_coef`` subtracts that times the masked mean of the policy's per-token
+   entropy (verl's entropy bonus).
 
 ``pi_old`` is the policy that sampled the completions.  With ``iterations: 1`` (TRL's default ``num_iterations``)
 each sampled batch gets one optimizer step, so ``pi_old = pi`` when the loss is taken: the ratio is 1 and the clip
@@ -73,9 +79,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
               advantages: torch.Tensor, mask: torch.Tensor, *, beta: float, epsilon_low: float, epsilon_high: float,
-              loss_type: str = "grpo", max_new_tokens: Optional[int] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+              loss_type: str = "grpo", max_new_tokens: Optional[int] = None, global_tokens: Optional[float] = None,
+              world_size: int = 1, entropy: Optional[torch.Tensor] = None,
+              entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """The clipped GRPO loss of completion tokens (``[N, T]`` log-probabilities, ``mask`` 1 on completion tokens)
-    and per-token statistics (the masked mean KL and the share of clipped tokens)."""
+    and per-token statistics (the masked mean KL and the share of clipped tokens).
+
+    ``dapo`` divides the summed token losses by ``global_tokens / world_size`` (TRL's ``num_items_in_batch /
+    num_processes``): the data-parallel mean of the ranks' losses is then the sum over every rank's completion
+    tokens divided by their total count, so each token weighs the same whichever rank or completion it is in.
+    ``entropy`` (``[N, T]``, the policy's per-token entropy) with ``entropy_coef`` > 0 subtracts ``entropy_coef``
+    times its masked token mean (verl's entropy bonus; TRL's ``entropy_coef``)."""
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -92,11 +106,20 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token * mask).sum() / (per_token.shape[0] * (max_new_tokens or per_token.shape[1]))
+    elif loss_type == "dapo":
+        counted = float(global_tokens) if global_tokens is not None else float(mask.sum())
+        loss = (per_token * mask).sum() / (max(counted, 1.0) / world_size)
     else:
         raise ValueError(f"loss_type: {loss_type!r}")
     tokens = mask.sum().clamp(min=1.0)
+    stats: dict[str, Any] = {}
+    if entropy is not None:
+        mean_entropy = (entropy * mask).sum() / tokens
+        if entropy_coef:
+            loss = loss - entropy_coef * mean_entropy
+        stats["entropy"] = mean_entropy.detach()
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    stats = {"clip_ratio": (is_clipped.to(mask.dtype) * mask).sum().detach() / tokens}
+    stats["clip_ratio"] = (is_clipped.to(mask.dtype) * mask).sum().detach() / tokens
     if kl is not None:
         stats["kl"] = (kl * mask).sum().detach() / tokens
     return loss, stats
@@ -106,6 +129,31 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
     """``log softmax(logits / temperature)`` at ``tokens`` (logits already aligned: row t scores token t)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The entropy of ``softmax(logits / temperature)`` at every position (the distribution the tokens were
+    sampled from)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def global_token_count(mask: torch.Tensor, world_size: int) -> float:
+    """Completion tokens of this micro-batch summed over the data-parallel ranks (one all-reduce)."""
+    count = mask.sum().to(torch.float32)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return float(count)
+
+
+def without_eos_replaced(rewards: torch.Tensor, completions: torch.Tensor, eos_id: int,
+                         value: Optional[float]) -> torch.Tensor:
+    """``rewards`` with the reward of every completion that has no EOS (cut at ``max_new_tokens``) replaced by
+    ``value`` (open-instruct's ``non_stop_penalty``: Tülu 3's RLVR gives such an answer -10, right or wrong)."""
+    if value is None:
+        return rewards
+    ended = (completions == eos_id).any(dim=1)
+    return torch.where(ended, rewards, torch.full_like(rewards, value))
 
 
 def split_prompts(batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
@@ -150,13 +198,15 @@ class GRPO:
     def __init__(self, tokenizer: Any, rewards: list[tuple[str, float, RewardFn]], reference: Optional[Any], *,
                  group_size: int, max_new_tokens: int, temperature: float, beta: float, epsilon: float,
                  epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int,
-                 iterations: int = 1, grad_accum: int = 1) -> None:
+                 iterations: int = 1, grad_accum: int = 1, entropy_coef: float = 0.0,
+                 no_eos_reward: Optional[float] = None, world_size: int = 1) -> None:
         self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.beta, self.epsilon_low = beta, epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.scale_rewards, self.loss_type, self.seed = scale_rewards, loss_type, seed
         self.iterations, self.grad_accum = iterations, grad_accum
+        self.entropy_coef, self.no_eos_reward, self.world_size = entropy_coef, no_eos_reward, world_size
         # micro-batch slot (micro-step mod grad_accum) -> what was sampled at the cycle's first step, for reuse
         self.samples: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -198,10 +248,32 @@ class GRPO:
             means[f"reward_{name}"] = values.mean()
         return total, means
 
-    def logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    def logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor, prompt_width: int,
+              with_entropy: bool = False) -> Any:
+        """The completion tokens' log-probabilities (and, ``with_entropy``, the per-token entropies)."""
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
-        return token_logps(logits[:, prompt_width - 1:-1], ids[:, prompt_width:], self.temperature)
+        completion_logits = logits[:, prompt_width - 1:-1]
+        if not with_entropy:
+            return token_logps(completion_logits, ids[:, prompt_width:], self.temperature)
+        logp = torch.log_softmax(completion_logits.float() / self.temperature, dim=-1)   # one softmax for both
+        return logp.gather(-1, ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    def policy_logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor,
+                     prompt_width: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The trained policy's log-probabilities, and its per-token entropies only when the entropy bonus needs
+        them (the full-vocabulary entropy is a second pass over the logits)."""
+        if self.entropy_coef:
+            return self.logps(model, ids, attention, prompt_width, with_entropy=True)
+        return self.logps(model, ids, attention, prompt_width), None
+
+    def loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
+             advantages: torch.Tensor, mask: torch.Tensor, entropy: Optional[torch.Tensor]) -> tuple[Any, dict]:
+        global_tokens = global_token_count(mask, self.world_size) if self.loss_type == "dapo" else None
+        return grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=self.beta,
+                         epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                         max_new_tokens=self.max_new_tokens, global_tokens=global_tokens,
+                         world_size=self.world_size, entropy=entropy, entropy_coef=self.entropy_coef)
 
     # -------------------------------------------------------------------------------------------- the loss
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -222,19 +294,18 @@ class GRPO:
                  for row, n in zip(completions.tolist(), lengths.tolist())]
         rewards, reward_means = self.score(texts, [r for r in references for _ in range(self.group_size)],
                                            lengths.tolist(), device)
+        rewards = without_eos_replaced(rewards, completions, tok.eos_token_id, self.no_eos_reward)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
 
         width = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(self.group_size, dim=0), completions], dim=1)
         attention = torch.cat([prompt_mask.repeat_interleave(self.group_size, dim=0), mask], dim=1)
-        logps = self.logps(model, ids, attention, width)
+        logps, entropy = self.policy_logps(model, ids, attention, width)
         ref_logps = None
         if self.beta != 0.0:
             with torch.no_grad():
                 ref_logps = self.logps(self.reference, ids, attention, width)
-        loss, stats = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, beta=self.beta,
-                                epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-                                loss_type=self.loss_type, max_new_tokens=self.max_new_tokens)
+        loss, stats = self.loss(logps, logps.detach(), ref_logps, advantages, mask, entropy)
         group_std = rewards.view(-1, self.group_size).std(dim=1).mean()
         metrics = {"reward": rewards.mean(), "reward_std": group_std, **reward_means,
                    "completion_tokens": lengths.float().mean()}
@@ -248,16 +319,14 @@ class GRPO:
     def reused(self, model: Any, entry: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, dict]:
         """The loss on the samples of the cycle's first step, against the log-probabilities they were drawn with."""
         e = {k: v.to(device) for k, v in entry.items()}
-        logps = self.logps(model, e["ids"], e["attention"], int(e["width"]))
-        loss, stats = grpo_loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"],
-                                beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-                                loss_type=self.loss_type, max_new_tokens=self.max_new_tokens)
+        logps, entropy = self.policy_logps(model, e["ids"], e["attention"], int(e["width"]))
+        loss, stats = self.loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"], entropy)
         metrics = {k.removeprefix("metric."): v for k, v in e.items() if k.startswith("metric.")}
         return loss, {**metrics, **stats}
 
 
 def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu", bf16_supported: bool = False,
-          grad_accum: int = 1, **context: Any) -> GRPO:
+          grad_accum: int = 1, world_size: int = 1, **context: Any) -> GRPO:
     from effitrain.objectives.preference import reference_model
     from effitrain.objectives.rewards import build_rewards
 
@@ -268,4 +337,5 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, beta=params.beta,
                 epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,
                 loss_type=params.loss_type, seed=params.seed, iterations=params.iterations,
-                grad_accum=grad_accum)
+                grad_accum=grad_accum, entropy_coef=params.entropy_coef, no_eos_reward=params.no_eos_reward,
+                world_size=world_size)

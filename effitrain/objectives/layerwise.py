@@ -65,11 +65,11 @@ def output_head(model: Any) -> torch.nn.Module:
 
 class Layerwise:
     def __init__(self, layers: list[int], weights: list[float], num_layers: int, norm: torch.nn.Module,
-                 head: torch.nn.Module, sample: str = "all", seed: int = 0) -> None:
+                 head: torch.nn.Module, sample: str = "all", seed: int = 0, draw_every: str = "micro_batch") -> None:
         self.layers, self.weights, self.num_layers = layers, weights, num_layers
         self.norm, self.head = norm, head
         self.total_weight = float(sum(weights))
-        self.sample, self.seed = sample, seed
+        self.sample, self.seed, self.draw_every = sample, seed, draw_every
         self.params_above: dict[int, int] = {}   # sample=one: parameters of the layers above each depth
 
     def layer_logits(self, out: Any, k: int) -> torch.Tensor:
@@ -77,16 +77,24 @@ class Layerwise:
             return out.logits
         return self.head(self.norm(out.hidden_states[k]))
 
-    def depth_of_step(self, step: int) -> int:
-        """sample=one: the depth trained in optimizer step ``step`` (uniform over ``layers``, weighted by
-        ``weights``), the same on every rank and after a resume."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+    def depth_of(self, draw: int) -> int:
+        """sample=one: the depth of draw number ``draw`` (weighted by ``weights``), a function of (seed, draw) only,
+        so the same on every rank and after a resume."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
         probs = torch.tensor(self.weights, dtype=torch.float64) / self.total_weight
         return self.layers[int(torch.multinomial(probs, 1, generator=generator))]
 
+    def draw_index(self, state: Any) -> int:
+        """Which draw a forward pass uses: its micro-batch's number (the authors' SortedNet loop samples a sub-model
+        for every batch it backpropagates, so with gradient accumulation one optimizer step sums the gradients of
+        several sub-models), or the optimizer step's (``draw_every: step``: one depth for all its micro-batches).
+        All ranks share the draw: each rank's micro-batch number is the same, so every process runs the same layers
+        and the ZeRO gradient reduction sees the same parameters on all of them."""
+        return state.micro_step if self.draw_every == "micro_batch" else state.step
+
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.sample == "one":
-            k = self.depth_of_step(state.step)
+            k = self.depth_of(self.draw_index(state))
             with truncated_depth(model, k):     # the sub-model alone: layers above k neither run nor get gradients
                 out = model(**model_inputs(batch))
             return out.loss, {"sampled_depth": torch.tensor(float(k), device=out.loss.device)}
@@ -123,9 +131,10 @@ class Layerwise:
             _, layers = decoder_layers(unwrap(state.model))
             sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
             self.params_above = {k: sum(sizes[k:]) for k in self.layers}
-        tokens_per_step = state.tokens / state.step
-        skipped = sum(self.params_above[self.depth_of_step(s)] for s in range(state.step))
-        return -6.0 * skipped * tokens_per_step
+        draws = state.micro_step if self.draw_every == "micro_batch" else state.step
+        tokens_per_draw = state.tokens / draws
+        skipped = sum(self.params_above[self.depth_of(d)] for d in range(draws))
+        return -6.0 * skipped * tokens_per_draw
 
 
 @contextmanager
@@ -154,4 +163,4 @@ def build(params: Any, *, model: Any, **context: Any) -> Layerwise:
                               f"layers (1..{num_layers})")
     weights = params.weights if params.weights is not None else [1.0] * len(params.layers)
     return Layerwise(list(params.layers), list(weights), num_layers, final_norm(model), output_head(model),
-                     sample=params.sample, seed=params.seed)
+                     sample=params.sample, seed=params.seed, draw_every=params.draw_every)

@@ -263,6 +263,29 @@ def example_losses(model: Any, encode: Callable, texts: list[str], device: str) 
         return token_losses(model, ids.to(device), mask.to(device)).cpu().tolist()
 
 
+def learnable_token_medians(model: Any, encode: Callable, texts: list[str], device: str, top_k: int) -> list[float]:
+    """Per example, the median next-token loss over the tokens the model ranks among its ``top_k`` predictions
+    (SALT's selection score, 2410.18779 Eq. 10 as its reviews describe it: hard, yet learnable by the small model);
+    NaN for an example with no such token (nothing in it is learnable: every selector ranks it last)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, mask = encode(texts)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = ids[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    target_logit = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    kth_logit = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1]
+    learnable = mask[:, 1:].bool() & (target_logit >= kth_logit)
+    medians = []
+    for losses, keep in zip(nll, learnable):
+        kept = losses[keep]
+        medians.append(float(torch.quantile(kept, 0.5)) if kept.numel() else float("nan"))
+    return medians
+
+
 def train_steps(model: Any, encode: Callable, ds: Any, *, steps: int, batch_size: int, lr: float, seed: int,
                 device: str, indices: Optional[np.ndarray] = None,
                 on_step: Optional[Callable[[int], None]] = None) -> list[float]:

@@ -68,7 +68,7 @@ class BandSelector(_Selector):
     through the kept counts)."""
 
     def select(self, scores, clusters, weights, budget, rng, groups=None):
-        lo, hi = np.quantile(scores, [self.params.low, self.params.high])
+        lo, hi = np.nanquantile(scores, [self.params.low, self.params.high])  # a NaN score is in no band
         inside = np.flatnonzero((scores >= lo) & (scores <= hi))
         return take_until(rng.permutation(inside), weights, budget)
 

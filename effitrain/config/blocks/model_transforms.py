@@ -94,6 +94,8 @@ class StructuredFFNParams:
     target_modules: list[str] = param(default_factory=lambda: ["mlp"],
                                       help="module-name patterns whose nn.Linear layers become structured (the paper "
                                            "structures the feed-forward layers)")
+    first_layer_dense: bool = param(False, help="keep the first decoder block's linears dense (the authors' "
+                                                "first_layer: true, in every one of their configs)")
     seed: int = param(0, help="seed of the structured layers' initialisation")
 
     def validate(self, path: str) -> None:

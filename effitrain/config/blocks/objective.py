@@ -146,9 +146,13 @@ class LayerwiseParams:
     weights: Optional[list[float]] = param(None, help="one weight per entry of layers (null: all 1, as SoFT sums "
                                            "the sub-models' losses with equal weight)")
     sample: Literal["all", "one"] = param(
-        "all", help="all: every listed depth's loss in every step (Sorted LLaMA / SoFT); one: one depth per step, "
-                    "drawn uniformly with a generator seeded by (seed, step), trained alone through a forward "
-                    "pass that stops at that depth (SortedNet's many-in-one training)")
+        "all", help="all: every listed depth's loss in every step (Sorted LLaMA / SoFT); one: one depth per draw "
+                    "(see draw_every), weighted by `weights` with a generator seeded by (seed, draw), trained alone "
+                    "through a forward pass that stops at that depth (SortedNet's many-in-one training)")
+    draw_every: Literal["micro_batch", "step"] = param(
+        "micro_batch", help="sample=one: a new depth for every micro-batch, so one optimizer step accumulates the "
+                            "gradients of several sub-models (the authors' SortedNet loop), or one depth for all "
+                            "micro-batches of an optimizer step; every rank draws the same")
     seed: int = param(0, help="seed of sample=one's draws")
 
     def validate(self, path: str) -> None:
@@ -244,9 +248,15 @@ class GRPOParams:
         "group", help="divide the advantages by the group's reward std (GRPO), the micro-batch's, or not (Dr. GRPO)")
     iterations: int = param(1, ge=1, help="mu: optimizer steps per sampled batch (TRL's num_iterations: 1); > 1 "
                                           "reuses the samples, so the ratio moves from 1 and the clip acts")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = param(
-        "grpo", help="grpo: token mean per completion, then mean; bnpo: mean over all completion tokens; dr_grpo: "
-                     "sum over tokens / (completions x max_new_tokens)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = param(
+        "grpo", help="grpo: token mean per completion, then mean; bnpo: mean over the micro-batch's completion "
+                     "tokens (verl's token-mean); dr_grpo: sum over tokens / (completions x max_new_tokens); dapo: "
+                     "sum over tokens / the completion tokens of the micro-batch on all ranks (TRL's default)")
+    entropy_coef: float = param(0.0, ge=0, help="subtract this times the policy's mean per-token entropy from the "
+                                                "loss (verl's entropy_coeff; 0 = off, TRL's default)")
+    no_eos_reward: Optional[float] = param(None, help="the reward of a completion cut at max_new_tokens without an "
+                                                      "EOS, replacing the rewards' sum (Tülu 3's non_stop_penalty: "
+                                                      "-10); null = rewarded like any other")
     reference: Optional[str] = param(None, help="null: a frozen copy of the model at the start of the stage; else "
                                                 "a save_pretrained folder (in a stage, '@stage:NAME')")
     seed: int = param(0, help="sampling seed; a micro-batch's samples depend on (seed, micro-step, rank) only, so a "

@@ -145,12 +145,19 @@ class ZipFitScorerParams:
 
 
 @register("scorer", "perplexity", builder="effitrain.selection.scorers.lm:PerplexityScorer",
-          summary="Mean token loss under a reference model (score = loss); one forward pass per example")
+          summary="Mean token loss under a reference model (score = loss), or SALT's median loss over the tokens in "
+                  "its top-k; one forward pass per example")
 @dataclass
 class PerplexityScorerParams(_ReferenceModel, _PoolProxy):
     VERSION = 2
     NEEDS_TARGET = False
     CLUSTERS = False
+    statistic: Literal["mean", "topk_median"] = param(
+        "mean", help="mean: the example's mean token loss; topk_median: the median loss over the tokens whose true "
+                     "token is among the reference's top_k predictions (SALT's Eq. 10: hard yet learnable; NaN, "
+                     "ranked last, when there is none)")
+    top_k: int = param(10, ge=1, help="statistic=topk_median: a token counts when the reference ranks it in its "
+                                      "top_k (SALT: 10)")
 
 
 @register("scorer", "embedding_kmeans", builder="effitrain.selection.scorers.lm:EmbeddingKMeansScorer",

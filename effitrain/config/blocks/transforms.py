@@ -66,7 +66,10 @@ class MergeAdaptersParams:
 class UpcycleMoEParams:
     num_experts: int = param(8, ge=2, help="experts per layer (AquilaMoE: 8; Sparse Upcycling: 32)")
     top_k: int = param(2, ge=1, help="experts per token (AquilaMoE: 2; Sparse Upcycling: 2 for decoders)")
-    aux_loss_coef: float = param(0.01, ge=0, help="weight of the router's load-balancing loss (Switch/Mixtral: 0.01)")
+    aux_loss_coef: float = param(0.01, ge=0, help="weight of the router's load-balancing loss (Switch/Mixtral: 0.01; "
+                                                  "AquilaMoE: 0.001)")
+    z_loss_coef: float = param(0.0, ge=0, help="weight of the router z-loss (ST-MoE), summed over the MoE layers and "
+                                               "added by objective causal_lm (AquilaMoE: 0.01; 0 = none, as Mixtral)")
     router_std: float = param(0.02, gt=0, help="std of the new router's normal initialisation")
     seed: int = param(0, help="seed of the router's initialisation")
 

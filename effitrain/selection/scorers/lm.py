@@ -2,7 +2,8 @@
 
 ``perplexity``: the mean next-token loss of each example under a reference model (score = loss; the ``window``
 selector keeps one contiguous window of the sorted losses holding the budget -- bottom, middle or top -- as
-"Perplexed by Perplexity" (Ankner et al., arXiv 2405.20541) selects).
+"Perplexed by Perplexity" (Ankner et al., arXiv 2405.20541) selects).  ``statistic: topk_median`` scores instead by
+the median loss over the tokens the reference ranks among its ``top_k`` predictions (SALT's score, 2410.18779).
 Needs: nothing (``model_path``, or the pool proxy, see :func:`effitrain.selection.refmodel.pool_proxy`).  Cost: one
 forward pass per example (``batch_size`` per pass, ``max_length`` tokens), plus training the proxy once per pool.
 
@@ -21,7 +22,8 @@ import os
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
-from effitrain.selection.refmodel import ModelScorer, device_of, example_losses, reference_or_proxy
+from effitrain.selection.refmodel import (ModelScorer, device_of, example_losses, learnable_token_medians,
+                                          reference_or_proxy)
 
 
 def _model_tag(path: str) -> str:
@@ -47,10 +49,14 @@ class PerplexityScorer(ModelScorer):
         dev = device_of(p)
 
         def fn(batch):
+            if p.statistic == "topk_median":
+                return {"loss": learnable_token_medians(model, encode, batch["text"], dev, p.top_k)}
             return {"loss": example_losses(model, encode, batch["text"], dev)}
 
-        out = _map_main(candidates.select_columns(["text"]), fn, "perplexity",
-                        {"model": tag, "max_length": p.max_length}, p.batch_size)
+        payload = {"model": tag, "max_length": p.max_length}
+        if p.statistic != "mean":  # the mean's cache key stays what it was
+            payload.update(statistic=p.statistic, top_k=p.top_k)
+        out = _map_main(candidates.select_columns(["text"]), fn, "perplexity", payload, p.batch_size)
         return Scores(scores=column_numpy(out, "loss", np.float64), info=info)
 
 
