@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import termios
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -252,3 +253,31 @@ def test_a_fine_tuning_recipe_runs_alone_on_an_empty_cache(tmp_path):
     assert summary["finished"] and summary["steps"] == 2
     assert not (root / "extensions").exists() or not any((root / "extensions").rglob("*.so")), \
         "a one-process run compiled a torch extension"
+
+
+def test_a_base_model_another_launch_is_pre_training_is_waited_for_not_refused(tmp_path, capsys):
+    # two sweeps (or test workers) that need the same model=demo_base at once: the second once refused with "run_dir
+    # ... is in use by a live run"; it waits for the first, saying so, and then goes on (reusing its model)
+    from effitrain.models.base import _only_builder
+
+    folder = tmp_path / "base_models" / "0123abcd"
+    folder.parent.mkdir()
+    held = tmp_path / "held"
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import pathlib, time
+        from filelock import FileLock
+        with FileLock({str(folder.parent / "0123abcd.lock")!r}):
+            pathlib.Path({str(held)!r}).touch()
+            time.sleep(2)  # the first launch, pre-training
+    """)])
+    try:
+        while not held.exists():
+            time.sleep(0.02)
+        start = time.monotonic()
+        with _only_builder(folder):
+            waited = time.monotonic() - start
+    finally:
+        first.wait(timeout=30)
+    assert waited > 1.0
+    assert f"model=demo_base: another launch is pre-training this base model ({folder}); waiting for it" in \
+        capsys.readouterr().out

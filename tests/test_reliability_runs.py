@@ -460,7 +460,8 @@ def test_a_second_ctrl_c_quits_at_once_without_saving(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ console
-_OWN_LINE = re.compile(r"^(step \d+: |building |starting the DeepSpeed engine|resumed from |resume=auto: |"
+_OWN_LINE = re.compile(r"^(effitrain: \S+ \(model=\S+, \d+ (steps|stages)\) in .*; starting \.\.\.$|step \d+: |"
+                       r"building |starting the DeepSpeed engine|resumed from |resume=auto: |"
                        r"warning: checkpoint |finished: \d+ steps, .*; curves and table: effitrain report )")
 
 
@@ -471,6 +472,7 @@ def test_a_normal_run_prints_only_effitrains_own_lines(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
     assert lines and all(_OWN_LINE.match(l) for l in lines), [l for l in lines if not _OWN_LINE.match(l)]
+    assert lines[0].startswith("effitrain: default (model=llama, 3 steps) in ")  # at once, before torch loads
     assert (run / "third_party.log").is_file()   # what the libraries printed is kept, not thrown away
     assert lines[-1].startswith("finished: 3 steps, ") and lines[-1].endswith(f"effitrain report {run}")
 

@@ -29,7 +29,7 @@ def _fake_run(path: Path, *, recipe: str, lr: float, losses: list[float], eval_l
     (path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     (path / "summary.json").write_text(json.dumps({
         "finished": True, "steps": len(losses), "tokens": 256 * len(losses), "final_eval_loss": eval_loss,
-        "tokens_per_s": 1234.5, "train_seconds": 75.0}))
+        "tokens_per_s": 1234.5, "train_seconds": 75.0, "training_state_bytes": 12 * 2**20}))
     (path / "recipes.yaml").write_text(yaml.safe_dump([{"name": recipe, "paper": "x"}]))
     (path / "command.txt").write_text(f"effitrain +recipe={recipe} optimizer.lr={lr} train.max_steps=3 "
                                       f"run_dir={path}\n")
@@ -43,8 +43,8 @@ def test_runs_are_labelled_by_recipe_and_the_overrides_that_differ(tmp_path):
     # train.max_steps=3 and +recipe=galore are shared, so they do not label the runs; the recipe names them
     assert [r.label for r in runs] == ["galore optimizer.lr=0.001", "galore optimizer.lr=0.003"]
     assert table_rows(runs) == [
-        ["galore optimizer.lr=0.001", "3", "768", "5.0000", "5.2500", "1,234", "300 MiB", "1 min 15 s", "finished"],
-        ["galore optimizer.lr=0.003", "3", "768", "4.5000", "4.7500", "1,234", "300 MiB", "1 min 15 s", "finished"],
+        ["galore optimizer.lr=0.001", "3", "768", "5.0000", "5.2500", "1,234", "12 MiB", "300 MiB", "1 min 15 s", "finished"],
+        ["galore optimizer.lr=0.003", "3", "768", "4.5000", "4.7500", "1,234", "12 MiB", "300 MiB", "1 min 15 s", "finished"],
     ]
     assert runs[0].domains == ["code", "prose"]
 

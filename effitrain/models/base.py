@@ -10,6 +10,7 @@ inputs reuses it.  To fine-tune a model of your own instead: ``model=pretrained 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -40,6 +41,41 @@ def base_run_config(cfg: dict[str, Any], params: Any) -> dict[str, Any]:
     return base
 
 
+def _finished(folder) -> bool:
+    try:
+        return bool(json.loads((folder / "summary.json").read_text()).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _only_builder(folder):
+    """One launch at a time pre-trains a given base model; another that needs the same one waits for it (and says
+    so), then reuses it -- two sweeps or test workers that start together once made the second refuse ("run_dir ...
+    is in use by a live run").  Rank 0 holds the lock for the job; the other ranks wait at a barrier until it does,
+    so every rank then reads the same answer from the cache and trains the base model together, or none does."""
+    import torch.distributed as dist
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder.parent / f"{folder.name}.lock"))
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            say(f"model=demo_base: another launch is pre-training this base model ({folder}); waiting for it")
+            lock.acquire()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        if is_main:
+            lock.release()
+
+
 def build_demo_base(params: Any, *, tokenizer: Any, run: Any = None):
     from transformers import AutoModelForCausalLM
 
@@ -55,18 +91,20 @@ def build_demo_base(params: Any, *, tokenizer: Any, run: Any = None):
                                      "train": cfg["train"], "vocab": vocab}, sort_keys=True, default=str).encode())
     folder = cache_dir("base_models") / key.hexdigest()[:16]
     final = folder / "final_model"
-    if (folder / "summary.json").is_file() and json.loads((folder / "summary.json").read_text()).get("finished"):
-        say(f"model=demo_base: reusing the base model pre-trained on this data ({final})")
-    else:
-        from effitrain.train import train
+    with _only_builder(folder):
+        if _finished(folder):
+            say(f"model=demo_base: reusing the base model pre-trained on this data ({final})")
+        else:
+            from effitrain.train import train
 
-        say(f"model=demo_base: no model to fine-tune was given (model=pretrained model.path=...), so a base model "
-            f"is pre-trained on this run's data first: {params.base_steps} steps, cached in {folder}")
-        cfg.update(run_dir=str(folder), overwrite=folder.exists())  # an unfinished earlier attempt is replaced
-        summary = train(cfg, run_dir=folder, argv=["effitrain (model=demo_base)"], recipes=[])
-        if not summary.get("finished"):
-            raise ConfigError(f"model=demo_base: the base model's pre-training did not finish ({summary.get('stopped_by')})")
-        say(f"model=demo_base: base model ready (eval loss {summary.get('final_eval_loss'):.3f}); fine-tuning it")
+            say(f"model=demo_base: no model to fine-tune was given (model=pretrained model.path=...), so a base "
+                f"model is pre-trained on this run's data first: {params.base_steps} steps, cached in {folder}")
+            cfg.update(run_dir=str(folder), overwrite=folder.exists())  # an unfinished earlier attempt is replaced
+            summary = train(cfg, run_dir=folder, argv=["effitrain (model=demo_base)"], recipes=[])
+            if not summary.get("finished"):
+                raise ConfigError(f"model=demo_base: the base model's pre-training did not finish "
+                                  f"({summary.get('stopped_by')})")
+            say(f"model=demo_base: base model ready (eval loss {summary.get('final_eval_loss'):.3f}); fine-tuning it")
     model = AutoModelForCausalLM.from_pretrained(str(final))
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
         raise ConfigError("model=demo_base: the cached base model's vocabulary does not match this run's tokenizer")
