@@ -249,7 +249,7 @@ def _verb_lock(args: list[str]) -> int:
 
 def _verb_rules(args: list[str]) -> int:
     from effitrain.config.rules import rules_table
-    from effitrain.registry import load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
 
     load_builtin_blocks()
     print(rules_table())

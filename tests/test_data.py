@@ -20,7 +20,8 @@ import pytest
 
 from effitrain.config.blocks.dataset import DemoParams, LocalParams
 from effitrain.config.blocks.model import LlamaParams
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 SMALL = dict(max_docs_per_domain=40, eval_examples_per_domain=6, seed=0)
 

@@ -303,7 +303,8 @@ def _stage_override_error(overrides: list[str]) -> Optional[ConfigError]:
 
 
 def _method_names() -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names("method")
@@ -311,7 +312,8 @@ def _method_names() -> list[str]:
 
 def _keys_at(parent: str, overrides: list[str]) -> list[str]:
     """The keys a block takes: its registered parameters where the block names a registry entry, else the YAML's."""
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     try:
         node = compose_raw(overrides)

@@ -72,7 +72,7 @@ def recipe_matrix_row(name: str) -> list[str]:
 
 def compatibility_text(rows: dict[str, list[str]]) -> str:
     from effitrain.config.rules import RULES
-    from effitrain.registry import load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
 
     load_builtin_blocks()
     header = ["recipe", *(v[0] for v in VARIANTS)]

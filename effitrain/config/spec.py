@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_builtin_blocks,
-                                load_plugins, param, parse_params)
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_plugins, param,
+                                parse_params)
 
 BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
                 "parallelism", "logger", "eval", "objective")

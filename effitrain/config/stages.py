@@ -181,14 +181,16 @@ def _data_key(entry: Mapping[str, Any], where: str, sweep: Any, stages: list[Sta
 
 
 def _group_names(group: str) -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names(group)
 
 
 def _transform_names() -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names("transform")
@@ -349,7 +351,8 @@ def _block_takes(group: str, section: Mapping[str, Any], base_block: Any, rest: 
     """Does the stage's version of a block have the overridden key (another entry may not)?"""
     import dataclasses
 
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     name = section.get("name") or (base_block or {}).get("name")
     if name == (base_block or {}).get("name"):
