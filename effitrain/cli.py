@@ -210,7 +210,7 @@ def _verb_explain(args: list[str]) -> int:
 
 
 def _verb_lock(args: list[str]) -> int:
-    from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe
+    from effitrain.config.tree import RECIPE_GROUP, group_options, load_recipe
     from effitrain.config.lock import digest_is_current, lock_dir, stale_locks, write_digest, write_locks
 
     check = "--check" in args
@@ -428,7 +428,8 @@ def _hydra_task(cfg) -> int:
     from omegaconf import OmegaConf
 
     from effitrain.cluster import job as cluster_job
-    from effitrain.config.compose import load_recipe, parse_overrides, recipe_names
+    from effitrain.config.compose import parse_overrides, recipe_names
+    from effitrain.config.tree import load_recipe
 
     requeue_handler = cluster_job.submitit_requeue_handler()  # before the loop takes SIGUSR2 over
     hydra_cfg = HydraConfig.get()

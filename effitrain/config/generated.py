@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
-from effitrain.config.compose import RECIPE_GROUP, config_root, group_options, load_recipe, recipe_keys
+from effitrain.config.compose import recipe_keys
+from effitrain.config.tree import RECIPE_GROUP, config_root, group_options, load_recipe
 from effitrain.registry import ConfigError
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-from effitrain.config.compose import RECIPE_GROUP, flatten, parse_overrides
+from effitrain.config.compose import flatten, parse_overrides
+from effitrain.config.tree import RECIPE_GROUP
 from effitrain.registry import ConfigError
 
 # train.max_steps may change: the schedule then follows the new horizon from the resumed step on, and the run says so.
@@ -63,7 +64,7 @@ def stored_recipes(run_dir: Path, cfg: dict[str, Any]) -> Optional[list[dict[str
 def remembers(overrides: list[str]) -> bool:
     """True when every override sets a dotted key or a run-level key: then the run's stored config can be used.
     Group choices (``model=…``, ``+recipe=…``) cannot be compared key by key and take the composing path."""
-    from effitrain.config.spec import BLOCK_GROUPS
+    from effitrain.config.tree import BLOCK_GROUPS
 
     for override in parse_overrides(overrides):
         key = override.key_or_group
@@ -74,7 +75,7 @@ def remembers(overrides: list[str]) -> bool:
 
 def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Optional[list[dict]]]:
     """The run's stored config with the command line's safe overrides applied, set to resume in ``run_dir``."""
-    from effitrain.config.spec import BLOCK_GROUPS
+    from effitrain.config.tree import BLOCK_GROUPS
 
     cfg = stored_config(run_dir)
     stored = flatten("", cfg, {})
@@ -203,7 +204,7 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     settings it changes are listed."""
     if resume != "auto" or not (run_dir / "config.yaml").is_file():
         return
-    from effitrain.config.spec import OPTIONAL_GROUPS
+    from effitrain.config.tree import OPTIONAL_GROUPS
 
     # a run stored before a group existed ran with that group's default option (objective: causal_lm)
     defaults = {g: dict(v) for g, v in OPTIONAL_GROUPS.items()}

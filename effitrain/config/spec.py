@@ -11,13 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from effitrain.config.blocks import load_builtin_blocks
+from effitrain.config.tree import BLOCK_GROUPS, OPTIONAL_GROUPS
 from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_plugins, param,
                                 parse_params)
 
-BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
-                "parallelism", "logger", "eval", "objective")
-# Groups added after runs already existed: a stored config without them gets this option (resume, export).
-OPTIONAL_GROUPS = {"eval": {"name": "none"}, "objective": {"name": "causal_lm"}}
 
 
 @dataclass

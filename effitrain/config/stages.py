@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from effitrain.config.tree import BLOCK_GROUPS, config_root, group_options
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 STAGE_REF = "@stage:"
@@ -234,8 +235,6 @@ def _merge(into: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
 def _group_option(group: str, option: str, where: str) -> dict[str, Any]:
     import yaml
 
-    from effitrain.config.compose import config_root, group_options
-
     options = group_options(group)
     if option not in options:
         raise ConfigError(f"{where}: unknown {group} option '{option}'{did_you_mean(option, options)}; valid: "
@@ -263,8 +262,6 @@ def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Option
 
 
 def _apply_delta(run: dict[str, Any], delta: Mapping[str, Any], stage_name: str) -> None:
-    from effitrain.config.spec import BLOCK_GROUPS
-
     for key, value in delta.items():
         where = f"stages.{stage_name}.{key}"
         if key in BLOCK_GROUPS and isinstance(value, str):
@@ -312,8 +309,6 @@ def propagate_overrides(cfg: dict[str, Any], overrides: list[Any]) -> dict[str, 
     stages = cfg.get("stages")
     if not isinstance(stages, list):
         return cfg
-    from effitrain.config.spec import BLOCK_GROUPS
-
     # `stages.1.train.max_steps=50` names one stage's key: a general override of the same key does not touch it
     explicit = set()
     for override in overrides:
