@@ -24,7 +24,7 @@ from effitrain.engine.events import EventBus
 from effitrain.engine.guard import NonFiniteGuard
 from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_memory_bytes
 from effitrain.objectives.common import mean_token_loss
-from effitrain.engine.rundir import CHECKPOINTS
+from effitrain.run_layout import CHECKPOINTS
 from effitrain.engine.state import State
 from effitrain.memory import held_gradient_bytes
 from effitrain.errors import RunFailed
