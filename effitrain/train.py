@@ -166,7 +166,8 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
     """source -> selection -> tokenizer (trained on the whole pool) -> packing."""
     from datasets import DatasetDict
 
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
     from effitrain.paths import cache_dir
 
     def build():

@@ -312,7 +312,8 @@ def test_pack_is_cached_and_parallel_tokenizing_agrees(demo, bpe, tmp_path):
 
 
 def test_build_packed_splits(demo):
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
 
     params = DemoParams(**SMALL, seq_len=24)
     tokenizer, train, eval_by_domain = build_packed_splits(params, LlamaParams(vocab_size=400), demo)
