@@ -476,16 +476,17 @@ def _sweep_member_done(root: Path, member: int, run_dir: Path, overrides: list[s
 
 def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[str],
                refused_dir_goes: bool = False) -> int:
-    """Run ``train`` with the console captured; turn its outcome into an exit status (recorded for the sweep)."""
+    """Run the config (one run, or a multi-stage recipe's pipeline) with the console captured; turn its outcome into
+    an exit status (recorded for the sweep)."""
     from effitrain.console import quiet
-    from effitrain.train import train
+    from effitrain.pipeline import run
 
     code = EXIT_FAILED
     _LAST_SUMMARY.clear()
     _LAST_ERROR.clear()
     try:
         with quiet():
-            summary = train(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
+            summary = run(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
         _LAST_SUMMARY.update(summary)
         code = summary.get("exit_code", EXIT_OK)
         if code != EXIT_OK:
