@@ -24,10 +24,10 @@ from effitrain.registry import ConfigError
 from effitrain.run_layout import META, RECIPES_FILE, complete_checkpoints
 
 # train.max_steps may change: the schedule then follows the new horizon from the resumed step on, and the run says so.
-RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every",
-                    "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "train.save_final_model",
-                    "train.save_every_minutes", "logger.", "eval.", "methods.samples.", "run_dir", "resume",
-                    "overwrite")
+RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_at_start", "train.eval_batches",
+                    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_bad_steps",
+                    "train.save_final_model", "train.save_every_minutes", "logger.", "eval.", "methods.samples.",
+                    "run_dir", "resume", "overwrite")
 
 
 def _safe(key: str) -> bool:

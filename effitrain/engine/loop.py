@@ -333,7 +333,7 @@ class Trainer:
     def _fit(self, st: State, cfg: Any, engine: Any) -> dict[str, Any]:
         self.bus.emit("fit_start", st)
         engine.train()
-        if st.step == 0:
+        if st.step == 0 and cfg.evaluates_at_start():
             self._eval_and_log()
         batches = iter(st.sampler)
         window = self.window  # restored by load_checkpoint when the run was stopped between two log lines
