@@ -81,3 +81,15 @@ def test_a_sweep_with_one_bad_value_is_refused_before_any_job_starts(tmp_path):
     result = effitrain_cli("-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 2 and "optimizer.lr: expected a number, got 'abc'" in result.stderr
     assert not tmp_path.joinpath("0").exists()
+
+
+@pytest.mark.parametrize("overrides, eval_steps", [
+    (["train.eval_every=5"], [2]),                                  # shorter than its interval: once, at the end
+    (["train.eval_every=5", "train.eval_at_start=true"], [0, 2]),  # asked for: the curve's starting point too
+    (["train.eval_every=0"], [0, 2]),                               # 0 keeps its meaning: the start and the end
+])
+def test_a_run_shorter_than_its_eval_interval_evaluates_only_at_the_end(tmp_path, train_in_process, overrides,
+                                                                       eval_steps):
+    run_dir = tmp_path / "run"
+    train_in_process(["train.max_steps=2", *overrides], run_dir)
+    assert [l["step"] for l in _lines(run_dir) if "eval_loss" in l] == eval_steps
