@@ -219,6 +219,9 @@ def _translate(exc: Exception, overrides: list[str]) -> ConfigError:
                                f"'+{full_key}=VALUE'")
         if not valid:
             return ConfigError(f"{full_key}: unknown key{hint}; 'effitrain show default' prints the keys that exist")
+        if leaf in valid:  # a key of the block's schema that its YAML leaves out (null by default): Hydra needs '+'
+            return ConfigError(f"{full_key}: a key of this block that its config does not set; add it with "
+                               f"'+{full_key}=VALUE'")
         return ConfigError(f"{full_key}: unknown key{hint}; valid keys: {choices_text(valid)}")
     if "Ambiguous value for argument" in message or "Multiple values for recipe" in message:
         return ConfigError("recipe: give recipes once, as '+recipe=[a,b]' (quoted) to stack them, or sweep them with "

@@ -62,6 +62,18 @@ class DemoParams(_Common):
         if self.domains is not None and not self.domains:
             raise ConfigError(f"{path}.domains: an empty list keeps nothing; give domains or null for all")
 
+    def check_inputs(self, path: str, *, spec, deep: bool) -> "DemoDomains":
+        """The built-in corpus's domains are known without reading it: returned, so that ``check`` refuses a
+        domain another block names (a selection's ``domains``, a curriculum's order) that the corpus lacks."""
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+
+        return DemoDomains(list(DEMO_DOMAINS))
+
+
+@dataclass
+class DemoDomains:
+    domains: list[str]
+
 
 @register("dataset", "local", builder="effitrain.data.build:build_local",
           summary="Local jsonl / json / parquet / txt files (one file, a glob, or a list)")
