@@ -252,9 +252,13 @@ def _model_folders(tmp: Path) -> dict[str, Path]:
     no_type.mkdir()
     (no_type / "config.json").write_text(json.dumps({"hidden_size": 8}))
     (no_type / "tokenizer.json").write_text("{}")
+    architectures_only = tmp / "architectures_only"  # a hand-edited or converted config: AutoConfig still fails
+    architectures_only.mkdir()
+    (architectures_only / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (architectures_only / "tokenizer.json").write_text("{}")
     jsonl(tmp / "bad_target.jsonl", [{"text": "fine"}, '{"text": oops}'])
     return {"no_config": no_config, "short": short, "no_tok": no_tok, "bad_json": bad_json, "file": tmp / "a_file",
-            "no_type": no_type}
+            "no_type": no_type, "architectures_only": architectures_only}
 
 
 CONFIG_CASES = {
@@ -270,6 +274,9 @@ CONFIG_CASES = {
                                           ["dataset.seq_len=128", "config.json (64)", "at most 64"]),
     "pretrained_missing": (["model=pretrained", "model.path={tmp}/nope"], ["model.path", "does not exist"]),
     "pretrained_no_config": (["model=pretrained", "model.path={no_config}"], ["model.path", "no config.json"]),
+    "pretrained_architectures_without_model_type": (["model=pretrained", "model.path={architectures_only}"],
+                                                    ["model.path", "no model_type", "LlamaForCausalLM",
+                                                     "add \"model_type\""]),
     "pretrained_bad_config_json": (["model=pretrained", "model.path={bad_json}"], ["config.json", "not valid JSON"]),
     "pretrained_no_model_type": (["model=pretrained", "model.path={no_type}"], ["model.path", "no model_type"]),
     "selection_target_malformed": (["selection=dsir", "selection.target.domain=null",

@@ -229,7 +229,7 @@ def _damaged_copy(model: Path, tmp: Path, damage: str) -> Path:
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("no_model_type", ["config.json names no model_type"]),
+    ("no_model_type", ["config.json' names no model_type", "add \"model_type\""]),
     ("truncated_weights", ["model.safetensors is truncated", "bytes of the", "its header describes"]),
     ("cut_header", ["model.safetensors is truncated or not a safetensors file"]),
     ("unmerged_adapter", ["the base model without its adapter", "PREFIX_TUNING"]),

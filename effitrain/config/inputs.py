@@ -187,9 +187,13 @@ def check_model_folder(key: str, name: str, *, revision: Optional[str], need_tok
         config = model_config_json(str(local)) if need_config else {}
         if config is None:
             raise ConfigError(f"{key}: '{name}/config.json' is not valid JSON")
-        if need_config and not config.get("model_type") and not config.get("architectures"):
+        # transformers' AutoConfig reads model_type (its only fallback is a model name inside the folder's path);
+        # "architectures" alone does not let it build the model
+        if need_config and not config.get("model_type"):
             raise ConfigError(f"{key}: '{name}/config.json' names no model_type, so transformers cannot tell which "
-                              f"model class to build")
+                              f"model class to build" + (f" ('architectures': {config['architectures']} is not "
+                                                         f"enough; add \"model_type\")"
+                                                         if config.get("architectures") else ""))
         if need_tokenizer and not any((local / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"{key}: '{name}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
                               f"save the tokenizer with the model, name one with model.tokenizer=NAME_OR_PATH, or "
