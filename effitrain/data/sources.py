@@ -152,6 +152,9 @@ def domain_indices(ds) -> dict[str, np.ndarray]:
     """Row indices of every domain, in row order, keyed by domain name (sorted)."""
     if len(ds) == 0:
         return {}
+    if hasattr(ds, "rows") and hasattr(ds, "domains"):  # token shards (effitrain.data.shards): a per-row index
+        labels = ds.domains()
+        return {str(d): np.flatnonzero(labels == d) for d in np.unique(labels)}
     encoded = arrow_column(ds, "domain").dictionary_encode()
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     names = encoded.dictionary.to_pylist()
