@@ -210,7 +210,7 @@ def _verb_explain(args: list[str]) -> int:
 
 
 def _verb_lock(args: list[str]) -> int:
-    from effitrain.config.compose import RECIPE_GROUP, group_options, load_recipe
+    from effitrain.config.tree import RECIPE_GROUP, group_options, load_recipe
     from effitrain.config.lock import digest_is_current, lock_dir, stale_locks, write_digest, write_locks
 
     check = "--check" in args
@@ -249,7 +249,7 @@ def _verb_lock(args: list[str]) -> int:
 
 def _verb_rules(args: list[str]) -> int:
     from effitrain.config.rules import rules_table
-    from effitrain.registry import load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
 
     load_builtin_blocks()
     print(rules_table())
@@ -428,7 +428,8 @@ def _hydra_task(cfg) -> int:
     from omegaconf import OmegaConf
 
     from effitrain.cluster import job as cluster_job
-    from effitrain.config.compose import load_recipe, parse_overrides, recipe_names
+    from effitrain.config.compose import parse_overrides, recipe_names
+    from effitrain.config.tree import load_recipe
 
     requeue_handler = cluster_job.submitit_requeue_handler()  # before the loop takes SIGUSR2 over
     hydra_cfg = HydraConfig.get()
@@ -475,16 +476,17 @@ def _sweep_member_done(root: Path, member: int, run_dir: Path, overrides: list[s
 
 def _train_job(cfg: dict, run_dir: Path, recipes: Optional[list], *, argv: list[str],
                refused_dir_goes: bool = False) -> int:
-    """Run ``train`` with the console captured; turn its outcome into an exit status (recorded for the sweep)."""
+    """Run the config (one run, or a multi-stage recipe's pipeline) with the console captured; turn its outcome into
+    an exit status (recorded for the sweep)."""
     from effitrain.console import quiet
-    from effitrain.train import train
+    from effitrain.pipeline import run
 
     code = EXIT_FAILED
     _LAST_SUMMARY.clear()
     _LAST_ERROR.clear()
     try:
         with quiet():
-            summary = train(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
+            summary = run(cfg, run_dir=run_dir, argv=argv, recipes=recipes)
         _LAST_SUMMARY.update(summary)
         code = summary.get("exit_code", EXIT_OK)
         if code != EXIT_OK:

@@ -60,7 +60,7 @@ class Source:
 def find_source(path: Path, verb: str = "export") -> Source:
     """A checkpoint folder; a run directory: its newest intact checkpoint, else its final model; a multi-stage run:
     the same in its last stage that has either."""
-    from effitrain.engine.checkpoint import COMPLETE
+    from effitrain.run_layout import COMPLETE
 
     if (path / COMPLETE).is_file():
         return Source(path, path.parent.parent, True)
@@ -99,7 +99,8 @@ def _stage_runs(path: Path) -> list[Path]:
 
 def _run_source(run_dir: Path, verb: str) -> Optional[Source]:
     from effitrain.console import say
-    from effitrain.engine.checkpoint import complete_checkpoints, newest_verified_checkpoint
+    from effitrain.engine.checkpoint import newest_verified_checkpoint
+    from effitrain.run_layout import complete_checkpoints
 
     if complete_checkpoints(run_dir / "checkpoints"):
         found = newest_verified_checkpoint(run_dir / "checkpoints", report=say)

@@ -1,4 +1,6 @@
-"""Run a multi-stage recipe: a thin loop over :func:`effitrain.train.train`, one complete run per stage.
+"""Run a config: :func:`run` sends a multi-stage recipe to :func:`run_pipeline`, a thin loop over
+:func:`effitrain.train.train` (one complete run per stage), and any other config to ``train`` itself.  The
+pipeline calls ``train``, never the other way round.
 
 Layout of a pipeline's run directory::
 
@@ -29,18 +31,32 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from effitrain.config.resume import finished_summary
+from effitrain.config.spec import validate
 from effitrain.config.stages import DATA_CONTINUE, HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
 from effitrain.registry import ConfigError
-from effitrain.train import _write_summary  # the runs' own atomic summary writer, for the pipeline's summary too
+# _write_summary: the runs' own atomic summary writer, for the pipeline's summary too
+from effitrain.train import _write_summary, in_progress, train
 
 TRANSFORM_RECORD = "effitrain_transform.json"
 
 
 def stage_dirs(run_dir: Path, stages: list[StageDecl]) -> dict[str, Path]:
     return {s.name: run_dir / STAGES_DIR / s.dir_name for s in stages}
+
+
+def run(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional[list[str]] = None,
+        recipes: Optional[list[dict]] = None, on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+    """Train from a resolved config mapping (what the CLI calls); returns the summary.  A config with ``stages:``
+    trains every stage in order under ``run_dir/stages/``; any other is one run (:func:`effitrain.train.train`)."""
+    if cfg.get("stages") is None:  # as validate() decides between one run and stages
+        return train(cfg, run_dir=run_dir, argv=argv, recipes=recipes, on_started=on_started)
+    spec = validate(cfg, recipes)
+    run_dir = Path(run_dir or spec.run_dir or "outputs/run")
+    with in_progress(run_dir):
+        return run_pipeline(dict(cfg), spec, run_dir, argv, recipes)
 
 
 def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[list[str]],
@@ -92,8 +108,6 @@ def run_pipeline(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[l
 
 def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[list[str]],
                 recipes: Optional[list[dict]], is_main: bool, lock: Any, say: Any) -> dict[str, Any]:
-    from effitrain.train import train
-
     stages: list[StageDecl] = spec.stages
     # absolute: the stages' configs record the models they start from (model.path), and `effitrain resume
     # outputs/r2` must find the same paths the first launch (which Hydra gave an absolute folder) stored
@@ -199,8 +213,6 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
     import yaml
 
     from effitrain.config.spec import parse_sweep
-    from effitrain.train import train
-
     sweep = parse_sweep(stage).build()
     members = sweep.members(run_cfg, say=say)
     say(f"{label}: sweep of {len(members)} member runs in {stage_dir / MEMBERS_DIR}")

@@ -318,16 +318,6 @@ REGISTRY = Registry()
 register = REGISTRY.register
 
 
-def load_builtin_blocks() -> None:
-    """Import every torch-free schema module under ``effitrain.config.blocks`` (they register on import)."""
-    import pkgutil
-
-    from effitrain.config import blocks
-
-    for info in pkgutil.iter_modules(blocks.__path__):
-        importlib.import_module(f"{blocks.__name__}.{info.name}")
-
-
 def load_plugins(modules: typing.Iterable[str]) -> None:
     """Import user plugin modules named explicitly in the config; each registers its own entries."""
     for module in modules:

@@ -8,6 +8,7 @@ before the run directory is created, so a bad launch leaves no half-made run beh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from effitrain.config.spec import RunSpec, validate
 from effitrain.registry import ConfigError
@@ -132,6 +133,8 @@ class RunContext:
     cfg: dict[str, Any]
     spec: RunSpec
     tokenizer: Any
+    #: trains a nested run (:func:`train`): handed to the builder so that models/ need not import the layer above
+    train: Callable[..., dict[str, Any]]
 
 
 def _resolve_timeline(spec: RunSpec, launch: Launch, data: "Data") -> Any:
@@ -166,7 +169,8 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
     """source -> selection -> tokenizer (trained on the whole pool) -> packing."""
     from datasets import DatasetDict
 
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
     from effitrain.paths import cache_dir
 
     def build():
@@ -175,7 +179,8 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
             from effitrain.selection.base import Selection
 
             tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params,
-                                                                spec.block("model").params, spec.data)
+                                                                spec.block("model").params,
+                                                                spec.data.engine_settings())
             return Selection(None, None, shards_info(shards, spec.data)), (tokenizer, shards, eval_rows)
         pool = spec.block("dataset").build()
         selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
@@ -228,26 +233,34 @@ def _with_training_state(report: dict[str, int], gradient_bytes: int) -> dict[st
 _NESTED: list[Path] = []  # the run directories of the runs in progress in this process, outermost first
 
 
+@contextlib.contextmanager
+def in_progress(run_dir: Path) -> Iterator[None]:
+    """Mark ``run_dir`` as a run in progress in this process for the time of the block: a run inside another (a
+    pipeline's stage, ``model=demo_base``'s pre-training) leaves the log and the peak-memory figures to the outer
+    one, and a stopped stage tells the user to resume the pipeline's folder."""
+    _NESTED.append(run_dir)
+    try:
+        yield
+    finally:
+        _NESTED.pop()
+
+
 def train(cfg: dict[str, Any], *, run_dir: Optional[Path] = None, argv: Optional[list[str]] = None,
           recipes: Optional[list[dict]] = None, on_started: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-    """Train from a resolved config mapping; returns the summary (also written to ``summary.json``).
+    """Train one run from a resolved config mapping; returns the summary (also written to ``summary.json``).
 
     Everything that can refuse the configuration is built first; only then is the run directory taken (locked,
     marked, an old run moved aside for ``overwrite=true``).  From there on any failure still leaves a
     ``summary.json`` that says why the run stopped, and the lock is released however the process ends.
     ``on_started`` is called once, after the first optimizer step (a pipeline replaces the one it overwrites then).
+    A multi-stage recipe is several runs: :func:`effitrain.pipeline.run` trains it, calling this once per stage.
     """
     spec = validate(cfg, recipes)
+    if spec.stages:
+        raise ValueError("train() trains one run; a config with stages: runs through effitrain.pipeline.run")
     run_dir = Path(run_dir or spec.run_dir or "outputs/run")
-    _NESTED.append(run_dir)
-    try:
-        if spec.stages:  # a multi-stage recipe: one complete run per stage, under run_dir/stages/
-            from effitrain.pipeline import run_pipeline
-
-            return run_pipeline(dict(cfg), spec, run_dir, argv, recipes)
+    with in_progress(run_dir):
         return _train(cfg, spec, run_dir, argv, on_started)
-    finally:
-        _NESTED.pop()
 
 
 def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[list[str]],
@@ -275,8 +288,8 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
 
     say("building model and optimizer ...")
     _seed_everything(spec.train.seed)
-    model = spec.block("model").build(tokenizer=data.tokenizer,
-                                      **_if_accepted(spec.block("model"), run=RunContext(cfg, spec, data.tokenizer)))
+    run = RunContext(cfg, spec, data.tokenizer, train)
+    model = spec.block("model").build(tokenizer=data.tokenizer, **_if_accepted(spec.block("model"), run=run))
     if precision.prepare_model is not None:  # e.g. fp8: linears become torchao Float8Linear (before adapters)
         model = precision.prepare_model(model)
     model = spec.block("peft").build(model)

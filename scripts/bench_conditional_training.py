@@ -81,7 +81,8 @@ def good_by_domain(run: Path, threshold: float) -> dict[str, tuple[int, int]]:
 
     from effitrain.curriculum.row_scores import scorer_text_scores
     from effitrain.data.conditional import split_segments
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     cfg = yaml.safe_load((run / "config.yaml").read_text())

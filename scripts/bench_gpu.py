@@ -105,7 +105,8 @@ def run_deepspeed(overrides: list[str], steps: int, warmup: int) -> dict:
 
     from effitrain.config.rules import Environment, check_rules
     from effitrain.config.spec import validate
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
     from effitrain.engine.metrics import peak_memory_bytes
     from effitrain.parallel.dist import dist_env, init_process_group
     from effitrain.train import deepspeed_config

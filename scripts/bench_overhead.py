@@ -44,7 +44,8 @@ def _data_and_model(spec):
     """The same data pipeline and model the effitrain run builds (shared code, so all three see the same batches)."""
     from datasets import DatasetDict
 
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
 
     pool = spec.block("dataset").build(cache_dir=None)
     tokenizer, packed, _ = build_packed_splits(spec.block("dataset").params, spec.block("model").params,

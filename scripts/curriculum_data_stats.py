@@ -19,7 +19,7 @@ def _packed(overrides: list[str]):
 
     from effitrain.config.compose import compose_config
     from effitrain.config.spec import validate
-    from effitrain.data.packing import build_packed_splits
+    from effitrain.data.splits import build_packed_splits
 
     composed = compose_config(overrides)
     spec = validate(composed.cfg, composed.recipes)

@@ -48,7 +48,7 @@ def main() -> None:
     from effitrain.config.spec import validate
     from effitrain.curriculum.in_context import document_features, drop_near_duplicates, knn_graph, traverse
     from effitrain.curriculum.meco import conditioned_rows
-    from effitrain.data.packing import build_packed_splits
+    from effitrain.data.splits import build_packed_splits
     from datasets import DatasetDict
 
     composed = compose_config(["+recipe=in_context_pretraining", *args.overrides])

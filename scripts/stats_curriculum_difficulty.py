@@ -40,7 +40,8 @@ def main() -> None:
     from effitrain.config.compose import compose_config
     from effitrain.config.spec import validate
     from effitrain.curriculum.row_scores import rank_difficulty, row_scores
-    from effitrain.data.packing import build_packed_splits, domain_array
+    from effitrain.data.packing import domain_array
+    from effitrain.data.splits import build_packed_splits
 
     spec = validate(compose_config(["+recipe=difficulty_curriculum", *args.overrides]).cfg)
     params = spec.block("curriculum").params

@@ -49,9 +49,9 @@ def effitrain_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd
 
 @pytest.fixture(scope="session")
 def train_in_process():
-    """Compose with overrides and call effitrain.train.train in this process (DeepSpeed initialises once)."""
+    """Compose with overrides and call effitrain.pipeline.run in this process (DeepSpeed initialises once)."""
     from effitrain.config.compose import compose_config
-    from effitrain.train import train
+    from effitrain.pipeline import run as train
 
     def run(overrides: list[str], run_dir: Path, tiny_model: bool = True) -> dict:
         tiny = [o for o in TINY if tiny_model or not o.startswith("model.")]

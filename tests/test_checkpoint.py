@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from effitrain.engine.checkpoint import complete_checkpoints, latest_checkpoint, prune, write_atomically
+from effitrain.engine.checkpoint import prune, write_atomically
+from effitrain.run_layout import complete_checkpoints, latest_checkpoint
 
 
 def _write_files(tmp):

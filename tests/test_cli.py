@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, effitrain_cli
-from effitrain.config.compose import compose_config, group_options, groups
+from effitrain.config.compose import compose_config
+from effitrain.config.tree import group_options, groups
 from effitrain.config.spec import validate
 from effitrain.registry import ConfigError
 

@@ -89,8 +89,10 @@ def test_packed_rows_carry_a_control_token_at_every_document_start(tmp_path):
     so every segment is good) and no dropping: after every end-of-document token inside a row comes <|good|>."""
     from datasets import DatasetDict
 
-    from effitrain.data.packing import build_packed_splits, to_numpy
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     dataset = REGISTRY.parse("dataset", {"name": "demo", "max_docs_per_domain": 30, "eval_examples_per_domain": 4,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from effitrain.config.compose import RECIPE_GROUP, group_options
+from effitrain.config.tree import RECIPE_GROUP, group_options
 
 # not in `make test` (the suite's 30 minutes): CI runs it as a step of its own, `make test-first-day`
 pytestmark = [pytest.mark.slow, pytest.mark.first_day]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from effitrain.config.compose import compose_config, config_root
+from effitrain.config.compose import compose_config
+from effitrain.config.tree import config_root
 from effitrain.config.spec import validate
 from effitrain.curriculum.mixture import MixtureSampler
 from effitrain.registry import REGISTRY, ConfigError

@@ -228,7 +228,7 @@ def test_a_row_is_scored_whole_so_rows_alike_for_their_first_200_bytes_rank_by_t
     from effitrain.config.blocks.curriculum import DifficultyParams, ScoredOrderParams
     from effitrain.curriculum.difficulty import build_difficulty
     from effitrain.curriculum.scored_order import build_scored_order
-    from effitrain.registry import load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
 
     load_builtin_blocks()
     sentence = "the quick brown fox jumps over the lazy dog. "

@@ -20,7 +20,8 @@ import pytest
 
 from effitrain.config.blocks.dataset import DemoParams, LocalParams
 from effitrain.config.blocks.model import LlamaParams
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 SMALL = dict(max_docs_per_domain=40, eval_examples_per_domain=6, seed=0)
 
@@ -311,7 +312,8 @@ def test_pack_is_cached_and_parallel_tokenizing_agrees(demo, bpe, tmp_path):
 
 
 def test_build_packed_splits(demo):
-    from effitrain.data.packing import build_packed_splits, to_numpy
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.splits import build_packed_splits
 
     params = DemoParams(**SMALL, seq_len=24)
     tokenizer, train, eval_by_domain = build_packed_splits(params, LlamaParams(vocab_size=400), demo)

@@ -16,7 +16,7 @@ import torch
 from effitrain.config.stages import parse_stages
 from effitrain.curriculum.samplers import ShuffleSampler
 from effitrain.engine.checkpoint import write_atomically
-from effitrain.engine.rundir import CHECKPOINTS
+from effitrain.run_layout import CHECKPOINTS
 from effitrain.registry import ConfigError
 from effitrain.train import continue_data_stream
 

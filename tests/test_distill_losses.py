@@ -18,7 +18,8 @@ import transformers
 from effitrain.config.compose import compose_config
 from effitrain.config.spec import validate
 from effitrain.objectives.feature_losses import attention_transfer_loss, hint_loss, pkt_loss
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 from effitrain.timeline import parse_timeline
 
 VOCAB = 48

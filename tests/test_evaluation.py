@@ -11,7 +11,7 @@ from conftest import effitrain_cli
 
 
 def test_the_shipped_local_task_is_what_its_generator_writes():
-    from effitrain.evaluation import TASKS_DIR, make_demo_arithmetic
+    from effitrain.config.eval_tasks import TASKS_DIR, make_demo_arithmetic
 
     shipped = [json.loads(l) for l in (TASKS_DIR / "demo_arithmetic.jsonl").read_text().splitlines()]
     assert shipped == make_demo_arithmetic()

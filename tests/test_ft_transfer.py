@@ -14,7 +14,8 @@ from conftest import TINY, effitrain_cli, sigterm_after_step
 from effitrain.config.compose import compose_config
 from effitrain.config.spec import validate
 from effitrain.models.diff_vector import transfer_state
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 
 def _tiny_model(seed: int, **changes):

@@ -19,7 +19,8 @@ import transformers
 from effitrain.data import arithmetic_chat, chat
 from effitrain.data.chat_sources import prompt_rows
 from effitrain.objectives import grpo, rewards
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 load_builtin_blocks()
 

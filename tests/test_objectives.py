@@ -24,7 +24,8 @@ from effitrain.config.compose import compose_config
 from effitrain.config.spec import validate
 from effitrain.engine.events import EventBus, Hook
 from effitrain.errors import RunFailed
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 VOCAB, LAYERS = 48, 3
 

@@ -146,7 +146,8 @@ def test_bad_messages_name_the_key():
 # ---------------------------------------------------------------------------------------------------- objectives
 
 def objective(name: str, model=None, **params):
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.parse("objective", {"name": name, **params}).build(model=model, device="cpu",
@@ -219,7 +220,8 @@ def test_length_normalized_dpo_and_simpo_divide_by_the_response_length(tokenizer
 
 
 def test_bad_objective_parameters_name_the_key():
-    from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY, ConfigError
 
     load_builtin_blocks()
     with pytest.raises(ConfigError, match="beta"):
@@ -306,7 +308,8 @@ def test_local_jsonl_and_dataset_folders_give_the_same_conversations(tmp_path):
     import json
 
     from effitrain.data.chat_sources import build_chat_hub, build_chat_local
-    from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY, ConfigError
 
     load_builtin_blocks()
     train, _ = arithmetic_chat.splits(12, 0)
@@ -335,7 +338,8 @@ def test_chat_rows_are_built_once_and_then_read_from_the_cache(tmp_path, monkeyp
     conversations are not rendered and tokenized again) and gives the same rows; another seq_len is a new entry."""
     from effitrain.data import chat_sources
     from effitrain.data.packing import to_numpy
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     data = REGISTRY.parse("dataset", {"name": "chat_demo", "max_docs_per_domain": 60, "eval_examples_per_domain": 4,

@@ -4,7 +4,7 @@ of every recipe's resolved config (`effitrain lock`)."""
 from __future__ import annotations
 
 from conftest import REPO, effitrain_cli
-from effitrain.config.compose import group_options
+from effitrain.config.tree import group_options
 from effitrain.config.generated import expected, stale_generated
 from effitrain.config.lock import lock_dir, resolved_text, stale_locks, write_locks
 from effitrain.config.provenance import diff, explain, format_diff, provenance

@@ -12,7 +12,8 @@ from conftest import effitrain_cli
 from effitrain.config.compose import compose_config
 from effitrain.config.rules import Environment, check_rules
 from effitrain.config.spec import validate
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 GPU = Environment(device_type="cuda", world_size=1, bf16_supported=True, fp8_supported=True)
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import yaml
 
-from effitrain.config.compose import config_root, group_options
+from effitrain.config.tree import config_root, group_options
 from effitrain.registry import ConfigError
 
 pytestmark = pytest.mark.slow

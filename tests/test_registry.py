@@ -9,7 +9,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from effitrain.registry import REGISTRY, ConfigError, Registry, load_builtin_blocks, load_plugins, param
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError, Registry, load_plugins, param
 
 
 @pytest.fixture()

@@ -247,7 +247,8 @@ def test_a_reference_model_with_another_vocabulary_is_refused(tmp_path, capsys):
     import torch
 
     from effitrain.objectives.preference import build_dpo
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
     from transformers import LlamaConfig, LlamaForCausalLM
 
     load_builtin_blocks()

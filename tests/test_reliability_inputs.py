@@ -482,7 +482,8 @@ def test_damaged_manifest_is_not_trusted(tmp_path, caplog, damage, problem):
 def test_edited_manifest_is_rebuilt_by_the_selection_stage(tmp_path, caplog):
     import datasets
 
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     rows = [{"id": f"d{i}", "text": f"word {i} " * (i % 7 + 1), "domain": "a" if i % 3 else "b"} for i in range(60)]

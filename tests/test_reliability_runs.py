@@ -496,7 +496,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_how_mu
         assert "Traceback" not in err and len(err.splitlines()) == 1, err
         assert re.search(r"disk under .* is full while saving step \d+ \([\d.]+ MiB free, a checkpoint needs about "
                          r"[\d.]+ MiB\); the previous checkpoints are intact", err), err
-        from effitrain.engine.checkpoint import complete_checkpoints, verify_checkpoint
+        from effitrain.engine.checkpoint import verify_checkpoint
+        from effitrain.run_layout import complete_checkpoints
         saved = complete_checkpoints(run / "checkpoints")
         assert saved, "not even the first checkpoint fitted: make the disk bigger"
         for _, path in saved:

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from conftest import REPO
-from effitrain.config.compose import group_options
+from effitrain.config.tree import group_options
 from effitrain.config.ledger import (LEDGER, NOT_MEASURED, OPPOSITE, REPRODUCED, WITHIN_NOISE, card_row, ledger_text,
                                      load_results, parse_measurement, unsupported_values)
 from effitrain.registry import ConfigError

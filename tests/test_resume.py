@@ -97,7 +97,7 @@ def test_a_wall_clock_cadence_saves_checkpoints_without_save_every(tmp_path, tra
     run = tmp_path / "run"
     train_in_process(["train.max_steps=3", "train.save_every=0", "train.save_every_minutes=1e-6",
                       "train.keep_checkpoints=5"], run)
-    from effitrain.engine.checkpoint import complete_checkpoints
+    from effitrain.run_layout import complete_checkpoints
     assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [1, 2, 3]
     off = tmp_path / "off"
     train_in_process(["train.max_steps=3", "train.save_every=0", "train.save_every_minutes=0"], off)

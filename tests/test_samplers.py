@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from effitrain.curriculum.samplers import SequentialSampler, ShuffleSampler, build_sequential, build_shuffle
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.registry import REGISTRY, ConfigError
 
 ROWS = list(range(103))  # stands in for a packed dataset: the builders only use its length
 

@@ -11,7 +11,8 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from effitrain.registry import REGISTRY, ConfigError, load_builtin_blocks  # noqa: E402
+from effitrain.config.blocks import load_builtin_blocks  # noqa: E402
+from effitrain.registry import REGISTRY, ConfigError  # noqa: E402
 
 load_builtin_blocks()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from effitrain.config.compose import config_root
+from effitrain.config.tree import config_root
 
 RECIPE_DIR = config_root() / "recipe"
 

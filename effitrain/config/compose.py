@@ -8,67 +8,18 @@ same key.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import re
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any, Optional, Iterable
 
 import yaml
 
+from effitrain.config.tree import (CONFIG_MODULE, PRIMARY, RECIPE_GROUP, SWEEP_GROUP, config_root, group_options,
+                                   groups, load_recipe)
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
-CONFIG_MODULE = "effitrain.configs"
-PRIMARY = "train"
-RECIPE_GROUP = "recipe"
-SWEEP_GROUP = "sweep"
 MAX_VALIDATED_SWEEP = 256
-
-
-def config_root() -> Path:
-    return Path(str(resources.files(CONFIG_MODULE)))
-
-
-@functools.lru_cache(maxsize=None)
-def group_options(group: str) -> tuple[str, ...]:
-    folder = config_root() / group
-    return tuple(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else ()
-
-
-def groups() -> tuple[str, ...]:
-    # hydra/ holds Hydra's own groups (the launcher presets, effitrain.config.launcher) and sweep/ the sweep configs
-    # (`-m +sweep=NAME`, Hydra's sweeper settings): neither is a block
-    return tuple(sorted(p.name for p in config_root().iterdir()
-                        if p.is_dir() and not p.name.startswith("_") and p.name not in ("hydra", SWEEP_GROUP)))
-
-
-def load_recipe(name: str) -> dict[str, Any]:
-    options = group_options(RECIPE_GROUP)
-    if name not in options:
-        raise ConfigError(f"recipe: unknown recipe '{name}'{did_you_mean(name, options)}; "
-                          f"valid: {choices_text(options)}")
-    path = config_root() / RECIPE_GROUP / f"{name}.yaml"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            recipe = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe '{name}': {yaml_error_text(path, exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe '{name}': cannot read {path}: {exc}") from None
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"recipe '{name}': {path} must hold a mapping (defaults, recipe, keys), "
-                          f"not {type(recipe).__name__}")
-    return recipe
-
-
-def yaml_error_text(path: Path, exc: Exception) -> str:
-    """``<file>, line N, column M: <problem>`` of a YAML syntax error, on one line."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"YAML error in {path}{where}: {problem}"
 
 
 def recipe_table_rows() -> list[tuple[str, str, str]]:
@@ -303,7 +254,8 @@ def _stage_override_error(overrides: list[str]) -> Optional[ConfigError]:
 
 
 def _method_names() -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names("method")
@@ -311,7 +263,8 @@ def _method_names() -> list[str]:
 
 def _keys_at(parent: str, overrides: list[str]) -> list[str]:
     """The keys a block takes: its registered parameters where the block names a registry entry, else the YAML's."""
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     try:
         node = compose_raw(overrides)

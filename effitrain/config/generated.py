@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
-from effitrain.config.compose import RECIPE_GROUP, config_root, group_options, load_recipe, recipe_keys
+from effitrain.config.compose import recipe_keys
+from effitrain.config.tree import RECIPE_GROUP, config_root, group_options, load_recipe
 from effitrain.registry import ConfigError
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -72,7 +73,7 @@ def recipe_matrix_row(name: str) -> list[str]:
 
 def compatibility_text(rows: dict[str, list[str]]) -> str:
     from effitrain.config.rules import RULES
-    from effitrain.registry import load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
 
     load_builtin_blocks()
     header = ["recipe", *(v[0] for v in VARIANTS)]

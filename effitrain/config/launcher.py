@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from effitrain.config.tree import config_root
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 GROUP = "hydra/launcher"
@@ -22,8 +23,6 @@ _AT_LEAST_ZERO = {"gpus_per_node", "signal_delay_s", "max_num_timeout", "array_p
 
 def presets() -> tuple[str, ...]:
     """effitrain's own launcher presets (files in the package's configs/hydra/launcher)."""
-    from effitrain.config.compose import config_root
-
     folder = config_root() / "hydra" / "launcher"
     return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
 
@@ -37,8 +36,6 @@ def plugin_installed() -> bool:
 
 def preset_keys() -> list[str]:
     """The keys a SLURM preset takes: submitit's queue configuration (and those the presets set)."""
-    from effitrain.config.compose import config_root
-
     keys: set[str] = set()
     for name in presets():
         with open(config_root() / "hydra" / "launcher" / f"{name}.yaml", encoding="utf-8") as fh:

@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from effitrain.config.compose import (PRIMARY, RECIPE_GROUP, compose_config, config_root, flatten, groups,
-                                      load_recipe, parse_overrides, recipe_names)
+from effitrain.config.compose import compose_config, flatten, parse_overrides, recipe_names
+from effitrain.config.tree import PRIMARY, RECIPE_GROUP, config_root, groups, load_recipe
 from effitrain.registry import ConfigError, did_you_mean_key
 
 UNSET = "<unset>"

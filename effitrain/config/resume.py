@@ -18,15 +18,16 @@ from typing import Any, Optional
 
 import yaml
 
-from effitrain.config.compose import RECIPE_GROUP, flatten, parse_overrides
+from effitrain.config.compose import flatten, parse_overrides
+from effitrain.config.tree import RECIPE_GROUP
 from effitrain.registry import ConfigError
+from effitrain.run_layout import META, RECIPES_FILE, complete_checkpoints
 
 # train.max_steps may change: the schedule then follows the new horizon from the resumed step on, and the run says so.
-RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every",
-                    "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "train.save_final_model",
-                    "train.save_every_minutes", "logger.", "eval.", "methods.samples.", "run_dir", "resume",
-                    "overwrite")
-RECIPES_FILE = "recipes.yaml"
+RESUME_SAFE_KEYS = ("train.max_steps", "train.eval_every", "train.eval_at_start", "train.eval_batches",
+                    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_bad_steps",
+                    "train.save_final_model", "train.save_every_minutes", "logger.", "eval.", "methods.samples.",
+                    "run_dir", "resume", "overwrite")
 
 
 def _safe(key: str) -> bool:
@@ -63,7 +64,7 @@ def stored_recipes(run_dir: Path, cfg: dict[str, Any]) -> Optional[list[dict[str
 def remembers(overrides: list[str]) -> bool:
     """True when every override sets a dotted key or a run-level key: then the run's stored config can be used.
     Group choices (``model=…``, ``+recipe=…``) cannot be compared key by key and take the composing path."""
-    from effitrain.config.spec import BLOCK_GROUPS
+    from effitrain.config.tree import BLOCK_GROUPS
 
     for override in parse_overrides(overrides):
         key = override.key_or_group
@@ -74,7 +75,7 @@ def remembers(overrides: list[str]) -> bool:
 
 def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Optional[list[dict]]]:
     """The run's stored config with the command line's safe overrides applied, set to resume in ``run_dir``."""
-    from effitrain.config.spec import BLOCK_GROUPS
+    from effitrain.config.tree import BLOCK_GROUPS
 
     cfg = stored_config(run_dir)
     stored = flatten("", cfg, {})
@@ -114,8 +115,6 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
 def saved_layout(run_dir: Path, cfg: dict[str, Any]) -> Optional[tuple[int, int, int]]:
     """(world size, micro batch, grad accum) of the newest complete checkpoint's launch, from its meta.json; for a
     checkpoint from before that record, the run's stored config and the world size of its latest launch."""
-    from effitrain.engine.checkpoint import META, complete_checkpoints  # torch-free
-
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         return None
@@ -203,7 +202,7 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
     settings it changes are listed."""
     if resume != "auto" or not (run_dir / "config.yaml").is_file():
         return
-    from effitrain.config.spec import OPTIONAL_GROUPS
+    from effitrain.config.tree import OPTIONAL_GROUPS
 
     # a run stored before a group existed ran with that group's default option (objective: causal_lm)
     defaults = {g: dict(v) for g, v in OPTIONAL_GROUPS.items()}
@@ -299,15 +298,11 @@ def _pipeline_finished(run_dir: Path, spec: Any) -> Optional[Finished]:
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
-    from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
-
     found = complete_checkpoints(run_dir / "checkpoints")
     return found[-1][0] if found else None
 
 
 def _check_horizon(run_dir: Path, max_steps: int, stage: str = "") -> None:
-    from effitrain.engine.checkpoint import complete_checkpoints  # torch-free
-
     found = complete_checkpoints(run_dir / "checkpoints")
     if found and max_steps < found[-1][0]:
         step, path = found[-1]

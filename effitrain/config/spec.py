@@ -10,13 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_builtin_blocks,
-                                load_plugins, param, parse_params)
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.config.tree import BLOCK_GROUPS, OPTIONAL_GROUPS
+from effitrain.registry import (REGISTRY, Block, ConfigError, choices_text, did_you_mean, load_plugins, param,
+                                parse_params)
 
-BLOCK_GROUPS = ("model", "dataset", "selection", "curriculum", "peft", "optimizer", "scheduler", "precision",
-                "parallelism", "logger", "eval", "objective")
-# Groups added after runs already existed: a stored config without them gets this option (resume, export).
-OPTIONAL_GROUPS = {"eval": {"name": "none"}, "objective": {"name": "causal_lm"}}
 
 
 @dataclass
@@ -27,6 +25,9 @@ class TrainParams:
     global_batch_size: Optional[int] = param(None, ge=1, help="if set, must equal micro x accum x world size")
     seed: int = 0
     eval_every: int = param(50, ge=0, help="steps between evaluations (0: only at the start and the end)")
+    eval_at_start: Optional[bool] = param(None, help="evaluate at step 0 too (the curves' starting point); null: "
+                                          "unless the run is shorter than eval_every (a smoke test evaluates once, "
+                                          "at the end)")
     eval_batches: int = param(4, ge=1, help="micro-batches per domain in each evaluation")
     save_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
     save_every_minutes: float = param(30.0, ge=0, help="also save when this many minutes passed since the last "
@@ -40,6 +41,15 @@ class TrainParams:
                                               "checkpoint left it, so this run trains on the batches that run would "
                                               "have seen next (a stage with `data: continue` sets it to the stage "
                                               "before); a resume of this run continues from its own checkpoint")
+
+    def evaluates_at_start(self) -> bool:
+        """Whether the run evaluates at step 0 as well as at its intervals and at the end.  A run shorter than its
+        evaluation interval (``effitrain train.max_steps=1``, a smoke test) evaluates once, at the end: its step-0
+        evaluation was most of a short run's own time and adds no point a curve needs.  ``eval_at_start`` decides
+        either way; ``eval_every: 0`` keeps its meaning, the start and the end."""
+        if self.eval_at_start is not None:
+            return self.eval_at_start
+        return not 0 < self.max_steps < self.eval_every
 
 
 @dataclass

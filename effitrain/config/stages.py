@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from effitrain.config.tree import BLOCK_GROUPS, config_root, group_options
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 STAGE_REF = "@stage:"
@@ -181,14 +182,16 @@ def _data_key(entry: Mapping[str, Any], where: str, sweep: Any, stages: list[Sta
 
 
 def _group_names(group: str) -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names(group)
 
 
 def _transform_names() -> list[str]:
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     load_builtin_blocks()
     return REGISTRY.names("transform")
@@ -232,8 +235,6 @@ def _merge(into: dict[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
 def _group_option(group: str, option: str, where: str) -> dict[str, Any]:
     import yaml
 
-    from effitrain.config.compose import config_root, group_options
-
     options = group_options(group)
     if option not in options:
         raise ConfigError(f"{where}: unknown {group} option '{option}'{did_you_mean(option, options)}; valid: "
@@ -261,8 +262,6 @@ def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Option
 
 
 def _apply_delta(run: dict[str, Any], delta: Mapping[str, Any], stage_name: str) -> None:
-    from effitrain.config.spec import BLOCK_GROUPS
-
     for key, value in delta.items():
         where = f"stages.{stage_name}.{key}"
         if key in BLOCK_GROUPS and isinstance(value, str):
@@ -310,8 +309,6 @@ def propagate_overrides(cfg: dict[str, Any], overrides: list[Any]) -> dict[str, 
     stages = cfg.get("stages")
     if not isinstance(stages, list):
         return cfg
-    from effitrain.config.spec import BLOCK_GROUPS
-
     # `stages.1.train.max_steps=50` names one stage's key: a general override of the same key does not touch it
     explicit = set()
     for override in overrides:
@@ -349,7 +346,8 @@ def _block_takes(group: str, section: Mapping[str, Any], base_block: Any, rest: 
     """Does the stage's version of a block have the overridden key (another entry may not)?"""
     import dataclasses
 
-    from effitrain.registry import REGISTRY, load_builtin_blocks
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.registry import REGISTRY
 
     name = section.get("name") or (base_block or {}).get("name")
     if name == (base_block or {}).get("name"):

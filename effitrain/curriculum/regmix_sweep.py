@@ -40,7 +40,7 @@ def domain_rows(run_cfg: dict[str, Any]) -> dict[str, int]:
     from datasets import DatasetDict
 
     from effitrain.config.spec import validate
-    from effitrain.data.packing import build_packed_splits
+    from effitrain.data.splits import build_packed_splits
     from effitrain.data.sources import domain_indices
     from effitrain.paths import cache_dir
 

@@ -38,11 +38,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from effitrain.data.chat_records import ROLES, check_messages, first_assistant_split, shared_prompt  # noqa: F401
-from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.data.rows import CHANNELS, IGNORE_INDEX
 from effitrain.registry import ConfigError
-
-#: the channels of a stored row, in order
-CHANNELS = ("input_ids", "labels", "position_ids")
 
 #: Tülu 3's chat template (open-instruct ``CHAT_TEMPLATES["tulu"]``), used when the tokenizer has none
 DEFAULT_CHAT_TEMPLATE = (

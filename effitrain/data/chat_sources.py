@@ -26,12 +26,13 @@ from typing import Any, Optional
 import numpy as np
 
 from effitrain.data import chat
+from effitrain.data.rows import CHANNELS, REJECTED_CHANNELS
 from effitrain.data.tokenizer import EOS_TOKEN
 from effitrain.registry import ConfigError
 
 _KEY = "dataset"
-CHANNEL_COLUMNS = chat.CHANNELS
-REJECTED_COLUMNS = tuple(f"rejected_{c}" for c in chat.CHANNELS)
+CHANNEL_COLUMNS = CHANNELS
+REJECTED_COLUMNS = REJECTED_CHANNELS
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,7 +225,7 @@ def report_dropped(counts: dict[str, int], seq_len: int, what: str) -> Optional[
 
 def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
                       tokenizer_corpus: Any = None):
-    """``(tokenizer, train rows, {domain: eval rows})`` as :func:`effitrain.data.packing.build_packed_splits`
+    """``(tokenizer, train rows, {domain: eval rows})`` as :func:`effitrain.data.splits.build_packed_splits`
     returns them, for chat and preference sources; the rows are cached by content (:func:`_cached_rows`)."""
     from effitrain.console import say
     from effitrain.data.cache import dataset_content_hash
@@ -274,17 +275,3 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
         by_domain[domain] = _cached_rows(("eval", domain, dataset_content_hash(part, columns), *common), eval_rows,
                                          cache_dir)[0]
     return tokenizer, packed_train, by_domain
-
-
-def stacked_rows(packed) -> Optional[np.ndarray]:
-    """The channels of chat rows stacked: ``[N, 3, S]`` or, for pairs, ``[N, 2, 3, S]``; None for text rows."""
-    names = packed.column_names
-    if "labels" not in names:
-        return None
-    from effitrain.data.packing import column_numpy
-
-    rows = np.stack([column_numpy(packed, c) for c in CHANNEL_COLUMNS], axis=1)
-    if REJECTED_COLUMNS[0] in names:
-        rejected = np.stack([column_numpy(packed, c) for c in REJECTED_COLUMNS], axis=1)
-        rows = np.stack([rows, rejected], axis=1)
-    return rows

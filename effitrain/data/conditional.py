@@ -21,7 +21,7 @@ share of the segments bad.  Evaluation documents are not conditioned: eval loss 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,17 +91,11 @@ def conditioned_texts(texts: list[str], params: Any, scores_of: Any) -> tuple[li
     return out, info
 
 
-def condition_documents(docs: Any, tokenizer: Any, params: Any, *, seed: int,
-                        key: str = "dataset.control_tokens") -> tuple[Any, Any, dict[str, Any]]:
+def condition_documents(docs: Any, tokenizer: Any, params: Any,
+                        scores_of: Callable[[list[str]], np.ndarray]) -> tuple[Any, Any, dict[str, Any]]:
     """``(tokenizer with the control tokens, docs whose text carries them, info)`` for a ``datasets.Dataset`` of
-    training documents; the segments are rated by ``params.scorer`` (cached by their text and the scorer)."""
-    from effitrain.curriculum.row_scores import scorer_text_scores
-
-    def scores_of(segments: list[str]) -> np.ndarray:
-        return scorer_text_scores(params.scorer, segments, seed=seed, key=f"{key}.scorer", group="conditional",
-                                  what="control tokens")
-
+    training documents; ``scores_of`` rates the segments (the run's ``params.scorer``, which the caller builds:
+    :func:`effitrain.data.splits.build_packed_splits` passes a selection scorer, cached by the segments' text)."""
     texts, info = conditioned_texts(list(docs["text"]), params, scores_of)
     conditioned = docs.remove_columns("text").add_column("text", texts)
     return add_control_tokens(tokenizer, params), conditioned, info
-

@@ -27,6 +27,7 @@ import heapq
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -233,8 +234,20 @@ class TokenStreams(PipelineStep):
 
 
 # ------------------------------------------------------------------------------------------------------ executors
-def make_executor(params: Any, pipeline: list[Any], logging_dir: Path, *, job_name: str) -> Any:
-    """datatrove's executor for ``data.executor`` (``params``: the validated ``data`` block)."""
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where a stage's tasks run, in this layer's own terms: the run's validated ``data:`` section turns itself into
+    one (:meth:`effitrain.config.blocks.data_engine.DataParams.engine_settings`), so the data layer never reads the
+    config or the launcher presets."""
+
+    executor: str                  # local | slurm | ray
+    tasks: int = 1
+    workers: Optional[int] = None  # tasks at once; None: local = min(tasks, CPUs), slurm/ray = all
+    slurm: dict = field(default_factory=dict)  # partition, account, cpus_per_task, mem_gb, timeout_min, name
+
+
+def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path, *, job_name: str) -> Any:
+    """datatrove's executor for ``params.executor``."""
     try:
         import datatrove  # noqa: F401
     except ImportError:
@@ -250,9 +263,7 @@ def make_executor(params: Any, pipeline: list[Any], logging_dir: Path, *, job_na
     if params.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        from effitrain.config.blocks.data_engine import slurm_resources
-
-        res = slurm_resources(params.slurm_preset)
+        res = params.slurm
         sbatch = {"account": res["account"]} if res.get("account") else None
         return SlurmPipelineExecutor(pipeline, tasks=params.tasks, workers=params.workers or -1,
                                      time=f"{int(res['timeout_min'])}:00", partition=res["partition"],
@@ -279,7 +290,7 @@ def _venv_activate() -> Optional[str]:
     return str(activate) if activate.is_file() else None
 
 
-def run_stage(params: Any, pipeline: list[Any], stage_dir: Path, *, job_name: str, poll_s: float = 10.0) -> None:
+def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, job_name: str, poll_s: float = 10.0) -> None:
     """Run one stage to completion: every task marked done (the tasks already marked are skipped)."""
     import time
 

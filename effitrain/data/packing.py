@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from effitrain.data.cache import ContentHash, build_once, dataset_content_hash, quiet_progress
-from effitrain.registry import ConfigError
+from effitrain.data.rows import column_numpy, stacked_rows
 
 _FORMAT_VERSION = 1
 _EMPTY = "EMPTY"  # marker file of a cached packing that produced no row
@@ -131,27 +131,8 @@ def to_numpy(packed) -> np.ndarray:
         return packed
     if hasattr(packed, "rows") and hasattr(packed, "domains"):  # token shards: rows read through memory maps
         return packed.rows
-    from effitrain.data.chat_sources import stacked_rows
-
     rows = stacked_rows(packed)
     return column_numpy(packed, "input_ids") if rows is None else rows
-
-
-def column_numpy(packed, name: str) -> np.ndarray:
-    """One fixed-length integer column as a ``(rows, length)`` array."""
-    column = packed.with_format("arrow")[:].column(name)
-    seq_len = column.type.list_size
-    chunks = column.chunks
-    if len(chunks) == 1 and chunks[0].offset == 0:
-        values = chunks[0].values
-        try:
-            flat = values.to_numpy(zero_copy_only=True)
-        except Exception:  # nulls or an unexpected layout: fall back to a copy
-            flat = values.to_numpy(zero_copy_only=False)
-        flat = flat[: len(chunks[0]) * seq_len]
-    else:
-        flat = column.combine_chunks().flatten().to_numpy()
-    return flat.reshape(-1, seq_len)
 
 
 def domain_array(packed) -> np.ndarray:
@@ -165,68 +146,3 @@ def domain_array(packed) -> np.ndarray:
     encoded = arrow_column(packed, "domain").dictionary_encode()
     names = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
     return names[encoded.indices.to_numpy(zero_copy_only=False)]
-
-
-def build_packed_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir: Optional[str | Path] = None,
-                        tokenizer_corpus: Any = None):
-    """From the documents to what the engine trains on: ``(tokenizer, packed_train, packed_eval_by_domain)``.
-
-    * ``raw``: the ``DatasetDict`` with ``train`` (after selection) and ``eval`` splits;
-    * the tokenizer comes from :func:`effitrain.data.tokenizer.build_tokenizer` (a BPE is trained on
-      ``tokenizer_corpus``, default ``train``; the engine passes the whole pool, so that runs with different data
-      selections share one tokenizer and their per-token losses stay comparable);
-    * ``packed_train``: every train document packed to ``dataset_params.seq_len``;
-    * ``packed_eval_by_domain``: ``{domain: packed eval rows of that domain}`` in sorted domain order.
-
-    Raises ConfigError when the train split yields no full sequence or an eval domain yields none, naming the
-    settings to change.
-    """
-    from effitrain.data.sources import domain_indices
-    from effitrain.data.tokenizer import build_tokenizer
-
-    if getattr(dataset_params, "format", "text") in ("chat", "preference", "prompts"):  # conversations: own rows
-        from effitrain.data.chat_sources import build_chat_splits
-
-        return build_chat_splits(dataset_params, model_params, raw, cache_dir=cache_dir,
-                                 tokenizer_corpus=tokenizer_corpus)
-    seq_len = dataset_params.seq_len
-    num_proc = getattr(dataset_params, "num_proc", 1)
-    with quiet_progress(len(raw["train"])):
-        corpus = raw["train"] if tokenizer_corpus is None else tokenizer_corpus
-        tokenizer = build_tokenizer(model_params, corpus, cache_dir=cache_dir)
-        # generated documents join the train split after the tokenizer is trained, so the tokenizer (and the
-        # per-token eval losses) stay those of runs without them
-        from effitrain.data.procedural import with_procedural
-
-        train_docs = with_procedural(raw["train"], dataset_params)
-        control = getattr(dataset_params, "control_tokens", None)
-        if control is not None:  # conditional training: a control token before every rated segment
-            from effitrain.console import say
-            from effitrain.data.conditional import condition_documents
-
-            tokenizer, train_docs, info = condition_documents(train_docs, tokenizer, control,
-                                                              seed=getattr(dataset_params, "seed", 0))
-            say(f"control tokens: {info['good']} {control.good_token} / {info['bad']} {control.bad_token} of "
-                f"{info['segments']} {control.segment} segments ({info['without_token']} without), threshold "
-                f"{info['threshold']:.4g} ({'<=' if control.good_when == 'low' else '>='} is good)")
-        if getattr(dataset_params, "packing", "concatenate") == "decompose":
-            from effitrain.data.decompose import pack_decomposed
-
-            packed_train = pack_decomposed(train_docs, tokenizer, seq_len, dataset_params.min_piece_len,
-                                           seed=getattr(dataset_params, "seed", 0), num_proc=num_proc,
-                                           cache_dir=cache_dir)
-        else:
-            packed_train = pack(train_docs, tokenizer, seq_len, num_proc, cache_dir=cache_dir)
-        if len(packed_train) == 0:
-            raise ConfigError(f"dataset.seq_len: the train split has fewer than {seq_len} tokens in every domain; "
-                              f"lower seq_len or add documents")
-        packed_eval = pack(raw["eval"], tokenizer, seq_len, num_proc, cache_dir=cache_dir)
-        by_domain = {}
-        rows = domain_indices(packed_eval)
-        for domain in sorted(domain_indices(raw["eval"])):
-            if domain not in rows:
-                raise ConfigError(f"dataset.eval_examples_per_domain: the eval documents of domain '{domain}' make "
-                                  f"less than one sequence of {seq_len} tokens; raise it or lower dataset.seq_len")
-            by_domain[domain] = packed_eval.select(rows[domain])
-    return tokenizer, packed_train, by_domain
-

@@ -17,17 +17,13 @@ import errno
 import gc
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from effitrain.fsutil import fsync_dir, sha256_file
-
-COMPLETE = "COMPLETE"
-META = "meta.json"
-
+from effitrain.run_layout import CHECKPOINTS, COMPLETE, META, complete_checkpoints, is_complete, step_dir_name
 
 class CheckpointDamaged(Exception):
     """A checkpoint folder whose files do not match the sizes and checksums recorded when it was written."""
@@ -41,45 +37,15 @@ class DiskFull(OSError):
         super().__init__(f"checkpoint: the disk under '{root}' is full while saving step {step} "
                          f"({free / mib:.1f} MiB free, a checkpoint needs about {needed / mib:.1f} MiB); "
                          f"the previous checkpoints are intact; free some space, then resume=auto")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / COMPLETE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def newest_sampler_state(run_dir: Path) -> Optional[dict[str, Any]]:
     """The data sampler's state saved in the newest complete, verified checkpoint of ``run_dir`` (None without one):
     where that run's data stream stopped."""
     import torch
 
-    from effitrain.engine.rundir import CHECKPOINTS
-
     newest = newest_verified_checkpoint(run_dir / CHECKPOINTS, report=lambda line: None)
     if newest is None:
         return None
     return torch.load(newest / "state.pt", weights_only=False)["sampler"]
-
-
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
 
 
 def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:

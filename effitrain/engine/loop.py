@@ -24,7 +24,7 @@ from effitrain.engine.events import EventBus
 from effitrain.engine.guard import NonFiniteGuard
 from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_memory_bytes
 from effitrain.objectives.common import mean_token_loss
-from effitrain.engine.rundir import CHECKPOINTS
+from effitrain.run_layout import CHECKPOINTS
 from effitrain.engine.state import State
 from effitrain.memory import held_gradient_bytes
 from effitrain.errors import RunFailed
@@ -333,7 +333,7 @@ class Trainer:
     def _fit(self, st: State, cfg: Any, engine: Any) -> dict[str, Any]:
         self.bus.emit("fit_start", st)
         engine.train()
-        if st.step == 0:
+        if st.step == 0 and cfg.evaluates_at_start():
             self._eval_and_log()
         batches = iter(st.sampler)
         window = self.window  # restored by load_checkpoint when the run was stopped between two log lines

@@ -28,10 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from effitrain.engine.checkpoint import complete_checkpoints, is_complete
 from effitrain.registry import ConfigError
+from effitrain.run_layout import CHECKPOINTS, RECIPES_FILE, complete_checkpoints, is_complete
 
-CHECKPOINTS = "checkpoints"
 MARKER = ".effitrain-run"
 LOCK = ".effitrain-lock"
 _REPLACED = ".replaced-"
@@ -271,8 +270,6 @@ def write_run_record(run_dir: Path, *, cfg: dict[str, Any], argv: list[str], wor
     so the folder still says how the run was started; the resumed launch's own record goes to ``env.resume.json``.
     """
     import yaml
-
-    from effitrain.config.resume import RECIPES_FILE
 
     versions = {}
     for pkg in _PACKAGES:

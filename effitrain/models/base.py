@@ -95,12 +95,10 @@ def build_demo_base(params: Any, *, tokenizer: Any, run: Any = None):
         if _finished(folder):
             say(f"model=demo_base: reusing the base model pre-trained on this data ({final})")
         else:
-            from effitrain.train import train
-
             say(f"model=demo_base: no model to fine-tune was given (model=pretrained model.path=...), so a base "
                 f"model is pre-trained on this run's data first: {params.base_steps} steps, cached in {folder}")
             cfg.update(run_dir=str(folder), overwrite=folder.exists())  # an unfinished earlier attempt is replaced
-            summary = train(cfg, run_dir=folder, argv=["effitrain (model=demo_base)"], recipes=[])
+            summary = run.train(cfg, run_dir=folder, argv=["effitrain (model=demo_base)"], recipes=[])
             if not summary.get("finished"):
                 raise ConfigError(f"model=demo_base: the base model's pre-training did not finish "
                                   f"({summary.get('stopped_by')})")

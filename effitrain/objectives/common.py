@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # transformers' label for "no loss at this position"
+from effitrain.data.rows import IGNORE_INDEX
+
 #: batch keys that method hooks add for an objective; they are not arguments of the model's forward
 EXAMPLE_WEIGHTS = "example_weights"
 #: set by an objective that computes per-example losses (detached, ``[micro_batch_size]``), for ``after_forward`` hooks

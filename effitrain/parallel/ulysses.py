@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.data.rows import IGNORE_INDEX
 
 #: the batch key of the labels shifted before sharding (transformers' name for pre-shifted labels)
 SHIFT_LABELS = "shift_labels"

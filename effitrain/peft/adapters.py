@@ -16,60 +16,46 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-
-def _peft():
-    try:
-        import peft
-    except ImportError as exc:
-        raise RuntimeError("peft adapters need the `peft` package (pip install peft)") from exc
-    return peft
-
-
-def _wrap(model: torch.nn.Module, config) -> torch.nn.Module:
-    peft = _peft()
-    try:
-        return peft.get_peft_model(model, config)
-    except ValueError as exc:  # e.g. target modules not found: say which block, keep peft's own explanation
-        from effitrain.registry import ConfigError
-        raise ConfigError(f"peft: {str(exc).splitlines()[0]}") from None
+from effitrain.peft.wrap import peft_package, wrap_model
 
 
 def _lora(params, **extra) -> Any:
-    peft = _peft()
+    peft = peft_package()
     return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=params.r, lora_alpha=params.alpha,
                            lora_dropout=params.dropout, target_modules=list(params.target_modules),
                            modules_to_save=list(params.modules_to_save) or None, **extra)
 
 
 def build_lora(params, model):
-    return _wrap(model, _lora(params))
+    return wrap_model(model, _lora(params))
 
 
 def build_dora(params, model):
-    return _wrap(model, _lora(params, use_dora=True))
+    return wrap_model(model, _lora(params, use_dora=True))
 
 
 def build_pissa(params, model):
     # PiSSA puts the top-r singular triplets of W into B·A and keeps the residual as the frozen base, so the
     # adapter starts at the principal subspace instead of zero.  'pissa_niter_k' is the fast randomised SVD.
     init = "pissa" if params.niter is None else f"pissa_niter_{params.niter}"
-    return _wrap(model, _lora(params, init_lora_weights=init))
+    return wrap_model(model, _lora(params, init_lora_weights=init))
 
 
 def build_ia3(params, model):
-    peft = _peft()
-    return _wrap(model, peft.IA3Config(task_type=peft.TaskType.CAUSAL_LM, target_modules=list(params.target_modules),
+    peft = peft_package()
+    return wrap_model(model, peft.IA3Config(task_type=peft.TaskType.CAUSAL_LM, target_modules=list(params.target_modules),
                                        feedforward_modules=list(params.feedforward_modules)))
 
 
 def build_prefix(params, model):
-    peft = _peft()
-    return _wrap(model, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+    peft = peft_package()
+    return wrap_model(model, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
                                                 num_virtual_tokens=params.num_virtual_tokens,
                                                 prefix_projection=params.prefix_projection,
                                                 encoder_hidden_size=params.encoder_hidden_size))
@@ -87,11 +73,10 @@ def _unwrap(model: Any) -> torch.nn.Module:
 
 
 def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    # A PeftModel exists only once `peft` was imported (by the peft block that built it, or by whoever loaded one):
+    # importing it just to ask took ~1.2 s at the end of every run without adapters.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def is_mergeable(model: Any) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effitrain.peft.adapters import _peft, _wrap
+from effitrain.peft.wrap import peft_package, wrap_model
 
 
 class ParallelAdapter(nn.Module):
@@ -51,9 +51,9 @@ def add_parallel_adapters(model: nn.Module, ffn_modules, bottleneck: int, scale:
 
 
 def build_mam_adapter(params, model):
-    peft = _peft()
+    peft = peft_package()
     add_parallel_adapters(model, params.ffn_modules, params.adapter_bottleneck, params.adapter_scale)
-    wrapped = _wrap(model, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+    wrapped = wrap_model(model, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
                                                    num_virtual_tokens=params.prefix_length,
                                                    prefix_projection=True, encoder_hidden_size=params.prefix_hidden))
     for module in wrapped.modules():  # peft froze the whole base model, our adapters included

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from effitrain.peft.adapters import _wrap
+from effitrain.peft.wrap import wrap_model
 
 
 def quantization_config(params: Any) -> Any:
@@ -60,4 +60,4 @@ def build_qlora(params: Any, model: Any) -> Any:
         raise ConfigError("peft=qlora: bitsandbytes' 4-bit weights need a CUDA GPU; use +recipe=lora on this machine")
     quantized = quantize(model, params)
     quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=params.gradient_checkpointing)
-    return _wrap(quantized, lora_config(params))
+    return wrap_model(quantized, lora_config(params))

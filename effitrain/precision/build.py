@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    mode: str                  # the resolved mode: fp32, bf16, fp16, fp8 or coat ("auto" is resolved here)
-    ds_config: dict[str, Any]  # merged into the DeepSpeed config
-    # applied to the built model before adapters and DeepSpeed (fp8: linears swapped for torchao's Float8Linear)
-    prepare_model: Optional[Callable[[Any], Any]] = None
-    hooks: tuple = ()          # engine hooks the precision needs (coat: FP8 storage of saved activations)
+from effitrain.precision.plan import PrecisionPlan
 
 
 def build_precision(params, *, device_type: str, bf16_supported: bool) -> PrecisionPlan:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from effitrain.engine.events import Hook
+from effitrain.precision.plan import PrecisionPlan
 
 # torch._scaled_mm needs both matmul dimensions divisible by 16
 _FP8_ALIGN = 16
@@ -40,8 +41,6 @@ def convert_linears_to_float8(model: Any, scaling: str, skip_modules: list[str])
 
 
 def float8_plan(params: Any, ds_section: dict[str, Any]):
-    from effitrain.precision.build import PrecisionPlan
-
     def prepare(model: Any) -> Any:
         return convert_linears_to_float8(model, params.scaling, list(params.skip_modules))
 

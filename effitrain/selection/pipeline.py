@@ -15,6 +15,7 @@ import numpy as np
 
 from effitrain.selection import manifest as mf
 from effitrain.selection.base import Context, Scores, Selection, add_token_counts, column_numpy
+from effitrain.selection.fingerprints import map_fingerprint, map_num_proc, model_fingerprint
 from effitrain.selection.target import resolve_target
 
 log = logging.getLogger("effitrain.selection")
@@ -35,15 +36,8 @@ def params_dict(params: Any) -> dict:
         out["domains"] = sorted(params.domains)
     path = params.scorer.get("model_path")
     if path:  # a reference model retrained in place must not reuse the old manifest
-        from effitrain.selection.scorers.lm import _model_tag
-        out["reference_model"] = _model_tag(path)
+        out["reference_model"] = model_fingerprint(path)
     return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
-def map_fingerprint(ds: Any, tag: str, payload: Any = None) -> str:
-    """An explicit fingerprint for ``datasets.map`` (so it never has to hash a model or a closure)."""
-    blob = json.dumps([getattr(ds, "_fingerprint", None), tag, payload], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def cache_root(cache_dir: Optional[Any]) -> Path:
@@ -109,7 +103,7 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
     log.info("selection %s: scoring %d candidates (scorer %s, selector %s)", method, len(candidates),
              params.scorer["name"], params.selector["name"])
     counted = candidates.map(add_token_counts, batched=True, batch_size=params.batch_size,
-                             num_proc=_num_proc(params.num_proc, len(candidates)),
+                             num_proc=map_num_proc(params.num_proc, len(candidates)),
                              new_fingerprint=map_fingerprint(candidates, "n_tokens"),
                              desc="selection: token counts")
     n_tokens = column_numpy(counted, "n_tokens", np.int64)
@@ -166,9 +160,3 @@ def build_scored(params: Any, pool: Any, *, cache_dir: Any = None, seed: int = 0
              info["examples_per_s"], path)
     return Selection(train=train, manifest_path=str(path), info=info)
 
-
-def _num_proc(num_proc: int, n: int) -> Optional[int]:
-    """``datasets.map`` wants None for one process; never more processes than batches make sense for."""
-    if num_proc <= 1 or n < 2 * num_proc:
-        return None
-    return num_proc

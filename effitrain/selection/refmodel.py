@@ -225,9 +225,9 @@ def reference_or_proxy(params: Any, candidates: Any, ctx: Any, method: str) -> t
     """``(model, encoder, info, tag)``: the reference at ``model_path``, else the cached pool proxy; ``tag``
     fingerprints the model for ``datasets.map`` caching."""
     if params.model_path:
-        from effitrain.selection.scorers.lm import _model_tag
+        from effitrain.selection.fingerprints import model_fingerprint
         model, encode = load_reference(params)
-        return model, encode, {"reference": "model_path"}, _model_tag(params.model_path)
+        return model, encode, {"reference": "model_path"}, model_fingerprint(params.model_path)
     model, encode, info = pool_proxy(params, candidates, ctx, method)
     return model, encode, {"reference": "pool proxy", **info}, "proxy-" + info.get("proxy_dir", repr(params))
 

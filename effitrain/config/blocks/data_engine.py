@@ -36,11 +36,20 @@ class DataParams:
                                   f"{did_you_mean(self.slurm_preset, valid)}; valid: {choices_text(valid)}")
 
 
+    def engine_settings(self) -> Any:
+        """What the data engine needs of this section (:class:`effitrain.data.engine.EngineSettings`); the SLURM
+        resources read from the launcher preset here, in the config layer."""
+        from effitrain.data.engine import EngineSettings
+
+        slurm = slurm_resources(self.slurm_preset) if self.executor == "slurm" else {}
+        return EngineSettings(executor=self.executor, tasks=self.tasks, workers=self.workers, slurm=slurm)
+
+
 def slurm_resources(preset: str) -> dict[str, Any]:
     """partition, account, cpus_per_task, mem_gb, timeout_min and name of a ``hydra/launcher`` preset."""
     import yaml
 
-    from effitrain.config.compose import config_root
+    from effitrain.config.tree import config_root
 
     with open(config_root() / "hydra" / "launcher" / f"{preset}.yaml", encoding="utf-8") as fh:
         body = yaml.safe_load(fh) or {}

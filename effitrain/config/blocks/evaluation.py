@@ -32,7 +32,7 @@ class LmEvalParams:
     include_path: Optional[str] = param(None, help="a folder of your own task YAMLs, added to the harness's")
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
-        from effitrain.evaluation import check_tasks
+        from effitrain.config.eval_tasks import check_tasks
 
         check_tasks(self)
 

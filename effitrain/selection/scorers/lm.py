@@ -16,28 +16,15 @@ held in memory (N x hidden x 4 bytes).
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
+from effitrain.selection.fingerprints import map_fingerprint
 from effitrain.selection.refmodel import (ModelScorer, device_of, example_losses, learnable_token_medians,
                                           reference_or_proxy)
 
 
-def _model_tag(path: str) -> str:
-    """Name + modification times of the model folder's files: a changed model gives a new fingerprint."""
-    h = hashlib.sha256(os.path.abspath(path).encode())
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            st = os.stat(os.path.join(path, name))
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def _map_main(ds, fn, tag, payload, batch_size):
-    from effitrain.selection.pipeline import map_fingerprint
     return ds.map(fn, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
                   new_fingerprint=map_fingerprint(ds, tag, payload), desc=f"selection: {tag}")
 

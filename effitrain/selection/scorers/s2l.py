@@ -26,7 +26,8 @@ import numpy as np
 from effitrain.selection.base import Scores, column_numpy
 from effitrain.selection.refmodel import (ModelScorer, byte_proxy, device_of, epoch_batches, example_losses,
                                           load_reference, train_epochs)
-from effitrain.selection.scorers.lm import _map_main, _model_tag, kmeans
+from effitrain.selection.fingerprints import model_fingerprint
+from effitrain.selection.scorers.lm import _map_main, kmeans
 
 
 def record_steps(total_steps: int, checkpoints: int) -> list[int]:
@@ -55,7 +56,7 @@ class LossTrajectoryScorer(ModelScorer):
         total = sum(len(e) for e in epoch_batches(len(texts), p.proxy_batch_size, p.proxy_epochs, ctx.seed))
         record_at = set(record_steps(total, p.checkpoints))
         columns = []
-        base = {"model": _model_tag(p.model_path) if p.model_path else "byte-proxy", "params": repr(p),
+        base = {"model": model_fingerprint(p.model_path) if p.model_path else "byte-proxy", "params": repr(p),
                 "seed": ctx.seed}
 
         def record(step: int, _opt) -> None:
