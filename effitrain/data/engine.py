@@ -290,13 +290,23 @@ def _venv_activate() -> Optional[str]:
     return str(activate) if activate.is_file() else None
 
 
-def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, job_name: str, poll_s: float = 10.0) -> None:
-    """Run one stage to completion: every task marked done (the tasks already marked are skipped)."""
+def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, job_name: str,
+              poll_s: float = 10.0) -> list[int]:
+    """Run one stage to completion: every task marked done.  The tasks marked by an earlier launch are skipped (a
+    line says which run); returns the ranks this launch ran."""
     import time
+
+    from effitrain.console import say
 
     logging_dir = stage_dir / "logs"
     executor = make_executor(params, pipeline, logging_dir, job_name=job_name)
-    executor.run()
+    todo = list(executor.get_incomplete_ranks())
+    done = params.tasks - len(todo)
+    if todo:
+        say(f"data: {job_name}: {len(todo)} of {params.tasks} tasks to run"
+            + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
+            + f" on {params.executor}")
+        executor.run()
     if params.executor == "slurm":  # sbatch returned at submission: wait for the array to mark its tasks
         job_id = getattr(executor, "job_id", None)
         while executor.get_incomplete_ranks():
@@ -309,6 +319,26 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
     if missing:
         raise ConfigError(f"data: {len(missing)} of {params.tasks} tasks of the {job_name} stage did not finish "
                           f"(first: task {missing[0]}, logs in {logging_dir}/logs); launch again to redo only those")
+    return todo
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return "task " + str(ranks[0]) if len(ranks) == 1 else "tasks " + ", ".join(map(str, ranks[:8])) + (
+        ", ..." if len(ranks) > 8 else "")
+
+
+def finish_stage(stage_dir: Path) -> None:
+    """Drop a stage's outputs and completion markers once its reduce has used them (they are as big as the corpus's
+    tokens); its task logs (``logs/logs``, ``logs/stats``) stay, small, for reading what ran.  Without the markers a
+    later build of the same stage starts afresh instead of skipping tasks whose outputs are gone."""
+    for child in stage_dir.iterdir() if stage_dir.is_dir() else ():
+        if child.name == "logs":
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "logs" / "completions", ignore_errors=True)
 
 
 def _slurm_job_alive(job_id: str) -> bool:

@@ -35,25 +35,13 @@ from effitrain.registry import ConfigError
 
 _VERSION = 1
 _READ_BLOCK = 1 << 22  # tokens read per block in the pack reduce (16 MiB of uint32)
-_CORPUS_EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".jsonl.bz2", ".jsonl.xz")
 
 
 def corpus_files(patterns: Sequence[str], key: str = "dataset.path") -> list[str]:
-    """Files, globs or folders (every JSON lines / parquet file under a folder, recursively), sorted per pattern."""
+    """Files, globs or folders (every data file under a folder, recursively), as the in-memory path reads them."""
     from effitrain.data import sources
 
-    expanded: list[str] = []
-    for pattern in patterns or []:
-        folder = Path(os.path.expanduser(pattern))
-        if folder.is_dir():
-            found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(
-                _CORPUS_EXTENSIONS) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-            if not found:
-                raise ConfigError(f"{key}: folder '{pattern}' holds no {', '.join(_CORPUS_EXTENSIONS)} file")
-            expanded.extend(found)
-        else:
-            expanded.append(pattern)
-    return sources.resolve_files(expanded, key)
+    return sources.resolve_files(patterns, key)
 
 
 def _files_identity(files: Sequence[str]) -> str:
@@ -69,6 +57,7 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set."""
     from effitrain.data import sources
     from effitrain.data.inspect import SMALL_BYTES, inspect_files
+    from effitrain.data.engine import finish_stage
     from effitrain.data.shards import TokenShards, token_dtype
     from effitrain.data.tokenizer import BPE_SAMPLE_DOCS, build_tokenizer
 
@@ -77,6 +66,11 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     if fmt not in ("json", "parquet"):
         raise ConfigError(f"dataset.path: data.executor reads JSON lines and parquet files, not {fmt}; convert the "
                           f"files or drop data.executor")
+    if fmt == "json":  # a .json file may be one JSON array, which cannot be streamed a record at a time
+        whole = [f for f in files if ".jsonl" not in Path(f).name.lower()]
+        if whole:
+            raise ConfigError(f"dataset.path: data.executor streams JSON lines (.jsonl, .jsonl.gz) and parquet; "
+                              f"'{whole[0]}' is a .json file -- rename it to .jsonl if it holds one object a line")
     small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
     inspect_files(files, fmt, key="dataset.path", text_field=dataset_params.text_field,
                   domain_field=dataset_params.domain_field, deep=small)
@@ -110,7 +104,7 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
         _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype)
         _pack(out, work, len(files), seq_len, dtype)
-        shutil.rmtree(work, ignore_errors=True)  # the token streams: as big as the corpus's tokens
+        finish_stage(work)  # the token streams: as big as the corpus's tokens
 
     shards = TokenShards(build_once("token_shards", shards_key, pack_into, cache_root=root))
     if len(shards) == 0:
@@ -144,7 +138,7 @@ class _Corpus:
 
 # ------------------------------------------------------------------------------------------------ scan + reduce
 def _scan(out: Path, corpus: _Corpus, data_params: Any, work: Path, *, holdout: int, sample_docs: int) -> None:
-    from effitrain.data.engine import DocumentIndex, run_stage
+    from effitrain.data.engine import DocumentIndex, finish_stage, run_stage
 
     run_stage(data_params, [corpus.reader(work / "records"), DocumentIndex(str(work), sample_docs=sample_docs,
                                                                            holdout=holdout)],
@@ -195,7 +189,7 @@ def _scan(out: Path, corpus: _Corpus, data_params: Any, work: Path, *, holdout: 
         _write_sample(out / "sample.jsonl", work / "sample", set(eval_pairs), sample_docs)
     (out / "summary.json").write_text(json.dumps({"domains": sorted(counts), "documents": counts,
                                                   "files": n_files}) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    finish_stage(work)
 
 
 def _top_k(new: tuple[np.ndarray, ...], old: Optional[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
