@@ -302,6 +302,7 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
     executor = make_executor(params, pipeline, logging_dir, job_name=job_name)
     todo = list(executor.get_incomplete_ranks())
     done = params.tasks - len(todo)
+    start = time.perf_counter()
     if todo:
         say(f"data: {job_name}: {len(todo)} of {params.tasks} tasks to run"
             + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
@@ -319,6 +320,8 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
     if missing:
         raise ConfigError(f"data: {len(missing)} of {params.tasks} tasks of the {job_name} stage did not finish "
                           f"(first: task {missing[0]}, logs in {logging_dir}/logs); launch again to redo only those")
+    if todo:
+        say(f"data: {job_name}: done in {time.perf_counter() - start:.1f} s")
     return todo
 
 

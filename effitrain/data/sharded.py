@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from effitrain.console import say
 from effitrain.data.cache import ContentHash, build_once, cache_root
 from effitrain.registry import ConfigError
 
@@ -103,7 +105,9 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
         _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype)
+        start = time.perf_counter()
         _pack(out, work, len(files), seq_len, dtype)
+        say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
         finish_stage(work)  # the token streams: as big as the corpus's tokens
 
     shards = TokenShards(build_once("token_shards", shards_key, pack_into, cache_root=root))
