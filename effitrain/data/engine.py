@@ -189,19 +189,33 @@ class TokenStreams(PipelineStep):
     name = "effitrain tokenize"
     type = "🔢 - TOKENIZER"
 
-    def __init__(self, out_dir: str, *, tokenizer_dir: str, eval_docs: str, dtype: str,
+    def __init__(self, out_dir: str, *, tokenizer_dir: str, eos_id: int, eval_docs: str, dtype: str,
                  batch_size: int = 1000) -> None:
         super().__init__()
-        self.out_dir, self.tokenizer_dir, self.eval_docs = out_dir, tokenizer_dir, eval_docs
+        self.out_dir, self.tokenizer_dir, self.eos_id, self.eval_docs = out_dir, tokenizer_dir, eos_id, eval_docs
         self.dtype, self.batch_size = dtype, batch_size
 
-    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-        from transformers import AutoTokenizer
+    def _encoder(self):
+        """``texts -> [ids]`` without special tokens (packing places its own EOS).  A fast tokenizer's
+        ``tokenizer.json`` is loaded with ``tokenizers`` alone -- the ids ``transformers`` would give (it calls the
+        same ``encode_batch``), without importing ``transformers`` in every task (seconds each)."""
+        backend = Path(self.tokenizer_dir) / "tokenizer.json"
+        if backend.is_file():
+            from tokenizers import Tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        eos = tokenizer.eos_token_id
-        pairs = np.load(self.eval_docs)
-        eval_set = set(map(tuple, pairs.tolist()))
+            tok = Tokenizer.from_file(str(backend))
+            tok.no_truncation()
+            tok.no_padding()
+            return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        from transformers import AutoTokenizer  # a slow (Python) tokenizer has no tokenizer.json
+
+        slow = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return lambda texts: slow(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        encode = self._encoder()
+        eos = self.eos_id
+        eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
         dtype = np.dtype(self.dtype)
         for file_index, docs in _per_file(data):
             final = Path(self.out_dir) / "tokens" / f"{file_index:06d}"
@@ -214,17 +228,20 @@ class TokenStreams(PipelineStep):
                 for start in range(0, len(docs), self.batch_size):
                     batch = docs[start:start + self.batch_size]
                     with self.track_time("batch"):
-                        encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
-                                            return_attention_mask=False)["input_ids"]
+                        encoded = encode([d.text for d in batch])
+                    streams: dict[tuple[str, int], list[int]] = {}  # one write per stream and batch
                     for doc, ids in zip(batch, encoded):
                         split = "eval" if (file_index, doc.metadata["record"]) in eval_set else "train"
-                        k = code[doc.metadata["domain"]]
+                        stream = streams.setdefault((split, code[doc.metadata["domain"]]), [])
+                        stream.extend(ids)
+                        stream.append(eos)
+                    for (split, k), ids in streams.items():
                         fh = handles.get((split, k))
                         if fh is None:
                             fh = handles[(split, k)] = open(tmp / f"{split}-{k}.bin", "wb")
-                        fh.write(np.asarray(ids + [eos], dtype=dtype).tobytes())
-                        counts[split][k] += len(ids) + 1
-                        self.stat_update("tokens", value=len(ids) + 1)
+                        fh.write(np.asarray(ids, dtype=dtype).tobytes())
+                        counts[split][k] += len(ids)
+                        self.stat_update("tokens", value=len(ids))
             finally:
                 for fh in handles.values():
                     fh.close()

@@ -232,7 +232,8 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
         os.rename(tmp, tokenizer_dir)
     run_stage(data_params, [corpus.reader(), TokenStreams(str(work), tokenizer_dir=str(tokenizer_dir),
-                                                          eval_docs=str(eval_docs), dtype=dtype.name)],
+                                                          eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
+                                                          dtype=dtype.name)],
               work, job_name="tokenize")
 
 
