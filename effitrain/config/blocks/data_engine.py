@@ -34,6 +34,10 @@ class DataParams:
             if self.slurm_preset not in valid:
                 raise ConfigError(f"{path}.slurm_preset: unknown launcher preset '{self.slurm_preset}'"
                                   f"{did_you_mean(self.slurm_preset, valid)}; valid: {choices_text(valid)}")
+            if not slurm_resources(self.slurm_preset)["partition"]:  # datatrove writes --partition unconditionally
+                raise ConfigError(f"{path}.slurm_preset: the data tasks' SLURM array needs a partition, and preset "
+                                  f"'{self.slurm_preset}' leaves it to the cluster's default; set partition in "
+                                  f"effitrain/configs/hydra/launcher/{self.slurm_preset}.yaml or name another preset")
 
 
     def engine_settings(self) -> Any:
