@@ -205,17 +205,25 @@ def _top_k(new: tuple[np.ndarray, ...], old: Optional[tuple[np.ndarray, ...]], k
 
 def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs: int) -> None:
     """The BPE sample: the ``sample_docs`` train documents of lowest sample rank among the tasks' candidates, written
-    in corpus order (the in-memory path's :func:`effitrain.data.tokenizer.bpe_sample`)."""
-    candidates = []
-    for part in sorted(candidates_dir.glob("*.jsonl")):
+    in corpus order (the in-memory path's :func:`effitrain.data.tokenizer.bpe_sample`).  Each task's candidates are
+    sorted by (rank, file, record), so a streaming merge holds only the sample, not every task's candidates."""
+    import heapq
+
+    def candidates(part: Path):
         with open(part, encoding="utf-8") as fh:
             for line in fh:
                 c = json.loads(line)
-                if (c["file"], c["record"]) not in eval_pairs:
-                    candidates.append((c["rank"], c["file"], c["record"], c["text"]))
-    chosen = sorted(candidates)[:sample_docs]
+                yield c["rank"], c["file"], c["record"], c["text"]
+
+    chosen = []
+    parts = sorted(candidates_dir.glob("*.jsonl"))
+    for _, file_index, record, text in heapq.merge(*(candidates(p) for p in parts)):
+        if len(chosen) == sample_docs:
+            break
+        if (file_index, record) not in eval_pairs:
+            chosen.append((file_index, record, text))
     with open(path, "w", encoding="utf-8") as fh:
-        for _, file_index, record, text in sorted(chosen, key=lambda c: (c[1], c[2])):
+        for file_index, record, text in sorted(chosen):
             fh.write(json.dumps({"file": file_index, "record": record, "text": text}) + "\n")
 
 
@@ -295,7 +303,8 @@ def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[st
     for domain in sorted(domain_indices(ds)):
         if domain not in rows:
             raise ConfigError(f"dataset.eval_examples_per_domain: the eval documents of domain '{domain}' make less "
-                              f"than one sequence of {dataset_params.seq_len} tokens; raise it or lower dataset.seq_len")
+                              f"than one sequence of {dataset_params.seq_len} tokens; raise it or lower "
+                              f"dataset.seq_len")
         out[domain] = np.asarray(to_numpy(packed.select(rows[domain])))
     return out
 
