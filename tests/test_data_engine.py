@@ -100,6 +100,35 @@ def test_sharded_rows_equal_the_in_memory_rows_and_a_second_build_reuses_the_sha
     assert "data:" not in capsys.readouterr().out  # no stage ran: the scan and the shards came from the cache
 
 
+def test_rows_written_across_shard_boundaries_read_back_in_order(tmp_path):
+    """Blocks of rows that straddle shards (7 rows a shard) come back row for row, by index, slice and gather,
+    with their domains; a vocabulary over 16 bits is stored as uint32."""
+    from effitrain.data.shards import ShardWriter, TokenShards, token_dtype
+
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    rng = np.random.default_rng(0)
+    blocks = [("a", rng.integers(0, 70_000, (n, 5))) for n in (3, 9, 1)] + [("b", rng.integers(0, 70_000, (12, 5)))]
+    held_out = rng.integers(0, 70_000, (2, 5))
+    writer = ShardWriter(tmp_path, seq_len=5, dtype=token_dtype(70_000), rows=25, eval_rows=2, domains=["a", "b"],
+                         shard_rows=7)
+    for domain, rows in blocks:
+        writer.add(rows, domain)
+    writer.add(held_out, "b", split="eval")
+    writer.close()
+
+    shards = TokenShards(tmp_path)
+    expected = np.concatenate([rows for _, rows in blocks])
+    assert [s["rows"] for s in shards.index["shards"]] == [7, 7, 7, 4] and shards.index["dtype"] == "uint32"
+    assert np.array_equal(shards.rows[np.arange(25)], expected)
+    order = rng.permutation(25)
+    assert np.array_equal(shards.rows[order], expected[order])
+    assert np.array_equal(shards.rows[5:16], expected[5:16]) and np.array_equal(shards.rows[-1], expected[-1])
+    assert shards.domains().tolist() == ["a"] * 13 + ["b"] * 12
+    assert list(shards.eval_by_domain()) == ["b"] and np.array_equal(shards.eval_by_domain()["b"], held_out)
+    with pytest.raises(IndexError):
+        shards.rows[[25]]
+
+
 # ------------------------------------------------------------------------------- SIGKILL and relaunch
 _BUILD = textwrap.dedent("""
     import sys
