@@ -205,6 +205,29 @@ def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_t
         assert (relaunched / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
+def test_a_bad_line_found_by_a_task_is_one_line_and_nothing_is_trained(tmp_path):
+    """A corpus too big for the up-front read (here: the threshold set to 0) is read only by the tasks: the task that
+    meets a malformed line stops the launch with the file and line, exit 2, no traceback."""
+    corpus = _corpus(tmp_path / "corpus", docs=200, files=4)
+    lines = (corpus / "part-00002.jsonl").read_text().splitlines(keepends=True)
+    lines[20] = '{"text": broken\n'
+    (corpus / "part-00002.jsonl").write_text("".join(lines))
+    script = textwrap.dedent(f"""
+        import sys
+        import effitrain.data.inspect as inspect
+        inspect.SMALL_BYTES = 0
+        from effitrain.cli import main
+        sys.exit(main(["dataset=local", "dataset.path={corpus}", "data.executor=local", "data.tasks=2",
+                       "train.max_steps=1", "run_dir={tmp_path / 'run'}"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(err) == 1, result.stderr[-3000:]
+    assert err[0] == (f"effitrain: error: dataset.path: '{corpus / 'part-00002.jsonl'}' line 21 is not valid JSON "
+                      f"(Expecting value at column 10); every line must be one JSON object")
+    assert "Traceback" not in result.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------------------- config
 def _check(args: list[str], capsys) -> tuple[int, str]:
     capsys.readouterr()
