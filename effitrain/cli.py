@@ -536,6 +536,42 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     return failed[0] if failed else EXIT_OK
 
 
+def _touches_hydra(overrides: list[str]) -> bool:
+    """An override of Hydra's own config (``hydra.run.dir=…``, ``hydra/job_logging=…``) needs Hydra's app."""
+    return any(o.lstrip("+~").startswith(("hydra.", "hydra/")) for o in overrides)
+
+
+def _run_single(composed: Any, overrides: list[str]) -> int:
+    """One run, without Hydra's app.  The pre-flight has already composed and checked this very config with Hydra's
+    compose API; Hydra's app would compose it twice more (once to find the mode, once to run) only to hand the job
+    the same mapping -- about half a second of a one-step run.  What the app gave a single run is done here: the
+    absolute run directory (Hydra's ``runtime.output_dir``), a requeued SLURM job continuing its run, and Python's
+    logging set up as ``hydra/job_logging: stdout`` sets it.  Sweeps (``-m``), Hydra's flags (``--cfg``,
+    ``--info``) and overrides of Hydra's own config still go through the app."""
+    from effitrain.cluster.job import resume_after_requeue
+
+    _job_logging()
+    cfg = dict(composed.cfg)
+    run_dir = Path(cfg["run_dir"]).absolute()
+    cfg["run_dir"] = str(run_dir)
+    cfg["resume"] = resume_after_requeue(run_dir, cfg.get("resume"))
+    _JOB_EXITS.clear()
+    return _train_job(cfg, run_dir, composed.recipes, argv=["effitrain", *overrides], refused_dir_goes=True)
+
+
+def _job_logging() -> None:
+    """Python's logging as the app's ``hydra/job_logging: stdout`` (train.yaml) sets it for a job, read from
+    Hydra's own file: INFO and up from every library's logger, as plain lines on stdout (the run's third_party.log
+    once the console is captured)."""
+    import logging.config
+
+    import hydra
+    import yaml
+
+    with open(Path(hydra.__file__).parent / "conf" / "hydra" / "job_logging" / "stdout.yaml") as f:
+        logging.config.dictConfig(yaml.safe_load(f))
+
+
 def _continue_if_requeued(overrides: list[str]) -> list[str]:
     """``sbatch --requeue`` of a plain ``effitrain run_dir=R``: a job SLURM started again continues R."""
     from effitrain.cluster.job import resume_after_requeue
@@ -586,7 +622,7 @@ def _say_starting(spec, *, multirun: bool) -> None:
     from effitrain.console import say
 
     recipes = "+".join(r.name for r in spec.recipes) or "default"
-    stages = f", {len(spec.stages)} stages" if spec.stages else f", {spec.train.max_steps} steps"
+    stages = f", {len(spec.stages)} stages" if spec.stages else f", {spec.train.max_steps} step{'s' if spec.train.max_steps != 1 else ''}"
     say(f"effitrain: {recipes} (model={spec.block('model').name}{stages}) in {spec.run_dir}; starting ...")
 
 
@@ -665,6 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunFailed as exc:  # a verb that the machine failed (export onto a full disk): one line, exit 1
         return _fail(str(exc), EXIT_FAILED)
     try:
+        if not multirun and not flags and not _touches_hydra(overrides):
+            return _run_single(first[1], overrides)
         return _run_hydra(flags, overrides)
     except KeyboardInterrupt:
         print("effitrain: interrupted", file=sys.stderr)

@@ -550,7 +550,7 @@ def finished_line(summary: dict[str, Any], run_dir: Path) -> str:
     loss = summary.get("final_eval_loss")
     seconds = float(summary.get("train_seconds") or 0.0)
     took = f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
-    return (f"finished: {summary['steps']:,} steps, {summary['tokens']:,} tokens in {took} "
+    return (f"finished: {summary['steps']:,} step{'s' if summary['steps'] != 1 else ''}, {summary['tokens']:,} tokens in {took} "
             f"({summary.get('tokens_per_s', 0):,.0f} tokens/s)"
             + (f", eval loss {loss:.4f}" if loss is not None else "")
             + (f", {_passes(summary['data_passes'])} over the {summary['train_sequences']:,} training sequences"
