@@ -35,7 +35,8 @@ LAYERS: tuple[Layer, ...] = (
     Layer("ground", ("", "errors", "registry", "paths", "fsutil", "console", "linalg", "run_layout", "cluster.slurm_env", "layers"),
           "errors, the registry, paths and the console: what every file may use"),
     Layer("data", ("data",),
-          "data sources and formats: the demo corpus, readers, the tokenizer, packing and the layout of its rows"),
+          "data sources and formats: the demo corpus, readers, the tokenizer, packing and the layout of its rows; "
+          "the sharded data engine (datatrove steps, token shards), which takes its executor as plain settings"),
     Layer("config", ("config", "configs", "timeline", "optim.lr_curves", "curriculum.pacing"),
           "the run's description: block schemas, validation, rules, composing, stages, and the curves of progress "
           "the schemas evaluate (lr, pacing); torch-free"),

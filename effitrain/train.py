@@ -174,6 +174,14 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
     from effitrain.paths import cache_dir
 
     def build():
+        if getattr(spec.data, "executor", None) is not None:  # a corpus of files as sharded jobs -> token shards
+            from effitrain.data.sharded import build_sharded_splits, shards_info
+            from effitrain.selection.base import Selection
+
+            tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params,
+                                                                spec.block("model").params,
+                                                                spec.data.engine_settings())
+            return Selection(None, None, shards_info(shards, spec.data)), (tokenizer, shards, eval_rows)
         pool = spec.block("dataset").build()
         selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
         # one tokenizer for every selection of a pool, so that per-token losses stay comparable between methods

@@ -81,13 +81,14 @@ class RunSpec:
     sweep: Optional[Block] = None  # a sweep stage's validated `sweep:` block (its members train this spec)
     concluded_by: Optional[Block] = None  # the sweep whose concluded config a `config_from` stage merges
     start_shape: Any = None        # a stage's inherited model (effitrain.config.stage_shapes.ModelShape), or None
+    data: Any = None               # the `data:` section (effitrain.config.blocks.data_engine.DataParams)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
 
 
 ROOT_KEYS = {"train", "run_dir", "resume", "overwrite", "plugins", "methods", "recipe", "hydra", "stages",
-             "timeline", *BLOCK_GROUPS}
+             "timeline", "data", *BLOCK_GROUPS}
 
 
 def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] = None, *,
@@ -155,11 +156,24 @@ def validate(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]] 
 
     timeline = _timeline(cfg.get("timeline"), blocks)
     spec = RunSpec(blocks=blocks, methods=methods, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
-                   plugins=list(plugins), recipes=infos, timeline=timeline)
+                   plugins=list(plugins), recipes=infos, timeline=timeline, data=_data_section(cfg.get("data")))
     if rules:
         from effitrain.config.rules import check_rules
         check_rules(spec)
     return spec
+
+
+def _data_section(data_cfg: Any) -> Any:
+    """The ``data:`` section (where the data stage runs: effitrain.config.blocks.data_engine); absent = defaults."""
+    from effitrain.config.blocks.data_engine import DataParams
+
+    if data_cfg is None:
+        return DataParams()
+    if not isinstance(data_cfg, Mapping):
+        raise ConfigError(f"data: expected a mapping (e.g. data.executor=local data.tasks=4), got {data_cfg!r}")
+    params = parse_params(DataParams, data_cfg, "data")
+    params.validate("data")
+    return params
 
 
 def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str, Any]]], rules: bool = True) -> RunSpec:

@@ -127,6 +127,10 @@ def to_numpy(packed) -> np.ndarray:
     Zero-copy over the memory-mapped Arrow file when it is a single chunk, so a training loop can gather a batch
     with ``tokens[indices]`` (then ``torch.from_numpy(...).long()``) without going through ``datasets`` per step.
     """
+    if isinstance(packed, np.ndarray):  # rows already (the sharded engine's eval rows)
+        return packed
+    if hasattr(packed, "rows") and hasattr(packed, "domains"):  # token shards: rows read through memory maps
+        return packed.rows
     rows = stacked_rows(packed)
     return column_numpy(packed, "input_ids") if rows is None else rows
 
@@ -135,6 +139,8 @@ def domain_array(packed) -> np.ndarray:
     """The ``domain`` label of every packed row, as a numpy array of str."""
     from effitrain.data.sources import arrow_column
 
+    if hasattr(packed, "rows") and hasattr(packed, "domains"):  # token shards keep a small per-row index
+        return packed.domains()
     if len(packed) == 0:
         return np.zeros(0, dtype=str)
     encoded = arrow_column(packed, "domain").dictionary_encode()

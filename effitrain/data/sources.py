@@ -30,8 +30,21 @@ def schema_features():
     return datasets.Features({c: datasets.Value("string") for c in COLUMNS})
 
 
+# what a corpus folder's files may be (a folder given as dataset.path means these files under it)
+CORPUS_EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz", ".jsonl.bz2",
+                     ".jsonl.xz", ".jsonl.zst")
+
+
+def folder_files(folder: Path) -> list[str]:
+    """The data files under ``folder`` (recursively; names starting with '.' skipped, as a writer's temporary
+    files are), sorted by path: the order their documents are read in."""
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(CORPUS_EXTENSIONS)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def resolve_files(patterns: Sequence[str], key: str) -> list[str]:
-    """Expand files and globs (relative to the working directory) into a sorted list; every pattern must match."""
+    """Expand files, globs and folders (relative to the working directory) into a list, sorted per pattern; every
+    pattern must match."""
     if not patterns:
         raise ConfigError(f"{key}: no files given; set it to a file, a glob or a list of them")
     files: list[str] = []
@@ -46,9 +59,12 @@ def resolve_files(patterns: Sequence[str], key: str) -> list[str]:
             files.append(expanded)
         elif os.path.exists(expanded) and not os.path.isdir(expanded):
             raise ConfigError(f"{key}: '{pattern}' is not a regular file (a device, a pipe or a socket); give a file")
-        elif os.path.isdir(expanded):
-            raise ConfigError(f"{key}: '{pattern}' is a directory, not a file; name the files in it, e.g. "
-                              f"'{pattern.rstrip('/')}/*.jsonl'")
+        elif os.path.isdir(expanded):  # a corpus folder: its data files, recursively, hidden ones skipped
+            found = folder_files(Path(expanded))
+            if not found:
+                raise ConfigError(f"{key}: '{pattern}' is a directory with no {', '.join(CORPUS_EXTENSIONS)} file "
+                                  f"in it; name the files, e.g. '{pattern.rstrip('/')}/*.jsonl'")
+            files.extend(found)
         else:
             from effitrain.fsutil import why_missing
 
@@ -152,6 +168,9 @@ def domain_indices(ds) -> dict[str, np.ndarray]:
     """Row indices of every domain, in row order, keyed by domain name (sorted)."""
     if len(ds) == 0:
         return {}
+    if hasattr(ds, "rows") and hasattr(ds, "domains"):  # token shards (effitrain.data.shards): a per-row index
+        labels = ds.domains()
+        return {str(d): np.flatnonzero(labels == d) for d in np.unique(labels)}
     encoded = arrow_column(ds, "domain").dictionary_encode()
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     names = encoded.dictionary.to_pylist()

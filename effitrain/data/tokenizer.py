@@ -7,6 +7,7 @@ vocabulary size and the ``tokenizers`` version; torchrun ranks that ask at once 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,6 +17,32 @@ from effitrain.registry import ConfigError
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _FORMAT_VERSION = 1
+# A trained BPE sees at most this many documents: enough text for a vocabulary of tens of thousands of entries, and a
+# bound on what the sharded data engine keeps in memory per task.  Smaller corpora (every built-in recipe) give it
+# all their training documents, as before.
+BPE_SAMPLE_DOCS = 20_000
+_SAMPLE_SALT = b"effitrain-bpe-sample\0"
+
+
+def sample_rank(text: str) -> int:
+    """A document's rank for the BPE's training sample: a salted hash of its text.  The sample is the
+    :data:`BPE_SAMPLE_DOCS` training documents of lowest rank (ties: the earlier document), in corpus order -- a
+    uniform draw that the in-memory path and the sharded data engine make alike, wherever a document sits."""
+    return int.from_bytes(hashlib.blake2b(_SAMPLE_SALT + text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def bpe_sample(train):
+    """The documents of ``train`` (a ``datasets.Dataset`` with ``text``) a BPE is trained on (:func:`sample_rank`)."""
+    if len(train) <= BPE_SAMPLE_DOCS:
+        return train
+    import numpy as np
+
+    from effitrain.data.sources import arrow_column
+
+    ranks = np.fromiter((sample_rank(t) for t in arrow_column(train, "text").to_pylist()), dtype=np.uint64,
+                        count=len(train))
+    order = np.lexsort((np.arange(len(train)), ranks))  # by rank, then position
+    return train.select(np.sort(order[:BPE_SAMPLE_DOCS]))
 
 
 def _batches(train, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -81,7 +108,8 @@ def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path]
     """The tokenizer of a run: a ``transformers`` fast tokenizer with ``eos_token_id`` and ``pad_token_id`` set.
 
     * ``model_params.tokenizer == "bpe"``: a byte-level BPE with ``model_params.vocab_size`` entries (the two
-      special tokens included) trained on ``train`` (a ``datasets.Dataset`` with a ``text`` column); the same texts
+      special tokens included) trained on ``train`` (at most :data:`BPE_SAMPLE_DOCS` of its documents, see
+      :func:`bpe_sample`) (a ``datasets.Dataset`` with a ``text`` column); the same texts
       and size give the same tokenizer, from the cache after the first time.
     * any other string: ``AutoTokenizer.from_pretrained`` of that hub id or folder;
     * ``None`` (the ``pretrained`` model block's default): the tokenizer saved with the model at ``path``.
@@ -93,6 +121,7 @@ def build_tokenizer(model_params: Any, train, *, cache_dir: Optional[str | Path]
         from transformers import PreTrainedTokenizerFast
 
         vocab_size = getattr(model_params, "vocab_size", None) or _model_vocab_size(model_params)
+        train = bpe_sample(train)
         key = bpe_cache_key(train, vocab_size)
         folder = build_once("tokenizers", key, lambda tmp: train_bpe(train, vocab_size, tmp), cache_root=cache_dir)
         return _ensure_special_tokens(PreTrainedTokenizerFast.from_pretrained(str(folder)), "bpe")

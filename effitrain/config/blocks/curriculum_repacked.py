@@ -4,7 +4,7 @@ of related documents (their rows are built from the documents and cached; see ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from effitrain.config.rules import rule
 from effitrain.registry import param, register
@@ -14,6 +14,7 @@ from effitrain.registry import param, register
           summary="MeCo: each document prefixed by its metadata until the timeline's cool-down phase, then plain")
 @dataclass
 class MecoParams:
+    needs_documents: ClassVar[bool] = True  # re-packs the documents with their metadata (data_engine's rules)
     cooldown_phase: str = param("cooldown", help="the timeline phase whose steps train on plain rows (the paper: "
                                                  "the last 10% of tokens)")
     metadata_field: Literal["domain", "id"] = param("domain", help="the documents' column prepended as metadata "
@@ -27,6 +28,7 @@ class MecoParams:
           summary="In-Context Pretraining: kNN chains of related documents packed into the same contexts")
 @dataclass
 class InContextParams:
+    needs_documents: ClassVar[bool] = True  # chains the documents by similarity (data_engine's rules)
     neighbors: int = param(9, ge=1, help="k of the kNN graph (the authors walk knn[1:10]: 9 neighbours)")
     n_features: int = param(2**18, ge=16, help="hashed n-gram dimensions of the TF-IDF document vectors")
     dedup_threshold: Optional[float] = param(0.85, ge=0, le=1, help="drop a document whose first 100 characters' "

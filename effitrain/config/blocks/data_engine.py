@@ -1,0 +1,119 @@
+"""The run-level ``data:`` section: where the data stage of a run over files executes (the sharded data engine,
+:mod:`effitrain.data.engine`), and the rules of what that engine covers so far.
+
+``data.executor`` null (the default) keeps the in-memory path.  ``local`` runs datatrove's tasks as processes on
+this machine, ``slurm`` as a SLURM job array whose partition, time and memory come from a launcher preset (the files
+of ``hydra/launcher``, the same the training jobs use), ``ray`` on a running Ray cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from effitrain.config.rules import rule
+from effitrain.registry import ConfigError, choices_text, did_you_mean, param
+
+
+@dataclass
+class DataParams:
+    executor: Optional[Literal["local", "slurm", "ray"]] = param(
+        None, help="null: the data stage runs in this process; local | slurm | ray: a sharded datatrove pipeline "
+                   "over the files of dataset=local, training from memory-mapped token shards")
+    tasks: int = param(1, ge=1, help="datatrove tasks the files are split into (each file is read by one task)")
+    workers: Optional[int] = param(None, ge=1, help="tasks running at once (null: local = min(tasks, CPUs); "
+                                                    "slurm/ray = all)")
+    slurm_preset: str = param("slurm", help="data.executor=slurm: the hydra/launcher preset whose partition, account, "
+                                            "cpus_per_task, mem_gb and timeout_min each task gets")
+
+    def validate(self, path: str) -> None:
+        if self.executor == "slurm":
+            from effitrain.config.launcher import presets
+
+            valid = presets()
+            if self.slurm_preset not in valid:
+                raise ConfigError(f"{path}.slurm_preset: unknown launcher preset '{self.slurm_preset}'"
+                                  f"{did_you_mean(self.slurm_preset, valid)}; valid: {choices_text(valid)}")
+            if not slurm_resources(self.slurm_preset)["partition"]:  # datatrove writes --partition unconditionally
+                raise ConfigError(f"{path}.slurm_preset: the data tasks' SLURM array needs a partition, and preset "
+                                  f"'{self.slurm_preset}' leaves it to the cluster's default; set partition in "
+                                  f"effitrain/configs/hydra/launcher/{self.slurm_preset}.yaml or name another preset")
+
+
+    def engine_settings(self) -> Any:
+        """What the data engine needs of this section (:class:`effitrain.data.engine.EngineSettings`); the SLURM
+        resources read from the launcher preset here, in the config layer."""
+        from effitrain.data.engine import EngineSettings
+
+        slurm = slurm_resources(self.slurm_preset) if self.executor == "slurm" else {}
+        return EngineSettings(executor=self.executor, tasks=self.tasks, workers=self.workers, slurm=slurm)
+
+
+def slurm_resources(preset: str) -> dict[str, Any]:
+    """partition, account, cpus_per_task, mem_gb, timeout_min and name of a ``hydra/launcher`` preset."""
+    import yaml
+
+    from effitrain.config.tree import config_root
+
+    with open(config_root() / "hydra" / "launcher" / f"{preset}.yaml", encoding="utf-8") as fh:
+        body = yaml.safe_load(fh) or {}
+    return {"partition": body.get("partition"), "account": body.get("account"),
+            "cpus_per_task": body.get("cpus_per_task") or 1, "mem_gb": body.get("mem_gb") or 2,
+            "timeout_min": body.get("timeout_min") or 60, "name": body.get("name")}
+
+
+# -------------------------------------------------------------------------------------------------------- rules
+_LATER = "(issue 24: selection and whole-corpus curricula as sharded jobs are later slices)"
+
+
+def _sharded(spec: Any) -> bool:
+    return getattr(getattr(spec, "data", None), "executor", None) is not None
+
+
+@rule("data_executor_reads_local_files", "data.executor shards the files of dataset=local; the demo and hub sources "
+                                         "stay in-process")
+def _executor_needs_files(spec, env) -> Optional[str]:
+    dataset = spec.block("dataset")
+    if _sharded(spec) and dataset.name != "local":
+        return (f"data.executor={spec.data.executor} runs over the files of dataset=local; dataset={dataset.name} "
+                f"stays in this process (drop data.executor, or use dataset=local dataset.path='DIR/*.jsonl')")
+    return None
+
+
+@rule("data_executor_text_packing_only", "data.executor packs plain documents: no generated, conditioned or "
+                                         "decomposed rows")
+def _executor_plain_packing(spec, env) -> Optional[str]:
+    if not _sharded(spec):
+        return None
+    p = spec.block("dataset").params
+    for key, on in (("packing", getattr(p, "packing", "concatenate") != "concatenate"),
+                    ("procedural_docs", getattr(p, "procedural_docs", 0) > 0),
+                    ("control_tokens", getattr(p, "control_tokens", None) is not None)):
+        if on:
+            return f"dataset.{key} is not built by the sharded data engine yet {_LATER}; drop it or data.executor"
+    return None
+
+
+@rule("data_executor_no_selection_yet", "data.executor: selection methods do not run as sharded jobs yet")
+def _executor_no_selection(spec, env) -> Optional[str]:
+    selection = spec.block("selection")
+    if _sharded(spec) and selection.name != "none":
+        return (f"selection={selection.name} does not run on the sharded data engine yet {_LATER}; use "
+                f"selection=none with data.executor, or drop data.executor")
+    return None
+
+
+@rule("data_executor_row_curricula", "data.executor: curricula that order rows by index or domain; those that need "
+                                     "the documents or score every row's tokens stay in-process")
+def _executor_curricula(spec, env) -> Optional[str]:
+    curriculum = spec.block("curriculum")
+    if not _sharded(spec):
+        return None
+    params = curriculum.params
+    reads_documents = getattr(params, "needs_documents", False)
+    scores_rows = hasattr(params, "scorer") and not getattr(params, "domain_order", None)
+    if reads_documents or scores_rows or getattr(params, "scores_every_row", False):
+        what = "re-packs the documents" if reads_documents else "scores every row's tokens"
+        return (f"curriculum={curriculum.name} {what}, which the sharded data engine does not do yet {_LATER}; "
+                f"use shuffle, sequential, mixture, domain_phases, skill_it, seta or a domain_order")
+    return None

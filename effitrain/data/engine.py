@@ -1,0 +1,368 @@
+"""The data engine: a corpus of files processed as datatrove pipelines, split into tasks over the files.
+
+A stage is a list of small datatrove steps -- a reader that yields the task's documents, then steps that act on
+them -- run by one of datatrove's executors (local processes, a SLURM job array, Ray).  Steps know nothing of the
+executor: a task ``rank`` of ``tasks`` reads the files ``rank, rank + tasks, ...`` of the sorted file list and
+writes one output per file, so the outputs do not depend on how many tasks there were.  datatrove marks each finished
+task (``<stage>/logs/completions/NNNNN``); running the same stage again skips the marked tasks, so a relaunch after a
+crash or a SIGKILL redoes only the missing ones.
+
+The steps of this slice (issue 24):
+
+* :class:`CorpusReader` -- the task's documents, as the in-memory ``local`` builder sees them
+  (:mod:`effitrain.data.records`), each tagged with its file and record number;
+* :class:`DocumentIndex` -- per file, every document's domain and hash ranks (for the eval hold-out and the
+  tokenizer's training sample), and the task's best sample candidates with their texts;
+* :class:`TokenStreams` -- per file, every document tokenized (+ EOS) and appended to one token stream per split
+  and domain.
+
+Selection scorers and filters (a later slice) are further steps between the reader and the writer.
+Outputs are written to a temporary name and renamed, so a killed task never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+try:  # datatrove is the optional `data` extra; without it this module still imports (the steps need it to run)
+    from datatrove.data import Document
+    from datatrove.pipeline.base import PipelineStep
+except ImportError:  # pragma: no cover - exercised only without the extra
+    Document = None
+    PipelineStep = object
+
+from effitrain.registry import ConfigError
+
+INSTALL = "pip install 'effitrain[data]' (datatrove)"
+
+
+def id_rank(doc_id: str) -> int:
+    """The eval hold-out rank of a document id (:func:`effitrain.data.sources.hold_out` sorts by its bytes; as a
+    big-endian integer the order is the same)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def task_files(n_files: int, rank: int, world_size: int) -> range:
+    """The files a task reads: every ``world_size``-th from ``rank`` (datatrove's own sharding of a file list)."""
+    return range(rank, n_files, world_size)
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of a task killed after its rename
+    os.rename(tmp, final)
+
+
+class CorpusReader(PipelineStep):
+    """Yields the task's documents; ``metadata``: ``file`` (index in ``files``), ``record`` (position among the
+    file's records), ``domain`` and ``source_id`` (the record's own id or None).  Writes each file's record count
+    to ``records_dir`` (the positional ids of the in-memory builder count records across files)."""
+
+    name = "effitrain corpus"
+    type = "📖 - READER"
+
+    def __init__(self, files: Sequence[str], fmt: str, *, text_field: str, domain_field: Optional[str],
+                 domains: Optional[Sequence[str]], records_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.files, self.fmt, self.text_field, self.domain_field = list(files), fmt, text_field, domain_field
+        self.domains = None if domains is None else set(domains)
+        self.records_dir = records_dir
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.data.records import RecordFile
+
+        for file_index in task_files(len(self.files), rank, world_size):
+            records = RecordFile(self.files[file_index], self.fmt, text_field=self.text_field,
+                                 domain_field=self.domain_field)
+            for record in records:
+                if self.domains is not None and record.domain not in self.domains:
+                    continue
+                self.stat_update("documents")
+                yield Document(text=record.text, id=f"{file_index}/{record.index}",
+                               metadata={"file": file_index, "record": record.index, "domain": record.domain,
+                                         "source_id": record.doc_id})
+            if self.records_dir is not None:
+                _write_json(Path(self.records_dir) / f"{file_index:06d}.json", {"records": records.records})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _per_file(data: Any) -> Iterator[tuple[int, list[Any]]]:
+    """Group a task's documents by file (a reader yields the files one after the other)."""
+    current, docs = None, []
+    for doc in data or ():
+        f = doc.metadata["file"]
+        if f != current and docs:
+            yield current, docs
+            docs = []
+        current = f
+        docs.append(doc)
+    if docs:
+        yield current, docs
+
+
+class DocumentIndex(PipelineStep):
+    """Per file ``index/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``), ``has_id`` and ``id_rank``
+    (the hold-out rank of the record's own id; positional ids are ranked in the reduce, which knows the record
+    offsets) and ``sample_rank``.  With ``sample_docs``, also the task's best sample candidates with their texts
+    (``sample/NNNNN.jsonl``): the ``sample_docs + holdout * domains`` lowest sample ranks, enough that the global
+    sample of train documents (the eval documents removed later) is among the union of the tasks' candidates."""
+
+    name = "effitrain index"
+    type = "🔢 - INDEX"
+
+    def __init__(self, out_dir: str, *, sample_docs: int, holdout: int) -> None:
+        super().__init__()
+        self.out_dir, self.sample_docs, self.holdout = out_dir, sample_docs, holdout
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.data.tokenizer import sample_rank
+
+        out = Path(self.out_dir)
+        heap: list[tuple[int, int, int, str]] = []  # (-rank, -file, -record, text): the worst candidate on top
+        domains_seen: set[str] = set()
+        for file_index, docs in _per_file(data):
+            names = sorted({d.metadata["domain"] for d in docs})
+            code = {n: i for i, n in enumerate(names)}
+            domains_seen.update(names)
+            ids = [d.metadata["source_id"] for d in docs]
+            ranks = np.array([sample_rank(d.text) for d in docs], dtype=np.uint64)
+            arrays = {
+                "record": np.array([d.metadata["record"] for d in docs], dtype=np.int64),
+                "domain": np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
+                "has_id": np.array([i is not None for i in ids], dtype=bool),
+                "id_rank": np.array([id_rank(i) if i is not None else 0 for i in ids], dtype=np.uint64),
+                "sample_rank": ranks,
+                "domains": np.array(names, dtype=str),
+            }
+            tmp = out / "index" / f".{file_index:06d}.tmp{os.getpid()}.npz"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, out / "index" / f"{file_index:06d}.npz")
+            if self.sample_docs:
+                # the cap only grows (domains are added), so keeping the best `cap` so far loses nothing needed
+                cap = self.sample_docs + self.holdout * len(domains_seen)
+                for doc, r in zip(docs, ranks.tolist()):
+                    item = (-r, -file_index, -doc.metadata["record"], doc.text)
+                    if len(heap) < cap:
+                        heapq.heappush(heap, item)
+                    elif item > heap[0]:
+                        heapq.heapreplace(heap, item)
+            self.stat_update("files")
+        if self.sample_docs:
+            path = out / "sample" / f"{rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for neg_rank, neg_file, neg_record, text in sorted(heap, reverse=True):
+                    fh.write(json.dumps({"rank": -neg_rank, "file": -neg_file, "record": -neg_record,
+                                         "text": text}) + "\n")
+            os.replace(tmp, path)
+        return iter(())
+
+
+class TokenStreams(PipelineStep):
+    """Per file ``tokens/NNNNNN/``: ``{train,eval}-<k>.bin`` token streams (documents in file order, EOS after
+    each) for the file's domain number ``k``, and ``meta.json`` with the domain names and token counts.  A document
+    is in ``eval`` when its ``(file, record)`` is in ``eval_docs`` (an ``.npy`` of pairs)."""
+
+    name = "effitrain tokenize"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, out_dir: str, *, tokenizer_dir: str, eos_id: int, eval_docs: str, dtype: str,
+                 batch_size: int = 1000) -> None:
+        super().__init__()
+        self.out_dir, self.tokenizer_dir, self.eos_id, self.eval_docs = out_dir, tokenizer_dir, eos_id, eval_docs
+        self.dtype, self.batch_size = dtype, batch_size
+
+    def _encoder(self):
+        """``texts -> [ids]`` without special tokens (packing places its own EOS).  A fast tokenizer's
+        ``tokenizer.json`` is loaded with ``tokenizers`` alone -- the ids ``transformers`` would give (it calls the
+        same ``encode_batch``), without importing ``transformers`` in every task (seconds each)."""
+        backend = Path(self.tokenizer_dir) / "tokenizer.json"
+        if backend.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(backend))
+            tok.no_truncation()
+            tok.no_padding()
+            return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        from transformers import AutoTokenizer  # a slow (Python) tokenizer has no tokenizer.json
+
+        slow = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return lambda texts: slow(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        encode = self._encoder()
+        eos = self.eos_id
+        eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
+        dtype = np.dtype(self.dtype)
+        for file_index, docs in _per_file(data):
+            final = Path(self.out_dir) / "tokens" / f"{file_index:06d}"
+            tmp = _atomic_dir(final)
+            names = sorted({d.metadata["domain"] for d in docs})
+            code = {n: i for i, n in enumerate(names)}
+            counts = {"train": [0] * len(names), "eval": [0] * len(names)}
+            handles: dict[tuple[str, int], Any] = {}
+            try:
+                for start in range(0, len(docs), self.batch_size):
+                    batch = docs[start:start + self.batch_size]
+                    with self.track_time("batch"):
+                        encoded = encode([d.text for d in batch])
+                    streams: dict[tuple[str, int], list[int]] = {}  # one write per stream and batch
+                    for doc, ids in zip(batch, encoded):
+                        split = "eval" if (file_index, doc.metadata["record"]) in eval_set else "train"
+                        stream = streams.setdefault((split, code[doc.metadata["domain"]]), [])
+                        stream.extend(ids)
+                        stream.append(eos)
+                    for (split, k), ids in streams.items():
+                        fh = handles.get((split, k))
+                        if fh is None:
+                            fh = handles[(split, k)] = open(tmp / f"{split}-{k}.bin", "wb")
+                        fh.write(np.asarray(ids, dtype=dtype).tobytes())
+                        counts[split][k] += len(ids)
+                        self.stat_update("tokens", value=len(ids))
+            finally:
+                for fh in handles.values():
+                    fh.close()
+            (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": counts, "dtype": dtype.name}))
+            _publish(tmp, final)
+        return iter(())
+
+
+# ------------------------------------------------------------------------------------------------------ executors
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where a stage's tasks run, in this layer's own terms: the run's validated ``data:`` section turns itself into
+    one (:meth:`effitrain.config.blocks.data_engine.DataParams.engine_settings`), so the data layer never reads the
+    config or the launcher presets."""
+
+    executor: str                  # local | slurm | ray
+    tasks: int = 1
+    workers: Optional[int] = None  # tasks at once; None: local = min(tasks, CPUs), slurm/ray = all
+    slurm: dict = field(default_factory=dict)  # partition, account, cpus_per_task, mem_gb, timeout_min, name
+
+
+def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path, *, job_name: str) -> Any:
+    """datatrove's executor for ``params.executor``."""
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"data.executor={params.executor}: needs datatrove; {INSTALL}") from None
+    if params.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        workers = params.workers or min(params.tasks, os.cpu_count() or 1)
+        # fork, not datatrove's default forkserver: the workers inherit the imported steps (seconds saved per
+        # task), and this process holds no threads while a stage runs
+        return LocalPipelineExecutor(pipeline, tasks=params.tasks, workers=workers, logging_dir=str(logging_dir),
+                                     start_method="fork")
+    if params.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        res = params.slurm
+        sbatch = {"account": res["account"]} if res.get("account") else None
+        return SlurmPipelineExecutor(pipeline, tasks=params.tasks, workers=params.workers or -1,
+                                     time=f"{int(res['timeout_min'])}:00", partition=res["partition"],
+                                     cpus_per_task=int(res["cpus_per_task"]),
+                                     mem_per_cpu_gb=max(1, int(res["mem_gb"]) // int(res["cpus_per_task"])),
+                                     job_name=f"{res.get('name') or 'effitrain'}-{job_name}",
+                                     logging_dir=str(logging_dir), venv_path=_venv_activate(),
+                                     sbatch_args=sbatch, requeue=True)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("data.executor=ray: needs Ray on a running cluster; pip install ray, then ray start "
+                          "(or use data.executor=local|slurm)") from None
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=params.tasks, workers=params.workers or -1,
+                               logging_dir=str(logging_dir))
+
+
+def _venv_activate() -> Optional[str]:
+    import sys
+
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return str(activate) if activate.is_file() else None
+
+
+def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, job_name: str,
+              poll_s: float = 10.0) -> list[int]:
+    """Run one stage to completion: every task marked done.  The tasks marked by an earlier launch are skipped (a
+    line says which run); returns the ranks this launch ran."""
+    import time
+
+    from effitrain.console import say
+
+    logging_dir = stage_dir / "logs"
+    executor = make_executor(params, pipeline, logging_dir, job_name=job_name)
+    todo = list(executor.get_incomplete_ranks())
+    done = params.tasks - len(todo)
+    start = time.perf_counter()
+    if todo:
+        say(f"data: {job_name}: {len(todo)} of {params.tasks} tasks to run"
+            + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
+            + f" on {params.executor}")
+        executor.run()
+    if params.executor == "slurm":  # sbatch returned at submission: wait for the array to mark its tasks
+        job_id = getattr(executor, "job_id", None)
+        while executor.get_incomplete_ranks():
+            if job_id and not _slurm_job_alive(job_id):
+                missing = executor.get_incomplete_ranks()
+                raise ConfigError(f"data.executor=slurm: job {job_id} ended with {len(missing)} of {params.tasks} "
+                                  f"tasks unfinished (logs: {logging_dir}); launch again to redo only those")
+            time.sleep(poll_s)
+    missing = executor.get_incomplete_ranks()
+    if missing:
+        raise ConfigError(f"data: {len(missing)} of {params.tasks} tasks of the {job_name} stage did not finish "
+                          f"(first: task {missing[0]}, logs in {logging_dir}/logs); launch again to redo only those")
+    if todo:
+        say(f"data: {job_name}: done in {time.perf_counter() - start:.1f} s")
+    return todo
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return "task " + str(ranks[0]) if len(ranks) == 1 else "tasks " + ", ".join(map(str, ranks[:8])) + (
+        ", ..." if len(ranks) > 8 else "")
+
+
+def finish_stage(stage_dir: Path) -> None:
+    """Drop a stage's outputs and completion markers once its reduce has used them (they are as big as the corpus's
+    tokens); its task logs (``logs/logs``, ``logs/stats``) stay, small, for reading what ran.  Without the markers a
+    later build of the same stage starts afresh instead of skipping tasks whose outputs are gone."""
+    for child in stage_dir.iterdir() if stage_dir.is_dir() else ():
+        if child.name == "logs":
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "logs" / "completions", ignore_errors=True)
+
+
+def _slurm_job_alive(job_id: str) -> bool:
+    import subprocess
+
+    out = subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True)
+    return bool(out.stdout.strip())

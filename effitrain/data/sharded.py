@@ -1,0 +1,319 @@
+"""The data stage of a run over a corpus of files, as sharded jobs (``data.executor``): map, small reduce, map,
+streaming reduce -- giving exactly the rows of the in-memory path (:func:`effitrain.data.packing.build_packed_splits`
+on ``dataset=local``) as memory-mapped token shards (:mod:`effitrain.data.shards`).
+
+1. **scan** (datatrove tasks, :mod:`effitrain.data.engine`): per file, each document's record number, domain and
+   hold-out rank; per task, its best candidates for the tokenizer's training sample.
+2. **hold-out and sample** (reduce, this process): the eval documents are, per domain, the ``k`` lowest hash ranks of
+   their ids -- a global top-k merged from per-file top-k (the ranks of positional ids ``train-<row>`` are computed
+   here, where the record offsets of the files are known); the BPE sample is the merged top of the tasks' candidates
+   without the eval documents.  Both are cached (``<cache>/data_scan/<key>``): a later run skips the scan.
+3. **tokenize** (datatrove tasks): per file, one token stream per split and domain.
+4. **pack** (reduce, this process): per domain in sorted order, the files' streams concatenated in file order and cut
+   into rows of ``seq_len``; the last partial row of a domain dropped.  Sequential reads and writes, memory of one
+   read block; the shards go to ``<cache>/token_shards/<key>`` (built once, atomically).
+
+The work folders of the tasks (``<cache>/data_engine/<key>-<tasks>t``) are kept until their reduce is done, so a
+relaunch after a crash reruns only the tasks that had not marked themselves complete.
+
+Input files are identified by path, size and modification time, not by their bytes: hashing a corpus of terabytes on
+every launch would cost a pass over it.  Replacing a file (or ``touch``) rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from effitrain.console import say
+from effitrain.data.cache import ContentHash, build_once, cache_root
+from effitrain.registry import ConfigError
+
+_VERSION = 1
+_READ_BLOCK = 1 << 22  # tokens read per block in the pack reduce (16 MiB of uint32)
+
+
+def corpus_files(patterns: Sequence[str], key: str = "dataset.path") -> list[str]:
+    """Files, globs or folders (every data file under a folder, recursively), as the in-memory path reads them."""
+    from effitrain.data import sources
+
+    return sources.resolve_files(patterns, key)
+
+
+def _files_identity(files: Sequence[str]) -> str:
+    h = ContentHash("files", len(files))
+    for f in files:
+        st = os.stat(f)
+        h.update(f, st.st_size, st.st_mtime_ns)
+    return h.hexdigest()
+
+
+def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
+                         cache_dir: Optional[str | Path] = None):
+    """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set."""
+    from effitrain.data import sources
+    from effitrain.data.inspect import SMALL_BYTES, inspect_files
+    from effitrain.data.engine import finish_stage
+    from effitrain.data.shards import TokenShards, token_dtype
+    from effitrain.data.tokenizer import BPE_SAMPLE_DOCS, build_tokenizer
+
+    files = corpus_files(dataset_params.path)
+    fmt = sources.file_format(files, "dataset.path")
+    if fmt not in ("json", "parquet"):
+        raise ConfigError(f"dataset.path: data.executor reads JSON lines and parquet files, not {fmt}; convert the "
+                          f"files or drop data.executor")
+    if fmt == "json":  # a .json file may be one JSON array, which cannot be streamed a record at a time
+        whole = [f for f in files if ".jsonl" not in Path(f).name.lower()]
+        if whole:
+            raise ConfigError(f"dataset.path: data.executor streams JSON lines (.jsonl, .jsonl.gz) and parquet; "
+                              f"'{whole[0]}' is a .json file -- rename it to .jsonl if it holds one object a line")
+    small = sum(os.path.getsize(f) for f in files) <= SMALL_BYTES
+    inspect_files(files, fmt, key="dataset.path", text_field=dataset_params.text_field,
+                  domain_field=dataset_params.domain_field, deep=small)
+    root = cache_root(cache_dir)
+    bpe = getattr(model_params, "tokenizer", None) == "bpe"
+    holdout = 0 if dataset_params.eval_path else dataset_params.eval_examples_per_domain
+    corpus = _Corpus(files, fmt, dataset_params.text_field, dataset_params.domain_field, dataset_params.domains)
+    scan_key = ContentHash("scan", _VERSION, _files_identity(files), corpus.text_field, corpus.domain_field,
+                           corpus.domains, holdout, BPE_SAMPLE_DOCS if bpe else 0).hexdigest()
+    scanned = build_once("data_scan", scan_key, lambda out: _scan(out, corpus, data_params, root / "data_engine" /
+                                                                  f"{scan_key}-{data_params.tasks}t",
+                                                                  holdout=holdout,
+                                                                  sample_docs=BPE_SAMPLE_DOCS if bpe else 0),
+                         cache_root=root)
+
+    sample = None
+    if bpe:
+        import datasets
+
+        with open(scanned / "sample.jsonl", encoding="utf-8") as fh:
+            sample = datasets.Dataset.from_dict({"text": [json.loads(line)["text"] for line in fh]})
+    tokenizer = build_tokenizer(model_params, sample, cache_dir=cache_dir)
+    from effitrain.data.packing import tokenizer_fingerprint
+
+    seq_len = dataset_params.seq_len
+    dtype = token_dtype(len(tokenizer))
+    shards_key = ContentHash("token_shards", _VERSION, scan_key, tokenizer_fingerprint(tokenizer), seq_len,
+                             dtype.name).hexdigest()
+
+    def pack_into(out: Path) -> None:
+        work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
+        _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype)
+        start = time.perf_counter()
+        _pack(out, work, len(files), seq_len, dtype)
+        say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
+        finish_stage(work)  # the token streams: as big as the corpus's tokens
+
+    shards = TokenShards(build_once("token_shards", shards_key, pack_into, cache_root=root))
+    if len(shards) == 0:
+        raise ConfigError(f"dataset.seq_len: the train split has fewer than {seq_len} tokens in every domain; "
+                          f"lower seq_len or add documents")
+    if dataset_params.eval_path:
+        eval_rows = _eval_from_files(dataset_params, tokenizer, cache_dir)
+    else:
+        eval_rows = shards.eval_by_domain()
+        for domain in json.loads((scanned / "summary.json").read_text())["domains"]:
+            if domain not in eval_rows:
+                raise ConfigError(f"dataset.eval_examples_per_domain: the eval documents of domain '{domain}' make "
+                                  f"less than one sequence of {seq_len} tokens; raise it or lower dataset.seq_len")
+    return tokenizer, shards, eval_rows
+
+
+class _Corpus:
+    """The files and how to read them (what the reader step of every stage is built from)."""
+
+    def __init__(self, files: Sequence[str], fmt: str, text_field: str, domain_field: Optional[str],
+                 domains: Optional[Sequence[str]]) -> None:
+        self.files, self.fmt, self.text_field, self.domain_field = list(files), fmt, text_field, domain_field
+        self.domains = None if domains is None else list(domains)
+
+    def reader(self, records_dir: Optional[Path] = None) -> Any:
+        from effitrain.data.engine import CorpusReader
+
+        return CorpusReader(self.files, self.fmt, text_field=self.text_field, domain_field=self.domain_field,
+                            domains=self.domains, records_dir=None if records_dir is None else str(records_dir))
+
+
+# ------------------------------------------------------------------------------------------------ scan + reduce
+def _scan(out: Path, corpus: _Corpus, data_params: Any, work: Path, *, holdout: int, sample_docs: int) -> None:
+    from effitrain.data.engine import DocumentIndex, finish_stage, run_stage
+
+    run_stage(data_params, [corpus.reader(work / "records"), DocumentIndex(str(work), sample_docs=sample_docs,
+                                                                           holdout=holdout)],
+              work, job_name="scan")
+    n_files = len(corpus.files)
+    records = np.array([json.loads((work / "records" / f"{i:06d}.json").read_text())["records"]
+                        for i in range(n_files)], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(records)[:-1]])
+    counts: dict[str, int] = {}
+    best: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # domain -> (rank, global position, file)
+    for f in range(n_files):
+        path = work / "index" / f"{f:06d}.npz"
+        if not path.is_file():  # no document in this file (or none of dataset.domains)
+            continue
+        with np.load(path) as z:
+            record, domain, has_id, ranks, names = (z["record"], z["domain"], z["has_id"], z["id_rank"],
+                                                   z["domains"].tolist())
+        ranks = ranks.copy()
+        from effitrain.data.engine import id_rank
+
+        for j in np.flatnonzero(~has_id):  # the in-memory builder's ids of records without one
+            ranks[j] = id_rank(f"train-{int(offsets[f] + record[j]):09d}")
+        for code, name in enumerate(names):
+            mine = domain == code
+            counts[name] = counts.get(name, 0) + int(mine.sum())
+            if holdout:
+                best[name] = _top_k((ranks[mine], offsets[f] + record[mine], np.full(int(mine.sum()), f)),
+                                    best.get(name), holdout)
+    if corpus.domains is not None:
+        from effitrain.registry import choices_text, did_you_mean
+
+        for d in corpus.domains:
+            if d not in counts:
+                raise ConfigError(f"dataset.domains: unknown domain '{d}'{did_you_mean(d, counts)}; "
+                                  f"valid: {choices_text(counts)}")
+    if not counts:
+        raise ConfigError("dataset: the train split has no documents with text")
+    eval_pairs = []
+    for name in sorted(counts):
+        if holdout and counts[name] <= holdout:
+            raise ConfigError(f"dataset.eval_examples_per_domain: domain '{name}' has only {counts[name]} documents, "
+                              f"not enough to hold out {holdout} for evaluation; lower it or give an eval split")
+        if holdout:
+            _, position, file_of = best[name]
+            eval_pairs += [(int(fi), int(p - offsets[fi])) for fi, p in zip(file_of, position)]
+    np.save(out / "eval_docs.npy", np.array(sorted(eval_pairs), dtype=np.int64).reshape(-1, 2))
+    if sample_docs:
+        _write_sample(out / "sample.jsonl", work / "sample", set(eval_pairs), sample_docs)
+    (out / "summary.json").write_text(json.dumps({"domains": sorted(counts), "documents": counts,
+                                                  "files": n_files}) + "\n")
+    finish_stage(work)
+
+
+def _top_k(new: tuple[np.ndarray, ...], old: Optional[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
+    """The ``k`` entries of lowest (rank, position) among ``new`` and ``old`` (arrays: rank, position, file)."""
+    merged = new if old is None else tuple(np.concatenate([a, b]) for a, b in zip(old, new))
+    order = np.lexsort((merged[1], merged[0]))[:k]
+    return tuple(a[order] for a in merged)
+
+
+def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs: int) -> None:
+    """The BPE sample: the ``sample_docs`` train documents of lowest sample rank among the tasks' candidates, written
+    in corpus order (the in-memory path's :func:`effitrain.data.tokenizer.bpe_sample`).  Each task's candidates are
+    sorted by (rank, file, record), so a streaming merge holds only the sample, not every task's candidates."""
+    import heapq
+
+    def candidates(part: Path):
+        with open(part, encoding="utf-8") as fh:
+            for line in fh:
+                c = json.loads(line)
+                yield c["rank"], c["file"], c["record"], c["text"]
+
+    chosen = []
+    parts = sorted(candidates_dir.glob("*.jsonl"))
+    for _, file_index, record, text in heapq.merge(*(candidates(p) for p in parts)):
+        if len(chosen) == sample_docs:
+            break
+        if (file_index, record) not in eval_pairs:
+            chosen.append((file_index, record, text))
+    with open(path, "w", encoding="utf-8") as fh:
+        for file_index, record, text in sorted(chosen):
+            fh.write(json.dumps({"file": file_index, "record": record, "text": text}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- tokenize + pack
+def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eval_docs: Path,
+              dtype: np.dtype) -> None:
+    from effitrain.data.engine import TokenStreams, run_stage
+
+    tokenizer_dir = work / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        tmp = work / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+        os.rename(tmp, tokenizer_dir)
+    run_stage(data_params, [corpus.reader(), TokenStreams(str(work), tokenizer_dir=str(tokenizer_dir),
+                                                          eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
+                                                          dtype=dtype.name)],
+              work, job_name="tokenize")
+
+
+def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype) -> None:
+    """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards."""
+    from effitrain.data.shards import ShardWriter
+
+    metas: dict[int, dict] = {}
+    for f in range(n_files):
+        meta = work / "tokens" / f"{f:06d}" / "meta.json"
+        if meta.is_file():
+            metas[f] = json.loads(meta.read_text())
+    domains = sorted({d for m in metas.values() for d in m["domains"]})
+    totals = {split: {d: 0 for d in domains} for split in ("train", "eval")}
+    for m in metas.values():
+        for split in totals:
+            for d, n in zip(m["domains"], m["tokens"][split]):
+                totals[split][d] += n
+    writer = ShardWriter(out, seq_len=seq_len, dtype=dtype, domains=domains,
+                         rows=sum(n // seq_len for n in totals["train"].values()),
+                         eval_rows=sum(n // seq_len for n in totals["eval"].values()))
+    for split in ("train", "eval"):
+        for d in domains:
+            carry = np.zeros(0, dtype=dtype)
+            for f, m in metas.items():  # file order
+                if d not in m["domains"]:
+                    continue
+                path = work / "tokens" / f"{f:06d}" / f"{split}-{m['domains'].index(d)}.bin"
+                if not path.is_file() or path.stat().st_size == 0:
+                    continue
+                stream = np.memmap(path, dtype=dtype, mode="r")
+                for start in range(0, len(stream), _READ_BLOCK):
+                    block = np.concatenate([carry, stream[start:start + _READ_BLOCK]])
+                    n = len(block) // seq_len
+                    if n:
+                        writer.add(block[:n * seq_len].reshape(n, seq_len), d, split=split)
+                    carry = block[n * seq_len:].copy()
+                del stream
+    writer.close()
+
+
+def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[str | Path]) -> dict[str, np.ndarray]:
+    """``dataset.eval_path``'s documents packed in this process (an eval split is small)."""
+    from effitrain.data.build import _load_files
+    from effitrain.data.packing import pack, to_numpy
+    from effitrain.data.sources import cap_per_domain, domain_indices, filter_domains, resolve_files, standardize
+
+    files = resolve_files(dataset_params.eval_path, "dataset.eval_path")
+    fmt, ds = _load_files(files, "dataset.eval_path", cache_dir, text_field=dataset_params.text_field,
+                          domain_field=dataset_params.domain_field, txt_split=dataset_params.txt_split)
+    ds = standardize(ds, text_field="text" if fmt == "text" else dataset_params.text_field,
+                     domain_field=None if fmt == "text" else dataset_params.domain_field, key="dataset",
+                     id_prefix="eval")
+    ds = cap_per_domain(filter_domains(ds, dataset_params.domains, "dataset", strict=False),
+                        dataset_params.eval_examples_per_domain)
+    packed = pack(ds, tokenizer, dataset_params.seq_len, cache_dir=cache_dir)
+    rows = domain_indices(packed)
+    out = {}
+    for domain in sorted(domain_indices(ds)):
+        if domain not in rows:
+            raise ConfigError(f"dataset.eval_examples_per_domain: the eval documents of domain '{domain}' make less "
+                              f"than one sequence of {dataset_params.seq_len} tokens; raise it or lower "
+                              f"dataset.seq_len")
+        out[domain] = np.asarray(to_numpy(packed.select(rows[domain])))
+    return out
+
+
+
+def shards_info(shards: Any, data_params: Any) -> dict[str, Any]:
+    """The run summary's ``selection`` entry for the sharded path: the ``none`` selection over the token shards
+    (sharded selection methods are a later slice)."""
+    counts = {str(d): int(n) for d, n in zip(*np.unique(shards.domains(), return_counts=True))}
+    return {"method": "none", "engine": f"datatrove {data_params.executor}, {data_params.tasks} tasks",
+            "token_shards": str(shards.folder), "kept_rows": len(shards), "kept_domains": counts,
+            "kept_token_fraction": 1.0}

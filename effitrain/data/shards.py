@@ -1,0 +1,170 @@
+"""Token shards: packed training rows as memory-mapped numpy arrays plus a small index.
+
+A folder of token shards holds
+
+* ``train-NNNNN.npy`` -- rows of exactly ``seq_len`` token ids, ``uint16`` when the vocabulary fits in 16 bits,
+  else ``uint32`` (half the disk and page cache of int32 for most vocabularies);
+* ``train-domains.npy`` -- the domain of every row, as a code into the index's ``domains`` (2 bytes a row);
+* ``eval.npy`` / ``eval-domains.npy`` -- the held-out rows, the same way;
+* ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard.
+
+Rows, not token streams, are stored because rows are what the samplers index: row ``i`` is one slice of one memory
+map, so a random batch costs ``micro_batch_size`` reads and the exact resume of a sampler (it saves a position in
+a permutation of row indices) works unchanged.  datatrove's own tokenized format (``.ds`` token streams with a
+``.index`` of document ends) would need the packing -- which rows exist, where they start -- to be recomputed from
+the document ends in every process at every start.
+
+:class:`TokenShards` opens a folder; ``rows`` gathers batches as ``int32`` (what the loop and the curricula expect)
+without ever loading a shard whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "effitrain-token-shards"
+VERSION = 1
+INDEX = "index.json"
+_SHARD_BYTES = 256 * 2**20  # a shard's target size: large sequential files, few open maps
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id of a vocabulary of ``vocab_size`` entries."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _open(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # an array with no element cannot be memory-mapped
+        return np.load(path, allow_pickle=False)
+
+
+class ShardRows:
+    """The rows of several shards seen as one ``(rows, seq_len)`` array of ``int32``; indexing by an int, a slice
+    or an array of indices reads only the rows asked for."""
+
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, parts: Sequence[np.ndarray], seq_len: int) -> None:
+        self.parts = list(parts)
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), int(seq_len))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices: Any) -> np.ndarray:
+        if isinstance(indices, slice):
+            indices = np.arange(*indices.indices(self.shape[0]), dtype=np.int64)
+        scalar = np.ndim(indices) == 0
+        idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range [0, {self.shape[0]})")
+        part = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((*idx.shape, self.shape[1]), dtype=np.int32)
+        for k in np.unique(part):
+            sel = part == k
+            out[sel] = self.parts[int(k)][idx[sel] - self.offsets[k]]
+        return out[0] if scalar else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:  # np.asarray: every row (a copy)
+        whole = self[np.arange(self.shape[0])]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+class TokenShards:
+    """A folder of token shards: the packed training rows (``rows``), their domains and the eval rows."""
+
+    column_names = ("input_ids", "domain")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.index = json.loads((self.folder / INDEX).read_text())
+        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+            raise ValueError(f"{self.folder} is not a version-{VERSION} {FORMAT} folder")
+        self.seq_len = int(self.index["seq_len"])
+        self.domain_names = np.asarray(self.index["domains"], dtype=str)
+        self.rows = ShardRows([_open(self.folder / s["file"]) for s in self.index["shards"]], self.seq_len)
+        self._domain_codes = _open(self.folder / "train-domains.npy")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def domains(self) -> np.ndarray:
+        """The domain name of every training row (numpy str)."""
+        return self.domain_names[np.asarray(self._domain_codes)]
+
+    def eval_by_domain(self) -> dict[str, np.ndarray]:
+        """``{domain: int32 rows}`` of the held-out rows, domains sorted."""
+        rows = np.asarray(_open(self.folder / "eval.npy"), dtype=np.int32)
+        codes = np.asarray(_open(self.folder / "eval-domains.npy"))
+        return {str(self.domain_names[c]): rows[codes == c] for c in sorted(set(codes.tolist()),
+                                                                           key=lambda c: self.domain_names[c])}
+
+
+class ShardWriter:
+    """Writes rows into preallocated shard files (the number of rows is known before the first is written)."""
+
+    def __init__(self, folder: Path, *, seq_len: int, dtype: np.dtype, rows: int, eval_rows: int,
+                 domains: Sequence[str], shard_rows: Optional[int] = None) -> None:
+        self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
+        self.domains = list(domains)
+        per_shard = shard_rows or max(1, _SHARD_BYTES // (seq_len * self.dtype.itemsize))
+        sizes = [min(per_shard, rows - start) for start in range(0, rows, per_shard)]
+        self.shards = [{"file": f"train-{i:05d}.npy", "rows": n} for i, n in enumerate(sizes)]
+        self._maps = [np.lib.format.open_memmap(self.folder / s["file"], mode="w+", dtype=self.dtype,
+                                                shape=(s["rows"], seq_len)) for s in self.shards]
+        self._codes = np.lib.format.open_memmap(self.folder / "train-domains.npy", mode="w+", dtype=np.uint16,
+                                                shape=(rows,))
+        self._eval = np.zeros((eval_rows, seq_len), dtype=self.dtype)
+        self._eval_codes = np.zeros(eval_rows, dtype=np.uint16)
+        self._next = 0       # next training row
+        self._next_eval = 0
+        if len(self.domains) > 2**16:
+            raise ValueError("more than 65536 domains")
+
+    def add(self, rows: np.ndarray, domain: str, *, split: str = "train") -> None:
+        """Append ``rows`` (``[n, seq_len]``) of ``domain`` to the training rows or (``split='eval'``) the eval rows."""
+        code = self.domains.index(domain)
+        if split == "eval":
+            end = self._next_eval + len(rows)
+            self._eval[self._next_eval:end] = rows
+            self._eval_codes[self._next_eval:end] = code
+            self._next_eval = end
+            return
+        start = self._next
+        self._codes[start:start + len(rows)] = code
+        done = 0
+        while done < len(rows):  # a block of rows may straddle two shards
+            shard = int(np.searchsorted(self._ends, start + done, side="right"))
+            first = start + done - (self._ends[shard] - self.shards[shard]["rows"])
+            take = min(len(rows) - done, self.shards[shard]["rows"] - first)
+            self._maps[shard][first:first + take] = rows[done:done + take]
+            done += take
+        self._next += len(rows)
+
+    @property
+    def _ends(self) -> np.ndarray:
+        return np.cumsum([s["rows"] for s in self.shards])
+
+    def close(self) -> None:
+        expected = sum(s["rows"] for s in self.shards)
+        if self._next != expected or self._next_eval != len(self._eval):
+            raise RuntimeError(f"token shards: wrote {self._next}/{expected} train and {self._next_eval}/"
+                               f"{len(self._eval)} eval rows")
+        for m in self._maps:
+            m.flush()
+        self._codes.flush()
+        np.save(self.folder / "eval.npy", self._eval, allow_pickle=False)
+        np.save(self.folder / "eval-domains.npy", self._eval_codes, allow_pickle=False)
+        index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "dtype": self.dtype.name,
+                 "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval)}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        del self._maps, self._codes

@@ -1,0 +1,323 @@
+"""The sharded data engine (issue 24, first slice): a corpus of files tokenized and packed as datatrove tasks into
+memory-mapped token shards, and training from them.
+
+* the shards hold exactly the rows of the in-memory path (same tokenizer, same hold-out, same row order);
+* a launch killed mid-stage and launched again runs only the tasks without a completion marker, and the shards are
+  the bytes an uninterrupted build writes;
+* a run trains from the shards from the console script, and resumes exactly after SIGKILL and from 2 processes to 1;
+* the ``data:`` keys are validated at ``check`` time, one line each.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, effitrain_cli, sigkill_at
+from effitrain.cli import main as cli_main
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_corpus  # noqa: E402  (scripts/ is not a package)
+
+
+def _corpus(folder: Path, *, docs: int, files: int, fmt: str = "jsonl", ids: bool = True, domains: int = 3) -> Path:
+    make_corpus.generate(folder, docs=docs, files=files, fmt=fmt, seed=0, ids=ids,
+                         domains=make_corpus.DOMAINS[:domains])
+    return folder
+
+
+def _params(path: str, **extra):
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.config.blocks.dataset import LocalParams
+    from effitrain.config.blocks.model import LlamaParams
+
+    load_builtin_blocks()
+    return (LocalParams(path=[path], domain_field="domain", eval_examples_per_domain=4, seq_len=64, **extra),
+            LlamaParams(vocab_size=512))
+
+
+def _in_memory_rows(dataset, model, cache: Path):
+    from datasets import DatasetDict
+
+    from effitrain.data.build import build_local
+    from effitrain.data.packing import domain_array, to_numpy
+    from effitrain.data.splits import build_packed_splits
+
+    pool = build_local(dataset, cache_dir=cache)
+    tokenizer, train, eval_by_domain = build_packed_splits(
+        dataset, model, DatasetDict(train=pool["train"], eval=pool["eval"]), cache_dir=cache,
+        tokenizer_corpus=pool["train"])
+    return (tokenizer, to_numpy(train), domain_array(train),
+            {d: np.asarray(to_numpy(rows)) for d, rows in eval_by_domain.items()})
+
+
+# ------------------------------------------------------------------------------------------ rows and tokenizer
+def test_sharded_rows_equal_the_in_memory_rows_and_a_second_build_reuses_the_shards(tmp_path, monkeypatch, capsys):
+    """Records without ids (the hold-out ranks positional ids that count records across files, blank ones
+    included), compressed JSON lines, 3 tasks over 5 files, and a BPE sample smaller than the corpus (the sample is
+    merged from the tasks' candidates): every train row, its domain, every eval row and the tokenizer agree."""
+    from effitrain.data import tokenizer as tokenizer_module
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.sharded import build_sharded_splits
+
+    folder = _corpus(tmp_path / "corpus", docs=400, files=4, fmt="jsonl.gz", ids=False)
+    with gzip.open(folder / "part-00004.jsonl.gz", "wt", encoding="utf-8") as fh:  # a blank record mid-file
+        for text in ("Lone words of a late file.", "   ", "The file's last document, after a blank one."):
+            fh.write(json.dumps({"text": text, "domain": "news"}) + "\n")
+    monkeypatch.setattr(tokenizer_module, "BPE_SAMPLE_DOCS", 150)  # < 400 train documents: a real sample
+    dataset, model = _params(str(folder))
+    cache = tmp_path / "cache"
+
+    tokenizer, rows, domains, eval_rows = _in_memory_rows(dataset, model, cache)
+    sharded_tokenizer, shards, sharded_eval = build_sharded_splits(dataset, model, EngineSettings("local", tasks=3),
+                                                                   cache_dir=cache)
+    assert sharded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert shards.rows.shape == rows.shape and len(rows) > 100
+    assert np.array_equal(shards.rows[np.arange(len(shards))], rows)
+    assert np.array_equal(shards.domains(), domains)
+    assert sorted(sharded_eval) == sorted(eval_rows) == ["forum", "news", "science"]
+    for domain in eval_rows:
+        assert np.array_equal(sharded_eval[domain], eval_rows[domain]), domain
+    # rows are uint16 on disk (a 512-entry vocabulary) and gathered as int32 through the memory maps
+    assert shards.rows.parts[0].dtype == np.uint16 and isinstance(shards.rows.parts[0], np.memmap)
+    assert shards.rows[[5, 0, 5]].dtype == np.int32
+
+    capsys.readouterr()
+    again = build_sharded_splits(dataset, model, EngineSettings("local", tasks=3), cache_dir=cache)[1]
+    assert again.folder == shards.folder
+    assert "data:" not in capsys.readouterr().out  # no stage ran: the scan and the shards came from the cache
+
+
+def test_rows_written_across_shard_boundaries_read_back_in_order(tmp_path):
+    """Blocks of rows that straddle shards (7 rows a shard) come back row for row, by index, slice and gather,
+    with their domains; a vocabulary over 16 bits is stored as uint32."""
+    from effitrain.data.shards import ShardWriter, TokenShards, token_dtype
+
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    rng = np.random.default_rng(0)
+    blocks = [("a", rng.integers(0, 70_000, (n, 5))) for n in (3, 9, 1)] + [("b", rng.integers(0, 70_000, (12, 5)))]
+    held_out = rng.integers(0, 70_000, (2, 5))
+    writer = ShardWriter(tmp_path, seq_len=5, dtype=token_dtype(70_000), rows=25, eval_rows=2, domains=["a", "b"],
+                         shard_rows=7)
+    for domain, rows in blocks:
+        writer.add(rows, domain)
+    writer.add(held_out, "b", split="eval")
+    writer.close()
+
+    shards = TokenShards(tmp_path)
+    expected = np.concatenate([rows for _, rows in blocks])
+    assert [s["rows"] for s in shards.index["shards"]] == [7, 7, 7, 4] and shards.index["dtype"] == "uint32"
+    assert np.array_equal(shards.rows[np.arange(25)], expected)
+    order = rng.permutation(25)
+    assert np.array_equal(shards.rows[order], expected[order])
+    assert np.array_equal(shards.rows[5:16], expected[5:16]) and np.array_equal(shards.rows[-1], expected[-1])
+    assert shards.domains().tolist() == ["a"] * 13 + ["b"] * 12
+    assert list(shards.eval_by_domain()) == ["b"] and np.array_equal(shards.eval_by_domain()["b"], held_out)
+    with pytest.raises(IndexError):
+        shards.rows[[25]]
+
+
+# ------------------------------------------------------------------------------- SIGKILL and relaunch
+_BUILD = textwrap.dedent("""
+    import sys
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.config.blocks.dataset import LocalParams
+    from effitrain.config.blocks.model import LlamaParams
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.sharded import build_sharded_splits
+    load_builtin_blocks()
+    dataset = LocalParams(path=[sys.argv[1]], domain_field="domain", eval_examples_per_domain=4, seq_len=64)
+    _, shards, _ = build_sharded_splits(dataset, LlamaParams(vocab_size=512),
+                                        EngineSettings("local", tasks=4, workers=1), cache_dir=sys.argv[2])
+    print("shards:", shards.folder)
+""")
+
+
+def _build(corpus: Path, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _BUILD, str(corpus), str(cache)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _tokenize_stage(cache: Path) -> Path | None:
+    """The tokenize stage's work folder (the one that holds the saved tokenizer), once it exists."""
+    for stage in (cache / "data_engine").glob("*"):
+        if (stage / "tokenizer" / "tokenizer.json").is_file():
+            return stage
+    return None
+
+
+def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_the_same_shards(tmp_path):
+    corpus = _corpus(tmp_path / "corpus", docs=1600, files=8)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(corpus), str(cache)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done: list[str] = []
+    while proc.poll() is None and time.time() < deadline:  # kill once a task of the 4 has marked itself done
+        stage = _tokenize_stage(cache)
+        done = sorted(p.name for p in (stage / "logs" / "completions").glob("*")) if stage else []
+        if done:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    stage = _tokenize_stage(cache)
+    done = sorted(int(p.name) for p in (stage / "logs" / "completions").glob("*"))
+    missing = [r for r in range(4) if r not in done]
+    assert done and missing
+
+    relaunch = _build(corpus, cache)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    ran = ", ".join(map(str, missing))
+    assert (f"data: tokenize: {len(missing)} of 4 tasks to run ({len(done)} done by an earlier launch; running "
+            f"task{'s' if len(missing) > 1 else ''} {ran}) on local") in relaunch.stdout
+    # datatrove's own task logs: a finished task started once, the unfinished ones once more in the relaunch
+    logs = stage / "logs" / "logs"
+    starts = {r: (logs / f"task_{r:05d}.log").read_text().count(f"Launching pipeline for rank={r}")
+              for r in range(4) if (logs / f"task_{r:05d}.log").exists()}
+    for r in done:
+        assert starts[r] == 1, (r, starts)
+    for r in missing:  # twice for the task the kill interrupted, once for those that had not started
+        assert starts[r] in (1, 2), (r, starts)
+    assert not (stage / "logs" / "completions").exists() and not (stage / "tokens").exists()  # reduced: dropped
+
+    clean = _build(corpus, tmp_path / "clean_cache")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    relaunched = Path(relaunch.stdout.split("shards: ")[1].split()[0])
+    uninterrupted = Path(clean.stdout.split("shards: ")[1].split()[0])
+    assert relaunched.name == uninterrupted.name  # the same content address
+    names = sorted(p.name for p in uninterrupted.iterdir())
+    assert names == sorted(p.name for p in relaunched.iterdir()) and "train-00000.npy" in names
+    for name in names:
+        assert (relaunched / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+def test_a_bad_line_found_by_a_task_is_one_line_and_nothing_is_trained(tmp_path):
+    """A corpus too big for the up-front read (here: the threshold set to 0) is read only by the tasks: the task that
+    meets a malformed line stops the launch with the file and line, exit 2, no traceback."""
+    corpus = _corpus(tmp_path / "corpus", docs=200, files=4)
+    lines = (corpus / "part-00002.jsonl").read_text().splitlines(keepends=True)
+    lines[20] = '{"text": broken\n'
+    (corpus / "part-00002.jsonl").write_text("".join(lines))
+    script = textwrap.dedent(f"""
+        import sys
+        import effitrain.data.inspect as inspect
+        inspect.SMALL_BYTES = 0
+        from effitrain.cli import main
+        sys.exit(main(["dataset=local", "dataset.path={corpus}", "data.executor=local", "data.tasks=2",
+                       "train.max_steps=1", "run_dir={tmp_path / 'run'}"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(err) == 1, result.stderr[-3000:]
+    assert err[0] == (f"effitrain: error: dataset.path: '{corpus / 'part-00002.jsonl'}' line 21 is not valid JSON "
+                      f"(Expecting value at column 10); every line must be one JSON object")
+    assert "Traceback" not in result.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------- config
+def _check(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli_main(["check", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data.exector=local"], ["data.exector: unknown key", "did you mean 'executor'", "valid keys: executor"]),
+    (["data.executor=spark"], ["data.executor", "spark", "local", "slurm", "ray"]),
+    (["data.tasks=0"], ["data.tasks", ">= 1"]),
+    (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=dsir"],
+     ["selection=dsir does not run on the sharded data engine yet"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=slurm", "data.slurm_preset=slurm_gpus"],
+     ["data.slurm_preset: unknown launcher preset 'slurm_gpus'", "did you mean 'slurm_gpu'"]),
+])
+def test_data_keys_are_checked_in_one_line(args, expected, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    code, err = _check([a.replace("CORPUS", str(corpus)) for a in args], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("effitrain: error: "), err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+
+
+# ------------------------------------------------------------------------------------ training from shards
+# TINY without its demo-only key; six steps, a checkpoint every two
+RUN = [*(o for o in TINY if not o.startswith("dataset.max_docs")), "dataset.domain_field=domain", "train.max_steps=6",
+       "train.micro_batch_size=2", "train.save_every=2", "train.keep_checkpoints=3", "train.save_final_model=false"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    return _corpus(tmp_path_factory.mktemp("engine") / "corpus", docs=400, files=4)
+
+
+@pytest.mark.slow
+def test_the_console_script_trains_from_shards_and_resumes_exactly_after_sigkill(tmp_path, corpus_dir):
+    """The issue's command line on a make_corpus folder; then the same run SIGKILLed after its step-4 checkpoint and
+    resumed: steps 5 and 6 see the same rows and give the uninterrupted run's losses."""
+    args = ["dataset=local", f"dataset.path={corpus_dir}", "data.executor=local", "data.tasks=2", *RUN]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = effitrain_cli(*args, f"run_dir={full}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((full / "summary.json").read_text())
+    shards = Path(summary["selection"]["token_shards"])
+    index = json.loads((shards / "index.json").read_text())
+    assert summary["selection"]["engine"] == "datatrove local, 2 tasks"
+    assert summary["train_sequences"] == index["rows"] == sum(s["rows"] for s in index["shards"])
+
+    sigkill_at([*args, f"run_dir={killed}"], killed / "checkpoints" / "step_00000004" / "COMPLETE")
+    assert max(_losses(killed)) < 6
+    result = effitrain_cli("resume", str(killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data:" not in result.stdout  # the shards came from the cache: no stage ran again
+    expected, resumed = _losses(full), _losses(killed)
+    assert [resumed[s] for s in (5, 6)] == pytest.approx([expected[s] for s in (5, 6)], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_processes_to_one_continue_the_loss_curve_on_shards(tmp_path, corpus_dir):
+    """A ZeRO-2 run of 2 processes on token shards, stopped after its step-2 checkpoint, resumes with 1 process
+    (through the universal checkpoint): the sampler converts its position over the same shard rows."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["dataset=local", f"dataset.path={corpus_dir}", "data.executor=local", "data.tasks=2", *RUN,
+            "parallelism=zero2", "train.grad_accum=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    result = subprocess.run([*torchrun, "-m", "effitrain.cli", *args, f"run_dir={two}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    reference = _losses(two)
+
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    for ckpt in (one / "checkpoints").iterdir():
+        if int(re.findall(r"\d+", ckpt.name)[0]) > 2:
+            shutil.rmtree(ckpt)
+    (one / "summary.json").unlink()
+    result = subprocess.run([sys.executable, "-m", "effitrain.cli", "resume", str(one)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resume: 2 -> 1 processes" in result.stdout + result.stderr
+    after = _losses(one)
+    assert [after[s] for s in (3, 4, 5, 6)] == pytest.approx([reference[s] for s in (3, 4, 5, 6)], abs=1e-5)
