@@ -244,3 +244,23 @@ def _wait_for(stage_dir: Path) -> dict[str, Any]:
             raise RuntimeError(f"waited a day for rank 0 to finish the synthesis stage in {stage_dir}")
         time.sleep(1.0)
     return summary
+
+
+def planned_counts(spec: Any) -> dict[str, Any]:
+    """What a synthesis stage will read and ask for, without a model (``effitrain plan``): its documents, their
+    words and pieces, the requests and samples, and the most tokens the answers can hold.  Reads the input through
+    the dataset block (the demo corpus from its cache); imports no torch."""
+    params = spec.synthesis
+    documents = _input_documents(spec, params)
+    rollout = params.rollout_block.build()
+    prompts = set()
+    pieces = words = 0
+    for doc in documents:
+        for piece in rollout.pieces(doc["text"]):
+            pieces += 1
+            words += len(piece.split())
+            prompts.update(prompt for _, prompt in rollout.prompts(piece))
+    sampling = params.generator_block.params
+    return {"documents": len(documents), "words": words, "pieces": pieces, "requests": len(prompts),
+            "samples": len(prompts) * sampling.n, "max_tokens_out": len(prompts) * sampling.n * sampling.max_new_tokens,
+            "domains_out": sorted({f"{d['domain']}_{params.domain_suffix}" for d in documents})}
