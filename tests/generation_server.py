@@ -28,6 +28,8 @@ class TinyServer:
         self.served_name = served_name
         self.answered: list[tuple[str, int]] = []
         self.received = 0
+        self.admitted = 0  # requests let through to be answered
+        self._admit = threading.Lock()
         self.fail_after: Optional[int] = None
         self.malformed_after: Optional[int] = None
         self.hold_after: Optional[int] = None
@@ -59,24 +61,29 @@ class TinyServer:
                 body = json.loads(self.rfile.read(length))
                 if self.path.rstrip("/") != "/v1/completions":
                     return self._send(404, {"error": "not found"})
-                with server._lock:
+                with server._admit:  # decided one request at a time: the counts are exact with concurrency
                     server.received += 1
-                    done = len(server.answered)
-                if server.hold_after is not None and done >= server.hold_after:
+                    done = server.admitted
+                    fault = next((f for f, after in (("hold", server.hold_after), ("fail", server.fail_after),
+                                                     ("malformed", server.malformed_after))
+                                  if after is not None and done >= after), None)
+                    if fault is None:
+                        server.admitted += 1
+                if fault == "hold":
                     server.holding.set()
                     server._release.wait()
                     self.close_connection = True  # dropped unanswered, as a dying client's request is
                     return
-                if server.fail_after is not None and done >= server.fail_after:
+                if fault == "fail":
                     return self._send(500, {"error": "the server fell over"})
-                if server.malformed_after is not None and done >= server.malformed_after:
+                if fault == "malformed":
                     return self._send(200, {"object": "text_completion", "choices": []})
                 texts, tokens = server.generate(body)
                 self._send(200, {"object": "text_completion", "model": body["model"],
                                  "choices": [{"index": i, "text": t, "finish_reason": "length"}
                                              for i, t in enumerate(texts)],
                                  "usage": {"completion_tokens": tokens}})
-                with server._lock:
+                with server._admit:
                     server.answered.append((body["prompt"], body["seed"]))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -100,6 +107,11 @@ class TinyServer:
             out = generate_plainly(self.model, config, **enc)
         new = out[:, enc["input_ids"].shape[1]:]
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new], int(new.numel())
+
+    def reset_counts(self) -> None:
+        with self._admit:
+            self.answered.clear()
+            self.received = self.admitted = 0
 
     def start(self) -> "TinyServer":
         self.thread.start()

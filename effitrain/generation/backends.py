@@ -267,7 +267,7 @@ class OpenAIGenerator(Generator):
         return Answer(tuple(_cut_at_stop(t, p.stop) for t, _ in pairs), sum(k for _, k in pairs))
 
     def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
-        from concurrent.futures import as_completed
+        from concurrent.futures import as_completed  # noqa: F401 - beside ThreadPoolExecutor above
 
         failed: Optional[BaseException] = None
         with ThreadPoolExecutor(max_workers=self.params.concurrency) as pool:
@@ -276,6 +276,8 @@ class OpenAIGenerator(Generator):
                 # as they finish: every answer is cached the moment it arrives, so a request that fails for good
                 # loses none of the others in flight (a resumed stage sends only what was never answered)
                 for future in as_completed(futures):
+                    if future.cancelled():  # never sent (a request before it failed for good)
+                        continue
                     try:
                         yield [(futures[future], future.result())]
                     except RunFailed as exc:
