@@ -269,7 +269,8 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
 def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],
          skipped: bool) -> dict[str, Any]:
     keys = ("finished", "exit_code", "steps", "tokens", "train_seconds", "flops", "flops_sparse", "final_eval_loss",
-            "final_model", "trainable_params", "total_params", "stopped_by")
+            "final_model", "trainable_params", "total_params", "stopped_by",
+            "dataset")  # a synthesis stage's product (None for the stages that train)
     return {"stage": stage.name, "run_dir": str(stage_dir), "init": stage.init, "transform": transform,
             "skipped_as_finished": skipped, **{k: summary.get(k) for k in keys}}
 
