@@ -111,10 +111,10 @@ def test_pieces_end_at_sentences_and_hold_at_most_max_words():
 
 
 def test_fan_out_parse_and_post_filter_make_the_rows():
-    from effitrain.generation.backends import Answer, Generator, Request
+    from effitrain.generation.backends import Answer, Generator
     from effitrain.generation.cache import NoCache
     from effitrain.generation.synthesis import _make_chunk
-    from effitrain.registry import REGISTRY, parse_params
+    from effitrain.registry import parse_params
     from effitrain.config.blocks.synthesis import SynthesisParams
 
     class Echo(Generator):  # answers with a preamble and the prompt's style; "qa" answers are one word only
@@ -186,6 +186,13 @@ def test_stage_references_name_the_right_kind_of_stage():
         parse_stages([{"name": "base"}, synth, {"name": "t"}])
     stages = parse_stages([{"name": "base"}, synth, {"name": "t", "init": "scratch", "dataset": "@stage:make"}])
     assert stages[1].init == "scratch" and not stages[1].leaves_model
+    # dataset: "@stage:NAME" trains on that stage's file alone, packed as the recipe's own dataset block says
+    from effitrain.config.stages import stage_config
+
+    base = {"dataset": {"name": "demo", "seq_len": 64, "max_docs_per_domain": 10}, "stages": []}
+    run = stage_config(base, stages[2], init_model=None, final_models={"make": "/runs/x/stages/02-make/dataset.jsonl"})
+    assert run["dataset"] == {"name": "local", "path": "/runs/x/stages/02-make/dataset.jsonl", "domain_field": "domain",
+                              "text_field": "text", "seq_len": 64}
 
 
 # ---------------------------------------------------------------------------------------------------- backends

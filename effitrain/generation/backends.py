@@ -267,7 +267,7 @@ class OpenAIGenerator(Generator):
         return Answer(tuple(_cut_at_stop(t, p.stop) for t, _ in pairs), sum(k for _, k in pairs))
 
     def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
-        from concurrent.futures import as_completed  # noqa: F401 - beside ThreadPoolExecutor above
+        from concurrent.futures import as_completed
 
         failed: Optional[BaseException] = None
         with ThreadPoolExecutor(max_workers=self.params.concurrency) as pool:

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from effitrain.errors import RunFailed
 from effitrain.registry import ConfigError
