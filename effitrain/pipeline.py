@@ -141,6 +141,11 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
                 lock.commit_replacement()
                 ran_here.append(stage.name)
                 rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
+                if not stage_summary.get("finished"):  # stopped by a signal: exit 75, resume=auto continues it
+                    outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
+                               "exit_code": stage_summary.get("exit_code", 1),
+                               "stopped_by_signal": stage_summary.get("stopped_by_signal")}
+                    break
                 continue
             init_model, transform_info = None, None
             if stage.inherits_model:
@@ -174,7 +179,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
             rows.append(_row(stage, stage_dir, stage_summary, transform=transform_info, skipped=False))
             if not stage_summary.get("finished"):
                 outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
-                           "exit_code": stage_summary.get("exit_code", 1)}
+                           "exit_code": stage_summary.get("exit_code", 1),
+                           "stopped_by_signal": stage_summary.get("stopped_by_signal")}
                 break
     except ConfigError as exc:
         if not ran_here:
@@ -192,6 +198,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         "finished": finished,
         "stopped_by": outcome.get("stopped_by"),
         "exit_code": 0 if finished else outcome.get("exit_code", 1),
+        "stopped_by_signal": outcome.get("stopped_by_signal"),  # a cluster job hands a SIGUSR2 stop to submitit
         "final_eval_loss": last.get("final_eval_loss"),
         "final_model": last.get("final_model") if finished else None,
         "recipe": [r.name for r in spec.recipes],

@@ -59,7 +59,9 @@ class SynthesisPlan:
         return [self.title,
                 f"  documents in   {c['documents']:,}",
                 f"  words in       {c['words']:,} in {c['pieces']:,} pieces",
-                f"  requests       {c['requests']:,} ({c['samples']:,} samples)",
+                f"  requests       {c['requests']:,}"
+                + (f" + at most {c['follow_ups']:,} follow-ups" if c.get("follow_ups") else "")
+                + f" ({'at most ' if c.get('follow_ups') else ''}{c['samples']:,} samples)",
                 f"  tokens out     at most {c['max_tokens_out']:,}",
                 f"  domains out    {', '.join(c['domains_out'])}"]
 

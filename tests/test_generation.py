@@ -120,7 +120,7 @@ def test_fan_out_parse_and_post_filter_make_the_rows():
     class Echo(Generator):  # answers with a preamble and the prompt's style; "qa" answers are one word only
         backend = "echo"
 
-        def answer(self, requests):
+        def answer(self, requests, should_stop=lambda: False):
             for r in requests:
                 short = "Question:" in r.prompt
                 texts = tuple("Sure! Here is a paraphrase of the paragraph:\nshort" if short else

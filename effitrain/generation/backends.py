@@ -80,12 +80,17 @@ class Generator:
         """Everything besides the prompt that decides an answer: the part of every request's key."""
         return {"backend": self.backend, "model": self.fingerprint, **self.params.sampling()}
 
-    def request(self, prompt: str) -> Request:
-        key = hashlib.sha256(json.dumps([self.cache_scope(), prompt], sort_keys=True).encode()).hexdigest()
+    def request(self, prompt: str, attempt: int = 0) -> Request:
+        """``attempt`` > 0: the same prompt asked again (a rollout's retry of an answer it could not use) under a
+        key, and so a seed, of its own; the first try's key is the plain one."""
+        scope: list[Any] = [self.cache_scope(), prompt] + ([attempt] if attempt else [])
+        key = hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()
         return Request(key, prompt, request_seed(self.params.seed, key))
 
-    def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
-        """Groups of answered requests, each group to be cached at once (a batch of one ``generate`` call)."""
+    def answer(self, requests: list[Request], *, should_stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[list[tuple[Request, Answer]]]:
+        """Groups of answered requests, each group to be cached at once (a batch of one ``generate`` call).  Once
+        ``should_stop()`` is true (a signal), nothing new is started; what is in flight is still answered."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -145,11 +150,14 @@ class TransformersGenerator(Generator):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
 
-    def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
+    def answer(self, requests: list[Request], *, should_stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[list[tuple[Request, Answer]]]:
         if self.model is None:
             self._load()
         size = self.params.batch_size
         for start in range(0, len(requests), size):
+            if should_stop():
+                return
             batch = requests[start:start + size]
             yield self._retrying(f"a batch of {len(batch)} prompt(s)", lambda: self._generate(batch))
 
@@ -212,7 +220,8 @@ class VllmGenerator(Generator):
             kwargs["max_model_len"] = params.max_model_len
         self.llm = LLM(model=self.model_path, **kwargs)
 
-    def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
+    def answer(self, requests: list[Request], *, should_stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[list[tuple[Request, Answer]]]:
         from vllm import SamplingParams
 
         if self.llm is None:
@@ -220,6 +229,8 @@ class VllmGenerator(Generator):
         p = self.params
         size = max(p.batch_size, 1) * 8  # vLLM schedules its own batches; this only bounds what one call holds
         for start in range(0, len(requests), size):
+            if should_stop():
+                return
             part = requests[start:start + size]
             sampling = [SamplingParams(n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
                                        max_tokens=p.max_new_tokens, seed=r.seed, stop=list(p.stop) or None,
@@ -266,7 +277,8 @@ class OpenAIGenerator(Generator):
                                lambda: complete(p.base_url, self.key, body, timeout=p.timeout_seconds, n=p.n))
         return Answer(tuple(_cut_at_stop(t, p.stop) for t, _ in pairs), sum(k for _, k in pairs))
 
-    def answer(self, requests: list[Request]) -> Iterator[list[tuple[Request, Answer]]]:
+    def answer(self, requests: list[Request], *, should_stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[list[tuple[Request, Answer]]]:
         from concurrent.futures import as_completed
 
         failed: Optional[BaseException] = None
@@ -276,7 +288,10 @@ class OpenAIGenerator(Generator):
                 # as they finish: every answer is cached the moment it arrives, so a request that fails for good
                 # loses none of the others in flight (a resumed stage sends only what was never answered)
                 for future in as_completed(futures):
-                    if future.cancelled():  # never sent (a request before it failed for good)
+                    if should_stop():  # a signal: send nothing new, but keep the answers already on their way
+                        for other in futures:
+                            other.cancel()
+                    if future.cancelled():  # never sent (a request before it failed for good, or a signal)
                         continue
                     try:
                         yield [(futures[future], future.result())]

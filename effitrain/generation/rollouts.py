@@ -4,6 +4,18 @@ A rollout cuts a document into pieces, makes the prompts of a piece (its fan-out
 parses an answer into a training text, and decides whether to keep it (the post-filter).  The stage
 (:mod:`effitrain.generation.synthesis`) owns the rest: batching, the cache, the chunks, the output dataset.
 
+The contract (:class:`Rollout` gives the defaults):
+
+* ``pieces(text) -> [str]``: what one document is cut into;
+* ``prompts(piece) -> [Ask | (variant, prompt)]``: the first round of requests of a piece;
+* ``rows(piece, ask, completions) -> [(sample, text)]``: the training texts one answered request gives (by default
+  each completion through ``parse`` and the post-filter ``keep``); ``sample`` indexes ``completions``;
+* ``follow_up(piece, answered) -> [Ask]``: the next round's requests from this round's answers (``answered``:
+  ``[(ask, completions)]``), empty when the piece is done.  A rollout of several steps (EntiGraph: entities, then
+  the relations between them) is rounds of requests; every round's answers are cached like the first's, so a
+  resumed stage re-derives the same next round from the cache and sends nothing twice;
+* ``planned_follow_ups(piece) -> int``: at most how many follow-up requests a piece makes (``effitrain plan``).
+
 ``wrap``: Web Rephrase Augmented Pre-training (Maini et al., 2024, arXiv 2401.16380).  The four style prompts are
 the paper's (its appendix), in the Vicuna chat layout the paper used with its instruction-tuned rephraser; each
 document is cut into pieces of about 300 tokens at sentence ends first (the paper: "asking an LLM to rephrase more
@@ -14,7 +26,50 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
+
+
+class Ask(NamedTuple):
+    """One request of a rollout: ``variant`` names it within its piece (a style, 'entities', 'pair:0,3'), and
+    ``attempt`` > 0 asks the same prompt again under another cache key and seed (a retry of an answer that did not
+    parse: the first answer is cached, so the same key would give it back)."""
+    variant: str
+    prompt: str
+    attempt: int = 0
+
+    @property
+    def label(self) -> str:
+        """The variant in a row's id: an answer of a retry is told apart from the first try's."""
+        return self.variant if not self.attempt else f"{self.variant}~{self.attempt}"
+
+
+def as_ask(item: Any) -> Ask:
+    return item if isinstance(item, Ask) else Ask(*item)
+
+
+class Rollout:
+    """The defaults of the contract: one round, each completion parsed and post-filtered on its own."""
+
+    def parse(self, completion: str) -> Optional[str]:
+        text = completion.strip()
+        return text or None
+
+    def keep(self, piece: str, text: str) -> bool:
+        return True
+
+    def rows(self, piece: str, ask: Ask, completions: tuple[str, ...]) -> list[tuple[int, str]]:
+        out = []
+        for j, completion in enumerate(completions):
+            text = self.parse(completion)
+            if text is not None and self.keep(piece, text):
+                out.append((j, text))
+        return out
+
+    def follow_up(self, piece: str, answered: list[tuple[Ask, tuple[str, ...]]]) -> list[Ask]:
+        return []
+
+    def planned_follow_ups(self, piece: str) -> int:
+        return 0
 
 #: the paper's system preamble and per-style instructions (appendix of 2401.16380)
 WRAP_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -65,7 +120,7 @@ def split_pieces(text: str, max_words: int) -> list[str]:
 
 
 @dataclass
-class WrapRollout:
+class WrapRollout(Rollout):
     styles: list[str]
     max_words: int
     min_words: int

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from effitrain.errors import RunFailed
 from effitrain.registry import ConfigError
@@ -95,7 +95,9 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
     started, done_docs, tokens_here = time.monotonic(), 0, 0
     say(f"{label}: synthesis of {len(documents)} documents with rollout {params.rollout_block.name} and generator "
         f"{gen_block.name} ({gen_block.params.model}), {n_chunks} chunk(s) in {stage_dir / CHUNKS_DIR}")
+    stop = StopRequest()
     try:
+        stop.install()
         for c in range(n_chunks):
             chunk_docs = documents[c * size:(c + 1) * size]
             rows_path = stage_dir / CHUNKS_DIR / f"{c:06d}.jsonl"
@@ -103,7 +105,10 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
             if rows_path.is_file() and stats_path.is_file():
                 stats = json.loads(stats_path.read_text())
             else:
-                stats, rows = _make_chunk(chunk_docs, rollout, generator, cache, params)
+                try:
+                    stats, rows = _make_chunk(chunk_docs, rollout, generator, cache, params, stop.requested)
+                except Stopped:
+                    return _stopped(stage_dir, stop, c, n_chunks, totals, say, label)
                 _atomic_write(stats_path, json.dumps(stats, sort_keys=True).encode())
                 _atomic_write(rows_path, b"".join(_row_bytes(r) for r in rows))
                 tokens_here += stats["tokens_sent"]
@@ -117,6 +122,7 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
                 f"tokens generated ({rate:,.0f} tokens/s), requests {totals['sent']} sent / {totals['cached']} "
                 f"cached, ETA {eta:,.0f} s")
     finally:
+        stop.restore()
         cache.close()
         generator.close()
     if not totals["rows"]:
@@ -129,6 +135,68 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
     _write_summary(stage_dir, summary)
     say(f"{label}: wrote {record['rows']} rows ({record['documents']} documents in, {record['tokens_generated']:,} "
         f"tokens generated) to {product_path(stage_dir)} (sha256 {record['sha256'][:12]})")
+    return summary
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 / SIGUSR2 (a cluster's pre-emption and time-limit warnings) and a first Ctrl-C ask the stage
+    to stop as training stops (engine.loop.StopSignal): the requests in flight are answered and cached, nothing new
+    is sent, the finished chunks stay, and the run exits 75 to be resumed.  A second Ctrl-C quits at once."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        from effitrain.console import say_from_signal_handler
+
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        say_from_signal_handler(f"{signal.Signals(signum).name}: the synthesis stage stops once the requests in "
+                                f"flight are answered (they are cached); resume=auto continues", err=True)
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _stopped(stage_dir: Path, stop: StopRequest, chunk: int, n_chunks: int, totals: dict[str, int],
+             say: Callable[[str], None], label: str) -> dict[str, Any]:
+    """The summary of a stage a signal stopped: not finished, exit 75 (resumable), as a training run's."""
+    import signal
+
+    from effitrain.errors import EXIT_RESUMABLE
+
+    name = signal.Signals(stop.received).name
+    summary = {"finished": False, "stopped_by": f"signal {name} during the synthesis stage (chunk {chunk + 1} of "
+                                                f"{n_chunks}; {chunk} written, the answers received cached)",
+               "stopped_by_signal": name, "exit_code": EXIT_RESUMABLE, "steps": 0, "tokens": 0,
+               "train_seconds": 0.0, "flops": 0.0, "flops_sparse": 0.0, "final_model": None,
+               "final_eval_loss": None, "dataset": None, "synthesis": {"chunks_written": chunk, "chunks": n_chunks,
+                                                                         **totals}}
+    say(f"{label}: stopped by {name}: {chunk} of {n_chunks} chunk(s) written, the answers received are cached; "
+        f"continue with resume=auto")
     return summary
 
 
@@ -170,44 +238,83 @@ def _check_inputs_record(stage_dir: Path, key: str, name: str) -> None:
     _atomic_write(path, json.dumps({"key": key}).encode())
 
 
-def _make_chunk(docs: list[dict[str, str]], rollout: Any, generator: Any, cache: Any,
-                params: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """The rows of one chunk of documents, asking the cache first and the generator for the rest."""
-    units = []  # (doc, piece index, variant, request)
+#: a rollout's rounds per piece at most: EntiGraph needs 2 (+ its retries); more is a rollout that never ends
+MAX_ROUNDS = 32
+
+
+class Stopped(Exception):
+    """A signal asked the stage to stop: the answers received are cached, the chunk being made is not written."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _make_chunk(docs: list[dict[str, str]], rollout: Any, generator: Any, cache: Any, params: Any,
+                should_stop: Callable[[], bool] = _never) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The rows of one chunk of documents, asking the cache first and the generator for the rest, round after
+    round: a round's answers decide the next round's requests (``rollout.follow_up``)."""
+    from effitrain.generation.rollouts import as_ask
+
+    pending = []  # (doc, piece index, piece, ask) of the round about to be asked
+    pieces = 0
     for doc in docs:
         for p, piece in enumerate(rollout.pieces(doc["text"])):
-            for variant, prompt in rollout.prompts(piece):
-                units.append((doc, p, piece, variant, generator.request(prompt)))
-    answers: dict[str, Any] = {}
-    unique = list({u[4].key: u[4] for u in units}.values())  # a prompt asked twice is one request
+            pieces += 1
+            pending += [(doc, p, piece, as_ask(a)) for a in rollout.prompts(piece)]
+    answers: dict[str, Any] = {}  # every answer of the chunk by request key (a prompt asked twice is one request)
+    rows: list[dict[str, Any]] = []
+    counts = {"sent": 0, "cached": 0, "dropped": 0, "tokens_sent": 0}
+    for round_no in range(MAX_ROUNDS):
+        if not pending:
+            break
+        units = [(doc, p, piece, ask, generator.request(ask.prompt, ask.attempt)) for doc, p, piece, ask in pending]
+        _answer_round([u[4] for u in units], answers, generator, cache, counts, should_stop)
+        following: dict[tuple[str, int], list] = {}  # a piece's answered asks of this round, in order
+        for doc, p, piece, ask, request in units:
+            texts = answers[request.key].texts
+            kept = rollout.rows(piece, ask, texts)
+            counts["dropped"] += len(texts) - len(kept)
+            for j, text in kept:
+                rows.append({"id": f"{doc['id']}/{p}/{ask.label}/{j}", "text": text,
+                             "domain": f"{doc['domain']}_{params.domain_suffix}", "source_id": doc["id"],
+                             "variant": ask.label, "sample": j})
+            following.setdefault((doc["id"], p), [doc, piece, []])[2].append((ask, texts))
+        pending = [(doc, p, piece, as_ask(a)) for (_, p), (doc, piece, answered) in following.items()
+                   for a in rollout.follow_up(piece, answered)]
+    else:
+        if pending:
+            raise RunFailed(f"rollout {getattr(rollout, 'name', '?')}: still asking follow-up requests after "
+                            f"{MAX_ROUNDS} rounds; a rollout's follow_up must end")
+    stats = {"sent": counts["sent"], "cached": counts["cached"], "rows": len(rows), "dropped": counts["dropped"],
+             "pieces": pieces, "tokens_sent": counts["tokens_sent"],
+             "tokens": sum(a.tokens for a in answers.values())}
+    return stats, rows
+
+
+def _answer_round(requests: list[Any], answers: dict[str, Any], generator: Any, cache: Any,
+                  counts: dict[str, int], should_stop: Callable[[], bool]) -> None:
+    """Fill ``answers`` for ``requests``: the cache's first, the generator's for the rest (cached as they come)."""
     missing = []
-    for request in unique:
+    for request in {r.key: r for r in requests if r.key not in answers}.values():
         cached = cache.get(request.key)
         if cached is None:
             missing.append(request)
         else:
             answers[request.key] = cached
-    tokens_sent = 0
-    if missing:
-        for group in generator.answer(missing):
-            cache.put_many([(r.key, a) for r, a in group])
-            for r, a in group:
-                answers[r.key] = a
-                tokens_sent += a.tokens
-    rows, dropped = [], 0
-    for doc, p, piece, variant, request in units:
-        for j, completion in enumerate(answers[request.key].texts):
-            text = rollout.parse(completion)
-            if text is None or not rollout.keep(piece, text):
-                dropped += 1
-                continue
-            rows.append({"id": f"{doc['id']}/{p}/{variant}/{j}", "text": text,
-                         "domain": f"{doc['domain']}_{params.domain_suffix}", "source_id": doc["id"],
-                         "variant": variant, "sample": j})
-    stats = {"sent": len(missing), "cached": len(unique) - len(missing), "rows": len(rows), "dropped": dropped,
-             "pieces": len({(u[0]["id"], u[1]) for u in units}), "tokens_sent": tokens_sent,
-             "tokens": sum(answers[r.key].tokens for r in unique)}
-    return stats, rows
+            counts["cached"] += 1
+    if not missing:
+        return
+    if should_stop():
+        raise Stopped
+    for group in generator.answer(missing, should_stop=should_stop):
+        cache.put_many([(r.key, a) for r, a in group])
+        for r, a in group:
+            answers[r.key] = a
+            counts["sent"] += 1
+            counts["tokens_sent"] += a.tokens
+    if any(r.key not in answers for r in missing):  # the generator stopped early: a signal asked it to
+        raise Stopped
 
 
 def _assemble(stage_dir: Path, n_chunks: int, n_docs: int, totals: dict[str, int], inputs_key: str,
@@ -253,14 +360,20 @@ def planned_counts(spec: Any) -> dict[str, Any]:
     params = spec.synthesis
     documents = _input_documents(spec, params)
     rollout = params.rollout_block.build()
+    from effitrain.generation.rollouts import as_ask
+
     prompts = set()
-    pieces = words = 0
+    pieces = words = follow_ups = 0
     for doc in documents:
         for piece in rollout.pieces(doc["text"]):
             pieces += 1
             words += len(piece.split())
-            prompts.update(prompt for _, prompt in rollout.prompts(piece))
+            prompts.update(as_ask(a).prompt for a in rollout.prompts(piece))
+            # what a later round asks depends on the answers (EntiGraph's entities): only its bound is known
+            follow_ups += rollout.planned_follow_ups(piece)
     sampling = params.generator_block.params
+    most = len(prompts) + follow_ups
     return {"documents": len(documents), "words": words, "pieces": pieces, "requests": len(prompts),
-            "samples": len(prompts) * sampling.n, "max_tokens_out": len(prompts) * sampling.n * sampling.max_new_tokens,
+            "follow_ups": follow_ups, "samples": most * sampling.n,
+            "max_tokens_out": most * sampling.n * sampling.max_new_tokens,
             "domains_out": sorted({f"{d['domain']}_{params.domain_suffix}" for d in documents})}
