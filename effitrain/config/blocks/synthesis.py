@@ -12,9 +12,10 @@ a generator and writes the result as a dataset that later stages train on (``dat
 
 A rollout builder is called as ``build(params)`` and returns an object with ``pieces(text) -> [str]`` (what one
 document is cut into), ``prompts(piece) -> [(variant, prompt)]`` (the fan-out: one request per variant),
-``parse(completion) -> str | None`` and ``keep(piece, text) -> bool`` (the post-filter); see
-:mod:`effitrain.generation.rollouts`.  A new method (EntiGraph's entity then relation prompts, a teacher's
-answers) is a new registered rollout; the stage, the cache and the backends stay as they are.
+``rows(piece, ask, completions)`` (parse and post-filter) and ``follow_up(piece, answered)`` (the next round's
+requests: EntiGraph's relation prompts follow from its entity answers); see :mod:`effitrain.generation.rollouts`.
+A new method is a new registered rollout (``entigraph`` and ``resample``: :mod:`.rollouts`); the stage, the cache
+and the backends stay as they are.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class SynthesisParams:
             raise ConfigError(f"{path}.generator: required; give at least its model, e.g. {{backend: transformers, "
                               f"model: '@stage:NAME'}}")
         self.generator_block = parse_generator(self.generator, f"{path}.generator")
+        fits = getattr(self.rollout_block.params, "check_generator", None)  # what a rollout needs of its generator
+        if fits is not None:
+            fits(self.generator_block.params, path)
         if not self.domain_suffix.replace("_", "a").replace("-", "a").isalnum():
             raise ConfigError(f"{path}.domain_suffix: expected letters, digits, '_' or '-', got "
                               f"{self.domain_suffix!r}")
