@@ -52,6 +52,9 @@ SMALL_PREPARATION = {
     "quality_curriculum_avg": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
     # the synthesis stage rephrases a few documents briefly (the stage itself: tests/test_generation.py)
     "wrap_rephrase": ["stages.1.synthesis.max_documents=6", "stages.1.synthesis.generator.max_new_tokens=32"],
+    "entigraph": ["stages.1.synthesis.max_documents=2", "stages.1.synthesis.generator.max_new_tokens=16"],
+    "iterative_resampling": [f"stages.{i}.synthesis.{k}" for i in (1, 3)
+                             for k in ("max_documents=4", "generator.max_new_tokens=16", "generator.n=2")],
 }
 
 
