@@ -1,5 +1,6 @@
 """A small OpenAI-compatible server for the tests: the standard library's http.server wrapping a tiny
-``save_pretrained`` model (``GET /v1/models``, ``POST /v1/completions``), counting what it answers.
+``save_pretrained`` model (``GET /v1/models``, ``POST /v1/completions`` and
+``/v1/chat/completions``, whose chat template is "role: content" lines), counting what it answers.
 
 It samples with the request's ``seed`` (``torch.manual_seed`` under a lock, then ``model.generate``), so the same
 request gets the same answer, as vLLM and SGLang servers give with a seed.  Faults for the tests: ``fail_after``
@@ -28,6 +29,7 @@ class TinyServer:
         self.served_name = served_name
         self.answered: list[tuple[str, int]] = []
         self.received = 0
+        self.chat_requests = 0  # of them, to /v1/chat/completions
         self.admitted = 0  # requests let through to be answered
         self._admit = threading.Lock()
         self.fail_after: Optional[int] = None
@@ -59,8 +61,13 @@ class TinyServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
-                if self.path.rstrip("/") != "/v1/completions":
+                chat = self.path.rstrip("/") == "/v1/chat/completions"
+                if self.path.rstrip("/") != "/v1/completions" and not chat:
                     return self._send(404, {"error": "not found"})
+                if chat:  # a chat template of its own: the turns as "role: content" lines, then the answer cue
+                    body["prompt"] = "".join(f"{m['role']}: {m['content']}\n" for m in body["messages"]) + \
+                        "assistant:"
+                    server.chat_requests += 1
                 with server._admit:  # decided one request at a time: the counts are exact with concurrency
                     server.received += 1
                     done = server.admitted
@@ -79,10 +86,10 @@ class TinyServer:
                 if fault == "malformed":
                     return self._send(200, {"object": "text_completion", "choices": []})
                 texts, tokens = server.generate(body)
-                self._send(200, {"object": "text_completion", "model": body["model"],
-                                 "choices": [{"index": i, "text": t, "finish_reason": "length"}
-                                             for i, t in enumerate(texts)],
-                                 "usage": {"completion_tokens": tokens}})
+                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "length"}
+                           if chat else {"index": i, "text": t, "finish_reason": "length"} for i, t in enumerate(texts)]
+                self._send(200, {"object": "chat.completion" if chat else "text_completion", "model": body["model"],
+                                 "choices": choices, "usage": {"completion_tokens": tokens}})
                 with server._admit:
                     server.answered.append((body["prompt"], body["seed"]))
 

@@ -247,6 +247,18 @@ def test_openai_backend_against_a_server_and_a_second_run_sends_nothing(server, 
     assert (tmp_path / "two" / "dataset.jsonl").read_bytes() == (tmp_path / "one" / "dataset.jsonl").read_bytes()
 
 
+def test_the_chat_api_sends_the_prompt_as_a_user_message_and_caches_apart(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    chat = _run(_synthesis(server.base_url, generator={"api": "chat"}), tmp_path / "chat")["synthesis"]
+    assert server.chat_requests == len(server.answered) == chat["requests_sent"] > 0
+    # the server's template wrapped the prompt: the answers came from "user: <prompt>\nassistant:"
+    assert all(p.startswith("user: A chat between") and p.endswith("\nassistant:") for p, _ in server.answered)
+    plain = _run(_synthesis(server.base_url), tmp_path / "plain")["synthesis"]
+    # the same prompts through /completions are other requests: none of the chat answers is reused
+    assert plain["requests_cached"] == 0 and plain["requests_sent"] == chat["requests_sent"]
+    assert server.chat_requests == chat["requests_sent"]
+
+
 def test_sigkill_mid_stage_then_resume_gives_the_same_bytes_and_no_request_twice(server, tmp_path):
     reference_env = {**os.environ, "EFFITRAIN_CACHE": str(tmp_path / "cache_ref")}
     env = {**os.environ, "EFFITRAIN_CACHE": str(tmp_path / "cache")}

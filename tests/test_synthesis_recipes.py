@@ -141,7 +141,7 @@ def test_an_entity_answer_that_does_not_parse_is_asked_again_under_a_new_key_the
     assert document_terms(DOC, 4) == ["Python", "Guido", "Rossum", "created"]
     terms = document_terms(DOC, 3)
     for r in gen.sent[3:]:  # the relation requests of the fallback name two of the three terms each
-        named = r.prompt.rsplit("### Entities:", 1)[1].split("\n- ")[1:]
+        named = r.prompt.rsplit("### Entities:", 1)[1].split("\nASSISTANT:")[0].split("\n- ")[1:]
         assert len(named) == 2 and {n.strip() for n in named} <= set(terms)
     assert len(rows) == 3 and {r["variant"].split(":")[0] for r in rows} == {"pair"}
 
@@ -228,7 +228,7 @@ def test_each_round_mixes_references_and_samples_at_the_recipes_ratio():
         assert spec.stage_specs[3].synthesis.generator_block.params.model == "<final model of stage round1>"
         timeline = round1.timeline.resolve(max_steps=400, tokens_per_step=1)
         labels = np.array(["prose"] * 50 + ["prose_resampled"] * 30)
-        sampler = MixtureSampler(labels, timeline, global_batch_size=8, micro_batch_size=8, seed=0)
+        sampler = MixtureSampler(labels, timeline, seed=0, micro_batch_size=8, grad_accum=1, world_size=1, rank=0)
         drawn = np.concatenate([sampler.slot_domains(s) for s in range(400)])
         share = float((drawn == sampler.names.index("prose_resampled")).mean())
         assert abs(share - ratio) < 0.03, share

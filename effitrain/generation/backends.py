@@ -9,7 +9,8 @@ sampling parameter from the block and nothing from the checkpoint:
   ``batch_size`` prompts at a time, left-padded.  A batch is seeded from the keys of its requests, so it draws the
   same samples whenever it is sent again (a resumed stage re-forms the same batches);
 * ``vllm``: ``vllm.LLM`` and ``SamplingParams`` (imported only here), one seed per request;
-* ``openai``: ``POST {base_url}/completions`` (:mod:`effitrain.generation.http`) from ``concurrency`` threads,
+* ``openai``: ``POST {base_url}/completions`` (or ``/chat/completions``, ``api: chat``: the prompt as one user
+  message) (:mod:`effitrain.generation.http`) from ``concurrency`` threads,
   one seed per request, which servers that honour ``seed`` (vLLM, SGLang) use to draw the same answer again.
 
 Failures a retry may cure are retried ``retries`` times with doubling back-off; after that the stage stops with
@@ -263,9 +264,17 @@ class OpenAIGenerator(Generator):
         super().__init__(params, f"{params.base_url.rstrip('/')}#{params.model}")
         self.key = params.api_key(key_path)
 
+    def cache_scope(self) -> dict[str, Any]:
+        scope = super().cache_scope()
+        if self.params.api != "completions":  # a chat template around the prompt makes another answer
+            scope["api"] = self.params.api
+        return scope
+
     def _one(self, request: Request) -> Answer:
         p = self.params
-        body = {"model": p.model, "prompt": request.prompt, "max_tokens": p.max_new_tokens,
+        chat = p.api == "chat"
+        asked = {"messages": [{"role": "user", "content": request.prompt}]} if chat else {"prompt": request.prompt}
+        body = {"model": p.model, **asked, "max_tokens": p.max_new_tokens,
                 "temperature": p.temperature, "top_p": p.top_p, "n": p.n, "seed": request.seed,
                 # sent explicitly so that a server's own defaults (vLLM reads generation_config.json) add nothing
                 "frequency_penalty": 0.0, "presence_penalty": 0.0}
@@ -274,7 +283,8 @@ class OpenAIGenerator(Generator):
         if p.stop:
             body["stop"] = list(p.stop)
         pairs = self._retrying("a request to " + p.base_url,
-                               lambda: complete(p.base_url, self.key, body, timeout=p.timeout_seconds, n=p.n))
+                               lambda: complete(p.base_url, self.key, body, timeout=p.timeout_seconds, n=p.n,
+                                                        chat=chat))
         return Answer(tuple(_cut_at_stop(t, p.stop) for t, _ in pairs), sum(k for _, k in pairs))
 
     def answer(self, requests: list[Request], *, should_stop: Callable[[], bool] = lambda: False

@@ -1,5 +1,5 @@
 """The OpenAI-compatible wire protocol with the standard library: ``GET {base_url}/models`` (the probe ``check``
-makes) and ``POST {base_url}/completions``.
+makes), ``POST {base_url}/completions`` and ``POST {base_url}/chat/completions``.
 
 Plain ``urllib`` rather than the ``openai`` client: the protocol is one JSON request and answer, and the retries,
 back-off and error wording are ours to decide (one line for the user, the answer that was malformed named).  Torch-
@@ -61,10 +61,12 @@ def probe_models(base_url: str, key: Optional[str], *, timeout: float, key_path:
     return [str(m.get("id")) for m in data if isinstance(m, dict)]
 
 
-def complete(base_url: str, key: Optional[str], body: dict, *, timeout: float, n: int) -> list[tuple[str, int]]:
-    """``POST /completions`` with ``body``; ``n`` (text, completion tokens) pairs in choice order.  A malformed
-    answer (no choices, a choice without text, the wrong count) is an :class:`EndpointError`."""
-    url = base_url.rstrip("/") + "/completions"
+def complete(base_url: str, key: Optional[str], body: dict, *, timeout: float, n: int,
+             chat: bool = False) -> list[tuple[str, int]]:
+    """``POST /completions`` (``chat``: ``/chat/completions``) with ``body``; ``n`` (text, completion tokens) pairs
+    in choice order.  A malformed answer (no choices, a choice without text, the wrong count) is an
+    :class:`EndpointError`."""
+    url = base_url.rstrip("/") + ("/chat/completions" if chat else "/completions")
     answer = _request(url, key, body, timeout)
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or len(choices) != n:
@@ -72,9 +74,13 @@ def complete(base_url: str, key: Optional[str], body: dict, *, timeout: float, n
     ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
     texts = []
     for choice in ordered:
-        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        # a completion's choice holds its text; a chat completion's a message with the assistant's content
+        message = choice.get("message") if isinstance(choice, dict) else None
+        text = (message.get("content") if isinstance(message, dict) else None) if chat else \
+            (choice.get("text") if isinstance(choice, dict) else None)
+        if not isinstance(text, str):
             raise EndpointError(f"{url} answered with a choice that has no text: {str(choice)[:120]}")
-        texts.append(choice["text"])
+        texts.append(text)
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
     total = usage.get("completion_tokens")
     # the usage block is optional in the protocol: without it, tokens are not counted (0), never guessed

@@ -112,10 +112,14 @@ def _gpu_count() -> int:
 
 
 @register("generator", "openai", builder="effitrain.generation.backends:build_openai",
-          summary="an OpenAI-compatible endpoint (/v1/completions): a vLLM/SGLang server, TGI, a hosted API")
+          summary="an OpenAI-compatible endpoint (/v1/completions or /v1/chat/completions): a vLLM/SGLang server, "
+                  "TGI, a hosted API")
 @dataclass(kw_only=True)
 class OpenAIGeneratorParams(_Sampling):
     base_url: str = param(help="the API root, e.g. http://localhost:8000/v1 (its /models and /completions are used)")
+    api: Literal["completions", "chat"] = param("completions", help="completions: the prompt as it is; chat: the "
+                                                "prompt as one user message to /chat/completions (the server applies "
+                                                "the model's chat template; hosted chat-only models)")
     api_key_env: Optional[str] = param(None, help="the NAME of the environment variable that holds the key (the "
                                                   "key itself never goes in a config); null: no key is sent")
     concurrency: int = param(8, ge=1, help="requests in flight at once")
