@@ -349,3 +349,16 @@ def _tiny_model(tmp_path: Path) -> Path:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_plan_shows_entigraphs_first_round_and_its_bound_on_follow_ups():
+    from effitrain.config.compose import compose_config
+    from effitrain.plan import format_section, plan_sections
+
+    composed = compose_config(["+recipe=entigraph", *TINY])
+    section = plan_sections(composed.cfg, composed.recipes)[1]
+    c = section.counts
+    # one entity request per piece; at most 1 retry + 3 pairs + 1 triple follow it (max_entities 8)
+    assert c["requests"] == c["pieces"] and c["follow_ups"] == 5 * c["pieces"] and c["documents"] == 24
+    assert c["max_tokens_out"] == 6 * c["pieces"] * 96
+    assert f"+ at most {c['follow_ups']:,} follow-ups" in format_section(section)
