@@ -234,6 +234,7 @@ def test_each_round_mixes_references_and_samples_at_the_recipes_ratio():
         assert abs(share - ratio) < 0.03, share
 
 
+@pytest.mark.slow  # trains the recipe's three rounds (3 steps each)
 def test_round_k_trains_on_samples_of_round_k_minus_1s_model(tmp_path, monkeypatch, train_in_process):
     """The recipe end to end (tiny sizes): each sampling stage's rows are what the previous round's final model
     draws for those requests -- regenerated here from that model, and not from the other round's."""

@@ -141,7 +141,8 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
 class StopRequest:
     """SIGTERM / SIGUSR1 / SIGUSR2 (a cluster's pre-emption and time-limit warnings) and a first Ctrl-C ask the stage
     to stop as training stops (engine.loop.StopSignal): the requests in flight are answered and cached, nothing new
-    is sent, the finished chunks stay, and the run exits 75 to be resumed.  A second Ctrl-C quits at once."""
+    is sent, the finished chunks stay, and the run exits 75 to be resumed.  A second Ctrl-C quits at once.  Its own
+    class, not the loop's: that module imports torch, which a stage asking an endpoint never needs to load."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
