@@ -381,6 +381,8 @@ def preflight(overrides: list[str], *, multirun: bool, check_dir: bool, deep: bo
         for one, later, stage in _specs_with_inputs_now(spec):
             try:
                 check_inputs(one, deep=deep, later=later)
+                if one.synthesis is not None:  # its generator: the model folder, the key variable, the endpoint
+                    one.synthesis.check_inputs("synthesis", spec=one, deep=deep)
             except ConfigError as exc:  # in a pipeline, say which stage's input it is
                 raise ConfigError(f"stages.{stage}: {exc}" if stage else str(exc)) from None
         if check_dir and not multirun:

@@ -32,8 +32,10 @@ class Layer:
 #: From the ground up.  Where a module of a package sits in another layer than its package (a contract that lower
 #: layers implement, a verb that drives the layers below), it is named on its own line.
 LAYERS: tuple[Layer, ...] = (
-    Layer("ground", ("", "errors", "registry", "paths", "fsutil", "console", "linalg", "run_layout", "cluster.slurm_env", "layers"),
-          "errors, the registry, paths and the console: what every file may use"),
+    Layer("ground", ("", "errors", "registry", "paths", "fsutil", "console", "linalg", "run_layout", "cluster.slurm_env", "layers",
+                     "generation.http"),
+          "errors, the registry, paths and the console: what every file may use; generation.http speaks the "
+          "OpenAI-compatible protocol with the standard library (check probes an endpoint with it)"),
     Layer("data", ("data",),
           "data sources and formats: the demo corpus, readers, the tokenizer, packing and the layout of its rows; "
           "the sharded data engine (datatrove steps, token shards), which takes its executor as plain settings"),
@@ -43,15 +45,17 @@ LAYERS: tuple[Layer, ...] = (
     Layer("contracts", ("engine.events", "engine.state"),
           "what the engine calls and the blocks implement: hooks and the state they see"),
     Layer("blocks", ("models", "peft", "optim", "precision", "parallel", "objectives", "methods", "curriculum",
-                     "selection", "loggers", "data.splits"),
+                     "selection", "loggers", "data.splits", "generation"),
           "the building blocks a run is made of, built by the registry from their schemas; data.splits picks each "
-          "format's row builder and rates segments for control tokens with a selection scorer"),
+          "format's row builder and rates segments for control tokens with a selection scorer; generation: the "
+          "generator backends, the request cache and the rollouts"),
     Layer("engine", ("engine", "memory", "timeline_hooks"),
           "the DeepSpeed loop, checkpoints, run directories, metrics"),
     Layer("run", ("train", "export", "evaluation"),
           "one run: builds the blocks, runs the engine, exports and evaluates its model"),
-    Layer("pipeline", ("pipeline", "selection.stage", "cluster", "cluster.job", "cluster.launcher", "cluster.manifest"),
-          "several runs: stages, selection as a stage of its own, cluster jobs and their sweep manifests"),
+    Layer("pipeline", ("pipeline", "selection.stage", "generation.synthesis", "cluster", "cluster.job", "cluster.launcher", "cluster.manifest"),
+          "several runs: stages, selection as a stage of its own, the synthesis stage (a dataset made with a "
+          "generator), cluster jobs and their sweep manifests"),
     Layer("cli", ("cli", "plan", "planner", "report"),
           "the verbs a user types"),
 )

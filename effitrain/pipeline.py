@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 from effitrain.config.resume import finished_summary
 from effitrain.config.spec import validate
 from effitrain.config.stages import DATA_CONTINUE, HANDOFF_DIR, STAGES_DIR, StageDecl, resolve_refs, stage_config
+from effitrain.generation.synthesis import product_path, run_synthesis
 from effitrain.registry import ConfigError
 # _write_summary: the runs' own atomic summary writer, for the pipeline's summary too
 from effitrain.train import _write_summary, in_progress, train
@@ -113,7 +114,9 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
     # outputs/r2` must find the same paths the first launch (which Hydra gave an absolute folder) stored
     run_dir = run_dir.absolute()
     dirs = stage_dirs(run_dir, stages)
-    final_models = {name: str(d / "final_model") for name, d in dirs.items()}
+    # what '@stage:NAME' names: a stage's final model, or the dataset a synthesis stage made
+    final_models = {s.name: str(product_path(dirs[s.name]) if s.synthesis is not None else dirs[s.name] / "final_model")
+                    for s in stages}
     concluded: dict[str, dict] = {}  # sweep stage -> the config delta it concluded
     rows: list[dict[str, Any]] = []
     outcome: dict[str, Any] = {}
@@ -130,6 +133,19 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
                     concluded[stage.name] = _read_concluded(stage_dir)
                 rows.append(_row(stage, stage_dir, done, transform=_read_transform(run_dir, stage), skipped=True))
                 lock.commit_replacement()
+                continue
+            if stage.synthesis is not None:  # a stage whose product is a dataset: no run, no model
+                run_cfg = stage_config(cfg, stage, init_model=None, final_models=final_models, concluded=concluded)
+                stage_summary = run_synthesis(stage, run_cfg, stage_dir, final_models=final_models, say=say,
+                                              label=label, is_main=is_main)
+                lock.commit_replacement()
+                ran_here.append(stage.name)
+                rows.append(_row(stage, stage_dir, stage_summary, transform=None, skipped=False))
+                if not stage_summary.get("finished"):  # stopped by a signal: exit 75, resume=auto continues it
+                    outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
+                               "exit_code": stage_summary.get("exit_code", 1),
+                               "stopped_by_signal": stage_summary.get("stopped_by_signal")}
+                    break
                 continue
             init_model, transform_info = None, None
             if stage.inherits_model:
@@ -163,7 +179,8 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
             rows.append(_row(stage, stage_dir, stage_summary, transform=transform_info, skipped=False))
             if not stage_summary.get("finished"):
                 outcome = {"stopped_by": f"stage '{stage.name}': {stage_summary.get('stopped_by')}",
-                           "exit_code": stage_summary.get("exit_code", 1)}
+                           "exit_code": stage_summary.get("exit_code", 1),
+                           "stopped_by_signal": stage_summary.get("stopped_by_signal")}
                 break
     except ConfigError as exc:
         if not ran_here:
@@ -181,6 +198,7 @@ def _run_stages(cfg: dict[str, Any], spec: Any, run_dir: Path, argv: Optional[li
         "finished": finished,
         "stopped_by": outcome.get("stopped_by"),
         "exit_code": 0 if finished else outcome.get("exit_code", 1),
+        "stopped_by_signal": outcome.get("stopped_by_signal"),  # a cluster job hands a SIGUSR2 stop to submitit
         "final_eval_loss": last.get("final_eval_loss"),
         "final_model": last.get("final_model") if finished else None,
         "recipe": [r.name for r in spec.recipes],
@@ -258,7 +276,8 @@ def _run_sweep(stage: StageDecl, run_cfg: dict[str, Any], stage_dir: Path, resum
 def _row(stage: StageDecl, stage_dir: Path, summary: dict[str, Any], *, transform: Optional[dict],
          skipped: bool) -> dict[str, Any]:
     keys = ("finished", "exit_code", "steps", "tokens", "train_seconds", "flops", "flops_sparse", "final_eval_loss",
-            "final_model", "trainable_params", "total_params", "stopped_by")
+            "final_model", "trainable_params", "total_params", "stopped_by",
+            "dataset")  # a synthesis stage's product (None for the stages that train)
     return {"stage": stage.name, "run_dir": str(stage_dir), "init": stage.init, "transform": transform,
             "skipped_as_finished": skipped, **{k: summary.get(k) for k in keys}}
 

@@ -47,6 +47,36 @@ class PlanSection:
         raise KeyError(name)
 
 
+@dataclass
+class SynthesisPlan:
+    """A synthesis stage in the plan: no steps, what it reads and asks a generator for."""
+    title: str
+    counts: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)  # no training steps (plan_rows reads every section's rows)
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        return [self.title,
+                f"  documents in   {c['documents']:,}",
+                f"  words in       {c['words']:,} in {c['pieces']:,} pieces",
+                f"  requests       {c['requests']:,}"
+                + (f" + at most {c['follow_ups']:,} follow-ups" if c.get("follow_ups") else "")
+                + f" ({'at most ' if c.get('follow_ups') else ''}{c['samples']:,} samples)",
+                f"  tokens out     at most {c['max_tokens_out']:,}",
+                f"  domains out    {', '.join(c['domains_out'])}"]
+
+
+def _synthesis_plan(stage: Any, spec: Any) -> SynthesisPlan:
+    from effitrain.generation.synthesis import planned_counts
+
+    raw = stage.synthesis
+    generator = raw.get("generator") or {}
+    params = spec.synthesis
+    title = (f"stage {stage.index} '{stage.name}' (synthesis: rollout {params.rollout_block.name}, generator "
+             f"{params.generator_block.name} {generator.get('model')}; trains nothing)")
+    return SynthesisPlan(title, planned_counts(spec))
+
+
 def plan_sections(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[PlanSection]:
     """One section per stage of a multi-stage recipe (each stage is a whole run with its own timeline and lr), or
     one for a single run."""
@@ -54,7 +84,7 @@ def plan_sections(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> lis
 
     spec = validate(cfg, recipes)
     if spec.stages:
-        return [_section(one, f"stage {stage.index} '{stage.name}' (init {stage.init}"
+        return [_synthesis_plan(stage, one) if stage.synthesis is not None else _section(one, f"stage {stage.index} '{stage.name}' (init {stage.init}"
                               + (f", transform {stage.transform.get('name')}" if stage.transform else "")
                               # what a sweep decides is known only after it ran: the rows show the recipe's stand-in
                               + (f", sweep {stage.sweep.get('name')}: one run per member" if stage.sweep else "")
@@ -144,6 +174,8 @@ def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[di
 
 
 def format_section(section: PlanSection) -> str:
+    if isinstance(section, SynthesisPlan):
+        return "\n".join(section.lines())
     domains = sorted({d for r in section.rows if r["mixture"] for d in r["mixture"]})
     paced = section.timeline.declares("competence")  # a difficulty curriculum: the share of sorted rows in play
     distilled = section.timeline.declares("distill_weight")  # SALT: the teacher's weight in the loss
@@ -258,7 +290,7 @@ def plot_sections(sections: list[PlanSection], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = check_plot_path(path)
-    fig = plan_figure(sections)
+    fig = plan_figure([s for s in sections if isinstance(s, PlanSection)])  # a synthesis stage has no steps
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,6 +9,7 @@ by the others); selection recipes without a reference model train a proxy on the
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import yaml
@@ -49,6 +50,11 @@ SMALL_PREPARATION = {
     "delt": ["curriculum.proxy_steps=10", "curriculum.ct_states=2", "curriculum.annotate_rows=32"],
     "difficulty_curriculum": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
     "quality_curriculum_avg": ["curriculum.scorer.proxy_steps=4", "curriculum.scorer.max_length=48"],
+    # the synthesis stage rephrases a few documents briefly (the stage itself: tests/test_generation.py)
+    "wrap_rephrase": ["stages.1.synthesis.max_documents=6", "stages.1.synthesis.generator.max_new_tokens=32"],
+    "entigraph": ["stages.1.synthesis.max_documents=2", "stages.1.synthesis.generator.max_new_tokens=16"],
+    "iterative_resampling": [f"stages.{i}.synthesis.{k}" for i in (1, 3)
+                             for k in ("max_documents=4", "generator.max_new_tokens=16", "generator.n=2")],
 }
 
 
@@ -72,5 +78,8 @@ def test_recipe_runs_a_few_steps(name, tmp_path, train_in_process):
     assert summary["finished"] and summary["recipe"] == [name]
     assert math.isfinite(summary["final_eval_loss"])
     for run in summary.get("stages") or [summary]:  # a multi-stage recipe: every stage ran its 3 steps
+        if run.get("dataset"):  # a synthesis stage trains nothing: it made a dataset
+            assert run["finished"] and run["steps"] == 0 and os.path.getsize(run["dataset"]) > 0
+            continue
         assert run["finished"] and run["steps"] == 3
         assert 0 < run["trainable_params"] <= run["total_params"]

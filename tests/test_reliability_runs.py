@@ -189,6 +189,18 @@ def test_resume_with_a_changed_model_shape_is_refused_before_anything_is_built(t
     assert snapshot(run) == before
 
 
+def test_resume_with_a_stages_override_compares_the_list_itself(tmp_path):
+    """`+stages=[...]` given again with resume=auto is the run's own list (stored nested, as its keys are walked
+    by index): it resumes; another list is refused, naming it."""
+    stages = "+stages=[{name: a}, {name: b, optimizer: {lr: 0.001}}]"
+    run = mark_run(tmp_path / "run", composed(stages))
+    same = effitrain_cli("check", f"run_dir={run}", *TINY, stages, "resume=auto")
+    assert same.returncode == 0 and "resuming" in same.stdout, same.stderr
+    other = stages.replace("lr: 0.001", "lr: 0.002")
+    assert_refused(effitrain_cli("check", f"run_dir={run}", *TINY, other, "resume=auto"),
+                   "stages: [{'name': 'a'", "cannot change when a run resumes")
+
+
 def test_resume_remembers_the_runs_recipe(tmp_path):
     run = mark_run(tmp_path / "run", composed("+recipe=galore"))
     for args in (["check", f"run_dir={run}", "resume=auto"], ["check", "resume", str(run), "train.max_steps=9"]):

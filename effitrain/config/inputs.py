@@ -84,7 +84,12 @@ def training_domains(spec: Any, found: Collection[str]) -> list[str]:
     documents (``dataset.procedural_docs``) join as 'procedural'."""
     params = spec.block("dataset").params
     kept = [d for d in found if getattr(params, "domains", None) is None or d in params.domains]
-    return sorted(kept) + (["procedural"] if getattr(params, "procedural_docs", 0) else [])
+    made: list[str] = []
+    if getattr(params, "synthetic", None):  # model-made documents (dataset.synthetic) bring their own domains
+        from effitrain.data.synthetic import file_domains
+
+        made = file_domains(params.synthetic) or []
+    return sorted(kept) + (["procedural"] if getattr(params, "procedural_docs", 0) else []) + made
 
 
 def check_named_domains(spec: Any, domains: Collection[str]) -> None:

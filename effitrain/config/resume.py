@@ -97,8 +97,9 @@ def remembered_config(run_dir: Path, overrides: list[str]) -> tuple[dict[str, An
             if old != value:
                 changed[key] = (repr(old), repr(value))
             continue
-        if not _safe(key) and not same_value(stored.get(key, "<unset>"), value):
-            changed[key] = (repr(stored.get(key, "<unset>")), repr(value))
+        before = stored.get(key, _nested(cfg, key))  # a list or mapping (`+stages=[...]`) is stored nested
+        if not _safe(key) and not same_value(before, value):
+            changed[key] = (repr(before), repr(value))
             continue
         _set(cfg, key, value)
     if changed:
@@ -157,6 +158,19 @@ def keep_global_batch(run_dir: Path, cfg: dict[str, Any], world_size: int) -> Op
     cfg["train"]["grad_accum"] = new_accum
     return (f"resume: {saved_world} -> {world_size} processes: train.grad_accum {accum} -> {new_accum} keeps the "
             f"global batch at {global_batch} (micro_batch_size {new_micro})")
+
+
+def _nested(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted key of a nested config (list items by index), or '<unset>'."""
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return "<unset>"
+    return node
 
 
 def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:

@@ -82,6 +82,7 @@ class RunSpec:
     concluded_by: Optional[Block] = None  # the sweep whose concluded config a `config_from` stage merges
     start_shape: Any = None        # a stage's inherited model (effitrain.config.stage_shapes.ModelShape), or None
     data: Any = None               # the `data:` section (effitrain.config.blocks.data_engine.DataParams)
+    synthesis: Any = None          # a synthesis stage's validated `synthesis:` (config.blocks.synthesis)
 
     def block(self, group: str) -> Block:
         return self.blocks[group]
@@ -221,6 +222,13 @@ def _validate_stages(cfg: Mapping[str, Any], recipes: Optional[list[Mapping[str,
         spec.stage_specs.append(one)
         if stage.config_from is not None:
             one.concluded_by = next(s.sweep for s, d in zip(spec.stage_specs, stages) if d.name == stage.config_from)
+        if stage.synthesis is not None:  # its keys, with '@stage:NAME' models as the placeholders of check
+            from effitrain.config.blocks.synthesis import parse_synthesis
+            from effitrain.config.stages import resolve_refs
+
+            one.synthesis = parse_synthesis(resolve_refs(stage.synthesis, final_models),
+                                            f"stages.{stage.name}.synthesis")
+            continue  # it leaves a dataset: no model shape for the stages after it
         if stage.sweep is None:
             built = start if start is not None else stage_shapes.built_shape(one, f"stage '{stage.name}'s model")
             shapes[stage.name] = stage_shapes.trained_shape(built, one, stage.name)
@@ -300,6 +308,13 @@ def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
         domains = list(DEMO_DOMAINS)
     if domains is not None and getattr(dataset.params, "procedural_docs", 0):
         domains = [*domains, "procedural"]  # generated documents (dataset.procedural_docs) join as this domain
+    synthetic = getattr(dataset.params, "synthetic", None)
+    if domains is not None and synthetic:  # model-made documents bring their own domains, read where they exist
+        from effitrain.data.synthetic import file_domains  # standard library only
+
+        made = file_domains(synthetic)
+        # an earlier stage writes them: the mixture's domains are checked when the sampler is built
+        domains = None if made is None else [*domains, *made]
     timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
     check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name,
                   objective=blocks["objective"].name)

@@ -41,7 +41,7 @@ from effitrain.config.tree import BLOCK_GROUPS, config_root, group_options
 from effitrain.registry import ConfigError, choices_text, did_you_mean
 
 STAGE_REF = "@stage:"
-STAGE_OWN_KEYS = ("name", "init", "transform", "sweep", "config_from", "data")
+STAGE_OWN_KEYS = ("name", "init", "transform", "sweep", "config_from", "data", "synthesis")
 DATA_FRESH, DATA_CONTINUE = "fresh", "continue"
 # Keys that belong to the pipeline as a whole, never to one stage.
 PIPELINE_KEYS = ("run_dir", "resume", "overwrite", "stages", "recipe", "hydra", "plugins")
@@ -61,6 +61,12 @@ class StageDecl:
     sweep: Optional[dict] = None     # {name: ..., params} of the `sweep` group: the stage trains member runs
     config_from: Optional[str] = None  # an earlier sweep stage whose concluded config delta this stage merges
     data: str = DATA_FRESH           # 'continue': the sampler starts after the previous stage's last batch
+    synthesis: Optional[dict] = None  # the stage makes a dataset with a generator instead of training a model
+
+    @property
+    def leaves_model(self) -> bool:
+        """A sweep stage leaves a concluded config and a synthesis stage a dataset; the others a final model."""
+        return self.sweep is None and self.synthesis is None
 
     @property
     def dir_name(self) -> str:
@@ -90,7 +96,9 @@ def parse_stages(raw: Any) -> list[StageDecl]:
         if name in {s.name for s in stages}:
             raise ConfigError(f"{where}.name: '{name}' names two stages; stage names must differ")
         where = f"stages.{name}"
-        init = entry.get("init", "scratch" if i == 0 else "previous")
+        synthesis = _synthesis_key(entry, where)
+        # a synthesis stage trains no model: it starts from none (its generator names the model it samples from)
+        init = entry.get("init", "scratch" if i == 0 or synthesis is not None else "previous")
         if not isinstance(init, str) or not init.strip():
             raise ConfigError(f"{where}.init: expected 'scratch', 'previous' or a model folder, got {init!r}")
         if i == 0 and init == "previous":
@@ -116,21 +124,57 @@ def parse_stages(raw: Any) -> list[StageDecl]:
                               f"init: scratch to configure a new model")
         sweep, config_from = _sweep_keys(entry, where, init, transform, stages)
         data = _data_key(entry, where, sweep, stages)
-        stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from, data))
+        stages.append(StageDecl(i + 1, name, init, transform, delta, sweep, config_from, data, synthesis))
     for stage in stages:
-        # a delta's value or a transform's parameter (decoalesce_interpolate.reference) may name an earlier stage
-        for ref in stage_refs(stage.delta) + stage_refs(stage.transform or {}):
-            _check_model_ref(ref, f"stages.{stage.name}", [s for s in stages if s.index < stage.index])
+        earlier = [s for s in stages if s.index < stage.index]
+        # a delta's value or a transform's parameter (decoalesce_interpolate.reference) may name an earlier stage:
+        # under `dataset` a synthesis stage (its dataset), anywhere else a stage that leaves a model
+        for key, value in stage.delta.items():
+            for ref in stage_refs(value):
+                if key == "dataset":
+                    _check_dataset_ref(ref, f"stages.{stage.name}.dataset", earlier)
+                else:
+                    _check_model_ref(ref, f"stages.{stage.name}", earlier)
+        for ref in stage_refs(stage.transform or {}) + stage_refs(stage.synthesis or {}):
+            _check_model_ref(ref, f"stages.{stage.name}", earlier)
     return stages
+
+
+def _synthesis_key(entry: Mapping[str, Any], where: str) -> Optional[dict]:
+    """``synthesis:`` (the stage makes a dataset with a generator; its keys are checked with the stage's run
+    config in :func:`effitrain.config.spec.validate`).  It trains nothing, so the keys about a model are refused."""
+    synthesis = entry.get("synthesis")
+    if synthesis is None:
+        return None
+    if not isinstance(synthesis, Mapping):
+        raise ConfigError(f"{where}.synthesis: expected a mapping with a rollout and a generator, got {synthesis!r}")
+    for key in ("init", "transform", "sweep", "config_from", "data"):
+        if key in entry:
+            raise ConfigError(f"{where}.{key}: a synthesis stage makes a dataset and trains no model, so it takes "
+                              f"no {key}; its generator names the model it samples from")
+    return dict(synthesis)
+
+
+def _check_dataset_ref(name: str, where: str, earlier: list[StageDecl]) -> None:
+    """'@stage:NAME' under ``dataset`` must name an earlier synthesis stage (the dataset it made)."""
+    made = [s.name for s in earlier if s.synthesis is not None]
+    if name in made:
+        return
+    valid = f"earlier synthesis stages: {choices_text(made)}" if made else "no earlier stage makes a dataset"
+    raise ConfigError(f"{where}: '{STAGE_REF}{name}' must name an earlier synthesis stage (whose dataset it "
+                      f"trains on){did_you_mean(name, made)}; {valid}")
 
 
 def _check_model_ref(name: str, where: str, earlier: list[StageDecl]) -> None:
     """'@stage:NAME' must name an earlier stage that leaves a model: a sweep stage trains member runs, measured and
     not kept, and concludes a config (config_from), not a model."""
-    models = [s.name for s in earlier if s.sweep is None]
+    models = [s.name for s in earlier if s.leaves_model]
     if name in models:
         return
     valid = f"earlier stages: {choices_text(models)}" if models else "no earlier stage leaves a model"
+    if name in {s.name for s in earlier if s.synthesis is not None}:
+        raise ConfigError(f"{where}: '{STAGE_REF}{name}' names a synthesis stage, which leaves a dataset, not a "
+                          f"model (train on it with dataset: '{STAGE_REF}{name}' or dataset.synthetic); {valid}")
     if name in {s.name for s in earlier}:
         raise ConfigError(f"{where}: '{STAGE_REF}{name}' names a sweep stage, which leaves no model (its members "
                           f"are measured, not kept; config_from: {name} takes the config it concludes); {valid}")
@@ -150,6 +194,10 @@ def _sweep_keys(entry: Mapping[str, Any], where: str, init: str, transform: Any,
             raise ConfigError(f"{where}.transform: a sweep stage trains its members from the stage's own model "
                               f"config; it takes no transform")
         sweep = dict(sweep)
+    if stages and stages[-1].synthesis is not None and init == "previous":
+        raise ConfigError(f"{where}.init: the previous stage '{stages[-1].name}' is a synthesis stage and leaves a "
+                          f"dataset, not a model; set init: scratch (and dataset: '{STAGE_REF}{stages[-1].name}' to "
+                          f"train on its data) or '{STAGE_REF}NAME' of a stage that trained a model")
     if stages and stages[-1].sweep is not None and init == "previous":
         raise ConfigError(f"{where}.init: the previous stage '{stages[-1].name}' is a sweep and leaves no model; "
                           f"set init: scratch or a model folder")
@@ -175,6 +223,9 @@ def _data_key(entry: Mapping[str, Any], where: str, sweep: Any, stages: list[Sta
         if not stages:
             raise ConfigError(f"{where}.data: the first stage has no previous stage whose data it could continue; "
                               f"use data: {DATA_FRESH}")
+        if stages[-1].synthesis is not None:
+            raise ConfigError(f"{where}.data: the previous stage '{stages[-1].name}' makes a dataset and trains on "
+                              f"nothing, so there is no data stream to continue; use data: {DATA_FRESH}")
         if sweep is not None or stages[-1].sweep is not None:
             raise ConfigError(f"{where}.data: a sweep stage trains member runs, so there is no single data stream "
                               f"to continue across it; use data: {DATA_FRESH}")
@@ -253,12 +304,29 @@ def stage_config(cfg: Mapping[str, Any], stage: StageDecl, *, init_model: Option
     earlier sweep stages to the config delta they concluded (for ``config_from``; merged after the stage's own
     delta, so the keys the sweep chose win over the recipe's stand-ins; absent when only checking)."""
     run = base_config(cfg)
-    _apply_delta(run, resolve_refs(stage.delta, final_models), stage.name)
+    delta = dict(stage.delta)
+    if isinstance(delta.get("dataset"), str) and delta["dataset"].startswith(STAGE_REF):
+        delta["dataset"] = synthesized_dataset_block(delta["dataset"], run.get("dataset"))
+    _apply_delta(run, resolve_refs(delta, final_models), stage.name)
     if stage.config_from is not None and concluded and stage.config_from in concluded:
         _apply_delta(run, concluded[stage.config_from], stage.name)
     if stage.inherits_model:
         run["model"] = _inherited_model_block(run.get("model") or {}, init_model or stage.init)
     return run
+
+
+#: the keys of every text dataset block (effitrain.config.blocks.dataset._Common) that a run's dataset keeps when it
+#: trains on a synthesis stage's dataset alone: how rows are packed and held out, not where documents come from
+_KEPT_DATASET_KEYS = ("seq_len", "eval_examples_per_domain", "num_proc", "packing", "min_piece_len")
+
+
+def synthesized_dataset_block(ref: str, base: Any) -> dict[str, Any]:
+    """``dataset: "@stage:NAME"``: the ``local`` block over that synthesis stage's jsonl file (its ``domain``
+    column kept), with the packing keys of the recipe's own dataset block."""
+    block: dict[str, Any] = {"name": "local", "path": ref, "domain_field": "domain", "text_field": "text"}
+    if isinstance(base, Mapping):
+        block.update({k: copy.deepcopy(base[k]) for k in _KEPT_DATASET_KEYS if k in base})
+    return block
 
 
 def _apply_delta(run: dict[str, Any], delta: Mapping[str, Any], stage_name: str) -> None:
@@ -291,7 +359,8 @@ def _inherited_model_block(configured: Mapping[str, Any], path: str) -> dict[str
 
 def placeholder_paths(stages: list[StageDecl]) -> tuple[dict[str, str], dict[str, str]]:
     """Stand-in folders for ``check``: the stages' models do not exist before the pipeline runs."""
-    final = {s.name: f"<final model of stage {s.name}>" for s in stages}
+    final = {s.name: f"<dataset of stage {s.name}>" if s.synthesis is not None else f"<final model of stage {s.name}>"
+             for s in stages}
     init = {}
     for i, s in enumerate(stages):
         if s.init == "previous":

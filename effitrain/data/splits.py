@@ -23,6 +23,7 @@ from effitrain.data.decompose import pack_decomposed
 from effitrain.data.packing import pack
 from effitrain.data.procedural import with_procedural
 from effitrain.data.sources import domain_indices
+from effitrain.data.synthetic import with_synthetic
 from effitrain.data.tokenizer import build_tokenizer
 from effitrain.registry import ConfigError
 
@@ -54,9 +55,9 @@ def build_text_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
     with quiet_progress(len(raw["train"])):
         corpus = raw["train"] if tokenizer_corpus is None else tokenizer_corpus
         tokenizer = build_tokenizer(model_params, corpus, cache_dir=cache_dir)
-        # generated documents join the train split after the tokenizer is trained, so the tokenizer (and the
-        # per-token eval losses) stay those of runs without them
-        train_docs = with_procedural(raw["train"], dataset_params)
+        # generated and model-made (dataset.synthetic) documents join the train split after the tokenizer is
+        # trained, so the tokenizer (and the per-token eval losses) stay those of runs without them
+        train_docs = with_synthetic(with_procedural(raw["train"], dataset_params), dataset_params)
         control = getattr(dataset_params, "control_tokens", None)
         if control is not None:  # conditional training: a control token before every rated segment
             tokenizer, train_docs = _with_control_tokens(train_docs, tokenizer, control,

@@ -17,12 +17,15 @@ from typing import Any, Iterator, Optional
 
 
 def plain_generation_config(*, do_sample: bool, max_new_tokens: int, pad_token_id: Optional[int],
-                            eos_token_id: Optional[int], temperature: float = 1.0) -> Any:
-    """Ancestral sampling at ``temperature`` (or greedy decoding) with every logits processor and warper off."""
+                            eos_token_id: Optional[int], temperature: float = 1.0, top_p: float = 1.0,
+                            top_k: int = 0) -> Any:
+    """Ancestral sampling at ``temperature`` (or greedy decoding) with every logits processor and warper off but
+    the nucleus (``top_p`` < 1) and top-k (``top_k`` > 0) truncations a caller names (a generator block's)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_k=0, top_p=1.0, min_p=None,
+        do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_k=top_k if do_sample else 0,
+        top_p=top_p if do_sample else 1.0, min_p=None,
         typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None,
         suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,

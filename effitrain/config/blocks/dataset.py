@@ -30,6 +30,10 @@ class _Common:
     procedural_symbols: int = param(64, ge=1, help="bracket types / alphabet size (k)")
     procedural_length: int = param(256, ge=2, help="symbols per generated document")
     procedural_seed: int = 0
+    # documents made by a model: a synthesis stage's dataset ('@stage:NAME') or a jsonl file of {text, domain}
+    synthetic: list[str] = param(default_factory=list, help="jsonl files of model-made documents (a synthesis "
+                                 "stage's dataset: '@stage:NAME') joined to the train split with their own domains; "
+                                 "the tokenizer and the eval split stay the real data's")
     # conditional training: a control token before every segment of the training documents (dataset_control.py)
     control_tokens: Optional[ControlTokensParams] = param(None, help="{scorer, threshold | bad_fraction, segment, "
                                                                      "drop_token_fraction, ...}; null = none")

@@ -1,0 +1,75 @@
+"""Rollouts of several steps (the ``rollout`` registry group; ``wrap`` is in :mod:`.synthesis`).
+
+``entigraph``: EntiGraph (Yang et al., 2024, arXiv 2409.07431) -- the entities of a document, then texts about how
+pairs and triples of them relate in it.  ``resample``: ITERTL's sampling step (Wu et al., 2024, arXiv 2407.12022) --
+the model of the previous round continues the start of every reference document, several times, and the samples
+nearest the reference are kept.  Torch-free schemas; the rollouts are in :mod:`effitrain.generation.entigraph` and
+:mod:`effitrain.generation.resample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from effitrain.registry import ConfigError, param, register
+
+
+@register("rollout", "entigraph", builder="effitrain.generation.entigraph:build_entigraph",
+          summary="EntiGraph (Yang et al., 2409.07431): extract a document's entities, then write how pairs and "
+                  "triples of them relate in it")
+@dataclass
+class EntigraphParams:
+    max_words: int = param(2000, ge=8, help="a longer document is cut into pieces of at most this many words at "
+                                            "sentence ends, each prompted as a document of its own (the paper: "
+                                            "whole QuALITY articles, ~5k tokens)")
+    max_entities: int = param(20, ge=2, help="entities of a piece used at most (the first ones the answer lists)")
+    singles: Optional[int] = param(0, ge=0, help="single entities per piece asked about (the authors' code has this "
+                                                 "step, the paper's algorithm not); null: all")
+    pairs: Optional[int] = param(10, ge=0, help="entity pairs per piece, drawn with the seed; null: every pair "
+                                                "(the paper)")
+    triples: Optional[int] = param(10, ge=0, help="entity triples per piece, drawn with the seed; null: every "
+                                                  "triple (the paper: all of them shuffled, as many as its budget "
+                                                  "reached)")
+    seed: int = param(0, help="the draw of the pairs and triples (with the piece's text): the same seed, the same "
+                              "requests")
+    entity_retries: int = param(2, ge=0, help="the entity answer is asked again (a new seed) this many times when "
+                                              "it holds no entity list (the paper retries until it does)")
+    fallback: Literal["none", "terms"] = param("none", help="when no entity answer parses: none = the piece makes "
+                                                            "no relation texts; terms = its most frequent content "
+                                                            "words stand in for the entities (a generator too weak "
+                                                            "to answer JSON, e.g. the CPU demo's)")
+    summary_rows: bool = param(True, help="the summary of the entity answer is a training text too (the authors' "
+                                          "corpus holds it)")
+    min_words: int = param(3, ge=0, help="post-filter: a relation text with fewer words is dropped")
+
+    def validate(self, path: str) -> None:
+        if not any((self.singles is None or self.singles, self.pairs is None or self.pairs,
+                    self.triples is None or self.triples)):
+            raise ConfigError(f"{path}: singles, pairs and triples are all 0, so no relation text is asked for; "
+                              f"the paper asks pairs and triples (e.g. pairs: 10, triples: 10)")
+
+    def fan_out(self) -> int:
+        return 1  # the first round: one entity request per piece; the relations follow from its answer
+
+
+@register("rollout", "resample", builder="effitrain.generation.resample:build_resample",
+          summary="ITERTL (Wu et al., 2407.12022): the previous round's model continues each reference's start n "
+                  "times; the samples nearest the reference are kept")
+@dataclass
+class ResampleParams:
+    prompt_words: int = param(16, ge=1, help="the start of a reference document the model continues")
+    max_words: int = param(200, ge=8, help="a longer reference is cut into pieces of at most this many words at "
+                                           "sentence ends, each continued on its own")
+    keep: int = param(1, ge=1, help="samples kept per piece, the nearest to the reference first (of the generator's "
+                                    "n): ITERTL's ranking by a score, reduced to keeping the best")
+    min_score: float = param(0.0, ge=0, le=1, help="a kept sample's score (word-overlap F1 of its continuation with "
+                                                   "the reference's) at least this")
+
+    def fan_out(self) -> int:
+        return 1
+
+    def check_generator(self, generator: Any, path: str) -> None:
+        if self.keep > generator.n:
+            raise ConfigError(f"{path}.rollout.keep: keeps {self.keep} of the generator's n={generator.n} samples "
+                              f"per piece; set generator.n >= {self.keep} (ITERTL ranks several samples per task)")
