@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from effitrain.engine.events import Hook
+from effitrain.objectives.generation import generate_plainly, plain_generation_config
 
 
 class Samples(Hook):
@@ -34,12 +35,14 @@ class Samples(Hook):
         model.eval()
         device = next(model.parameters()).device
         lines = []
+        # greedy on the model's own logits: a checkpoint's generation config (a repetition penalty, banned n-grams)
+        # would show another decoder's text than the model's
+        config = plain_generation_config(do_sample=False, max_new_tokens=self.max_new_tokens,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         with torch.no_grad():
             for prompt in self.prompts:
                 ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
+                out = generate_plainly(model, config, input_ids=ids, attention_mask=torch.ones_like(ids))
                 completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 lines.append({"step": state.step, "prompt": prompt, "completion": completion})
         if was_training:
