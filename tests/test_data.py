@@ -326,3 +326,15 @@ def test_build_packed_splits(demo):
 
     with pytest.raises(ConfigError, match="eval_examples_per_domain.*less than one sequence"):
         build_packed_splits(DemoParams(**SMALL, seq_len=4096), LlamaParams(vocab_size=400), demo)
+
+
+def test_a_record_without_an_id_among_records_with_ids_is_numbered_by_its_row():
+    """Not 'None': records sharing one id would be held out (ranked by id) all together or not at all."""
+    import datasets
+
+    from effitrain.data.sources import standardize
+
+    ds = datasets.Dataset.from_list([{"id": "a", "text": "one"}, {"id": None, "text": "two"},
+                                     {"id": "c", "text": "three"}, {"id": None, "text": "four"}])
+    out = standardize(ds, text_field="text", domain_field=None, key="dataset", id_prefix="train")
+    assert out["id"] == ["a", "train-000000001", "c", "train-000000003"]

@@ -103,7 +103,10 @@ def _standardize_batch(batch: dict, indices: list[int], *, text_field: str, doma
         if text is None or not str(text).strip():
             continue
         out["text"].append(str(text))
-        out["id"].append(str(ids[j]) if ids is not None else f"{id_prefix}-{indices[j]:09d}")
+        # a record without an id in a file whose other records have one is numbered like a file without ids (not
+        # "None": every such record would share one id, and the eval hold-out ranks documents by their id)
+        has_id = ids is not None and ids[j] is not None
+        out["id"].append(str(ids[j]) if has_id else f"{id_prefix}-{indices[j]:09d}")
         out["domain"].append(str(domains[j]) if domains is not None else DEFAULT_DOMAIN)
     return out
 
@@ -111,8 +114,8 @@ def _standardize_batch(batch: dict, indices: list[int], *, text_field: str, doma
 def standardize(ds, *, text_field: str, domain_field: Optional[str], key: str, id_prefix: str, num_proc: int = 1):
     """Map any text dataset to the ``id``/``text``/``domain`` schema, with errors that name the config key.
 
-    An ``id`` column in the source is kept (as a string); otherwise ids are ``<id_prefix>-<row>``, stable as long
-    as the files are.
+    An ``id`` column in the source is kept (as a string); otherwise -- and for a row whose id is missing -- ids are
+    ``<id_prefix>-<row>``, stable as long as the files are.
     """
     import datasets
 
