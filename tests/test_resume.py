@@ -122,3 +122,24 @@ def test_a_stop_between_two_log_lines_logs_the_same_next_line_after_resume(tmp_p
         return [{k: v for k, v in l.items() if k in ("step", "loss", "lr", "grad_norm", "eval_loss")} for l in lines]
 
     assert values(stopped) == values(full)
+
+
+def test_a_stage_whose_config_differs_points_at_resuming_its_pipeline(tmp_path):
+    """A stage is resumed through its pipeline: the refusal names the pipeline's folder, not the stage's."""
+    import yaml
+
+    from effitrain.config.resume import check_resume_config
+    from effitrain.registry import ConfigError
+
+    pipeline = tmp_path / "r2"
+    stage = pipeline / "stages" / "01-sft"
+    stage.mkdir(parents=True)
+    for folder in (pipeline, stage):
+        (folder / "config.yaml").write_text(yaml.safe_dump({"optimizer": {"lr": 0.1}}))
+    with pytest.raises(ConfigError) as refused:
+        check_resume_config(stage, {"optimizer": {"lr": 0.2}}, "auto", [])
+    assert f"`effitrain resume {pipeline}`" in str(refused.value)
+    assert "optimizer.lr: 0.1 -> 0.2" in str(refused.value)
+    with pytest.raises(ConfigError) as plain:  # a run of its own keeps its own folder in the advice
+        check_resume_config(pipeline, {"optimizer": {"lr": 0.2}}, "auto", [])
+    assert f"`effitrain resume {pipeline}`" in str(plain.value)

@@ -242,9 +242,20 @@ def check_resume_config(run_dir: Path, cfg: dict[str, Any], resume: Optional[str
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
         keys = f"this launch's config differs from the run's in {shown}{more}" if changed else \
             "no setting differs"
+        resumable = _pipeline_of(run_dir) or run_dir  # a stage is resumed through its pipeline
         raise ConfigError(f"resume: {recipe}{keys}; resume with "
-                          f"`effitrain resume {run_dir}` (it remembers the run's recipe and overrides; see "
-                          f"{run_dir / 'command.txt'}); only {_safe_keys_text()} may change")
+                          f"`effitrain resume {resumable}` (it remembers the run's recipe and overrides; see "
+                          f"{resumable / 'command.txt'}); only {_safe_keys_text()} may change")
+
+
+def _pipeline_of(run_dir: Path) -> Optional[Path]:
+    """The pipeline folder a stage's folder (``PIPELINE/stages/NN-name``) belongs to, or None."""
+    from effitrain.config.stages import STAGES_DIR
+
+    pipeline = run_dir.parent.parent
+    if run_dir.parent.name == STAGES_DIR and (pipeline / "config.yaml").is_file():
+        return pipeline
+    return None
 
 
 def _recipe_description(key: str) -> bool:
