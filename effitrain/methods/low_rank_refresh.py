@@ -59,6 +59,7 @@ class LowRankRefresh(Hook):
 
     def on_step_end(self, state: Any) -> None:
         if state.step % self.interval != 0:
+            state.metrics["low_rank_refreshes"] = self.refreshes   # on every log line, not only a refresh's
             return
         from effitrain.methods.lisa import _unwrap_optimizer
 
