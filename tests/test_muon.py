@@ -37,15 +37,15 @@ def test_hidden_matrices_go_to_muon_embedding_head_norms_to_adamw():
         model = tiny_llama(tied)
         opt = build_muon(muon_params(), model)
         names = {id(p): n for n, p in model.named_parameters()}
-        muon = {names[id(p)] for p in opt.muon_parameters()}
-        adamw = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
+        muon = {names[id(p)] for p in opt.matrix_parameters()}
+        adamw = {names[id(p)] for g in opt.param_groups if not g["matrix"] for p in g["params"]}
         assert muon == {n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n
                         and "lm_head" not in n}
         assert any(n.endswith("o_proj.weight") for n in muon) and any(n.endswith("down_proj.weight") for n in muon)
         assert "model.embed_tokens.weight" in adamw and ("lm_head.weight" in adamw) != tied
         assert all(n.endswith("norm.weight") or "embed" in n or "lm_head" in n for n in adamw)
         # embedding/head decay; norms do not
-        decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups if not g["muon"] for p in g["params"]}
+        decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups if not g["matrix"] for p in g["params"]}
         assert decay["model.embed_tokens.weight"] == 0.1 and decay["model.norm.weight"] == 0.0
 
 
@@ -95,7 +95,7 @@ def test_other_parameters_follow_torch_adamw_exactly():
     twin = copy.deepcopy(model)
     opt = build_muon(muon_params(lr=1e-2, weight_decay=0.1), model)
     adam_names = {n for n, p in model.named_parameters()
-                  if any(p is q for g in opt.param_groups if not g["muon"] for q in g["params"])}
+                  if any(p is q for g in opt.param_groups if not g["matrix"] for q in g["params"])}
     ref_params = dict(twin.named_parameters())
     ref = torch.optim.AdamW([{"params": [ref_params[n] for n in sorted(adam_names) if ref_params[n].ndim >= 2],
                               "weight_decay": 0.1},
@@ -119,7 +119,7 @@ def test_scheduler_lr_reaches_both_parts_and_state_dict_round_trips():
     model = tiny_llama()
     opt = build_muon(muon_params(adamw_lr=2e-3), model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
-    assert {g["lr"] for g in opt._muon.param_groups} == {0.5e-2}
+    assert {g["lr"] for g in opt._matrix.param_groups} == {0.5e-2}
     assert {g["lr"] for g in opt._adamw.param_groups} == {1e-3}
     backward(model); opt.step(); opt.zero_grad(); sched.step()
 
@@ -135,7 +135,7 @@ def test_scheduler_lr_reaches_both_parts_and_state_dict_round_trips():
         opt.step(); opt2.step(); opt.zero_grad(); opt2.zero_grad()
     for (n, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
-    assert opt2._muon.state is opt2.state and opt2._muon.param_groups[0] is opt2.param_groups[0]
+    assert opt2._matrix.state is opt2.state and opt2._matrix.param_groups[0] is opt2.param_groups[0]
 
 
 def test_memory_planner_counts_one_buffer_per_hidden_weight():

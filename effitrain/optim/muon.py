@@ -13,36 +13,36 @@ a tied head is one tensor and models that name them otherwise are still handled.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """A group with ``"muon": True`` is stepped by ``torch.optim.Muon``; every other group by ``torch.optim.AdamW``.
+class MatrixAndAdamW(torch.optim.Optimizer):
+    """A group with ``"matrix": True`` is stepped by ``matrix`` (Muon, COSMOS); every other group by ``adamw``.
 
-    Each group carries the hyper-parameters of its own update (Muon's momentum/NS settings, or AdamW's betas/eps);
-    both inner optimizers fill their defaults into the shared group dicts when they are built.
+    The inner optimizers are built first, so each group dict already carries its own update's hyper-parameters;
+    this optimizer adopts the very same dicts (``Optimizer.add_param_group`` keeps the dict object and only
+    setdefaults) and hands both inner optimizers its own ``state``.
     """
 
-    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], *, lr: float, momentum: float,
-                 nesterov: bool, ns_steps: int, adjust_lr: str, betas: tuple[float, float], eps: float) -> None:
-        for g in muon_groups:
-            g["muon"] = True
-        for g in adamw_groups:
-            g["muon"] = False
-        # Built first so that they complete each group with their defaults; this optimizer then adopts the very same
-        # dicts (Optimizer.add_param_group keeps the dict object and only setdefaults).
-        self._muon = (torch.optim.Muon(muon_groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                       adjust_lr_fn=adjust_lr) if muon_groups else None)
-        self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps) if adamw_groups else None
-        super().__init__(muon_groups + adamw_groups, {"lr": lr, "muon": False})
+    def __init__(self, matrix: Optional[torch.optim.Optimizer], adamw: Optional[torch.optim.Optimizer]) -> None:
+        self._matrix, self._adamw = matrix, adamw
+        groups = []
+        for inner, flag in ((matrix, True), (adamw, False)):
+            if inner is not None:
+                for g in inner.param_groups:
+                    g["matrix"] = flag
+                    groups.append(g)
+        super().__init__(groups, {"matrix": False})
         self._link()
 
     def _link(self) -> None:
         """Point the inner optimizers at this optimizer's groups and state (again after ``load_state_dict``, which
         replaces both)."""
-        for inner, want in ((self._muon, True), (self._adamw, False)):
+        for inner, want in ((self._matrix, True), (self._adamw, False)):
             if inner is not None:
-                inner.param_groups = [g for g in self.param_groups if g["muon"] == want]
+                inner.param_groups = [g for g in self.param_groups if g["matrix"] == want]
                 inner.state = self.state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -55,17 +55,25 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for inner in (self._muon, self._adamw):
+        for inner in (self._matrix, self._adamw):
             if inner is not None:
                 inner.step()
         return loss
 
-    def muon_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups if g["muon"] for p in g["params"]]
+    def matrix_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups if g["matrix"] for p in g["params"]]
+
+
+def adamw_groups(matrices: list, vectors: list, *, lr: float, weight_decay: float, betas, eps: float
+                 ) -> Optional[torch.optim.AdamW]:
+    """torch's AdamW over the embedding/head (decayed) and the norms/biases (not decayed), as effitrain's adamw."""
+    groups = [g for g in ({"params": matrices, "weight_decay": weight_decay},
+                          {"params": vectors, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
 
 
 def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:
-    """(hidden 2-D weights for Muon, other matrices for decayed AdamW, vectors for undecayed AdamW)."""
+    """(hidden 2-D weights for Muon or COSMOS, other matrices for decayed AdamW, vectors for undecayed AdamW)."""
     outside = set()
     for get in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, get, lambda: None)()
@@ -86,12 +94,11 @@ def split_for_muon(model: torch.nn.Module) -> tuple[list, list, list]:
     return hidden, matrices, vectors
 
 
-def build_muon(params, model: torch.nn.Module, *, max_steps=None) -> MuonWithAdamW:
+def build_muon(params, model: torch.nn.Module, *, max_steps=None) -> MatrixAndAdamW:
     hidden, matrices, vectors = split_for_muon(model)
+    muon = (torch.optim.Muon([{"params": hidden}], lr=params.lr, weight_decay=params.weight_decay,
+                             momentum=params.momentum, nesterov=params.nesterov, ns_steps=params.ns_steps,
+                             adjust_lr_fn=params.adjust_lr) if hidden else None)
     adamw_lr = params.adamw_lr if params.adamw_lr is not None else params.lr
-    muon_groups = [{"params": hidden, "weight_decay": params.weight_decay}] if hidden else []
-    adamw_groups = [g for g in ({"params": matrices, "weight_decay": params.weight_decay, "lr": adamw_lr},
-                                {"params": vectors, "weight_decay": 0.0, "lr": adamw_lr}) if g["params"]]
-    return MuonWithAdamW(muon_groups, adamw_groups, lr=params.lr, momentum=params.momentum,
-                         nesterov=params.nesterov, ns_steps=params.ns_steps, adjust_lr=params.adjust_lr,
-                         betas=(params.beta1, params.beta2), eps=params.eps)
+    return MatrixAndAdamW(muon, adamw_groups(matrices, vectors, lr=adamw_lr, weight_decay=params.weight_decay,
+                                             betas=(params.beta1, params.beta2), eps=params.eps))
