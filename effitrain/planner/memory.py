@@ -254,10 +254,24 @@ def _muon(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
     return total
 
 
+def _cosmos(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """COSMOS (authors' COSMOS_optim.py): per hidden m x n weight a full momentum (m x n), the second moment in the
+    subspace (m x r), the basis (n x r) and its r x r Gram EMA, r = min(rank, n); AdamW's state for the rest."""
+    total = 0
+    for name, shape in tensors:
+        if len(shape) == 2 and name not in _EMBEDDING_OR_HEAD:
+            m, n = shape
+            r = min(s.optimizer_params.rank, n)
+            total += 4 * (m * n + m * r + n * r + r * r) + 4
+        else:
+            total += 8 * numel(shape) + 4
+    return total
+
+
 OPTIMIZER_STATE = {
     "adamw": lambda s, t: sum(8 * numel(sh) + 4 for _, sh in t),
     "adamw_8bit": _adamw_8bit, "galore": _galore_like, "natural_galore": _galore_like, "apollo": _galore_like,
-    "dct_lowrank": _galore_like, "adam_mini": _adam_mini, "muon": _muon,
+    "dct_lowrank": _galore_like, "adam_mini": _adam_mini, "muon": _muon, "cosmos": _cosmos,
 }
 
 

@@ -133,7 +133,7 @@ class AdamMiniParams(_AdamCommon):
 
 #: optimizers whose update depends on each parameter's own matrix shape (or name), so they must see unflattened,
 #: unpartitioned parameters
-SHAPE_AWARE = {"galore", "natural_galore", "dct_lowrank", "apollo", "adam_mini", "muon"}
+SHAPE_AWARE = {"galore", "natural_galore", "dct_lowrank", "apollo", "adam_mini", "muon", "cosmos"}
 
 #: optimizers whose state is stored 8-bit by bitsandbytes kernels (block-wise quantisation)
 def _uses_bnb(spec) -> bool:
@@ -143,7 +143,7 @@ def _uses_bnb(spec) -> bool:
 
 
 @rule("galore_needs_2d_gradients",
-      "GaLore-family / APOLLO / Adam-mini / Muon need each weight as its own 2-D tensor: ZeRO stage >= 1 is refused")
+      "GaLore-family / APOLLO / Adam-mini / Muon / COSMOS need each weight as its own 2-D tensor: ZeRO stage >= 1 is refused")
 def _galore_zero(spec, env) -> Optional[str]:
     opt = spec.blocks["optimizer"].name
     stage = spec.blocks["parallelism"].params.stage

@@ -31,3 +31,22 @@ class MuonParams:
     beta1: float = param(0.9, ge=0, lt=1, help="AdamW part (Moonlight: 0.9)")
     beta2: float = param(0.95, ge=0, lt=1, help="AdamW part (Moonlight: 0.95)")
     eps: float = param(1e-8, gt=0, help="AdamW part (Moonlight: 1e-8)")
+
+
+@register("optimizer", "cosmos", builder="effitrain.optim.cosmos:build_cosmos",
+          summary="COSMOS: SOAP-style Adam in each hidden weight's leading gradient eigensubspace, Muon on the rest, "
+                  "AdamW on embedding/head/norms (Liu et al., 2502.17410)")
+@dataclass
+class CosmosParams:
+    lr: float = param(1e-3, gt=0, help="lr of the AdamW part (authors' README: 1e-3); hidden weights get lr * lr_ratio")
+    lr_ratio: float = param(0.1, gt=0, help="hidden-weight lr / embedding lr (authors' README: 0.1); each hidden "
+                                            "update has RMS lr * lr_ratio")
+    rank: int = param(64, ge=1, help="r: dimension of the eigensubspace that gets SOAP's update (authors' default "
+                                     "64), at most the weight's input side")
+    gamma: float = param(0.2, ge=0, help="weight of the Muon part against the SOAP part (authors' default 0.2)")
+    weight_decay: float = param(0.0, ge=0, help="decoupled decay, lr * wd (authors' default 0); norms and biases "
+                                                "never decay")
+    beta1: float = param(0.9, ge=0, lt=1, help="momentum (authors' README: 0.9)")
+    beta2: float = param(0.95, ge=0, lt=1, help="second moment and the subspace's EMA of G^T G (authors' README: "
+                                                "0.95)")
+    eps: float = param(1e-8, gt=0)
