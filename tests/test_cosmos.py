@@ -118,3 +118,18 @@ def test_memory_planner_counts_the_subspace_state():
     s = NS(optimizer_params=NS(rank=4))
     tensors = [("model.embed_tokens.weight", (100, 8)), ("model.layers.0.mlp.up_proj.weight", (16, 8))]
     assert _cosmos(s, tensors) == (8 * 800 + 4) + 4 * (16 * 8 + 16 * 4 + 8 * 4 + 4 * 4) + 4
+
+
+def test_memory_planner_equals_the_measured_state():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from effitrain.memory import optimizer_state_bytes
+    from effitrain.planner.memory import _cosmos
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=48))
+    opt = build_cosmos(cosmos_params(rank=16), model)   # 16: below 32 and 48, so the cap shows on no weight
+    x = torch.randint(0, 128, (2, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    planned = _cosmos(NS(optimizer_params=NS(rank=16)), [(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    assert optimizer_state_bytes(opt)[0] == planned

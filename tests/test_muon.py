@@ -143,3 +143,14 @@ def test_memory_planner_counts_one_buffer_per_hidden_weight():
     tensors = [("model.embed_tokens.weight", (100, 8)), ("model.layers.0.mlp.up_proj.weight", (16, 8)),
                ("model.norm.weight", (8,)), ("lm_head.weight", (100, 8))]
     assert _muon(NS(), tensors) == (8 * 800 + 4) + 4 * 128 + (8 * 8 + 4) + (8 * 800 + 4)
+
+
+def test_memory_planner_equals_the_measured_state():
+    from effitrain.memory import optimizer_state_bytes
+    from effitrain.planner.memory import _muon
+    model = tiny_llama()
+    opt = build_muon(muon_params(), model)
+    backward(model)
+    opt.step()
+    planned = _muon(NS(), [(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    assert optimizer_state_bytes(opt)[0] == planned
