@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["baseline", "galore", "galore_8bit", "natural_galore", "dct_lowrank", "adamw_8bit", "apollo", "apollo_mini",
-           "adam_mini", "lisa", "sltrain", "lora", "dora", "pissa", "ia3", "prefix_tuning", "mam_adapter"]
+           "adam_mini", "muon", "cosmos", "lisa", "sltrain", "low_rank_refresh", "lora", "dora", "pissa", "ia3", "prefix_tuning", "mam_adapter"]
 HEADING = "## Memory-efficient training"
 
 

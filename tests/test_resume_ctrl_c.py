@@ -1,6 +1,6 @@
 """Ctrl-C and resume repeat the uninterrupted run exactly, for every recipe family that carries state beyond the
 weights and Adam's moments: GaLore's subspace and its refresh counter, APOLLO's random projection, Adam-mini's
-per-block moments, LISA's layer choice, Skill-It's online mixture, sparse spectral training's rounds.  Every value
+per-block moments, Muon's momentum buffers beside its AdamW part's moments, LISA's layer choice, low-rank refactorization and momentum resets, COSMOS's tracked eigenbasis, Skill-It's online mixture, sparse spectral training's rounds.  Every value
 the run logs (loss, eval losses, lr, grad norm, mixture weights, switch and round counts) must be equal to the last
 digit.  Ctrl-C is
 sent as a terminal sends it (SIGINT to the running console command) between two log lines, so the resumed run
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # the second window, between two refreshes / switches / mixture updates
 RUN = [*TINY, "train.max_steps=14", "train.log_every=4", "optimizer.lr=3e-3"]
 # Each run pairs an optimizer family with a method or curriculum family whose state lies elsewhere (the optimizer's
-# per-parameter state vs a hook's or the sampler's), so three runs check six families.
+# per-parameter state vs a hook's or the sampler's), so four runs check eight families; COSMOS runs alone.
 FAMILIES = {
     # GaLore: a new subspace every 3 steps (SVD of the gradient) and its refresh counters; Skill-It: the online
     # mixture's weights, updated from the per-domain eval losses every 4 steps
@@ -35,6 +35,13 @@ FAMILIES = {
                     "methods.lisa.interval=3"],
     # Adam-mini: one second moment per block; sparse spectral training: a round (re-SVD, new draw) every 3 steps
     "adam_mini+sparse_spectral": ["+recipe=[adam_mini,sparse_spectral]", "methods.sparse_spectral.interval=3"],
+    # Muon: a momentum buffer per hidden weight (torch.optim.Muon) and AdamW's moments for the rest, in one
+    # optimizer whose inner optimizers must be re-linked to the loaded state on resume; low_rank_refresh: SLTrain's
+    # B·A re-split into balanced factors and every moment dropped every 3 steps (its refresh count)
+    "muon+low_rank_refresh": ["+recipe=muon", "peft=sltrain", "peft.rank=8",
+                              "+methods.low_rank_refresh.interval=3"],
+    # COSMOS: per hidden weight a momentum, a tracked eigenbasis and its Gram EMA, and the in-subspace second moment
+    "cosmos": ["+recipe=cosmos", "optimizer.rank=8"],
 }
 NOT_REPEATABLE = {"tokens_per_s", "step_time_s", "peak_memory_bytes", "mfu"}  # the clock and the process, not the run
 

@@ -241,10 +241,37 @@ def _adam_mini(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
     return total
 
 
+_EMBEDDING_OR_HEAD = {"model.embed_tokens.weight", "lm_head.weight", "gpt_neox.embed_in.weight", "embed_out.weight"}
+
+
+def _muon(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """Muon (torch.optim.Muon): one fp32 momentum buffer per hidden 2-D weight; AdamW's two moments and step for the
+    embedding and the head (the planner's names for them: Llama's and GPT-NeoX's), norms and biases."""
+    total = 0
+    for name, shape in tensors:
+        hidden = len(shape) == 2 and name not in _EMBEDDING_OR_HEAD
+        total += 4 * numel(shape) if hidden else 8 * numel(shape) + 4
+    return total
+
+
+def _cosmos(s: Setup, tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """COSMOS (authors' COSMOS_optim.py): per hidden m x n weight a full momentum (m x n), the second moment in the
+    subspace (m x r), the basis (n x r) and its r x r Gram EMA, r = min(rank, n); AdamW's state for the rest."""
+    total = 0
+    for name, shape in tensors:
+        if len(shape) == 2 and name not in _EMBEDDING_OR_HEAD:
+            m, n = shape
+            r = min(s.optimizer_params.rank, n)
+            total += 4 * (m * n + m * r + n * r + r * r) + 4
+        else:
+            total += 8 * numel(shape) + 4
+    return total
+
+
 OPTIMIZER_STATE = {
     "adamw": lambda s, t: sum(8 * numel(sh) + 4 for _, sh in t),
     "adamw_8bit": _adamw_8bit, "galore": _galore_like, "natural_galore": _galore_like, "apollo": _galore_like,
-    "dct_lowrank": _galore_like, "adam_mini": _adam_mini,
+    "dct_lowrank": _galore_like, "adam_mini": _adam_mini, "muon": _muon, "cosmos": _cosmos,
 }
 
 

@@ -133,7 +133,7 @@ class AdamMiniParams(_AdamCommon):
 
 #: optimizers whose update depends on each parameter's own matrix shape (or name), so they must see unflattened,
 #: unpartitioned parameters
-SHAPE_AWARE = {"galore", "natural_galore", "dct_lowrank", "apollo", "adam_mini"}
+SHAPE_AWARE = {"galore", "natural_galore", "dct_lowrank", "apollo", "adam_mini", "muon", "cosmos"}
 
 #: optimizers whose state is stored 8-bit by bitsandbytes kernels (block-wise quantisation)
 def _uses_bnb(spec) -> bool:
@@ -143,12 +143,12 @@ def _uses_bnb(spec) -> bool:
 
 
 @rule("galore_needs_2d_gradients",
-      "GaLore-family / APOLLO / Adam-mini need each weight as its own 2-D tensor: ZeRO stage >= 1 is refused")
+      "GaLore-family / APOLLO / Adam-mini / Muon / COSMOS need each weight as its own 2-D tensor: ZeRO stage >= 1 is refused")
 def _galore_zero(spec, env) -> Optional[str]:
     opt = spec.blocks["optimizer"].name
     stage = spec.blocks["parallelism"].params.stage
     if opt in SHAPE_AWARE and stage >= 1:
-        return (f"optimizer '{opt}' projects or groups each weight matrix by its shape, but ZeRO stage {stage} hands "
+        return (f"optimizer '{opt}' projects, groups or orthogonalises each weight matrix by its shape, but ZeRO stage {stage} hands "
                 f"the optimizer flattened 1-D partitions. Use parallelism=ddp (ZeRO stage 0), or keep ZeRO and use "
                 f"optimizer=adamw_8bit for low optimizer memory")
     return None
