@@ -330,7 +330,6 @@ def shards_info(shards: Any, data_params: Any, selection_info: Optional[dict] = 
     """The run summary's ``selection`` entry for the sharded path: the selection's own figures (``none``: every
     train document) and the token shards."""
     counts = {str(d): int(n) for d, n in zip(*np.unique(shards.domains(), return_counts=True))}
-    return {"method": "none", **(selection_info or {}),
-            "engine": f"datatrove {data_params.executor}, {data_params.tasks} tasks",
+    return {"method": "none", "engine": f"datatrove {data_params.executor}, {data_params.tasks} tasks",
             "token_shards": str(shards.folder), "kept_rows": len(shards), "kept_domains": counts,
-            "kept_token_fraction": 1.0}
+            "kept_token_fraction": 1.0, **(selection_info or {})}

@@ -133,8 +133,10 @@ def _scorer_dict(params: Any) -> dict:
     return {k: s[k] for k in ("num_buckets", "ngram", "lowercase", "min_length", "length_normalize")}
 
 
-def _target_counts(params: Any, pool_docs: list, corpus: Any, seed: int) -> tuple[np.ndarray, set, int]:
-    """``(target bucket counts, {(file, record)} held out of the candidates, target documents)``."""
+def _target_counts(params: Any, domain_docs: list, domains: set, corpus: Any,
+                   seed: int) -> tuple[np.ndarray, set, int]:
+    """``(target bucket counts, {(file, record)} held out of the candidates, target documents)``; ``domain_docs``:
+    the ``(file, record)`` of the target domain's train documents in pool order."""
     from effitrain.data.records import RecordFile
 
     t, s = params.target, _scorer_dict(params)
@@ -149,11 +151,10 @@ def _target_counts(params: Any, pool_docs: list, corpus: Any, seed: int) -> tupl
     if t.split != "train":
         raise ConfigError(f"selection.target.split: data.executor draws a target domain from the train split, not "
                           f"'{t.split}'; use split: train or selection.target.path")
-    idx = [pair for pair, domain in pool_docs if domain == t.domain]
+    idx = domain_docs
     if not idx:
-        domains = sorted({d for _, d in pool_docs})
         raise ConfigError(f"selection.target.domain: no '{t.domain}' examples in the train split; domains: "
-                          f"{', '.join(domains)}")
+                          f"{', '.join(sorted(domains))}")
     rng = np.random.default_rng(seed)  # resolve_target's draw: a permutation of the domain's train positions
     chosen = sorted(idx[i] for i in rng.permutation(len(idx))[:t.max_examples])
     by_file: dict[int, set] = {}
@@ -196,7 +197,7 @@ class ShardedDSIR:
                   work, job_name="dsir-count")
         files = []
         total = np.zeros(s["num_buckets"], dtype=np.int64)
-        pool_docs = []  # ((file, record), domain) of every train document, pool order
+        domain_docs, domains = [], set()  # the target domain's train documents (file, record), pool order
         for f in range(len(corpus.files)):
             path = work / "counts" / f"{f:06d}.npz"
             if not path.is_file():
@@ -206,13 +207,16 @@ class ShardedDSIR:
                 arrays = {k: z[k] for k in ("record", "domain", "length", "weight")}
                 total += z["counts"]
             files.append((f, arrays))
-            pool_docs += [((f, int(r)), names[c]) for r, c in zip(arrays["record"], arrays["domain"])]
-        target_counts, held, n_target = _target_counts(p, pool_docs, corpus, self.seed)
-        del pool_docs
+            domains.update(names)
+            if p.target is not None and p.target.domain in names:
+                mine = arrays["domain"] == names.index(p.target.domain)
+                domain_docs += [(f, int(r)) for r in arrays["record"][mine]]
+        target_counts, held, n_target = _target_counts(p, domain_docs, domains, corpus, self.seed)
+        del domain_docs
         weights_total, offset, plan_files = 0.0, 0, {}
         eval_pairs = np.load(eval_docs)
         for f, a in files:
-            out_of_pool = np.array([(f, int(r)) in held for r in a["record"]], dtype=bool)
+            out_of_pool = np.isin(a["record"], [r for ff, r in held if ff == f])
             keep = ~out_of_pool
             weights_total += float(a["weight"][keep].sum() if p.budget.unit == "tokens" else keep.sum())
             skip = a["record"][out_of_pool].tolist() + [int(r) for ff, r in eval_pairs.tolist() if ff == f]
@@ -245,7 +249,11 @@ class ShardedDSIR:
             "method": "dsir", "scorer": "dsir", "selector": "gumbel_topk",
             "pool_examples": int(sum(len(a["record"]) for _, a in files) - len(held)),
             "target_examples": n_target, "after_filter_examples": offset, "kept_examples": int(len(best)),
-            "budget": {"fraction": p.budget.fraction, "unit": p.budget.unit}, "kept_budget_units": kept_tokens,
+            "budget": {"fraction": p.budget.fraction, "unit": p.budget.unit}, "pool_budget_units": weights_total,
+            "kept_budget_units": kept_tokens,
+            # the share of the pool's pre-tokenizer pieces kept (the in-memory figure), known when they are the unit
+            **({"kept_token_fraction": round(kept_tokens / max(1.0, weights_total), 4)}
+               if p.budget.unit == "tokens" else {}),
             "seconds": round(time.perf_counter() - start, 3)}) + "\n")
         finish_stage(work / "keys_stage")
         finish_stage(work)
