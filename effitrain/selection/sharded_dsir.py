@@ -3,13 +3,15 @@ documents, in the same order, that the in-memory :class:`~effitrain.selection.sc
 ``gumbel_topk`` selector choose from ``dataset=local`` (:func:`effitrain.selection.pipeline.build_scored`).
 
 1. **count** (datatrove tasks): per file, every train document's record number, domain, word/punctuation length
-   (``min_length``) and budget weight (pre-tokenizer pieces), and the file's hashed n-gram bucket counts.
+   (``min_length``) and budget weight (pre-tokenizer pieces), its hashed n-gram bucket ids (kept on disk, so every
+   n-gram is hashed once) and the file's bucket counts.
 2. **distributions** (reduce, this process): the target -- ``target.domain`` drawn from the train documents as
    :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation; its few texts are read
    back from their files), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
    counts summed minus the target's (integers: exact); then the log importance weights, the budget and each
    file's offset among the documents allowed past ``min_length``.
-3. **score** (datatrove tasks): per document its log importance weight (the scorer's own
+3. **score** (datatrove tasks, reading the count stage's bucket ids, not the corpus): per document its log
+   importance weight (the scorer's own
    :func:`~effitrain.selection.scorers.dsir.document_scores`) and its Gumbel key; each task keeps only its best keys
    up to the budget (no document past a task's own budget can be in the global top).
 4. **merge** (reduce): the tasks' candidates sorted by key and cut at the budget -- the global top-k.
@@ -68,13 +70,14 @@ class DsirCounts(PipelineStep):
             docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set]
             names = sorted({d.metadata["domain"] for d in docs})
             code = {n: i for i, n in enumerate(names)}
-            counts = np.zeros(nb, dtype=np.int64)
-            lengths = []
-            for d in docs:
-                feats, length = _features(d.text, self.scorer)
-                counts += np.bincount(np.asarray(feats, dtype=np.int64), minlength=nb)
-                lengths.append(length)
+            feats, lengths = zip(*(_features(d.text, self.scorer) for d in docs)) if docs else ((), ())
+            offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
+            values = np.fromiter((b for f in feats for b in f), dtype=np.int64, count=int(offsets[-1]))
+            counts = np.bincount(values, minlength=nb).astype(np.int64)
+            # the bucket ids stay on disk for the keys stage (2 bytes an n-gram with <= 65 536 buckets): hashing
+            # is the cost of DSIR, and this way every n-gram is hashed once, as in memory
             _save(Path(self.out_dir) / "counts" / f"{file_index:06d}.npz",
+                  values=values.astype(np.uint16 if nb <= 1 << 16 else np.uint32), offsets=offsets,
                   record=np.array([d.metadata["record"] for d in docs], dtype=np.int64),
                   domain=np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
                   domains=np.array(names, dtype=str), length=np.array(lengths, dtype=np.int64),
@@ -95,32 +98,32 @@ class DsirKeys(PipelineStep):
         self.out_dir, self.scorer, self.plan = out_dir, scorer, plan
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.data.engine import task_files
         from effitrain.selection.selectors import take_until
 
         out = Path(self.out_dir)
         plan = json.loads(Path(self.plan).read_text())
         log_w = np.load(out / "log_w.npy")
         parts: dict[str, list] = {k: [] for k in ("key", "order", "weight", "file_index", "record")}
-        for file_index, docs in _per_file(data):
+        for file_index in task_files(plan["n_files"], rank, world_size):  # the count stage's files, no re-reading
             entry = plan["files"].get(str(file_index))
-            if entry is None:  # only eval documents
+            if entry is None:  # no train document in this file
                 continue
-            skip = set(entry["skip"])  # eval hold-out and target documents
-            docs = [d for d in docs if d.metadata["record"] not in skip]
-            feats, lengths = zip(*(_features(d.text, self.scorer) for d in docs)) if docs else ((), ())
-            offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
-            values = np.fromiter((b for f in feats for b in f), dtype=np.int64, count=int(offsets[-1]))
+            with np.load(out / "counts" / f"{file_index:06d}.npz") as z:
+                values, offsets = z["values"].astype(np.int64), z["offsets"]
+                record, length, weight = z["record"], z["length"], z["weight"]
             scores = document_scores(log_w, values, offsets, self.scorer["length_normalize"])
-            allowed = np.flatnonzero(np.asarray(lengths, dtype=np.int64) >= self.scorer["min_length"])
+            candidate = ~np.isin(record, entry["skip"])  # the target's documents are not candidates
+            scores, record, length, weight = scores[candidate], record[candidate], length[candidate], weight[candidate]
+            allowed = np.flatnonzero(length >= self.scorer["min_length"])
             rng = np.random.Generator(np.random.PCG64(plan["seed"]))
             rng.bit_generator.advance(entry["offset"])  # the in-memory selector's draws for these documents
             parts["key"].append(scores[allowed] / plan["temperature"] + rng.gumbel(size=len(allowed)))
             parts["order"].append(entry["offset"] + np.arange(len(allowed), dtype=np.int64))
-            weights = (np.array([count_tokens(docs[i].text) for i in allowed], dtype=np.float64)
-                       if plan["unit"] == "tokens" else np.ones(len(allowed)))
-            parts["weight"].append(weights)
+            parts["weight"].append(weight[allowed].astype(np.float64) if plan["unit"] == "tokens"
+                                   else np.ones(len(allowed)))
             parts["file_index"].append(np.full(len(allowed), file_index, dtype=np.int64))
-            parts["record"].append(np.array([docs[i].metadata["record"] for i in allowed], dtype=np.int64))
+            parts["record"].append(record[allowed])
             self.stat_update("files")
         arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
         best = take_until(np.lexsort((arrays["order"], -arrays["key"])), arrays["weight"], plan["budget"])
@@ -214,13 +217,11 @@ class ShardedDSIR:
         target_counts, held, n_target = _target_counts(p, domain_docs, domains, corpus, self.seed)
         del domain_docs
         weights_total, offset, plan_files = 0.0, 0, {}
-        eval_pairs = np.load(eval_docs)
         for f, a in files:
             out_of_pool = np.isin(a["record"], [r for ff, r in held if ff == f])
             keep = ~out_of_pool
             weights_total += float(a["weight"][keep].sum() if p.budget.unit == "tokens" else keep.sum())
-            skip = a["record"][out_of_pool].tolist() + [int(r) for ff, r in eval_pairs.tolist() if ff == f]
-            plan_files[str(f)] = {"offset": offset, "skip": skip}
+            plan_files[str(f)] = {"offset": offset, "skip": a["record"][out_of_pool].tolist()}
             offset += int((keep & (a["length"] >= s["min_length"])).sum())
         if files and offset == 0:
             raise ConfigError(f"selection.scorer.min_length: every candidate has fewer than {s['min_length']} "
@@ -230,9 +231,9 @@ class ShardedDSIR:
                                                    p.scorer["target_smoothing"], p.scorer["pool_mix"]))
         budget = p.budget.fraction * weights_total
         plan = {"seed": self.seed, "temperature": p.selector.get("temperature", 1.0), "unit": p.budget.unit,
-                "budget": budget, "files": plan_files}
+                "budget": budget, "n_files": len(corpus.files), "files": plan_files}
         (work / "plan.json").write_text(json.dumps(plan))
-        run_stage(data_params, [corpus.reader(), DsirKeys(str(work), scorer=s, plan=str(work / "plan.json"))],
+        run_stage(data_params, [DsirKeys(str(work), scorer=s, plan=str(work / "plan.json"))],
                   work / "keys_stage", job_name="dsir-keys")
         merged: dict[str, list] = {k: [] for k in ("key", "order", "weight", "file_index", "record")}
         for part in sorted((work / "keys").glob("*.npz")):
