@@ -4,6 +4,7 @@
   and 3 tasks, with a target domain drawn from the pool and with a budget in tokens or in examples;
 * only the kept documents are tokenized and packed: the token shards are the rows the in-memory path packs from its
   selection;
+* a relaunch after a failed task reruns only that task and selects the same documents;
 * ``check`` accepts dsir with ``data.executor`` and refuses the selections without a sharded form in one line.
 """
 
@@ -133,3 +134,38 @@ def test_check_accepts_dsir_with_data_executor(tmp_path, capsys):
                         "dataset.eval_examples_per_domain=4", "data.executor=local", "data.tasks=2", "+recipe=dsir",
                         "selection.target.domain=a"], capsys)
     assert code == 0, err
+
+
+def test_a_relaunch_after_a_failed_task_reruns_only_that_task(corpus, tmp_path, monkeypatch, capsys):
+    """A keys task that dies stops the launch; launching again skips the finished count
+    stage and the finished keys task, runs only the failed one, and selects the same documents."""
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.sharded import build_sharded_splits
+    from effitrain.selection import sharded_dsir
+
+    dataset, model = _params(str(corpus))
+    block = _selection("tokens")
+    reference = sharded_dsir.ShardedDSIR(block.params, seed=SEED)
+    build_sharded_splits(dataset, model, EngineSettings("local", tasks=2), cache_dir=tmp_path / "a",
+                         selection=reference)
+
+    real_run = sharded_dsir.DsirKeys.run
+
+    def dies_on_task_1(self, data=None, rank=0, world_size=1):
+        if rank == 1:
+            raise RuntimeError("node lost")
+        return real_run(self, data, rank, world_size)
+
+    monkeypatch.setattr(sharded_dsir.DsirKeys, "run", dies_on_task_1)
+    with pytest.raises(RuntimeError, match="node lost"):  # datatrove's local executor re-raises a task's error
+        build_sharded_splits(dataset, model, EngineSettings("local", tasks=2), cache_dir=tmp_path / "b",
+                             selection=sharded_dsir.ShardedDSIR(block.params, seed=SEED))
+    monkeypatch.setattr(sharded_dsir.DsirKeys, "run", real_run)
+    capsys.readouterr()
+    again = sharded_dsir.ShardedDSIR(block.params, seed=SEED)
+    build_sharded_splits(dataset, model, EngineSettings("local", tasks=2), cache_dir=tmp_path / "b", selection=again)
+    out = capsys.readouterr().out
+    assert "dsir-count" not in out, out
+    assert "dsir-keys: 1 of 2 tasks to run (1 done by an earlier launch; running task 1) on local" in out, out
+    assert np.array_equal(np.load(Path(again.info["manifest"]) / "selected.npy"),
+                          np.load(Path(reference.info["manifest"]) / "selected.npy"))
