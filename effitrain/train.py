@@ -178,10 +178,16 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
             from effitrain.data.sharded import build_sharded_splits, shards_info
             from effitrain.selection.base import Selection
 
+            selection = None
+            if spec.block("selection").name == "dsir":  # check refuses the selections without a sharded form
+                from effitrain.selection.sharded_dsir import ShardedDSIR
+
+                selection = ShardedDSIR(spec.block("selection").params, seed=spec.train.seed)
             tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params,
                                                                 spec.block("model").params,
-                                                                spec.data.engine_settings())
-            return Selection(None, None, shards_info(shards, spec.data)), (tokenizer, shards, eval_rows)
+                                                                spec.data.engine_settings(), selection=selection)
+            info = shards_info(shards, spec.data, None if selection is None else selection.info)
+            return Selection(None, None, info), (tokenizer, shards, eval_rows)
         pool = spec.block("dataset").build()
         selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
         # one tokenizer for every selection of a pool, so that per-token losses stay comparable between methods

@@ -190,10 +190,10 @@ class TokenStreams(PipelineStep):
     type = "🔢 - TOKENIZER"
 
     def __init__(self, out_dir: str, *, tokenizer_dir: str, eos_id: int, eval_docs: str, dtype: str,
-                 batch_size: int = 1000) -> None:
+                 batch_size: int = 1000, train_docs: Optional[str] = None) -> None:
         super().__init__()
         self.out_dir, self.tokenizer_dir, self.eos_id, self.eval_docs = out_dir, tokenizer_dir, eos_id, eval_docs
-        self.dtype, self.batch_size = dtype, batch_size
+        self.dtype, self.batch_size, self.train_docs = dtype, batch_size, train_docs
 
     def _encoder(self):
         """``texts -> [ids]`` without special tokens (packing places its own EOS).  A fast tokenizer's
@@ -216,8 +216,13 @@ class TokenStreams(PipelineStep):
         encode = self._encoder()
         eos = self.eos_id
         eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
+        # a selection's kept train documents (None: all); the others are neither trained on nor evaluated
+        keep = None if self.train_docs is None else set(map(tuple, np.load(self.train_docs).tolist()))
         dtype = np.dtype(self.dtype)
         for file_index, docs in _per_file(data):
+            if keep is not None:
+                docs = [d for d in docs if (file_index, d.metadata["record"]) in eval_set
+                        or (file_index, d.metadata["record"]) in keep]
             final = Path(self.out_dir) / "tokens" / f"{file_index:06d}"
             tmp = _atomic_dir(final)
             names = sorted({d.metadata["domain"] for d in docs})

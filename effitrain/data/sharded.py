@@ -55,8 +55,13 @@ def _files_identity(files: Sequence[str]) -> str:
 
 
 def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
-                         cache_dir: Optional[str | Path] = None):
-    """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set."""
+                         cache_dir: Optional[str | Path] = None, selection: Any = None):
+    """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
+
+    ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
+    ``selection(out, corpus, eval_docs, data_params, work)`` it writes ``out/selected.npy``, the ``(file, record)``
+    pairs of the train documents to keep, and ``out/info.json``; its ``key_parts()`` name what it depends on.  The
+    tokenizer is still trained on the whole pool, as in memory; only the kept documents are tokenized and packed."""
     from effitrain.data import sources
     from effitrain.data.inspect import SMALL_BYTES, inspect_files
     from effitrain.data.engine import finish_stage
@@ -88,6 +93,16 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
                                                                   sample_docs=BPE_SAMPLE_DOCS if bpe else 0),
                          cache_root=root)
 
+    selected = None
+    if selection is not None:
+        select_key = ContentHash("selection", _VERSION, scan_key, *selection.key_parts()).hexdigest()
+        chosen = build_once("data_selection", select_key,
+                            lambda out: selection(out, corpus, scanned / "eval_docs.npy", data_params,
+                                                  root / "data_engine" / f"{select_key}-{data_params.tasks}t"),
+                            cache_root=root)
+        selection.info = {**json.loads((chosen / "info.json").read_text()), "manifest": str(chosen)}
+        selected = chosen / "selected.npy"
+
     sample = None
     if bpe:
         import datasets
@@ -100,11 +115,11 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     seq_len = dataset_params.seq_len
     dtype = token_dtype(len(tokenizer))
     shards_key = ContentHash("token_shards", _VERSION, scan_key, tokenizer_fingerprint(tokenizer), seq_len,
-                             dtype.name).hexdigest()
+                             dtype.name, selected.parent.name if selected is not None else "all").hexdigest()
 
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
-        _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype)
+        _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected)
         start = time.perf_counter()
         _pack(out, work, len(files), seq_len, dtype)
         say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
@@ -229,7 +244,7 @@ def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs
 
 # ------------------------------------------------------------------------------------------- tokenize + pack
 def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eval_docs: Path,
-              dtype: np.dtype) -> None:
+              dtype: np.dtype, train_docs: Optional[Path] = None) -> None:
     from effitrain.data.engine import TokenStreams, run_stage
 
     tokenizer_dir = work / "tokenizer"
@@ -241,7 +256,8 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
         os.rename(tmp, tokenizer_dir)
     run_stage(data_params, [corpus.reader(), TokenStreams(str(work), tokenizer_dir=str(tokenizer_dir),
                                                           eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
-                                                          dtype=dtype.name)],
+                                                          dtype=dtype.name,
+                                                          train_docs=None if train_docs is None else str(train_docs))],
               work, job_name="tokenize")
 
 
@@ -310,10 +326,10 @@ def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[st
 
 
 
-def shards_info(shards: Any, data_params: Any) -> dict[str, Any]:
-    """The run summary's ``selection`` entry for the sharded path: the ``none`` selection over the token shards
-    (sharded selection methods are a later slice)."""
+def shards_info(shards: Any, data_params: Any, selection_info: Optional[dict] = None) -> dict[str, Any]:
+    """The run summary's ``selection`` entry for the sharded path: the selection's own figures (``none``: every
+    train document) and the token shards."""
     counts = {str(d): int(n) for d, n in zip(*np.unique(shards.domains(), return_counts=True))}
     return {"method": "none", "engine": f"datatrove {data_params.executor}, {data_params.tasks} tasks",
             "token_shards": str(shards.folder), "kept_rows": len(shards), "kept_domains": counts,
-            "kept_token_fraction": 1.0}
+            "kept_token_fraction": 1.0, **(selection_info or {})}

@@ -94,12 +94,26 @@ def _executor_plain_packing(spec, env) -> Optional[str]:
     return None
 
 
-@rule("data_executor_no_selection_yet", "data.executor: selection methods do not run as sharded jobs yet")
-def _executor_no_selection(spec, env) -> Optional[str]:
+SHARDED_SELECTIONS = ("none", "dsir")  # the selections with a map/reduce form (effitrain.selection.sharded_*)
+
+
+@rule("data_executor_sharded_selections", "data.executor: only selections with a sharded form (none, dsir) run as "
+                                          "sharded jobs")
+def _executor_selection(spec, env) -> Optional[str]:
     selection = spec.block("selection")
-    if _sharded(spec) and selection.name != "none":
-        return (f"selection={selection.name} does not run on the sharded data engine yet {_LATER}; use "
-                f"selection=none with data.executor, or drop data.executor")
+    if not _sharded(spec):
+        return None
+    if selection.name not in SHARDED_SELECTIONS:
+        return (f"selection={selection.name} does not run on the sharded data engine yet {_LATER}; with "
+                f"data.executor use selection={' or '.join(SHARDED_SELECTIONS)}, or drop data.executor")
+    if selection.name == "dsir":
+        p = selection.params
+        if p.selector["name"] != "gumbel_topk" or getattr(p, "domains", None) is not None:
+            return ("selection=dsir with data.executor resamples the whole pool with gumbel_topk; drop "
+                    "selection.selector / selection.domains, or data.executor")
+        if p.target is not None and p.target.domain is not None and p.target.split != "train":
+            return (f"selection.target.split={p.target.split}: with data.executor a target domain is drawn from the "
+                    f"train split; use split=train or selection.target.path")
     return None
 
 

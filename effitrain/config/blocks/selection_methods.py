@@ -116,7 +116,7 @@ class UniformScorerParams:
           summary="DSIR log importance weight of hashed unigram+bigram features (target vs pool); 2 passes, CPU")
 @dataclass
 class DSIRScorerParams:
-    VERSION = 2
+    VERSION = 3  # 3: each document summed on its own (the sharded path's scores are the same bits)
     NEEDS_TARGET = True
     CLUSTERS = False
     num_buckets: int = param(10000, ge=16, help="hash buckets of the n-gram features (paper: 10000)")

@@ -72,6 +72,24 @@ def log_importance(pool_counts: np.ndarray, target_counts: np.ndarray, target_sm
     return np.log(p_tgt + EPS) - np.log(p_raw + EPS)
 
 
+def document_scores(log_w: np.ndarray, values: np.ndarray, offsets: np.ndarray,
+                    length_normalize: bool = False) -> np.ndarray:
+    """Each document's ``sum(log_w[bucket])`` over its features (``values[offsets[i]:offsets[i + 1]]``).
+
+    Every document is summed on its own (``np.add.reduceat``), never as a difference of running sums over a batch:
+    the score of a document is then the same bits whichever documents share its batch, which is what lets the
+    sharded path (:mod:`effitrain.selection.sharded_dsir`, a file at a time) equal this one exactly."""
+    lengths = offsets[1:] - offsets[:-1]
+    if len(lengths) == 0:
+        return np.zeros(0)
+    terms = np.append(log_w[values], 0.0)  # reduceat's indices must be < len: an empty last document reads the 0
+    sums = np.add.reduceat(terms, offsets[:-1])
+    sums[lengths == 0] = 0.0  # reduceat gives an empty segment the element at its start
+    if length_normalize:
+        sums = sums / np.maximum(1, lengths)
+    return sums
+
+
 def _iter_lists(ds, column):
     """(flat values, offsets) of a list column, batch by batch."""
     for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=65536):
@@ -105,13 +123,8 @@ class DSIRScorer:
         target_feats = self._features(ctx.target, ctx, "target")
         target_counts = self._counts(target_feats)
         log_w = log_importance(self._counts(pool_feats), target_counts, p.target_smoothing, p.pool_mix)
-        out = []
-        for values, offsets in _iter_lists(pool_feats, "dsir_buckets"):
-            cs = np.concatenate([[0.0], np.cumsum(log_w[values])])
-            sums = cs[offsets[1:]] - cs[offsets[:-1]]
-            if p.length_normalize:
-                sums = sums / np.maximum(1, offsets[1:] - offsets[:-1])
-            out.append(sums)
+        out = [document_scores(log_w, values, offsets, p.length_normalize)
+               for values, offsets in _iter_lists(pool_feats, "dsir_buckets")]
         scores = np.concatenate(out) if out else np.zeros(0)
         lengths = np.asarray(pool_feats["dsir_length"], dtype=np.int64)
         keep = lengths >= p.min_length

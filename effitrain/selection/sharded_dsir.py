@@ -1,0 +1,260 @@
+"""DSIR selection on the sharded data engine (issue 24, ``data.executor``): map, reduce, map, reduce -- exactly the
+documents, in the same order, that the in-memory :class:`~effitrain.selection.scorers.dsir.DSIRScorer` and the
+``gumbel_topk`` selector choose from ``dataset=local`` (:func:`effitrain.selection.pipeline.build_scored`).
+
+1. **count** (datatrove tasks): per file, every train document's record number, domain, word/punctuation length
+   (``min_length``) and budget weight (pre-tokenizer pieces), its hashed n-gram bucket ids (kept on disk, so every
+   n-gram is hashed once) and the file's bucket counts.
+2. **distributions** (reduce, this process): the target -- ``target.domain`` drawn from the train documents as
+   :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation; its few texts are read
+   back from their files), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
+   counts summed minus the target's (integers: exact); then the log importance weights, the budget and each
+   file's offset among the documents allowed past ``min_length``.
+3. **score** (datatrove tasks, reading the count stage's bucket ids, not the corpus): per document its log
+   importance weight (the scorer's own
+   :func:`~effitrain.selection.scorers.dsir.document_scores`) and its Gumbel key; each task keeps only its best keys
+   up to the budget (no document past a task's own budget can be in the global top).
+4. **merge** (reduce): the tasks' candidates sorted by key and cut at the budget -- the global top-k.
+
+The Gumbel keys are the in-memory selector's own: it draws ``rng.gumbel(size=n)`` from ``default_rng(seed)`` for
+the ``n`` allowed documents in pool order, one 64-bit draw each, so the key of the allowed document number ``j`` is
+the draw after ``PCG64(seed).advance(j)``.  Reproducing that stream (rather than seeding a key per document) keeps the
+in-memory selection -- and every manifest and figure made with it -- unchanged, and the keys still do not depend on
+how the files are split into tasks: ``j`` is a global position, known after the count reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from effitrain.data.engine import PipelineStep, _per_file, finish_stage, run_stage
+from effitrain.registry import ConfigError
+from effitrain.selection.base import count_tokens
+from effitrain.selection.scorers.dsir import document_scores, hashed_ngrams, log_importance, wordpunct
+
+_VERSION = 1
+
+
+def _features(text: str, p: Any) -> tuple[list[int], int]:
+    lowered = text.lower() if p["lowercase"] else text
+    return hashed_ngrams(text, p["num_buckets"], p["ngram"], p["lowercase"]), len(wordpunct(lowered))
+
+
+def _save(path: Path, **arrays: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+class DsirCounts(PipelineStep):
+    """Per file ``counts/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``), ``length``, ``weight`` of
+    its train documents (the eval hold-out skipped) and ``counts``, the bucket counts of their n-grams."""
+
+    name = "effitrain dsir counts"
+    type = "🔢 - FEATURES"
+
+    def __init__(self, out_dir: str, *, scorer: dict, eval_docs: str) -> None:
+        super().__init__()
+        self.out_dir, self.scorer, self.eval_docs = out_dir, scorer, eval_docs
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
+        nb = self.scorer["num_buckets"]
+        for file_index, docs in _per_file(data):
+            docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set]
+            names = sorted({d.metadata["domain"] for d in docs})
+            code = {n: i for i, n in enumerate(names)}
+            feats, lengths = zip(*(_features(d.text, self.scorer) for d in docs)) if docs else ((), ())
+            offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
+            values = np.fromiter((b for f in feats for b in f), dtype=np.int64, count=int(offsets[-1]))
+            counts = np.bincount(values, minlength=nb).astype(np.int64)
+            # the bucket ids stay on disk for the keys stage (2 bytes an n-gram with <= 65 536 buckets): hashing
+            # is the cost of DSIR, and this way every n-gram is hashed once, as in memory
+            _save(Path(self.out_dir) / "counts" / f"{file_index:06d}.npz",
+                  values=values.astype(np.uint16 if nb <= 1 << 16 else np.uint32), offsets=offsets,
+                  record=np.array([d.metadata["record"] for d in docs], dtype=np.int64),
+                  domain=np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
+                  domains=np.array(names, dtype=str), length=np.array(lengths, dtype=np.int64),
+                  weight=np.array([count_tokens(d.text) for d in docs], dtype=np.int64), counts=counts)
+            self.stat_update("files")
+        return iter(())
+
+
+class DsirKeys(PipelineStep):
+    """Per task ``keys/NNNNN.npz``: its allowed documents' ``key`` (score / T + Gumbel), ``order`` (global position
+    among the allowed documents), ``weight``, ``file`` and ``record``, only the best keys up to the budget."""
+
+    name = "effitrain dsir keys"
+    type = "🎯 - SELECTION"
+
+    def __init__(self, out_dir: str, *, scorer: dict, plan: str) -> None:
+        super().__init__()
+        self.out_dir, self.scorer, self.plan = out_dir, scorer, plan
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.data.engine import task_files
+        from effitrain.selection.selectors import take_until
+
+        out = Path(self.out_dir)
+        plan = json.loads(Path(self.plan).read_text())
+        log_w = np.load(out / "log_w.npy")
+        parts: dict[str, list] = {k: [] for k in ("key", "order", "weight", "file_index", "record")}
+        for file_index in task_files(plan["n_files"], rank, world_size):  # the count stage's files, no re-reading
+            entry = plan["files"].get(str(file_index))
+            if entry is None:  # no train document in this file
+                continue
+            with np.load(out / "counts" / f"{file_index:06d}.npz") as z:
+                values, offsets = z["values"].astype(np.int64), z["offsets"]
+                record, length, weight = z["record"], z["length"], z["weight"]
+            scores = document_scores(log_w, values, offsets, self.scorer["length_normalize"])
+            candidate = ~np.isin(record, entry["skip"])  # the target's documents are not candidates
+            scores, record, length, weight = scores[candidate], record[candidate], length[candidate], weight[candidate]
+            allowed = np.flatnonzero(length >= self.scorer["min_length"])
+            rng = np.random.Generator(np.random.PCG64(plan["seed"]))
+            rng.bit_generator.advance(entry["offset"])  # the in-memory selector's draws for these documents
+            parts["key"].append(scores[allowed] / plan["temperature"] + rng.gumbel(size=len(allowed)))
+            parts["order"].append(entry["offset"] + np.arange(len(allowed), dtype=np.int64))
+            parts["weight"].append(weight[allowed].astype(np.float64) if plan["unit"] == "tokens"
+                                   else np.ones(len(allowed)))
+            parts["file_index"].append(np.full(len(allowed), file_index, dtype=np.int64))
+            parts["record"].append(record[allowed])
+            self.stat_update("files")
+        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        best = take_until(np.lexsort((arrays["order"], -arrays["key"])), arrays["weight"], plan["budget"])
+        _save(out / "keys" / f"{rank:05d}.npz", **{k: v[best] for k, v in arrays.items()})
+        return iter(())
+
+
+def _scorer_dict(params: Any) -> dict:
+    s = params.scorer
+    return {k: s[k] for k in ("num_buckets", "ngram", "lowercase", "min_length", "length_normalize")}
+
+
+def _target_counts(params: Any, domain_docs: list, domains: set, corpus: Any,
+                   seed: int) -> tuple[np.ndarray, set, int]:
+    """``(target bucket counts, {(file, record)} held out of the candidates, target documents)``; ``domain_docs``:
+    the ``(file, record)`` of the target domain's train documents in pool order."""
+    from effitrain.data.records import RecordFile
+
+    t, s = params.target, _scorer_dict(params)
+    counts = np.zeros(s["num_buckets"], dtype=np.int64)
+    if t.domain is None:
+        from effitrain.selection.target import resolve_target
+
+        target, _ = resolve_target(t, {"train": []}, seed)
+        for text in target["text"]:
+            counts += np.bincount(np.asarray(_features(text, s)[0], dtype=np.int64), minlength=s["num_buckets"])
+        return counts, set(), len(target)
+    if t.split != "train":
+        raise ConfigError(f"selection.target.split: data.executor draws a target domain from the train split, not "
+                          f"'{t.split}'; use split: train or selection.target.path")
+    idx = domain_docs
+    if not idx:
+        raise ConfigError(f"selection.target.domain: no '{t.domain}' examples in the train split; domains: "
+                          f"{', '.join(sorted(domains))}")
+    rng = np.random.default_rng(seed)  # resolve_target's draw: a permutation of the domain's train positions
+    chosen = sorted(idx[i] for i in rng.permutation(len(idx))[:t.max_examples])
+    by_file: dict[int, set] = {}
+    for f, r in chosen:
+        by_file.setdefault(f, set()).add(r)
+    for f, records in sorted(by_file.items()):  # a few documents: read back from their files
+        for record in RecordFile(corpus.files[f], corpus.fmt, text_field=corpus.text_field,
+                                 domain_field=corpus.domain_field):
+            if record.index in records:
+                counts += np.bincount(np.asarray(_features(record.text, s)[0], dtype=np.int64),
+                                      minlength=s["num_buckets"])
+    return counts, set(chosen), len(chosen)
+
+
+class ShardedDSIR:
+    """The ``selection`` hook of :func:`effitrain.data.sharded.build_sharded_splits` for ``selection=dsir``: called
+    with the corpus, the scan's eval documents and the engine settings, it returns the selected ``(file, record)``
+    pairs (an ``.npy``, in pool order) and a key naming them; ``info`` is the run summary's selection entry after."""
+
+    def __init__(self, params: Any, seed: int) -> None:
+        self.params, self.seed, self.info = params, seed, None
+        self.order: Optional[np.ndarray] = None  # the selected pairs in the selector's order (best key first)
+
+    def key_parts(self) -> tuple:
+        from effitrain.selection.pipeline import params_dict
+
+        return ("dsir", _VERSION, json.dumps(params_dict(self.params), sort_keys=True), self.seed)
+
+    def __call__(self, out: Path, corpus: Any, eval_docs: Path, data_params: Any, work: Path) -> None:
+        import time
+
+        from effitrain.selection.selectors import take_until
+
+        p, s = self.params, _scorer_dict(self.params)
+        if p.selector["name"] != "gumbel_topk" or getattr(p, "domains", None) is not None:
+            raise ConfigError("selection: data.executor runs dsir with its gumbel_topk selector over the whole pool; "
+                              "drop selection.selector / selection.domains or data.executor")
+        start = time.perf_counter()
+        run_stage(data_params, [corpus.reader(), DsirCounts(str(work), scorer=s, eval_docs=str(eval_docs))],
+                  work, job_name="dsir-count")
+        files = []
+        total = np.zeros(s["num_buckets"], dtype=np.int64)
+        domain_docs, domains = [], set()  # the target domain's train documents (file, record), pool order
+        for f in range(len(corpus.files)):
+            path = work / "counts" / f"{f:06d}.npz"
+            if not path.is_file():
+                continue
+            with np.load(path) as z:
+                names = z["domains"].tolist()
+                arrays = {k: z[k] for k in ("record", "domain", "length", "weight")}
+                total += z["counts"]
+            files.append((f, arrays))
+            domains.update(names)
+            if p.target is not None and p.target.domain in names:
+                mine = arrays["domain"] == names.index(p.target.domain)
+                domain_docs += [(f, int(r)) for r in arrays["record"][mine]]
+        target_counts, held, n_target = _target_counts(p, domain_docs, domains, corpus, self.seed)
+        del domain_docs
+        weights_total, offset, plan_files = 0.0, 0, {}
+        for f, a in files:
+            out_of_pool = np.isin(a["record"], [r for ff, r in held if ff == f])
+            keep = ~out_of_pool
+            weights_total += float(a["weight"][keep].sum() if p.budget.unit == "tokens" else keep.sum())
+            plan_files[str(f)] = {"offset": offset, "skip": a["record"][out_of_pool].tolist()}
+            offset += int((keep & (a["length"] >= s["min_length"])).sum())
+        if files and offset == 0:
+            raise ConfigError(f"selection.scorer.min_length: every candidate has fewer than {s['min_length']} "
+                              f"word/punctuation tokens; lower it")
+        pool_counts = total - target_counts
+        np.save(work / "log_w.npy", log_importance(pool_counts.astype(np.float64), target_counts.astype(np.float64),
+                                                   p.scorer["target_smoothing"], p.scorer["pool_mix"]))
+        budget = p.budget.fraction * weights_total
+        plan = {"seed": self.seed, "temperature": p.selector.get("temperature", 1.0), "unit": p.budget.unit,
+                "budget": budget, "n_files": len(corpus.files), "files": plan_files}
+        (work / "plan.json").write_text(json.dumps(plan))
+        run_stage(data_params, [DsirKeys(str(work), scorer=s, plan=str(work / "plan.json"))],
+                  work / "keys_stage", job_name="dsir-keys")
+        merged: dict[str, list] = {k: [] for k in ("key", "order", "weight", "file_index", "record")}
+        for part in sorted((work / "keys").glob("*.npz")):
+            with np.load(part) as z:
+                for k in merged:
+                    merged[k].append(z[k])
+        m = {k: np.concatenate(v) if v else np.zeros(0) for k, v in merged.items()}
+        best = take_until(np.lexsort((m["order"], -m["key"])), m["weight"], budget)
+        ranked = np.stack([m["file_index"][best], m["record"][best]], axis=1).astype(np.int64).reshape(-1, 2)
+        np.save(out / "ranked.npy", ranked)
+        np.save(out / "selected.npy", ranked[np.lexsort((ranked[:, 1], ranked[:, 0]))])
+        kept_tokens = float(m["weight"][best].sum())
+        (out / "info.json").write_text(json.dumps({
+            "method": "dsir", "scorer": "dsir", "selector": "gumbel_topk",
+            "pool_examples": int(sum(len(a["record"]) for _, a in files) - len(held)),
+            "target_examples": n_target, "after_filter_examples": offset, "kept_examples": int(len(best)),
+            "budget": {"fraction": p.budget.fraction, "unit": p.budget.unit}, "pool_budget_units": weights_total,
+            "kept_budget_units": kept_tokens,
+            # the share of the pool's pre-tokenizer pieces kept (the in-memory figure), known when they are the unit
+            **({"kept_token_fraction": round(kept_tokens / max(1.0, weights_total), 4)}
+               if p.budget.unit == "tokens" else {}),
+            "seconds": round(time.perf_counter() - start, 3)}) + "\n")
+        finish_stage(work / "keys_stage")
+        finish_stage(work)
