@@ -188,7 +188,10 @@ def _clip(value: object, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _read_json_lines(path: str, rows: _Rows, key: str) -> None:
+def json_line_records(path: str, key: str, text_field: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` of a JSON-lines file; blank lines are skipped (as `datasets`' JSON reader skips
+    them), and a line that is not one JSON object is refused naming the file and line.  The up-front check and the
+    sharded engine's tasks both read through it, so they refuse the same lines with the same words."""
     for number, line in utf8_lines(path, key):
         if not line.strip():
             continue
@@ -199,7 +202,12 @@ def _read_json_lines(path: str, rows: _Rows, key: str) -> None:
                               f"{exc.colno}); every line must be one JSON object") from None
         if not isinstance(record, dict):
             raise ConfigError(f"{key}: '{short_path(path)}' line {number} is a JSON {type(record).__name__}, not an "
-                              f"object like {{\"{rows.text_field}\": \"...\"}}")
+                              f"object like {{\"{text_field}\": \"...\"}}")
+        yield number, record
+
+
+def _read_json_lines(path: str, rows: _Rows, key: str) -> None:
+    for number, record in json_line_records(path, key, rows.text_field):
         rows.add(record, f"'{short_path(path)}' line {number}")
 
 

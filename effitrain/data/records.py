@@ -14,11 +14,10 @@ the in-memory one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from effitrain.data.inspect import short_path, utf8_lines
+from effitrain.data.inspect import json_line_records, short_path
 from effitrain.data.sources import DEFAULT_DOMAIN
 from effitrain.registry import ConfigError
 
@@ -69,20 +68,8 @@ class RecordFile:
 
 
 def _json_records(path: str, text_field: str, domain_field: Optional[str], key: str):
-    index = 0
-    for number, line in utf8_lines(path, key):
-        if not line.strip():  # `datasets`' JSON reader skips blank lines: they are not records
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{key}: '{short_path(path)}' line {number} is not valid JSON ({exc.msg} at column "
-                              f"{exc.colno}); every line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{key}: '{short_path(path)}' line {number} is a JSON {type(record).__name__}, not an "
-                              f"object like {{\"{text_field}\": \"...\"}}")
+    for index, (number, record) in enumerate(json_line_records(path, key, text_field)):
         yield index, record, f"'{short_path(path)}' line {number}"
-        index += 1
 
 
 def _parquet_records(path: str, text_field: str, domain_field: Optional[str], key: str):
