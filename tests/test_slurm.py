@@ -553,3 +553,99 @@ def test_a_plain_run_that_slurm_requeued_continues_its_run_directory(tmp_path, m
     assert _continue_if_requeued(given) == [*given, "resume=auto"]
     assert _continue_if_requeued([*given, "resume=some/ckpt"]) == [*given, "resume=some/ckpt"]  # the user chose
     assert _continue_if_requeued([f"run_dir={tmp_path / 'new'}"]) == [f"run_dir={tmp_path / 'new'}"]
+
+
+# ---------------------------------------------------------------------------------------------- the SLURM data job
+_DATA_BUILD = """
+import sys
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.config.blocks.data_engine import DataParams, SlurmKeys
+from effitrain.config.blocks.dataset import LocalParams
+from effitrain.config.blocks.model import LlamaParams
+from effitrain.data.sharded import build_sharded_splits
+from effitrain.errors import RunFailed
+load_builtin_blocks()
+# the shipped `slurm` preset (partition null: the cluster's default), sized down for this one node
+data = DataParams(executor=sys.argv[3], tasks=2, slurm=SlurmKeys(cpus_per_task=1, mem_gb=1, timeout_min=10))
+data.validate("data")
+dataset = LocalParams(path=[sys.argv[1]], domain_field="domain", eval_examples_per_domain=4, seq_len=64)
+try:
+    _, shards, _ = build_sharded_splits(dataset, LlamaParams(vocab_size=512), data.engine_settings(),
+                                        cache_dir=sys.argv[2])
+except RunFailed as exc:
+    sys.exit("failed: " + str(exc))
+print("shards:", shards.folder)
+"""
+
+
+def _data_build(env, corpus: Path, cache: Path, executor: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _DATA_BUILD, str(corpus), str(cache), executor], env=env,
+                            cwd=cache.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _shard_files(out: str) -> dict[str, bytes]:
+    folder = Path(out.split("shards: ")[1].split()[0])
+    return {"name": folder.name.encode(), **{p.name: p.read_bytes() for p in sorted(folder.iterdir())}}
+
+
+def _queued(env) -> list[tuple[str, str]]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], env=env, capture_output=True, text=True).stdout
+    return [tuple(line.split(None, 1)) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_data_stage_as_a_slurm_array_equals_the_local_build_and_a_relaunch_redoes_only_the_lost_task(slurm,
+                                                                                                          tmp_path):
+    """The sharded data stage (scan, then tokenize) of 2 tasks as SLURM job arrays gives the local build's token
+    shards byte for byte.  Then a launch whose array loses task 1 (cancelled before it ran, as a preempted or
+    failed task is) stops with one line, exit 1, task 0 marked done; the relaunch submits only task 1 and gives the
+    same shards."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_corpus
+
+    env = slurm
+    corpus = tmp_path / "corpus"
+    make_corpus.generate(corpus, docs=600, files=4, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:3])
+    for name in ("local", "slurm", "lost"):
+        (tmp_path / name).mkdir()
+    local = _data_build(env, corpus, tmp_path / "local" / "cache", "local")
+    on_slurm = _data_build(env, corpus, tmp_path / "slurm" / "cache", "slurm")
+    outs = {name: proc.communicate(timeout=600) for name, proc in (("local", local), ("slurm", on_slurm))}
+    assert (local.returncode, on_slurm.returncode) == (0, 0), outs
+    assert "data: scan: 2 of 2 tasks to run on slurm" in outs["slurm"][0]
+    assert "data: tokenize: 2 of 2 tasks to run on slurm" in outs["slurm"][0]
+    reference = _shard_files(outs["local"][0])
+    assert _shard_files(outs["slurm"][0]) == reference and "train-00000.npy" in reference
+    # the arrays' scripts: the preset's name, the keys given, no partition (the cluster's default), no stats job
+    scripts = sorted((tmp_path / "slurm" / "cache" / "data_engine").glob("*/logs/launch_script.slurm"))
+    assert len(scripts) == 2
+    for script in scripts:
+        text = script.read_text()
+        assert "#SBATCH --array=0-1" in text and "#SBATCH --cpus-per-task=1" in text
+        assert "#SBATCH --time=10:00" in text and "--partition" not in text and "--job-name=effitrain-" in text
+
+    # a task lost: the partition is closed while the array is submitted, its task 1 cancelled, the partition opened
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], env=env, check=True)
+    try:
+        lost = _data_build(env, corpus, tmp_path / "lost" / "cache", "slurm")
+        job = _wait("the scan array in the queue", lambda: next((i.split("_")[0] for i, name in _queued(env)
+                                                                 if name == "effitrain-scan"), ""), timeout=240)
+        subprocess.run(["scancel", f"{job}_1"], env=env, check=True)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], env=env, check=True)
+    out, err = lost.communicate(timeout=600)
+    assert lost.returncode == 1, (out, err)
+    stage = next(p.parent.parent for p in (tmp_path / "lost" / "cache" / "data_engine").glob("*/logs/executor.pik"))
+    assert f"failed: data.executor=slurm: job {job} (scan) ended with 1 of 2 tasks unfinished (task 1; " in err
+    assert sorted(p.name for p in (stage / "logs" / "completions").iterdir()) == ["00000"]
+
+    relaunch = _data_build(env, corpus, tmp_path / "lost" / "cache", "slurm")
+    out, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, (out, err)
+    assert "data: scan: 1 of 2 tasks to run (1 done by an earlier launch; running task 1) on slurm" in out
+    assert "data: tokenize: 2 of 2 tasks to run on slurm" in out
+    logs = stage / "logs" / "logs"  # datatrove's task logs: each scan task ran exactly once over both launches
+    assert [(logs / f"task_{r:05d}.log").read_text().count(f"Launching pipeline for rank={r}") for r in (0, 1)] \
+        == [1, 1]
+    assert "#SBATCH --array=0-0" in (stage / "logs" / "launch_script.slurm").read_text()  # one task submitted
+    assert _shard_files(out) == reference
