@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import socket
@@ -556,6 +557,55 @@ def test_a_plain_run_that_slurm_requeued_continues_its_run_directory(tmp_path, m
 
 
 # ---------------------------------------------------------------------------------------------- the SLURM data job
+def test_the_data_tasks_take_the_presets_keys_through_its_defaults_and_data_slurm_overrides(tmp_path, monkeypatch):
+    from effitrain.config import launcher, tree
+    from effitrain.config.blocks.data_engine import DataParams, SlurmKeys, slurm_resources
+    from effitrain.registry import ConfigError
+
+    # slurm_gpu names slurm in its defaults: its own sizes, slurm's job-name prefix
+    assert slurm_resources("slurm_gpu") == {"partition": None, "account": None, "qos": None, "cpus_per_task": 8,
+                                            "mem_gb": 64, "timeout_min": 240, "name": "effitrain"}
+    overridden = slurm_resources("slurm_gpu", SlurmKeys(partition="cpu", mem_gb=4))
+    assert (overridden["partition"], overridden["mem_gb"], overridden["cpus_per_task"]) == ("cpu", 4, 8)
+
+    # a site's preset that leaves the time limit to the cluster: fine for training, refused for the data array
+    configs = tmp_path / "configs"
+    shutil.copytree(tree.config_root() / "hydra" / "launcher", configs / "hydra" / "launcher")
+    (configs / "hydra" / "launcher" / "site.yaml").write_text(
+        "# @package hydra.launcher\ndefaults:\n  - slurm\n  - _self_\npartition: cpu\ntimeout_min: null\n")
+    monkeypatch.setattr(tree, "config_root", lambda: configs)
+    monkeypatch.setattr(launcher, "config_root", lambda: configs)
+    with pytest.raises(ConfigError) as refused:
+        DataParams(executor="slurm", slurm_preset="site").validate("data")
+    assert str(refused.value) == ("data.slurm.timeout_min: the data tasks' SLURM array needs a time limit, and preset "
+                                  "'site' sets timeout_min: null; set data.slurm.timeout_min=N or timeout_min in "
+                                  "effitrain/configs/hydra/launcher/site.yaml")
+    given = DataParams(executor="slurm", slurm_preset="site", slurm=SlurmKeys(timeout_min=30))
+    given.validate("data")
+    assert given.engine_settings().slurm == {"partition": "cpu", "account": None, "qos": None, "cpus_per_task": 2,
+                                             "mem_gb": 8, "timeout_min": 30, "name": "effitrain"}
+
+
+def test_the_data_arrays_sbatch_lines_come_from_the_resources(tmp_path):
+    """What the array asks SLURM for (no cluster needed): sizes, time, account, and a partition only when named."""
+    from effitrain.data.engine import EngineSettings, make_executor
+
+    def script(**res):
+        resources = {"partition": None, "account": None, "qos": None, "cpus_per_task": 4, "mem_gb": 10,
+                     "timeout_min": 90, "name": "site", **res}
+        executor = make_executor(EngineSettings("slurm", tasks=6, workers=2, slurm=resources), [],
+                                 tmp_path / "logs", job_name="scan")
+        return executor.get_launch_file_contents(executor.get_sbatch_args(6), "run")
+
+    default = script()
+    for line in ("--cpus-per-task=4", "--mem=10G", "--time=90:00", "--array=0-5%2", "--job-name=site-scan",
+                 "--requeue"):
+        assert f"#SBATCH {line}\n" in default, line
+    assert "--partition" not in default and "--mem-per-cpu" not in default and "--account" not in default and "--qos" not in default
+    named = script(partition="cpu", account="proj", qos="low")
+    assert all(f"#SBATCH {line}\n" in named for line in ("--partition=cpu", "--account=proj", "--qos=low"))
+
+
 _DATA_BUILD = """
 import sys
 from effitrain.config.blocks import load_builtin_blocks
@@ -621,7 +671,7 @@ def test_the_data_stage_as_a_slurm_array_equals_the_local_build_and_a_relaunch_r
     assert len(scripts) == 2
     for script in scripts:
         text = script.read_text()
-        assert "#SBATCH --array=0-1" in text and "#SBATCH --cpus-per-task=1" in text
+        assert "#SBATCH --array=0-1" in text and "#SBATCH --cpus-per-task=1" in text and "#SBATCH --mem=1G" in text
         assert "#SBATCH --time=10:00" in text and "--partition" not in text and "--job-name=effitrain-" in text
 
     # a task lost: the partition is closed while the array is submitted, its task 1 cancelled, the partition opened
@@ -639,9 +689,17 @@ def test_the_data_stage_as_a_slurm_array_equals_the_local_build_and_a_relaunch_r
     assert f"failed: data.executor=slurm: job {job} (scan) ended with 1 of 2 tasks unfinished (task 1; " in err
     assert sorted(p.name for p in (stage / "logs" / "completions").iterdir()) == ["00000"]
 
-    relaunch = _data_build(env, corpus, tmp_path / "lost" / "cache", "slurm")
-    out, err = relaunch.communicate(timeout=600)
-    assert relaunch.returncode == 0, (out, err)
+    # the relaunch from inside a SLURM job, as a training job on the cluster launches its data stage: the arrays it
+    # submits must not inherit that job's SLURM_* sizes: its SLURM_MEM_PER_CPU beside the array's SLURM_MEM_PER_NODE
+    # stops the array's srun ("mutually exclusive")
+    log = tmp_path / "lost" / "relaunch.log"
+    relaunch = subprocess.run(["sbatch", "--wait", "--job-name=relaunch", "--cpus-per-task=1", "--mem-per-cpu=1G",
+                               f"--output={log}", "--wrap",
+                               shlex.join([sys.executable, "-c", _DATA_BUILD, str(corpus),
+                                           str(tmp_path / "lost" / "cache"), "slurm"])],
+                              env=env, cwd=tmp_path / "lost", capture_output=True, text=True, timeout=600)
+    out = log.read_text()
+    assert relaunch.returncode == 0, out
     assert "data: scan: 1 of 2 tasks to run (1 done by an earlier launch; running task 1) on slurm" in out
     assert "data: tokenize: 2 of 2 tasks to run on slurm" in out
     logs = stage / "logs" / "logs"  # datatrove's task logs: each scan task ran exactly once over both launches

@@ -259,19 +259,29 @@ class TokenStreams(PipelineStep):
 
 # ------------------------------------------------------------------------------------------------------ executors
 class SlurmArray(SlurmPipelineExecutor):
-    """datatrove's SLURM executor as effitrain's stages use it.  Three differences, each for a run that waits on its
-    own array: a null partition (the presets' default) is left to the cluster, as for the training jobs, where
-    datatrove would write ``--partition=None``; no stats-merging job (datatrove submits one ``afterok`` the array:
-    after a failed task it would wait in the queue forever, and effitrain reads the per-task stats as they are); and
-    ``sbatch`` runs without the environment of the SLURM job it may be called from (a training job on a cluster):
-    ``--export=ALL`` would hand that job's ``SLURM_MEM_PER_NODE``, ``SLURM_CPUS_PER_TASK``... to the array, whose
-    ``srun`` then mixes them with its own (``SLURM_MEM_PER_CPU and SLURM_MEM_PER_NODE are mutually exclusive``)."""
+    """datatrove's SLURM executor as effitrain's stages use it, for a run that waits on its own arrays:
+
+    * a null partition (the presets' default) is left to the cluster, as for the training jobs (datatrove would
+      write ``--partition=None``);
+    * the memory is the preset's ``mem_gb`` per task, as ``--mem`` (datatrove asks per CPU in whole GB);
+    * no stats-merging job: datatrove submits one ``afterok`` the array, which after a failed task would wait in
+      the queue forever; the per-task stats stay in ``logs/stats``;
+    * ``sbatch`` runs without the ``SLURM_*`` environment of a job it may be called from (a training job on the
+      cluster): ``--export=ALL`` would hand that job's ``SLURM_MEM_PER_NODE``, ``SLURM_CPUS_PER_TASK``, ... to the
+      array, whose ``srun`` then mixes them with its own (``SLURM_MEM_PER_CPU and SLURM_MEM_PER_NODE are mutually
+      exclusive``)."""
+
+    def __init__(self, *args: Any, mem_gb: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mem_gb = mem_gb
 
     def get_sbatch_args(self, max_array: int = 1) -> dict:
         args = super().get_sbatch_args(max_array)
         if args.get("partition") is None:
             del args["partition"]
-        return args
+        # the preset's memory whole (datatrove asks per CPU in whole GB: 10 GB over 4 CPUs would become 8)
+        del args["mem-per-cpu"]
+        return {**args, "mem": f"{self.mem_gb}G"}
 
     def launch_merge_stats(self) -> None:
         pass
@@ -318,7 +328,7 @@ def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path
         cpus = int(res["cpus_per_task"])
         return SlurmArray(pipeline, tasks=params.tasks, workers=params.workers or -1,
                           time=f"{int(res['timeout_min'])}:00", partition=res.get("partition"), qos=res.get("qos"),
-                          cpus_per_task=cpus, mem_per_cpu_gb=max(1, int(res["mem_gb"]) // cpus),
+                          cpus_per_task=cpus, mem_gb=int(res["mem_gb"]),
                           job_name=f"{res.get('name') or 'effitrain'}-{job_name}", logging_dir=str(logging_dir),
                           venv_path=_venv_activate(), sbatch_args=sbatch or None, requeue=True)
     try:

@@ -66,9 +66,9 @@ class DataParams:
         return EngineSettings(executor=self.executor, tasks=self.tasks, workers=self.workers, slurm=slurm)
 
 
-# datatrove's SLURM executor writes --cpus-per-task, --mem-per-cpu (mem_gb / cpus_per_task) and --time into every
-# array it submits, so where a training job may leave them to the cluster (null), a data array cannot; a null
-# partition, qos or account is left out of the script (the cluster's default), as for the training jobs
+# datatrove's SLURM executor writes --cpus-per-task, the memory and --time into every array it submits, so where a
+# training job may leave them to the cluster (null), a data array cannot; a null partition, qos or account is left
+# out of the script (the cluster's default), as for the training jobs
 _NEEDS = {"cpus_per_task": "a CPU count", "mem_gb": "a memory size", "timeout_min": "a time limit"}
 _PRESET_KEYS = ("partition", "account", "qos", "cpus_per_task", "mem_gb", "timeout_min", "name")
 
