@@ -1,6 +1,8 @@
 """Cluster runs (docs/cluster.md): SLURM's environment, requeue detection, exit mapping, launcher keys — and, marked
 slow, a real single-node SLURM cluster (slurmctld, slurmd, munge) driven through the shipped `hydra/launcher=slurm`
-preset: a sweep, a preempted-and-requeued member, a member refused at launch, a 2-task data-parallel job."""
+preset: a sweep, a preempted-and-requeued member, a member refused at launch, a 2-task data-parallel job; and the
+data engine's stages as SLURM job arrays (`data.executor=slurm`), equal to the local build, relaunched after a lost
+task."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 
 ``data.executor`` null (the default) keeps the in-memory path.  ``local`` runs datatrove's tasks as processes on
 this machine, ``slurm`` as a SLURM job array whose partition, time and memory come from a launcher preset (the files
-of ``hydra/launcher``, the same the training jobs use), ``ray`` on a running Ray cluster.
+of ``hydra/launcher``, the same the training jobs use; ``data.slurm.*`` overrides them for the data tasks alone),
+``ray`` on a running Ray cluster.
 """
 
 from __future__ import annotations
