@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from effitrain.curriculum.row_scores import rank_difficulty, row_scores
+from effitrain.curriculum.row_scores import row_order
 from effitrain.curriculum.samplers import ResumableBatchSampler
 
 
@@ -42,10 +42,9 @@ def run_subset(order: np.ndarray, rows: int, seed: int) -> np.ndarray:
 
 def build_scored_order(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
                        world_size: int, rank: int, tokenizer: Any = None, timeline: Any = None) -> ScoredOrderSampler:
-    scores = row_scores(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
-    order, _ = rank_difficulty(scores, seed)
+    order = row_order(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
     if params.order == "descending":
-        order = order[::-1].copy()
+        order = order[::-1]  # a view: an order on disk stays there
     if params.fit_to_run and timeline is not None:
         order = run_subset(order, timeline.max_steps * micro_batch_size * grad_accum * world_size, seed)
     return ScoredOrderSampler(order, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
