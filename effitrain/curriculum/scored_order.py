@@ -37,7 +37,10 @@ def run_subset(order: np.ndarray, rows: int, seed: int) -> np.ndarray:
         return order
     keep = np.zeros(len(order), bool)
     keep[np.random.default_rng([seed % 2**63, 11]).choice(len(order), size=rows, replace=False)] = True
-    return order[keep[order]]
+    # a block of the order at a time: an order memory-mapped from disk (token shards) is not loaded whole
+    block = 1 << 20
+    kept = [part[keep[part]] for part in (np.asarray(order[s:s + block]) for s in range(0, len(order), block))]
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
 def build_scored_order(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
