@@ -691,12 +691,12 @@ def test_the_data_stage_as_a_slurm_array_equals_the_local_build_and_a_relaunch_r
     assert f"failed: data.executor=slurm: job {job} (scan) ended with 1 of 2 tasks unfinished (task 1; " in err
     assert sorted(p.name for p in (stage / "logs" / "completions").iterdir()) == ["00000"]
 
-    # the relaunch from inside a SLURM job, as a training job on the cluster launches its data stage: the arrays it
-    # submits must not inherit that job's SLURM_* sizes: its SLURM_MEM_PER_CPU beside the array's SLURM_MEM_PER_NODE
-    # stops the array's srun ("mutually exclusive")
+    # the relaunch from inside a SLURM job array, as a sweep member (submitit submits a sweep as an array) launches
+    # its data stage: it must submit its arrays (not take itself for their task 0), and they must not inherit the
+    # job's SLURM_* sizes: its SLURM_MEM_PER_CPU beside the array's SLURM_MEM_PER_NODE stops the array's srun
     log = tmp_path / "lost" / "relaunch.log"
-    relaunch = subprocess.run(["sbatch", "--wait", "--job-name=relaunch", "--cpus-per-task=1", "--mem-per-cpu=1G",
-                               f"--output={log}", "--wrap",
+    relaunch = subprocess.run(["sbatch", "--wait", "--array=0", "--job-name=relaunch", "--cpus-per-task=1",
+                               "--mem-per-cpu=1G", f"--output={log}", "--wrap",
                                shlex.join([sys.executable, "-c", _DATA_BUILD, str(corpus),
                                            str(tmp_path / "lost" / "cache"), "slurm"])],
                               env=env, cwd=tmp_path / "lost", capture_output=True, text=True, timeout=600)

@@ -370,7 +370,12 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
         say(f"data: {job_name}: {len(todo)} of {params.tasks} tasks to run"
             + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
             + f" on {params.executor}")
-        executor.run()
+        if params.executor == "slurm":
+            # submit, whatever the environment: datatrove's run() takes a process with SLURM_ARRAY_TASK_ID for one
+            # of its own tasks, and a sweep member (submitit submits sweeps as job arrays) has one
+            executor.launch_job()
+        else:
+            executor.run()
     if params.executor == "slurm" and todo:  # sbatch returned at submission: wait for the array to mark its tasks
         job_id = executor.job_id
         say(f"data: {job_name}: SLURM job {job_id}, waiting for its {len(todo)} tasks (logs: {logging_dir})")
