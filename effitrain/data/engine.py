@@ -359,9 +359,6 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
     from effitrain.console import say
 
     logging_dir = stage_dir / "logs"
-    if params.executor == "slurm" and shutil.which("sbatch") is None:
-        raise ConfigError("data.executor=slurm: 'sbatch' is not on PATH; launch from a SLURM login node (or a job), "
-                          "or use data.executor=local")
     executor = make_executor(params, pipeline, logging_dir, job_name=job_name)
     todo = list(executor.get_incomplete_ranks())
     done = params.tasks - len(todo)
@@ -371,6 +368,9 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
             + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
             + f" on {params.executor}")
         if params.executor == "slurm":
+            if shutil.which("sbatch") is None:
+                raise ConfigError("data.executor=slurm: 'sbatch' is not on PATH; launch from a SLURM login node (or "
+                                  "a job), or use data.executor=local")
             # submit, whatever the environment: datatrove's run() takes a process with SLURM_ARRAY_TASK_ID for one
             # of its own tasks, and a sweep member (submitit submits sweeps as job arrays) has one
             executor.launch_job()
