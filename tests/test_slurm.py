@@ -608,6 +608,20 @@ def test_the_data_arrays_sbatch_lines_come_from_the_resources(tmp_path):
     assert all(f"#SBATCH {line}\n" in named for line in ("--partition=cpu", "--account=proj", "--qos=low"))
 
 
+def test_a_data_stage_for_slurm_without_sbatch_is_one_line_and_submits_nothing(tmp_path, monkeypatch):
+    from effitrain.data import engine
+    from effitrain.registry import ConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    resources = {"partition": None, "account": None, "qos": None, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5,
+                 "name": None}
+    with pytest.raises(ConfigError, match=r"^data.executor=slurm: 'sbatch' is not on PATH; launch from a SLURM login "
+                                          r"node \(or a job\), or use data.executor=local$"):
+        engine.run_stage(engine.EngineSettings("slurm", tasks=2, slurm=resources), [], tmp_path / "stage",
+                         job_name="scan")
+    assert not (tmp_path / "stage" / "logs" / "executor.pik").exists()
+
+
 _DATA_BUILD = """
 import sys
 from effitrain.config.blocks import load_builtin_blocks
