@@ -351,11 +351,12 @@ def test_an_order_sorted_in_runs_on_disk_is_the_in_memory_order(tmp_path):
     ("scored_order", {"order": "ascending", "fit_to_run": True}),  # 400 of the 1,000 rows: a run of 100 steps
     ("difficulty", {"direction": "easy_first", "mode": "sample"}),
     ("difficulty", {"direction": "hard_first", "mode": "weight"}),
+    ("mixture", {}),  # domain weights per step; each domain's rows from its own seeded stream
 ])
 def test_a_domain_order_over_token_shards_is_the_in_memory_curriculum_order(tmp_path, monkeypatch, curriculum,
                                                                            params):
     """The curricula that order every row by a declared domain order, on token shards (sorted on disk in runs,
-    memory-mapped) and on the same rows in memory: the same order, so the same batches."""
+    memory-mapped) and on the same rows in memory: the same order, so the same batches; and a domain mixture."""
     import datasets
 
     from effitrain.config.blocks import load_builtin_blocks
@@ -380,14 +381,20 @@ def test_a_domain_order_over_token_shards_is_the_in_memory_curriculum_order(tmp_
     shards = TokenShards(tmp_path / "shards")
     in_memory = datasets.Dataset.from_dict({"input_ids": np.concatenate([rows[domains == n] for n in names]).tolist(),
                                             "domain": np.concatenate([domains[domains == n] for n in names]).tolist()})
-    block = REGISTRY.parse("curriculum", {"name": curriculum, "domain_order": ["math", "prose", "code"], **params},
+    ordered = curriculum != "mixture"
+    block = REGISTRY.parse("curriculum", {"name": curriculum, **params,
+                                          **({"domain_order": ["math", "prose", "code"]} if ordered else {})},
                            "curriculum")
-    timeline = parse_timeline({"competence": {"pacing": {"function": "linear", "start": 0.2, "until": 0.5}}}).resolve(
-        max_steps=100, tokens_per_step=32)
+    timeline = parse_timeline({
+        "competence": {"pacing": {"function": "linear", "start": 0.2, "until": 0.5}},
+        "mixture": {"unit": "fraction", "points": [{"at": 0, "value": {"code": 0.2, "math": 0.3, "prose": 0.5}}]},
+    }).resolve(max_steps=100, tokens_per_step=32)
     layout = dict(seed=5, micro_batch_size=2, grad_accum=2, world_size=1, rank=0, timeline=timeline)
     on_disk, in_ram = block.build(shards, **layout), block.build(in_memory, **layout)
     if params.get("mode") == "weight":
         assert np.array_equal(on_disk.difficulty, in_ram.difficulty)
+    elif not ordered:  # a mixture's streams: the rows of each domain, the same on both
+        assert all(np.array_equal(a, b) for a, b in zip(on_disk.rows_of, in_ram.rows_of))
     else:
         # the whole order stays on disk; the run's subset of it (fit_to_run) is small and in memory
         assert _memory_mapped(on_disk.order) != params.get("fit_to_run", False) and not _memory_mapped(in_ram.order)
