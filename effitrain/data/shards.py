@@ -101,6 +101,10 @@ class TokenShards:
         """The domain name of every training row (numpy str)."""
         return self.domain_names[np.asarray(self._domain_codes)]
 
+    def domain_codes(self) -> np.ndarray:
+        """Every training row's domain as an index into ``domain_names``, memory-mapped (read it in blocks)."""
+        return self._domain_codes
+
     def eval_by_domain(self) -> dict[str, np.ndarray]:
         """``{domain: int32 rows}`` of the held-out rows, domains sorted."""
         rows = np.asarray(_open(self.folder / "eval.npy"), dtype=np.int32)
