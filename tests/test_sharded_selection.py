@@ -46,12 +46,19 @@ def corpus(tmp_path_factory) -> Path:
     return _corpus(tmp_path_factory.mktemp("dsir") / "corpus", docs=360, files=5)
 
 
-@pytest.mark.parametrize("tasks, unit", [(1, "tokens"), (3, "tokens"), (3, "examples")])
-def test_sharded_dsir_keeps_exactly_the_in_memory_selection(corpus, tmp_path, tasks, unit):
+@pytest.mark.parametrize("tasks, unit, block", [(1, "tokens", None), (3, "tokens", None), (3, "examples", None),
+                                                (2, "tokens", 97)])
+def test_sharded_dsir_keeps_exactly_the_in_memory_selection(corpus, tmp_path, monkeypatch, tasks, unit, block):
+    """``block``: the tasks hash, write and score the bucket ids in blocks of that many (a few documents each)
+    instead of one block per file -- the same selection, to the bit."""
     from effitrain.data.build import build_local
     from effitrain.data.engine import EngineSettings
     from effitrain.data.sharded import build_sharded_splits, corpus_files
+    from effitrain.selection import sharded_dsir
     from effitrain.selection.sharded_dsir import ShardedDSIR
+
+    if block is not None:
+        monkeypatch.setattr(sharded_dsir, "_BLOCK", block)
 
     dataset, model = _params(str(corpus))
     cache = tmp_path / "cache"

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -109,18 +110,24 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _per_file(data: Any) -> Iterator[tuple[int, list[Any]]]:
-    """Group a task's documents by file (a reader yields the files one after the other)."""
-    current, docs = None, []
-    for doc in data or ():
-        f = doc.metadata["file"]
-        if f != current and docs:
-            yield current, docs
-            docs = []
-        current = f
-        docs.append(doc)
-    if docs:
-        yield current, docs
+def _per_file(data: Any) -> Iterator[tuple[int, Iterator[Any]]]:
+    """Group a task's documents by file (a reader yields the files one after the other), lazily: each file's
+    documents are an iterator to consume before asking for the next file, so a step holds one document at a time,
+    not a file's (a file of a web-scale corpus is gigabytes)."""
+    return itertools.groupby(data or (), key=lambda doc: doc.metadata["file"])
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items (the last one shorter) from an iterator (``itertools.batched`` is Python 3.12)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def domain_codes(domains: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted domain names, each document's code into them)`` of one file's documents, in one pass."""
+    names, codes = np.unique(np.asarray(domains, dtype=str), return_inverse=True)
+    return names, codes.astype(np.int32)
 
 
 class DocumentIndex(PipelineStep):
@@ -144,32 +151,37 @@ class DocumentIndex(PipelineStep):
         heap: list[tuple[int, int, int, str]] = []  # (-rank, -file, -record, text): the worst candidate on top
         domains_seen: set[str] = set()
         for file_index, docs in _per_file(data):
-            names = sorted({d.metadata["domain"] for d in docs})
-            code = {n: i for i, n in enumerate(names)}
-            domains_seen.update(names)
-            ids = [d.metadata["source_id"] for d in docs]
-            ranks = np.array([sample_rank(d.text) for d in docs], dtype=np.uint64)
+            records, domains, ids, ranks = [], [], [], []
+            for doc in docs:
+                records.append(doc.metadata["record"])
+                domains.append(doc.metadata["domain"])
+                ids.append(doc.metadata["source_id"])
+                ranks.append(sample_rank(doc.text))
+                if self.sample_docs:
+                    domains_seen.add(doc.metadata["domain"])
+                    # the cap only grows (domains are added): a candidate pushed out had `cap` better ones among the
+                    # documents seen so far, all of the domains seen so far, of which at most `holdout` a domain are
+                    # held out -- so `sample_docs` better train documents remain and it cannot be in the sample
+                    cap = self.sample_docs + self.holdout * len(domains_seen)
+                    item = (-ranks[-1], -file_index, -records[-1], doc.text)
+                    if len(heap) < cap:
+                        heapq.heappush(heap, item)
+                    elif item > heap[0]:
+                        heapq.heapreplace(heap, item)
+            names, codes = domain_codes(domains)
+            domains_seen.update(names.tolist())
             arrays = {
-                "record": np.array([d.metadata["record"] for d in docs], dtype=np.int64),
-                "domain": np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
+                "record": np.array(records, dtype=np.int64),
+                "domain": codes,
                 "has_id": np.array([i is not None for i in ids], dtype=bool),
                 "id_rank": np.array([id_rank(i) if i is not None else 0 for i in ids], dtype=np.uint64),
-                "sample_rank": ranks,
-                "domains": np.array(names, dtype=str),
+                "sample_rank": np.array(ranks, dtype=np.uint64),
+                "domains": names,
             }
             tmp = out / "index" / f".{file_index:06d}.tmp{os.getpid()}.npz"
             tmp.parent.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, **arrays)
             os.replace(tmp, out / "index" / f"{file_index:06d}.npz")
-            if self.sample_docs:
-                # the cap only grows (domains are added), so keeping the best `cap` so far loses nothing needed
-                cap = self.sample_docs + self.holdout * len(domains_seen)
-                for doc, r in zip(docs, ranks.tolist()):
-                    item = (-r, -file_index, -doc.metadata["record"], doc.text)
-                    if len(heap) < cap:
-                        heapq.heappush(heap, item)
-                    elif item > heap[0]:
-                        heapq.heapreplace(heap, item)
             self.stat_update("files")
         if self.sample_docs:
             path = out / "sample" / f"{rank:05d}.jsonl"
@@ -223,36 +235,41 @@ class TokenStreams(PipelineStep):
         dtype = np.dtype(self.dtype)
         for file_index, docs in _per_file(data):
             if keep is not None:
-                docs = [d for d in docs if (file_index, d.metadata["record"]) in eval_set
-                        or (file_index, d.metadata["record"]) in keep]
+                docs = (d for d in docs if (file_index, d.metadata["record"]) in eval_set
+                        or (file_index, d.metadata["record"]) in keep)
             final = Path(self.out_dir) / "tokens" / f"{file_index:06d}"
             tmp = _atomic_dir(final)
-            names = sorted({d.metadata["domain"] for d in docs})
-            code = {n: i for i, n in enumerate(names)}
-            counts = {"train": [0] * len(names), "eval": [0] * len(names)}
-            handles: dict[tuple[str, int], Any] = {}
+            # streams are opened as their domains appear and renamed to their sorted codes when the file is done
+            seen: dict[str, int] = {}  # domain -> order of first appearance
+            counts: dict[tuple[str, str], int] = {}
+            handles: dict[tuple[str, str], Any] = {}
             try:
-                for start in range(0, len(docs), self.batch_size):
-                    batch = docs[start:start + self.batch_size]
+                for batch in batched(docs, self.batch_size):
                     with self.track_time("batch"):
                         encoded = encode([d.text for d in batch])
-                    streams: dict[tuple[str, int], list[int]] = {}  # one write per stream and batch
+                    streams: dict[tuple[str, str], list[int]] = {}  # one write per stream and batch
                     for doc, ids in zip(batch, encoded):
                         split = "eval" if (file_index, doc.metadata["record"]) in eval_set else "train"
-                        stream = streams.setdefault((split, code[doc.metadata["domain"]]), [])
+                        domain = doc.metadata["domain"]
+                        seen.setdefault(domain, len(seen))
+                        stream = streams.setdefault((split, domain), [])
                         stream.extend(ids)
                         stream.append(eos)
-                    for (split, k), ids in streams.items():
-                        fh = handles.get((split, k))
+                    for key, ids in streams.items():
+                        fh = handles.get(key)
                         if fh is None:
-                            fh = handles[(split, k)] = open(tmp / f"{split}-{k}.bin", "wb")
+                            fh = handles[key] = open(tmp / f".{key[0]}-{seen[key[1]]}.part", "wb")
                         fh.write(np.asarray(ids, dtype=dtype).tobytes())
-                        counts[split][k] += len(ids)
+                        counts[key] = counts.get(key, 0) + len(ids)
                         self.stat_update("tokens", value=len(ids))
             finally:
                 for fh in handles.values():
                     fh.close()
-            (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": counts, "dtype": dtype.name}))
+            names = sorted(seen)
+            for split, domain in handles:
+                os.replace(tmp / f".{split}-{seen[domain]}.part", tmp / f"{split}-{names.index(domain)}.bin")
+            tokens = {split: [counts.get((split, d), 0) for d in names] for split in ("train", "eval")}
+            (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": tokens, "dtype": dtype.name}))
             _publish(tmp, final)
         return iter(())
 

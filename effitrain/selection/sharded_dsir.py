@@ -37,7 +37,7 @@ from effitrain.registry import ConfigError
 from effitrain.selection.base import count_tokens
 from effitrain.selection.scorers.dsir import document_scores, hashed_ngrams, log_importance, wordpunct
 
-_VERSION = 1
+_VERSION = 2  # 2: the bucket ids in a raw file beside each counts/*.npz
 
 
 def _features(text: str, p: Any) -> tuple[list[int], int]:
@@ -53,8 +53,10 @@ def _save(path: Path, **arrays: Any) -> None:
 
 
 class DsirCounts(PipelineStep):
-    """Per file ``counts/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``), ``length``, ``weight`` of
-    its train documents (the eval hold-out skipped) and ``counts``, the bucket counts of their n-grams."""
+    """Per file ``counts/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``), ``length``, ``weight`` and
+    ``offsets`` of its train documents (the eval hold-out skipped) and ``counts``, the bucket counts of their
+    n-grams; and ``counts/NNNNNN.values``, the documents' bucket ids one after the other (raw ``uint16``, or
+    ``uint32`` above 65 536 buckets), written as they are hashed, so a task holds one block of ids, not a file's."""
 
     name = "effitrain dsir counts"
     type = "🔢 - FEATURES"
@@ -64,26 +66,75 @@ class DsirCounts(PipelineStep):
         self.out_dir, self.scorer, self.eval_docs = out_dir, scorer, eval_docs
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.data.engine import domain_codes
+
         eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
         nb = self.scorer["num_buckets"]
+        folder = Path(self.out_dir) / "counts"
+        folder.mkdir(parents=True, exist_ok=True)
         for file_index, docs in _per_file(data):
-            docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set]
-            names = sorted({d.metadata["domain"] for d in docs})
-            code = {n: i for i, n in enumerate(names)}
-            feats, lengths = zip(*(_features(d.text, self.scorer) for d in docs)) if docs else ((), ())
-            offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
-            values = np.fromiter((b for f in feats for b in f), dtype=np.int64, count=int(offsets[-1]))
-            counts = np.bincount(values, minlength=nb).astype(np.int64)
+            record, domains, lengths, weights, sizes = [], [], [], [], []
+            counts = np.zeros(nb, dtype=np.int64)
+            block: list[int] = []
+            values_tmp = folder / f".{file_index:06d}.tmp{os.getpid()}.values"
+            with open(values_tmp, "wb") as values:
+                for d in docs:
+                    if (file_index, d.metadata["record"]) in eval_set:
+                        continue
+                    ids, length = _features(d.text, self.scorer)
+                    record.append(d.metadata["record"])
+                    domains.append(d.metadata["domain"])
+                    lengths.append(length)
+                    weights.append(count_tokens(d.text))
+                    sizes.append(len(ids))
+                    block += ids
+                    if len(block) >= _BLOCK:
+                        counts += _flush(block, values, nb)
+                        block = []
+                counts += _flush(block, values, nb)
             # the bucket ids stay on disk for the keys stage (2 bytes an n-gram with <= 65 536 buckets): hashing
             # is the cost of DSIR, and this way every n-gram is hashed once, as in memory
-            _save(Path(self.out_dir) / "counts" / f"{file_index:06d}.npz",
-                  values=values.astype(np.uint16 if nb <= 1 << 16 else np.uint32), offsets=offsets,
-                  record=np.array([d.metadata["record"] for d in docs], dtype=np.int64),
-                  domain=np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
-                  domains=np.array(names, dtype=str), length=np.array(lengths, dtype=np.int64),
-                  weight=np.array([count_tokens(d.text) for d in docs], dtype=np.int64), counts=counts)
+            os.replace(values_tmp, folder / f"{file_index:06d}.values")
+            names, codes = domain_codes(domains)
+            _save(folder / f"{file_index:06d}.npz", offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                  record=np.array(record, dtype=np.int64), domain=codes, domains=names,
+                  length=np.array(lengths, dtype=np.int64), weight=np.array(weights, dtype=np.int64), counts=counts)
             self.stat_update("files")
         return iter(())
+
+
+_BLOCK = 1 << 22  # bucket ids hashed before they are counted and written (32 MiB as a list of ints)
+
+
+def _ids_dtype(num_buckets: int) -> np.dtype:
+    return np.dtype(np.uint16 if num_buckets <= 1 << 16 else np.uint32)
+
+
+def _flush(block: list[int], out: Any, num_buckets: int) -> np.ndarray:
+    ids = np.asarray(block, dtype=np.int64)
+    out.write(ids.astype(_ids_dtype(num_buckets)).tobytes())
+    return np.bincount(ids, minlength=num_buckets)
+
+
+def _file_scores(log_w: np.ndarray, values_path: Path, offsets: np.ndarray, num_buckets: int,
+                 length_normalize: bool) -> np.ndarray:
+    """Every document's score of one file, reading its bucket ids a block of documents at a time.  Each document is
+    scored on its own by :func:`document_scores`, so the blocks give the same bits as the whole file at once."""
+    dtype = _ids_dtype(num_buckets)
+    n = len(offsets) - 1
+    scores = np.zeros(n)
+    first = 0
+    with open(values_path, "rb") as fh:
+        while first < n:
+            # as many whole documents as fit in a block (at least one)
+            last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + _BLOCK, side="right")) - 1)
+            last = min(last, n)
+            fh.seek(int(offsets[first]) * dtype.itemsize)
+            values = np.fromfile(fh, dtype=dtype, count=int(offsets[last] - offsets[first])).astype(np.int64)
+            scores[first:last] = document_scores(log_w, values, offsets[first:last + 1] - offsets[first],
+                                                 length_normalize)
+            first = last
+    return scores
 
 
 class DsirKeys(PipelineStep):
@@ -110,9 +161,9 @@ class DsirKeys(PipelineStep):
             if entry is None:  # no train document in this file
                 continue
             with np.load(out / "counts" / f"{file_index:06d}.npz") as z:
-                values, offsets = z["values"].astype(np.int64), z["offsets"]
-                record, length, weight = z["record"], z["length"], z["weight"]
-            scores = document_scores(log_w, values, offsets, self.scorer["length_normalize"])
+                offsets, record, length, weight = z["offsets"], z["record"], z["length"], z["weight"]
+            scores = _file_scores(log_w, out / "counts" / f"{file_index:06d}.values", offsets,
+                                  self.scorer["num_buckets"], self.scorer["length_normalize"])
             candidate = ~np.isin(record, entry["skip"])  # the target's documents are not candidates
             scores, record, length, weight = scores[candidate], record[candidate], length[candidate], weight[candidate]
             allowed = np.flatnonzero(length >= self.scorer["min_length"])
