@@ -1,5 +1,5 @@
 """Score-then-budget selections on the sharded data engine (issue 24, ``data.executor``): ``quality_classifier``,
-``zip_fit`` and ``random`` as map, reduce, map, reduce -- exactly the documents the in-memory
+``perplexity``, ``zip_fit`` and ``random`` as map, reduce, map, reduce -- exactly the documents the in-memory
 :func:`~effitrain.selection.pipeline.build_scored` keeps from ``dataset=local``.
 
 1. **pool** (datatrove tasks, :class:`~effitrain.selection.sharded_pool.PoolCounts`): per file, every train
@@ -7,10 +7,12 @@
 2. **fit** (reduce, this process): the target drawn as in memory; the budget (``fraction`` of the candidates'
    weight); what the scorer learns from the pool before scoring -- the quality classifier's negatives are the
    candidates at ``sort(default_rng(seed).permutation(n)[:negatives])``, read back from their files, so the
-   classifier is fitted on the same rows in the same order as in memory.
+   classifier is fitted on the same rows in the same order as in memory; the perplexity scorer's pool proxy is
+   trained on the batches ``train_steps`` draws in memory (their few documents read back) and saved for the tasks,
+   or its ``model_path`` is loaded by each task once (on a GPU when there is one).
 3. **score** (datatrove tasks, :class:`ScoreKeys`): the fitted scorer loaded once per task scores the task's
-   candidates (the scorers' own functions: ``decision_function`` per row, ``ncd_scores`` per text, so the batching
-   does not change a score); each candidate also gets the selector's tie-breaking draw, ``rng.random`` of the
+   candidates (the scorers' own functions: ``decision_function`` per row, ``ncd_scores`` per text, the model's
+   losses over the in-memory batches -- see :class:`ScoreKeys`); each candidate also gets the selector's tie-breaking draw, ``rng.random`` of the
    in-memory ``default_rng(seed)`` at its global candidate position.  Each task writes its candidates sorted by the
    selector's order.
 4. **cut** (reduce, :class:`~effitrain.selection.sharded_pool.SortedParts`): the window of the global order holding
