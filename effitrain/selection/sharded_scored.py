@@ -57,9 +57,10 @@ class ScoreKeys(PipelineStep):
     name = "effitrain score"
     type = "🎯 - SELECTION"
 
-    def __init__(self, out_dir: str, *, plan: str, fitted: str, reader: Any) -> None:
+    def __init__(self, out_dir: str, *, plan: str, fitted: str, reader: Any, cuda: bool = False) -> None:
         super().__init__()
         self.out_dir, self.plan, self.fitted, self.reader = out_dir, plan, fitted, reader
+        self.needs_fresh_process = cuda  # the engine's local executor spawns, not forks, the tasks of a CUDA scorer
 
     def _following(self, plan: dict, eval_set: set, file_index: int, need: int) -> list:
         """The first ``need`` candidates after file ``file_index``, read from the files that follow it."""
@@ -116,6 +117,14 @@ class ScoreKeys(PipelineStep):
         arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
         save_npz(Path(self.out_dir) / "keys" / f"{rank:05d}.npz", **sort_part(**arrays))
         return iter(())
+
+
+def _on_cuda(fitted: dict) -> bool:
+    if fitted["scorer"] != "perplexity":
+        return False
+    from effitrain.selection.refmodel import device_of
+
+    return device_of(fitted["params"]).startswith("cuda")
 
 
 def _scorer(fitted: dict) -> tuple[Any, int]:
@@ -247,7 +256,7 @@ class ShardedScored:
                       descending=bool(p.selector.get("descending", True)), eval_docs=str(eval_docs))
             run_stage(data_params, [corpus.reader(), ScoreKeys(str(work), plan=str(work / "plan.json"),
                                                                fitted=str(work / "fitted.pkl"),
-                                                               reader=corpus.reader())],
+                                                               reader=corpus.reader(), cuda=_on_cuda(fitted))],
                       work / "score_stage", job_name=f"{self.method}-score")
             parts = []
             for part in sorted((work / "keys").glob("*.npz")):
