@@ -20,6 +20,10 @@ def sharded_selection(name: str, params: Any, seed: int) -> Optional[Any]:
         from effitrain.selection.sharded_dedup import ShardedDedup
 
         return ShardedDedup(params, seed=seed)
+    if scorer == "embedding_kmeans":
+        from effitrain.selection.sharded_kmeans import ShardedKMeans
+
+        return ShardedKMeans(name, params, seed=seed)
     from effitrain.selection.sharded_scored import ShardedScored
 
     return ShardedScored(name, params, seed=seed)

@@ -41,6 +41,7 @@ from effitrain.selection.sharded_pool import (PoolCounts, SortedParts, draws, lo
 _VERSION = 1
 SCORERS = ("quality_classifier", "zip_fit", "perplexity", "uniform")  # the scorers with a per-document map form here
 SELECTORS = ("topk", "window", "random")
+MODEL_SCORERS = ("perplexity", "embedding_kmeans")  # a reference model (or the pool proxy) scores in batches
 
 
 class ScoreKeys(PipelineStep):
@@ -78,30 +79,43 @@ class ScoreKeys(PipelineStep):
                     return out
         return out
 
-    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-        from effitrain.selection.base import count_tokens
-        from effitrain.selection.refmodel import cpu_threads
+    def _documents(self, data: Any, plan: dict, eval_set: set, batch: int) -> Iterator[tuple[int, int, list]]:
+        """Per file of the task: ``(file, global position of the first document, the documents it scores)``."""
+        for file_index, docs in _per_file(data):
+            entry = plan["files"].get(str(file_index))
+            if entry is None:
+                continue
+            skip = set(entry["skip"])
+            docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set
+                    and d.metadata["record"] not in skip]
+            first = entry["offset"]
+            if batch:
+                first = -(-entry["offset"] // batch) * batch  # this file's first batch
+                docs = docs[first - entry["offset"]:]
+                if docs and len(docs) % batch:
+                    docs += self._following(plan, eval_set, file_index, batch - len(docs) % batch)
+            yield file_index, first, docs
 
+    def _load(self) -> tuple[dict, dict, Any, int, set]:
         plan = json.loads(Path(self.plan).read_text())
         fitted = pickle.loads(Path(self.fitted).read_bytes())  # written by this run's reduce, never by a user
         score, batch = _scorer(fitted)
-        eval_set = set(map(tuple, np.load(plan["eval_docs"]).tolist()))
+        return plan, fitted, score, batch, set(map(tuple, np.load(plan["eval_docs"]).tolist()))
+
+    @staticmethod
+    def _threads(fitted: dict) -> Any:
+        """The in-memory model scorer's threads (one for a small model on CPU): the same rounding."""
+        from effitrain.selection.refmodel import cpu_threads
+
+        return cpu_threads(fitted["params"]) if fitted["scorer"] in MODEL_SCORERS else contextlib.nullcontext()
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from effitrain.selection.base import count_tokens
+
+        plan, fitted, score, batch, eval_set = self._load()
         parts: dict[str, list] = {k: [] for k in ("primary", "tie", "weight", "file_index", "record")}
-        threads = cpu_threads(fitted["params"]) if fitted["scorer"] == "perplexity" else contextlib.nullcontext()
-        with threads:  # the in-memory scorer's threads: the same rounding
-            for file_index, docs in _per_file(data):
-                entry = plan["files"].get(str(file_index))
-                if entry is None:
-                    continue
-                skip = set(entry["skip"])
-                docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set
-                        and d.metadata["record"] not in skip]
-                first = entry["offset"]
-                if batch:
-                    first = -(-entry["offset"] // batch) * batch  # this file's first batch
-                    docs = docs[first - entry["offset"]:]
-                    if docs and len(docs) % batch:
-                        docs += self._following(plan, eval_set, file_index, batch - len(docs) % batch)
+        with self._threads(fitted):
+            for _, first, docs in self._documents(data, plan, eval_set, batch):
                 step = batch or 1024
                 with self.track_time("score"):
                     scores = np.concatenate([score([d.text for d in docs[i:i + step]])
@@ -120,7 +134,7 @@ class ScoreKeys(PipelineStep):
 
 
 def _on_cuda(fitted: dict) -> bool:
-    if fitted["scorer"] != "perplexity":
+    if fitted["scorer"] not in MODEL_SCORERS:
         return False
     from effitrain.selection.refmodel import device_of
 
@@ -150,6 +164,10 @@ def _scorer(fitted: dict) -> tuple[Any, int]:
 
         model = LlamaForCausalLM.from_pretrained(fitted["proxy_dir"], torch_dtype=torch.float32).to(dev).eval()
         encode = ByteEncoder(p.max_length)
+    if fitted["scorer"] == "embedding_kmeans":
+        from effitrain.selection.scorers.lm import embed
+
+        return (lambda texts: embed(model, encode, texts, dev, p.layer).astype(np.float32)), p.batch_size
     if p.statistic == "topk_median":
         return (lambda texts: np.asarray(learnable_token_medians(model, encode, texts, dev, p.top_k),
                                          dtype=np.float64)), p.batch_size
@@ -171,11 +189,11 @@ class ShardedScored:
     def _fit(self, pool: Any, corpus: Any, work: Path) -> dict:
         """What the score tasks load: the scorer's state learnt from the target and the pool."""
         p, s = self.params, self.params.scorer
-        if s["name"] == "perplexity":
+        if s["name"] in MODEL_SCORERS:
             sp = p.scorer_block.params
             if sp.model_path:
-                return {"scorer": "perplexity", "params": sp, "proxy_dir": None, "info": {"reference": "model_path"}}
-            return {"scorer": "perplexity", "params": sp, **self._pool_proxy(sp, pool, corpus, work)}
+                return {"scorer": s["name"], "params": sp, "proxy_dir": None, "info": {"reference": "model_path"}}
+            return {"scorer": s["name"], "params": sp, **self._pool_proxy(sp, pool, corpus, work)}
         if s["name"] == "quality_classifier":
             from sklearn.linear_model import LogisticRegression
 

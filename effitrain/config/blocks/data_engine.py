@@ -95,8 +95,9 @@ def _executor_plain_packing(spec, env) -> Optional[str]:
 
 
 # the selections with a map/reduce form (effitrain.selection.sharded_*), by scorer, with the selectors each cuts with
-SHARDED_SELECTIONS = ("none", "dsir", "dedup", "quality_classifier", "perplexity", "zip_fit", "random")
-_SHARDED_SCORERS = {"dsir": ("gumbel_topk",), "minhash_dedup": ("random",),
+SHARDED_SELECTIONS = ("none", "dsir", "dedup", "quality_classifier", "perplexity", "zip_fit", "random",
+                      "diversity_kmeans")
+_SHARDED_SCORERS = {"dsir": ("gumbel_topk",), "minhash_dedup": ("random",), "embedding_kmeans": ("cluster_balanced",),
                     **{s: ("topk", "window", "random") for s in ("quality_classifier", "perplexity", "zip_fit",
                                                                "uniform")}}
 _SINGLE_NODE = {"less": "its per-example LoRA gradient features", "loss_trajectory": "its proxy's loss trajectories"}
@@ -127,7 +128,8 @@ def sharded_refusal(name: str, params: Any) -> Optional[str]:
 
 
 @rule("data_executor_sharded_selections", "data.executor: only selections with a sharded form (none, dsir, dedup, "
-                                          "quality_classifier, perplexity, zip_fit, random) run as sharded jobs")
+                                          "quality_classifier, perplexity, zip_fit, random, diversity_kmeans) run "
+                                          "as sharded jobs")
 def _executor_selection(spec, env) -> Optional[str]:
     if not _sharded(spec):
         return None
