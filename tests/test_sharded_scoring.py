@@ -2,7 +2,8 @@
 
 * ``quality_classifier``, ``zip_fit``, ``random`` and ``perplexity`` (its pool proxy trained in the reduce, the
   in-memory batches straddling files) keep exactly the documents the in-memory selection keeps, with 1 and 3 tasks,
-  with the ``topk`` and ``window`` cuts;
+  with the ``topk`` and ``window`` cuts; so does ``diversity_kmeans`` (mini-batch k-means on the memory-mapped
+  embeddings);
 * ``dedup`` keeps exactly the in-memory representatives (the first in pool order: a copy in an earlier file wins
   over its original), with word and character shingles;
 * a launch SIGKILLed mid-score and launched again reruns only the unfinished score tasks and selects the same
@@ -94,6 +95,22 @@ def test_sharded_scoring_keeps_exactly_the_in_memory_selection(corpus, tmp_path_
         assert other != got
 
 
+def test_sharded_kmeans_keeps_exactly_the_in_memory_clusters_and_selection(corpus, tmp_path_factory, tmp_path,
+                                                                          monkeypatch):
+    """``diversity_kmeans``: the embeddings over the in-memory batches (straddling files), the k-means fitted on them
+    as one memory map -- here in mini-batches, as beyond 20k documents (the threshold lowered to this pool) -- and
+    the ``cluster_balanced`` selector."""
+    from effitrain.selection.scorers import lm
+
+    monkeypatch.setattr(lm, "MINIBATCH_ABOVE", 100)
+    block = _block("diversity_kmeans", {"scorer": {"proxy_steps": 20, "batch_size": 7, "num_clusters": 5},
+                                        "budget": {"fraction": 0.3, "unit": "tokens"}})
+    expected, info = _in_memory(corpus, tmp_path_factory.mktemp("memory"), block, "diversity_kmeans")
+    got, sharded_info = _sharded(corpus, tmp_path, "diversity_kmeans", block, 3)
+    assert got == expected and 0 < len(got) < 0.5 * info["pool_examples"]
+    assert sharded_info["scorer_clusters"] == info["scorer_clusters"] == 5
+
+
 # --------------------------------------------------------------------------------------------------------- dedup
 @pytest.fixture(scope="module")
 def corpus_with_duplicates(tmp_path_factory) -> Path:
@@ -115,9 +132,8 @@ def corpus_with_duplicates(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("scorer, tasks", [({}, 1), ({}, 3),
-                                           ({"exact": False, "shingle": "char", "shingle_size": 4,
-                                             "threshold": 0.5, "num_perm": 64}, 3)])
+@pytest.mark.parametrize("scorer, tasks", [({}, 1), ({"exact": False, "shingle": "char", "shingle_size": 4,
+                                                "threshold": 0.5, "num_perm": 64}, 3)])
 def test_sharded_dedup_keeps_exactly_the_in_memory_representatives(corpus_with_duplicates, tmp_path_factory,
                                                                    tmp_path, scorer, tasks):
     block = _block("dedup", {"scorer": scorer, "budget": {"fraction": 1.0, "unit": "tokens"}})
@@ -215,11 +231,13 @@ def test_check_keeps_less_and_s2l_on_one_node(method, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("effitrain: error: "), err
     assert f"selection={method} stays on one node" in lines[0]
-    assert "use selection=none, dsir, dedup, quality_classifier, perplexity, zip_fit, random" in lines[0]
+    assert "use selection=none, dsir, dedup, quality_classifier, perplexity, zip_fit, random, diversity_kmeans" \
+        in lines[0]
 
 
 @pytest.mark.parametrize("args", [["+recipe=quality_classifier", "selection.target.domain=a"],
-                                  ["+recipe=perplexity_filter", "selection.target.domain=a"], ["+recipe=dedup"]])
+                                  ["+recipe=perplexity_filter", "selection.target.domain=a"], ["+recipe=dedup"],
+                                  ["selection=diversity_kmeans", "selection.target.domain=a"]])
 def test_check_accepts_the_sharded_selections(args, tmp_path, capsys):
     code, err = _check(["dataset=local", f"dataset.path={_corpus_file(tmp_path)}", "dataset.domain_field=domain",
                         "dataset.eval_examples_per_domain=4", "data.executor=local", "data.tasks=2", *args], capsys)

@@ -112,7 +112,7 @@ def test_only_the_selected_documents_are_packed(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["selection=diversity_kmeans"], ["selection=diversity_kmeans does not run on the sharded data engine yet",
+    (["selection=s2l"], ["selection=s2l stays on one node",
                                       "use selection=none, dsir, dedup, quality_classifier, perplexity, zip_fit"]),
     (["selection=dsir", "selection.target.split=eval"], ["selection.target.split=eval", "split=train"]),
 ])

@@ -62,8 +62,8 @@ MINIBATCH_ABOVE = 20000  # points beyond which k-means runs in mini-batches
 
 
 def kmeans_fit(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, cluster centres)``; MiniBatchKMeans beyond ``MINIBATCH_ABOVE`` points (``x`` may be a memory map: the sharded
-    selection fits the same model on the embeddings on disk)."""
+    """``(labels, cluster centres)``; MiniBatchKMeans beyond ``MINIBATCH_ABOVE`` points (``x`` may be a memory map:
+    the sharded selection fits the same model on the embeddings on disk)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
     k = max(1, min(k, len(x)))
     algo = (MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096) if len(x) > MINIBATCH_ABOVE
