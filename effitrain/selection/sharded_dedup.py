@@ -18,9 +18,10 @@ keeps c unless c shares a band with a).
    datasketch's query-then-insert, on integers.  Then the ``random`` selector's permutation of the kept documents,
    cut at the budget (all of them at the default ``fraction: 1.0``).
 
-datatrove's MinHash stages are not used: they hash shingles with their own functions (xxhash/sha1 64-bit, their own
-permutations), pick their own bands and keep a cluster's lowest id after a union-find -- transitive clusters, not
-query-against-kept -- so they would keep other documents than ``dedup`` does today.  The reduce holds per candidate
+datatrove's MinHash stages (0.10.1, ``pipeline/dedup/minhash.py``) are not used: they shingle their own simplified
+text (punctuation removed) with their own hashes and bands, and join every matching pair into transitive union-find
+clusters keeping each cluster's root (the member of the larger set at each union) -- not query-against-kept -- so
+they would keep other documents than ``dedup`` does today.  The reduce holds per candidate
 one bucket number per band (8 bytes each) and a band's values while it is numbered; the map's signatures are on disk.
 """
 
