@@ -39,6 +39,31 @@ def save_npz(path: Path, **arrays: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_arrays(folder: Path, **arrays: Any) -> None:
+    """One ``.npy`` per array (each can be memory-mapped), published by renaming the folder: a killed task leaves
+    no folder that looks finished."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun of a task killed after its rename
+    os.rename(tmp, folder)
+
+
+def load_arrays(folder: Path) -> dict:
+    """The arrays of :func:`save_arrays` as read-only memory maps (an empty one is loaded: it cannot be mapped)."""
+    out = {}
+    for path in folder.glob("*.npy"):
+        try:
+            out[path.stem] = np.load(path, mmap_mode="r")
+        except ValueError:
+            out[path.stem] = np.load(path)
+    return out
+
+
 class PoolCounts(PipelineStep):
     """Per file ``pool/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``) and ``weight`` of its train
     documents (the eval hold-out skipped); with ``dedup`` (the scorer's parameters) also ``exact`` (the SHA-1 of the

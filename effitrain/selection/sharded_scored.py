@@ -35,8 +35,8 @@ import numpy as np
 from effitrain.data.engine import PipelineStep, _per_file, finish_stage, run_stage
 from effitrain.registry import ConfigError
 from effitrain.selection.selectors import take_until
-from effitrain.selection.sharded_pool import (PoolCounts, SortedParts, draws, load_pool, plan_json, read_texts,
-                                              save_npz, sort_part)
+from effitrain.selection.sharded_pool import (PoolCounts, SortedParts, draws, load_arrays, load_pool, plan_json,
+                                              read_texts, save_arrays, sort_part)
 
 _VERSION = 1
 SCORERS = ("quality_classifier", "zip_fit", "perplexity", "uniform")  # the scorers with a per-document map form here
@@ -45,8 +45,9 @@ MODEL_SCORERS = ("perplexity", "embedding_kmeans")  # a reference model (or the 
 
 
 class ScoreKeys(PipelineStep):
-    """Per task ``keys/NNNNN.npz``: its candidates' ``primary`` (the selector's ascending key), ``tie``, ``weight``,
-    running ``cumw``, ``file_index`` and ``record``, sorted by ``(primary, tie)``.
+    """Per task ``keys/NNNNN/``: its candidates' ``primary`` (the selector's ascending key), ``tie``, ``weight``,
+    running ``cumw``, ``file_index`` and ``record``, sorted by ``(primary, tie)``, one ``.npy`` each (the reduce
+    maps them).
 
     A model scorer's score of a document depends on the batch it is in (padding to the batch's longest document
     changes the shapes, hence the rounding), so a model scorer scores the in-memory batches: candidates
@@ -129,7 +130,7 @@ class ScoreKeys(PipelineStep):
                 parts["record"].append(np.array([d.metadata["record"] for d in docs], dtype=np.int64))
                 self.stat_update("documents", value=len(docs))
         arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-        save_npz(Path(self.out_dir) / "keys" / f"{rank:05d}.npz", **sort_part(**arrays))
+        save_arrays(Path(self.out_dir) / "keys" / f"{rank:05d}", **sort_part(**arrays))
         return iter(())
 
 
@@ -276,11 +277,8 @@ class ShardedScored:
                                                                fitted=str(work / "fitted.pkl"),
                                                                reader=corpus.reader(), cuda=_on_cuda(fitted))],
                       work / "score_stage", job_name=f"{self.method}-score")
-            parts = []
-            for part in sorted((work / "keys").glob("*.npz")):
-                with np.load(part) as z:
-                    parts.append({k: z[k] for k in z.files})
-            sorted_parts = SortedParts(parts)
+            sorted_parts = SortedParts([load_arrays(part) for part in sorted((work / "keys").iterdir())
+                                        if not part.name.startswith(".")])
             start_mass = 0.0
             if selector == "window":  # WindowSelector: where the window of the ascending scores starts
                 spare = max(0.0, sorted_parts.total() - float(budget))
