@@ -11,6 +11,7 @@ memory-mapped token shards, and training from them.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -321,3 +322,91 @@ def test_two_processes_to_one_continue_the_loss_curve_on_shards(tmp_path, corpus
     assert "resume: 2 -> 1 processes" in result.stdout + result.stderr
     after = _losses(one)
     assert [after[s] for s in (3, 4, 5, 6)] == pytest.approx([reference[s] for s in (3, 4, 5, 6)], abs=1e-5)
+
+
+# ------------------------------------------------------------------------- orders over the whole corpus
+def test_an_order_sorted_in_runs_on_disk_is_the_in_memory_order(tmp_path):
+    """Scores with ties, NaN, -0.0 and infinities, arriving in odd blocks, sorted in 12 runs of a small budget and
+    merged: the rows in exactly numpy's lexsort order by (score, tie-break key), rows of a tie in index order."""
+    from effitrain.curriculum.row_scores import rank_difficulty
+    from effitrain.data.external_order import sorted_order, tiebreak_keys
+
+    rng = np.random.default_rng(0)
+    n = 20_011
+    scores = rng.integers(0, 4, n).astype(float)
+    for value in (np.nan, -np.nan, -0.0, np.inf, -np.inf):
+        scores[rng.choice(n, 30, replace=False)] = value
+    blocks = (scores[i:i + 777] for i in range(0, n, 777))
+    order = sorted_order(blocks, n, 3, tmp_path / "order.npy", budget_bytes=56 * 1700)
+    assert isinstance(order, np.memmap) and order.dtype == np.int64
+    assert np.array_equal(order, rank_difficulty(scores, 3)[0])
+    assert np.array_equal(order, np.lexsort((tiebreak_keys(3, 0, n), scores)))
+    assert not np.array_equal(order, rank_difficulty(scores, 4)[0])  # the ties follow the seed
+    assert len(np.unique(tiebreak_keys(3, 0, n))) == n
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["order.npy"]  # the runs are gone
+
+
+@pytest.mark.parametrize("curriculum, params", [
+    ("scored_order", {"order": "descending", "fit_to_run": False}),
+    ("scored_order", {"order": "ascending", "fit_to_run": True}),  # 400 of the 1,000 rows: a run of 100 steps
+    ("difficulty", {"direction": "easy_first", "mode": "sample"}),
+    ("difficulty", {"direction": "hard_first", "mode": "weight"}),
+    ("mixture", {}),  # domain weights per step; each domain's rows from its own seeded stream
+])
+def test_a_domain_order_over_token_shards_is_the_in_memory_curriculum_order(tmp_path, monkeypatch, curriculum,
+                                                                           params):
+    """The curricula that order every row by a declared domain order, on token shards (sorted on disk in runs,
+    memory-mapped) and on the same rows in memory: the same order, so the same batches; and a domain mixture."""
+    import datasets
+
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.data import external_order
+    from effitrain.data.shards import ShardWriter, TokenShards
+    from effitrain.registry import REGISTRY
+    from effitrain.timeline import parse_timeline
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(external_order, "ORDER_BUDGET_BYTES", 56 * 300)  # 1,000 rows: 4 runs of at most 300
+    load_builtin_blocks()
+    rng = np.random.default_rng(1)
+    names = ["code", "math", "prose"]
+    domains = rng.choice(names, 1000)
+    rows = rng.integers(0, 500, (1000, 8))
+    (tmp_path / "shards").mkdir()
+    writer = ShardWriter(tmp_path / "shards", seq_len=8, dtype=np.dtype(np.uint16), rows=1000, eval_rows=0,
+                         domains=names, shard_rows=256)
+    for name in names:  # the shards hold the rows domain by domain, as packing writes them
+        writer.add(rows[domains == name], name)
+    writer.close()
+    shards = TokenShards(tmp_path / "shards")
+    in_memory = datasets.Dataset.from_dict({"input_ids": np.concatenate([rows[domains == n] for n in names]).tolist(),
+                                            "domain": np.concatenate([domains[domains == n] for n in names]).tolist()})
+    ordered = curriculum != "mixture"
+    block = REGISTRY.parse("curriculum", {"name": curriculum, **params,
+                                          **({"domain_order": ["math", "prose", "code"]} if ordered else {})},
+                           "curriculum")
+    timeline = parse_timeline({
+        "competence": {"pacing": {"function": "linear", "start": 0.2, "until": 0.5}},
+        "mixture": {"unit": "fraction", "points": [{"at": 0, "value": {"code": 0.2, "math": 0.3, "prose": 0.5}}]},
+    }).resolve(max_steps=100, tokens_per_step=32)
+    layout = dict(seed=5, micro_batch_size=2, grad_accum=2, world_size=1, rank=0, timeline=timeline)
+    on_disk, in_ram = block.build(shards, **layout), block.build(in_memory, **layout)
+    if params.get("mode") == "weight":
+        assert np.array_equal(on_disk.difficulty, in_ram.difficulty)
+    elif not ordered:  # a mixture's streams: the rows of each domain, the same on both
+        assert all(np.array_equal(a, b) for a, b in zip(on_disk.rows_of, in_ram.rows_of))
+    else:
+        # the whole order stays on disk; the run's subset of it (fit_to_run) is small and in memory
+        assert _memory_mapped(on_disk.order) != params.get("fit_to_run", False) and not _memory_mapped(in_ram.order)
+        assert np.array_equal(on_disk.order, in_ram.order)
+        first = set(np.asarray(in_memory["domain"])[np.asarray(in_ram.order[:10])].tolist())
+        assert first == {"code" if params.get("order") == "descending" else "math"}
+    assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
+
+
+def _memory_mapped(array) -> bool:
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base
+    return False

@@ -1,12 +1,15 @@
 """Cluster runs (docs/cluster.md): SLURM's environment, requeue detection, exit mapping, launcher keys — and, marked
 slow, a real single-node SLURM cluster (slurmctld, slurmd, munge) driven through the shipped `hydra/launcher=slurm`
-preset: a sweep, a preempted-and-requeued member, a member refused at launch, a 2-task data-parallel job."""
+preset: a sweep, a preempted-and-requeued member, a member refused at launch, a 2-task data-parallel job; and the
+data engine's stages as SLURM job arrays (`data.executor=slurm`), equal to the local build, relaunched after a lost
+task."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import socket
@@ -553,3 +556,170 @@ def test_a_plain_run_that_slurm_requeued_continues_its_run_directory(tmp_path, m
     assert _continue_if_requeued(given) == [*given, "resume=auto"]
     assert _continue_if_requeued([*given, "resume=some/ckpt"]) == [*given, "resume=some/ckpt"]  # the user chose
     assert _continue_if_requeued([f"run_dir={tmp_path / 'new'}"]) == [f"run_dir={tmp_path / 'new'}"]
+
+
+# ---------------------------------------------------------------------------------------------- the SLURM data job
+def test_the_data_tasks_take_the_presets_keys_through_its_defaults_and_data_slurm_overrides(tmp_path, monkeypatch):
+    from effitrain.config import launcher, tree
+    from effitrain.config.blocks.data_engine import DataParams, SlurmKeys, slurm_resources
+    from effitrain.registry import ConfigError
+
+    # slurm_gpu names slurm in its defaults: its own sizes, slurm's job-name prefix
+    assert slurm_resources("slurm_gpu") == {"partition": None, "account": None, "qos": None, "cpus_per_task": 8,
+                                            "mem_gb": 64, "timeout_min": 240, "name": "effitrain"}
+    overridden = slurm_resources("slurm_gpu", SlurmKeys(partition="cpu", mem_gb=4))
+    assert (overridden["partition"], overridden["mem_gb"], overridden["cpus_per_task"]) == ("cpu", 4, 8)
+
+    # a site's preset that leaves the time limit to the cluster: fine for training, refused for the data array
+    configs = tmp_path / "configs"
+    shutil.copytree(tree.config_root() / "hydra" / "launcher", configs / "hydra" / "launcher")
+    (configs / "hydra" / "launcher" / "site.yaml").write_text(
+        "# @package hydra.launcher\ndefaults:\n  - slurm\n  - _self_\npartition: cpu\ntimeout_min: null\n")
+    monkeypatch.setattr(tree, "config_root", lambda: configs)
+    monkeypatch.setattr(launcher, "config_root", lambda: configs)
+    with pytest.raises(ConfigError) as refused:
+        DataParams(executor="slurm", slurm_preset="site").validate("data")
+    assert str(refused.value) == ("data.slurm.timeout_min: the data tasks' SLURM array needs a time limit, and preset "
+                                  "'site' sets timeout_min: null; set data.slurm.timeout_min=N or timeout_min in "
+                                  "effitrain/configs/hydra/launcher/site.yaml")
+    given = DataParams(executor="slurm", slurm_preset="site", slurm=SlurmKeys(timeout_min=30))
+    given.validate("data")
+    assert given.engine_settings().slurm == {"partition": "cpu", "account": None, "qos": None, "cpus_per_task": 2,
+                                             "mem_gb": 8, "timeout_min": 30, "name": "effitrain"}
+
+
+def test_the_data_arrays_sbatch_lines_come_from_the_resources(tmp_path):
+    """What the array asks SLURM for (no cluster needed): sizes, time, account, and a partition only when named."""
+    from effitrain.data.engine import EngineSettings, make_executor
+
+    def script(**res):
+        resources = {"partition": None, "account": None, "qos": None, "cpus_per_task": 4, "mem_gb": 10,
+                     "timeout_min": 90, "name": "site", **res}
+        executor = make_executor(EngineSettings("slurm", tasks=6, workers=2, slurm=resources), [],
+                                 tmp_path / "logs", job_name="scan")
+        return executor.get_launch_file_contents(executor.get_sbatch_args(6), "run")
+
+    default = script()
+    for line in ("--cpus-per-task=4", "--mem=10G", "--time=90:00", "--array=0-5%2", "--job-name=site-scan",
+                 "--requeue"):
+        assert f"#SBATCH {line}\n" in default, line
+    assert "--partition" not in default and "--mem-per-cpu" not in default and "--account" not in default and "--qos" not in default
+    named = script(partition="cpu", account="proj", qos="low")
+    assert all(f"#SBATCH {line}\n" in named for line in ("--partition=cpu", "--account=proj", "--qos=low"))
+
+
+def test_a_data_stage_for_slurm_without_sbatch_is_one_line_and_submits_nothing(tmp_path, monkeypatch):
+    from effitrain.data import engine
+    from effitrain.registry import ConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    resources = {"partition": None, "account": None, "qos": None, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5,
+                 "name": None}
+    with pytest.raises(ConfigError, match=r"^data.executor=slurm: 'sbatch' is not on PATH; launch from a SLURM login "
+                                          r"node \(or a job\), or use data.executor=local$"):
+        engine.run_stage(engine.EngineSettings("slurm", tasks=2, slurm=resources), [], tmp_path / "stage",
+                         job_name="scan")
+    assert not (tmp_path / "stage" / "logs" / "executor.pik").exists()
+
+
+_DATA_BUILD = """
+import sys
+from effitrain.config.blocks import load_builtin_blocks
+from effitrain.config.blocks.data_engine import DataParams, SlurmKeys
+from effitrain.config.blocks.dataset import LocalParams
+from effitrain.config.blocks.model import LlamaParams
+from effitrain.data.sharded import build_sharded_splits
+from effitrain.errors import RunFailed
+load_builtin_blocks()
+# the shipped `slurm` preset (partition null: the cluster's default), sized down for this one node
+data = DataParams(executor=sys.argv[3], tasks=2, slurm=SlurmKeys(cpus_per_task=1, mem_gb=1, timeout_min=10))
+data.validate("data")
+dataset = LocalParams(path=[sys.argv[1]], domain_field="domain", eval_examples_per_domain=4, seq_len=64)
+try:
+    _, shards, _ = build_sharded_splits(dataset, LlamaParams(vocab_size=512), data.engine_settings(),
+                                        cache_dir=sys.argv[2])
+except RunFailed as exc:
+    sys.exit("failed: " + str(exc))
+print("shards:", shards.folder)
+"""
+
+
+def _data_build(env, corpus: Path, cache: Path, executor: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _DATA_BUILD, str(corpus), str(cache), executor], env=env,
+                            cwd=cache.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _shard_files(out: str) -> dict[str, bytes]:
+    folder = Path(out.split("shards: ")[1].split()[0])
+    return {"name": folder.name.encode(), **{p.name: p.read_bytes() for p in sorted(folder.iterdir())}}
+
+
+def _queued(env) -> list[tuple[str, str]]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], env=env, capture_output=True, text=True).stdout
+    return [tuple(line.split(None, 1)) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_data_stage_as_a_slurm_array_equals_the_local_build_and_a_relaunch_redoes_only_the_lost_task(slurm,
+                                                                                                          tmp_path):
+    """The sharded data stage (scan, then tokenize) of 2 tasks as SLURM job arrays gives the local build's token
+    shards byte for byte.  Then a launch whose array loses task 1 (cancelled before it ran, as a preempted or
+    failed task is) stops with one line, exit 1, task 0 marked done; the relaunch submits only task 1 and gives the
+    same shards."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_corpus
+
+    env = slurm
+    corpus = tmp_path / "corpus"
+    make_corpus.generate(corpus, docs=600, files=4, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:3])
+    for name in ("local", "slurm", "lost"):
+        (tmp_path / name).mkdir()
+    local = _data_build(env, corpus, tmp_path / "local" / "cache", "local")
+    on_slurm = _data_build(env, corpus, tmp_path / "slurm" / "cache", "slurm")
+    outs = {name: proc.communicate(timeout=600) for name, proc in (("local", local), ("slurm", on_slurm))}
+    assert (local.returncode, on_slurm.returncode) == (0, 0), outs
+    assert "data: scan: 2 of 2 tasks to run on slurm" in outs["slurm"][0]
+    assert "data: tokenize: 2 of 2 tasks to run on slurm" in outs["slurm"][0]
+    reference = _shard_files(outs["local"][0])
+    assert _shard_files(outs["slurm"][0]) == reference and "train-00000.npy" in reference
+    # the arrays' scripts: the preset's name, the keys given, no partition (the cluster's default), no stats job
+    scripts = sorted((tmp_path / "slurm" / "cache" / "data_engine").glob("*/logs/launch_script.slurm"))
+    assert len(scripts) == 2
+    for script in scripts:
+        text = script.read_text()
+        assert "#SBATCH --array=0-1" in text and "#SBATCH --cpus-per-task=1" in text and "#SBATCH --mem=1G" in text
+        assert "#SBATCH --time=10:00" in text and "--partition" not in text and "--job-name=effitrain-" in text
+
+    # a task lost: the partition is closed while the array is submitted, its task 1 cancelled, the partition opened
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], env=env, check=True)
+    try:
+        lost = _data_build(env, corpus, tmp_path / "lost" / "cache", "slurm")
+        job = _wait("the scan array in the queue", lambda: next((i.split("_")[0] for i, name in _queued(env)
+                                                                 if name == "effitrain-scan"), ""), timeout=240)
+        subprocess.run(["scancel", f"{job}_1"], env=env, check=True)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], env=env, check=True)
+    out, err = lost.communicate(timeout=600)
+    assert lost.returncode == 1, (out, err)
+    stage = next(p.parent.parent for p in (tmp_path / "lost" / "cache" / "data_engine").glob("*/logs/executor.pik"))
+    assert f"failed: data.executor=slurm: job {job} (scan) ended with 1 of 2 tasks unfinished (task 1; " in err
+    assert sorted(p.name for p in (stage / "logs" / "completions").iterdir()) == ["00000"]
+
+    # the relaunch from inside a SLURM job array, as a sweep member (submitit submits a sweep as an array) launches
+    # its data stage: it must submit its arrays (not take itself for their task 0), and they must not inherit the
+    # job's SLURM_* sizes: its SLURM_MEM_PER_CPU beside the array's SLURM_MEM_PER_NODE stops the array's srun
+    log = tmp_path / "lost" / "relaunch.log"
+    relaunch = subprocess.run(["sbatch", "--wait", "--array=0", "--job-name=relaunch", "--cpus-per-task=1",
+                               "--mem-per-cpu=1G", f"--output={log}", "--wrap",
+                               shlex.join([sys.executable, "-c", _DATA_BUILD, str(corpus),
+                                           str(tmp_path / "lost" / "cache"), "slurm"])],
+                              env=env, cwd=tmp_path / "lost", capture_output=True, text=True, timeout=600)
+    out = log.read_text()
+    assert relaunch.returncode == 0, out
+    assert "data: scan: 1 of 2 tasks to run (1 done by an earlier launch; running task 1) on slurm" in out
+    assert "data: tokenize: 2 of 2 tasks to run on slurm" in out
+    logs = stage / "logs" / "logs"  # datatrove's task logs: each scan task ran exactly once over both launches
+    assert [(logs / f"task_{r:05d}.log").read_text().count(f"Launching pipeline for rank={r}") for r in (0, 1)] \
+        == [1, 1]
+    assert "#SBATCH --array=0-0" in (stage / "logs" / "launch_script.slurm").read_text()  # one task submitted
+    assert _shard_files(out) == reference

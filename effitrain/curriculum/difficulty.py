@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from effitrain.curriculum.row_scores import rank_difficulty, row_scores
+from effitrain.curriculum.row_scores import difficulty_of, row_order
 from effitrain.curriculum.samplers import ShuffleSampler, StepSlotSampler
 from effitrain.engine.events import Hook
 from effitrain.registry import ConfigError
@@ -104,12 +104,11 @@ def build_difficulty(params: Any, packed: Any, *, seed: int, micro_batch_size: i
     """The ``curriculum: difficulty`` builder (``packed``: the packed train dataset)."""
     if timeline is None or not timeline.declares("competence"):
         raise ConfigError("curriculum: 'difficulty' follows timeline.competence, which is not declared")
-    scores = row_scores(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
-    order, difficulty = rank_difficulty(scores, seed)
+    order = row_order(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
     if params.direction == "hard_first":  # anti-curriculum: the hardest rows are the "easy" end
-        order, difficulty = order[::-1].copy(), 1.0 - difficulty
+        order = order[::-1]  # a view: an order on disk stays there
     layout = dict(seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum, world_size=world_size,
                   rank=rank)
-    if params.mode == "weight":
-        return WeightedDifficultySampler(difficulty, timeline, **layout)
+    if params.mode == "weight":  # (hard_first: the reversed order ranks the hardest row 0, i.e. 1 - difficulty)
+        return WeightedDifficultySampler(difficulty_of(order), timeline, **layout)
     return PacedDifficultySampler(order, timeline, **layout)

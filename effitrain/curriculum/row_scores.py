@@ -128,13 +128,63 @@ def domain_order_scores(domains: np.ndarray, order: Sequence[str], *, key: str) 
 
 def rank_difficulty(scores: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(order, difficulty)``: the rows from lowest to highest score (ties in a seeded random order) and each row's
-    difficulty ``rank / (N - 1)`` in [0, 1] (0 = the lowest score)."""
+    difficulty ``rank / (N - 1)`` in [0, 1] (0 = the lowest score).  The tie-break is a seeded hash of the row index
+    (:func:`effitrain.data.external_order.tiebreak_keys`), so that the order of a corpus sorted in runs on disk
+    (:func:`sharded_domain_order`) is this one."""
+    from effitrain.data.external_order import tiebreak_keys
+
     scores = np.asarray(scores, dtype=np.float64)
-    tiebreak = np.random.default_rng([seed % 2**63, 7]).permutation(len(scores))
-    order = np.lexsort((tiebreak, scores))  # last key is primary: by score, then the random tie-break
-    difficulty = np.empty(len(scores), np.float64)
-    difficulty[order] = np.arange(len(scores)) / max(len(scores) - 1, 1)
-    return order, difficulty
+    order = np.lexsort((tiebreak_keys(seed, 0, len(scores)), scores))  # last key is primary; stable
+    return order, difficulty_of(order)
+
+
+def difficulty_of(order: np.ndarray) -> np.ndarray:
+    """Each row's rank in ``order`` as ``rank / (N - 1)`` in [0, 1]."""
+    difficulty = np.empty(len(order), np.float64)
+    difficulty[order] = np.arange(len(order)) / max(len(order) - 1, 1)
+    return difficulty
+
+
+def is_token_shards(packed: Any) -> bool:
+    return hasattr(packed, "rows") and hasattr(packed, "domain_codes")
+
+
+def row_order(source_scorer: Optional[dict], domain_order: Optional[list], packed: Any, tokenizer: Any, *,
+              seed: int, key: str) -> np.ndarray:
+    """The rows from lowest to highest score (:func:`rank_difficulty`'s order).  Token shards ordered by a domain
+    order are sorted on disk in runs (memory of a budget, not of the corpus) and come back memory-mapped."""
+    if domain_order and is_token_shards(packed):
+        return sharded_domain_order(packed, domain_order, seed=seed, key=f"{key}.domain_order")
+    return rank_difficulty(row_scores(source_scorer, domain_order, packed, tokenizer, seed=seed, key=key), seed)[0]
+
+
+_ORDER_VERSION = 1
+
+
+def sharded_domain_order(shards: Any, order: Sequence[str], *, seed: int, key: str,
+                         budget_bytes: Optional[int] = None) -> np.ndarray:
+    """:func:`rank_difficulty` of :func:`domain_order_scores` for token shards, read a block of domain codes at a
+    time and sorted in runs (:mod:`effitrain.data.external_order`); cached by the shards, the order and the seed."""
+    from effitrain.data.cache import ContentHash, build_once
+    from effitrain.data.external_order import ORDER_BUDGET_BYTES, sorted_order
+
+    codes, names = shards.domain_codes(), [str(n) for n in shards.domain_names]
+    block = 1 << 20
+    counts = np.zeros(len(names), dtype=np.int64)
+    for start in range(0, len(codes), block):
+        counts += np.bincount(np.asarray(codes[start:start + block]), minlength=len(names))[:len(names)]
+    present = np.asarray([n for n, c in zip(names, counts) if c], dtype=str)
+    domain_order_scores(present, order, key=key)  # the same refusal as in memory: every training domain, once
+    rank = np.array([order.index(n) if n in order else -1 for n in names], dtype=np.float64)
+    budget = ORDER_BUDGET_BYTES if budget_bytes is None else budget_bytes
+
+    def build(out) -> None:
+        blocks = (rank[np.asarray(codes[s:s + block])] for s in range(0, len(codes), block))
+        sorted_order(blocks, len(codes), seed, out / "order.npy", budget_bytes=budget)
+
+    folder = build_once("curriculum_orders", ContentHash("domain_order", _ORDER_VERSION, shards.folder.name,
+                                                         list(order), seed).hexdigest(), build)
+    return np.load(folder / "order.npy", mmap_mode="r")
 
 
 def row_scores(source_scorer: Optional[dict], domain_order: Optional[list], packed: Any, tokenizer: Any, *,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from effitrain.curriculum.row_scores import rank_difficulty, row_scores
+from effitrain.curriculum.row_scores import row_order
 from effitrain.curriculum.samplers import ResumableBatchSampler
 
 
@@ -37,15 +37,17 @@ def run_subset(order: np.ndarray, rows: int, seed: int) -> np.ndarray:
         return order
     keep = np.zeros(len(order), bool)
     keep[np.random.default_rng([seed % 2**63, 11]).choice(len(order), size=rows, replace=False)] = True
-    return order[keep[order]]
+    # a block of the order at a time: an order memory-mapped from disk (token shards) is not loaded whole
+    block = 1 << 20
+    kept = [part[keep[part]] for part in (np.asarray(order[s:s + block]) for s in range(0, len(order), block))]
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
 def build_scored_order(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
                        world_size: int, rank: int, tokenizer: Any = None, timeline: Any = None) -> ScoredOrderSampler:
-    scores = row_scores(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
-    order, _ = rank_difficulty(scores, seed)
+    order = row_order(params.scorer, params.domain_order, packed, tokenizer, seed=seed, key="curriculum")
     if params.order == "descending":
-        order = order[::-1].copy()
+        order = order[::-1]  # a view: an order on disk stays there
     if params.fit_to_run and timeline is not None:
         order = run_subset(order, timeline.max_steps * micro_batch_size * grad_accum * world_size, seed)
     return ScoredOrderSampler(order, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,

@@ -35,11 +35,13 @@ import numpy as np
 
 try:  # datatrove is the optional `data` extra; without it this module still imports (the steps need it to run)
     from datatrove.data import Document
+    from datatrove.executor.slurm import SlurmPipelineExecutor
     from datatrove.pipeline.base import PipelineStep
 except ImportError:  # pragma: no cover - exercised only without the extra
     Document = None
-    PipelineStep = object
+    PipelineStep = SlurmPipelineExecutor = object
 
+from effitrain.errors import RunFailed
 from effitrain.registry import ConfigError
 
 INSTALL = "pip install 'effitrain[data]' (datatrove)"
@@ -256,6 +258,44 @@ class TokenStreams(PipelineStep):
 
 
 # ------------------------------------------------------------------------------------------------------ executors
+class SlurmArray(SlurmPipelineExecutor):
+    """datatrove's SLURM executor as effitrain's stages use it, for a run that waits on its own arrays:
+
+    * a null partition (the presets' default) is left to the cluster, as for the training jobs (datatrove would
+      write ``--partition=None``);
+    * the memory is the preset's ``mem_gb`` per task, as ``--mem`` (datatrove asks per CPU in whole GB);
+    * no stats-merging job: datatrove submits one ``afterok`` the array, which after a failed task would wait in
+      the queue forever; the per-task stats stay in ``logs/stats``;
+    * ``sbatch`` runs without the ``SLURM_*`` environment of a job it may be called from (a training job on the
+      cluster): ``--export=ALL`` would hand that job's ``SLURM_MEM_PER_NODE``, ``SLURM_CPUS_PER_TASK``, ... to the
+      array, whose ``srun`` then mixes them with its own (``SLURM_MEM_PER_CPU and SLURM_MEM_PER_NODE are mutually
+      exclusive``)."""
+
+    def __init__(self, *args: Any, mem_gb: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mem_gb = mem_gb
+
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        args = super().get_sbatch_args(max_array)
+        if args.get("partition") is None:
+            del args["partition"]
+        # the preset's memory whole (datatrove asks per CPU in whole GB: 10 GB over 4 CPUs would become 8)
+        del args["mem-per-cpu"]
+        return {**args, "mem": f"{self.mem_gb}G"}
+
+    def launch_merge_stats(self) -> None:
+        pass
+
+    def launch_job(self) -> None:
+        saved = {k: v for k, v in os.environ.items() if k.startswith("SLURM_") and k != "SLURM_CONF"}
+        for key in saved:
+            del os.environ[key]
+        try:
+            super().launch_job()
+        finally:
+            os.environ.update(saved)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Where a stage's tasks run, in this layer's own terms: the run's validated ``data:`` section turns itself into
@@ -265,7 +305,7 @@ class EngineSettings:
     executor: str                  # local | slurm | ray
     tasks: int = 1
     workers: Optional[int] = None  # tasks at once; None: local = min(tasks, CPUs), slurm/ray = all
-    slurm: dict = field(default_factory=dict)  # partition, account, cpus_per_task, mem_gb, timeout_min, name
+    slurm: dict = field(default_factory=dict)  # partition, account, qos, cpus_per_task, mem_gb, timeout_min, name
 
 
 def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path, *, job_name: str) -> Any:
@@ -285,17 +325,14 @@ def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path
         return LocalPipelineExecutor(pipeline, tasks=params.tasks, workers=workers, logging_dir=str(logging_dir),
                                      start_method="spawn" if spawn else "fork")
     if params.executor == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
-
         res = params.slurm
-        sbatch = {"account": res["account"]} if res.get("account") else None
-        return SlurmPipelineExecutor(pipeline, tasks=params.tasks, workers=params.workers or -1,
-                                     time=f"{int(res['timeout_min'])}:00", partition=res["partition"],
-                                     cpus_per_task=int(res["cpus_per_task"]),
-                                     mem_per_cpu_gb=max(1, int(res["mem_gb"]) // int(res["cpus_per_task"])),
-                                     job_name=f"{res.get('name') or 'effitrain'}-{job_name}",
-                                     logging_dir=str(logging_dir), venv_path=_venv_activate(),
-                                     sbatch_args=sbatch, requeue=True)
+        sbatch = {key: res[key] for key in ("account",) if res.get(key)}
+        cpus = int(res["cpus_per_task"])
+        return SlurmArray(pipeline, tasks=params.tasks, workers=params.workers or -1,
+                          time=f"{int(res['timeout_min'])}:00", partition=res.get("partition"), qos=res.get("qos"),
+                          cpus_per_task=cpus, mem_gb=int(res["mem_gb"]),
+                          job_name=f"{res.get('name') or 'effitrain'}-{job_name}", logging_dir=str(logging_dir),
+                          venv_path=_venv_activate(), sbatch_args=sbatch or None, requeue=True)
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -317,7 +354,8 @@ def _venv_activate() -> Optional[str]:
 def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, job_name: str,
               poll_s: float = 10.0) -> list[int]:
     """Run one stage to completion: every task marked done.  The tasks marked by an earlier launch are skipped (a
-    line says which run); returns the ranks this launch ran."""
+    line says which run); returns the ranks this launch ran.  On SLURM this process waits for the array: the next
+    step (a reduce here, then the next stage or training) needs every task's output."""
     import time
 
     from effitrain.console import say
@@ -331,15 +369,27 @@ def run_stage(params: EngineSettings, pipeline: list[Any], stage_dir: Path, *, j
         say(f"data: {job_name}: {len(todo)} of {params.tasks} tasks to run"
             + (f" ({done} done by an earlier launch; running {_ranks_text(todo)})" if done else "")
             + f" on {params.executor}")
-        executor.run()
-    if params.executor == "slurm":  # sbatch returned at submission: wait for the array to mark its tasks
-        job_id = getattr(executor, "job_id", None)
+        if params.executor == "slurm":
+            if shutil.which("sbatch") is None:
+                raise ConfigError("data.executor=slurm: 'sbatch' is not on PATH; launch from a SLURM login node (or "
+                                  "a job), or use data.executor=local")
+            # submit, whatever the environment: datatrove's run() takes a process with SLURM_ARRAY_TASK_ID for one
+            # of its own tasks, and a sweep member (submitit submits sweeps as job arrays) has one
+            executor.launch_job()
+        else:
+            executor.run()
+    if params.executor == "slurm" and todo:  # sbatch returned at submission: wait for the array to mark its tasks
+        job_id = executor.job_id
+        say(f"data: {job_name}: SLURM job {job_id}, waiting for its {len(todo)} tasks (logs: {logging_dir})")
+        wait = 0.5  # short stages finish in seconds; long ones are polled every poll_s
         while executor.get_incomplete_ranks():
-            if job_id and not _slurm_job_alive(job_id):
-                missing = executor.get_incomplete_ranks()
-                raise ConfigError(f"data.executor=slurm: job {job_id} ended with {len(missing)} of {params.tasks} "
-                                  f"tasks unfinished (logs: {logging_dir}); launch again to redo only those")
-            time.sleep(poll_s)
+            # the markers read again after squeue: a task that marks itself and leaves in between is no failure
+            if not _slurm_job_alive(job_id) and (missing := executor.get_incomplete_ranks()):
+                raise RunFailed(f"data.executor=slurm: job {job_id} ({job_name}) ended with {len(missing)} of "
+                                f"{params.tasks} tasks unfinished ({_ranks_text(missing)}; their logs: "
+                                f"{logging_dir / 'slurm_logs'}); launch again to redo only those")
+            time.sleep(wait)
+            wait = min(poll_s, wait * 2)
     missing = executor.get_incomplete_ranks()
     if missing:
         raise ConfigError(f"data: {len(missing)} of {params.tasks} tasks of the {job_name} stage did not finish "

@@ -288,14 +288,18 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype) ->
                 path = work / "tokens" / f"{f:06d}" / f"{split}-{m['domains'].index(d)}.bin"
                 if not path.is_file() or path.stat().st_size == 0:
                     continue
-                stream = np.memmap(path, dtype=dtype, mode="r")
-                for start in range(0, len(stream), _READ_BLOCK):
-                    block = np.concatenate([carry, stream[start:start + _READ_BLOCK]])
-                    n = len(block) // seq_len
-                    if n:
-                        writer.add(block[:n * seq_len].reshape(n, seq_len), d, split=split)
-                    carry = block[n * seq_len:].copy()
-                del stream
+                # read in blocks, not through a memory map: a map's pages stay resident while it is open, and a
+                # file's stream grows with the corpus
+                with open(path, "rb") as fh:
+                    while True:
+                        part = np.fromfile(fh, dtype=dtype, count=_READ_BLOCK)
+                        if not len(part):
+                            break
+                        block = np.concatenate([carry, part])
+                        n = len(block) // seq_len
+                        if n:
+                            writer.add(block[:n * seq_len].reshape(n, seq_len), d, split=split)
+                        carry = block[n * seq_len:].copy()
     writer.close()
 
 

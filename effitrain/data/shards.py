@@ -101,6 +101,10 @@ class TokenShards:
         """The domain name of every training row (numpy str)."""
         return self.domain_names[np.asarray(self._domain_codes)]
 
+    def domain_codes(self) -> np.ndarray:
+        """Every training row's domain as an index into ``domain_names``, memory-mapped (read it in blocks)."""
+        return self._domain_codes
+
     def eval_by_domain(self) -> dict[str, np.ndarray]:
         """``{domain: int32 rows}`` of the held-out rows, domains sorted."""
         rows = np.asarray(_open(self.folder / "eval.npy"), dtype=np.int32)
@@ -110,25 +114,30 @@ class TokenShards:
 
 
 class ShardWriter:
-    """Writes rows into preallocated shard files (the number of rows is known before the first is written)."""
+    """Writes rows into shard files in order (the number of rows is known before the first is written).
+
+    The shards are appended with plain file writes, not filled through writable memory maps: the pages of a map the
+    writer has touched count in its resident memory until it is closed, so a writer of memory maps grows with the
+    corpus (a 1M-document corpus is about a gigabyte of rows), while written file pages belong to the page cache."""
 
     def __init__(self, folder: Path, *, seq_len: int, dtype: np.dtype, rows: int, eval_rows: int,
                  domains: Sequence[str], shard_rows: Optional[int] = None) -> None:
         self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
         self.domains = list(domains)
+        if len(self.domains) > 2**16:
+            raise ValueError("more than 65536 domains")
         per_shard = shard_rows or max(1, _SHARD_BYTES // (seq_len * self.dtype.itemsize))
         sizes = [min(per_shard, rows - start) for start in range(0, rows, per_shard)]
         self.shards = [{"file": f"train-{i:05d}.npy", "rows": n} for i, n in enumerate(sizes)]
-        self._maps = [np.lib.format.open_memmap(self.folder / s["file"], mode="w+", dtype=self.dtype,
-                                                shape=(s["rows"], seq_len)) for s in self.shards]
-        self._codes = np.lib.format.open_memmap(self.folder / "train-domains.npy", mode="w+", dtype=np.uint16,
-                                                shape=(rows,))
+        self._rows = rows
+        self._shard = -1      # the shard being written (its file is self._out)
+        self._room = 0        # rows it still takes
+        self._out = None
+        self._codes = _NpyAppender(self.folder / "train-domains.npy", np.dtype(np.uint16), (rows,))
         self._eval = np.zeros((eval_rows, seq_len), dtype=self.dtype)
         self._eval_codes = np.zeros(eval_rows, dtype=np.uint16)
         self._next = 0       # next training row
         self._next_eval = 0
-        if len(self.domains) > 2**16:
-            raise ValueError("more than 65536 domains")
 
     def add(self, rows: np.ndarray, domain: str, *, split: str = "train") -> None:
         """Append ``rows`` (``[n, seq_len]``) of ``domain`` to the training rows or (``split='eval'``) the eval rows."""
@@ -139,32 +148,61 @@ class ShardWriter:
             self._eval_codes[self._next_eval:end] = code
             self._next_eval = end
             return
-        start = self._next
-        self._codes[start:start + len(rows)] = code
+        if self._next + len(rows) > self._rows:
+            raise RuntimeError(f"token shards: more than the {self._rows} train rows announced")
+        self._codes.write(np.full(len(rows), code, dtype=np.uint16))
         done = 0
         while done < len(rows):  # a block of rows may straddle two shards
-            shard = int(np.searchsorted(self._ends, start + done, side="right"))
-            first = start + done - (self._ends[shard] - self.shards[shard]["rows"])
-            take = min(len(rows) - done, self.shards[shard]["rows"] - first)
-            self._maps[shard][first:first + take] = rows[done:done + take]
+            if self._room == 0:
+                self._next_shard()
+            take = min(len(rows) - done, self._room)
+            self._out.write(rows[done:done + take])
+            self._room -= take
             done += take
         self._next += len(rows)
 
-    @property
-    def _ends(self) -> np.ndarray:
-        return np.cumsum([s["rows"] for s in self.shards])
+    def _next_shard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        self._shard += 1
+        shard = self.shards[self._shard]
+        self._out = _NpyAppender(self.folder / shard["file"], self.dtype, (shard["rows"], self.seq_len))
+        self._room = shard["rows"]
 
     def close(self) -> None:
         expected = sum(s["rows"] for s in self.shards)
         if self._next != expected or self._next_eval != len(self._eval):
             raise RuntimeError(f"token shards: wrote {self._next}/{expected} train and {self._next_eval}/"
                                f"{len(self._eval)} eval rows")
-        for m in self._maps:
-            m.flush()
-        self._codes.flush()
+        if self._out is not None:
+            self._out.close()
+        self._codes.close()
         np.save(self.folder / "eval.npy", self._eval, allow_pickle=False)
         np.save(self.folder / "eval-domains.npy", self._eval_codes, allow_pickle=False)
         index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "dtype": self.dtype.name,
                  "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval)}
         (self.folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
-        del self._maps, self._codes
+
+
+class _NpyAppender:
+    """A ``.npy`` file of a known shape written front to back: the header first, then the elements as they come
+    (``np.load`` reads it like any ``np.save``'d array)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), shape
+        self._fh = open(self.path, "wb")
+        np.lib.format.write_array_header_1_0(self._fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                        "fortran_order": False, "shape": shape})
+        self._left = int(np.prod(shape))
+
+    def write(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if values.size > self._left:
+            raise RuntimeError(f"{self.path.name}: more elements than its shape {self.shape}")
+        self._fh.write(values.tobytes())
+        self._left -= values.size
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._left:
+            raise RuntimeError(f"{self.path.name}: {self._left} elements of its shape {self.shape} never written")

@@ -3,7 +3,8 @@
 
 ``data.executor`` null (the default) keeps the in-memory path.  ``local`` runs datatrove's tasks as processes on
 this machine, ``slurm`` as a SLURM job array whose partition, time and memory come from a launcher preset (the files
-of ``hydra/launcher``, the same the training jobs use), ``ray`` on a running Ray cluster.
+of ``hydra/launcher``, the same the training jobs use; ``data.slurm.*`` overrides them for the data tasks alone),
+``ray`` on a running Ray cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from effitrain.registry import ConfigError, choices_text, did_you_mean, param
 
 
 @dataclass
+class SlurmKeys:
+    """``data.slurm.*``: the data tasks' own values of the launcher preset's keys (null: the preset's value)."""
+
+    partition: Optional[str] = param(None, help="SLURM partition of the data tasks (null: the preset's; a null "
+                                                "there too: the cluster's default partition)")
+    account: Optional[str] = param(None, help="--account of the data tasks (null: the preset's)")
+    qos: Optional[str] = param(None, help="--qos of the data tasks (null: the preset's, else the cluster's default)")
+    cpus_per_task: Optional[int] = param(None, ge=1, help="CPUs of one data task (null: the preset's)")
+    mem_gb: Optional[int] = param(None, ge=1, help="memory of one data task in GB (null: the preset's mem_gb)")
+    timeout_min: Optional[int] = param(None, ge=1, help="time limit of one data task in minutes (null: the "
+                                                        "preset's timeout_min)")
+
+
+@dataclass
 class DataParams:
     executor: Optional[Literal["local", "slurm", "ray"]] = param(
         None, help="null: the data stage runs in this process; local | slurm | ray: a sharded datatrove pipeline "
@@ -24,7 +39,9 @@ class DataParams:
     workers: Optional[int] = param(None, ge=1, help="tasks running at once (null: local = min(tasks, CPUs); "
                                                     "slurm/ray = all)")
     slurm_preset: str = param("slurm", help="data.executor=slurm: the hydra/launcher preset whose partition, account, "
-                                            "cpus_per_task, mem_gb and timeout_min each task gets")
+                                            "qos, cpus_per_task, mem_gb and timeout_min each task gets")
+    slurm: SlurmKeys = param(default_factory=SlurmKeys, help="data.executor=slurm: the preset's keys overridden "
+                                                             "for the data tasks only")
 
     def validate(self, path: str) -> None:
         if self.executor == "slurm":
@@ -34,32 +51,57 @@ class DataParams:
             if self.slurm_preset not in valid:
                 raise ConfigError(f"{path}.slurm_preset: unknown launcher preset '{self.slurm_preset}'"
                                   f"{did_you_mean(self.slurm_preset, valid)}; valid: {choices_text(valid)}")
-            if not slurm_resources(self.slurm_preset)["partition"]:  # datatrove writes --partition unconditionally
-                raise ConfigError(f"{path}.slurm_preset: the data tasks' SLURM array needs a partition, and preset "
-                                  f"'{self.slurm_preset}' leaves it to the cluster's default; set partition in "
-                                  f"effitrain/configs/hydra/launcher/{self.slurm_preset}.yaml or name another preset")
-
+            resources = slurm_resources(self.slurm_preset, self.slurm)
+            for key in ("cpus_per_task", "mem_gb", "timeout_min"):  # what each task's sbatch line must state
+                if resources[key] is None:
+                    raise ConfigError(f"{path}.slurm.{key}: the data tasks' SLURM array needs {_NEEDS[key]}, and "
+                                      f"preset '{self.slurm_preset}' sets {key}: null; set {path}.slurm.{key}=N or "
+                                      f"{key} in effitrain/configs/hydra/launcher/{self.slurm_preset}.yaml")
 
     def engine_settings(self) -> Any:
         """What the data engine needs of this section (:class:`effitrain.data.engine.EngineSettings`); the SLURM
         resources read from the launcher preset here, in the config layer."""
         from effitrain.data.engine import EngineSettings
 
-        slurm = slurm_resources(self.slurm_preset) if self.executor == "slurm" else {}
+        slurm = slurm_resources(self.slurm_preset, self.slurm) if self.executor == "slurm" else {}
         return EngineSettings(executor=self.executor, tasks=self.tasks, workers=self.workers, slurm=slurm)
 
 
-def slurm_resources(preset: str) -> dict[str, Any]:
-    """partition, account, cpus_per_task, mem_gb, timeout_min and name of a ``hydra/launcher`` preset."""
+# datatrove's SLURM executor writes --cpus-per-task, the memory and --time into every array it submits, so where a
+# training job may leave them to the cluster (null), a data array cannot; a null partition, qos or account is left
+# out of the script (the cluster's default), as for the training jobs
+_NEEDS = {"cpus_per_task": "a CPU count", "mem_gb": "a memory size", "timeout_min": "a time limit"}
+_PRESET_KEYS = ("partition", "account", "qos", "cpus_per_task", "mem_gb", "timeout_min", "name")
+
+
+def _preset_body(preset: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's keys with those of the presets it names in ``defaults`` beneath them (``slurm_gpu`` builds on
+    ``slurm``), as Hydra composes them for a training job; submitit's own base (``submitit_slurm``) sets none of
+    the keys read here but ``partition``/``qos``/``account``, all null there."""
     import yaml
 
     from effitrain.config.tree import config_root
 
     with open(config_root() / "hydra" / "launcher" / f"{preset}.yaml", encoding="utf-8") as fh:
         body = yaml.safe_load(fh) or {}
-    return {"partition": body.get("partition"), "account": body.get("account"),
-            "cpus_per_task": body.get("cpus_per_task") or 1, "mem_gb": body.get("mem_gb") or 2,
-            "timeout_min": body.get("timeout_min") or 60, "name": body.get("name")}
+    merged: dict[str, Any] = {}
+    for entry in body.get("defaults") or ():
+        name = entry if isinstance(entry, str) else None
+        if name and name not in seen and (config_root() / "hydra" / "launcher" / f"{name}.yaml").is_file():
+            merged.update(_preset_body(name, (*seen, preset)))
+    merged.update({k: v for k, v in body.items() if k != "defaults"})
+    return merged
+
+
+def slurm_resources(preset: str, overrides: Optional[SlurmKeys] = None) -> dict[str, Any]:
+    """partition, account, qos, cpus_per_task, mem_gb, timeout_min and name of a ``hydra/launcher`` preset (its
+    ``defaults`` included), each replaced by ``data.slurm.KEY`` where that is set."""
+    body = _preset_body(preset)
+    resources = {key: body.get(key) for key in _PRESET_KEYS}
+    for key, value in vars(overrides or SlurmKeys()).items():
+        if value is not None:
+            resources[key] = value
+    return resources
 
 
 # -------------------------------------------------------------------------------------------------------- rules

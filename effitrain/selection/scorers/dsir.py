@@ -41,16 +41,33 @@ def wordpunct(text: str) -> list[str]:
 
 
 def bucket(gram: str, num_buckets: int) -> int:
-    return int(hashlib.sha256(gram.encode("utf-8")).hexdigest(), 16) % num_buckets
+    # int.from_bytes of the digest is the hex digest's integer, without formatting and parsing 64 hex digits
+    return int.from_bytes(hashlib.sha256(gram.encode("utf-8")).digest(), "big") % num_buckets
+
+
+_WORD_BUCKETS: dict[tuple[str, int], int] = {}
+_WORD_BUCKETS_MAX = 1 << 17  # about 20 MB: a vocabulary's common words, not a corpus's every bigram
+
+
+def _word_bucket(word: str, num_buckets: int) -> int:
+    """``bucket`` of a unigram, remembered: words repeat (Zipf), so most unigrams are a dict lookup instead of a
+    sha256.  Bigrams are mostly new and are hashed every time; the memo stops growing at its cap."""
+    key = (word, num_buckets)
+    b = _WORD_BUCKETS.get(key)
+    if b is None:
+        b = bucket(word, num_buckets)
+        if len(_WORD_BUCKETS) < _WORD_BUCKETS_MAX:
+            _WORD_BUCKETS[key] = b
+    return b
 
 
 def hashed_ngrams(text: str, num_buckets: int, ngram: int, lowercase: bool = True) -> list[int]:
     """Bucket ids of every 1..ngram-gram of the lower-cased word/punctuation tokens (one id per occurrence)."""
     words = wordpunct(text.lower() if lowercase else text)
-    grams = list(words)
+    ids = [_word_bucket(w, num_buckets) for w in words]
     for n in range(2, ngram + 1):
-        grams += [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return [bucket(g, num_buckets) for g in grams]
+        ids += [bucket(" ".join(words[i:i + n]), num_buckets) for i in range(len(words) - n + 1)]
+    return ids
 
 
 def _featurize(batch, num_buckets, ngram, lowercase):
