@@ -178,11 +178,10 @@ def _build_data(spec: RunSpec, launch: Launch) -> Data:
             from effitrain.data.sharded import build_sharded_splits, shards_info
             from effitrain.selection.base import Selection
 
-            selection = None
-            if spec.block("selection").name == "dsir":  # check refuses the selections without a sharded form
-                from effitrain.selection.sharded_dsir import ShardedDSIR
+            from effitrain.selection.sharded import sharded_selection
 
-                selection = ShardedDSIR(spec.block("selection").params, seed=spec.train.seed)
+            block = spec.block("selection")  # check refuses the selections without a sharded form
+            selection = sharded_selection(block.name, block.params, seed=spec.train.seed)
             tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params,
                                                                 spec.block("model").params,
                                                                 spec.data.engine_settings(), selection=selection)

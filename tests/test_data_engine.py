@@ -241,8 +241,8 @@ def _check(args: list[str], capsys) -> tuple[int, str]:
     (["data.executor=spark"], ["data.executor", "spark", "local", "slurm", "ray"]),
     (["data.tasks=0"], ["data.tasks", ">= 1"]),
     (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
-    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=dedup"],
-     ["selection=dedup does not run on the sharded data engine yet", "use selection=none or dsir"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=s2l"],
+     ["selection=s2l stays on one node", "use selection=none, dsir, dedup"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=slurm", "data.slurm_preset=slurm_gpus"],
      ["data.slurm_preset: unknown launcher preset 'slurm_gpus'", "did you mean 'slurm_gpu'"]),
 ])

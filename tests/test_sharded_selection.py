@@ -119,8 +119,8 @@ def test_only_the_selected_documents_are_packed(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["selection=dedup"], ["selection=dedup does not run on the sharded data engine yet",
-                           "use selection=none or dsir"]),
+    (["selection=s2l"], ["selection=s2l stays on one node",
+                                      "use selection=none, dsir, dedup, quality_classifier, perplexity, zip_fit"]),
     (["selection=dsir", "selection.target.split=eval"], ["selection.target.split=eval", "split=train"]),
 ])
 def test_check_refuses_selections_without_a_sharded_form(args, expected, tmp_path, capsys):

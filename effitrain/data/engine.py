@@ -336,9 +336,11 @@ def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path
 
         workers = params.workers or min(params.tasks, os.cpu_count() or 1)
         # fork, not datatrove's default forkserver: the workers inherit the imported steps (seconds saved per
-        # task), and this process holds no threads while a stage runs
+        # task), and this process holds no threads while a stage runs.  A step that runs CUDA (a reference model on
+        # the GPU) asks for fresh processes instead: CUDA, once initialized here, cannot be used in a forked child
+        spawn = any(getattr(step, "needs_fresh_process", False) for step in pipeline)
         return LocalPipelineExecutor(pipeline, tasks=params.tasks, workers=workers, logging_dir=str(logging_dir),
-                                     start_method="fork")
+                                     start_method="spawn" if spawn else "fork")
     if params.executor == "slurm":
         res = params.slurm
         sbatch = {key: res[key] for key in ("account",) if res.get(key)}

@@ -136,27 +136,47 @@ def _executor_plain_packing(spec, env) -> Optional[str]:
     return None
 
 
-SHARDED_SELECTIONS = ("none", "dsir")  # the selections with a map/reduce form (effitrain.selection.sharded_*)
+# the selections with a map/reduce form (effitrain.selection.sharded_*), by scorer, with the selectors each cuts with
+SHARDED_SELECTIONS = ("none", "dsir", "dedup", "quality_classifier", "perplexity", "zip_fit", "random",
+                      "diversity_kmeans")
+_SHARDED_SCORERS = {"dsir": ("gumbel_topk",), "minhash_dedup": ("random",), "embedding_kmeans": ("cluster_balanced",),
+                    **{s: ("topk", "window", "random") for s in ("quality_classifier", "perplexity", "zip_fit",
+                                                               "uniform")}}
+_SINGLE_NODE = {"less": "its per-example LoRA gradient features", "loss_trajectory": "its proxy's loss trajectories"}
 
 
-@rule("data_executor_sharded_selections", "data.executor: only selections with a sharded form (none, dsir) run as "
-                                          "sharded jobs")
+def sharded_refusal(name: str, params: Any) -> Optional[str]:
+    """Why ``selection=name`` cannot run with data.executor (None when it can)."""
+    supported = f"with data.executor use selection={', '.join(SHARDED_SELECTIONS)}, or drop data.executor"
+    if name == "none":
+        return None
+    scorer = params.scorer["name"]
+    if scorer in _SINGLE_NODE:
+        return (f"selection={name} stays on one node ({_SINGLE_NODE[scorer]} need the model and the whole pool in "
+                f"one process); {supported}")
+    if scorer not in _SHARDED_SCORERS:
+        return f"selection={name} does not run on the sharded data engine yet {_LATER}; {supported}"
+    selector = params.selector["name"]
+    if selector not in _SHARDED_SCORERS[scorer]:
+        return (f"selection.selector.name={selector}: with data.executor, scorer {scorer} cuts with "
+                f"{' or '.join(_SHARDED_SCORERS[scorer])} over the whole pool; change it or drop data.executor")
+    if getattr(params, "domains", None) is not None:
+        return "selection.domains: with data.executor a selection runs over the whole pool; drop it or data.executor"
+    t = params.target
+    if t is not None and t.domain is not None and t.split != "train":
+        return (f"selection.target.split={t.split}: with data.executor a target domain is drawn from the train "
+                f"split; use split=train or selection.target.path")
+    return None
+
+
+@rule("data_executor_sharded_selections", "data.executor: only selections with a sharded form (none, dsir, dedup, "
+                                          "quality_classifier, perplexity, zip_fit, random, diversity_kmeans) run "
+                                          "as sharded jobs")
 def _executor_selection(spec, env) -> Optional[str]:
-    selection = spec.block("selection")
     if not _sharded(spec):
         return None
-    if selection.name not in SHARDED_SELECTIONS:
-        return (f"selection={selection.name} does not run on the sharded data engine yet {_LATER}; with "
-                f"data.executor use selection={' or '.join(SHARDED_SELECTIONS)}, or drop data.executor")
-    if selection.name == "dsir":
-        p = selection.params
-        if p.selector["name"] != "gumbel_topk" or getattr(p, "domains", None) is not None:
-            return ("selection=dsir with data.executor resamples the whole pool with gumbel_topk; drop "
-                    "selection.selector / selection.domains, or data.executor")
-        if p.target is not None and p.target.domain is not None and p.target.split != "train":
-            return (f"selection.target.split={p.target.split}: with data.executor a target domain is drawn from the "
-                    f"train split; use split=train or selection.target.path")
-    return None
+    selection = spec.block("selection")
+    return sharded_refusal(selection.name, selection.params)
 
 
 @rule("data_executor_row_curricula", "data.executor: curricula that order rows by index or domain; those that need "

@@ -58,15 +58,24 @@ def embed(model, encode, texts, device, layer: int):
     return ((hs * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu().numpy()
 
 
-def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and distance to own centre; MiniBatchKMeans beyond 20k points."""
+MINIBATCH_ABOVE = 20000  # points beyond which k-means runs in mini-batches
+
+
+def kmeans_fit(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, cluster centres)``; MiniBatchKMeans beyond ``MINIBATCH_ABOVE`` points (``x`` may be a memory map:
+    the sharded selection fits the same model on the embeddings on disk)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
     k = max(1, min(k, len(x)))
-    algo = (MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096) if len(x) > 20000
+    algo = (MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096) if len(x) > MINIBATCH_ABOVE
             else KMeans(n_clusters=k, random_state=seed, n_init=4))
     labels = algo.fit_predict(x)
-    dist = np.linalg.norm(x - algo.cluster_centers_[labels], axis=1)
-    return labels.astype(np.int64), dist
+    return labels.astype(np.int64), algo.cluster_centers_
+
+
+def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and distance to own centre."""
+    labels, centres = kmeans_fit(x, k, seed)
+    return labels, np.linalg.norm(x - centres[labels], axis=1)
 
 
 class EmbeddingKMeansScorer(ModelScorer):

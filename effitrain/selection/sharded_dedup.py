@@ -1,0 +1,124 @@
+"""MinHash dedup on the sharded data engine (issue 24, ``data.executor``): map then reduce -- exactly the documents
+the in-memory :class:`~effitrain.selection.scorers.dedup.DedupScorer` and its ``random`` selector keep.
+
+Today's semantics, which this reproduces: documents are visited in pool order; one whose normalized text hashes
+(SHA-1) like an earlier document's is an exact duplicate (with ``exact``) and is neither queried nor inserted; any
+other is queried against datasketch's ``MinHashLSH`` (``threshold`` -> its own ``b`` bands of ``r`` rows) holding
+the documents kept so far, dropped when it shares a band with one of them, else kept and inserted.  So the first
+document of a group is the one kept, and a document is measured only against kept ones (a chain a~b~c with b dropped
+keeps c unless c shares a band with a).
+
+1. **signatures** (datatrove tasks, :class:`~effitrain.selection.sharded_pool.PoolCounts` with ``dedup``): per file,
+   every train document's exact hash and MinHash signature -- the in-memory scorer's own ``_signatures`` (same
+   shingles, same ``num_perm``, same seed and hashing scheme) -- and its budget weight.
+2. **buckets** (reduce): per band, the candidates' band values (``r`` of the signature's values; two band keys of
+   datasketch are equal exactly when these are) are numbered with ``np.unique``, so every bucket is an integer; a
+   candidate whose buckets all hold it alone is kept without more work.
+3. **clusters** (reduce): the others are visited in pool order with one "holds a kept document" flag per bucket --
+   datasketch's query-then-insert, on integers.  Then the ``random`` selector's permutation of the kept documents,
+   cut at the budget (all of them at the default ``fraction: 1.0``).
+
+datatrove's MinHash stages (0.10.1, ``pipeline/dedup/minhash.py``) are not used: they shingle their own simplified
+text (punctuation removed) with their own hashes and bands, and join every matching pair into transitive union-find
+clusters keeping each cluster's root (the member of the larger set at each union) -- not query-against-kept -- so
+they would keep other documents than ``dedup`` does today.  The reduce holds per candidate
+one bucket number per band (8 bytes each) and a band's values while it is numbered; the map's signatures are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effitrain.data.engine import finish_stage, run_stage
+from effitrain.registry import ConfigError
+from effitrain.selection.selectors import take_until
+from effitrain.selection.sharded_pool import PoolCounts, load_pool
+
+_VERSION = 1
+
+
+class ShardedDedup:
+    """The ``selection`` hook of :func:`effitrain.data.sharded.build_sharded_splits` for ``selection=dedup``."""
+
+    def __init__(self, params: Any, seed: int) -> None:
+        self.params, self.seed, self.info = params, seed, None
+
+    def key_parts(self) -> tuple:
+        from effitrain.selection.pipeline import params_dict
+
+        return ("dedup", _VERSION, json.dumps(params_dict(self.params), sort_keys=True), self.seed)
+
+    def __call__(self, out: Path, corpus: Any, eval_docs: Path, data_params: Any, work: Path) -> None:
+        p = self.params
+        sp = p.scorer_block.params
+        if p.selector["name"] != "random" or getattr(p, "domains", None) is not None:
+            raise ConfigError("selection: data.executor runs dedup with its random selector over the whole pool; drop "
+                              "selection.selector / selection.domains or data.executor")
+        start = time.perf_counter()
+        spec = {"num_perm": sp.num_perm, "shingle": sp.shingle, "shingle_size": sp.shingle_size, "near": sp.near}
+        run_stage(data_params, [corpus.reader(), PoolCounts(str(work), eval_docs=str(eval_docs), dedup=spec)],
+                  work, job_name="dedup-signatures")
+        pool = load_pool(work, len(corpus.files), p.target, corpus, self.seed)
+        n = pool.candidates
+        exact_dup = np.zeros(n, dtype=bool)
+        if sp.exact:
+            hashes = np.concatenate([a["exact"][pool.candidate[f]] for f, a in pool.files] or [np.zeros(0, "S20")])
+            _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+            exact_dup = first[inverse.reshape(-1)] != np.arange(n)
+            del hashes
+        keep = ~exact_dup
+        if sp.near:
+            keep = self._near(work, pool, keep, sp)
+        near_dups = int((~exact_dup).sum() - keep.sum())
+        pairs = np.concatenate([np.stack([np.full(int(pool.candidate[f].sum()), f), a["record"][pool.candidate[f]]],
+                                         axis=1) for f, a in pool.files] or [np.zeros((0, 2))]).astype(np.int64)
+        weights = (np.concatenate([a["weight"][pool.candidate[f]] for f, a in pool.files]).astype(np.float64)
+                   if p.budget.unit == "tokens" and pool.files else np.ones(n))
+        budget = p.budget.fraction * float(weights.sum())
+        allowed = np.flatnonzero(keep)
+        chosen = allowed[take_until(np.random.default_rng(self.seed).permutation(len(allowed)), weights[allowed],
+                                    budget)]
+        chosen.sort()
+        np.save(out / "selected.npy", pairs[chosen].reshape(-1, 2))
+        kept_units, total = float(weights[chosen].sum()), float(weights.sum())
+        (out / "info.json").write_text(json.dumps({
+            "method": "dedup", "scorer": "minhash_dedup", "selector": "random", "pool_examples": n,
+            "target_examples": len(pool.target_texts), "after_filter_examples": int(len(allowed)),
+            "kept_examples": int(len(chosen)), "budget": {"fraction": p.budget.fraction, "unit": p.budget.unit},
+            "pool_budget_units": total, "kept_budget_units": kept_units,
+            **({"kept_token_fraction": round(kept_units / max(1.0, total), 4)} if p.budget.unit == "tokens" else {}),
+            "scorer_exact_duplicates": int(exact_dup.sum()), "scorer_near_duplicates": near_dups,
+            "seconds": round(time.perf_counter() - start, 3)}) + "\n")
+        finish_stage(work)
+
+    def _near(self, work: Path, pool: Any, keep: np.ndarray, sp: Any) -> np.ndarray:
+        """``keep`` after datasketch's query-against-kept over the candidates that are no exact duplicate."""
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=sp.threshold, num_perm=sp.num_perm)  # its bands: (start, end) of each
+        visit = np.flatnonzero(keep)
+        buckets, shared = [], np.zeros(len(visit), dtype=bool)
+        for lo, hi in lsh.hashranges:
+            values = np.concatenate([np.load(work / "sig" / f"{f:06d}.npy", mmap_mode="r")[:, lo:hi]
+                                     [pool.candidate[f]].astype(np.uint64) for f, _ in pool.files])[visit]
+            keys = np.ascontiguousarray(values).view(np.dtype((np.void, 8 * (hi - lo)))).reshape(-1)
+            _, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            ids = ids.reshape(-1)
+            buckets.append(ids)
+            shared |= counts[ids] > 1
+            del values, keys
+        keep = keep.copy()
+        holds_kept = [np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=bool) for ids in buckets]
+        for j in np.flatnonzero(shared):  # pool order; a candidate alone in all its buckets stays kept
+            mine = [int(ids[j]) for ids in buckets]
+            if any(h[b] for h, b in zip(holds_kept, mine)):
+                keep[visit[j]] = False
+            else:
+                for h, b in zip(holds_kept, mine):
+                    h[b] = True
+        return keep
