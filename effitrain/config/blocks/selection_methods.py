@@ -218,6 +218,27 @@ class LESSScorerParams(_ReferenceModel, _PoolProxy):
             raise ConfigError(f"{path}.adam_betas: two numbers in [0, 1), got {self.adam_betas}")
 
 
+@dataclass
+class _Embeddings:
+    """How documents become vectors (:mod:`effitrain.selection.embeddings`): one layer's pooled hidden states."""
+    layer: int = param(-1, help="hidden-state layer (-1 = last)")
+    pooling: Literal["mean", "position_weighted"] = param(
+        "mean", help="mean: every token alike; position_weighted: token t weighs t / sum(1..len) (RDS+, after SGPT)")
+
+
+@register("scorer", "rds_plus", builder="effitrain.selection.scorers.rds:RDSPlusScorer",
+          summary="RDS+: position-weighted mean-pooled hidden states, cosine to the target (max per task), "
+                  "round-robin over target tasks; one forward pass per example")
+@dataclass
+class RDSPlusScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    pooling: Literal["mean", "position_weighted"] = param(
+        "position_weighted", help="RDS+: position_weighted (the authors' weighted_mean); mean is their ablation")
+    task_reduce: Literal["max", "mean"] = param("max", help="a candidate's score within a task: its best (RDS+: "
+                                                            "max) or mean cosine over the task's examples")
+
+
 @register("scorer", "minhash_dedup", builder="effitrain.selection.scorers.dedup:DedupScorer",
           summary="Exact (normalized text hash) + MinHash-LSH near-duplicates; keeps the first of each group")
 @dataclass
@@ -392,6 +413,8 @@ _preset("diversity_kmeans", "embedding_kmeans", "cluster_balanced",
 _preset("s2l", "loss_trajectory", "cluster_balanced",
         "S2L (2403.07384): clusters of small-proxy loss trajectories, balanced sampling")
 _preset("less", "less", "topk", "LESS (2402.04333): LoRA-gradient cosine similarity to the target, top-k")
+_preset("rds_plus", "rds_plus", "topk",
+        "RDS+ (2503.01807): position-weighted pooled hidden-state cosine to the target, round-robin over tasks")
 _preset("dedup", "minhash_dedup", "random", "Exact + MinHash near-duplicate removal (then random up to the budget)")
 _preset("quality_classifier", "quality_classifier", "topk",
         "PreSelect / BETR style: a classifier of target vs pool, top-k by log-odds")
