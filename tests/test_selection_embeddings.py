@@ -89,3 +89,165 @@ def test_rds_plus_takes_both_target_tasks_in_turn(pool, tmp_path):
     top = domains[order[:20]]
     assert (top == "code").sum() >= 6 and (top == "arithmetic").sum() >= 6, top
     assert (top == "prose").sum() <= 4, top
+
+
+# ------------------------------------------------------------------------------------------------ INGENIOUS
+
+def _naive_greedy(sim, k):
+    """Plain greedy: every step evaluates every remaining element's gain."""
+    from effitrain.selection.scorers.submodular import facility_location_value
+    chosen = []
+    for _ in range(k):
+        rest = [j for j in range(len(sim)) if j not in chosen]
+        base = facility_location_value(sim, chosen)
+        gains = [facility_location_value(sim, chosen + [j]) - base for j in rest]
+        chosen.append(rest[int(np.argmax(gains))])
+    return chosen
+
+
+def test_facility_location_greedy_finds_one_per_cluster_the_exhaustive_optimum():
+    import itertools
+
+    from effitrain.selection.scorers.submodular import facility_location_value, lazy_greedy
+    # three clusters {0, 1, 2, 3}, {4, 5, 6}, {7, 8, 9} with centres 1, 4, 8; across clusters similarity 0.1
+    within = {0: 0.9, 1: 0.9, 2: 0.5}
+    groups = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    sim = np.array([[within[gi] if gi == gj else 0.1 for gj in groups] for gi in groups])
+    for centre, members, s in ((1, range(0, 4), 0.95), (4, range(4, 7), 0.95), (8, range(7, 10), 0.6)):
+        for m in members:
+            sim[centre, m] = sim[m, centre] = s
+    np.fill_diagonal(sim, 1.0)
+    order, gains = lazy_greedy(sim)
+    # by hand: 1 covers its cluster (0.95 + 1 + 0.95 + 0.95 + 6 x 0.1 = 4.45); then 4 lifts its cluster from 0.1
+    # (0.85 + 0.9 + 0.85 = 2.6); then 8 (0.5 + 0.9 + 0.5 = 1.9, ahead of 7's 0.9 + 0.5 + 0.4)
+    assert order[:3].tolist() == [1, 4, 8]
+    np.testing.assert_allclose(gains[:3], [4.45, 2.6, 1.9])
+    best = max(itertools.combinations(range(10), 3), key=lambda s: facility_location_value(sim, s))
+    assert sorted(best) == [1, 4, 8]
+
+
+def test_lazy_greedy_equals_plain_greedy_and_its_gains_never_grow():
+    from effitrain.selection.scorers.submodular import facility_location_value, lazy_greedy
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(14, 5))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T                                   # cosines, some negative
+    order, gains = lazy_greedy(sim)
+    assert sorted(order.tolist()) == list(range(14))
+    assert order[:8].tolist() == _naive_greedy(sim, 8)
+    # the objective along the greedy order is monotone; its increments are the reported gains and shrink
+    values = [facility_location_value(sim, order[:k]) for k in range(15)]
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    np.testing.assert_allclose(np.diff(values), gains, atol=1e-9)
+    assert all(b <= a + 1e-12 for a, b in zip(gains, gains[1:]))
+
+
+def test_partitioned_greedy_gives_every_partition_its_share_of_the_budget():
+    from effitrain.selection.scorers.submodular import partitioned_greedy, random_partitions
+    from effitrain.selection.selectors import TopKSelector
+    from types import SimpleNamespace
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 4))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    parts = random_partitions(100, 30, rng)
+    assert [len(p) for p in parts] == [25, 25, 25, 25]
+    uneven = [np.arange(0, 50), np.arange(50, 80), np.arange(80, 100)]
+    share, gain, label = partitioned_greedy(x, uneven)
+    chosen = TopKSelector(SimpleNamespace(descending=True)).select(-share, None, np.ones(100), 20, rng)
+    counts = np.bincount(label[chosen], minlength=3)
+    assert counts.tolist() == [10, 6, 4]            # 20 % of 50, 30 and 20
+    # within a partition the picks are that partition's greedy prefix
+    from effitrain.selection.scorers.submodular import lazy_greedy
+    sim = x[50:80] @ x[50:80].T
+    assert set(chosen[label[chosen] == 1].tolist()) == set((50 + lazy_greedy(sim, 6)[0]).tolist())
+
+
+def test_ingenious_selection_covers_the_pool_better_than_random(pool, monkeypatch):
+    from effitrain.selection.scorers import submodular
+    from effitrain.selection.scorers.submodular import facility_location_value
+    seen = {}
+    real = submodular.partitioned_greedy
+
+    def keep(x, parts):
+        seen["x"] = x
+        return real(x, parts)
+    monkeypatch.setattr(submodular, "partitioned_greedy", keep)
+    block = {"name": "ingenious", "budget": {"fraction": 0.1, "unit": "examples"},
+             "scorer": {**SMALL_PROXY, "partition_size": 1000}}
+    result, domains = score(block, pool)
+    assert result.info["partitions"] == 1
+    # coverage of the pool (in the scorer's own embeddings) by the top k, against random sets of k
+    k = 9
+    chosen = np.argsort(-result.scores, kind="stable")[:k]
+    x = seen["x"]
+    sim = x @ x.T
+    rng = np.random.default_rng(0)
+    random_values = [facility_location_value(sim, rng.choice(len(x), k, replace=False)) for _ in range(20)]
+    assert facility_location_value(sim, chosen) > max(random_values)
+    assert len(set(domains[chosen])) == 3          # a representative subset spans the pool's three domains
+
+
+# ------------------------------------------------------------------------------------------------ GOT-D
+
+def test_got_d_gradient_on_a_line_is_the_analytic_one():
+    from effitrain.selection.scorers.got_d import calibrated_gradient, ot_potentials
+    # candidates on a line, all mass of the target at t = 0.3: the plan is forced (every candidate sends its mass
+    # to t), OT = sum_i a_i (x_i - t)^2, so d OT / d a_i = (x_i - t)^2 up to the constant the masses fix
+    x = np.array([[-1.0], [0.0], [0.25], [0.5], [2.0]])
+    f, info = ot_potentials(x, np.array([[0.3]]), epsilon=0.05)
+    cost = (x[:, 0] - 0.3) ** 2
+    np.testing.assert_allclose(f - f.mean(), cost - cost.mean(), atol=1e-6)
+    grad = calibrated_gradient(f)
+    assert np.argsort(grad).tolist() == [2, 3, 1, 0, 4]        # nearest to t first: the most negative gradients
+    np.testing.assert_allclose(grad, f - f.mean() + f / len(f))
+
+
+def test_got_d_potential_is_the_derivative_of_the_ot_distance():
+    import ot
+
+    from effitrain.selection.scorers.got_d import ot_potentials
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 1)), rng.normal(1.0, 0.5, size=(4, 1))
+    eps = 0.2
+    f, _ = ot_potentials(x, y, eps)
+
+    def entropic_ot(a):   # primal value of the entropic problem POT solves: <P, C> - eps H(P)
+        P = ot.sinkhorn(a, np.full(4, 0.25), ot.dist(x, y), eps, method="sinkhorn_log", stopThr=1e-12,
+                        numItermax=20000)
+        return float((P * ot.dist(x, y)).sum() + eps * (P * (np.log(P + 1e-300) - 1)).sum())
+
+    a = np.full(12, 1 / 12)
+    h = 1e-5
+    for i in (0, 5, 11):   # move mass h to candidate i from all (the direction that keeps the total at 1)
+        d = -np.full(12, h / 12)
+        d[i] += h
+        numeric = (entropic_ot(a + d) - entropic_ot(a - d)) / (2 * h)
+        assert numeric == pytest.approx(f[i] - f.mean(), abs=2e-4)
+
+
+def test_got_d_selection_moves_the_pool_toward_the_target():
+    from types import SimpleNamespace
+
+    from effitrain.selection.scorers.got_d import calibrated_gradient, ot_potentials
+    from effitrain.selection.selectors import TopKSelector
+    rng = np.random.default_rng(2)
+    pool = np.concatenate([rng.normal(0.0, 1.0, size=(300, 2)), rng.normal([4.0, 0.0], 1.0, size=(100, 2))])
+    target = rng.normal([3.0, 0.0], 0.5, size=(30, 2))
+    f, _ = ot_potentials(pool, target, 0.5)
+    chosen = TopKSelector(SimpleNamespace(descending=True)).select(-calibrated_gradient(f), None, np.ones(400), 80,
+                                                                   rng)
+    # the pool's mean is ~2 away from the target's; the selection's less than a third of that
+    assert abs(pool[chosen, 0].mean() - 3.0) < abs(pool[:, 0].mean() - 3.0) / 3
+    assert ot_distance(pool[chosen], target) < ot_distance(pool, target)
+
+
+def ot_distance(x, y):
+    import ot
+    return float(ot.emd2(np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y)), ot.dist(x, y)))
+
+
+def test_got_d_target_like_outranks_unrelated(pool):
+    from test_selection import TARGET_CODE, assert_target_outranks
+    result, domains = score({"name": "got_d", "target": TARGET_CODE, "scorer": SMALL_PROXY}, pool)
+    assert_target_outranks(result.scores, domains)
+    assert result.info["sinkhorn_error"] < 1e-5
