@@ -97,8 +97,11 @@ class FacilityLocationScorer(ModelScorer):
             parts = kmeans_partitions(x, p.partition_size, ctx.seed)
         else:
             parts = random_partitions(len(x), p.partition_size, np.random.default_rng(ctx.seed))
-        share, gain, label = partitioned_greedy(x, parts)
+        share, gain, _ = partitioned_greedy(x, parts)
         return Scores(scores=-share,
-                      info={**info, "partitions": len(parts), "largest_partition": max(len(r) for r in parts),
+                      info={**info, "partitions": len(parts), "largest_partition": max((len(r) for r in parts), default=0),
                             "embedding_dim": int(x.shape[1]),
-                            "objective": round(float(gain.sum()), 3)})
+                            # the greedy runs to the end of each partition, where coverage is total (the sum of
+                            # all gains is N); the first picks' gains say how much one document covers
+                            "first_gain_mean": round(float(np.mean([gain[r][np.argmin(share[r])] for r in parts])), 3)
+                            if parts else None})
