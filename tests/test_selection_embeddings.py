@@ -48,6 +48,9 @@ def test_position_weighted_pooling_by_hand_and_unaffected_by_padding():
     np.testing.assert_allclose(embed(model, encode, [short, long], "cpu", -1, "mean")[0], mean_by_hand.numpy(),
                                rtol=1e-4, atol=1e-5)
     assert not np.allclose(got[0], mean_by_hand.numpy(), atol=1e-4)  # the weighting is not the plain mean
+    # last: the state of the last real token, not of the padding after it
+    np.testing.assert_allclose(embed(model, encode, [short, long], "cpu", -1, "last")[0], hs[2].numpy(),
+                               rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ RDS+
@@ -162,18 +165,38 @@ def test_partitioned_greedy_gives_every_partition_its_share_of_the_budget():
     assert set(chosen[label[chosen] == 1].tolist()) == set((50 + lazy_greedy(sim, 6)[0]).tolist())
 
 
+def test_taylor_softmax_by_hand():
+    from effitrain.selection.scorers.submodular import taylor_softmax
+    np.testing.assert_allclose(taylor_softmax(np.array([0.0, 1.0, 2.0])), np.array([1.0, 2.5, 5.0]) / 8.5)
+
+
+def test_sampling_draws_each_greedy_pick_with_its_taylor_softmax_probability():
+    from effitrain.selection.scorers.submodular import sampled_order
+    order, gains = np.array([10, 11, 12]), np.array([2.0, 1.0, 0.0])
+    rng = np.random.default_rng(0)
+    draws = np.array([sampled_order(order, gains, 1.0, rng) for _ in range(20000)])
+    first = np.array([(draws[:, 0] == j).mean() for j in order])
+    np.testing.assert_allclose(first, np.array([5.0, 2.5, 1.0]) / 8.5, atol=0.015)
+    # without replacement: the second draw renormalizes over what is left (after 10: 2.5 / 3.5 for 11)
+    after_10 = draws[draws[:, 0] == 10]
+    assert (after_10[:, 1] == 11).mean() == pytest.approx(2.5 / 3.5, abs=0.02)
+    # temperature flattens: at T = 100 the three are nearly equally likely
+    flat = np.array([sampled_order(order, gains, 100.0, rng)[0] for _ in range(6000)])
+    assert all(abs((flat == j).mean() - 1 / 3) < 0.03 for j in order)
+
+
 def test_ingenious_selection_covers_the_pool_better_than_random(pool, monkeypatch):
     from effitrain.selection.scorers import submodular
     from effitrain.selection.scorers.submodular import facility_location_value
     seen = {}
     real = submodular.partitioned_greedy
 
-    def keep(x, parts):
+    def keep(x, parts, *args):
         seen["x"] = x
-        return real(x, parts)
+        return real(x, parts, *args)
     monkeypatch.setattr(submodular, "partitioned_greedy", keep)
     block = {"name": "ingenious", "budget": {"fraction": 0.1, "unit": "examples"},
-             "scorer": {**SMALL_PROXY, "partition_size": 1000}}
+             "scorer": {**SMALL_PROXY, "partition_size": 1000, "sampling": "greedy"}}
     result, domains = score(block, pool)
     assert result.info["partitions"] == 1
     # coverage of the pool (in the scorer's own embeddings) by the top k, against random sets of k

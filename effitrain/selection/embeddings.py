@@ -10,6 +10,8 @@ Poolings:
   which have attended to more of the document, count more.  This is RDS+'s pooling (Ivison et al. 2025; authors'
   ``compute_influence_cosinesim.py --pooling weighted_mean``, after SGPT); they embed one example per batch, so their
   weights run over the example's own tokens, as ours do under right padding.
+* ``last``: the hidden state of the document's last real token (INGENIOUS's representation: their GPT-2 script takes
+  the token before the first padding position).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from effitrain.selection.base import column_numpy
 from effitrain.selection.fingerprints import map_fingerprint
 
-POOLINGS = ("mean", "position_weighted")
+POOLINGS = ("mean", "position_weighted", "last")
 
 
 def pool_hidden(hidden: Any, mask: Any, pooling: str) -> Any:
@@ -32,6 +34,8 @@ def pool_hidden(hidden: Any, mask: Any, pooling: str) -> Any:
         w = torch.cumsum(m, dim=1) * m          # 1, 2, ..., len on real tokens, 0 on padding
     elif pooling == "mean":
         w = m
+    elif pooling == "last":
+        w = (torch.cumsum(m, dim=1) == m.sum(dim=1, keepdim=True)) * m   # 1 on the last real token only
     else:
         raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -222,8 +222,9 @@ class LESSScorerParams(_ReferenceModel, _PoolProxy):
 class _Embeddings:
     """How documents become vectors (:mod:`effitrain.selection.embeddings`): one layer's pooled hidden states."""
     layer: int = param(-1, help="hidden-state layer (-1 = last)")
-    pooling: Literal["mean", "position_weighted"] = param(
-        "mean", help="mean: every token alike; position_weighted: token t weighs t / sum(1..len) (RDS+, after SGPT)")
+    pooling: Literal["mean", "position_weighted", "last"] = param(
+        "mean", help="mean: every token alike; position_weighted: token t weighs t / sum(1..len) (RDS+, after SGPT); "
+                     "last: the last real token's state (INGENIOUS)")
 
 
 @register("scorer", "rds_plus", builder="effitrain.selection.scorers.rds:RDSPlusScorer",
@@ -233,7 +234,7 @@ class _Embeddings:
 class RDSPlusScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
     NEEDS_TARGET = True
     CLUSTERS = False
-    pooling: Literal["mean", "position_weighted"] = param(
+    pooling: Literal["mean", "position_weighted", "last"] = param(
         "position_weighted", help="RDS+: position_weighted (the authors' weighted_mean); mean is their ablation")
     task_reduce: Literal["max", "mean"] = param("max", help="a candidate's score within a task: its best (RDS+: "
                                                             "max) or mean cosine over the task's examples")
@@ -250,6 +251,13 @@ class FacilityLocationScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
                                                  "(paper: the corpus cut into 5000 partitions)")
     partition_strategy: Literal["random", "kmeans"] = param("random", help="random chunks (paper's default) or "
                                                                            "k-means clusters of the embeddings")
+    pooling: Literal["mean", "position_weighted", "last"] = param(
+        "last", help="INGENIOUS: the last real token's hidden state")
+    sampling: Literal["taylor_softmax", "greedy"] = param(
+        "taylor_softmax", help="taylor_softmax: each partition's share is drawn without replacement with "
+                               "probabilities taylor_softmax(gain / temperature) over the greedy picks (the authors' "
+                               "script); greedy: the greedy order's prefix")
+    temperature: float = param(1.0, gt=0, help="divides the gains before the Taylor softmax (authors: 1.0)")
 
 
 @register("scorer", "got_d", builder="effitrain.selection.scorers.got_d:GOTDScorer",

@@ -9,9 +9,15 @@
    ``FacilityLocationFunction`` over a cosine kernel: coverage starts at 0, so negative similarities cover nothing),
    maximized by the **lazy greedy** (Minoux) over the *whole* partition: the greedy order with each pick's gain.
    The order of a partition does not depend on the budget (greedy picks one element at a time).
-4. **Budget in proportion**: the authors give partition P ``ceil(|P| / N * budget)`` picks.  A candidate's score is
-   ``-(its position in its partition's greedy order + 1) / |P|``, so ``topk`` takes the same leading share of every
-   partition's greedy order, whatever the budget.
+4. **Sampling** (``sampling: taylor_softmax``, the authors' training script): each partition's picks are drawn
+   without replacement with probabilities ``taylor_softmax(gain / temperature)`` over its greedy order, so documents
+   with large gains are likely but not certain; ``sampling: greedy`` keeps the greedy order itself.
+5. **Budget in proportion**: the authors give partition P ``ceil(|P| / N * budget)`` picks.  A candidate's score is
+   ``-(its position in its partition's order + 1) / |P|``, so ``topk`` takes the same leading share of every
+   partition's order, whatever the budget.
+
+Representations: the authors take one hidden layer's state at the document's last token (``pooling: last``).  They
+redraw the subset every ``select_every`` steps of training; the selection stage draws once.
 
 Own lazy greedy, not apricot-select: apricot's last release (0.6.1, 2021) pulls numba, llvmlite and nose for what is
 a heap and a vector maximum here, and has no partitioned variant.  Cost: one forward pass per candidate, then per
@@ -72,16 +78,37 @@ def kmeans_partitions(x: np.ndarray, size: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(labels == c) for c in np.unique(labels)]
 
 
-def partitioned_greedy(x: np.ndarray, partitions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``x``: N x H unit vectors.  Returns ``(share, gain, label)`` per row: the position in its partition's greedy
-    order as a share ``(position + 1) / |P|``, the gain of that pick, and the partition index."""
+def taylor_softmax(x: np.ndarray) -> np.ndarray:
+    """Second-order Taylor softmax: ``(1 + x + x^2 / 2)`` normalized (the authors' ``taylor_softmax_v1``, n = 2)."""
+    f = 1.0 + x + x * x / 2.0
+    return f / f.sum()
+
+
+def sampled_order(order: np.ndarray, gains: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """The greedy picks re-ordered by sampling without replacement with probabilities
+    ``taylor_softmax(gains / temperature)``: any prefix of the result is a draw of that size, as the authors'
+    ``rng.choice(greedyList, size=budget, replace=False, p=probs)`` (Gumbel top-k: sorting by ``log p + Gumbel``
+    is sequential sampling without replacement in proportion to ``p``)."""
+    p = taylor_softmax(gains / temperature)
+    keys = np.log(np.maximum(p, 1e-300)) + rng.gumbel(size=len(p))
+    return order[np.argsort(-keys, kind="stable")]
+
+
+def partitioned_greedy(x: np.ndarray, partitions: list[np.ndarray], sampling: str = "greedy",
+                       temperature: float = 1.0, rng: np.random.Generator | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x``: N x H unit vectors.  Returns ``(share, gain, label)`` per row: the position in its partition's order as
+    a share ``(position + 1) / |P|``, the row's greedy gain, and the partition index.  The order is the greedy's
+    (``sampling: greedy``) or a Taylor-softmax draw from it (``taylor_softmax``)."""
     n = len(x)
     share, gain, label = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64)
     for p, rows in enumerate(partitions):
         sim = x[rows] @ x[rows].T
         order, gains = lazy_greedy(sim)
-        share[rows[order]] = (np.arange(len(order)) + 1) / len(rows)
         gain[rows[order]] = gains
+        if sampling == "taylor_softmax":
+            order = sampled_order(order, gains, temperature, rng if rng is not None else np.random.default_rng(0))
+        share[rows[order]] = (np.arange(len(order)) + 1) / len(rows)
         label[rows] = p
     return share, gain, label
 
@@ -97,11 +124,12 @@ class FacilityLocationScorer(ModelScorer):
             parts = kmeans_partitions(x, p.partition_size, ctx.seed)
         else:
             parts = random_partitions(len(x), p.partition_size, np.random.default_rng(ctx.seed))
-        share, gain, _ = partitioned_greedy(x, parts)
+        share, gain, _ = partitioned_greedy(x, parts, p.sampling, p.temperature,
+                                            np.random.default_rng([ctx.seed, 1]))
         return Scores(scores=-share,
                       info={**info, "partitions": len(parts), "largest_partition": max((len(r) for r in parts), default=0),
                             "embedding_dim": int(x.shape[1]),
                             # the greedy runs to the end of each partition, where coverage is total (the sum of
-                            # all gains is N); the first picks' gains say how much one document covers
-                            "first_gain_mean": round(float(np.mean([gain[r][np.argmin(share[r])] for r in parts])), 3)
+                            # all gains is N); the first (largest) gains say how much one document covers
+                            "first_gain_mean": round(float(np.mean([gain[r].max() for r in parts])), 3)
                             if parts else None})
