@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("random", "dsir", "zip_fit", "quality_classifier", "less", "s2l", "perplexity", "diversity_kmeans", "dedup")
+METHODS = ("random", "dsir", "zip_fit", "quality_classifier", "less", "s2l", "perplexity", "diversity_kmeans", "dedup",
+           "rds_plus", "ingenious", "got_d")
 NEEDS_REFERENCE = ("perplexity", "diversity_kmeans")
 SECTION_START = "<!-- bench_selection:start -->"
 SECTION_END = "<!-- bench_selection:end -->"

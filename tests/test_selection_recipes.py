@@ -44,6 +44,10 @@ FAST = {
     "embedding_kmeans": ["selection.scorer.max_length=48", "selection.scorer.num_clusters=3",
                          "selection.scorer.proxy_steps=4"],
     "zip_fit": ["selection.scorer.max_target=4", "selection.scorer.max_chars=400"],
+    "rds_plus": ["selection.scorer.max_length=48", "selection.scorer.proxy_steps=4"],
+    "facility_location": ["selection.scorer.max_length=48", "selection.scorer.proxy_steps=4",
+                          "selection.scorer.partition_size=200"],
+    "got_d": ["selection.scorer.max_length=48", "selection.scorer.proxy_steps=4"],
 }
 
 

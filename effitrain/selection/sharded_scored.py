@@ -166,7 +166,7 @@ def _scorer(fitted: dict) -> tuple[Any, int]:
         model = LlamaForCausalLM.from_pretrained(fitted["proxy_dir"], torch_dtype=torch.float32).to(dev).eval()
         encode = ByteEncoder(p.max_length)
     if fitted["scorer"] == "embedding_kmeans":
-        from effitrain.selection.scorers.lm import embed
+        from effitrain.selection.embeddings import embed
 
         return (lambda texts: embed(model, encode, texts, dev, p.layer).astype(np.float32)), p.batch_size
     if p.statistic == "topk_median":

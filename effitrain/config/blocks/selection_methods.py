@@ -218,6 +218,61 @@ class LESSScorerParams(_ReferenceModel, _PoolProxy):
             raise ConfigError(f"{path}.adam_betas: two numbers in [0, 1), got {self.adam_betas}")
 
 
+@dataclass
+class _Embeddings:
+    """How documents become vectors (:mod:`effitrain.selection.embeddings`): one layer's pooled hidden states."""
+    layer: int = param(-1, help="hidden-state layer (-1 = last)")
+    pooling: Literal["mean", "position_weighted", "last"] = param(
+        "mean", help="mean: every token alike; position_weighted: token t weighs t / sum(1..len) (RDS+, after SGPT); "
+                     "last: the last real token's state (INGENIOUS)")
+
+
+@register("scorer", "rds_plus", builder="effitrain.selection.scorers.rds:RDSPlusScorer",
+          summary="RDS+: position-weighted mean-pooled hidden states, cosine to the target (max per task), "
+                  "round-robin over target tasks; one forward pass per example")
+@dataclass
+class RDSPlusScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    pooling: Literal["mean", "position_weighted", "last"] = param(
+        "position_weighted", help="RDS+: position_weighted (the authors' weighted_mean); mean is their ablation")
+    task_reduce: Literal["max", "mean"] = param("max", help="a candidate's score within a task: its best (RDS+: "
+                                                            "max) or mean cosine over the task's examples")
+
+
+@register("scorer", "facility_location", builder="effitrain.selection.scorers.submodular:FacilityLocationScorer",
+          summary="INGENIOUS: facility location over pooled hidden states, lazy greedy in random partitions, budget "
+                  "shared in proportion; one forward pass per example + partition_size^2 per partition")
+@dataclass
+class FacilityLocationScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
+    NEEDS_TARGET = False
+    CLUSTERS = False
+    partition_size: int = param(1000, ge=2, help="documents per partition; the similarity matrix is this squared "
+                                                 "(paper: the corpus cut into 5000 partitions)")
+    partition_strategy: Literal["random", "kmeans"] = param("random", help="random chunks (paper's default) or "
+                                                                           "k-means clusters of the embeddings")
+    pooling: Literal["mean", "position_weighted", "last"] = param(
+        "last", help="INGENIOUS: the last real token's hidden state")
+    sampling: Literal["taylor_softmax", "greedy"] = param(
+        "taylor_softmax", help="taylor_softmax: each partition's share is drawn without replacement with "
+                               "probabilities taylor_softmax(gain / temperature) over the greedy picks (the authors' "
+                               "script); greedy: the greedy order's prefix")
+    temperature: float = param(1.0, gt=0, help="divides the gains before the Taylor softmax (authors: 1.0)")
+
+
+@register("scorer", "got_d", builder="effitrain.selection.scorers.got_d:GOTDScorer",
+          summary="GOT-D: gradient of the entropic OT distance (candidates -> target embeddings) w.r.t. each "
+                  "candidate's mass, most negative first; one forward pass per example + Sinkhorn on N x T")
+@dataclass
+class GOTDScorerParams(_ReferenceModel, _PoolProxy, _Embeddings):
+    NEEDS_TARGET = True
+    CLUSTERS = False
+    normalize: bool = param(True, help="L2-normalize the embeddings (the squared-Euclidean cost is then 2 - 2 cos)")
+    epsilon: float = param(0.1, gt=0, help="entropic regularization of the OT (authors: 0.1)")
+    max_iterations: int = param(5000, ge=1, help="Sinkhorn iterations at most (authors: 2000 with momentum 1.3)")
+    tolerance: float = param(1e-7, gt=0, help="Sinkhorn stops when the marginal error is below this")
+
+
 @register("scorer", "minhash_dedup", builder="effitrain.selection.scorers.dedup:DedupScorer",
           summary="Exact (normalized text hash) + MinHash-LSH near-duplicates; keeps the first of each group")
 @dataclass
@@ -392,6 +447,12 @@ _preset("diversity_kmeans", "embedding_kmeans", "cluster_balanced",
 _preset("s2l", "loss_trajectory", "cluster_balanced",
         "S2L (2403.07384): clusters of small-proxy loss trajectories, balanced sampling")
 _preset("less", "less", "topk", "LESS (2402.04333): LoRA-gradient cosine similarity to the target, top-k")
+_preset("rds_plus", "rds_plus", "topk",
+        "RDS+ (2503.01807): position-weighted pooled hidden-state cosine to the target, round-robin over tasks")
+_preset("ingenious", "facility_location", "topk",
+        "INGENIOUS (2305.06677): facility-location greedy over embeddings in random partitions, proportional budget")
+_preset("got_d", "got_d", "topk",
+        "GOT-D (2405.02774): candidates whose mass most lowers the OT distance to the target, top-k")
 _preset("dedup", "minhash_dedup", "random", "Exact + MinHash near-duplicate removal (then random up to the budget)")
 _preset("quality_classifier", "quality_classifier", "topk",
         "PreSelect / BETR style: a classifier of target vs pool, top-k by log-odds")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from effitrain.selection.base import Scores, column_numpy
+from effitrain.selection.embeddings import embed_dataset, normalize_rows
 from effitrain.selection.fingerprints import map_fingerprint
 from effitrain.selection.refmodel import (ModelScorer, device_of, example_losses, learnable_token_medians,
                                           reference_or_proxy)
@@ -47,17 +48,6 @@ class PerplexityScorer(ModelScorer):
         return Scores(scores=column_numpy(out, "loss", np.float64), info=info)
 
 
-def embed(model, encode, texts, device, layer: int):
-    import torch
-    ids, mask = encode(texts)
-    ids, mask = ids.to(device), mask.to(device)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    hs = out.hidden_states[layer].float()
-    m = mask.unsqueeze(-1).float()
-    return ((hs * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu().numpy()
-
-
 MINIBATCH_ABOVE = 20000  # points beyond which k-means runs in mini-batches
 
 
@@ -82,17 +72,10 @@ class EmbeddingKMeansScorer(ModelScorer):
     def _score(self, candidates, ctx) -> Scores:
         p = self.params
         model, encode, info, tag = reference_or_proxy(p, candidates, ctx, "diversity_kmeans")
-        dev = device_of(p)
-
-        def fn(batch):
-            return {"emb": embed(model, encode, batch["text"], dev, p.layer).astype(np.float32).tolist()}
-
-        out = _map_main(candidates.select_columns(["text"]), fn, "embedding",
-                        {"model": tag, "max_length": p.max_length, "layer": p.layer},
-                        p.batch_size)
-        x = column_numpy(out, "emb", np.float32)
+        x = embed_dataset(candidates, model, encode, device=device_of(p), layer=p.layer, pooling="mean",
+                          model_tag=tag, max_length=p.max_length, batch_size=p.batch_size)
         if p.normalize:
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+            x = normalize_rows(x)
         labels, dist = kmeans(x, p.num_clusters, ctx.seed)
         return Scores(scores=-dist, clusters=labels,
                       info={**info, "clusters": int(labels.max() + 1) if len(labels) else 0,
