@@ -87,7 +87,7 @@ def test_importance_is_the_change_of_the_normalized_frobenius_norm():
     # the hook's score is the change since the previous allocation
     model = build_tri_adapt_lora(PARAMS, tiny_model())
     hook = TriAdaptGrowth(warmup=0, interval=1, growth="linear", budget=None, reference_rank=8, orth_reg_weight=0)
-    state = SimpleNamespace(model=model, spec=SimpleNamespace(train=SimpleNamespace(max_steps=100)), metrics={})
+    state = SimpleNamespace(model=model, spec=SimpleNamespace(train=SimpleNamespace(max_steps=100, log_every=1)), metrics={})
     hook.on_fit_start(state)
     before = dict(hook.pre_norm)
     assert all(v == pytest.approx(1.0) for v in before.values())     # C = identity of rank 1, one block

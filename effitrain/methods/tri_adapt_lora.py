@@ -35,6 +35,7 @@ class TriAdaptGrowth(Hook):
         self._cores: dict[str, Any] = {}
         self.budget = 0
         self.total_steps = 0
+        self._penalty: Any = None
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_fit_start(self, state: Any) -> None:
@@ -54,12 +55,16 @@ class TriAdaptGrowth(Hook):
         self._report(state)
 
     def on_after_forward(self, state: Any) -> None:
-        if self.orth_reg_weight > 0:
-            state.loss = state.loss + self.orth_reg_weight * orthogonal_penalty(state.model).to(state.loss.dtype)
+        if self.orth_reg_weight > 0:  # in the logged training loss too (as peft's AdaLoRA adds its own); eval is plain
+            penalty = orthogonal_penalty(state.model)
+            state.loss = state.loss + self.orth_reg_weight * penalty.to(state.loss.dtype)
+            self._penalty = penalty.detach()  # read (a host sync) only on log lines
 
     def on_step_end(self, state: Any) -> None:
         self._grow(state.step)
-        self._report(state)  # on every log line (the engine clears its extra metrics after each one)
+        train = state.spec.train
+        if state.step % train.log_every == 0 or state.step == train.max_steps:
+            self._report(state)  # on every log line (the engine clears its extra metrics after each one)
 
     def _grow(self, step: int) -> None:
         if sum(self.ranks.values()) >= self.budget or step <= self.warmup or step % self.interval:
@@ -98,6 +103,8 @@ class TriAdaptGrowth(Hook):
     def _report(self, state: Any) -> None:
         state.metrics["tri_adapt/total_rank"] = float(sum(self.ranks.values()))
         state.metrics["tri_adapt/active_params"] = float(active_parameters(state.model))
+        if self._penalty is not None:
+            state.metrics["tri_adapt/orth_penalty"] = float(self._penalty)
 
 
 def build_tri_adapt_growth(params) -> TriAdaptGrowth:
