@@ -182,3 +182,12 @@ def test_the_recipe_runs_its_three_stages_and_ends_with_the_full_model(tmp_path)
     evals = [json.loads(l)["eval_loss"] for l in (run / "stages" / "03-recovered" / "metrics.jsonl").read_text()
              .splitlines() if "eval_loss" in json.loads(l)]
     assert len(evals) >= 2 and evals[0] == pytest.approx(evals[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("stages.2.transform.full=/nonexistent", "stages.recovered.transform.full: '/nonexistent' is not a save_pretrained"),
+    ("stages.1.transform.ratio=1.0", "stages.pruned_lora.transform.ratio: 1.0 is out of range"),
+])
+def test_check_names_a_bad_setting_in_one_line(override, says):
+    result = effitrain_cli("check", "+recipe=loram", override)
+    assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr

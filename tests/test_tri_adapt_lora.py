@@ -208,3 +208,12 @@ def test_ctrl_c_then_resume_grows_the_same_ranks(tmp_path):
     ranks = sorted({v for (step, k), v in expected.items() if k == "tri_adapt/total_rank"})
     assert ranks == [70.0, 126.0, 198.0], ranks   # logged at steps 4, 8, 12 and 14: grew after the stop
     assert_repeats(expected, logged(stopped), stop, last=14)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("peft.max_rank=16", "peft.max_rank: 16 is not init_rank + a whole number of growths"),
+    ("methods.tri_adapt_lora.growth=cubic", "methods.tri_adapt_lora.growth: 'cubic' is not one of"),
+])
+def test_check_names_a_bad_setting_in_one_line(override, says):
+    result = effitrain_cli("check", "+recipe=tri_adapt_lora", override)
+    assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr
