@@ -173,6 +173,7 @@ def test_the_recipe_runs_its_three_stages_and_ends_with_the_full_model(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and [s["stage"] for s in summary["stages"]] == ["base", "pruned_lora", "recovered"]
+    assert summary["stages"][1]["transform"]["info"]["criterion"] == "taylor"   # LoRAM-Stru's, on demo-corpus rows
     pruned_cfg = json.loads((run / "handoff" / "02-pruned_lora" / "config.json").read_text())
     final_cfg = json.loads((run / "stages" / "03-recovered" / "final_model" / "config.json").read_text())
     base_cfg = json.loads((run / "stages" / "01-base" / "final_model" / "config.json").read_text())
@@ -191,3 +192,22 @@ def test_the_recipe_runs_its_three_stages_and_ends_with_the_full_model(tmp_path)
 def test_check_names_a_bad_setting_in_one_line(override, says):
     result = effitrain_cli("check", "+recipe=loram", override)
     assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_taylor_importance_is_the_summed_first_order_term_of_each_coupled_group():
+    from effitrain.models.loram import group_importance, taylor_gradients
+
+    model = tiny_full()
+    g = torch.Generator().manual_seed(0)
+    taylor_gradients(model, [torch.randint(0, 64, (1, 12), generator=g) for _ in range(2)])
+    scores = group_importance(model, "taylor", seed=0)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    t = lambda w: (w.detach() * w.grad).abs()  # noqa: E731
+    # kv group 1 of layer 1: query heads 2, 3 (rows 16..31, o columns 16..31), key/value head 1 (rows 8..15)
+    expected = (t(attn.q_proj.weight)[16:32].sum() + t(attn.o_proj.weight)[:, 16:32].sum()
+                + t(attn.k_proj.weight)[8:16].sum() + t(attn.v_proj.weight)[8:16].sum())
+    assert scores[1]["kv"][1] == pytest.approx(float(expected), rel=1e-5)
+    channel = t(mlp.gate_proj.weight)[7].sum() + t(mlp.up_proj.weight)[7].sum() + t(mlp.down_proj.weight)[:, 7].sum()
+    assert scores[1]["ffn"][7] == pytest.approx(float(channel), rel=1e-5)
+    # the gradient matters: a weight-magnitude ranking of the same model is a different quantity
+    assert not torch.allclose(scores[1]["ffn"], group_importance(model, "l2", seed=0)[1]["ffn"])

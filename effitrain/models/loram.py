@@ -3,7 +3,8 @@ recover the adapter to the full model's shapes and use it with the full model.
 
 Two pipeline transforms (effitrain/pipeline.py):
 
-* :func:`loram_prune` - the structured variant (LoRAM-Stru; LoRAM-Rand with ``criterion: random``): in every decoder
+* :func:`loram_prune` - the structured variant (LoRAM-Stru: LLM-Pruner's first-order Taylor importance on a few
+  calibration rows; LoRAM-Rand with ``criterion: random``): in every decoder
   layer the same number of key/value head groups (each with the query heads that share it, and the matching
   columns of ``o_proj``) and of FFN channels (rows of ``gate_proj``/``up_proj``, columns of ``down_proj``) is
   removed; the hidden size, embeddings and norms are kept.  The kept indices travel with the pruned model in its
@@ -47,10 +48,46 @@ def _layers(model: torch.nn.Module) -> Any:
     return decoder_layers(model)[1]
 
 
+def taylor_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Leave in every weight's ``.grad`` the gradient of the language-model loss summed over ``batches`` (token id
+    rows): what LLM-Pruner's first-order Taylor importance multiplies the weights by."""
+    model.eval()  # no dropout: the gradient of the model as it is
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for ids in batches:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+
+def calibration_batches(source: Path, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """``samples`` rows of ``seq_len`` tokens from the built-in demo corpus (LLM-Pruner draws 10 rows of 64 tokens
+    of BookCorpus), tokenized by the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from effitrain.data.demo import make_demo_docs
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError):
+        raise ConfigError(f"transform.loram_prune: criterion taylor needs the model's tokenizer, and {source} has "
+                          f"none; use criterion l2 or random") from None
+    docs, _ = make_demo_docs(max_docs_per_domain=max(samples, 4), eval_examples_per_domain=0, seed=seed)
+    rows = []
+    for doc in sorted(docs, key=lambda d: d["id"]):
+        ids = tokenizer(doc["text"])["input_ids"]
+        if len(ids) >= seq_len:
+            rows.append(torch.tensor([ids[:seq_len]]))
+        if len(rows) == samples:
+            break
+    return rows
+
+
 def group_importance(model: torch.nn.Module, criterion: str, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Per layer the importance of every key/value head group and every FFN channel: ``l2`` sums the squared weights
-    of everything the group owns (LLM-Pruner's magnitude importance, summed over the coupled structure); ``random``
-    draws them (LoRAM-Rand)."""
+    """Per layer the importance of every key/value head group and every FFN channel, each element's importance
+    summed over everything the group owns (q/k/v rows and o columns; gate/up rows and the down column): ``taylor``
+    ``|w · dL/dw|`` (LLM-Pruner's first-order Taylor, ``param_first``; the gradients must be in ``.grad``, see
+    :func:`taylor_gradients`); ``l2`` ``w²`` (LLM-Pruner's magnitude importance); ``random`` draws them
+    (LoRAM-Rand)."""
     heads, kv, head_dim = _attention_shape(model.config)
     per_group = heads // kv
     generator = torch.Generator().manual_seed(seed)
@@ -61,7 +98,10 @@ def group_importance(model: torch.nn.Module, criterion: str, seed: int) -> list[
             scores.append({"kv": torch.rand(kv, generator=generator),
                            "ffn": torch.rand(mlp.gate_proj.out_features, generator=generator)})
             continue
-        sq = lambda w: w.detach().float() ** 2  # noqa: E731
+        if criterion == "taylor":
+            sq = lambda w: (w.detach().float() * w.grad.float()).abs()  # noqa: E731
+        else:
+            sq = lambda w: w.detach().float() ** 2  # noqa: E731
         q = sq(attn.q_proj.weight).sum(1).view(kv, per_group * head_dim).sum(1)
         o = sq(attn.o_proj.weight).sum(0).view(kv, per_group * head_dim).sum(1)
         k = sq(attn.k_proj.weight).sum(1).view(kv, head_dim).sum(1)
@@ -164,7 +204,11 @@ def loram_prune(params: Any, source: Path) -> tuple[Any, dict[str, Any]]:
     if model.config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise ConfigError(f"transform.loram_prune: a {model.config.model_type} model cannot be pruned; supported: "
                           f"llama-style decoders (llama, mistral, qwen2, qwen3)")
+    if params.criterion == "taylor":
+        taylor_gradients(model, calibration_batches(source, params.calibration_samples, params.calibration_len,
+                                                    params.seed))
     plan = plan_pruning(model, params.ratio, params.criterion, params.seed)
+    model.zero_grad(set_to_none=True)
     pruned = prune_model(model, plan)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return pruned, {"criterion": params.criterion, "ratio": params.ratio, "params_full": count(model),

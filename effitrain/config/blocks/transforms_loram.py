@@ -16,9 +16,12 @@ from effitrain.registry import ConfigError, param, register
 class LoramPruneParams:
     ratio: float = param(0.5, gt=0, lt=1, help="share of key/value head groups and of FFN channels removed per "
                                                "layer (the paper: 0.65 to 0.85 on LLaMA)")
-    criterion: Literal["l2", "random"] = param("l2", help="l2: squared weights of each coupled group (LLM-Pruner's "
-                                                          "magnitude importance); random: LoRAM-Rand")
-    seed: int = param(0, help="seed of criterion random")
+    criterion: Literal["taylor", "l2", "random"] = param(
+        "taylor", help="taylor: |w x dL/dw| summed over each coupled group on calibration rows (LLM-Pruner's "
+                       "param_first, LoRAM-Stru's); l2: squared weights (LLM-Pruner's magnitude); random: LoRAM-Rand")
+    calibration_samples: int = param(10, ge=1, help="taylor: rows of the demo corpus (LLM-Pruner: 10)")
+    calibration_len: int = param(64, ge=2, help="taylor: tokens per row (LLM-Pruner: 64)")
+    seed: int = param(0, help="seed of the calibration rows and of criterion random")
 
 
 @register("transform", "loram_recover", builder="effitrain.models.loram:loram_recover",
