@@ -98,6 +98,9 @@ def export_final_model(model: Any, tokenizer: Any, out_dir: str | Path, merge: b
     from effitrain.models.training_only import detached
 
     model = _unwrap(model)
+    from effitrain.peft.tri_adapt import folded_copy, has_tri_adapt
+    if has_tri_adapt(model):  # TriAdaptLoRA's re-parameterised lora_A is saved as the plain LoRA factor it computes
+        model = folded_copy(model)
     with detached(model):  # a distillation regressor trained with the model is not part of what it exports
         return _export_final_model(model, tokenizer, Path(out_dir), merge, keep_adapter)
 

@@ -11,7 +11,8 @@ from effitrain.registry import param, register
           summary="torch.optim.AdamW, no decay on biases and norms (Loshchilov & Hutter, 1711.05101)")
 @dataclass
 class AdamWParams:
-    lr: float = param(3e-3, gt=0)
+    lr: float = param(3e-3, ge=0, help="0 leaves every weight as it is: a stage that only evaluates the model "
+                                       "a transform handed it (LoRAM's recovered full model)")
     weight_decay: float = param(0.1, ge=0)
     beta1: float = param(0.9, ge=0, lt=1)
     beta2: float = param(0.95, ge=0, lt=1)
