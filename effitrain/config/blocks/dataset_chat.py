@@ -17,6 +17,9 @@ class _ChatCommon:
                      "prompts: one conversation a row, its first assistant message the reference answer, for grpo")
     seq_len: int = param(128, ge=8, help="tokens per row (packed conversations, or each side of a pair)")
     eval_examples_per_domain: int = param(64, ge=1, help="held-out conversations per domain")
+    packing: Literal["in_order", "dynamic"] = param(
+        "in_order", help="format=chat training rows: in_order fills rows in the data's order; dynamic packs longest "
+                         "first into the first row with room (CodeACT's Dynamic Pack: fewer pad tokens)")
 
 
 @register("dataset", "chat_demo", builder="effitrain.data.chat_sources:build_chat_demo",
