@@ -139,3 +139,15 @@ def test_the_codeact_selection_keeps_the_top_ifd_share_of_each_cluster_below_1(t
     selected = [json.loads(line) for line in
                 (Path(selection.manifest_path).parent / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == info["kept_examples"] and all(0 < r["score"] < 1 for r in selected)
+
+
+def test_dynamic_packing_of_pairs_or_prompts_is_refused_at_check():
+    from effitrain.config.compose import compose_config
+    from effitrain.config.spec import validate
+    from effitrain.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^dataset\.packing: 'dynamic' packs training conversations \(format=chat\)"):
+        validate(compose_config(["+recipe=codeact", "dataset.format=preference"]).cfg)
+    with pytest.raises(ConfigError, match=r"^dataset\.packing"):
+        validate(compose_config(["dataset=chat_local", "dataset.path=x.jsonl", "dataset.format=prompts",
+                                 "dataset.packing=dynamic"]).cfg)
