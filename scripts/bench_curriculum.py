@@ -51,6 +51,9 @@ ARMS: dict[str, list[str]] = {
     "seta": ["+recipe=seta"],
     "delt": ["+recipe=delt"],
     "domain_upsampling": ["+recipe=domain_upsampling"],
+    # rows of 512 tokens, 4 a step (its recipe): compare with the baseline at the same shapes (the arm below)
+    "untie_knots": ["+recipe=untie_knots"],
+    "baseline_512": ["+recipe=baseline", "dataset.seq_len=512", "train.micro_batch_size=4"],
 }
 
 

@@ -35,6 +35,7 @@ def _cuda() -> bool:
 # (tests/test_selection_recipes.py, tests/test_selection.py), at sizes chosen for that.
 SMALL_PREPARATION = {
     "diversity_kmeans": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
+    "codeact": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],
     "less": ["selection.scorer.proxy_steps=4", "selection.scorer.warmup_epochs=2", "selection.scorer.max_length=48",
              "selection.scorer.proj_dim=32", "selection.scorer.max_target=4"],
     "perplexity_filter": ["selection.scorer.proxy_steps=4", "selection.scorer.max_length=48"],

@@ -124,25 +124,15 @@ class Packed:
     dropped: int = 0          # conversations left without a trained token after the cut: not in any row
 
 
-def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
-    """Place whole conversations one after another into rows of ``seq_len`` (see the module docstring)."""
-    rows: list[np.ndarray] = []
-    row = np.empty((3, seq_len), dtype=np.int64)
-    used = 0
+def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_id: int, *,
+                       packing: str = "in_order") -> Packed:
+    """Place whole conversations into rows of ``seq_len`` (see the module docstring).
+
+    ``packing: in_order`` fills rows in the given order, a conversation that does not fit starting the next row;
+    ``dynamic`` is CodeACT's Dynamic Pack (arXiv 2408.02193: sort by length, then concatenate) done over the whole
+    set as first-fit decreasing: longest first, each into the first row with room, so less is padding."""
+    kept: list[tuple[list[int], list[int]]] = []
     truncated = count = dropped = 0
-
-    def close() -> None:
-        nonlocal row, used
-        if used == 0:
-            return
-        pad = seq_len - used
-        row[0, used:] = pad_id
-        row[1, used:] = IGNORE_INDEX
-        row[2, used:] = np.arange(pad)
-        rows.append(row)
-        row = np.empty((3, seq_len), dtype=np.int64)
-        used = 0
-
     for ids, labels in encoded:
         count += 1
         if len(ids) > seq_len:
@@ -151,16 +141,50 @@ def pack_conversations(encoded: Iterable[tuple[list[int], list[int]]], seq_len: 
         if not any(label != IGNORE_INDEX for label in labels[1:]):
             dropped += 1  # nothing to learn: the assistant part was cut away (or is only the first token)
             continue
-        if used + len(ids) > seq_len:
-            close()
-        n = len(ids)
-        row[0, used:used + n] = ids
-        row[1, used:used + n] = labels
-        row[2, used:used + n] = np.arange(n)
-        used += n
-    close()
-    out = np.stack(rows) if rows else np.zeros((0, 3, seq_len), dtype=np.int64)
+        kept.append((ids, labels))
+    lengths = np.array([len(ids) for ids, _ in kept], dtype=np.int64)
+    if packing == "dynamic":
+        row_of = first_fit_decreasing(lengths, seq_len)
+    elif packing == "in_order":
+        row_of = np.zeros(len(kept), dtype=np.int64)
+        used = row = 0
+        for i, n in enumerate(lengths.tolist()):
+            if used + n > seq_len:
+                row, used = row + 1, 0
+            row_of[i] = row
+            used += n
+    else:
+        raise ValueError(f"packing must be in_order or dynamic, got {packing!r}")
+    n_rows = int(row_of.max()) + 1 if len(kept) else 0
+    out = np.empty((n_rows, 3, seq_len), dtype=np.int64)
+    out[:, 0] = pad_id
+    out[:, 1] = IGNORE_INDEX
+    fill = np.zeros(n_rows, dtype=np.int64)
+    for (ids, labels), row in zip(kept, row_of.tolist()):
+        start, n = int(fill[row]), len(ids)
+        out[row, 0, start:start + n] = ids
+        out[row, 1, start:start + n] = labels
+        out[row, 2, start:start + n] = np.arange(n)
+        fill[row] += n
+    for row in range(n_rows):  # the padding counts its positions from 0, like a conversation of its own
+        out[row, 2, fill[row]:] = np.arange(seq_len - fill[row])
     return Packed(out, truncated, count, dropped)
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """The row of every item: items by decreasing length (ties in their order), each into the first row with room."""
+    room = np.zeros(0, dtype=np.int64)
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        fits = np.flatnonzero(room >= lengths[i])
+        if len(fits):
+            row = int(fits[0])
+        else:
+            room = np.append(room, capacity)
+            row = len(room) - 1
+        room[row] -= lengths[i]
+        row_of[i] = row
+    return row_of
 
 
 def preference_rows(tokenizer: Any, pairs: Iterable[tuple[Sequence[dict], Sequence[dict]]], seq_len: int,

@@ -146,7 +146,7 @@ def _rows_dataset(rows: np.ndarray, domains: list[str], columns: tuple[str, ...]
                                        "domain": domains}, features=features)
 
 
-def _packed(ds, tokenizer: Any, seq_len: int) -> tuple[chat.Packed, list[str]]:
+def _packed(ds, tokenizer: Any, seq_len: int, packing: str = "in_order") -> tuple[chat.Packed, list[str]]:
     """Packed conversation rows of ``ds`` (its ``messages``), one domain after another, with the counts of all."""
     from effitrain.data.sources import domain_indices
 
@@ -155,7 +155,7 @@ def _packed(ds, tokenizer: Any, seq_len: int) -> tuple[chat.Packed, list[str]]:
     messages = _column(ds, "messages")
     for domain, rows in domain_indices(ds).items():
         encoded = (chat.encode_conversation(tokenizer, messages[r]) for r in rows.tolist())
-        packed = chat.pack_conversations(encoded, seq_len, tokenizer.pad_token_id)
+        packed = chat.pack_conversations(encoded, seq_len, tokenizer.pad_token_id, packing=packing)
         parts.append(packed.rows)
         domains += [domain] * len(packed.rows)
         truncated, count, dropped = truncated + packed.truncated, count + packed.conversations, dropped + packed.dropped
@@ -249,14 +249,17 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
         if fmt == "prompts":
             packed = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
             return _rows_dataset(packed.rows, ["prompts"] * len(packed.rows), CHANNEL_COLUMNS), _counts(packed)
-        packed, domains = _packed(train, tokenizer, seq_len)
+        packed, domains = _packed(train, tokenizer, seq_len, packing)
         if not len(packed.rows):
             raise ConfigError(f"{_KEY}.seq_len: none of the {packed.conversations} conversations keeps an assistant "
                               f"token within {seq_len} tokens; raise {_KEY}.seq_len")
         return _rows_dataset(packed.rows, domains, CHANNEL_COLUMNS), _counts(packed)
 
-    packed_train, counts = _cached_rows(("train", fmt, dataset_content_hash(train, columns), *common), train_rows,
-                                        cache_dir)
+    packing = getattr(dataset_params, "packing", "in_order")
+    # only a non-default packing enters the key: the rows packed in order keep their cache
+    packing_key = () if packing == "in_order" or fmt != "chat" else (("packing", packing),)
+    packed_train, counts = _cached_rows(("train", fmt, dataset_content_hash(train, columns), *common, *packing_key),
+                                        train_rows, cache_dir)
     line = report_dropped(counts, seq_len, {"preference": "preference pairs", "prompts": "prompts"}.get(
         fmt, "training conversations"))
     if line:

@@ -20,7 +20,8 @@ from effitrain.selection.target import resolve_target
 
 log = logging.getLogger("effitrain.selection")
 
-ORIGINAL_COLUMNS = ("id", "text", "domain")
+# a chat pool keeps its conversations (the rows are built from them after selection)
+ORIGINAL_COLUMNS = ("id", "text", "domain", "messages", "rejected")
 
 
 def params_dict(params: Any) -> dict:

@@ -161,3 +161,26 @@ class ClusterBalancedSelector(_Selector):
             pool = np.concatenate([members[c] for c in small])
             chosen.append(take_until(rng.permutation(pool), weights, remaining))
         return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+class ClusterProportionalSelector(_Selector):
+    """The same share of every cluster, best scores first (CodeACT's CDAS: ``int(len(cluster) * ratio)`` of each
+    cluster, sorted by IFD).
+
+    A cluster holding ``w_c`` of the candidates' weight gets ``budget * w_c / total`` of the budget (rounded down, as
+    the authors' ``int``), so the selection keeps the clusters' proportions while taking their hardest examples."""
+
+    def select(self, scores, clusters, weights, budget, rng, groups=None):
+        if clusters is None:
+            raise ValueError("cluster_proportional selector needs cluster labels from the scorer")
+        total = float(weights.sum())
+        if total <= 0:
+            return np.zeros(0, dtype=np.int64)
+        chosen = []
+        for c in np.unique(clusters):
+            idx = np.flatnonzero(clusters == c)
+            share = budget * float(weights[idx].sum()) / total
+            order = idx[np.lexsort((rng.random(len(idx)), -scores[idx]))]  # descending score, ties at random
+            cum = np.cumsum(weights[order], dtype=np.float64)
+            chosen.append(order[:int(np.searchsorted(cum, share + 1e-9, side="right"))])
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)

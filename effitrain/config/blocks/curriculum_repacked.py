@@ -49,3 +49,17 @@ def _meco_cooldown_phase(spec, env) -> Optional[str]:
                 f"(declared: {', '.join(names) or 'none'}); declare it, e.g. timeline.phases={{unit: fraction, "
                 f"intervals: {{{curriculum.params.cooldown_phase}: [0.9, 1.0]}}}}")
     return None
+
+
+@register("curriculum", "untie_knots", builder="effitrain.curriculum.untie_knots:build_untie_knots",
+          summary="Untie the Knots: chunks of several documents shuffled into one sequence, with the tracing task")
+@dataclass
+class UntieKnotsParams:
+    needs_documents: ClassVar[bool] = True  # re-packs the documents into knotted rows (data_engine's rules)
+    chunks_per_doc: int = param(3, ge=1, help="pieces a document is cut into, of equal length (the authors' "
+                                              "chunk_probs_cfg [[0, 0, 1]]: 3 pieces)")
+    knot_probability: float = param(0.3, ge=0, le=1, help="share of the rows that are knotted; the others are "
+                                                         "plain packing (the authors' chunk_probs_cfg weights "
+                                                         "[0.7, 0.3])")
+    preserve_partial_order: bool = param(False, help="keep each document's pieces in their order when shuffling "
+                                                    "(the authors' option; off: the summary must recover the order)")

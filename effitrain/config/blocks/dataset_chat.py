@@ -17,6 +17,15 @@ class _ChatCommon:
                      "prompts: one conversation a row, its first assistant message the reference answer, for grpo")
     seq_len: int = param(128, ge=8, help="tokens per row (packed conversations, or each side of a pair)")
     eval_examples_per_domain: int = param(64, ge=1, help="held-out conversations per domain")
+    packing: Literal["in_order", "dynamic"] = param(
+        "in_order", help="format=chat training rows: in_order fills rows in the data's order; dynamic packs longest "
+                         "first into the first row with room (CodeACT's Dynamic Pack: fewer pad tokens)")
+
+    def validate(self, path: str) -> None:
+        # pairs and prompts are one conversation a row: there is nothing to pack, so the setting would do nothing
+        if self.packing != "in_order" and self.format != "chat":
+            raise ConfigError(f"{path}.packing: '{self.packing}' packs training conversations (format=chat); "
+                              f"format={self.format} keeps one a row, so use {path}.packing=in_order")
 
 
 @register("dataset", "chat_demo", builder="effitrain.data.chat_sources:build_chat_demo",
@@ -49,6 +58,7 @@ class ChatLocalParams(_ChatCommon):
             self.eval_path = [self.eval_path]
 
     def validate(self, path: str) -> None:
+        super().validate(path)
         if not self.path or any(not p.strip() for p in self.path):
             raise ConfigError(f"{path}.path: dataset=chat_local needs files; set {path}.path=FILE.jsonl")
 

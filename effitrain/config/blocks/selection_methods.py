@@ -172,6 +172,23 @@ class EmbeddingKMeansScorerParams(_ReferenceModel, _PoolProxy):
     normalize: bool = param(True, help="L2-normalize embeddings before k-means (spherical k-means)")
 
 
+@register("scorer", "ifd_kmeans", builder="effitrain.selection.scorers.ifd:IFDKMeansScorer",
+          summary="CodeACT's CDAS: instruction-following difficulty per example and k-means clusters of the "
+                  "instructions; three forward passes per example")
+@dataclass
+class IFDKMeansScorerParams(_ReferenceModel, _PoolProxy):
+    VERSION = 1
+    NEEDS_TARGET = False
+    CLUSTERS = True
+    num_clusters: int = param(10, ge=2, help="k of k-means (the authors' select_data.py: 10)")
+    kmeans_seed: int = param(42, help="k-means random_state (the authors': 42)")
+    layer: int = param(-1, help="hidden-state layer of the instruction embedding (-1 = last)")
+    ratio: Literal["perplexity", "loss"] = param("perplexity", help="IFD as PPL(answer|instruction)/PPL(answer) "
+                                                 "(the authors' code) or as the ratio of the mean losses")
+    max_ifd: Optional[float] = param(1.0, gt=0, help="drop examples with IFD >= this (the authors: 1.0); null "
+                                                     "keeps all")
+
+
 @register("scorer", "loss_trajectory", builder="effitrain.selection.scorers.s2l:LossTrajectoryScorer",
           summary="S2L: per-example training-loss trajectories of a small proxy trained epochs over the pool, "
                   "k-means per domain; epochs x N/batch train steps + (checkpoints x N) forward passes")
@@ -360,6 +377,13 @@ class ClusterBalancedSelectorParams:
                                                 "(S2L: 3, i.e. size > 2)")
 
 
+@register("selector", "cluster_proportional", builder="effitrain.selection.selectors:ClusterProportionalSelector",
+          summary="The same share of every cluster, highest scores first (CodeACT: top-IFD fraction per cluster)")
+@dataclass
+class ClusterProportionalSelectorParams:
+    NEEDS_CLUSTERS = True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Selection presets (the `selection` group)
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,8 +437,9 @@ class ScoredSelection:
             raise ConfigError(f"{path}.target: scorer '{self.scorer_block.name}' needs target data; set "
                               f"{path}.target.domain (or .path / .dataset)")
         if getattr(self.selector_block.params, "NEEDS_CLUSTERS", False) and not getattr(sp, "CLUSTERS", False):
-            raise ConfigError(f"{path}.selector.name: 'cluster_balanced' needs a scorer that emits clusters "
-                              f"(embedding_kmeans, loss_trajectory), not '{self.scorer_block.name}'")
+            raise ConfigError(f"{path}.selector.name: '{self.selector_block.name}' needs a scorer that emits "
+                              f"clusters (embedding_kmeans, loss_trajectory, ifd_kmeans), not "
+                              f"'{self.scorer_block.name}'")
 
 
 def _plain(params: Any) -> dict[str, Any]:
@@ -446,6 +471,8 @@ _preset("diversity_kmeans", "embedding_kmeans", "cluster_balanced",
         "Diversify and Conquer: k-means on reference-model embeddings, cluster-balanced sampling")
 _preset("s2l", "loss_trajectory", "cluster_balanced",
         "S2L (2403.07384): clusters of small-proxy loss trajectories, balanced sampling")
+_preset("codeact", "ifd_kmeans", "cluster_proportional",
+        "CodeACT's CDAS (2408.02193): k-means over instructions, the top-IFD share of every cluster")
 _preset("less", "less", "topk", "LESS (2402.04333): LoRA-gradient cosine similarity to the target, top-k")
 _preset("rds_plus", "rds_plus", "topk",
         "RDS+ (2503.01807): position-weighted pooled hidden-state cosine to the target, round-robin over tasks")
