@@ -3,8 +3,10 @@
 ``entigraph``: EntiGraph (Yang et al., 2024, arXiv 2409.07431) -- the entities of a document, then texts about how
 pairs and triples of them relate in it.  ``resample``: ITERTL's sampling step (Wu et al., 2024, arXiv 2407.12022) --
 the model of the previous round continues the start of every reference document, several times, and the samples
-nearest the reference are kept.  Torch-free schemas; the rollouts are in :mod:`effitrain.generation.entigraph` and
-:mod:`effitrain.generation.resample`.
+nearest the reference are kept.  ``few_shot_augment``: few-shot augmentation for PEFT (Patwa et al., 2024, arXiv
+2404.02422) -- new examples of each class from a prompt of its real ones, kept when the model's in-context label
+agrees.  Torch-free schemas; the rollouts are in :mod:`effitrain.generation.entigraph`,
+:mod:`effitrain.generation.resample` and :mod:`effitrain.generation.augment`.
 """
 
 from __future__ import annotations
