@@ -211,6 +211,28 @@ def stand_in_vllm(monkeypatch):
     return _Llm
 
 
+def test_the_engine_starts_from_the_policy_merged_and_samples_in_grpos_layout(tokenizer, stand_in_vllm):
+    import peft
+
+    policy = peft.get_peft_model(tiny_llama(len(tokenizer), seed=5), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    block = _grpo(tokenizer, {"backend": "vllm"})
+    obj = block.build(model=policy, tokenizer=tokenizer)
+    batch, _ = _prompt_batch(tokenizer)
+    ids, mask = grpo.left_pad(grpo.split_prompts(batch)[0], tokenizer.pad_token_id, "cpu")
+    completions = obj.sample(policy, ids, mask, 11)
+    (engine,) = stand_in_vllm.started
+    with grpo_sampling.merged_for_inference(policy):
+        expected = {n: t.clone() for n, t in grpo_sampling.engine_weights(policy)}
+    served = engine.model.model.state_dict()
+    assert all(torch.allclose(served[n], expected[n], atol=1e-6) for n in expected)
+    assert completions.shape[0] == ids.shape[0] * 4 and completions.shape[1] <= 6
+    mask_ = grpo.completion_mask(completions, tokenizer.eos_token_id)
+    assert (mask_.sum(dim=1) >= 1).all()
+    assert torch.equal(obj.sample(policy, ids, mask, 11), completions)   # the same seeds, the same draws
+    obj.sampler.close()
+
+
 GRPO_RUN = ["objective=grpo", "dataset=chat_demo", "dataset.format=prompts", "dataset.max_docs_per_domain=60",
             "objective.group_size=4", "objective.max_new_tokens=4", "objective.beta=0.0",
             "objective.rewards=[{name:length,max_tokens:4,gated:false}]", "train.max_steps=3",
@@ -245,7 +267,7 @@ def test_the_engine_gets_the_policys_weights_after_every_optimizer_step(tmp_path
 # ----------------------------------------------------------------------------------------- the real engine (a GPU)
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="the colocated vLLM engine needs vllm installed and a CUDA GPU (neither is here)")
+                    reason="the colocated vLLM engine needs vllm installed and a CUDA GPU (one or both missing here)")
 def test_colocated_vllm_samples_token_ids_and_follows_pushed_weights(tokenizer):
     model = tiny_llama(len(tokenizer), seed=4).cuda()
     block = _grpo(tokenizer, {"backend": "vllm", "gpu_memory_utilization": 0.2, "dtype": "float32"}, temperature=1.0)

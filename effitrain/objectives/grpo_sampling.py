@@ -132,7 +132,9 @@ class ColocatedVllm:
         self._folder = tempfile.TemporaryDirectory(prefix="effitrain-vllm-policy-")
         with merged_for_inference(module):
             base = module.get_base_model() if hasattr(module, "get_base_model") else module
-            base.save_pretrained(self._folder.name, safe_serialization=True)
+            # the weights under the plain model's names (a LoRA model's layers still hold their adapters)
+            weights = {name: tensor.detach().clone() for name, tensor in engine_weights(module)}
+        base.save_pretrained(self._folder.name, state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(self._folder.name)
         # one engine per training process (external_launcher), as TRL's colocate mode; it reads these variables
         os.environ.setdefault("RANK", str(self.rank))
