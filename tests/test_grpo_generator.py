@@ -267,7 +267,8 @@ def test_the_engine_gets_the_policys_weights_after_every_optimizer_step(tmp_path
 # ----------------------------------------------------------------------------------------- the real engine (a GPU)
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="the colocated vLLM engine needs vllm installed and a CUDA GPU (one or both missing here)")
+                    reason="the colocated vLLM engine needs vllm installed and a CUDA GPU (one or both "
+                           "missing here)")
 def test_colocated_vllm_samples_token_ids_and_follows_pushed_weights(tokenizer):
     model = tiny_llama(len(tokenizer), seed=4).cuda()
     block = _grpo(tokenizer, {"backend": "vllm", "gpu_memory_utilization": 0.2, "dtype": "float32"}, temperature=1.0)

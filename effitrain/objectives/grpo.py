@@ -6,10 +6,11 @@ the labelled ones the reference answer):
 
 1. **Group sampling.**  Each prompt is answered ``G = group_size`` times by the ``generator`` backend
    (:mod:`effitrain.objectives.grpo_sampling`: ``transformers``, the default, the policy's own ``model.generate``;
-   ``vllm``, a colocated engine given the policy's weights after every optimizer step) (multinomial sampling from ``softmax(logits / temperature)``, every other logits processor off whatever the checkpoint's
-   ``generation_config.json`` says: :mod:`effitrain.objectives.generation`), up to ``max_new_tokens``; a completion
-   ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
-   the same completions and the global RNG stream of the run is untouched.
+   ``vllm``, a colocated engine given the policy's weights after every optimizer step): multinomial sampling from
+   ``softmax(logits / temperature)``, every other logits processor off whatever the checkpoint's
+   ``generation_config.json`` says (:mod:`effitrain.objectives.generation`), up to ``max_new_tokens``; a
+   completion ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a
+   forked RNG, so a resumed run samples the same completions and the global RNG stream of the run is untouched.
 2. **Rewards.**  Each completion is decoded and scored by the reward blocks (:mod:`effitrain.objectives.rewards`);
    its reward is their weighted sum ``r``, or ``no_eos_reward`` when it has no EOS (Tülu 3's non-stop penalty).
 3. **Group-normalised advantages.**  ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)`` (``scale_rewards:
