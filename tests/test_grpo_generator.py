@@ -74,7 +74,7 @@ def test_transformers_backend_samples_and_scores_exactly_as_before(tokenizer, ge
 @pytest.mark.parametrize("generator, says", [
     ({"backend": "openai", "base_url": "http://localhost:1/v1"}, "openai cannot sample for GRPO"),
     ({"backend": "vllm", "temperature": 0.5}, "generator.temperature: GRPO sets this itself"),
-    ({"backend": "vllm", "n": 4}, "objective.grpo's group_size"),
+    ({"backend": "vllm", "n": 4}, "GRPO sets this itself (objective.grpo.group_size)"),
     ({"backend": "transformers", "batch_size": 4}, "generator.batch_size: not used by GRPO's transformers"),
     ({"backend": "vllm", "tensor_parallel_size": 2}, "tensor_parallel_size must be 1"),
     ({"backend": "sglang"}, "generator.backend"),

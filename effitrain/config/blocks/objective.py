@@ -308,10 +308,11 @@ class GRPOParams:
 
 # the sampling keys of a generator block that GRPO sets itself: its samples must be draws from softmax(logits / T)
 # of the policy, the distribution its log-probabilities are taken from
-_GRPO_OWNS = {"model": "the policy itself", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
-              "n": "group_size", "seed": "seed", "top_p": "nothing (sampling is plain: log-probabilities are of "
-              "softmax(logits / temperature))", "top_k": "nothing (sampling is plain)", "stop": "nothing (a "
-              "completion ends at EOS)"}
+_GRPO_OWNS = {"model": "the engine starts from the policy itself", "temperature": "objective.grpo.temperature",
+              "max_new_tokens": "objective.grpo.max_new_tokens", "n": "objective.grpo.group_size",
+              "seed": "objective.grpo.seed", "top_p": "off: log-probabilities are of softmax(logits / temperature)",
+              "top_k": "off: log-probabilities are of softmax(logits / temperature)",
+              "stop": "a completion ends at its EOS"}
 # the keys each backend reads when it samples for GRPO (the rest of a generator block serves synthesis stages)
 _GRPO_USES = {"transformers": (), "vllm": ("gpu_memory_utilization", "dtype", "max_model_len", "tensor_parallel_size")}
 # TRL's vllm_gpu_memory_utilization for colocate mode: the policy, its optimizer and its activations share the GPU
@@ -331,7 +332,7 @@ def grpo_generator(raw: Any, path: str) -> Any:
     body = dict(raw)
     for key, owner in _GRPO_OWNS.items():
         if key in body:
-            raise ConfigError(f"{path}.{key}: GRPO sets this itself (from objective.grpo's {owner}); remove it")
+            raise ConfigError(f"{path}.{key}: GRPO sets this itself ({owner}); remove it")
     backend = body.get("backend", "transformers")
     used = _GRPO_USES.get(backend)
     if used is not None:
