@@ -315,7 +315,7 @@ def _train(cfg: dict[str, Any], spec: RunSpec, run_dir: Path, argv: Optional[lis
     # the timeline's hooks before the methods', so a method's batch_start sees the batch the model will see
     hooks = ([sampler.hook] if getattr(sampler, "hook", None) is not None else []) + timeline_hooks(timeline) + \
         [m.build(**_if_accepted(m, tokenizer=data.tokenizer)) for m in spec.methods.values()] + \
-        list(precision.hooks)
+        list(precision.hooks) + list(getattr(objective, "hooks", ()))  # e.g. grpo's weight push into its engine
     from effitrain.parallel import ulysses  # its groups and attention come last: nothing after them can refuse
     sequence_parallel = ulysses.enable(model, size=launch.sequence_parallel_size,
                                        micro_batch_size=spec.train.micro_batch_size)

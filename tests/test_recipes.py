@@ -56,6 +56,8 @@ SMALL_PREPARATION = {
     "entigraph": ["stages.1.synthesis.max_documents=2", "stages.1.synthesis.generator.max_new_tokens=16"],
     "iterative_resampling": [f"stages.{i}.synthesis.{k}" for i in (1, 3)
                              for k in ("max_documents=4", "generator.max_new_tokens=16", "generator.n=2")],
+    "peft_augmentation": ["stages.1.dataset.max_docs_per_domain=10", "stages.1.synthesis.rollout.per_example=1",
+                          "stages.1.synthesis.generator.max_new_tokens=16"],
 }
 
 

@@ -14,7 +14,9 @@ The contract (:class:`Rollout` gives the defaults):
   ``[(ask, completions)]``), empty when the piece is done.  A rollout of several steps (EntiGraph: entities, then
   the relations between them) is rounds of requests; every round's answers are cached like the first's, so a
   resumed stage re-derives the same next round from the cache and sends nothing twice;
-* ``planned_follow_ups(piece) -> int``: at most how many follow-up requests a piece makes (``effitrain plan``).
+* ``planned_follow_ups(piece) -> int``: at most how many follow-up requests a piece makes (``effitrain plan``);
+* ``bind(documents)``: called once with all of the stage's input documents (``{id, text, domain}``) before any
+  piece is made, for a rollout whose prompts draw on other documents (few-shot demonstrations of a class).
 
 ``wrap``: Web Rephrase Augmented Pre-training (Maini et al., 2024, arXiv 2401.16380).  The four style prompts are
 the paper's (its appendix), in the Vicuna chat layout the paper used with its instruction-tuned rephraser; each
@@ -70,6 +72,9 @@ class Rollout:
 
     def planned_follow_ups(self, piece: str) -> int:
         return 0
+
+    def bind(self, documents: list[dict[str, str]]) -> None:
+        pass
 
 #: the paper's system preamble and per-style instructions (appendix of 2401.16380)
 WRAP_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

@@ -74,6 +74,7 @@ def run_synthesis(stage: Any, run_cfg: dict[str, Any], stage_dir: Path, *, final
 
     documents = _input_documents(spec, params)
     rollout = params.rollout_block.build()
+    rollout.bind(documents)
     gen_block = params.generator_block
     from effitrain.config.blocks.generator import model_folder
 
@@ -361,6 +362,7 @@ def planned_counts(spec: Any) -> dict[str, Any]:
     params = spec.synthesis
     documents = _input_documents(spec, params)
     rollout = params.rollout_block.build()
+    rollout.bind(documents)
     from effitrain.generation.rollouts import as_ask
 
     prompts = set()

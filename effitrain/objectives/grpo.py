@@ -4,11 +4,13 @@
 Per micro-batch of B prompts (rows of ``dataset.format: prompts``: the tokens before the first label are the prompt,
 the labelled ones the reference answer):
 
-1. **Group sampling.**  Each prompt is answered ``G = group_size`` times with ``model.generate`` (multinomial
-   sampling from ``softmax(logits / temperature)``, every other logits processor off whatever the checkpoint's
-   ``generation_config.json`` says: :mod:`effitrain.objectives.generation`), up to ``max_new_tokens``; a completion
-   ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a forked RNG, so a resumed run samples
-   the same completions and the global RNG stream of the run is untouched.
+1. **Group sampling.**  Each prompt is answered ``G = group_size`` times by the ``generator`` backend
+   (:mod:`effitrain.objectives.grpo_sampling`: ``transformers``, the default, the policy's own ``model.generate``;
+   ``vllm``, a colocated engine given the policy's weights after every optimizer step): multinomial sampling from
+   ``softmax(logits / temperature)``, every other logits processor off whatever the checkpoint's
+   ``generation_config.json`` says (:mod:`effitrain.objectives.generation`), up to ``max_new_tokens``; a
+   completion ends at its first EOS (included).  The draws are seeded by (``seed``, micro-step, rank) inside a
+   forked RNG, so a resumed run samples the same completions and the global RNG stream of the run is untouched.
 2. **Rewards.**  Each completion is decoded and scored by the reward blocks (:mod:`effitrain.objectives.rewards`);
    its reward is their weighted sum ``r``, or ``no_eos_reward`` when it has no EOS (Tülu 3's non-stop penalty).
 3. **Group-normalised advantages.**  ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)`` (``scale_rewards:
@@ -49,14 +51,13 @@ the model at the start of the stage, or a saved folder; none is kept when ``beta
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from effitrain.objectives.common import IGNORE_INDEX
-from effitrain.objectives.generation import generate_plainly, plain_generation_config
+from effitrain.objectives.grpo_sampling import PolicyGenerate, build_sampler, seeded  # noqa: F401 (seeded: API)
 from effitrain.objectives.rewards import RewardFn
 
 STD_EPS = 1e-4  # TRL's and the paper's implementations add it to the group std
@@ -186,20 +187,12 @@ def sampling_seed(seed: int, micro_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0])
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 class GRPO:
     def __init__(self, tokenizer: Any, rewards: list[tuple[str, float, RewardFn]], reference: Optional[Any], *,
                  group_size: int, max_new_tokens: int, temperature: float, beta: float, epsilon: float,
                  epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int,
                  iterations: int = 1, grad_accum: int = 1, entropy_coef: float = 0.0,
-                 no_eos_reward: Optional[float] = None, world_size: int = 1) -> None:
+                 no_eos_reward: Optional[float] = None, world_size: int = 1, sampler: Any = None) -> None:
         self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.beta, self.epsilon_low = beta, epsilon
@@ -209,6 +202,9 @@ class GRPO:
         self.entropy_coef, self.no_eos_reward, self.world_size = entropy_coef, no_eos_reward, world_size
         # micro-batch slot (micro-step mod grad_accum) -> what was sampled at the cycle's first step, for reuse
         self.samples: dict[int, dict[str, torch.Tensor]] = {}
+        # where completions come from (objective.grpo.generator); the policy's own generate by default
+        self.sampler = sampler if sampler is not None else PolicyGenerate(
+            tokenizer, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature)
 
     def state_dict(self) -> Optional[dict]:
         if self.iterations == 1:
@@ -219,23 +215,15 @@ class GRPO:
         self.samples = {slot: dict(entry) for slot, entry in state.items()}
 
     # ------------------------------------------------------------------------------------------- sampling
-    @torch.no_grad()
+    @property
+    def hooks(self) -> tuple:
+        """Engine hooks the sampler needs (a colocated vLLM engine: the weight push after each optimizer step)."""
+        return tuple(self.sampler.hooks)
+
     def sample(self, module: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> torch.Tensor:
-        """``[N * G, C]`` completion tokens, G per prompt, group after group (pad after the first EOS)."""
-        ids = prompt_ids.repeat_interleave(self.group_size, dim=0)
-        mask = prompt_mask.repeat_interleave(self.group_size, dim=0)
-        was_training = module.training
-        module.eval()  # sample from the policy itself: no dropout
-        try:
-            config = plain_generation_config(do_sample=True, temperature=self.temperature,
-                                             max_new_tokens=self.max_new_tokens,
-                                             pad_token_id=self.tokenizer.pad_token_id,
-                                             eos_token_id=self.tokenizer.eos_token_id)
-            with seeded(seed, ids.device):
-                out = generate_plainly(module, config, input_ids=ids, attention_mask=mask)
-        finally:
-            module.train(was_training)
-        return out[:, ids.shape[1]:]
+        """``[N * G, C]`` completion tokens, G per prompt, group after group (pad after the first EOS), drawn by
+        the generator backend (:mod:`effitrain.objectives.grpo_sampling`)."""
+        return self.sampler.sample(module, prompt_ids, prompt_mask, seed)
 
     def score(self, texts: list[str], references: list[str], lengths: list[int],
               device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -333,9 +321,14 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
     reference = None
     if params.beta != 0.0:
         reference = reference_model(params.reference, model, torch.device(device), bf16_supported, tokenizer)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
+    sampler = build_sampler(getattr(params, "generator_block", None), tokenizer, group_size=params.group_size,
+                            max_new_tokens=params.max_new_tokens, temperature=params.temperature, rank=rank,
+                            world_size=world_size)
     return GRPO(tokenizer, build_rewards(params.reward_blocks), reference, group_size=params.group_size,
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, beta=params.beta,
                 epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,
                 loss_type=params.loss_type, seed=params.seed, iterations=params.iterations,
                 grad_accum=grad_accum, entropy_coef=params.entropy_coef, no_eos_reward=params.no_eos_reward,
-                world_size=world_size)
+                world_size=world_size, sampler=sampler)

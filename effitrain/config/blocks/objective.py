@@ -261,9 +261,15 @@ class GRPOParams:
                                                 "a save_pretrained folder (in a stage, '@stage:NAME')")
     seed: int = param(0, help="sampling seed; a micro-batch's samples depend on (seed, micro-step, rank) only, so a "
                               "resumed run draws the same completions")
+    generator: Optional[dict[str, Any]] = param(
+        None, help="what samples the completions: null or {backend: transformers} = the policy's own generate; "
+                   "{backend: vllm, gpu_memory_utilization: 0.3, ...} = a vLLM engine beside the policy on its GPU, "
+                   "given the policy's weights after every optimizer step")
 
     def validate(self, path: str) -> None:
         from effitrain.registry import REGISTRY
+
+        self.generator_block = grpo_generator(self.generator, f"{path}.generator")
 
         if not self.rewards:
             raise ConfigError(f"{path}.rewards: empty; name at least one reward block, e.g. [{{name: exact_answer}}]")
@@ -285,7 +291,67 @@ class GRPOParams:
                 + (f", each sampled batch reused for {self.iterations} steps" if self.iterations > 1 else "")
                 + f"; the tokens column counts {seq_len} per prompt, as the run's log does")
 
-    check_inputs = _check_reference_folder
+    def check_inputs(self, path: str, *, spec, deep: bool) -> None:
+        _check_reference_folder(self, path, spec=spec, deep=deep)
+        if self.generator_block is not None:  # vllm: installed, and a GPU beside the policy to run on
+            from effitrain.config.blocks.generator import _gpu_count
+            from effitrain.config.inputs import package_available
+
+            where = f"{path}.generator.backend"
+            if not package_available("vllm"):
+                raise ConfigError(f"{where}: vllm is not installed (pip install vllm, on a machine with a GPU); "
+                                  f"use backend: transformers (the policy's own generate, the default)")
+            if not _gpu_count():
+                raise ConfigError(f"{where}: vllm runs beside the policy on its GPU and this machine has none; use "
+                                  f"backend: transformers (the policy's own generate, the default)")
+
+
+# the sampling keys of a generator block that GRPO sets itself: its samples must be draws from softmax(logits / T)
+# of the policy, the distribution its log-probabilities are taken from
+_GRPO_OWNS = {"model": "the engine starts from the policy itself", "temperature": "objective.grpo.temperature",
+              "max_new_tokens": "objective.grpo.max_new_tokens", "n": "objective.grpo.group_size",
+              "seed": "objective.grpo.seed", "top_p": "off: log-probabilities are of softmax(logits / temperature)",
+              "top_k": "off: log-probabilities are of softmax(logits / temperature)",
+              "stop": "a completion ends at its EOS"}
+# the keys each backend reads when it samples for GRPO (the rest of a generator block serves synthesis stages)
+_GRPO_USES = {"transformers": (), "vllm": ("gpu_memory_utilization", "dtype", "max_model_len", "tensor_parallel_size")}
+# TRL's vllm_gpu_memory_utilization for colocate mode: the policy, its optimizer and its activations share the GPU
+_COLOCATED_GPU_SHARE = 0.3
+
+
+def grpo_generator(raw: Any, path: str) -> Any:
+    """The validated ``objective.grpo.generator`` block, or ``None`` for the default (the policy's generate)."""
+    from effitrain.config.blocks.generator import parse_generator
+    from effitrain.registry import _is_mapping
+
+    if raw is None:
+        return None
+    if not _is_mapping(raw):
+        raise ConfigError(f"{path}: expected a mapping such as {{backend: vllm}} (valid backends for GRPO: "
+                          f"transformers, vllm), got {raw!r}")
+    body = dict(raw)
+    for key, owner in _GRPO_OWNS.items():
+        if key in body:
+            raise ConfigError(f"{path}.{key}: GRPO sets this itself ({owner}); remove it")
+    backend = body.get("backend", "transformers")
+    used = _GRPO_USES.get(backend)
+    if used is not None:
+        for key in body:
+            if key != "backend" and key not in used:
+                raise ConfigError(f"{path}.{key}: not used by GRPO's {backend} sampling (valid keys: "
+                                  f"{', '.join(['backend', *used]) if used else 'backend only'})")
+    if backend == "openai":
+        raise ConfigError(f"{path}.backend: openai cannot sample for GRPO: a remote server's weights cannot be "
+                          f"updated after each optimizer step, so its samples would be off-policy; use backend: "
+                          f"transformers (the default) or vllm (a colocated engine on this process's GPU)")
+    if backend == "vllm":
+        if body.get("tensor_parallel_size", 1) != 1:
+            raise ConfigError(f"{path}.tensor_parallel_size: GRPO runs one colocated vLLM engine per training "
+                              f"process, on its own GPU; tensor_parallel_size must be 1")
+        body.setdefault("gpu_memory_utilization", _COLOCATED_GPU_SHARE)
+    body["model"] = "<the policy>"  # a placeholder the block's model check skips: the engine starts from the policy
+    block = parse_generator(body, path)
+    return None if block.name == "transformers" else block
 
 
 @rule("grpo_needs_whole_parameters", "objective grpo samples with model.generate, which needs whole parameters: "

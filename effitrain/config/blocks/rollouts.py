@@ -3,8 +3,10 @@
 ``entigraph``: EntiGraph (Yang et al., 2024, arXiv 2409.07431) -- the entities of a document, then texts about how
 pairs and triples of them relate in it.  ``resample``: ITERTL's sampling step (Wu et al., 2024, arXiv 2407.12022) --
 the model of the previous round continues the start of every reference document, several times, and the samples
-nearest the reference are kept.  Torch-free schemas; the rollouts are in :mod:`effitrain.generation.entigraph` and
-:mod:`effitrain.generation.resample`.
+nearest the reference are kept.  ``few_shot_augment``: few-shot augmentation for PEFT (Patwa et al., 2024, arXiv
+2404.02422) -- new examples of each class from a prompt of its real ones, kept when the model's in-context label
+agrees.  Torch-free schemas; the rollouts are in :mod:`effitrain.generation.entigraph`,
+:mod:`effitrain.generation.resample` and :mod:`effitrain.generation.augment`.
 """
 
 from __future__ import annotations
@@ -73,3 +75,33 @@ class ResampleParams:
         if self.keep > generator.n:
             raise ConfigError(f"{path}.rollout.keep: keeps {self.keep} of the generator's n={generator.n} samples "
                               f"per piece; set generator.n >= {self.keep} (ITERTL ranks several samples per task)")
+
+
+@register("rollout", "few_shot_augment", builder="effitrain.generation.augment:build_few_shot_augment",
+          summary="Few-shot augmentation for PEFT (Patwa et al., 2404.02422): new examples of each class from a "
+                  "few-shot prompt of its real ones, kept when the model's in-context label agrees")
+@dataclass
+class FewShotAugmentParams:
+    per_example: int = param(2, ge=1, help="generation requests per real example, each with its own draw of "
+                                           "demonstrations")
+    shots: int = param(3, ge=1, help="real examples of the class in a generation prompt: the seeding example, then "
+                                     "shots - 1 others of its class drawn with the seed (the paper: 4 per class)")
+    max_words: int = param(60, ge=4, help="an example (real or generated) is cut to this many words, so that the "
+                                          "prompts fit the generator's context")
+    min_words: int = param(5, ge=1, help="post-filter: a generated example with fewer words is dropped")
+    filter: Literal["icl", "none"] = param("icl", help="icl: the generator labels each new example from one real "
+                                                       "demonstration per class and only examples labelled as "
+                                                       "intended are kept (the paper); none: keep every parsed one")
+    unparsed: Literal["drop", "keep"] = param("drop", help="a labelling answer that names no class: drop the "
+                                                           "example (the paper) or keep it (a generator too weak "
+                                                           "to answer in the format, e.g. the CPU demo's)")
+    seed: int = param(0, help="the draws of the demonstrations")
+
+    def fan_out(self) -> int:
+        return self.per_example
+
+    def check_generator(self, generator: Any, path: str) -> None:
+        if generator.n != 1:
+            raise ConfigError(f"{path}.generator.n: few_shot_augment asks one sample per request (per_example "
+                              f"requests, each with its own demonstrations, make the variety); set n: 1 and "
+                              f"rollout.per_example: {self.per_example * generator.n}")
