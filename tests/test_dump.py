@@ -163,6 +163,27 @@ def test_the_arithmetic_questions_split_into_distributions_by_operation_and_digi
     assert domain_of("What is 7-45?", "one") == "arithmetic_chat"
 
 
+def test_prompt_rows_keep_their_conversations_domain(tmp_path):
+    """dataset.format=prompts rows carry each question's distribution (they used to be labelled 'prompts' alike)."""
+    import datasets
+    import transformers
+
+    from effitrain.data.chat_sources import _prompt_rows_by_domain, build_chat_demo
+    from effitrain.data.tokenizer import train_bpe
+
+    params = SimpleNamespace(max_docs_per_domain=120, eval_examples_per_domain=8, seed=0, max_digits=2,
+                             answer_style="plain", format="prompts", domain_by="operation")
+    train = build_chat_demo(params)["train"]
+    train_bpe(datasets.Dataset.from_dict({"text": train["text"]}), 300, tmp_path)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    packed, domains = _prompt_rows_by_domain(train, tokenizer, 64)
+    assert sorted(set(domains)) == ["add", "mul", "sub"] and len(domains) == len(packed.rows) == len(train)
+    # row k of the packed prompts is the k-th question of its domain, and its label is that question's operation
+    questions = [json.loads(m)[0]["content"] for m in train["messages"]]
+    ordered = [q for d in ("add", "mul", "sub") for q, label in zip(questions, train["domain"]) if label == d]
+    assert [domain_of(q, "operation") for q in ordered] == domains
+
+
 def test_one_distribution_is_refused_with_the_way_to_split_it():
     with pytest.raises(ConfigError, match="domain_by"):
         DumpSampler(np.array(["prompts"] * 50), window=10, exploration=1.0, temperature=0.1, seed=0,
