@@ -194,6 +194,8 @@ def test_dump_without_grpo_is_refused_at_check():
     composed = compose_config(["+recipe=sft", "curriculum=dump"])
     with pytest.raises(ConfigError, match="objective=grpo"):
         validate(composed.cfg)
+    with pytest.raises(ConfigError, match="domain_by"):
+        validate(compose_config(["+recipe=dump", "dataset.domain_by=one"]).cfg)
     validate(compose_config(["+recipe=dump"]).cfg)  # the recipe itself passes
 
 

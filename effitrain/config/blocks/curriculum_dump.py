@@ -20,8 +20,8 @@ class DumpParams:
     temperature: float = param(0.1, gt=0, help="softmax temperature over the UCB scores (the authors' 0.1)")
 
 
-@rule("dump_needs_grpo", "curriculum dump scores distributions by the advantages of sampled completions: it needs "
-                         "objective=grpo")
+@rule("dump_needs_grpo_and_domains", "curriculum dump scores data distributions by the advantages of sampled "
+                                     "completions: it needs objective=grpo and, on chat_demo, dataset.domain_by")
 def _dump_needs_grpo(spec, env) -> Optional[str]:
     if spec.block("curriculum").name != "dump":
         return None
@@ -29,4 +29,8 @@ def _dump_needs_grpo(spec, env) -> Optional[str]:
     if objective != "grpo":
         return (f"curriculum=dump reads the advantages of sampled completions, which objective={objective} does not "
                 f"produce; use objective=grpo (with dataset.format=prompts)")
+    dataset = spec.block("dataset")
+    if dataset.name == "chat_demo" and dataset.params.domain_by == "one":  # other sources: when the sampler is built
+        return ("curriculum=dump chooses between data distributions, but dataset.domain_by=one gives the built-in "
+                "questions one domain; set dataset.domain_by=operation, digits or operation_digits")
     return None
