@@ -7,7 +7,9 @@ stage's training throughput and peak memory.
 * ``dpo``: the ``dpo`` recipe (the same SFT stage, then DPO on right-vs-wrong pairs against the frozen SFT model);
 * ``sft_then_grpo``: SFT on ``<think>..</think> \\boxed{N}`` answers, then GRPO with accuracy + format rewards;
 * ``format_length_grpo``: a short SFT, then GRPO on the format reward, then on format + length (no answers read);
-* ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right).
+* ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right);
+* ``dump``: SFT, then GRPO over six arithmetic distributions drawn by DUMP's UCB sampler (``curriculum: dump``); its
+  uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled).
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3"]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump"]
 
 
 def _lines(run: Path) -> list[dict]:

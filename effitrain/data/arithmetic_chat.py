@@ -22,6 +22,10 @@ from typing import Optional
 
 OPERATIONS = ("+", "-", "*")
 DOMAIN = "arithmetic_chat"
+#: how the questions are split into domains (data distributions): one domain, by operation, by the digits of the
+#: longer operand (a difficulty), or by both (``add_2d``)
+DOMAIN_SPLITS = ("one", "operation", "digits", "operation_digits")
+_OPERATION_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 _QUESTION = re.compile(r"What is (-?\d+)([+\-*])(-?\d+)\?")
 
 
@@ -44,6 +48,19 @@ def answer_of(question: str) -> Optional[int]:
         return None
     a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
     return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def domain_of(question: str, split: str) -> str:
+    """The domain label of a question this module wrote, under one of :data:`DOMAIN_SPLITS`: ``add``/``sub``/``mul``
+    (operation), ``1d``/``2d``/... (digits of the longer operand: the larger the harder) or ``add_2d`` (both)."""
+    if split == "one":
+        return DOMAIN
+    m = _QUESTION.fullmatch(question.strip())
+    if m is None:
+        raise ValueError(f"not an arithmetic_chat question: {question!r}")
+    operation = _OPERATION_NAMES[m.group(2)]
+    digits = f"{max(len(m.group(1).lstrip('-')), len(m.group(3).lstrip('-')))}d"
+    return {"operation": operation, "digits": digits, "operation_digits": f"{operation}_{digits}"}[split]
 
 
 ANSWER_STYLES = ("plain", "think_boxed")

@@ -62,12 +62,12 @@ def build_chat_demo(params: Any, *, cache_dir: Optional[str | Path] = None):
     """The built-in arithmetic instructions (:mod:`effitrain.data.arithmetic_chat`), eval questions held out."""
     import datasets
 
-    from effitrain.data.arithmetic_chat import DOMAIN, splits
+    from effitrain.data.arithmetic_chat import domain_of, splits
 
     train, eval_ = splits(params.max_docs_per_domain, params.eval_examples_per_domain, seed=params.seed,
                           max_digits=params.max_digits, style=params.answer_style)
     keep_rejected = params.format == "preference"
-    records = [[{"id": e["id"], "domain": DOMAIN, "messages": e["messages"],
+    records = [[{"id": e["id"], "domain": domain_of(e["question"], params.domain_by), "messages": e["messages"],
                  "rejected": e["rejected"] if keep_rejected else None} for e in split] for split in (train, eval_)]
     return datasets.DatasetDict({"train": _dataset(records[0]), "eval": _dataset(records[1])})
 
@@ -182,8 +182,32 @@ def prompt_rows(tokenizer: Any, conversations: list[list[dict]], seq_len: int) -
     return chat.Packed(np.stack(out), truncated, len(conversations), len(conversations) - len(out))
 
 
-#: bump when the rows built from the same conversations change (cache keys include it); 2: counts.json beside them
-_ROWS_VERSION = 2
+def _prompt_rows_by_domain(ds: Any, tokenizer: Any, seq_len: int) -> tuple[chat.Packed, list[str]]:
+    """:func:`prompt_rows` of ``ds``, one domain after another, with each row's domain: a curriculum over data
+    distributions (``curriculum: dump``) draws prompts by domain."""
+    from effitrain.data.sources import domain_indices
+
+    messages = _column(ds, "messages")
+    parts, domains = [], []
+    truncated = count = dropped = 0
+    for domain, rows in domain_indices(ds).items():
+        try:
+            packed = prompt_rows(tokenizer, [messages[i] for i in rows], seq_len)
+        except ConfigError:  # no prompt of this domain fits: all dropped (the other domains may fit)
+            count, dropped = count + len(rows), dropped + len(rows)
+            continue
+        parts.append(packed.rows)
+        domains += [domain] * len(packed.rows)
+        truncated, count, dropped = truncated + packed.truncated, count + packed.conversations, dropped + packed.dropped
+    if not parts:
+        raise ConfigError(f"{_KEY}.seq_len: no prompt leaves room for its answer within {seq_len} tokens; raise "
+                          f"{_KEY}.seq_len")
+    return chat.Packed(np.concatenate(parts), truncated, count, dropped), domains
+
+
+#: bump when the rows built from the same conversations change (cache keys include it); 2: counts.json beside them;
+#: 3: prompt rows keep their conversation's domain (they were all labelled 'prompts')
+_ROWS_VERSION = 3
 _COUNTS = "counts.json"
 
 
@@ -247,8 +271,8 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
             return (_rows_dataset(packed.rows, ["preference"] * len(packed.rows), CHANNEL_COLUMNS + REJECTED_COLUMNS),
                     _counts(packed))
         if fmt == "prompts":
-            packed = prompt_rows(tokenizer, _column(train, "messages"), seq_len)
-            return _rows_dataset(packed.rows, ["prompts"] * len(packed.rows), CHANNEL_COLUMNS), _counts(packed)
+            packed, domains = _prompt_rows_by_domain(train, tokenizer, seq_len)
+            return _rows_dataset(packed.rows, domains, CHANNEL_COLUMNS), _counts(packed)
         packed, domains = _packed(train, tokenizer, seq_len, packing)
         if not len(packed.rows):
             raise ConfigError(f"{_KEY}.seq_len: none of the {packed.conversations} conversations keeps an assistant "

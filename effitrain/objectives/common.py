@@ -14,7 +14,10 @@ EXAMPLE_WEIGHTS = "example_weights"
 #: set by an objective that computes per-example losses (detached, ``[micro_batch_size]``), for ``after_forward`` hooks
 #: such as ``effitrain.curriculum.loss_tracker``
 EXAMPLE_LOSSES = "example_losses"
-NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES)
+#: set by ``grpo``: the advantage of every sampled completion (detached, ``[micro_batch_size * group_size]``, the G
+#: completions of a prompt together), for ``after_forward`` hooks such as ``effitrain.curriculum.dump``
+COMPLETION_ADVANTAGES = "completion_advantages"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

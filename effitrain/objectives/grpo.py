@@ -56,7 +56,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from effitrain.objectives.common import IGNORE_INDEX
+from effitrain.objectives.common import COMPLETION_ADVANTAGES, IGNORE_INDEX
 from effitrain.objectives.grpo_sampling import PolicyGenerate, build_sampler, seeded  # noqa: F401 (seeded: API)
 from effitrain.objectives.rewards import RewardFn
 
@@ -284,6 +284,7 @@ class GRPO:
                                            lengths.tolist(), device)
         rewards = without_eos_replaced(rewards, completions, tok.eos_token_id, self.no_eos_reward)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
+        batch[COMPLETION_ADVANTAGES] = advantages.detach()  # for after_forward hooks (curriculum: dump)
 
         width = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(self.group_size, dim=0), completions], dim=1)

@@ -37,6 +37,10 @@ class ChatDemoParams(_ChatCommon):
     answer_style: Literal["plain", "think_boxed"] = param(
         "plain", help="plain: '82'; think_boxed: '<think>37+45</think> \\boxed{82}' (the format the format and "
                       "length rewards check)")
+    domain_by: Literal["one", "operation", "digits", "operation_digits"] = param(
+        "one", help="the domains (data distributions) of the questions: one ('arithmetic_chat'), by operation "
+                    "(add, sub, mul), by the digits of the longer operand (1d, 2d, ...: difficulty) or by both "
+                    "(add_2d, ...); a per-domain curriculum (mixture, skill_it, dump) draws over them")
     seed: int = 0
 
 
