@@ -100,7 +100,8 @@ def ifd(loss_given_instruction: np.ndarray, loss_alone: np.ndarray, ratio: str) 
 class IFDKMeansScorer(ModelScorer):
     def _score(self, candidates, ctx) -> Scores:
         from effitrain.registry import ConfigError
-        from effitrain.selection.scorers.lm import embed, kmeans
+        from effitrain.selection.embeddings import embed
+        from effitrain.selection.scorers.lm import kmeans
 
         p = self.params
         if "messages" not in candidates.column_names:
