@@ -60,3 +60,43 @@ class RegMixParams:
             raise ConfigError(f"{path}.min_strength: {self.min_strength} is above max_strength {self.max_strength}")
         if self.top_k > self.num_samples:
             raise ConfigError(f"{path}.top_k: {self.top_k} is more than num_samples {self.num_samples}")
+
+
+def _scheduler_blocks(entries: list, path: str) -> list:
+    """Each entry of a list of scheduler blocks (``{name: cosine, ...}``) validated against the scheduler group."""
+    from effitrain.registry import REGISTRY
+
+    if not entries:
+        raise ConfigError(f"{path}: give at least one scheduler, e.g. [{{name: cosine}}]")
+    return [REGISTRY.parse("scheduler", e, f"{path}[{i}]") for i, e in enumerate(entries)]
+
+
+@register("sweep", "anneal_law", builder="effitrain.curriculum.anneal_law_sweep:build",
+          summary="Scaling law with LR annealing: fit L = L0 + A*S1^-alpha - C*S2 to one or two runs' loss curves, "
+                  "predict each candidate schedule's final loss, keep the best (Tissue et al., 2408.11029)")
+@dataclass
+class AnnealLawParams:
+    #: the key its members train with and its conclusion sets
+    CONCLUDES: ClassVar[tuple[str, ...]] = ("scheduler",)
+    fit_schedulers: list[dict[str, Any]] = param(default_factory=lambda: [{"name": "constant", "warmup_steps": 20},
+                                                          {"name": "cosine"}],
+                                 help="the schedules of the fitted runs, one member run each (paper: one or two "
+                                      "curves, e.g. constant and cosine)")
+    candidates: list[dict[str, Any]] = param(default_factory=lambda: [{"name": "cosine"}, {"name": "wsd"},
+                                                      {"name": "constant", "warmup_steps": 20}],
+                             help="the schedules whose final loss the fitted law predicts; the lowest is concluded")
+    predict_steps: Optional[int] = param(None, ge=1, help="the run length the candidates are predicted at "
+                                         "(default: the stage's train.max_steps)")
+    decay_factor: float = param(0.999, gt=0, lt=1, help="lambda, the decay of the annealing momentum (paper: 0.999)")
+    huber_delta: float = param(1e-3, gt=0, help="delta of the Huber loss on log-loss residuals (paper: 1e-3)")
+    fit_from: float = param(0.1, ge=0, lt=1, help="log lines before this fraction of the run are not fitted (the "
+                            "first steps' loss is off the law; the authors fit from step 1000 of 20000)")
+
+    def validate(self, path: str) -> None:
+        _scheduler_blocks(self.fit_schedulers, f"{path}.fit_schedulers")
+        _scheduler_blocks(self.candidates, f"{path}.candidates")
+        for group, entries in (("fit_schedulers", self.fit_schedulers), ("candidates", self.candidates)):
+            if any(e.get("name") == "timeline" for e in entries):
+                raise ConfigError(f"{path}.{group}: the 'timeline' scheduler follows the run's timeline.lr, which "
+                                  f"differs per stage; name a scheduler with its own curve (constant, cosine, wsd, "
+                                  f"rewarm_cosine)")
