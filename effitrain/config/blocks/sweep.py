@@ -100,3 +100,48 @@ class AnnealLawParams:
                 raise ConfigError(f"{path}.{group}: the 'timeline' scheduler follows the run's timeline.lr, which "
                                   f"differs per stage; name a scheduler with its own curve (constant, cosine, wsd, "
                                   f"rewarm_cosine)")
+
+
+def _stage_domains(spec: Any) -> Optional[list[str]]:
+    """The stage's domains where they are known without reading data (a declared ``dataset.domains``, or the demo
+    corpus's); None for other sources (checked when the sweep builds its members)."""
+    dataset = spec.block("dataset")
+    domains = getattr(dataset.params, "domains", None)
+    if domains is None and dataset.name == "demo":
+        from effitrain.data.demo import DEMO_DOMAINS  # standard library only
+        domains = list(DEMO_DOMAINS)
+    return None if domains is None else list(domains)
+
+
+@register("sweep", "cmr_law", builder="effitrain.curriculum.cmr_law_sweep:build",
+          summary="CMR scaling law: continual pre-training runs at several domain ratios, power laws of their loss "
+                  "changes, the critical mixture ratio (Gu et al., 2407.17467)")
+@dataclass
+class CMRLawParams:
+    #: the keys its members train with and its conclusion sets: the recipe's own values are stand-ins
+    CONCLUDES: ClassVar[tuple[str, ...]] = ("curriculum", "timeline.mixture")
+    domain: str = param("code", help="the new domain of the continual pre-training; the other domains of the data "
+                        "are the replayed general corpus, in their token shares (paper: finance or academic papers)")
+    ratios: list[float] = param(default_factory=lambda: [0.125, 0.25, 0.5, 0.75],
+                                help="the domain ratios of the member runs (paper: 1/8, 1/4, 1/3, 1/2 and more)")
+    tolerance: float = param(0.05, gt=0, help="how far the general loss may rise above its value at the start of "
+                             "continual training (paper: 0.05)")
+    budget_steps: Optional[int] = param(None, ge=1, help="the continual run's length the CMR is for, in this "
+                                        "stage's steps (default: the stage's train.max_steps; longer: Eq. 8 "
+                                        "extrapolates)")
+
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [(f"{path}.domain", self.domain)]
+
+    def check_stage(self, spec: Any, path: str) -> None:
+        domains = _stage_domains(spec)
+        if domains is not None and self.domain not in domains:
+            raise ConfigError(f"{path}.domain: '{self.domain}' is not a domain of the stage's data"
+                              f"{did_you_mean(self.domain, domains)}; valid: {choices_text(sorted(domains))}")
+        if domains is not None and len(domains) < 2:
+            raise ConfigError(f"{path}.domain: the stage's data has no other domain to replay as general data")
+
+    def validate(self, path: str) -> None:
+        if len(set(self.ratios)) < 2 or any(not 0 < r < 1 for r in self.ratios):
+            raise ConfigError(f"{path}.ratios: give at least two distinct domain ratios strictly between 0 and 1, "
+                              f"got {self.ratios}")
