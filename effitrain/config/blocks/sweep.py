@@ -145,3 +145,33 @@ class CMRLawParams:
         if len(set(self.ratios)) < 2 or any(not 0 < r < 1 for r in self.ratios):
             raise ConfigError(f"{path}.ratios: give at least two distinct domain ratios strictly between 0 and 1, "
                               f"got {self.ratios}")
+
+
+@register("sweep", "merge_ablation", builder="effitrain.curriculum.merge_ablation_sweep:build",
+          summary="Data ablations by merging: one model per domain partition, each candidate mixture's perplexity "
+                  "estimated by the mixture-weighted parameter average (Na et al., 2410.15661)")
+@dataclass
+class MergeAblationParams:
+    #: the keys its members train with and its conclusion sets: the recipe's own values are stand-ins
+    CONCLUDES: ClassVar[tuple[str, ...]] = ("curriculum", "timeline.mixture")
+    target: str = param("all", help="the eval domain whose perplexity the mixture minimises, or 'all' for the "
+                        "mean eval loss over every domain (paper: Paloma's domains and the partitions' own)")
+    grid_step: float = param(0.25, gt=0, le=0.5, help="the candidate mixtures: every weighting of the partitions "
+                             "in multiples of grid_step (0.25 and 4 domains: 35 candidates)")
+    eval_rows: int = param(16, ge=1, help="held-out packed rows per eval domain each candidate is scored on")
+
+    def named_domains(self, path: str) -> list[tuple[str, str]]:
+        return [] if self.target == "all" else [(f"{path}.target", self.target)]
+
+    def check_stage(self, spec: Any, path: str) -> None:
+        domains = _stage_domains(spec)
+        if domains is not None and self.target != "all" and self.target not in domains:
+            raise ConfigError(f"{path}.target: '{self.target}' is not a domain of the stage's data"
+                              f"{did_you_mean(self.target, domains)}; valid: "
+                              f"{choices_text(['all', *sorted(domains)])}")
+
+    def validate(self, path: str) -> None:
+        units = round(1.0 / self.grid_step)
+        if abs(units * self.grid_step - 1.0) > 1e-9:
+            raise ConfigError(f"{path}.grid_step: {self.grid_step} does not divide 1 evenly; use 0.5, 0.25, 0.2, "
+                              f"0.125 or 0.1")
