@@ -108,45 +108,53 @@ class CMRLawSweep:
                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
         p = self.params
         general = self.general_shares(run_cfg)
-        ratios, gen_laws, dom_laws, rows, observed_max = [], [], [], [], np.inf
-        tokens_per_step = None
+        curves, tokens_per_step = [], None
         for name, cfg, summary in results:
             ratio = float(cfg["timeline"]["mixture"]["points"][0]["value"].get(p.domain, 0.0))
-            tokens, d_gen, d_dom = eval_curve(Path(cfg["run_dir"]), general, p.domain)
-            # the paper's two-term general law needs 5 evaluations; a shorter member gets Eq. 6's one-term form
-            # (recorded per member), and fewer than 3 evaluations fit nothing
-            gen_terms = 2 if len(tokens) >= 5 else 1
-            try:
-                gen_law, gen_r2 = cmr_law.fit_power_law(tokens, d_gen, terms=gen_terms)
-                dom_law, dom_r2 = cmr_law.fit_power_law(tokens, d_dom, terms=1)
-            except ValueError as exc:
-                raise ConfigError(f"sweep: member {name}: {exc}; evaluate more often (train.eval_every) or train "
-                                  f"longer") from None
+            curves.append((name, ratio, *eval_curve(Path(cfg["run_dir"]), general, p.domain)))
             if summary.get("steps") and summary.get("tokens"):
                 tokens_per_step = float(summary["tokens"]) / float(summary["steps"])
-            ratios.append(ratio)
-            gen_laws.append(gen_law)
-            dom_laws.append(dom_law)
-            observed_max = min(observed_max, float(tokens.max()))
-            rows.append({"name": name, "ratio": ratio, "evaluations": len(tokens), "general_law": gen_law.as_dict(), "general_r2": round(gen_r2, 6),
-                         "domain_law": dom_law.as_dict(), "domain_r2": round(dom_r2, 6),
-                         "general_change_last": round(float(d_gen[-1]), 6),
-                         "domain_change_last": round(float(d_dom[-1]), 6)})
-        if tokens_per_step is None:
-            tokens_per_step = float(results[0][2].get("tokens") or 0) / max(int(results[0][2].get("steps") or 1), 1)
-        steps = p.budget_steps or int(results[0][2].get("steps") or 0)
+        member_steps = int(results[0][2].get("steps") or 0)
+        tokens_per_step = tokens_per_step or 0.0
+        ratios = [c[1] for c in curves]
+        fitted = min(len(c[2]) for c in curves) >= 3
+        # no law fits fewer than 3 evaluations after the start (a smoke run of a few steps): the CMR is then read
+        # from the changes measured at the members' last evaluation, for their own length, and the record says so
+        steps = (p.budget_steps or member_steps) if fitted else member_steps
         budget = steps * tokens_per_step / TOKEN_UNIT
         record: dict[str, Any] = {"method": "cmr_law", "domain": p.domain, "tolerance": p.tolerance,
                                   "general_shares": {d: round(w, 6) for d, w in general.items()},
-                                  "budget_steps": steps, "budget_tokens": int(round(budget * TOKEN_UNIT)),
-                                  "members": rows}
-        if budget <= observed_max * (1 + 1e-9):
+                                  "fitted": fitted, "budget_steps": steps,
+                                  "budget_tokens": int(round(budget * TOKEN_UNIT))}
+        rows, gen_laws = [], []
+        for name, ratio, tokens, d_gen, d_dom in curves:
+            row = {"name": name, "ratio": ratio, "evaluations": len(tokens),
+                   "general_change_last": round(float(d_gen[-1]), 6) if len(d_gen) else None,
+                   "domain_change_last": round(float(d_dom[-1]), 6) if len(d_dom) else None}
+            if fitted:
+                # the paper's two-term general law needs 5 evaluations; a shorter member gets Eq. 6's one-term form
+                gen_law, gen_r2 = cmr_law.fit_power_law(tokens, d_gen, terms=2 if len(tokens) >= 5 else 1)
+                dom_law, dom_r2 = cmr_law.fit_power_law(tokens, d_dom, terms=1)
+                gen_laws.append(gen_law)
+                row.update(general_law=gen_law.as_dict(), general_r2=round(gen_r2, 6), domain_law=dom_law.as_dict(),
+                           domain_r2=round(dom_r2, 6))
+            rows.append(row)
+        record["members"] = rows
+        if not fitted:
+            if any(len(c[3]) == 0 for c in curves):
+                raise ConfigError("sweep: cmr_law: a member has no evaluation after step 0; its run needs at least "
+                                  "one step and an evaluation at the end")
+            cmr = cmr_law.critical_ratio(ratios, [float(c[3][-1]) for c in curves], p.tolerance)
+            how = ("measured at the members' last evaluation: fewer than 3 evaluations after the start fit no law; "
+                   "evaluate more often (train.eval_every) for the paper's laws")
+        elif budget <= min(float(c[2].max()) for c in curves) * (1 + 1e-9):
             changes = [float(law(budget)) for law in gen_laws]
             cmr = cmr_law.critical_ratio(ratios, changes, p.tolerance)
             record["predicted_general_change"] = {f"{r:.4f}": round(c, 6) for r, c in zip(ratios, changes)}
             how = "at the budget, from the fitted general-loss laws"
         else:
-            # Eq. 8: the CMR at each evaluated budget the members reached, then its power law, extrapolated
+            # Eq. 8: the CMR at budgets the members reached, then its power law, extrapolated to the budget
+            observed_max = min(float(c[2].max()) for c in curves)
             grid = np.linspace(observed_max / 4, observed_max, 8)
             points = [(t, cmr_law.critical_ratio(ratios, [float(law(t)) for law in gen_laws], p.tolerance))
                       for t in grid]
