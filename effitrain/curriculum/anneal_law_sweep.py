@@ -119,7 +119,9 @@ class AnnealLawSweep:
         record = {"method": "anneal_law", "law": {k: round(v, 8) for k, v in law.as_dict().items()},
                   "r2": round(r2, 6), "predict_steps": steps,
                   "fitted_runs": [{"name": n, "scheduler": s, "log_lines": len(c.losses),
-                                   "last_logged_loss": round(float(c.losses[-1]), 6) if len(c.losses) else None}
+                                   "last_logged_loss": round(float(c.losses[-1]), 6) if len(c.losses) else None,
+                                   "law_at_last_line": round(float(c.window_means(law.loss(c.s1, c.s2))[-1]), 6)
+                                   if len(c.losses) else None}
                                   for n, s, c in fitted],
                   "predictions": [{"scheduler": e, "final_loss": round(v, 6)} for e, v in predictions]}
         return {"scheduler": best}, record

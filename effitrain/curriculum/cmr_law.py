@@ -59,8 +59,14 @@ def fit_power_law(tokens: Sequence[float], values: Sequence[float], *, terms: in
         raise ValueError(f"cmr_law: a {terms}-term power law needs at least {2 * terms + 1} points at positive "
                          f"token counts, got {len(t)}")
 
+    log_t = np.log(t)
+
     def residual(p: np.ndarray) -> np.ndarray:
         return PowerLaw(tuple(p[:terms]), tuple(p[terms:2 * terms]), p[-1])(t) - y
+
+    def jacobian(p: np.ndarray) -> np.ndarray:  # d/da_k = T^s_k, d/ds_k = a_k T^s_k ln T, d/db = 1
+        powers = [np.power(t, s) for s in p[terms:2 * terms]]
+        return np.column_stack([*powers, *(a * pw * log_t for a, pw in zip(p[:terms], powers)), np.ones_like(t)])
 
     spread = float(np.ptp(y)) or 1.0
     exponent_starts = [-1.0, -0.3, 0.3, 1.0] if terms == 1 else [(-1.0, 0.3), (-0.5, 0.5), (-2.0, 1.0)]
@@ -71,7 +77,7 @@ def fit_power_law(tokens: Sequence[float], values: Sequence[float], *, terms: in
         for exps, sign in itertools.product(exponent_starts, (1.0, -1.0)):
             exps = (exps,) if terms == 1 else exps
             start = np.array([sign * spread] * terms + list(exps) + [float(y[-1])])
-            result = least_squares(residual, start, bounds=bounds, x_scale="jac", max_nfev=150,
+            result = least_squares(residual, start, jac=jacobian, bounds=bounds, x_scale="jac", max_nfev=150,
                                    ftol=1e-12, xtol=1e-12, gtol=1e-12)
             if best is None or result.cost < best.cost:
                 best = result
