@@ -103,5 +103,5 @@ class MergeAblationSweep:
                   "partitions": [n for n, _, _ in results], "eval_rows": int(len(rows)),
                   "candidates": [{"mixture": dict(zip(domains, map(float, c))), "loss": round(x, 6),
                                   "perplexity": round(q, 4)} for c, x, q in zip(candidates, losses, ppl)],
-                  "chosen": {"mixture": chosen, "perplexity": round(ppl[best], 4)}}
+                  "chosen": {"mixture": dict(chosen), "perplexity": round(ppl[best], 4)}}  # a copy: no YAML alias
         return delta, record
