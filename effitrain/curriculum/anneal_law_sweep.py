@@ -124,4 +124,4 @@ class AnnealLawSweep:
                                    if len(c.losses) else None}
                                   for n, s, c in fitted],
                   "predictions": [{"scheduler": e, "final_loss": round(v, 6)} for e, v in predictions]}
-        return {"scheduler": best}, record
+        return {"scheduler": dict(best)}, record  # a copy: concluded.yaml without a YAML alias
