@@ -58,6 +58,38 @@ def _ratios_stage(monkeypatch, *overrides):
     return cfg, spec, run_cfg, parse_sweep(stage).build()
 
 
+TOKENS_PER_STEP = 1024
+F = cmr_law.PowerLaw((0.2, -0.1), (0.3, -0.4), 1.0)    # the paper's two-term form, scaled by the ratio below
+
+
+def _member_logs(tmp_path, members, k, eval_steps):
+    """Each member's metrics.jsonl as the loop writes it, its general-loss change k * r * F(T) (so the change at a
+    budget is linear in the ratio: the CMR there is known exactly) and a one-term domain change."""
+    general = [d for d in SHARES if d != "code"]
+    results = []
+    for name, member in members:
+        r = member["timeline"]["mixture"]["points"][0]["value"]["code"]
+        lines = []
+        for step in [0, *eval_steps]:
+            t = step * TOKENS_PER_STEP / cmr_law_sweep.TOKEN_UNIT
+            d_gen = k * r * F(t) if step else 0.0
+            d_dom = -0.5 * r * t ** 0.3 if step else 0.0
+            row = {"step": step, "tokens": step * TOKENS_PER_STEP, "eval_loss/code": 5.0 + d_dom}
+            row.update({f"eval_loss/{d}": 4.0 + d_gen for d in general})   # every general domain moves alike
+            lines.append(json.dumps(row))
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        steps = max(eval_steps)
+        results.append((name, {**member, "run_dir": str(run_dir)},
+                        {"finished": True, "steps": steps, "tokens": steps * TOKENS_PER_STEP}))
+    return results
+
+
+def _true_cmr(k, steps):
+    return 0.05 / (k * F(steps * TOKENS_PER_STEP / cmr_law_sweep.TOKEN_UNIT))
+
+
 def test_the_sweep_concludes_the_critical_ratio_its_members_curves_imply(tmp_path, monkeypatch):
     cfg, spec, run_cfg, sweep = _ratios_stage(monkeypatch, "stages.1.sweep.budget_steps=24")
     members = sweep.members(run_cfg, say=lambda _: None)
@@ -66,28 +98,10 @@ def test_the_sweep_concludes_the_critical_ratio_its_members_curves_imply(tmp_pat
     mix = members[2][1]["timeline"]["mixture"]["points"][0]["value"]      # ratio 0.5: the rest in general shares
     assert mix == pytest.approx({"code": 0.5, **{d: 0.5 * w for d, w in general.items()}}, abs=1e-6)
 
-    tokens_per_step = 1024
-    f = cmr_law.PowerLaw((0.2, -0.1), (0.3, -0.4), 1.0)     # the paper's two-term form, scaled by the ratio below
-    budget = 24 * tokens_per_step / cmr_law_sweep.TOKEN_UNIT
-    k = 0.05 / (0.4 * f(budget))                              # so that the change reaches the tolerance at r = 0.4
-    results = []
-    for name, member in members:
-        r = member["timeline"]["mixture"]["points"][0]["value"]["code"]
-        lines = []
-        for step in range(0, 31, 5):
-            t = step * tokens_per_step / cmr_law_sweep.TOKEN_UNIT
-            d_gen = k * r * f(t) if step else 0.0
-            d_dom = -0.5 * r * t ** 0.3 if step else 0.0
-            row = {"step": step, "tokens": step * tokens_per_step, f"eval_loss/code": 5.0 + d_dom}
-            row.update({f"eval_loss/{d}": 4.0 + d_gen for d in general})   # every general domain moves alike
-            lines.append(json.dumps(row))
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-        results.append((name, {**member, "run_dir": str(run_dir)},
-                        {"finished": True, "steps": 30, "tokens": 30 * tokens_per_step}))
+    k = 0.05 / (0.4 * F(24 * TOKENS_PER_STEP / cmr_law_sweep.TOKEN_UNIT))   # the change reaches 0.05 at r = 0.4
+    results = _member_logs(tmp_path, members, k, range(5, 31, 5))
     delta, record = sweep.conclude(run_cfg, results, say=lambda _: None)
-    assert record["critical_mixture_ratio"] == pytest.approx(0.4, abs=1e-4)
+    assert record["fitted"] and record["critical_mixture_ratio"] == pytest.approx(0.4, abs=1e-4)
     value = delta["timeline"]["mixture"]["points"][0]["value"]
     assert value["code"] == pytest.approx(0.4, abs=1e-4)
     assert sum(value.values()) == pytest.approx(1.0, abs=1e-9)
@@ -95,6 +109,27 @@ def test_the_sweep_concludes_the_critical_ratio_its_members_curves_imply(tmp_pat
     main = stage_config(cfg, spec.stages[2], init_model="/nonexistent/base", final_models={},
                         concluded={"ratios": delta})
     assert main["timeline"]["mixture"]["points"][0]["value"] == value
+
+
+def test_a_budget_beyond_the_members_is_extrapolated_by_the_cmr_law(tmp_path, monkeypatch):
+    _, _, run_cfg, sweep = _ratios_stage(monkeypatch, "stages.1.sweep.budget_steps=45")
+    members = sweep.members(run_cfg, say=lambda _: None)
+    k = 0.05 / (0.4 * F(30 * TOKENS_PER_STEP / cmr_law_sweep.TOKEN_UNIT))
+    _, record = sweep.conclude(run_cfg, _member_logs(tmp_path, members, k, range(5, 31, 5)), say=lambda _: None)
+    assert len(record["cmr_law"]["points"]) == 8
+    # the true CMR falls from 0.4 at the members' 30 steps to _true_cmr(k, 45) at the budget; Eq. 8 follows it
+    assert _true_cmr(k, 45) < 0.39
+    assert record["critical_mixture_ratio"] == pytest.approx(_true_cmr(k, 45), abs=0.01)
+
+
+def test_members_too_short_to_fit_conclude_from_the_measured_changes(tmp_path, monkeypatch):
+    _, _, run_cfg, sweep = _ratios_stage(monkeypatch)
+    members = sweep.members(run_cfg, say=lambda _: None)
+    k = 0.05 / (0.4 * F(2 * TOKENS_PER_STEP / cmr_law_sweep.TOKEN_UNIT))
+    _, record = sweep.conclude(run_cfg, _member_logs(tmp_path, members, k, [2]), say=lambda _: None)
+    # one evaluation after the start: no law, the changes measured at step 2, which reach 0.05 at r = 0.4
+    assert record["fitted"] is False and record["budget_steps"] == 2
+    assert record["critical_mixture_ratio"] == pytest.approx(0.4, abs=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [
