@@ -12,7 +12,8 @@
                                           override lists, or run directories: the values their config.yaml holds)
     effitrain explain KEY [OVERRIDES]     one key's value and every layer that set it, in Hydra's order
     effitrain rules                       the compatibility rules as a table
-    effitrain plan [OVERRIDES] [--plot F.png]  the run's timeline: lr, seq_len, mixture, phases at each breakpoint
+    effitrain plan [OVERRIDES] [--plot F.png] [--law FILE]  the run's timeline: lr, seq_len, mixture, phases at
+                                               each breakpoint (--law: a fitted anneal_law's predicted loss)
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
                                           a Hugging Face folder from any checkpoint (ZeRO-3 gathered); a run dir:
@@ -128,8 +129,15 @@ def _verb_check(args: list[str]) -> int:
 
 def _verb_plan(args: list[str]) -> int:
     from effitrain.config.compose import compose_config
-    from effitrain.plan import check_plot_path, format_section, plan_sections, plot_sections
+    from effitrain.plan import (add_law_predictions, check_plot_path, format_section, load_law, plan_sections,
+                                plot_sections)
 
+    law = None
+    if "--law" in args:  # a fitted annealing law: the plan also predicts the loss of the configured schedule
+        i = args.index("--law")
+        if i + 1 >= len(args) or args[i + 1].startswith("-") or "=" in args[i + 1]:
+            raise ConfigError("plan: --law needs a file, e.g. --law outputs/run/stages/01-fit/concluded.yaml")
+        law, args = load_law(args[i + 1]), args[:i] + args[i + 2:]
     plot_to = None
     if "--plot" in args:
         i = args.index("--plot")
@@ -138,6 +146,8 @@ def _verb_plan(args: list[str]) -> int:
         plot_to, args = check_plot_path(args[i + 1]), args[:i] + args[i + 2:]
     composed = compose_config(args)
     sections = plan_sections(composed.cfg, composed.recipes)
+    if law is not None:
+        add_law_predictions(sections, law)
     print("\n\n".join(format_section(section) for section in sections))
     if plot_to:
         try:

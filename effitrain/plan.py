@@ -31,6 +31,7 @@ class PlanSection:
     rows: list[dict]
     notes: list[str] = field(default_factory=list)  # lines printed under the table (what the columns cannot show)
     step_unit: Optional[str] = None  # what one step trains on, where that is not packed rows (pairs, prompts)
+    warmup_steps: int = 0  # the scheduler's warm-up (the annealing law counts it at the peak lr)
 
     def value_at(self, name: str, step: int) -> Any:
         """A quantity as the run sees it at ``step`` (defaults where the timeline declares nothing)."""
@@ -132,7 +133,8 @@ def _section(spec: Any, title: str) -> PlanSection:
     notes = _curriculum_notes(spec, marks, seq_len)
 
     section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [], notes,
-                          step_unit=_step_unit(spec, t.micro_batch_size * t.grad_accum * world, seq_len))
+                          step_unit=_step_unit(spec, t.micro_batch_size * t.grad_accum * world, seq_len),
+                          warmup_steps=int(getattr(scheduler, "warmup_steps", 0) or 0))
     for step in sorted(s for s in marks if 0 <= s < t.max_steps):
         section.rows.append({"step": step, "tokens": step * tokens_per_step, "fraction": step / t.max_steps,
                              "lr": section.value_at("lr", step), "seq_len": section.value_at("seq_len", step),
@@ -165,6 +167,50 @@ def _curriculum_notes(spec: Any, marks: dict[int, list[str]], seq_len: int) -> l
     low = spec.block("dataset").params.min_piece_len
     return [f"seq_len: dataset_decomposition draws one length bucket ({low}..{seq_len}) per step, short ones first "
             f"in each cycle of {per_cycle} steps (the column shows the packed row length)"]
+
+
+def load_law(path: str | Path) -> Any:
+    """A fitted annealing law (``anneal_law`` stage's ``concluded.yaml``, whose ``record.law`` holds it, or a YAML
+    mapping of ``L0, A, alpha, C[, decay_factor]``)."""
+    import yaml
+
+    from effitrain.curriculum.anneal_law import AnnealLaw
+    from effitrain.registry import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"plan: --law '{path}' is not a file; give the concluded.yaml of an anneal_law stage, "
+                          f"e.g. --law outputs/run/stages/01-fit/concluded.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"plan: --law '{path}' is not readable YAML ({type(exc).__name__})") from None
+    if isinstance(data, dict) and isinstance(data.get("record"), dict) and isinstance(data["record"].get("law"), dict):
+        data = data["record"]["law"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"plan: --law '{path}' holds no fitted law (a mapping with L0, A, alpha, C)")
+    return AnnealLaw.from_dict(data, f"plan: --law '{path}'")
+
+
+def add_law_predictions(sections: list, law: Any) -> None:
+    """The loss the annealing law predicts at each row's step and at the last step of every section with an lr
+    curve (a ``predicted_loss`` per row, and a note under the table)."""
+    from effitrain.curriculum.anneal_law import predict
+
+    for section in sections:
+        if isinstance(section, SynthesisPlan):
+            continue
+        if section.lr is None:
+            section.notes.append("anneal_law: no prediction (the scheduler block gives no lr curve)")
+            continue
+        lrs = [section.lr(step) for step in range(section.max_steps)]
+        losses = predict(law, lrs, warmup_steps=section.warmup_steps)
+        for row in section.rows:  # the row of step s shows the lr of step s: the loss after it
+            row["predicted_loss"] = float(losses[row["step"]])
+        section.notes.append(
+            f"anneal_law: predicted loss after step {section.max_steps}: {losses[-1]:.4f} "
+            f"(L = {law.L0:.4g} + {law.A:.4g}*S1^-{law.alpha:.4g} - {law.C:.4g}*S2, decay {law.decay_factor}); "
+            "by row: " + ", ".join(f"{r['step']}: {r['predicted_loss']:.4f}" for r in section.rows))
 
 
 def plan_rows(cfg: Mapping[str, Any], recipes: Optional[list] = None) -> list[dict]:
