@@ -28,6 +28,7 @@ class TinyServer:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         self.served_name = served_name
         self.answered: list[tuple[str, int]] = []
+        self.texts: list[str] = []  # every completion sent, in the order the answers went out
         self.received = 0
         self.chat_requests = 0  # of them, to /v1/chat/completions
         self.admitted = 0  # requests let through to be answered
@@ -92,6 +93,7 @@ class TinyServer:
                                  "choices": choices, "usage": {"completion_tokens": tokens}})
                 with server._admit:
                     server.answered.append((body["prompt"], body["seed"]))
+                    server.texts.extend(texts)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -118,6 +120,7 @@ class TinyServer:
     def reset_counts(self) -> None:
         with self._admit:
             self.answered.clear()
+            self.texts.clear()
             self.received = self.admitted = 0
 
     def start(self) -> "TinyServer":

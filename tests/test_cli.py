@@ -50,13 +50,17 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
                     "curriculum/seta": ["objective=weighted_causal_lm"],
                     "peft/structured_ffn": ["+methods.self_guided={}"],
                     "peft/sparse_spectral": ["+methods.sparse_spectral={}"],
+                    "peft/tri_adapt_lora": ["+methods.tri_adapt_lora={}"],
                     "curriculum/domain_phases": ["+curriculum.phases.warm=[code]",
                                                  "+timeline.phases={unit: fraction, intervals: {warm: [0, 0.5]}}"],
                     # post-training objectives read conversations (sft), pairs (dpo, simpo) or prompts (grpo)
                     "objective/sft": ["dataset=chat_demo"],
                     "objective/dpo": ["dataset=chat_demo", "dataset.format=preference"],
                     "objective/simpo": ["dataset=chat_demo", "dataset.format=preference"],
-                    "objective/grpo": ["dataset=chat_demo", "dataset.format=prompts"]}
+                    "objective/grpo": ["dataset=chat_demo", "dataset.format=prompts"],
+                    # dump draws GRPO prompts by distribution: the arithmetic split into several
+                    "curriculum/dump": ["objective=grpo", "dataset=chat_demo", "dataset.format=prompts",
+                                        "+dataset.domain_by=operation"]}
 
 
 def test_every_option_of_every_group_validates():

@@ -240,7 +240,13 @@ def test_openai_backend_against_a_server_and_a_second_run_sends_nothing(server, 
     sent = len(server.answered)
     assert sent == record["requests_sent"] == record["pieces"] * 2 and record["requests_cached"] == 0
     rows = [json.loads(line) for line in (tmp_path / "one" / "dataset.jsonl").read_text().splitlines()]
-    assert len(rows) == sent and {r["domain"] for r in rows} == {"prose_wrap"}
+    # a row per answer the rollout keeps: the tiny model's sample may be empty (then the piece has no row for it),
+    # and whether one is depends on the CPU's float reductions, not on the plumbing under test
+    from effitrain.generation.rollouts import WrapRollout
+
+    rollout = WrapRollout(styles=["medium", "qa"], max_words=40, min_words=0)
+    kept = [t for t in server.texts if rollout.parse(t) is not None]
+    assert 0 < len(rows) == len(kept) and {r["domain"] for r in rows} == {"prose_wrap"}
     assert len({p for p, _ in server.answered}) == sent  # every prompt once
     second = _run(_synthesis(server.base_url), tmp_path / "two")
     assert len(server.answered) == sent and second["synthesis"]["requests_cached"] == sent  # nothing sent

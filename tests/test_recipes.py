@@ -44,7 +44,7 @@ SMALL_PREPARATION = {
     # any 3-step change meets; fewer candidates for merge_ablation (the laws themselves: tests/test_*_law.py,
     # tests/test_merge_ablation.py)
     "cmr_law": ["train.eval_every=1", "stages.1.sweep.budget_steps=3", "stages.1.sweep.tolerance=10.0"],
-    "merge_ablation": ["stages.1.sweep.grid_step=0.5", "stages.1.sweep.eval_rows=2"],
+    "merge_ablation": ["stages.1.sweep.grid_step=0.5", "+stages.1.sweep.eval_rows=2"],
     "conditional_training": ["dataset.control_tokens.scorer.proxy_steps=4", "dataset.control_tokens.scorer.max_length=48"],   # the sweep itself: tests/test_regmix.py
     # the test model has 2 decoder layers, not tiny_llama's 4
     "sorted_llama": ["objective.layers=[1,2]", "methods.export_depths.layers=[1,2]"],
