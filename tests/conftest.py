@@ -14,6 +14,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+EOS = 256
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte (so ids and markers can be read back), EOS = 256: what packing needs from a tokenizer
+    (call, eos id, a vocabulary to fingerprint)."""
+    eos_token_id = EOS
+
+    def __call__(self, texts, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+
+    def get_vocab(self):
+        return {bytes([i]).decode("latin-1"): i for i in range(256)} | {"<eos>": EOS}
+
 # A run small enough for a test: seconds on two CPU cores, yet the real blocks, data pipeline and DeepSpeed engine.
 TINY = [
     "dataset.max_docs_per_domain=120", "dataset.eval_examples_per_domain=8", "dataset.seq_len=64",

@@ -19,18 +19,7 @@ from effitrain.curriculum.meco import MecoSampler, conditioned_rows
 from effitrain.registry import ConfigError
 from effitrain.timeline import parse_timeline
 
-EOS = 256
-
-
-class ByteTokenizer:
-    """One id per UTF-8 byte; what packing needs from a tokenizer (call, eos id, a vocabulary to fingerprint)."""
-    eos_token_id = EOS
-
-    def __call__(self, texts, add_special_tokens=False, return_attention_mask=False):
-        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
-
-    def get_vocab(self):
-        return {bytes([i]).decode("latin-1"): i for i in range(256)} | {"<eos>": EOS}
+from conftest import EOS, ByteTokenizer
 
 
 def _bytes(text: str) -> list[int]:

@@ -9,18 +9,7 @@ import pytest
 
 from effitrain.data.knots import ID_LENGTH, Markers, knotted_rows, split_points
 
-EOS = 256
-
-
-class ByteTokenizer:
-    """One id per UTF-8 byte (so ids and markers can be read back), EOS = 256."""
-    eos_token_id = EOS
-
-    def __call__(self, texts, add_special_tokens=False, return_attention_mask=False):
-        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
-
-    def get_vocab(self):
-        return {bytes([i]).decode("latin-1"): i for i in range(256)} | {"<eos>": EOS}
+from conftest import EOS, ByteTokenizer
 
 
 def _docs(n=40, seed=3):
