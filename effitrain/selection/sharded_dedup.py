@@ -35,9 +35,8 @@ from typing import Any
 import numpy as np
 
 from effitrain.data.engine import finish_stage, run_stage
-from effitrain.registry import ConfigError
 from effitrain.selection.selectors import take_until
-from effitrain.selection.sharded_pool import PoolCounts, load_pool
+from effitrain.selection.sharded_pool import PoolCounts, load_pool, require_whole_pool_selector
 
 _VERSION = 1
 
@@ -56,9 +55,7 @@ class ShardedDedup:
     def __call__(self, out: Path, corpus: Any, eval_docs: Path, data_params: Any, work: Path) -> None:
         p = self.params
         sp = p.scorer_block.params
-        if p.selector["name"] != "random" or getattr(p, "domains", None) is not None:
-            raise ConfigError("selection: data.executor runs dedup with its random selector over the whole pool; drop "
-                              "selection.selector / selection.domains or data.executor")
+        require_whole_pool_selector(p, "dedup", "random")
         start = time.perf_counter()
         spec = {"num_perm": sp.num_perm, "shingle": sp.shingle, "shingle_size": sp.shingle_size, "near": sp.near}
         run_stage(data_params, [corpus.reader(), PoolCounts(str(work), eval_docs=str(eval_docs), dedup=spec)],

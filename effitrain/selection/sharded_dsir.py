@@ -34,6 +34,7 @@ import numpy as np
 
 from effitrain.data.engine import PipelineStep, _per_file, finish_stage, run_stage
 from effitrain.registry import ConfigError
+from effitrain.selection.sharded_pool import require_whole_pool_selector
 from effitrain.selection.base import count_tokens
 from effitrain.selection.scorers.dsir import document_scores, hashed_ngrams, log_importance, wordpunct
 
@@ -243,9 +244,7 @@ class ShardedDSIR:
         from effitrain.selection.selectors import take_until
 
         p, s = self.params, _scorer_dict(self.params)
-        if p.selector["name"] != "gumbel_topk" or getattr(p, "domains", None) is not None:
-            raise ConfigError("selection: data.executor runs dsir with its gumbel_topk selector over the whole pool; "
-                              "drop selection.selector / selection.domains or data.executor")
+        require_whole_pool_selector(p, "dsir", "gumbel_topk")
         start = time.perf_counter()
         run_stage(data_params, [corpus.reader(), DsirCounts(str(work), scorer=s, eval_docs=str(eval_docs))],
                   work, job_name="dsir-count")

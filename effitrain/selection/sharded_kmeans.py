@@ -29,8 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from effitrain.data.engine import finish_stage, run_stage
-from effitrain.registry import ConfigError
-from effitrain.selection.sharded_pool import PoolCounts, load_pool, plan_json
+from effitrain.selection.sharded_pool import PoolCounts, load_pool, plan_json, require_whole_pool_selector
 from effitrain.selection.sharded_scored import ScoreKeys, ShardedScored, _candidate_pairs, _on_cuda
 
 _VERSION = 1
@@ -73,9 +72,7 @@ class ShardedKMeans(ShardedScored):
     def __call__(self, out: Path, corpus: Any, eval_docs: Path, data_params: Any, work: Path) -> None:
         p = self.params
         sp = p.scorer_block.params
-        if p.selector["name"] != "cluster_balanced" or getattr(p, "domains", None) is not None:
-            raise ConfigError("selection: data.executor runs embedding_kmeans with its cluster_balanced selector over "
-                              "the whole pool; drop selection.selector / selection.domains or data.executor")
+        require_whole_pool_selector(p, "embedding_kmeans", "cluster_balanced")
         start = time.perf_counter()
         run_stage(data_params, [corpus.reader(), PoolCounts(str(work), eval_docs=str(eval_docs))], work,
                   job_name=f"{self.method}-pool")

@@ -32,6 +32,14 @@ from effitrain.selection.base import count_tokens
 _EPS = 1e-9  # the selectors' own slack on budget comparisons (selectors.take_until, WindowSelector)
 
 
+def require_whole_pool_selector(params: Any, method: str, selector: str) -> None:
+    """The sharded form of ``method`` runs its own ``selector`` over the whole pool; ``check`` refuses the rest
+    (config/blocks/data_engine.py), this guards a selection built without it."""
+    if params.selector["name"] != selector or getattr(params, "domains", None) is not None:
+        raise ConfigError(f"selection: data.executor runs {method} with its {selector} selector over the whole pool; "
+                          f"drop selection.selector / selection.domains or data.executor")
+
+
 def save_npz(path: Path, **arrays: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
