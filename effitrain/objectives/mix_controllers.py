@@ -54,7 +54,7 @@ class ReLIFT:
         return {self.rl: 1.0, self.sft: 0.0}
 
     def observe(self, component: str, batch: dict[str, Any], state: Any) -> None:
-        if component != self.rl:
+        if component != self.rl or COMPLETION_REWARDS not in batch:  # grpo reusing a cycle's samples: nothing new
             return
         values = batch[COMPLETION_REWARDS][self.reward]
         from effitrain.objectives.grpo import split_prompts
