@@ -286,3 +286,79 @@ def test_sigkill_in_the_relift_stage_then_resume_repeats_the_losses(tmp_path):
     for m in expected[3:]:
         for key in [k for k in m if k == "loss" or k.startswith(("mix_weight/", "relift/", "lm/", "sft/", "rl/"))]:
             assert resumed[m["step"]][key] == pytest.approx(m[key], abs=1e-6), (m["step"], key)
+
+
+def test_a_mixed_stage_resumed_from_its_state_repeats_the_uninterrupted_losses(tmp_path):
+    """The objective's own state in process (no DeepSpeed): real grpo and sft components on a tiny Llama, relift's
+    buffer and a third component on a stream of its own every second step.  Stopped after 3 steps, its state, the
+    model and the optimizer saved to a file and loaded into fresh objects, steps 3-6 repeat the uninterrupted run's
+    losses and weights, and the final states agree (the SIGKILL test above does the same through the engine)."""
+    import datasets
+    import transformers
+
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.config.blocks.objective_mixed import parse_component
+    from effitrain.data import arithmetic_chat
+    from effitrain.data.tokenizer import train_bpe
+    from effitrain.objectives.grpo import GRPO
+    from effitrain.objectives.rewards import build_rewards
+    from effitrain.objectives.sft import SFT
+    from effitrain.registry import REGISTRY
+
+    load_builtin_blocks()
+    train, _ = arithmetic_chat.splits(60, 0)
+    texts = [f"<|user|>\n{e['question']}\n<|assistant|>\n{e['answer']}" for e in train]
+    train_bpe(datasets.Dataset.from_dict({"text": texts}), 300, tmp_path / "bpe")
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "bpe"))
+    rows = np.stack([demonstration_row(tok(f"<|user|>\n{e['question']}\n<|assistant|>\n")["input_ids"],
+                                       tok(str(e["answer"]))["input_ids"] + [tok.eos_token_id], 24, tok.pad_token_id)
+                     for e in train])
+    rewards = build_rewards([REGISTRY.parse("reward", {"name": "exact_answer"}, "r")])
+
+    def fresh():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(config)
+        specs = {n: parse_component(n, raw, n) for n, raw in {
+            "rl": {"objective": "grpo", "data": "stage"}, "sft": {"objective": "sft", "data": "buffer"},
+            "lm": {"objective": "sft", "data": {"format": "chat"}, "every": 2, "weight": 0.5}}.items()}
+        rl = GRPO(tok, rewards, None, group_size=4, max_new_tokens=3, temperature=1.0, beta=0.0, epsilon=0.2,
+                  epsilon_high=None, scale_rewards="group", loss_type="grpo", seed=0)
+        components = [Component(specs["rl"], rl, None), Component(specs["sft"], SFT(), None),
+                      Component(specs["lm"], SFT(), OwnStream(rows, seed=9, micro_batch_size=2, world_size=1, rank=0))]
+        controller = ReLIFT(SimpleNamespace(rl="rl", sft="sft", reward="exact_answer"), tokenizer=tok,
+                            micro_batch_size=2, grad_accum=1)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2), Mixed(components, controller, grad_accum=1)
+
+    def steps(model, optimizer, mixed, start, end):
+        out = []
+        for step in range(start, end):
+            batch = {k: v for k, v in zip(("input_ids", "labels", "position_ids"),
+                                          torch.from_numpy(rows[[2 * step, 2 * step + 1]]).long().unbind(1))}
+            loss, metrics = mixed(model, batch, SimpleNamespace(step=step, micro_step=step, rank=0, timeline=None))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            out.append((loss.item(), {k: v.item() for k, v in metrics.items() if k.startswith(("mix_", "relift"))}))
+        return out
+
+    model, optimizer, full = fresh()
+    expected = steps(model, optimizer, full, 0, 7)
+    assert {w["mix_weight/sft"] for _, w in expected} == {0.0, 1.0}         # SFT steps on the buffer happened
+    assert [w["mix_weight/lm"] for _, w in expected] == [0.0, 0.5] * 3 + [0.0]
+
+    model, optimizer, mixed = fresh()
+    head = steps(model, optimizer, mixed, 0, 3)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": mixed.state_dict()},
+               tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model, optimizer, resumed = fresh()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["objective"])
+    tail = steps(model, optimizer, resumed, 3, 7)
+    assert [w for _, w in head + tail] == [w for _, w in expected]
+    assert [loss for loss, _ in head + tail] == pytest.approx([loss for loss, _ in expected], abs=1e-6)
+    final, resumed_final = full.state_dict(), resumed.state_dict()
+    assert resumed_final["controller"] == final["controller"] and resumed_final["streams"] == final["streams"]
