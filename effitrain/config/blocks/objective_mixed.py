@@ -97,7 +97,7 @@ class MixedParams:
 
     def validate(self, path: str) -> None:
         if not self.components:
-            raise ConfigError(f"{path}.components: name at least two components, e.g. {{rl: {{objective: grpo, "
+            raise ConfigError(f"{path}.components: empty; name the objectives to mix, e.g. {{rl: {{objective: grpo, "
                               f"data: stage}}, sft: {{objective: sft, data: {{format: chat}}}}}}")
         self.parsed = [parse_component(name, raw, f"{path}.components.{name}")
                        for name, raw in self.components.items()]
