@@ -18,7 +18,7 @@ linear`` — for ``lr``, ``competence`` and ``distill_weight`` — draws straigh
 
 Who reads what: ``mixture`` — the ``curriculum: mixture`` sampler; ``seq_len`` — a batch hook that reshapes each
 packed ``[B, L]`` micro-batch into ``[B*L/l, l]`` (:mod:`effitrain.timeline_hooks`); ``lr`` — ``scheduler:
-timeline``; ``phases`` — any hook, through ``state.timeline.phase(step)``.  The loop reads none of them.
+timeline``; ``phases`` — any hook, through ``state.timeline.phase(step)``; ``objective_weights`` — ``objective: mixed``.  The loop reads none of them.
 
 This module is torch-free: validation (``effitrain check``) and ``effitrain plan`` use it.  :func:`parse_timeline`
 checks the declaration (one-line :class:`ConfigError` naming the key); :meth:`TimelineSpec.resolve` turns the
