@@ -399,7 +399,10 @@ def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) 
     block = spec.block("objective")
     return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
                                       tokenizer=tokenizer, grad_accum=spec.train.grad_accum,
-                                      world_size=launch.data_parallel_size))
+                                      world_size=launch.data_parallel_size,
+                                      # objective: mixed builds its components' own data streams from these
+                                      dataset_block=spec.block("dataset"), model_params=spec.block("model").params,
+                                      micro_batch_size=spec.train.micro_batch_size))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

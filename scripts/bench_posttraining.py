@@ -9,7 +9,10 @@ stage's training throughput and peak memory.
 * ``format_length_grpo``: a short SFT, then GRPO on the format reward, then on format + length (no answers read);
 * ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right);
 * ``dump``: SFT, then GRPO over six arithmetic distributions drawn by DUMP's UCB sampler (``curriculum: dump``); its
-  uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled).
+  uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled);
+* ``relift``: a short SFT, then GRPO with SFT steps interleaved on the questions whose samples all fail
+  (``objective: mixed``, controller relift);
+* ``sasr``: one stage, SFT warm-up then each step SFT or GRPO drawn from the SFT gradient norm (controller sasr).
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump"]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -98,7 +101,7 @@ def main() -> None:
     for recipe in args.only:
         for seed in args.seeds:
             length = []
-            if args.first_stage_steps is not None:
+            if args.first_stage_steps is not None and recipe != "sasr":   # sasr is one stage: its warm-up is inside
                 key = "train.max_steps" if recipe == "sft" else "stages.0.train.max_steps"
                 length = [f"{key}={args.first_stage_steps}"]
             for stage, f in run_recipe(recipe, seed, args.out, [*length, *extra], args.reuse).items():
