@@ -147,7 +147,9 @@ def bench_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
     out = args.out / f"seed{seed}"
     recipe_run = out / "recipe"
-    if not (args.reuse and (recipe_run / "summary.json").is_file()):
+    # what is compared is the partitions stage's ranking; the recipe's main stage (training the chosen mixture from
+    # scratch) does not enter it, so a reused run needs that stage's conclusion only
+    if not (args.reuse and (recipe_run / PARTITIONS / "concluded.yaml").is_file()):
         _cli(["+recipe=merge_ablation", f"train.seed={seed}", f"run_dir={recipe_run}", "overwrite=true",
               *args.overrides])
     record = _yaml(recipe_run / PARTITIONS / "concluded.yaml")["record"]
