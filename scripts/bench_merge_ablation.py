@@ -47,7 +47,8 @@ HEADING = "### merge_ablation: merged proxies against models trained on each mix
 PARTITIONS = "stages/02-partitions"
 SEED_MODEL = "stages/01-seed/final_model"
 # keys a candidate run may differ in from a partition run: where it writes, and the mixture it trains on
-OWN_KEYS = ("run_dir", "timeline.mixture", "overwrite", "resume")
+# (and the recipe's name and paper: metadata the stage's runs carry, not settings)
+OWN_KEYS = ("run_dir", "timeline.mixture", "overwrite", "resume", "recipe")
 
 
 # ------------------------------------------------------------------------------------------------ the pure parts
@@ -104,7 +105,9 @@ def summary_table(per_seed: dict[int, dict[str, Any]]) -> str:
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: Sequence[str] = OWN_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two run configs, leaving out ``ignore`` and what lies under them."""
+    """Dotted keys whose values differ between two run configs, leaving out ``ignore`` and what lies under them.  A
+    key one config leaves out and the other sets to null or false is not a difference (a stage's inherited model
+    block names only its path and switches; the ``pretrained`` option spells out its null/false defaults)."""
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(d, dict):
             out: dict[str, Any] = {}
@@ -115,7 +118,9 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: Sequence[st
 
     fa, fb = flat(a), flat(b)
     skip = lambda key: any(key == i or key.startswith(i + ".") for i in ignore)  # noqa: E731
-    return sorted(k for k in set(fa) | set(fb) if not skip(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))
+    unset = lambda flat_cfg, key: key not in flat_cfg or flat_cfg[key] is None or flat_cfg[key] is False  # noqa: E731
+    return sorted(k for k in set(fa) | set(fb) if not skip(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>")
+                  and not (unset(fa, k) and unset(fb, k) and (k not in fa or k not in fb)))
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -179,7 +184,8 @@ def bench_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         run = out / tag
         value = "{" + ",".join(f"{d}:{w}" for d, w in mixture.items() if w > 0) + "}"
         if not (args.reuse and (run / "summary.json").is_file()):
-            _cli(["curriculum=mixture", "model=pretrained", f"model.path={recipe_run / SEED_MODEL}",
+            switches = [f"model.{k}={v}" for k, v in member_cfg["model"].items() if k not in ("name", "path")]
+            _cli(["curriculum=mixture", "model=pretrained", f"model.path={recipe_run / SEED_MODEL}", *switches,
                   f"++timeline.mixture={{unit:step,points:[{{at:0,value:{value}}}]}}",
                   f"train.seed={seed}", f"train.max_steps={steps}",
                   f"scheduler.warmup_steps={member_cfg['scheduler']['warmup_steps']}",

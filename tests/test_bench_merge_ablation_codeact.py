@@ -45,8 +45,11 @@ def test_config_differences_ignore_only_the_run_dir_and_the_mixture():
     a = {"run_dir": "/a", "timeline": {"mixture": {"points": [1]}, "lr": 1}, "train": {"max_steps": 30}}
     b = {"run_dir": "/b", "timeline": {"mixture": {"points": [2]}, "lr": 1}, "train": {"max_steps": 30}}
     assert bench_merge.config_differences(a, b) == []
-    b["train"]["max_steps"], b["model"] = 31, {"path": "x"}
-    assert bench_merge.config_differences(a, b) == ["model.path", "train.max_steps"]
+    b["recipe"] = {"name": "merge_ablation"}                       # metadata, not a setting
+    b["train"]["liger"] = False                                   # unset on one side, its false default on the other
+    assert bench_merge.config_differences(a, b) == []
+    b["train"]["max_steps"], b["model"], a["train"]["fp8"] = 31, {"path": "x"}, True
+    assert bench_merge.config_differences(a, b) == ["model.path", "train.fp8", "train.max_steps"]
 
 
 def test_tables_rank_both_columns_and_mark_the_choice():
