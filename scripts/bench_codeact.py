@@ -124,7 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             more = []
             if arm == "codeact_same_passes":
                 for need in ("sft", "codeact"):
-                    done.setdefault(need, run_arm(need, seed, args.out, extra, args.reuse))
+                    if need not in done:
+                        done[need] = run_arm(need, seed, args.out, extra, args.reuse)
                 more = [f"train.max_steps={same_passes_steps(done['sft'], done['codeact'])}"]
             done[arm] = done.get(arm) or run_arm(arm, seed, args.out, [*extra, *more], args.reuse)
             rows.append(done[arm])
