@@ -100,8 +100,12 @@ def summary_table(per_seed: dict[int, dict[str, Any]]) -> str:
         uniform = next((r for r in rows if len(set(r["mixture"].values())) == 1), None)
         lines.append(f"| {seed} | {len(rows)} | {s['rho']:.2f} ({s['p']:.2f}) | {mixture_text(chosen['mixture'])} | "
                      f"{rank} of {len(rows)} | {mixture_text(best['mixture'])} | {chosen['trained_ppl']:.2f} / "
-                     f"{best['trained_ppl']:.2f} / {uniform['trained_ppl'] if uniform else float('nan'):.2f} |")
+                     f"{best['trained_ppl']:.2f} / {_ppl_text(uniform)} |")
     return "\n".join(lines)
+
+
+def _ppl_text(row: Optional[dict[str, Any]]) -> str:
+    return f"{row['trained_ppl']:.2f}" if row else "not a candidate"
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], ignore: Sequence[str] = OWN_KEYS) -> list[str]:
