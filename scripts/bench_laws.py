@@ -114,6 +114,34 @@ def arm_verdicts(arms: list[dict], tolerance: float) -> list[dict]:
     return out
 
 
+def cmr_arms(cmr: float, multiples: Sequence[float]) -> list[tuple[float, str]]:
+    """``(ratio, label)`` of the arms around the CMR: 0 and 1 are all general and all domain data; any other
+    multiple ``x`` is ``x * cmr``, or halfway from the CMR to 1 where that passes 1."""
+    out = []
+    for x in multiples:
+        if x in (0, 1):
+            out.append((float(x), "all general" if x == 0 else "all domain"))
+        elif x * cmr < 1:
+            out.append((x * cmr, f"{x:g}x CMR"))
+        else:
+            out.append(((1 + cmr) / 2, f"halfway from the CMR to 1 ({x:g}x passes 1)"))
+    return out
+
+
+def arm_overrides(ratio: float, shares: dict[str, float], domain: str, base_model: str, warmup: int, steps: int,
+                  common: list[str]) -> list[str]:
+    """A plain run continuing the base at ``ratio`` (the general domains sharing the rest by token share), as the
+    recipe's main stage continues it at the CMR."""
+    weights = {d: (1 - ratio) * w for d, w in shares.items()}
+    weights[domain] = ratio
+    value = {d: round(w, 6) for d, w in sorted(weights.items()) if round(w, 6) > 0}
+    top = max(value, key=value.get)
+    value[top] = round(1 - sum(w for d, w in value.items() if d != top), 6)
+    return ["model=pretrained", f"model.path={base_model}", "curriculum=mixture",
+            "+timeline.mixture=" + _flow({"unit": "step", "points": [{"at": 0, "value": value}]}),
+            f"scheduler.warmup_steps={warmup}", f"train.max_steps={steps}", *common]
+
+
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """The dotted keys in which two resolved configs differ."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -211,15 +239,19 @@ def bench_anneal(args, out: Path) -> dict:
         fitted_rows.append({"name": name, **window_errors(pred, c.losses)})
     cosine_curve, _ = curve(cosine_dir)
 
-    noise_dir = out / f"anneal-cosine-seed{seed + 1}"
-    run(["scheduler=cosine", f"scheduler.warmup_steps={WARMUP}",
-         *[f"train.seed={seed + 1}" if o == f"train.seed={seed}" else o for o in plain]],
-        noise_dir, out / "anneal-noise.log", args.reuse)
-    noise_curve, _ = curve(noise_dir)
-    noise_floor = window_errors(noise_curve.losses, cosine_curve.losses)["mae"]
+    noise_floor = None
+    if args.noise:
+        noise_dir = out / f"anneal-cosine-seed{seed + 1}"
+        run(["scheduler=cosine", f"scheduler.warmup_steps={WARMUP}",
+             *[f"train.seed={seed + 1}" if o == f"train.seed={seed}" else o for o in plain]],
+            noise_dir, out / "anneal-noise.log", args.reuse)
+        noise_curve, _ = curve(noise_dir)
+        noise_floor = window_errors(noise_curve.losses, cosine_curve.losses)["mae"]
 
     rows, mismatches = [], {}
     for name, (what, overrides) in held_out(n).items():
+        if name not in args.held_out:
+            continue
         d = out / f"anneal-{name}"
         run([*overrides, *plain], d, out / f"anneal-{name}.log", args.reuse)
         extra = _diff_beyond(cosine_dir, d, ("scheduler", "timeline", "run_dir", "train.save_final_model"))
@@ -258,22 +290,12 @@ def bench_cmr(args, out: Path) -> dict:
         return {"ratio": ratio, "label": label, "general": g, "general_change": g - base["general"], "domain": dom,
                 "step": int(last["step"])}
 
-    two = 2 * cmr if 2 * cmr < 1 else (1 + cmr) / 2
-    plan = [(0.0, "all general"), (0.5 * cmr, "0.5x CMR"),
-            (two, "2x CMR" if 2 * cmr < 1 else "halfway from the CMR to 1"), (1.0, "all code")]
     arms = [arm(cmr, main_rows, "the CMR: the recipe's main stage")]
     mismatches = {}
-    for ratio, label in plan:
-        weights = {d: (1 - ratio) * w for d, w in shares.items()}
-        weights[domain] = ratio
-        value = {d: round(w, 6) for d, w in sorted(weights.items()) if round(w, 6) > 0}
-        top = max(value, key=value.get)
-        value[top] = round(1 - sum(w for d, w in value.items() if d != top), 6)
+    for ratio, label in cmr_arms(cmr, args.arms):
         d = out / f"cmr-ratio-{ratio:.4f}"
-        overrides = [f"model=pretrained", f"model.path={main_cfg['model']['path']}", "curriculum=mixture",
-                     "+timeline.mixture=" + _flow({"unit": "step", "points": [{"at": 0, "value": value}]}),
-                     f"scheduler.warmup_steps={main_cfg['scheduler']['warmup_steps']}", f"train.max_steps={steps}",
-                     *common]
+        overrides = arm_overrides(ratio, shares, domain, main_cfg["model"]["path"],
+                                  main_cfg["scheduler"]["warmup_steps"], steps, common)
         run(overrides, d, out / f"cmr-ratio-{ratio:.4f}.log", args.reuse)
         extra = _diff_beyond(main_dir, d, ("timeline.mixture", "run_dir"))
         if extra:
@@ -296,8 +318,10 @@ def anneal_text(a: dict) -> str:
             f"{law['alpha']:.3f} - {law['C']:.3f}*S2` (R^2 {a['r2']:.3f}; MAE on the fitted curves: {fitted}). "
             f"Each held-out schedule trains the same model on the same data and batches for {a['steps']} steps; "
             f"losses are training-loss log windows (the mean of {a['log_every']} steps) from step "
-            f"{a['fit_from']}, the law's mean over the same steps beside them. Noise floor: a second seed of the "
-            f"cosine run differs from the first by MAE {a['noise_floor']:.3f}.\n\n" + anneal_table(a["rows"]) + "\n")
+            f"{a['fit_from']}, the law's mean over the same steps beside them. "
+            + (f"Noise floor: a second seed of the cosine run differs from the first by MAE {a['noise_floor']:.3f}."
+               if a["noise_floor"] is not None else "No second seed was run (`--no-noise`): no noise floor.")
+            + "\n\n" + anneal_table(a["rows"]) + "\n")
     if a["mismatches"]:
         text += f"\nConfig differences beyond the scheduler (should be none): {a['mismatches']}\n"
     return text
@@ -324,6 +348,13 @@ def main() -> int:
     ap.add_argument("--only", choices=("anneal", "cmr"), default=None)
     ap.add_argument("--steps", type=int, default=300, help="length of every anneal_law run (fitted and held-out)")
     ap.add_argument("--log-every", type=int, default=10, help="anneal_law runs' log window (steps)")
+    ap.add_argument("--held-out", nargs="+", default=list(held_out(1)), choices=list(held_out(1)),
+                    help="anneal_law's held-out schedules to run")
+    ap.add_argument("--no-noise", dest="noise", action="store_false",
+                    help="skip anneal_law's second-seed cosine run (the noise floor)")
+    ap.add_argument("--arms", nargs="+", type=float, default=[0.0, 0.5, 2.0, 1.0], metavar="X",
+                    help="cmr_law's arms besides the CMR: 0 = all general, 1 = all code, 0.5 and 2 = that multiple "
+                         "of the CMR (2x past 1 becomes halfway from the CMR to 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_laws")
     ap.add_argument("--reuse", action="store_true", help="skip runs whose run dir finished with the same overrides")
@@ -346,7 +377,11 @@ def main() -> int:
         env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
         cmd = env + "python scripts/bench_laws.py " + " ".join(
             [*([f"--only {args.only}"] if args.only else []), f"--steps {args.steps}",
-             f"--log-every {args.log_every}", f"--seed {args.seed}", *args.overrides, f"--write {args.write}"])
+             f"--log-every {args.log_every}",
+             *([f"--held-out {' '.join(args.held_out)}"] if args.held_out != list(held_out(1)) else []),
+             *([] if args.noise else ["--no-noise"]),
+             *([f"--arms {' '.join(f'{x:g}' for x in args.arms)}"] if args.arms != [0.0, 0.5, 2.0, 1.0] else []),
+             f"--seed {args.seed}", *args.overrides, f"--write {args.write}"])
         body = (f"{SECTION_TITLE}\n\n{SECTION_START}\n"
                 f"Each law's recipe runs as shipped through the CLI (`tiny_llama`, the demo corpus), then the runs "
                 f"it did not see train with the same config; one seed. Machine: {platform.machine()}, "

@@ -88,3 +88,16 @@ def test_tables_print_every_figure_and_the_section_replaces_only_its_own_text(tm
     replace_marked_section(doc, start, bench_laws.SECTION_END, f"{start}\nnew\n{bench_laws.SECTION_END}\n")
     assert doc.read_text() == (f"# B\n\n## Curricula\n\nkept\n\n{start}\nnew\n{bench_laws.SECTION_END}\n\n"
                                f"## Next\n\nkept too\n")
+
+
+def test_the_cmr_arms_and_their_mixtures():
+    assert bench_laws.cmr_arms(0.3, [0, 0.5, 2, 1]) == [(0.0, "all general"), (0.15, "0.5x CMR"), (0.6, "2x CMR"),
+                                                        (1.0, "all domain")]
+    assert bench_laws.cmr_arms(0.7, [2]) == [(0.85, "halfway from the CMR to 1 (2x passes 1)")]
+    shares = {"arithmetic": 0.5, "prose": 0.5}
+    ov = bench_laws.arm_overrides(0.2, shares, "code", "/m", 5, 60, ["train.seed=0"])
+    assert ov == ["model=pretrained", "model.path=/m", "curriculum=mixture",
+                  "+timeline.mixture={unit:step,points:[{at:0,value:{arithmetic:0.4,code:0.2,prose:0.4}}]}",
+                  "scheduler.warmup_steps=5", "train.max_steps=60", "train.seed=0"]
+    # all general: the domain is left out of the mixture (a zero weight is no weight)
+    assert "value:{arithmetic:0.5,prose:0.5}" in bench_laws.arm_overrides(0.0, shares, "code", "/m", 5, 60, [])[3]
