@@ -74,9 +74,9 @@ def test_the_multistep_schedule_and_the_override_grammar():
 
 def test_tables_print_every_figure_and_the_section_replaces_only_its_own_text(tmp_path):
     rows = [{"name": "wsd_20", "what": "WSD", "predicted_final": 5.1234, "measured_final": 5.2, "final_error": -0.0766,
-             "mae": 0.05, "mae_pct": 0.9, "naive_mae": 0.03}]
+             "mae": 0.05, "mae_pct": 0.9, "anchored_mae": 0.02, "naive_mae": 0.03}]
     table = bench_laws.anneal_table(rows)
-    assert "| wsd_20: WSD | 5.123 | 5.200 | -0.077 | 0.050 (0.90%) | 0.030 |" in table
+    assert "| wsd_20: WSD | 5.123 | 5.200 | -0.077 | 0.050 (0.90%) | 0.020 | 0.030 |" in table
     arms = bench_laws.arm_verdicts([{"ratio": 0.5, "label": "the CMR", "general": 4.0, "general_change": 0.01,
                                      "domain": 5.5}], 0.05)
     assert "| 0.500 (the CMR) | 4.000 | +0.010 | 5.500 | -0.500 | yes, lowest code loss of the feasible arms |" in \
@@ -101,3 +101,13 @@ def test_the_cmr_arms_and_their_mixtures():
                   "scheduler.warmup_steps=5", "train.max_steps=60", "train.seed=0"]
     # all general: the domain is left out of the mixture (a zero weight is no weight)
     assert "value:{arithmetic:0.5,prose:0.5}" in bench_laws.arm_overrides(0.0, shares, "code", "/m", 5, 60, [])[3]
+
+
+def test_the_anchored_prediction_cancels_noise_common_to_both_runs():
+    rng = np.random.default_rng(0)
+    batch_noise = rng.normal(0, 0.2, 20)                    # the same batches in both runs
+    law_constant, law_decay = np.linspace(6, 5, 20), np.linspace(6, 4.5, 20)
+    measured_constant, measured_decay = law_constant + batch_noise, law_decay + batch_noise
+    anchored = bench_laws.anchored_prediction(law_decay, law_constant, measured_constant)
+    assert bench_laws.window_errors(anchored, measured_decay)["mae"] == pytest.approx(0, abs=1e-12)
+    assert bench_laws.window_errors(law_decay, measured_decay)["mae"] > 0.1   # the law alone carries the noise
