@@ -53,6 +53,8 @@ from _sections import replace_marked_section  # noqa: E402
 SECTION_TITLE = "## Fitted laws: anneal_law and cmr_law"
 SECTION_START = "<!-- bench_laws:start -->"
 SECTION_END = "<!-- bench_laws:end -->"
+#: config keys that do not change what trains: the recipe's description and whether a run dir may be replaced
+NOT_TRAINING = ("recipe", "overwrite")
 WARMUP = 10  # the recipe's fitted schedules' warm-up; every held-out schedule warms up the same way
 
 
@@ -163,7 +165,8 @@ def anneal_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']}: {r['what']} | {r['predicted_final']:.3f} | {r['measured_final']:.3f} | "
-                     f"{r['final_error']:+.3f} | {r['mae']:.3f} ({r['mae_pct']:.2f}%) | {r['anchored_mae']:.3f} | "
+                     f"{r['final_error']:+.3f} | {r['mae']:.3f} ({r['mae_pct']:.2f}%) | {r['anchored_mae']:.3f} "
+                     f"({r['anchored_final_error']:+.3f} at the end) | "
                      f"{r['naive_mae']:.3f} |")
     return "\n".join(lines)
 
@@ -268,7 +271,7 @@ def bench_anneal(args, out: Path) -> dict:
             continue
         d = out / f"anneal-{name}"
         run([*overrides, *plain], d, out / f"anneal-{name}.log", args.reuse)
-        extra = _diff_beyond(cosine_dir, d, ("scheduler", "timeline", "run_dir", "train.save_final_model"))
+        extra = _diff_beyond(cosine_dir, d, ("scheduler", "timeline", "run_dir", "train.save_final_model", *NOT_TRAINING))
         if extra:
             mismatches[name] = extra
         c, pred = curve(d, warmup=WARMUP)  # the timeline scheduler's own warm-up count is 0; it warms up WARMUP steps
@@ -313,7 +316,7 @@ def bench_cmr(args, out: Path) -> dict:
         overrides = arm_overrides(ratio, shares, domain, main_cfg["model"]["path"],
                                   main_cfg["scheduler"]["warmup_steps"], steps, common)
         run(overrides, d, out / f"cmr-ratio-{ratio:.4f}.log", args.reuse)
-        extra = _diff_beyond(main_dir, d, ("timeline.mixture", "run_dir"))
+        extra = _diff_beyond(main_dir, d, ("timeline.mixture", "run_dir", *NOT_TRAINING))
         if extra:
             mismatches[label] = extra
         arms.append(arm(ratio, _eval_rows(d), label))

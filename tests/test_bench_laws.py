@@ -74,9 +74,9 @@ def test_the_multistep_schedule_and_the_override_grammar():
 
 def test_tables_print_every_figure_and_the_section_replaces_only_its_own_text(tmp_path):
     rows = [{"name": "wsd_20", "what": "WSD", "predicted_final": 5.1234, "measured_final": 5.2, "final_error": -0.0766,
-             "mae": 0.05, "mae_pct": 0.9, "anchored_mae": 0.02, "naive_mae": 0.03}]
+             "mae": 0.05, "mae_pct": 0.9, "anchored_mae": 0.02, "anchored_final_error": 0.01, "naive_mae": 0.03}]
     table = bench_laws.anneal_table(rows)
-    assert "| wsd_20: WSD | 5.123 | 5.200 | -0.077 | 0.050 (0.90%) | 0.020 | 0.030 |" in table
+    assert "| wsd_20: WSD | 5.123 | 5.200 | -0.077 | 0.050 (0.90%) | 0.020 (+0.010 at the end) | 0.030 |" in table
     arms = bench_laws.arm_verdicts([{"ratio": 0.5, "label": "the CMR", "general": 4.0, "general_change": 0.01,
                                      "domain": 5.5}], 0.05)
     assert "| 0.500 (the CMR) | 4.000 | +0.010 | 5.500 | -0.500 | yes, lowest code loss of the feasible arms |" in \
