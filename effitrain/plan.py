@@ -131,6 +131,12 @@ def _section(spec: Any, title: str) -> PlanSection:
                 marks.setdefault(step, []).append(f"{spec.block('scheduler').name} lr")
     marks.setdefault(t.max_steps - 1, []).append("last step")
     notes = _curriculum_notes(spec, marks, seq_len)
+    objective = spec.block("objective").params
+    mixed = hasattr(objective, "plan_weights")  # objective: mixed, its components' weights over the stage
+    if mixed:
+        for step, what in objective.plan_marks(t.max_steps).items():
+            marks.setdefault(step, []).append(what)
+        notes += objective.plan_notes()
 
     section = PlanSection(title, t.max_steps, world, tokens_per_step, seq_len, timeline, lr, [], notes,
                           step_unit=_step_unit(spec, t.micro_batch_size * t.grad_accum * world, seq_len),
@@ -141,6 +147,7 @@ def _section(spec: Any, title: str) -> PlanSection:
                              "mixture": section.value_at("mixture", step), "phase": section.value_at("phase", step),
                              "competence": section.value_at("competence", step),
                              "distill_weight": section.value_at("distill_weight", step),
+                             "objective_weights": objective.plan_weights(step, timeline) if mixed else None,
                              "what": ", ".join(marks[step])})
     return section
 
@@ -225,8 +232,10 @@ def format_section(section: PlanSection) -> str:
     domains = sorted({d for r in section.rows if r["mixture"] for d in r["mixture"]})
     paced = section.timeline.declares("competence")  # a difficulty curriculum: the share of sorted rows in play
     distilled = section.timeline.declares("distill_weight")  # SALT: the teacher's weight in the loss
+    components = list(section.rows[0].get("objective_weights") or {}) if section.rows else []
     header = ["step", "tokens", "fraction", "lr", "seq_len"] + [f"w[{d}]" for d in domains] + \
-        (["competence"] if paced else []) + (["distill_weight"] if distilled else []) + ["phase", "what"]
+        (["competence"] if paced else []) + (["distill_weight"] if distilled else []) + \
+        [f"objective[{c}]" for c in components] + ["phase", "what"]
     table = [header]
     for r in section.rows:
         table.append([str(r["step"]), f"{r['tokens']:,}", f"{r['fraction']:.3f}",
@@ -234,6 +243,7 @@ def format_section(section: PlanSection) -> str:
                      + [f"{r['mixture'].get(d, 0.0):.3g}" for d in domains]
                      + ([f"{r['competence']:.3f}"] if paced else [])
                      + ([f"{r['distill_weight']:.3g}"] if distilled else [])
+                     + [r["objective_weights"][c] for c in components]
                      + [r["phase"] or "-", r["what"]])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     unit = section.step_unit or f"packed rows of {section.packed_seq_len} tokens"

@@ -18,7 +18,7 @@ linear`` — for ``lr``, ``competence`` and ``distill_weight`` — draws straigh
 
 Who reads what: ``mixture`` — the ``curriculum: mixture`` sampler; ``seq_len`` — a batch hook that reshapes each
 packed ``[B, L]`` micro-batch into ``[B*L/l, l]`` (:mod:`effitrain.timeline_hooks`); ``lr`` — ``scheduler:
-timeline``; ``phases`` — any hook, through ``state.timeline.phase(step)``.  The loop reads none of them.
+timeline``; ``phases`` — any hook, through ``state.timeline.phase(step)``; ``objective_weights`` — ``objective: mixed``.  The loop reads none of them.
 
 This module is torch-free: validation (``effitrain check``) and ``effitrain plan`` use it.  :func:`parse_timeline`
 checks the declaration (one-line :class:`ConfigError` naming the key); :meth:`TimelineSpec.resolve` turns the
@@ -45,12 +45,14 @@ QUANTITIES = {
                   "declared by points or by a pacing function {function: linear|root|step, start, until}",
     "distill_weight": "weight of the teacher's soft loss in [0, 1], in place of objective.alpha (read by "
                       "objective: distill; SALT's KD phase and its decay to plain next-token training)",
+    "objective_weights": "the weight of each component of objective: mixed, {COMPONENT: weight >= 0} (read by "
+                         "objective: mixed; linear interpolation blends two objectives over a stage)",
 }
 NOT_SUPPORTED = {
     "batch_size": "timeline.batch_size: not supported yet (changing the global batch mid-run is not implemented "
                   "resumably); set train.micro_batch_size / train.grad_accum for the whole run",
 }
-_LINEAR_OK = {"lr", "competence", "distill_weight"}  # quantities whose values may be interpolated; the others change in steps
+_LINEAR_OK = {"lr", "competence", "distill_weight", "objective_weights"}  # quantities whose values may be interpolated; the others change in steps
 _WEIGHT_TOLERANCE = 1e-6
 
 
@@ -144,7 +146,11 @@ class Timeline:
         at, value = pts[i]
         if self.interpolate.get(name) == "linear" and i + 1 < len(pts):
             nxt, nvalue = pts[i + 1]
-            return value + (nvalue - value) * (step - at) / (nxt - at)
+            share = (step - at) / (nxt - at)
+            if isinstance(value, Mapping):  # objective_weights: each key on its own line (absent keys weigh 0)
+                return {k: value.get(k, 0.0) + (nvalue.get(k, 0.0) - value.get(k, 0.0)) * share
+                        for k in sorted(set(value) | set(nvalue))}
+            return value + (nvalue - value) * share
         return value
 
     def phase(self, step: int) -> Optional[str]:
@@ -263,10 +269,26 @@ def _mixture_value(value: Any, key: str, domains: Optional[Sequence[str]]) -> di
     return weights
 
 
+def _objective_weights_value(value: Any, key: str) -> dict[str, float]:
+    """{component: weight >= 0} (the component names are checked against objective: mixed at check)."""
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{key}: expected a mapping of component to weight, e.g. {{rl: 1.0, sft: 0.5}}, got "
+                          f"{value!r}")
+    weights = {}
+    for name, w in value.items():
+        w = _number(w, f"{key}.{name}")
+        if w < 0:
+            raise ConfigError(f"{key}.{name}: a weight cannot be negative ({w})")
+        weights[str(name)] = float(w)
+    return weights
+
+
 def _point_value(name: str, value: Any, key: str, *, dataset_seq_len: Optional[int],
                  domains: Optional[Sequence[str]]) -> Any:
     if name == "mixture":
         return _mixture_value(value, key, domains)
+    if name == "objective_weights":
+        return _objective_weights_value(value, key)
     if name == "seq_len":
         n = _number(value, key, integer=True)
         if n < 1:
@@ -414,6 +436,9 @@ def check_readers(timeline: TimelineSpec, *, curriculum: str, scheduler: str, ob
     """A declared quantity needs the block that reads it, and that block needs the quantity."""
     pairs = (("mixture", "curriculum", curriculum, "mixture"), ("lr", "scheduler", scheduler, "timeline"),
              ("competence", "curriculum", curriculum, "difficulty"))
+    if timeline.declares("objective_weights") and objective != "mixed":
+        raise ConfigError(f"timeline.objective_weights: read only by objective=mixed, but objective="
+                          f"{objective or '?'}; select objective=mixed or remove timeline.objective_weights")
     if timeline.declares("distill_weight") and objective != "distill":  # distill reads it when declared, else alpha
         raise ConfigError(f"timeline.distill_weight: read only by objective=distill, but objective={objective or '?'}; "
                           f"select objective=distill or remove timeline.distill_weight")

@@ -225,6 +225,16 @@ def _final_model_writer(spec: RunSpec, launch: Launch, engine: Any, tokenizer: A
     return save_final_model
 
 
+def _largest_state(report: dict[str, int], at_first_step: Optional[int]) -> dict[str, int]:
+    """``optimizer_state_bytes`` is the larger of the state right after the first step and at the end: a method
+    that clears the state on a schedule (low_rank_refresh's momentum reset, due on the last step of a 100-step run)
+    holds the full state in between.  The end's value stays as ``optimizer_state_bytes_at_end``."""
+    if "optimizer_state_bytes" not in report:
+        return report
+    end = report["optimizer_state_bytes"]
+    return {**report, "optimizer_state_bytes": max(end, at_first_step or 0), "optimizer_state_bytes_at_end": end}
+
+
 def _with_training_state(report: dict[str, int], gradient_bytes: int) -> dict[str, int]:
     """A memory report plus ``training_state_bytes``: what the method decides -- weights, gradients, optimizer state,
     master copies -- read from the tensors.  The process peak also holds the interpreter, the libraries, the data
@@ -389,7 +399,10 @@ def _build_objective(spec: RunSpec, model: Any, launch: Launch, tokenizer: Any) 
     block = spec.block("objective")
     return block.build(**_if_accepted(block, model=model, device=device, bf16_supported=launch.bf16_supported,
                                       tokenizer=tokenizer, grad_accum=spec.train.grad_accum,
-                                      world_size=launch.data_parallel_size))
+                                      world_size=launch.data_parallel_size,
+                                      # objective: mixed builds its components' own data streams from these
+                                      dataset_block=spec.block("dataset"), model_params=spec.block("model").params,
+                                      micro_batch_size=spec.train.micro_batch_size))
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -502,7 +515,8 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "tokens_per_s": state.tokens / outcome["train_seconds"] if outcome["train_seconds"] else 0.0,
         "train_seconds": outcome["train_seconds"],
         "data_seconds": data.seconds,
-        **_with_training_state(memory_report(engine.module, optimizer), trainer.gradient_bytes_at_step),
+        **_with_training_state(_largest_state(memory_report(engine.module, optimizer),
+                                              trainer.optimizer_state_bytes_at_step), trainer.gradient_bytes_at_step),
         # gradient_bytes above is read at the end, after DeepSpeed freed them (0); this is what they took in a step
         "gradient_bytes_at_step": trainer.gradient_bytes_at_step,
         "recipe": [r.name for r in spec.recipes],

@@ -37,14 +37,25 @@ PER_LAYER_MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_hea
                    "model.intermediate_size=1376"]
 
 
+#: ``--reuse``: a run whose folder holds a summary made with the same command line is read, not run again
+REUSE = False
+
+
 def run(recipe: str, common: list[str], out: Path, label: str = "") -> dict:
     run_dir = out / (label or recipe)
     args = [sys.executable, "-m", "effitrain.cli", f"+recipe={recipe}", *common, f"run_dir={run_dir}", "overwrite=true"]
+    record = out / f"{label or recipe}.args.json"   # beside the run folder, which overwrite=true replaces
     t = time.perf_counter()
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": tail[0][:200], "wall": time.perf_counter() - t}
+    reused = REUSE and (run_dir / "summary.json").exists() and record.exists() \
+        and json.loads(record.read_text()) == args[1:]
+    if not reused:
+        record.unlink(missing_ok=True)
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            return {"error": tail[0][:200], "wall": time.perf_counter() - t}
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(args[1:]))
     summary = json.loads((run_dir / "summary.json").read_text())
     if summary.get("stages") and recipe in METHOD_STAGE:
         row = next(s for s in summary["stages"] if s["stage"] == METHOD_STAGE[recipe])
@@ -140,8 +151,13 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--per-layer-steps", type=int, default=20, help="steps of each per-layer comparison run (0: skip)")
     ap.add_argument("--per-layer-recipes", nargs="*", default=["baseline", "galore"])
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the runs already in --out that were made with the same command line (delete a run's "
+                         "folder to run it again): one row can be rerun without the others")
     ap.add_argument("extra", nargs="*", help="further overrides for every run")
     a = ap.parse_args()
+    global REUSE
+    REUSE = a.reuse
     common = [f"train.max_steps={a.steps}", f"train.eval_every={a.steps}", "train.log_every=10",
               "logger.progress_bar=false", "scheduler.warmup_steps=10", *a.extra]
     common += ["model=llama_125m", "precision=bf16"] if a.gpu else ["precision=fp32"]
@@ -153,7 +169,7 @@ def main() -> None:
         print(recipe, r.get("error") or f"state={r['optimizer_state_bytes']} loss={r['final_eval_loss']:.3f}",
               flush=True)
     device = "GPU" if a.gpu else "CPU"
-    cmd = "python scripts/bench_memory.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    cmd = "python scripts/bench_memory.py " + " ".join(shlex.quote(x) for x in sys.argv[1:] if x != "--reuse")
     info = results["baseline"]
     body = (f"{HEADING}\n\n"
             f"{device}: {info.get('total_params', 0):,}-parameter model, {a.steps} steps, global batch "
@@ -161,8 +177,11 @@ def main() -> None:
             f"{info.get('precision')}, ZeRO stage 0, one process. Memory is measured from the live tensors "
             f"(`effitrain.memory`); peak memory is the process peak RSS on CPU (it includes the Python runtime and "
             f"libraries, so differences are small there) and `torch.cuda.max_memory_allocated` on a GPU. "
-            f"Adapter recipes (lora ... mam_adapter) freeze a randomly initialised base here, so their loss says "
-            f"nothing about fine-tuning quality; they are listed for their memory.\n\n"
+            f"Fine-tuning recipes (lisa, and lora ... loram) fine-tune `model=demo_base`, the same tiny Llama pre-trained first on "
+            f"the run's data (300 steps, cached), so their loss starts from a trained base and does not compare "
+            f"with the rows trained from scratch, nor says anything about fine-tuning quality; they are listed for "
+            f"their memory. The optimizer state is the larger of right after the first step and at the end (a "
+            f"momentum reset on the last step empties it).\n\n"
             f"Command: `{cmd}`\n\n{table(results)}\n")
     if "galore" in results and "error" not in results["galore"]:
         body += f"\n{galore_expected_ratio(a.out / 'galore')}; measured: " \

@@ -10,6 +10,9 @@ stage's training throughput and peak memory.
 * ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right);
 * ``dump``: SFT, then GRPO over six arithmetic distributions drawn by DUMP's UCB sampler (``curriculum: dump``); its
   uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled);
+* ``relift``: a short SFT, then GRPO with SFT steps interleaved on the questions whose samples all fail
+  (``objective: mixed``, controller relift);
+* ``sasr``: one stage, SFT warm-up then each step SFT or GRPO drawn from the SFT gradient norm (controller sasr);
 * ``sami``: SFT on answers in a random style (number only or a sentence), then SAMI with two constitutions; its
   stage's ``sami_follow`` (the share of sampled responses that follow their own constitution) is printed as the
   mean of the first and of the last five log lines;
@@ -41,7 +44,8 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "sami", "mix_cpt"]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr", "sami",
+           "mix_cpt"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -112,7 +116,7 @@ def main() -> None:
     for recipe in args.only:
         for seed in args.seeds:
             length = []
-            if args.first_stage_steps is not None:
+            if args.first_stage_steps is not None and recipe != "sasr":   # sasr is one stage: its warm-up is inside
                 key = "train.max_steps" if recipe == "sft" else "stages.0.train.max_steps"
                 length = [f"{key}={args.first_stage_steps}"]
             for stage, f in run_recipe(recipe, seed, args.out, [*length, *extra], args.reuse).items():

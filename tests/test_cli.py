@@ -60,7 +60,11 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
                     "objective/grpo": ["dataset=chat_demo", "dataset.format=prompts"],
                     # dump draws GRPO prompts by distribution: the arithmetic split into several
                     "curriculum/dump": ["objective=grpo", "dataset=chat_demo", "dataset.format=prompts",
-                                        "+dataset.domain_by=operation"]}
+                                        "+dataset.domain_by=operation"],
+                    # a mixed objective names its components: grpo on the stage's prompts, sft on a stream of its own
+                    "objective/mixed": ["dataset=chat_demo", "dataset.format=prompts",
+                                        "+objective.components.rl={objective:grpo,data:stage}",
+                                        "+objective.components.sft={objective:sft,data:{format:chat}}"]}
 
 
 def test_every_option_of_every_group_validates():

@@ -115,3 +115,13 @@ def test_both_off_and_refactorize_without_low_rank_layers_are_refused():
     assert "Traceback" not in refused.stderr
     allowed = effitrain_cli("check", "+recipe=galore", "+methods.low_rank_refresh.refactorize=false")
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_reset_on_the_last_step_does_not_hide_the_optimizer_state(train_in_process, tmp_path):
+    """The memory benchmark reads the optimizer state from the summary: with the momentum reset due on the last step
+    (interval = max_steps) the state at the end is empty, yet the run held AdamW's moments for every trainable
+    tensor in between -- the summary reports that (the larger of after-first-step and end)."""
+    summary = train_in_process(["+recipe=low_rank_refresh", "methods.low_rank_refresh.interval=4"], tmp_path / "run")
+    assert summary["optimizer_state_bytes_at_end"] == 0
+    # AdamW keeps exp_avg and exp_avg_sq (plus a scalar step) per trainable tensor: at least 2 x 4 bytes a parameter
+    assert summary["optimizer_state_bytes"] >= 8 * summary["trainable_params"]

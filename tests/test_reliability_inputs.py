@@ -610,3 +610,15 @@ def test_logged_grad_norm_is_before_clipping(train_in_process, tmp_path):
     unclipped = first_norm("0", "unclipped")
     assert clipped > 1e-3
     assert clipped == pytest.approx(unclipped, rel=1e-4)
+
+
+def test_a_stage_placeholder_is_never_looked_up_on_the_hub():
+    """A later stage's model is ``<final model of stage NAME>`` until that stage runs: ``check`` must not take it for
+    a hub id (the lookup found nothing anyway, and importing huggingface_hub cost a quarter of check's second)."""
+    probe = ("import sys; from effitrain.config.inputs import hub_cached_file, model_config_json\n"
+             "assert hub_cached_file('<final model of stage base>', 'config.json') is None\n"
+             "assert model_config_json('<final model of stage base>') is None\n"
+             "print('huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

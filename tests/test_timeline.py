@@ -61,7 +61,7 @@ def test_breakpoints_that_fall_on_one_step_keep_the_later_value():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"seqlen": {}}, r"^timeline\.seqlen: unknown quantity \(did you mean 'seq_len'\?\); valid: competence, distill_weight, lr, mixture, phases"),
+    ({"seqlen": {}}, r"^timeline\.seqlen: unknown quantity \(did you mean 'seq_len'\?\); valid: competence, distill_weight, lr, mixture, objective_weights, phases"),
     ({"batch_size": {}}, r"^timeline\.batch_size: not supported yet"),
     ({"seq_len": {"unit": "epochs", "points": []}}, r"^timeline\.seq_len\.unit: unknown unit 'epochs'; valid: "),
     ({"seq_len": {"unit": "step", "points": [{"at": 0, "value": 64}, {"at": 0, "value": 32}]}},

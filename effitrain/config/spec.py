@@ -318,4 +318,7 @@ def _timeline(raw: Any, blocks: dict[str, Block]) -> Any:
     timeline = parse_timeline(raw, dataset_seq_len=getattr(dataset.params, "seq_len", None), domains=domains)
     check_readers(timeline, curriculum=blocks["curriculum"].name, scheduler=blocks["scheduler"].name,
                   objective=blocks["objective"].name)
+    check_timeline = getattr(blocks["objective"].params, "check_timeline", None)
+    if check_timeline is not None:  # objective: mixed, whose component names the weights must use
+        check_timeline(timeline)
     return timeline

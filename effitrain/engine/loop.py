@@ -26,7 +26,7 @@ from effitrain.engine.metrics import device_peak_flops, flops_per_token, peak_me
 from effitrain.objectives.common import mean_token_loss
 from effitrain.run_layout import CHECKPOINTS
 from effitrain.engine.state import State
-from effitrain.memory import held_gradient_bytes
+from effitrain.memory import held_gradient_bytes, memory_report
 from effitrain.errors import RunFailed
 
 
@@ -133,6 +133,9 @@ class Trainer:
         self._peak_flops = device_peak_flops()
         self.tokens_per_s: float = 0.0
         self.gradient_bytes_at_step: Optional[int] = None  # gradients held just before this launch's first step
+        # the optimizer's state right after this launch's first step, when Adam-like optimizers have allocated all of
+        # it; a method that frees state (a momentum reset on the last step) must not report a smaller state
+        self.optimizer_state_bytes_at_step: Optional[int] = None
         self.train_seconds = 0.0
         self.window = LogWindow(self.device)
 
@@ -364,6 +367,7 @@ class Trainer:
             st.tokens += self.tokens_per_step
             if not started:
                 started = True
+                self.optimizer_state_bytes_at_step = memory_report(st.model, st.optimizer).get("optimizer_state_bytes")
                 self.on_started()
             window.add(step_loss / cfg.grad_accum)
             self.bus.emit("step_end", st)

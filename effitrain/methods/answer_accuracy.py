@@ -57,6 +57,8 @@ class AnswerAccuracy(Hook):
         self.answers = [e["answer"] for e in held_out]
         self.references = [e["messages"][1]["content"] for e in held_out]
         objective = state.spec.block("objective")
+        if objective.name == "mixed":  # its grpo component's rewards, when it has one (relift, sasr)
+            objective = next((c.objective for c in objective.params.parsed if c.objective.name == "grpo"), objective)
         if objective.name == "grpo":
             from effitrain.objectives.rewards import build_rewards
 

@@ -17,7 +17,10 @@ EXAMPLE_LOSSES = "example_losses"
 #: set by ``grpo``: the advantage of every sampled completion (detached, ``[micro_batch_size * group_size]``, the G
 #: completions of a prompt together), for ``after_forward`` hooks such as ``effitrain.curriculum.dump``
 COMPLETION_ADVANTAGES = "completion_advantages"
-NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES)
+#: set by ``grpo``: each reward block's value for every sampled completion (``{reward name: [micro_batch_size *
+#: group_size]}``, detached), for hooks and controllers that ask which prompts were solved (``mix_controller: relift``)
+COMPLETION_REWARDS = "completion_rewards"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES, COMPLETION_REWARDS)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from effitrain.objectives.common import COMPLETION_ADVANTAGES, IGNORE_INDEX
+from effitrain.objectives.common import COMPLETION_ADVANTAGES, COMPLETION_REWARDS, IGNORE_INDEX
 from effitrain.objectives.grpo_sampling import PolicyGenerate, build_sampler, seeded  # noqa: F401 (seeded: API)
 from effitrain.objectives.rewards import RewardFn
 
@@ -230,10 +230,12 @@ class GRPO:
         """The weighted sum of the rewards ``[N * G]`` and each reward's mean."""
         total = torch.zeros(len(texts), device=device)
         means = {}
+        self.last_reward_values = {}  # per completion, for batch[COMPLETION_REWARDS]
         for name, weight, fn in self.rewards:
             values = torch.tensor(fn(texts, references, lengths), dtype=torch.float32, device=device)
             total += weight * values
             means[f"reward_{name}"] = values.mean()
+            self.last_reward_values[name] = values
         return total, means
 
     def logps(self, model: Any, ids: torch.Tensor, attention: torch.Tensor, prompt_width: int,
@@ -285,6 +287,7 @@ class GRPO:
         rewards = without_eos_replaced(rewards, completions, tok.eos_token_id, self.no_eos_reward)
         advantages = group_advantages(rewards, self.group_size, self.scale_rewards)
         batch[COMPLETION_ADVANTAGES] = advantages.detach()  # for after_forward hooks (curriculum: dump)
+        batch[COMPLETION_REWARDS] = dict(self.last_reward_values)  # which prompts were solved (mix_controller: relift)
 
         width = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(self.group_size, dim=0), completions], dim=1)

@@ -4,7 +4,7 @@ local JSONL files.  Rows are whole conversations with labels on the assistant to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
@@ -105,8 +105,15 @@ _CONVERSATION_OBJECTIVES = ("sft", "lssd")
                                        "and simpo need pairs (format=preference), grpo and sami prompts (format=prompts); "
                                        "no other objective reads pairs or prompts")
 def _objective_matches_format(spec, env) -> Optional[str]:
-    objective = spec.block("objective").name
-    data = spec.block("dataset")
+    objective = spec.block("objective")
+    if objective.name == "mixed":  # its components on the stage's batches decide; its own streams: at check_inputs
+        name = objective.params.stage_objective
+        return chat_format_problem(name, spec.block("dataset")) if name is not None else None
+    return chat_format_problem(objective.name, spec.block("dataset"))
+
+
+def chat_format_problem(objective: str, data: Any) -> Optional[str]:
+    """Why ``objective`` cannot train on the rows of the dataset block ``data`` (None when it can)."""
     fmt = getattr(data.params, "format", None) if data.name.startswith("chat_") else None
     if objective in _PAIR_OBJECTIVES and fmt != "preference":
         return (f"objective={objective} trains on (chosen, rejected) pairs; use a chat dataset with "
