@@ -12,7 +12,12 @@ stage's training throughput and peak memory.
   uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled);
 * ``relift``: a short SFT, then GRPO with SFT steps interleaved on the questions whose samples all fail
   (``objective: mixed``, controller relift);
-* ``sasr``: one stage, SFT warm-up then each step SFT or GRPO drawn from the SFT gradient norm (controller sasr).
+* ``sasr``: one stage, SFT warm-up then each step SFT or GRPO drawn from the SFT gradient norm (controller sasr);
+* ``sami``: SFT on answers in a random style (number only or a sentence), then SAMI with two constitutions; its
+  stage's ``sami_follow`` (the share of sampled responses that follow their own constitution) is printed as the
+  mean of the first and of the last five log lines;
+* ``mix_cpt``: SFT on the arithmetic (knowledge), then format alignment to ``<think>..</think> \\boxed{N}`` with
+  logit-swap self-distillation; its SFT baseline is the same command with ``'stages.1.objective={name:sft}'``.
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -39,7 +44,8 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr"]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr", "sami",
+           "mix_cpt"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -74,7 +80,16 @@ def stage_figures(run: Path) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if sampled is None else sampled,
             "sampled": sampled is not None,
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
-            "steps": summary.get("steps")}
+            "steps": summary.get("steps"), **follow_share(train)}
+
+
+def follow_share(train: list[dict]) -> dict:
+    """A sami stage's share of responses that follow their own constitution: the mean of its first and of its
+    last five log lines (empty for other objectives)."""
+    follow = [m["sami_follow"] for m in train if "sami_follow" in m]
+    if not follow:
+        return {}
+    return {"follow_before": statistics.mean(follow[:5]), "follow_after": statistics.mean(follow[-5:])}
 
 
 def run_recipe(recipe: str, seed: int, out: Path, extra: list[str], reuse: bool = False) -> dict[str, dict]:
@@ -114,7 +129,8 @@ def main() -> None:
         print(f"| {recipe} | {seed} | {stage} | {f['steps']} | {f['acc_before']:.3f} -> {f['acc_after']:.3f} | "
               f"{reward} | {f['len_before']:.1f} -> {f['len_after']:.1f} | "
               f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['step_time_s']:.3f} | "
-              f"{f['tokens_per_s']:.0f}{' sampled' if f['sampled'] else ''} | {f['peak_memory_mib']:.0f} |")
+              f"{f['tokens_per_s']:.0f}{' sampled' if f['sampled'] else ''} | {f['peak_memory_mib']:.0f} |"
+              + (f" follow {f['follow_before']:.3f} -> {f['follow_after']:.3f}" if "follow_before" in f else ""))
 
 
 if __name__ == "__main__":

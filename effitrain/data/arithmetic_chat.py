@@ -63,14 +63,20 @@ def domain_of(question: str, split: str) -> str:
     return {"operation": operation, "digits": digits, "operation_digits": f"{operation}_{digits}"}[split]
 
 
-ANSWER_STYLES = ("plain", "think_boxed")
+ANSWER_STYLES = ("plain", "think_boxed", "sentence", "plain_or_sentence")
+#: ``plain_or_sentence`` answers each example in one of these, drawn per example: a model fine-tuned on it answers
+#: in either style at random, the unconditioned start that principle-following (``objective: sami``) works from
+MIXED_STYLES = ("plain", "sentence")
 
 
 def response(question: str, answer: int, style: str = "plain") -> str:
-    """The assistant's text: ``plain`` is the number; ``think_boxed`` restates the sum in ``<think>`` tags and boxes
+    """The assistant's text: ``plain`` is the number; ``sentence`` says it in a sentence ("The answer is 82.");
+    ``think_boxed`` restates the sum in ``<think>`` tags and boxes
     the number, the response format of math RL data that the ``format`` and ``length`` rewards check."""
     if style == "plain":
         return str(answer)
+    if style == "sentence":
+        return f"The answer is {answer}."
     expression = question.removeprefix("What is ").removesuffix("?")
     return f"<think>{expression}</think> \\boxed{{{answer}}}"
 
@@ -94,9 +100,11 @@ def examples(count: int, split: str, *, seed: int, max_digits: int, exclude: fro
             continue
         if exclude:  # held-out questions are distinct; training data keeps its natural repeats
             seen.add(question)
+        own = (random.Random(f"{seed}:{split}:{i}:style").choice(MIXED_STYLES) if style == "plain_or_sentence"
+               else style)
         out.append({"id": f"{DOMAIN}-{split}-{i:06d}", "question": question, "answer": answer,
-                    "messages": conversation(question, answer, style),
-                    "rejected": conversation(question, wrong, style)})
+                    "messages": conversation(question, answer, own),
+                    "rejected": conversation(question, wrong, own)})
     return out
 
 

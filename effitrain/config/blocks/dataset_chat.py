@@ -34,9 +34,11 @@ class _ChatCommon:
 class ChatDemoParams(_ChatCommon):
     max_docs_per_domain: int = param(4000, ge=1, help="generated training conversations (one domain)")
     max_digits: int = param(2, ge=1, le=6, help="operands have 1..max_digits digits")
-    answer_style: Literal["plain", "think_boxed"] = param(
+    answer_style: Literal["plain", "think_boxed", "sentence", "plain_or_sentence"] = param(
         "plain", help="plain: '82'; think_boxed: '<think>37+45</think> \\boxed{82}' (the format the format and "
-                      "length rewards check)")
+                      "length rewards check); sentence: 'The answer is 82.'; plain_or_sentence: either, drawn per "
+                      "example (a model that answers in both styles at random: what sami teaches to follow a "
+                      "constitution)")
     domain_by: Literal["one", "operation", "digits", "operation_digits"] = param(
         "one", help="the domains (data distributions) of the questions: one ('arithmetic_chat'), by operation "
                     "(add, sub, mul), by the digits of the longer operand (1d, 2d, ...: difficulty) or by both "
@@ -93,10 +95,14 @@ class ChatHubParams(_ChatCommon):
     domain_field: Optional[str] = param(None, help="field with a domain label; null = one domain 'all'")
 
 _PAIR_OBJECTIVES = ("dpo", "simpo")
+#: objectives that sample answers to prompts (format=prompts)
+_PROMPT_OBJECTIVES = ("grpo", "sami")
+#: objectives that train on the assistant tokens of conversations (format=chat)
+_CONVERSATION_OBJECTIVES = ("sft", "lssd")
 
 
 @rule("objective_matches_chat_format", "objective sft needs conversations (a chat dataset with format=chat); dpo "
-                                       "and simpo need pairs (format=preference), grpo prompts (format=prompts); "
+                                       "and simpo need pairs (format=preference), grpo and sami prompts (format=prompts); "
                                        "no other objective reads pairs or prompts")
 def _objective_matches_format(spec, env) -> Optional[str]:
     objective = spec.block("objective")
@@ -115,13 +121,13 @@ def chat_format_problem(objective: str, data: Any) -> Optional[str]:
     if fmt == "preference" and objective not in _PAIR_OBJECTIVES:
         return (f"dataset.format=preference makes (chosen, rejected) pairs, which objective={objective} would train "
                 f"on alike; use objective=dpo or objective=simpo, or dataset.format=chat")
-    if objective == "grpo" and fmt != "prompts":
-        return ("objective=grpo samples answers to prompts; use a chat dataset with dataset.format=prompts (e.g. "
-                "dataset=chat_demo dataset.format=prompts)")
-    if fmt == "prompts" and objective != "grpo":
+    if objective in _PROMPT_OBJECTIVES and fmt != "prompts":
+        return (f"objective={objective} samples answers to prompts; use a chat dataset with dataset.format=prompts "
+                f"(e.g. dataset=chat_demo dataset.format=prompts)")
+    if fmt == "prompts" and objective not in _PROMPT_OBJECTIVES:
         return (f"dataset.format=prompts keeps one conversation a row for sampling, which objective={objective} does "
-                f"not do; use objective=grpo, or dataset.format=chat")
-    if objective == "sft" and fmt != "chat":
-        return ("objective=sft trains on the assistant tokens of conversations; use a chat dataset (dataset=chat_demo "
-                "or dataset=chat_local)")
+                f"not do; use objective=grpo or objective=sami, or dataset.format=chat")
+    if objective in _CONVERSATION_OBJECTIVES and fmt != "chat":
+        return (f"objective={objective} trains on the assistant tokens of conversations; use a chat dataset "
+                f"(dataset=chat_demo or dataset=chat_local)")
     return None
