@@ -8,7 +8,8 @@ process and of the largest task process of each stage.
 The corpora come from scripts/make_corpus.py (16 JSON-lines files, 5 domains; written once into ``--workdir``).
 Memory is sampled every ``--every`` seconds with psutil over the process tree of the run (a stage's task processes
 are the driver's children while that stage runs; a short stage may be missed between two samples, and then shows
-no task figure).  The issue's target (#24): the peak RSS per process at 1M documents within 1.5x of its value at
+no task figure); the driver's peak is also given by phase (a stage's name while its tasks run, ``after STAGE`` for
+the reduce that follows it, up to the next stage).  The issue's target (#24): the peak RSS per process at 1M documents within 1.5x of its value at
 10k.  The machine is shared: the load before each run is printed with it.
 """
 
@@ -39,12 +40,15 @@ def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: f
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = psutil.Process(proc.pid)
-    state = {"stage": "start-up", "driver": 0, "tasks": {}, "times": {}, "lines": []}
+    state = {"stage": "start-up", "driver": 0, "driver_by": {}, "tasks": {}, "times": {}, "lines": []}
 
     def sample() -> None:
         while proc.poll() is None:
             try:
-                state["driver"] = max(state["driver"], driver.memory_info().rss)
+                rss = driver.memory_info().rss
+                state["driver"] = max(state["driver"], rss)
+                by = state["driver_by"]  # a stage's tasks run, then its reduce in the driver ("after STAGE")
+                by[state["stage"]] = max(by.get(state["stage"], 0), rss)
                 for child in driver.children(recursive=True):
                     rss = child.memory_info().rss
                     stage = state["stage"]
@@ -62,7 +66,7 @@ def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: f
             state["stage"] = m.group(1)
         elif m:
             state["times"][m.group(1)] = float(m.group(3))
-            state["stage"] = "between stages"
+            state["stage"] = f"after {m.group(1)}"
     rc = proc.wait()
     watcher.join()
     if rc != 0:
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-e2e-"))
     extra = args.extra or (["selection.target.domain=science"] if args.recipe == "dsir" else [])
-    print(f"| documents | load before | wall | stage: seconds / peak task RSS | peak RSS (driver) |")
-    print("|---|---|---|---|---|")
+    print(f"| documents | load before | wall | stage: seconds / peak task RSS | peak RSS (driver) | driver by phase |")
+    print("|---|---|---|---|---|---|")
     for docs in args.docs:
         corpus = workdir / f"corpus-{docs}"
         if not corpus.exists():
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             r = _run(args.recipe, corpus, args.tasks, args.steps, Path(tmp), args.every, extra)
         stages = "; ".join(f"{s} {t:.1f} s / {r['tasks'].get(s, 0) / 2**20:,.0f} MB" for s, t in r["times"].items())
-        print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB |", flush=True)
+        phases = "; ".join(f"{s} {v / 2**20:,.0f} MB" for s, v in r["driver_by"].items())
+        print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB | {phases} |",
+              flush=True)
     return 0
 
 

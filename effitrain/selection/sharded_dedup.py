@@ -22,7 +22,7 @@ datatrove's MinHash stages (0.10.1, ``pipeline/dedup/minhash.py``) are not used:
 text (punctuation removed) with their own hashes and bands, and join every matching pair into transitive union-find
 clusters keeping each cluster's root (the member of the larger set at each union) -- not query-against-kept -- so
 they would keep other documents than ``dedup`` does today.  The reduce holds per candidate
-one bucket number per band (8 bytes each) and a band's values while it is numbered; the map's signatures are on disk.
+one bucket number per band (4 bytes each) and a band's values while it is numbered; the map's signatures are on disk.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import numpy as np
 
 from effitrain.data.engine import finish_stage, run_stage
 from effitrain.selection.selectors import take_until
-from effitrain.selection.sharded_pool import PoolCounts, load_pool, require_whole_pool_selector
+from effitrain.selection.sharded_pool import (PoolCounts, candidate_column, candidate_pairs, load_pool,
+                                              require_whole_pool_selector)
 
 _VERSION = 1
 
@@ -64,24 +65,21 @@ class ShardedDedup:
         n = pool.candidates
         exact_dup = np.zeros(n, dtype=bool)
         if sp.exact:
-            hashes = np.concatenate([a["exact"][pool.candidate[f]] for f, a in pool.files] or [np.zeros(0, "S20")])
-            _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+            _, first, inverse = np.unique(candidate_column(pool, "exact", "S20"), return_index=True,
+                                          return_inverse=True)
             exact_dup = first[inverse.reshape(-1)] != np.arange(n)
-            del hashes
+            del first, inverse
         keep = ~exact_dup
         if sp.near:
             keep = self._near(work, pool, keep, sp)
         near_dups = int((~exact_dup).sum() - keep.sum())
-        pairs = np.concatenate([np.stack([np.full(int(pool.candidate[f].sum()), f), a["record"][pool.candidate[f]]],
-                                         axis=1) for f, a in pool.files] or [np.zeros((0, 2))]).astype(np.int64)
-        weights = (np.concatenate([a["weight"][pool.candidate[f]] for f, a in pool.files]).astype(np.float64)
-                   if p.budget.unit == "tokens" and pool.files else np.ones(n))
+        weights = candidate_column(pool, "weight", np.float64) if p.budget.unit == "tokens" else np.ones(n)
         budget = p.budget.fraction * float(weights.sum())
         allowed = np.flatnonzero(keep)
         chosen = allowed[take_until(np.random.default_rng(self.seed).permutation(len(allowed)), weights[allowed],
                                     budget)]
         chosen.sort()
-        np.save(out / "selected.npy", pairs[chosen].reshape(-1, 2))
+        np.save(out / "selected.npy", candidate_pairs(pool, chosen))
         kept_units, total = float(weights[chosen].sum()), float(weights.sum())
         (out / "info.json").write_text(json.dumps({
             "method": "dedup", "scorer": "minhash_dedup", "selector": "random", "pool_examples": n,
@@ -100,15 +98,17 @@ class ShardedDedup:
         lsh = MinHashLSH(threshold=sp.threshold, num_perm=sp.num_perm)  # its bands: (start, end) of each
         visit = np.flatnonzero(keep)
         buckets, shared = [], np.zeros(len(visit), dtype=bool)
-        for lo, hi in lsh.hashranges:
+        for lo, hi in lsh.hashranges:  # one band at a time: its values (r of the narrow signature), then numbers
             values = np.concatenate([np.load(work / "sig" / f"{f:06d}.npy", mmap_mode="r")[:, lo:hi]
-                                     [pool.candidate[f]].astype(np.uint64) for f, _ in pool.files])[visit]
-            keys = np.ascontiguousarray(values).view(np.dtype((np.void, 8 * (hi - lo)))).reshape(-1)
+                                     [pool.candidate[f]] for f, _ in pool.files])[visit]
+            keys = np.ascontiguousarray(values).view(np.dtype((np.void, values.itemsize * (hi - lo)))).reshape(-1)
+            del values
             _, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
-            ids = ids.reshape(-1)
+            del keys
+            ids = ids.reshape(-1).astype(np.int32 if len(counts) < 2 ** 31 else np.int64)
             buckets.append(ids)
             shared |= counts[ids] > 1
-            del values, keys
+            del counts
         keep = keep.copy()
         holds_kept = [np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=bool) for ids in buckets]
         for j in np.flatnonzero(shared):  # pool order; a candidate alone in all its buckets stays kept

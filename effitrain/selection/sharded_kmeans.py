@@ -29,8 +29,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from effitrain.data.engine import finish_stage, run_stage
-from effitrain.selection.sharded_pool import PoolCounts, load_pool, plan_json, require_whole_pool_selector
-from effitrain.selection.sharded_scored import ScoreKeys, ShardedScored, _candidate_pairs, _on_cuda
+from effitrain.selection.sharded_pool import (PoolCounts, candidate_column, candidate_pairs, load_pool, plan_json,
+                                              require_whole_pool_selector)
+from effitrain.selection.sharded_scored import ScoreKeys, ShardedScored, _on_cuda
 
 _VERSION = 1
 _BLOCK = 65536  # rows a block in the reduce's passes over the embeddings
@@ -46,9 +47,9 @@ class EmbedDocs(ScoreKeys):
         plan, fitted, embed, batch, eval_set = self._load()
         rows, positions = [], []
         with self._threads(fitted):
-            for _, first, docs in self._documents(data, plan, eval_set, batch):
+            for first, docs in self._blocks(data, plan, eval_set, batch):
                 with self.track_time("embed"):
-                    rows += [embed([d.text for d in docs[i:i + batch]]) for i in range(0, len(docs), batch)]
+                    rows.append(embed([d.text for d in docs]))
                 positions.append(first + np.arange(len(docs), dtype=np.int64))
                 self.stat_update("documents", value=len(docs))
         out = Path(self.out_dir) / "emb"
@@ -92,13 +93,12 @@ class ShardedKMeans(ShardedScored):
         labels, centres = kmeans_fit(x, sp.num_clusters, self.seed)
         dist = np.concatenate([np.linalg.norm(x[i:i + _BLOCK] - centres[labels[i:i + _BLOCK]], axis=1)
                                for i in range(0, n, _BLOCK)] or [np.zeros(0)])
-        weights = (np.concatenate([a["weight"][pool.candidate[f]] for f, a in pool.files]).astype(np.float64)
-                   if p.budget.unit == "tokens" and pool.files else np.ones(n))
+        weights = candidate_column(pool, "weight", np.float64) if p.budget.unit == "tokens" else np.ones(n)
         budget = p.budget.fraction * float(weights.sum())
         chosen = np.sort(np.asarray(p.selector_block.build().select(
             np.asarray(-dist, dtype=np.float64), labels, weights, budget, np.random.default_rng(self.seed)),
             dtype=np.int64))
-        pairs = np.asarray(_candidate_pairs(pool, chosen), dtype=np.int64).reshape(-1, 2)
+        pairs = candidate_pairs(pool, chosen)
         np.save(out / "selected.npy", pairs)
         kept_units, total = float(weights[chosen].sum()), float(weights.sum())
         (out / "info.json").write_text(json.dumps({
