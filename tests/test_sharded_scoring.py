@@ -237,6 +237,24 @@ def test_pool_and_score_tasks_hold_a_block_of_documents_not_a_file(tmp_path, mon
     assert sorted(keys["record"].tolist()) == [r for r in range(60) if r not in (3, 7)]
 
 
+def test_rows_appended_a_block_at_a_time_publish_the_array_and_narrow_only_when_every_value_fits(tmp_path):
+    from effitrain.selection.sharded_pool import RowsFile
+
+    rows = np.arange(30, dtype=np.uint64).reshape(10, 3) * np.uint64(1 << 20)
+    wide = rows.copy()
+    wide[7, 1] = np.uint64(1 << 40)  # one value past 32 bits, in the last block
+    for name, values, dtype in (("narrow", rows, np.uint32), ("wide", wide, np.uint64)):
+        out = RowsFile(tmp_path / f"{name}.npy", np.uint64, width=3, narrow=np.uint32)
+        for i in range(0, 10, 4):
+            out.append(values[i:i + 4])
+        out.publish()
+        got = np.load(tmp_path / f"{name}.npy")
+        assert got.dtype == dtype and got.shape == (10, 3) and (got.astype(np.uint64) == values).all()
+    RowsFile(tmp_path / "empty.npy", np.uint64, width=3, narrow=np.uint32).publish()
+    assert np.load(tmp_path / "empty.npy").shape == (0, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "narrow.npy", "wide.npy"]  # no temporaries
+
+
 # -------------------------------------------------------------------------------------------- SIGKILL, relaunch
 _SELECT = textwrap.dedent("""
     import sys

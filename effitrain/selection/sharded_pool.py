@@ -4,7 +4,8 @@ a few documents back from their files, and the exact global cut of a budget over
 * :class:`PoolCounts` (datatrove tasks): per file, every train document's record number, domain and budget weight
   (pre-tokenizer pieces, :func:`~effitrain.selection.base.count_tokens`); for ``dedup`` also its exact hash and
   MinHash signature (:mod:`effitrain.selection.sharded_dedup`).
-* :func:`load_pool` (reduce): the files' arrays, the target drawn as
+* :func:`load_pool` (reduce): the files' arrays (numpy columns, a few bytes a candidate: no Python object per
+  document anywhere in the reduce), the target drawn as
   :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation of the target domain's
   train documents, its texts read back from their files) and each file's offset among the candidates (the pool minus
   the target, in pool order = file order, then record order).
@@ -76,7 +77,9 @@ class PoolCounts(PipelineStep):
     """Per file ``pool/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``) and ``weight`` of its train
     documents (the eval hold-out skipped); with ``dedup`` (the scorer's parameters) also ``exact`` (the SHA-1 of the
     normalized text, as the in-memory scorer keys its exact duplicates) and ``sig/NNNNNN.npy``, the MinHash
-    signatures (``uint32`` when every value fits, as datasketch's 32-bit scheme's do)."""
+    signatures (``uint32`` when every value fits, as datasketch's 32-bit scheme's do).  A task streams its files
+    ``BLOCK`` documents at a time: it holds one block's texts and shingles and a few bytes a document of the file
+    (its columns as numpy arrays), the signatures go to disk as they are computed."""
 
     name = "effitrain pool"
     type = "🔢 - FEATURES"
@@ -92,8 +95,8 @@ class PoolCounts(PipelineStep):
             train = (d for d in docs if (file_index, d.metadata["record"]) not in eval_set)
             columns = ColumnBlocks()
             domains = DomainCodes()
-            sig = _SignatureFile(out / "sig" / f"{file_index:06d}.npy", self.dedup["num_perm"]) \
-                if self.dedup is not None and self.dedup["near"] else None
+            sig = RowsFile(out / "sig" / f"{file_index:06d}.npy", np.uint64, width=self.dedup["num_perm"],
+                           narrow=np.uint32) if self.dedup is not None and self.dedup["near"] else None
             for block in batched(train, BLOCK):  # a block of documents at a time, never the file's
                 columns.add(record=np.array([d.metadata["record"] for d in block], dtype=np.int64),
                             domain=domains.codes([d.metadata["domain"] for d in block]),
@@ -159,28 +162,34 @@ class DomainCodes:
         return names, renumber[codes] if len(codes) else codes.astype(np.int32)
 
 
-class _SignatureFile:
-    """A file's MinHash signatures written a block at a time (raw rows appended to a temporary file), then published
-    as one ``.npy`` -- ``uint32`` when every value fits, as datasketch's 32-bit scheme's do -- so a task holds one
-    block's signatures, not a file's."""
+class RowsFile:
+    """A ``.npy`` of rows written a block at a time (raw rows appended to a temporary file, then published under
+    ``path`` in one rename), so a task holds one block of rows, not a file's or a task's.  ``narrow``: the dtype to
+    publish in instead when every value fits it (MinHash values: datasketch's 32-bit scheme's fit ``uint32``)."""
 
-    def __init__(self, path: Path, width: int) -> None:
+    def __init__(self, path: Path, dtype: Any, *, width: int = 0, narrow: Any = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.width, self.rows, self.narrow = path, width, 0, True
-        self.raw = path.with_name(f".{path.stem}.tmp{os.getpid()}.u64")
+        self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
+        self.narrow = None if narrow is None else np.dtype(narrow)
+        self.raw = path.with_name(f".{path.stem}.tmp{os.getpid()}.raw")
         self.fh = open(self.raw, "wb")
 
     def append(self, values: np.ndarray) -> None:
-        self.narrow &= values.size == 0 or int(values.max()) <= 0xFFFFFFFF
-        self.fh.write(np.ascontiguousarray(values, dtype=np.uint64).tobytes())
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if not len(values):
+            return
+        self.width = values.shape[1]
+        if self.narrow is not None and (values < np.iinfo(self.narrow).min).any() | \
+                (values > np.iinfo(self.narrow).max).any():
+            self.narrow = None
+        self.fh.write(values.tobytes())
         self.rows += len(values)
 
     def publish(self) -> None:
         self.fh.close()
-        dtype = np.dtype(np.uint32 if self.narrow else np.uint64)
+        dtype = self.narrow or self.dtype
+        src = np.memmap(self.raw, dtype=self.dtype, mode="r", shape=(self.rows, self.width)) if self.rows else None
         tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}.npy")
-        src = np.memmap(self.raw, dtype=np.uint64, mode="r", shape=(self.rows, self.width)) if self.rows else \
-            np.zeros((0, self.width), dtype=np.uint64)
         with open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                       "fortran_order": False, "shape": (self.rows, self.width)})
@@ -220,10 +229,13 @@ def read_texts(corpus: Any, pairs: Sequence[tuple[int, int]]) -> dict:
         by_file.setdefault(int(f), set()).add(int(r))
     out = {}
     for f, records in sorted(by_file.items()):
+        last = max(records)
         for record in RecordFile(corpus.files[f], corpus.fmt, text_field=corpus.text_field,
                                  domain_field=corpus.domain_field):
             if record.index in records:
                 out[(f, record.index)] = record.text
+            if record.index >= last:  # records come in order: the rest of the file holds none of them
+                break
     return out
 
 
