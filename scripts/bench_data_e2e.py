@@ -32,7 +32,8 @@ EFFITRAIN = str(Path(sys.executable).parent / "effitrain")
 STAGE = re.compile(r"^data: ([\w-]+): (\d+ of \d+ tasks to run|done in ([\d.]+) s)")
 
 
-def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: float, extra: list[str]) -> dict:
+def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: float, extra: list[str],
+         log: Path | None = None) -> dict:
     env = {**os.environ, "EFFITRAIN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [EFFITRAIN, f"+recipe={recipe}", "dataset=local", f"dataset.path={corpus}", "dataset.domain_field=domain",
            "data.executor=local", f"data.tasks={tasks}", f"data.workers={tasks}", f"train.max_steps={steps}",
@@ -49,10 +50,15 @@ def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: f
                 state["driver"] = max(state["driver"], rss)
                 by = state["driver_by"]  # a stage's tasks run, then its reduce in the driver ("after STAGE")
                 by[state["stage"]] = max(by.get(state["stage"], 0), rss)
+                tasks_rss = []
                 for child in driver.children(recursive=True):
-                    rss = child.memory_info().rss
+                    tasks_rss.append(child.memory_info().rss)
                     stage = state["stage"]
-                    state["tasks"][stage] = max(state["tasks"].get(stage, 0), rss)
+                    state["tasks"][stage] = max(state["tasks"].get(stage, 0), tasks_rss[-1])
+                if log is not None:  # every sample as it is taken: a run stopped before its end still has its peaks
+                    with open(log, "a") as fh:
+                        fh.write(f"{time.strftime('%H:%M:%S')} {recipe} {corpus.name} {state['stage']} driver "
+                                 f"{rss >> 20} MB tasks {sorted((t >> 20 for t in tasks_rss), reverse=True)} MB\n")
             except psutil.Error:
                 pass
             time.sleep(every)
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between two memory samples")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="append every memory sample to this file as it is taken")
     parser.add_argument("extra", nargs="*", help="more overrides, e.g. selection.target.domain=science")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "scripts"))
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             make_corpus.generate(corpus, docs=docs, files=16, fmt="jsonl", seed=0, ids=True)
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            r = _run(args.recipe, corpus, args.tasks, args.steps, Path(tmp), args.every, extra)
+            r = _run(args.recipe, corpus, args.tasks, args.steps, Path(tmp), args.every, extra, args.log)
         stages = "; ".join(f"{s} {t:.1f} s / {r['tasks'].get(s, 0) / 2**20:,.0f} MB" for s, t in r["times"].items())
         phases = "; ".join(f"{s} {v / 2**20:,.0f} MB" for s, v in r["driver_by"].items())
         print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB | {phases} |",

@@ -7,7 +7,8 @@ documents, in the same order, that the in-memory :class:`~effitrain.selection.sc
    n-gram is hashed once) and the file's bucket counts.
 2. **distributions** (reduce, this process): the target -- ``target.domain`` drawn from the train documents as
    :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation; its few texts are read
-   back from their files), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
+   back from their files: :func:`~effitrain.selection.sharded_pool.draw_target`, shared with the other sharded
+   selections), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
    counts summed minus the target's (integers: exact); then the log importance weights, the budget and each
    file's offset among the documents allowed past ``min_length``.
 3. **score** (datatrove tasks, reading the count stage's bucket ids, not the corpus): per document its log
