@@ -97,14 +97,24 @@ class ShardedDedup:
 
         lsh = MinHashLSH(threshold=sp.threshold, num_perm=sp.num_perm)  # its bands: (start, end) of each
         visit = np.flatnonzero(keep)
+        signatures = [np.load(work / "sig" / f"{f:06d}.npy", mmap_mode="r") for f, _ in pool.files]
+        rows = []  # per file: which of its rows are visited (a candidate, no exact duplicate)
+        for f, a in pool.files:
+            mine = np.zeros(len(a["record"]), dtype=bool)
+            n_candidates = int(pool.candidate[f].sum())
+            mine[np.flatnonzero(pool.candidate[f])] = keep[pool.offset[f]:pool.offset[f] + n_candidates]
+            rows.append(mine)
+        dtype = np.result_type(*[s.dtype for s in signatures]) if signatures else np.uint32
         buckets, shared = [], np.zeros(len(visit), dtype=bool)
-        for lo, hi in lsh.hashranges:  # one band at a time: its values (r of the narrow signature), then numbers
-            values = np.concatenate([np.load(work / "sig" / f"{f:06d}.npy", mmap_mode="r")[:, lo:hi]
-                                     [pool.candidate[f]] for f, _ in pool.files])[visit]
-            keys = np.ascontiguousarray(values).view(np.dtype((np.void, values.itemsize * (hi - lo)))).reshape(-1)
-            del values
+        for lo, hi in lsh.hashranges:  # one band at a time: its values (r of the signature), numbered
+            values, at = np.empty((len(visit), hi - lo), dtype=dtype), 0  # filled from the memory maps: one copy
+            for sig, mine in zip(signatures, rows):
+                block = sig[:, lo:hi][mine]
+                values[at:at + len(block)] = block
+                at += len(block)
+            keys = values.view(np.dtype((np.void, values.itemsize * (hi - lo)))).reshape(-1)
             _, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
-            del keys
+            del keys, values
             ids = ids.reshape(-1).astype(np.int32 if len(counts) < 2 ** 31 else np.int64)
             buckets.append(ids)
             shared |= counts[ids] > 1
