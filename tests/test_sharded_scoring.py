@@ -255,6 +255,22 @@ def test_rows_appended_a_block_at_a_time_publish_the_array_and_narrow_only_when_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "narrow.npy", "wide.npy"]  # no temporaries
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_dedup_bucket_numbers_are_exact_also_when_the_mix_collides(collide, monkeypatch):
+    """Rows share a bucket number exactly when all their values are equal -- with the 64-bit mix, and when every
+    row's mix is the same (then the rows themselves are numbered)."""
+    from effitrain.selection import sharded_dedup
+
+    if collide:
+        monkeypatch.setattr(sharded_dedup, "_mix", lambda values: np.zeros(len(values), dtype=np.uint64))
+    values = np.random.default_rng(0).integers(0, 3, size=(500, 2)).astype(np.uint32)  # 9 distinct rows
+    ids, counts = sharded_dedup.bucket_numbers(values)
+    _, expected = np.unique(values.view(np.dtype((np.void, 8))).reshape(-1), return_inverse=True)
+    joint = np.unique(np.stack([ids, expected.reshape(-1)], axis=1), axis=0)
+    assert len(joint) == len(np.unique(ids)) == 9 and len(counts) == 9 and counts[ids].tolist() == \
+        np.bincount(expected.reshape(-1))[expected.reshape(-1)].tolist()
+
+
 # -------------------------------------------------------------------------------------------- SIGKILL, relaunch
 _SELECT = textwrap.dedent("""
     import sys

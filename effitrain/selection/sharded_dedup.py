@@ -63,15 +63,7 @@ class ShardedDedup:
                   work, job_name="dedup-signatures")
         pool = load_pool(work, len(corpus.files), p.target, corpus, self.seed)
         n = pool.candidates
-        exact_dup = np.zeros(n, dtype=bool)
-        if sp.exact:
-            _, first, inverse = np.unique(candidate_column(pool, "exact", "S20"), return_index=True,
-                                          return_inverse=True)
-            exact_dup = first[inverse.reshape(-1)] != np.arange(n)
-            del first, inverse
-        keep = ~exact_dup
-        if sp.near:
-            keep = self._near(work, pool, keep, sp)
+        keep, exact_dup = self.representatives(work, pool)
         near_dups = int((~exact_dup).sum() - keep.sum())
         weights = candidate_column(pool, "weight", np.float64) if p.budget.unit == "tokens" else np.ones(n)
         budget = p.budget.fraction * float(weights.sum())
@@ -91,31 +83,50 @@ class ShardedDedup:
             "seconds": round(time.perf_counter() - start, 3)}) + "\n")
         finish_stage(work)
 
+    def representatives(self, work: Path, pool: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(kept, exact duplicate)`` masks over the candidates: the reduce of the signatures stage's files."""
+        sp = self.params.scorer_block.params
+        n = pool.candidates
+        exact_dup = np.zeros(n, dtype=bool)
+        if sp.exact:
+            _, first, inverse = np.unique(candidate_column(pool, "exact", "S20"), return_index=True,
+                                          return_inverse=True)
+            exact_dup = first[inverse.reshape(-1)] != np.arange(n)
+            del first, inverse
+        keep = ~exact_dup
+        if sp.near:
+            keep = self._near(work, pool, keep, sp)
+        return keep, exact_dup
+
     def _near(self, work: Path, pool: Any, keep: np.ndarray, sp: Any) -> np.ndarray:
         """``keep`` after datasketch's query-against-kept over the candidates that are no exact duplicate."""
         from datasketch import MinHashLSH
 
         lsh = MinHashLSH(threshold=sp.threshold, num_perm=sp.num_perm)  # its bands: (start, end) of each
         visit = np.flatnonzero(keep)
-        signatures = [np.load(work / "sig" / f"{f:06d}.npy", mmap_mode="r") for f, _ in pool.files]
+        signatures = [work / "sig" / f"{f:06d}.npy" for f, _ in pool.files]
         rows = []  # per file: which of its rows are visited (a candidate, no exact duplicate)
         for f, a in pool.files:
             mine = np.zeros(len(a["record"]), dtype=bool)
             n_candidates = int(pool.candidate[f].sum())
             mine[np.flatnonzero(pool.candidate[f])] = keep[pool.offset[f]:pool.offset[f] + n_candidates]
             rows.append(mine)
-        dtype = np.result_type(*[s.dtype for s in signatures]) if signatures else np.uint32
+        dtype = np.result_type(*[np.load(path, mmap_mode="r").dtype for path in signatures]) if signatures else \
+            np.uint32
         buckets, shared = [], np.zeros(len(visit), dtype=bool)
         for lo, hi in lsh.hashranges:  # one band at a time: its values (r of the signature), numbered
             values, at = np.empty((len(visit), hi - lo), dtype=dtype), 0  # filled from the memory maps: one copy
-            for sig, mine in zip(signatures, rows):
+            for path, mine in zip(signatures, rows):
+                # a band is a few values of every row, so reading it touches every page of the file: map one file
+                # at a time and unmap it, or the touched pages of all the signatures count in this process's RSS
+                sig = np.load(path, mmap_mode="r")
                 block = sig[:, lo:hi][mine]
+                del sig
                 values[at:at + len(block)] = block
                 at += len(block)
-            keys = values.view(np.dtype((np.void, values.itemsize * (hi - lo)))).reshape(-1)
-            _, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
-            del keys, values
-            ids = ids.reshape(-1).astype(np.int32 if len(counts) < 2 ** 31 else np.int64)
+            ids, counts = bucket_numbers(values)
+            del values
+            ids = ids.astype(np.int32 if len(counts) < 2 ** 31 else np.int64)
             buckets.append(ids)
             shared |= counts[ids] > 1
             del counts
@@ -129,3 +140,38 @@ class ShardedDedup:
                 for h, b in zip(holds_kept, mine):
                     h[b] = True
         return keep
+
+
+def bucket_numbers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(each row's bucket number, rows per bucket)``: two rows get one number exactly when all their values are
+    equal.  The rows are numbered by a 64-bit mix of their values (8 bytes a row to sort, not the row), and the rows
+    that share a mix are compared: on a collision -- about n^2 / 2^65, never seen -- the rows themselves are
+    numbered, so the numbers are exact either way."""
+    n = len(values)
+    mix = _mix(values)
+    order = np.argsort(mix, kind="stable")
+    ordered = mix[order]
+    del mix
+    same = ordered[1:] == ordered[:-1]
+    del ordered
+    pairs = np.flatnonzero(same)
+    if len(pairs) and (values[order[pairs]] != values[order[pairs + 1]]).any():  # a collision: the exact way
+        keys = np.ascontiguousarray(values).view(np.dtype((np.void, values.itemsize * values.shape[1]))).reshape(-1)
+        _, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        return ids.reshape(-1), counts
+    first = np.r_[True, ~same] if n else np.zeros(0, dtype=bool)
+    ids = np.empty(n, dtype=np.int64)
+    ids[order] = np.cumsum(first) - 1
+    counts = np.diff(np.r_[np.flatnonzero(first), n])
+    return ids, counts
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """A 64-bit FNV-1a-style mix of each row's values (a shift folded in after each multiply)."""
+    mix = np.full(len(values), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for c in range(values.shape[1]):
+            mix ^= values[:, c].astype(np.uint64)
+            mix *= np.uint64(0x100000001B3)
+            mix ^= mix >> np.uint64(29)
+    return mix
