@@ -9,8 +9,8 @@ The corpora come from scripts/make_corpus.py (16 JSON-lines files, 5 domains; wr
 Memory is sampled every ``--every`` seconds with psutil over the process tree of the run (a stage's task processes
 are the driver's children while that stage runs; a short stage may be missed between two samples, and then shows
 no task figure); the driver's peak is also given by phase (a stage's name while its tasks run, ``after STAGE`` for
-the reduce that follows it, up to the next stage).  The issue's target (#24): the peak RSS per process at 1M documents within 1.5x of its value at
-10k.  The machine is shared: the load before each run is printed with it.
+the reduce that follows it, up to the next stage).  The issue's target (#24): the peak RSS per process at 1M
+documents within 1.5x of its value at 10k.  The machine is shared: the load before each run is printed with it.
 """
 
 from __future__ import annotations
