@@ -8,8 +8,9 @@ process and of the largest task process of each stage.
 The corpora come from scripts/make_corpus.py (16 JSON-lines files, 5 domains; written once into ``--workdir``).
 Memory is sampled every ``--every`` seconds with psutil over the process tree of the run (a stage's task processes
 are the driver's children while that stage runs; a short stage may be missed between two samples, and then shows
-no task figure).  The issue's target (#24): the peak RSS per process at 1M documents within 1.5x of its value at
-10k.  The machine is shared: the load before each run is printed with it.
+no task figure); the driver's peak is also given by phase (a stage's name while its tasks run, ``after STAGE`` for
+the reduce that follows it, up to the next stage).  The issue's target (#24): the peak RSS per process at 1M
+documents within 1.5x of its value at 10k.  The machine is shared: the load before each run is printed with it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ EFFITRAIN = str(Path(sys.executable).parent / "effitrain")
 STAGE = re.compile(r"^data: ([\w-]+): (\d+ of \d+ tasks to run|done in ([\d.]+) s)")
 
 
-def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: float, extra: list[str]) -> dict:
+def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: float, extra: list[str],
+         log: Path | None = None) -> dict:
     env = {**os.environ, "EFFITRAIN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [EFFITRAIN, f"+recipe={recipe}", "dataset=local", f"dataset.path={corpus}", "dataset.domain_field=domain",
            "data.executor=local", f"data.tasks={tasks}", f"data.workers={tasks}", f"train.max_steps={steps}",
@@ -39,16 +41,24 @@ def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: f
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = psutil.Process(proc.pid)
-    state = {"stage": "start-up", "driver": 0, "tasks": {}, "times": {}, "lines": []}
+    state = {"stage": "start-up", "driver": 0, "driver_by": {}, "tasks": {}, "times": {}, "lines": []}
 
     def sample() -> None:
         while proc.poll() is None:
             try:
-                state["driver"] = max(state["driver"], driver.memory_info().rss)
+                rss = driver.memory_info().rss
+                state["driver"] = max(state["driver"], rss)
+                by = state["driver_by"]  # a stage's tasks run, then its reduce in the driver ("after STAGE")
+                by[state["stage"]] = max(by.get(state["stage"], 0), rss)
+                tasks_rss = []
                 for child in driver.children(recursive=True):
-                    rss = child.memory_info().rss
+                    tasks_rss.append(child.memory_info().rss)
                     stage = state["stage"]
-                    state["tasks"][stage] = max(state["tasks"].get(stage, 0), rss)
+                    state["tasks"][stage] = max(state["tasks"].get(stage, 0), tasks_rss[-1])
+                if log is not None:  # every sample as it is taken: a run stopped before its end still has its peaks
+                    with open(log, "a") as fh:
+                        fh.write(f"{time.strftime('%H:%M:%S')} {recipe} {corpus.name} {state['stage']} driver "
+                                 f"{rss >> 20} MB tasks {sorted((t >> 20 for t in tasks_rss), reverse=True)} MB\n")
             except psutil.Error:
                 pass
             time.sleep(every)
@@ -62,7 +72,7 @@ def _run(recipe: str, corpus: Path, tasks: int, steps: int, work: Path, every: f
             state["stage"] = m.group(1)
         elif m:
             state["times"][m.group(1)] = float(m.group(3))
-            state["stage"] = "between stages"
+            state["stage"] = f"after {m.group(1)}"
     rc = proc.wait()
     watcher.join()
     if rc != 0:
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between two memory samples")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="append every memory sample to this file as it is taken")
     parser.add_argument("extra", nargs="*", help="more overrides, e.g. selection.target.domain=science")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "scripts"))
@@ -86,17 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-e2e-"))
     extra = args.extra or (["selection.target.domain=science"] if args.recipe == "dsir" else [])
-    print(f"| documents | load before | wall | stage: seconds / peak task RSS | peak RSS (driver) |")
-    print("|---|---|---|---|---|")
+    print(f"| documents | load before | wall | stage: seconds / peak task RSS | peak RSS (driver) | driver by phase |")
+    print("|---|---|---|---|---|---|")
     for docs in args.docs:
         corpus = workdir / f"corpus-{docs}"
         if not corpus.exists():
             make_corpus.generate(corpus, docs=docs, files=16, fmt="jsonl", seed=0, ids=True)
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            r = _run(args.recipe, corpus, args.tasks, args.steps, Path(tmp), args.every, extra)
+            r = _run(args.recipe, corpus, args.tasks, args.steps, Path(tmp), args.every, extra, args.log)
         stages = "; ".join(f"{s} {t:.1f} s / {r['tasks'].get(s, 0) / 2**20:,.0f} MB" for s, t in r["times"].items())
-        print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB |", flush=True)
+        phases = "; ".join(f"{s} {v / 2**20:,.0f} MB" for s, v in r["driver_by"].items())
+        print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB | {phases} |",
+              flush=True)
     return 0
 
 

@@ -155,6 +155,122 @@ def test_sharded_dedup_keeps_exactly_the_in_memory_representatives(corpus_with_d
         assert any(o in kept and c not in kept for c, o, f in pairs if f <= 1)
 
 
+# ----------------------------------------------------------------------------------- map tasks in bounded memory
+@pytest.mark.parametrize("method", ["quality_classifier", "dedup"])
+def test_map_tasks_cutting_each_file_into_blocks_select_the_same(method, corpus, corpus_with_duplicates,
+                                                                 tmp_path_factory, tmp_path, monkeypatch):
+    """The pool, signature and score tasks stream a file a block of documents at a time (1024; here 5, so each
+    file is many blocks and its last one short, the signatures appended block by block): the same selection."""
+    from effitrain.selection import sharded_pool
+
+    monkeypatch.setattr(sharded_pool, "BLOCK", 5)
+    if method == "dedup":
+        block, data, key = _block("dedup", {"budget": {"fraction": 1.0, "unit": "tokens"}}), corpus_with_duplicates, \
+            "dedup{}"
+    else:
+        block, data, key = _block(method, CASES[method]), corpus, method
+    expected, info = _in_memory(data, tmp_path_factory.mktemp("memory"), block, key)
+    got, sharded_info = _sharded(data, tmp_path, method, block, 2)
+    assert got == expected and sharded_info["pool_examples"] == info["pool_examples"]
+
+
+class _Live:
+    """Documents that count how many of them are alive at once (a step that keeps a file's documents keeps them
+    all alive)."""
+
+    def __init__(self) -> None:
+        self.alive = self.most = 0
+
+    def documents(self, texts: list, file_index: int = 0):
+        import weakref
+
+        from datatrove.data import Document
+
+        class Counted(Document):  # datatrove's Document has slots: a subclass can be referenced weakly
+            pass
+
+        for record, text in enumerate(texts):
+            doc = Counted(text=text, id=f"{file_index}/{record}",
+                           metadata={"file": file_index, "record": record, "domain": "ab"[record % 2],
+                                     "source_id": None})
+            self.alive += 1
+            self.most = max(self.most, self.alive)
+            weakref.finalize(doc, self._gone)
+            yield doc
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+
+def test_pool_and_score_tasks_hold_a_block_of_documents_not_a_file(tmp_path, monkeypatch):
+    import pickle
+
+    from effitrain.selection import sharded_pool
+    from effitrain.selection.scorers.zip_fit import _clen
+    from effitrain.selection.sharded_pool import PoolCounts
+    from effitrain.selection.sharded_scored import ScoreKeys
+
+    monkeypatch.setattr(sharded_pool, "BLOCK", 5)
+    texts = [f"document {i} says " + "something new " * (i % 7 + 1) for i in range(60)]
+    np.save(tmp_path / "eval.npy", np.array([[0, 3]], dtype=np.int64))
+    live = _Live()
+    dedup = {"num_perm": 16, "shingle": "word", "shingle_size": 2, "near": True}
+    PoolCounts(str(tmp_path / "work"), eval_docs=str(tmp_path / "eval.npy"), dedup=dedup).run(live.documents(texts))
+    assert 0 < live.most <= 2 * 5 + 2, live.most  # this block and the next being filled; 60 if the file were held
+    with np.load(tmp_path / "work" / "pool" / "000000.npz") as z:
+        assert z["record"].tolist() == [r for r in range(60) if r != 3]
+        assert z["domains"].tolist() == ["a", "b"] and z["domain"].tolist() == [r % 2 for r in range(60) if r != 3]
+    sig = np.load(tmp_path / "work" / "sig" / "000000.npy")
+    assert sig.shape == (59, 16) and sig.dtype == np.uint32  # datasketch's 32-bit values, published narrow
+
+    target = [b"something new something new"]
+    (tmp_path / "fitted.pkl").write_bytes(pickle.dumps({"scorer": "zip_fit", "zip_fit": {
+        "targets": target, "target_lens": [_clen(t, 9) for t in target], "max_chars": 2000, "level": 9}}))
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "files": {"0": {"offset": 0, "skip": [7]}}, "n_files": 1, "seed": 3, "unit": "tokens", "selector": "topk",
+        "descending": True, "eval_docs": str(tmp_path / "eval.npy")}))
+    live = _Live()
+    ScoreKeys(str(tmp_path / "work"), plan=str(tmp_path / "plan.json"), fitted=str(tmp_path / "fitted.pkl"),
+              reader=None).run(live.documents(texts))
+    assert 0 < live.most <= 2 * 5 + 2, live.most
+    keys = sharded_pool.load_arrays(tmp_path / "work" / "keys" / "00000")
+    assert sorted(keys["record"].tolist()) == [r for r in range(60) if r not in (3, 7)]
+
+
+def test_rows_appended_a_block_at_a_time_publish_the_array_and_narrow_only_when_every_value_fits(tmp_path):
+    from effitrain.selection.sharded_pool import RowsFile
+
+    rows = np.arange(30, dtype=np.uint64).reshape(10, 3) * np.uint64(1 << 20)
+    wide = rows.copy()
+    wide[7, 1] = np.uint64(1 << 40)  # one value past 32 bits, in the last block
+    for name, values, dtype in (("narrow", rows, np.uint32), ("wide", wide, np.uint64)):
+        out = RowsFile(tmp_path / f"{name}.npy", np.uint64, width=3, narrow=np.uint32)
+        for i in range(0, 10, 4):
+            out.append(values[i:i + 4])
+        out.publish()
+        got = np.load(tmp_path / f"{name}.npy")
+        assert got.dtype == dtype and got.shape == (10, 3) and (got.astype(np.uint64) == values).all()
+    RowsFile(tmp_path / "empty.npy", np.uint64, width=3, narrow=np.uint32).publish()
+    assert np.load(tmp_path / "empty.npy").shape == (0, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "narrow.npy", "wide.npy"]  # no temporaries
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_dedup_bucket_numbers_are_exact_also_when_the_mix_collides(collide, monkeypatch):
+    """Rows share a bucket number exactly when all their values are equal -- with the 64-bit mix, and when every
+    row's mix is the same (then the rows themselves are numbered)."""
+    from effitrain.selection import sharded_dedup
+
+    if collide:
+        monkeypatch.setattr(sharded_dedup, "_mix", lambda values: np.zeros(len(values), dtype=np.uint64))
+    values = np.random.default_rng(0).integers(0, 3, size=(500, 2)).astype(np.uint32)  # 9 distinct rows
+    ids, counts = sharded_dedup.bucket_numbers(values)
+    _, expected = np.unique(values.view(np.dtype((np.void, 8))).reshape(-1), return_inverse=True)
+    joint = np.unique(np.stack([ids, expected.reshape(-1)], axis=1), axis=0)
+    assert len(joint) == len(np.unique(ids)) == 9 and len(counts) == 9 and counts[ids].tolist() == \
+        np.bincount(expected.reshape(-1))[expected.reshape(-1)].tolist()
+
+
 # -------------------------------------------------------------------------------------------- SIGKILL, relaunch
 _SELECT = textwrap.dedent("""
     import sys

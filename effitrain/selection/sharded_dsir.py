@@ -7,7 +7,8 @@ documents, in the same order, that the in-memory :class:`~effitrain.selection.sc
    n-gram is hashed once) and the file's bucket counts.
 2. **distributions** (reduce, this process): the target -- ``target.domain`` drawn from the train documents as
    :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation; its few texts are read
-   back from their files), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
+   back from their files: :func:`~effitrain.selection.sharded_pool.draw_target`, shared with the other sharded
+   selections), or ``target.path`` / ``.dataset`` loaded as in memory; the pool counts are the files'
    counts summed minus the target's (integers: exact); then the log importance weights, the budget and each
    file's offset among the documents allowed past ``min_length``.
 3. **score** (datatrove tasks, reading the count stage's bucket ids, not the corpus): per document its log
@@ -34,7 +35,7 @@ import numpy as np
 
 from effitrain.data.engine import PipelineStep, _per_file, finish_stage, run_stage
 from effitrain.registry import ConfigError
-from effitrain.selection.sharded_pool import require_whole_pool_selector
+from effitrain.selection.sharded_pool import domain_rows, draw_target, require_whole_pool_selector
 from effitrain.selection.base import count_tokens
 from effitrain.selection.scorers.dsir import document_scores, hashed_ngrams, log_importance, wordpunct
 
@@ -188,40 +189,16 @@ def _scorer_dict(params: Any) -> dict:
     return {k: s[k] for k in ("num_buckets", "ngram", "lowercase", "min_length", "length_normalize")}
 
 
-def _target_counts(params: Any, domain_docs: list, domains: set, corpus: Any,
+def _target_counts(params: Any, domain_docs: np.ndarray, domains: set, corpus: Any,
                    seed: int) -> tuple[np.ndarray, set, int]:
-    """``(target bucket counts, {(file, record)} held out of the candidates, target documents)``; ``domain_docs``:
-    the ``(file, record)`` of the target domain's train documents in pool order."""
-    from effitrain.data.records import RecordFile
-
-    t, s = params.target, _scorer_dict(params)
+    """``(target bucket counts, {(file, record)} held out of the candidates, target documents)``: the target drawn as
+    every sharded selection draws it (:func:`~effitrain.selection.sharded_pool.draw_target`), its texts hashed."""
+    s = _scorer_dict(params)
+    texts, held = draw_target(params.target, domain_docs, domains, corpus, seed)
     counts = np.zeros(s["num_buckets"], dtype=np.int64)
-    if t.domain is None:
-        from effitrain.selection.target import resolve_target
-
-        target, _ = resolve_target(t, {"train": []}, seed)
-        for text in target["text"]:
-            counts += np.bincount(np.asarray(_features(text, s)[0], dtype=np.int64), minlength=s["num_buckets"])
-        return counts, set(), len(target)
-    if t.split != "train":
-        raise ConfigError(f"selection.target.split: data.executor draws a target domain from the train split, not "
-                          f"'{t.split}'; use split: train or selection.target.path")
-    idx = domain_docs
-    if not idx:
-        raise ConfigError(f"selection.target.domain: no '{t.domain}' examples in the train split; domains: "
-                          f"{', '.join(sorted(domains))}")
-    rng = np.random.default_rng(seed)  # resolve_target's draw: a permutation of the domain's train positions
-    chosen = sorted(idx[i] for i in rng.permutation(len(idx))[:t.max_examples])
-    by_file: dict[int, set] = {}
-    for f, r in chosen:
-        by_file.setdefault(f, set()).add(r)
-    for f, records in sorted(by_file.items()):  # a few documents: read back from their files
-        for record in RecordFile(corpus.files[f], corpus.fmt, text_field=corpus.text_field,
-                                 domain_field=corpus.domain_field):
-            if record.index in records:
-                counts += np.bincount(np.asarray(_features(record.text, s)[0], dtype=np.int64),
-                                      minlength=s["num_buckets"])
-    return counts, set(chosen), len(chosen)
+    for text in texts:
+        counts += np.bincount(np.asarray(_features(text, s)[0], dtype=np.int64), minlength=s["num_buckets"])
+    return counts, held, len(texts)
 
 
 class ShardedDSIR:
@@ -250,22 +227,18 @@ class ShardedDSIR:
                   work, job_name="dsir-count")
         files = []
         total = np.zeros(s["num_buckets"], dtype=np.int64)
-        domain_docs, domains = [], set()  # the target domain's train documents (file, record), pool order
+        domains: set = set()
         for f in range(len(corpus.files)):
             path = work / "counts" / f"{f:06d}.npz"
             if not path.is_file():
                 continue
             with np.load(path) as z:
-                names = z["domains"].tolist()
-                arrays = {k: z[k] for k in ("record", "domain", "length", "weight")}
+                arrays = {k: z[k] for k in ("record", "domain", "domains", "length", "weight")}
                 total += z["counts"]
             files.append((f, arrays))
-            domains.update(names)
-            if p.target is not None and p.target.domain in names:
-                mine = arrays["domain"] == names.index(p.target.domain)
-                domain_docs += [(f, int(r)) for r in arrays["record"][mine]]
-        target_counts, held, n_target = _target_counts(p, domain_docs, domains, corpus, self.seed)
-        del domain_docs
+            domains.update(arrays["domains"].tolist())
+        target_counts, held, n_target = _target_counts(
+            p, domain_rows(files, None if p.target is None else p.target.domain), domains, corpus, self.seed)
         weights_total, offset, plan_files = 0.0, 0, {}
         for f, a in files:
             out_of_pool = np.isin(a["record"], [r for ff, r in held if ff == f])

@@ -29,36 +29,35 @@ from typing import Any, Iterator
 import numpy as np
 
 from effitrain.data.engine import finish_stage, run_stage
-from effitrain.selection.sharded_pool import PoolCounts, load_pool, plan_json, require_whole_pool_selector
-from effitrain.selection.sharded_scored import ScoreKeys, ShardedScored, _candidate_pairs, _on_cuda
+from effitrain.selection.sharded_pool import (ColumnBlocks, PoolCounts, RowsFile, candidate_column, candidate_pairs,
+                                              load_pool, plan_json, require_whole_pool_selector)
+from effitrain.selection.sharded_scored import ScoreKeys, ShardedScored, _on_cuda
 
 _VERSION = 1
 _BLOCK = 65536  # rows a block in the reduce's passes over the embeddings
 
 
 class EmbedDocs(ScoreKeys):
-    """Per task ``emb/NNNNN.npy`` (its candidates' embeddings, float32) and ``emb/NNNNN.pos.npy`` (their global
-    positions among the candidates)."""
+    """Per task ``emb/NNNNN.npy`` (its candidates' embeddings, float32, appended to disk a batch at a time) and
+    ``emb/NNNNN.pos.npy`` (their global positions among the candidates)."""
 
     name = "effitrain embed"
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
         plan, fitted, embed, batch, eval_set = self._load()
-        rows, positions = [], []
-        with self._threads(fitted):
-            for _, first, docs in self._documents(data, plan, eval_set, batch):
-                with self.track_time("embed"):
-                    rows += [embed([d.text for d in docs[i:i + batch]]) for i in range(0, len(docs), batch)]
-                positions.append(first + np.arange(len(docs), dtype=np.int64))
-                self.stat_update("documents", value=len(docs))
         out = Path(self.out_dir) / "emb"
-        out.mkdir(parents=True, exist_ok=True)
-        matrix = np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-        for name, array in ((f"{rank:05d}.npy", matrix), (f"{rank:05d}.pos.npy", np.concatenate(positions or
-                                                                                                 [np.zeros(0)]))):
-            tmp = out / f".{name}.tmp.npy"
-            np.save(tmp, array)
-            tmp.replace(out / name)
+        rows, positions = RowsFile(out / f"{rank:05d}.npy", np.float32), ColumnBlocks()
+        with self._threads(fitted):
+            for first, docs in self._blocks(data, plan, eval_set, batch):
+                with self.track_time("embed"):
+                    rows.append(embed([d.text for d in docs]))
+                positions.add(pos=first + np.arange(len(docs), dtype=np.int64))
+                self.stat_update("documents", value=len(docs))
+        position = positions.arrays({"pos": np.int64})["pos"]
+        tmp = out / f".{rank:05d}.pos.tmp.npy"
+        np.save(tmp, position)
+        tmp.replace(out / f"{rank:05d}.pos.npy")
+        rows.publish()
         return iter(())
 
 
@@ -92,13 +91,12 @@ class ShardedKMeans(ShardedScored):
         labels, centres = kmeans_fit(x, sp.num_clusters, self.seed)
         dist = np.concatenate([np.linalg.norm(x[i:i + _BLOCK] - centres[labels[i:i + _BLOCK]], axis=1)
                                for i in range(0, n, _BLOCK)] or [np.zeros(0)])
-        weights = (np.concatenate([a["weight"][pool.candidate[f]] for f, a in pool.files]).astype(np.float64)
-                   if p.budget.unit == "tokens" and pool.files else np.ones(n))
+        weights = candidate_column(pool, "weight", np.float64) if p.budget.unit == "tokens" else np.ones(n)
         budget = p.budget.fraction * float(weights.sum())
         chosen = np.sort(np.asarray(p.selector_block.build().select(
             np.asarray(-dist, dtype=np.float64), labels, weights, budget, np.random.default_rng(self.seed)),
             dtype=np.int64))
-        pairs = np.asarray(_candidate_pairs(pool, chosen), dtype=np.int64).reshape(-1, 2)
+        pairs = candidate_pairs(pool, chosen)
         np.save(out / "selected.npy", pairs)
         kept_units, total = float(weights[chosen].sum()), float(weights.sum())
         (out / "info.json").write_text(json.dumps({
@@ -117,7 +115,8 @@ class ShardedKMeans(ShardedScored):
     @staticmethod
     def _matrix(work: Path, n: int, normalize: bool) -> np.ndarray:
         """The tasks' embeddings as one memory map in pool order, L2-normalized a row at a time when asked."""
-        parts = sorted(p for p in (work / "emb").glob("*.npy") if not p.name.endswith(".pos.npy"))
+        parts = sorted(p for p in (work / "emb").glob("*.npy")  # not a killed task's temporary (".NNNNN.tmp...")
+                       if not p.name.endswith(".pos.npy") and not p.name.startswith("."))
         width = next((np.load(p, mmap_mode="r").shape[1] for p in parts if np.load(p, mmap_mode="r").size), 0)
         x = np.lib.format.open_memmap(work / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, width))
         for part in parts:

@@ -4,7 +4,8 @@ a few documents back from their files, and the exact global cut of a budget over
 * :class:`PoolCounts` (datatrove tasks): per file, every train document's record number, domain and budget weight
   (pre-tokenizer pieces, :func:`~effitrain.selection.base.count_tokens`); for ``dedup`` also its exact hash and
   MinHash signature (:mod:`effitrain.selection.sharded_dedup`).
-* :func:`load_pool` (reduce): the files' arrays, the target drawn as
+* :func:`load_pool` (reduce): the files' arrays (numpy columns, a few bytes a candidate: no Python object per
+  document anywhere in the reduce), the target drawn as
   :func:`~effitrain.selection.target.resolve_target` draws it (the same seeded permutation of the target domain's
   train documents, its texts read back from their files) and each file's offset among the candidates (the pool minus
   the target, in pool order = file order, then record order).
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from effitrain.data.engine import PipelineStep, _per_file
+from effitrain.data.engine import PipelineStep, _per_file, batched
 from effitrain.registry import ConfigError
 from effitrain.selection.base import count_tokens
 
@@ -76,7 +77,9 @@ class PoolCounts(PipelineStep):
     """Per file ``pool/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``) and ``weight`` of its train
     documents (the eval hold-out skipped); with ``dedup`` (the scorer's parameters) also ``exact`` (the SHA-1 of the
     normalized text, as the in-memory scorer keys its exact duplicates) and ``sig/NNNNNN.npy``, the MinHash
-    signatures (``uint32`` when every value fits, as datasketch's 32-bit scheme's do)."""
+    signatures (``uint32`` when every value fits, as datasketch's 32-bit scheme's do).  A task streams its files
+    ``BLOCK`` documents at a time: it holds one block's texts and shingles and a few bytes a document of the file
+    (its columns as numpy arrays), the signatures go to disk as they are computed."""
 
     name = "effitrain pool"
     type = "🔢 - FEATURES"
@@ -86,35 +89,115 @@ class PoolCounts(PipelineStep):
         self.out_dir, self.eval_docs, self.dedup = out_dir, eval_docs, dedup
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-        eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
+        eval_set = eval_pairs(self.eval_docs)
         out = Path(self.out_dir)
         for file_index, docs in _per_file(data):
-            docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set]
-            names = sorted({d.metadata["domain"] for d in docs})
-            code = {n: i for i, n in enumerate(names)}
-            arrays = {"record": np.array([d.metadata["record"] for d in docs], dtype=np.int64),
-                      "domain": np.array([code[d.metadata["domain"]] for d in docs], dtype=np.int32),
-                      "domains": np.array(names, dtype=str),
-                      "weight": np.array([count_tokens(d.text) for d in docs], dtype=np.int64)}
-            if self.dedup is not None:
-                from effitrain.selection.scorers.dedup import _signatures
+            train = (d for d in docs if (file_index, d.metadata["record"]) not in eval_set)
+            columns = ColumnBlocks()
+            domains = DomainCodes()
+            sig = RowsFile(out / "sig" / f"{file_index:06d}.npy", np.uint64, width=self.dedup["num_perm"],
+                           narrow=np.uint32) if self.dedup is not None and self.dedup["near"] else None
+            for block in batched(train, BLOCK):  # a block of documents at a time, never the file's
+                columns.add(record=np.array([d.metadata["record"] for d in block], dtype=np.int64),
+                            domain=domains.codes([d.metadata["domain"] for d in block]),
+                            weight=np.array([count_tokens(d.text) for d in block], dtype=np.int64))
+                if self.dedup is not None:
+                    from effitrain.selection.scorers.dedup import _signatures
 
-                d = self.dedup
-                sig = _signatures({"text": [doc.text for doc in docs]}, d["num_perm"], d["shingle"],
-                                  d["shingle_size"], d["near"])
-                arrays["exact"] = np.array([bytes.fromhex(h) for h in sig["exact"]], dtype="S20")
-                if d["near"]:
-                    values = np.stack(sig["minhash"]).astype(np.uint64) if docs else \
-                        np.zeros((0, d["num_perm"]), dtype=np.uint64)
-                    narrow = values.size == 0 or int(values.max()) <= 0xFFFFFFFF
-                    path = out / "sig" / f"{file_index:06d}.npy"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-                    np.save(tmp, values.astype(np.uint32) if narrow else values)
-                    os.replace(tmp, path)
+                    d = self.dedup
+                    s = _signatures({"text": [doc.text for doc in block]}, d["num_perm"], d["shingle"],
+                                    d["shingle_size"], d["near"])
+                    columns.add(exact=np.array([bytes.fromhex(h) for h in s["exact"]], dtype="S20"))
+                    if sig is not None:
+                        sig.append(np.stack(s["minhash"]).astype(np.uint64))
+            arrays = columns.arrays({"record": np.int64, "domain": np.int32, "weight": np.int64, "exact": "S20"})
+            if self.dedup is None:
+                arrays.pop("exact")
+            names, arrays["domain"] = domains.sorted(arrays["domain"])
+            arrays["domains"] = np.array(names, dtype=str)
+            if sig is not None:
+                sig.publish()
             save_npz(out / "pool" / f"{file_index:06d}.npz", **arrays)
             self.stat_update("files")
         return iter(())
+
+
+BLOCK = 1024  # documents a map task holds at once (the tests lower it to cut files into several blocks)
+
+
+def eval_pairs(path: str) -> set:
+    """The eval hold-out's ``(file, record)`` pairs (a few hundred a domain: the scan's ``holdout``)."""
+    return set(map(tuple, np.load(path).tolist()))
+
+
+class ColumnBlocks:
+    """Numeric columns collected a block at a time as numpy arrays (a few bytes a document, not a Python object)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, list] = {}
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for name, array in arrays.items():
+            self.blocks.setdefault(name, []).append(array)
+
+    def arrays(self, dtypes: dict) -> dict:
+        return {k: np.concatenate(self.blocks[k]) if self.blocks.get(k) else np.zeros(0, dtype=dt)
+                for k, dt in dtypes.items()}
+
+
+class DomainCodes:
+    """Domain names -> codes as they come, then renumbered in sorted name order (the pool files' convention)."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+
+    def codes(self, names: list) -> np.ndarray:
+        return np.array([self.code.setdefault(n, len(self.code)) for n in names], dtype=np.int32)
+
+    def sorted(self, codes: np.ndarray) -> tuple[list, np.ndarray]:
+        names = sorted(self.code)
+        renumber = np.zeros(len(self.code), dtype=np.int32)
+        for i, n in enumerate(names):
+            renumber[self.code[n]] = i
+        return names, renumber[codes] if len(codes) else codes.astype(np.int32)
+
+
+class RowsFile:
+    """A ``.npy`` of rows written a block at a time (raw rows appended to a temporary file, then published under
+    ``path`` in one rename), so a task holds one block of rows, not a file's or a task's.  ``narrow``: the dtype to
+    publish in instead when every value fits it (MinHash values: datasketch's 32-bit scheme's fit ``uint32``)."""
+
+    def __init__(self, path: Path, dtype: Any, *, width: int = 0, narrow: Any = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
+        self.narrow = None if narrow is None else np.dtype(narrow)
+        self.raw = path.with_name(f".{path.stem}.tmp{os.getpid()}.raw")
+        self.fh = open(self.raw, "wb")
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if not len(values):
+            return
+        self.width = values.shape[1]
+        if self.narrow is not None and (values < np.iinfo(self.narrow).min).any() | \
+                (values > np.iinfo(self.narrow).max).any():
+            self.narrow = None
+        self.fh.write(values.tobytes())
+        self.rows += len(values)
+
+    def publish(self) -> None:
+        self.fh.close()
+        dtype = self.narrow or self.dtype
+        src = np.memmap(self.raw, dtype=self.dtype, mode="r", shape=(self.rows, self.width)) if self.rows else None
+        tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}.npy")
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": (self.rows, self.width)})
+            for i in range(0, self.rows, BLOCK):
+                fh.write(np.asarray(src[i:i + BLOCK]).astype(dtype).tobytes())
+        del src
+        os.replace(tmp, self.path)
+        self.raw.unlink()
 
 
 @dataclass
@@ -146,17 +229,21 @@ def read_texts(corpus: Any, pairs: Sequence[tuple[int, int]]) -> dict:
         by_file.setdefault(int(f), set()).add(int(r))
     out = {}
     for f, records in sorted(by_file.items()):
+        last = max(records)
         for record in RecordFile(corpus.files[f], corpus.fmt, text_field=corpus.text_field,
                                  domain_field=corpus.domain_field):
             if record.index in records:
                 out[(f, record.index)] = record.text
+            if record.index >= last:  # records come in order: the rest of the file holds none of them
+                break
     return out
 
 
-def draw_target(target: Any, domain_docs: list, domains: set, corpus: Any, seed: int) -> tuple[list, set]:
-    """``(target texts, {(file, record)} held out of the candidates)``; ``domain_docs``: the ``(file, record)`` of the
-    target domain's train documents in pool order.  The draw is :func:`resolve_target`'s: ``np.sort`` of the seeded
-    permutation's first ``max_examples`` positions, so the texts come in pool order."""
+def draw_target(target: Any, domain_docs: np.ndarray, domains: set, corpus: Any, seed: int) -> tuple[list, set]:
+    """``(target texts, {(file, record)} held out of the candidates)``; ``domain_docs``: the ``(file, record)`` rows
+    (an ``(n, 2)`` integer array) of the target domain's train documents in pool order.  The draw is
+    :func:`resolve_target`'s: ``np.sort`` of the seeded permutation's first ``max_examples`` positions, so the texts
+    come in pool order."""
     if target is None:
         return [], set()
     if target.domain is None:
@@ -167,36 +254,68 @@ def draw_target(target: Any, domain_docs: list, domains: set, corpus: Any, seed:
     if target.split != "train":
         raise ConfigError(f"selection.target.split: data.executor draws a target domain from the train split, not "
                           f"'{target.split}'; use split: train or selection.target.path")
-    if not domain_docs:
+    if not len(domain_docs):
         raise ConfigError(f"selection.target.domain: no '{target.domain}' examples in the train split; domains: "
                           f"{', '.join(sorted(domains))}")
     rng = np.random.default_rng(seed)
-    chosen = sorted(domain_docs[i] for i in rng.permutation(len(domain_docs))[:target.max_examples])
+    rows = np.sort(rng.permutation(len(domain_docs))[:target.max_examples])  # pool order = (file, record) order
+    chosen = [(int(f), int(r)) for f, r in np.asarray(domain_docs)[rows]]
     texts = read_texts(corpus, chosen)
     return [texts[c] for c in chosen], set(chosen)
 
 
+def domain_rows(files: list, domain: Optional[str]) -> np.ndarray:
+    """The ``(file, record)`` rows of ``domain``'s documents over the pool files ``[(file, arrays)]``, pool order."""
+    out = [np.zeros((0, 2), dtype=np.int64)]
+    for f, a in files:
+        names = a["domains"].tolist()
+        if domain is not None and domain in names:
+            records = a["record"][a["domain"] == names.index(domain)]
+            out.append(np.stack([np.full(len(records), f, dtype=np.int64), records.astype(np.int64)], axis=1))
+    return np.concatenate(out)
+
+
 def load_pool(work: Path, n_files: int, target: Any, corpus: Any, seed: int) -> Pool:
-    files, domain_docs, domains = [], [], set()
+    files, domains = [], set()
     for f in range(n_files):
         path = work / "pool" / f"{f:06d}.npz"
         if not path.is_file():  # no train document in this file
             continue
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-        names = arrays["domains"].tolist()
-        domains.update(names)
+        domains.update(arrays["domains"].tolist())
         files.append((f, arrays))
-        if target is not None and target.domain in names:
-            mine = arrays["domain"] == names.index(target.domain)
-            domain_docs += [(f, int(r)) for r in arrays["record"][mine]]
-    texts, held = draw_target(target, domain_docs, domains, corpus, seed)
+    texts, held = draw_target(target, domain_rows(files, None if target is None else target.domain), domains,
+                              corpus, seed)
     candidate, offset, position = {}, {}, 0
     for f, a in files:
         candidate[f] = ~np.isin(a["record"], [r for ff, r in held if ff == f])
         offset[f] = position
         position += int(candidate[f].sum())
     return Pool(files, held, texts, candidate, offset)
+
+
+def candidate_column(pool: Pool, name: str, dtype: Any = None) -> np.ndarray:
+    """One column of the pool files (``record``, ``weight``, ``exact``...) over the candidates, in pool order."""
+    parts = [a[name][pool.candidate[f]] for f, a in pool.files]
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype or np.int64)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def candidate_pairs(pool: Pool, positions: Optional[np.ndarray] = None) -> np.ndarray:
+    """The ``(file, record)`` rows (``(k, 2)`` int64) of the candidates at global ``positions`` (sorted; all of them
+    when None)."""
+    out = [np.zeros((0, 2), dtype=np.int64)]
+    positions = None if positions is None else np.asarray(positions, dtype=np.int64)
+    i = 0
+    for f, a in pool.files:
+        records = a["record"][pool.candidate[f]].astype(np.int64)
+        if positions is not None:
+            lo = pool.offset[f]
+            j = i + int(np.searchsorted(positions[i:], lo + len(records), "left"))
+            records, i = records[positions[i:j] - lo], j
+        out.append(np.stack([np.full(len(records), f, dtype=np.int64), records], axis=1))
+    return np.concatenate(out)
 
 
 def draws(seed: int, start: int, n: int) -> np.ndarray:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import pickle
 import time
@@ -32,10 +33,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from effitrain.data.engine import PipelineStep, _per_file, finish_stage, run_stage
+from effitrain.data.engine import PipelineStep, _per_file, batched, finish_stage, run_stage
 from effitrain.registry import ConfigError
+from effitrain.selection import sharded_pool
 from effitrain.selection.selectors import take_until
-from effitrain.selection.sharded_pool import (PoolCounts, SortedParts, draws, load_arrays, load_pool, plan_json,
+from effitrain.selection.sharded_pool import (ColumnBlocks, PoolCounts, SortedParts, candidate_column,
+                                              candidate_pairs, draws, eval_pairs, load_arrays, load_pool, plan_json,
                                               read_texts, save_arrays, sort_part)
 
 _VERSION = 1
@@ -80,28 +83,32 @@ class ScoreKeys(PipelineStep):
                     return out
         return out
 
-    def _documents(self, data: Any, plan: dict, eval_set: set, batch: int) -> Iterator[tuple[int, int, list]]:
-        """Per file of the task: ``(file, global position of the first document, the documents it scores)``."""
+    def _blocks(self, data: Any, plan: dict, eval_set: set, batch: int) -> Iterator[tuple[int, list]]:
+        """The task's candidates a block at a time, streamed from its files: ``(global position of the block's first
+        document, the documents)`` -- for a model scorer each block one of the in-memory batches (the last batch a
+        file starts completed from the following files), else at most ``sharded_pool.BLOCK`` documents of one file."""
         for file_index, docs in _per_file(data):
             entry = plan["files"].get(str(file_index))
             if entry is None:
                 continue
             skip = set(entry["skip"])
-            docs = [d for d in docs if (file_index, d.metadata["record"]) not in eval_set
-                    and d.metadata["record"] not in skip]
-            first = entry["offset"]
+            mine = (d for d in docs if (file_index, d.metadata["record"]) not in eval_set
+                    and d.metadata["record"] not in skip)
+            position = entry["offset"]
             if batch:
-                first = -(-entry["offset"] // batch) * batch  # this file's first batch
-                docs = docs[first - entry["offset"]:]
-                if docs and len(docs) % batch:
-                    docs += self._following(plan, eval_set, file_index, batch - len(docs) % batch)
-            yield file_index, first, docs
+                position = -(-entry["offset"] // batch) * batch  # this file's first batch
+                mine = itertools.islice(mine, position - entry["offset"], None)  # an earlier file's batch has them
+            for block in batched(mine, batch or sharded_pool.BLOCK):
+                if batch and len(block) < batch:
+                    block += self._following(plan, eval_set, file_index, batch - len(block))
+                yield position, block
+                position += len(block)
 
     def _load(self) -> tuple[dict, dict, Any, int, set]:
         plan = json.loads(Path(self.plan).read_text())
         fitted = pickle.loads(Path(self.fitted).read_bytes())  # written by this run's reduce, never by a user
         score, batch = _scorer(fitted)
-        return plan, fitted, score, batch, set(map(tuple, np.load(plan["eval_docs"]).tolist()))
+        return plan, fitted, score, batch, eval_pairs(plan["eval_docs"])
 
     @staticmethod
     def _threads(fitted: dict) -> Any:
@@ -114,22 +121,21 @@ class ScoreKeys(PipelineStep):
         from effitrain.selection.base import count_tokens
 
         plan, fitted, score, batch, eval_set = self._load()
-        parts: dict[str, list] = {k: [] for k in ("primary", "tie", "weight", "file_index", "record")}
+        parts = ColumnBlocks()
         with self._threads(fitted):
-            for _, first, docs in self._documents(data, plan, eval_set, batch):
-                step = batch or 1024
+            for first, docs in self._blocks(data, plan, eval_set, batch):
                 with self.track_time("score"):
-                    scores = np.concatenate([score([d.text for d in docs[i:i + step]])
-                                             for i in range(0, len(docs), step)] or [np.zeros(0)])
+                    scores = np.asarray(score([d.text for d in docs]), dtype=np.float64)
                 key = scores if plan["descending"] else -scores
-                parts["primary"].append(-key if plan["selector"] == "topk" else scores)
-                parts["tie"].append(draws(plan["seed"], first, len(docs)))
-                parts["weight"].append(np.array([count_tokens(d.text) if plan["unit"] == "tokens" else 1
-                                                 for d in docs], dtype=np.float64))
-                parts["file_index"].append(np.array([d.metadata["file"] for d in docs], dtype=np.int64))
-                parts["record"].append(np.array([d.metadata["record"] for d in docs], dtype=np.int64))
+                parts.add(primary=-key if plan["selector"] == "topk" else scores, tie=draws(plan["seed"], first,
+                                                                                           len(docs)),
+                          weight=np.array([count_tokens(d.text) if plan["unit"] == "tokens" else 1 for d in docs],
+                                          dtype=np.float64),
+                          file_index=np.array([d.metadata["file"] for d in docs], dtype=np.int64),
+                          record=np.array([d.metadata["record"] for d in docs], dtype=np.int64))
                 self.stat_update("documents", value=len(docs))
-        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        arrays = parts.arrays({"primary": np.float64, "tie": np.float64, "weight": np.float64,
+                               "file_index": np.int64, "record": np.int64})
         save_arrays(Path(self.out_dir) / "keys" / f"{rank:05d}", **sort_part(**arrays))
         return iter(())
 
@@ -203,7 +209,7 @@ class ShardedScored:
             sp = p.scorer_block.params
             n = pool.candidates
             positions = np.sort(np.random.default_rng(self.seed).permutation(n)[:sp.negatives])
-            pairs = _candidate_pairs(pool, positions)
+            pairs = [(int(f), int(r)) for f, r in candidate_pairs(pool, positions)]
             texts = read_texts(corpus, pairs)
             neg = [texts[pair] for pair in pairs]
             vec = _vectorizer(sp)
@@ -231,7 +237,7 @@ class ShardedScored:
         for _ in range(sp.proxy_steps):  # train_steps' draws, to know which documents to read
             picks.update(rng.choice(np.arange(n), size=min(sp.proxy_batch_size, n), replace=False).tolist())
         positions = np.array(sorted(picks), dtype=np.int64)
-        pairs = _candidate_pairs(pool, positions)
+        pairs = [(int(f), int(r)) for f, r in candidate_pairs(pool, positions)]
         texts = read_texts(corpus, pairs)
         by_position = {int(q): texts[pair] for q, pair in zip(positions, pairs)}
         with cpu_threads(sp):
@@ -261,11 +267,10 @@ class ShardedScored:
         budget = p.budget.fraction * total
         scorer_info: dict = {}
         if selector == "random":  # no score decides: the in-memory permutation of the candidates, cut at the budget
-            pairs = _candidate_pairs(pool, np.arange(pool.candidates))
-            weights = np.concatenate([a["weight"][pool.candidate[f]] for f, a in pool.files]).astype(np.float64) \
-                if unit == "tokens" and pool.files else np.ones(len(pairs))
-            chosen = take_until(np.random.default_rng(self.seed).permutation(len(pairs)), weights, budget)
-            selected = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)[np.sort(chosen)]
+            n = pool.candidates
+            weights = candidate_column(pool, "weight", np.float64) if unit == "tokens" else np.ones(n)
+            chosen = np.sort(take_until(np.random.default_rng(self.seed).permutation(n), weights, budget))
+            selected = candidate_pairs(pool, chosen)
             kept_units = float(weights[chosen].sum())
         else:
             fitted = self._fit(pool, corpus, work)
@@ -300,19 +305,6 @@ class ShardedScored:
             "seconds": round(time.perf_counter() - start, 3)}) + "\n")
         finish_stage(work / "score_stage")
         finish_stage(work)
-
-
-def _candidate_pairs(pool: Any, positions: np.ndarray) -> list[tuple[int, int]]:
-    """The ``(file, record)`` of the candidates at global ``positions`` (sorted)."""
-    out, i = [], 0
-    positions = np.asarray(positions, dtype=np.int64)
-    for f, a in pool.files:
-        records = a["record"][pool.candidate[f]]
-        lo = pool.offset[f]
-        j = i + int(np.searchsorted(positions[i:], lo + len(records), "left"))
-        out += [(f, int(records[q - lo])) for q in positions[i:j]]
-        i = j
-    return out
 
 
 class _TextsAt:
