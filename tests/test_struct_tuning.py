@@ -62,6 +62,7 @@ def test_titles_are_parsed_like_the_authors_scope():
     assert parse_title("  \n Hash maps: keys, values.\nsecond line", 8) == "Hash maps keys values"
     assert parse_title("one two three four five six seven eight nine", 8).split()[-1] == "eight"
     assert parse_title(" \n \n", 8) is None
+    assert parse_title(" - ' _\nthe second line", 8) is None           # no letter or digit: no title
 
 
 def test_questions_are_parsed_from_the_three_parts_and_refused_without_an_answer():

@@ -73,7 +73,7 @@ def parse_title(completion: str, words: int) -> Optional[str]:
         quoted = _QUOTED.search(line)
         line = quoted.group(1) if quoted else line
         title = " ".join(_PUNCT.sub(" ", line).split()[:words])
-        return title or None
+        return title if re.search(r"[^\W_]", title) else None  # "-" or "'" alone names nothing
     return None
 
 
