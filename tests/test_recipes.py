@@ -63,6 +63,8 @@ SMALL_PREPARATION = {
                              for k in ("max_documents=4", "generator.max_new_tokens=16", "generator.n=2")],
     "peft_augmentation": ["stages.1.dataset.max_docs_per_domain=10", "stages.1.synthesis.rollout.per_example=1",
                           "stages.1.synthesis.generator.max_new_tokens=16"],
+    "struct_tuning": [f"stages.{i}.synthesis.{k}" for i in (1, 2)
+                      for k in ("max_documents=2", "generator.max_new_tokens=16")],
 }
 
 

@@ -105,3 +105,31 @@ class FewShotAugmentParams:
             raise ConfigError(f"{path}.generator.n: few_shot_augment asks one sample per request (per_example "
                               f"requests, each with its own demonstrations, make the variety); set n: 1 and "
                               f"rollout.per_example: {self.per_example * generator.n}")
+
+
+@register("rollout", "struct_tuning", builder="effitrain.generation.structure:build_struct_tuning",
+          summary="StructTuning (Liu et al., 2407.16724): title each chunk and its passage, then the chunks under "
+                  "their knowledge tree (SCPT) or exam questions answered through the tree (SSFT)")
+@dataclass
+class StructTuningParams:
+    product: Literal["corpus", "qa"] = param("corpus", help="corpus: SCPT's texts (each chunk after its passage's "
+                                                            "mindmap, its branch marked; the mindmap alone); qa: "
+                                                            "SSFT's (exam questions whose answers recite the "
+                                                            "mindmap, then explain; the structure question)")
+    chunk_words: int = param(200, ge=8, help="a passage is cut into chunks of at most this many words at sentence "
+                                             "ends, one branch of its tree each (the authors: 1024 tokens at "
+                                             "paragraph ends)")
+    title_words: int = param(8, ge=1, help="a chunk's or passage's title: the generator's summary in at most this "
+                                           "many words (the authors' eight)")
+    questions: int = param(2, ge=1, help="product qa: exam questions asked per passage (the authors: 2)")
+    max_sections: int = param(2, ge=1, help="product qa: a question is about 1 to this many of the passage's "
+                                            "chunks, drawn with the seed (the authors: 1 or 2)")
+    seed: int = param(0, help="the draws of the questions' chunks and of the corpus templates")
+
+    def fan_out(self) -> int:
+        return 1  # round one: one title request per chunk; the passage's title and the questions follow
+
+    def check_generator(self, generator: Any, path: str) -> None:
+        if generator.n != 1:
+            raise ConfigError(f"{path}.generator.n: struct_tuning reads one answer per request (a title, a "
+                              f"question); set n: 1 (more questions: rollout.questions)")
