@@ -17,7 +17,11 @@ EXAMPLE_LOSSES = "example_losses"
 #: set by ``grpo``: the advantage of every sampled completion (detached, ``[micro_batch_size * group_size]``, the G
 #: completions of a prompt together), for ``after_forward`` hooks such as ``effitrain.curriculum.dump``
 COMPLETION_ADVANTAGES = "completion_advantages"
-NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES)
+#: set by a method hook for a token-level objective: each trained token's coefficient in the loss (``sft``: ``[B, S]``
+#: aligned with the labels, or a callable of their mask; ``grpo``: a callable ``(completions, mask) -> [N, C]``), see
+#: :mod:`effitrain.objectives.token_weights`
+TOKEN_WEIGHTS = "token_weights"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES, TOKEN_WEIGHTS)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
