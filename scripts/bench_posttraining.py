@@ -18,6 +18,9 @@ stage's training throughput and peak memory.
   mean of the first and of the last five log lines;
 * ``mix_cpt``: SFT on the arithmetic (knowledge), then format alignment to ``<think>..</think> \\boxed{N}`` with
   logit-swap self-distillation; its SFT baseline is the same command with ``'stages.1.objective={name:sft}'``.
+* ``thinkless``: SFT on paired ``<think>``/``<short>`` answers, then decoupled GRPO with the mode-aware reward; the
+  share of held-out answers that begin with ``<short>`` (``eval_share_short``) and the accuracy of each mode are
+  printed in a second table; plain GRPO's is the same command with ``'~stages.1.objective.decoupled_alpha'``.
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -45,7 +48,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr", "sami",
-           "mix_cpt"]
+           "mix_cpt", "thinkless"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -80,7 +83,10 @@ def stage_figures(run: Path) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if sampled is None else sampled,
             "sampled": sampled is not None,
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
-            "steps": summary.get("steps"), **follow_share(train)}
+            "steps": summary.get("steps"), **follow_share(train),
+            # control-token recipes (thinkless): which mode the greedy held-out answers chose, and how well
+            "modes": {key: (evals[0][key], evals[-1][key]) for key in evals[-1]
+                      if key.startswith(("eval_share_", "eval_accuracy_")) and key in evals[0]}}
 
 
 def follow_share(train: list[dict]) -> dict:
@@ -131,6 +137,16 @@ def main() -> None:
               f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['step_time_s']:.3f} | "
               f"{f['tokens_per_s']:.0f}{' sampled' if f['sampled'] else ''} | {f['peak_memory_mib']:.0f} |"
               + (f" follow {f['follow_before']:.3f} -> {f['follow_after']:.3f}" if "follow_before" in f else ""))
+    moded = [(recipe, seed, stage, f) for recipe, seed, stage, f in rows if f["modes"]]
+    if moded:
+        keys = sorted({k for *_, f in moded for k in f["modes"]})
+        print()
+        print("| recipe | seed | stage | " + " | ".join(f"{k.removeprefix('eval_')} before -> after" for k in keys)
+              + " |")
+        print("|---|---|---|" + "---|" * len(keys))
+        for recipe, seed, stage, f in moded:
+            cells = [f"{f['modes'][k][0]:.3f} -> {f['modes'][k][1]:.3f}" if k in f["modes"] else "-" for k in keys]
+            print(f"| {recipe} | {seed} | {stage} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ AUTHORS = [
     # moe_upcycle: AquilaMoE's router losses
     ("moe_upcycle", "stages.1.transform.aux_loss_coef", 0.001),
     ("moe_upcycle", "stages.1.transform.z_loss_coef", 0.01),
+    # thinkless: VainF/Thinkless scripts/rl/thinkless_1.5b_deepscaler.sh, its verl config and reward_types.py
+    ("thinkless", "stages.1.objective.decoupled_alpha", 0.001),
+    ("thinkless", "stages.1.objective.scale_rewards", "none"),
+    ("thinkless", "stages.1.objective.temperature", 0.6),
+    ("thinkless", "stages.1.objective.beta", 0.001),
+    ("thinkless", "stages.1.objective.group_size", 8),
+    ("thinkless", "stages.1.objective.entropy_coef", 0.001),
+    ("thinkless", "stages.1.objective.rewards.0.name", "thinkless"),
 ]
 
 

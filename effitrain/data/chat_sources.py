@@ -260,6 +260,10 @@ def build_chat_splits(dataset_params: Any, model_params: Any, raw, *, cache_dir:
     seq_len, fmt = dataset_params.seq_len, dataset_params.format
     tokenizer = build_tokenizer(model_params, raw["train"] if tokenizer_corpus is None else tokenizer_corpus,
                                 cache_dir=cache_dir)
+    if getattr(dataset_params, "answer_style", None) == "thinkless":  # the mode-choosing tokens, one id each
+        from effitrain.data.arithmetic_chat import add_control_tokens
+
+        tokenizer = add_control_tokens(tokenizer)
     common = (tokenizer_fingerprint(tokenizer), chat.chat_template(tokenizer), seq_len)
     columns = ("id", "domain", "messages", "rejected")
     train = raw["train"]

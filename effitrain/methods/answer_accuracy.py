@@ -7,7 +7,9 @@ generated greedily (``do_sample=False``, no logits processor of the checkpoint's
 :mod:`effitrain.objectives.generation`) up to EOS or ``max_new_tokens``, and it is right when the decoded text,
 stripped of surrounding whitespace, is exactly the decimal answer (``extract: full``), or when the answer extracted
 from it (``boxed``, ``last_number``: :data:`effitrain.objectives.rewards.EXTRACTORS`) equals it.  Logged with the
-eval losses: ``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included).
+eval losses: ``eval_accuracy`` (share right) and ``eval_response_tokens`` (mean generated tokens, EOS included);
+with ``control_tokens``, ``eval_share_NAME``: the share of answers that begin with each (Thinkless's modes, whose
+tokens decoding keeps), and ``eval_accuracy_NAME``: the accuracy of those answers (0 when there are none).
 
 Reward statistics: when the run's objective is ``grpo``, its own reward blocks also score the greedy answers (the
 held-out reference answers in the dataset's ``answer_style``), logged as ``eval_reward`` (their weighted sum,
@@ -38,8 +40,9 @@ class AnswerAccuracy(Hook):
     name = "answer_accuracy"
 
     def __init__(self, tokenizer: Any, *, examples: int, max_new_tokens: int, batch_size: int,
-                 extract: str = "full") -> None:
+                 extract: str = "full", control_tokens: tuple = ()) -> None:
         self.tokenizer = tokenizer
+        self.control_tokens = tuple(control_tokens)
         self.examples, self.max_new_tokens, self.batch_size = examples, max_new_tokens, batch_size
         self.extract = extract
         self.prompts: Optional[list[list[int]]] = None
@@ -125,8 +128,20 @@ class AnswerAccuracy(Hook):
         state.eval_metrics["eval_accuracy"] = right / max(len(self.answers), 1)
         state.eval_metrics["eval_response_tokens"] = sum(lengths) / max(len(lengths), 1)
         state.eval_metrics.update(self.reward_metrics(texts, lengths))
+        state.eval_metrics.update(self.mode_metrics(texts))
+
+    def mode_metrics(self, texts: list[str]) -> dict[str, float]:
+        """The share of answers beginning with each control token, and their accuracy."""
+        out = {}
+        for token in self.control_tokens:
+            name = token.strip("<>|") or token
+            chosen = [(t, a) for t, a in zip(texts, self.answers) if t.lstrip().startswith(token)]
+            out[f"eval_share_{name}"] = len(chosen) / max(len(texts), 1)
+            out[f"eval_accuracy_{name}"] = sum(self.is_right(t, a) for t, a in chosen) / max(len(chosen), 1)
+        return out
 
 
 def build_answer_accuracy(params: Any, *, tokenizer: Any = None, **context: Any) -> AnswerAccuracy:
     return AnswerAccuracy(tokenizer, examples=params.examples, max_new_tokens=params.max_new_tokens,
-                          batch_size=params.batch_size, extract=params.extract)
+                          batch_size=params.batch_size, extract=params.extract,
+                          control_tokens=tuple(getattr(params, "control_tokens", ())))

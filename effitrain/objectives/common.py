@@ -20,7 +20,11 @@ COMPLETION_ADVANTAGES = "completion_advantages"
 #: set by ``grpo``: each reward block's value for every sampled completion (``{reward name: [micro_batch_size *
 #: group_size]}``, detached), for hooks and controllers that ask which prompts were solved (``mix_controller: relift``)
 COMPLETION_REWARDS = "completion_rewards"
-NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES, COMPLETION_REWARDS)
+#: set by a method hook for a token-level objective: each trained token's coefficient in the loss (``sft``: ``[B, S]``
+#: aligned with the labels, or a callable of their mask; ``grpo``: a callable ``(completions, mask) -> [N, C]``), see
+#: :mod:`effitrain.objectives.token_weights`
+TOKEN_WEIGHTS = "token_weights"
+NON_MODEL_KEYS = (EXAMPLE_WEIGHTS, EXAMPLE_LOSSES, COMPLETION_ADVANTAGES, COMPLETION_REWARDS, TOKEN_WEIGHTS)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

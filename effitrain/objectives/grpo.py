@@ -45,6 +45,11 @@ Log-probabilities are taken from ``logits / temperature`` (the distribution the 
 positions of the completion tokens, with ``position_ids`` counted from each prompt's first real token, so a
 left-padded prompt is scored as it was sampled.
 
+**Per-token weights.**  A method hook's ``batch["token_weights"]`` (a callable ``(completions, mask) -> [N, C]``) or
+``decoupled_alpha`` (Thinkless's decoupled GRPO: :class:`effitrain.objectives.token_weights.DecoupledControl`) replaces
+the ``loss_type`` reduction by ``sum_t w_t loss_t`` (:mod:`effitrain.objectives.token_weights`); without either the
+loss is computed as above, unchanged.  Weights are kept with reused samples (``iterations`` > 1).
+
 The reference model is owned by the objective, as ``dpo``'s (:func:`effitrain.objectives.preference.reference_model`):
 the model at the start of the stage, or a saved folder; none is kept when ``beta`` is 0.
 """
@@ -56,9 +61,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from effitrain.objectives.common import COMPLETION_ADVANTAGES, COMPLETION_REWARDS, IGNORE_INDEX
+from effitrain.errors import RunFailed
+from effitrain.objectives.common import COMPLETION_ADVANTAGES, COMPLETION_REWARDS, IGNORE_INDEX, TOKEN_WEIGHTS
 from effitrain.objectives.grpo_sampling import PolicyGenerate, build_sampler, seeded  # noqa: F401 (seeded: API)
 from effitrain.objectives.rewards import RewardFn
+from effitrain.objectives.token_weights import DecoupledControl, checked, weighted_sum
 
 STD_EPS = 1e-4  # TRL's and the paper's implementations add it to the group std
 
@@ -82,7 +89,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
               advantages: torch.Tensor, mask: torch.Tensor, *, beta: float, epsilon_low: float, epsilon_high: float,
               loss_type: str = "grpo", max_new_tokens: Optional[int] = None, global_tokens: Optional[float] = None,
               world_size: int = 1, entropy: Optional[torch.Tensor] = None,
-              entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
+              entropy_coef: float = 0.0,
+              token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The clipped GRPO loss of completion tokens (``[N, T]`` log-probabilities, ``mask`` 1 on completion tokens)
     and per-token statistics (the masked mean KL and the share of clipped tokens).
 
@@ -90,7 +98,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
     num_processes``): the data-parallel mean of the ranks' losses is then the sum over every rank's completion
     tokens divided by their total count, so each token weighs the same whichever rank or completion it is in.
     ``entropy`` (``[N, T]``, the policy's per-token entropy) with ``entropy_coef`` > 0 subtracts ``entropy_coef``
-    times its masked token mean (verl's entropy bonus; TRL's ``entropy_coef``)."""
+    times its masked token mean (verl's entropy bonus; TRL's ``entropy_coef``).  ``token_weights`` (``[N, T]``)
+    replace the ``loss_type`` reduction: the loss is ``sum_t w_t loss_t`` over the completion tokens
+    (:mod:`effitrain.objectives.token_weights`)."""
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -101,7 +111,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
-    if loss_type == "grpo":
+    if token_weights is not None:
+        loss = weighted_sum(per_token, token_weights, mask)
+    elif loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
@@ -192,7 +204,8 @@ class GRPO:
                  group_size: int, max_new_tokens: int, temperature: float, beta: float, epsilon: float,
                  epsilon_high: Optional[float], scale_rewards: str, loss_type: str, seed: int,
                  iterations: int = 1, grad_accum: int = 1, entropy_coef: float = 0.0,
-                 no_eos_reward: Optional[float] = None, world_size: int = 1, sampler: Any = None) -> None:
+                 no_eos_reward: Optional[float] = None, world_size: int = 1, sampler: Any = None,
+                 token_weighting: Any = None) -> None:
         self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.beta, self.epsilon_low = beta, epsilon
@@ -205,6 +218,9 @@ class GRPO:
         # where completions come from (objective.grpo.generator); the policy's own generate by default
         self.sampler = sampler if sampler is not None else PolicyGenerate(
             tokenizer, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature)
+        # the objective's own per-token weights (objective.grpo.decoupled_alpha: DeGRPO), a callable
+        # (completions, mask) -> [N, C]; None keeps the loss_type's normalisation
+        self.token_weighting = token_weighting
 
     def state_dict(self) -> Optional[dict]:
         if self.iterations == 1:
@@ -257,13 +273,32 @@ class GRPO:
             return self.logps(model, ids, attention, prompt_width, with_entropy=True)
         return self.logps(model, ids, attention, prompt_width), None
 
+    def token_weights(self, batch: dict[str, Any], completions: torch.Tensor,
+                      mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The per-token loss weights of this micro-batch's completions: a method hook's ``batch["token_weights"]``
+        or the objective's own weighting (``decoupled_alpha``), called on the sampled completions; None (the
+        ``loss_type``'s normalisation) when there are neither."""
+        supplied = batch.get(TOKEN_WEIGHTS)
+        if supplied is not None and self.token_weighting is not None:
+            raise RunFailed(f"objective=grpo: a method set batch['{TOKEN_WEIGHTS}'] and objective.grpo.decoupled_alpha "
+                            f"weighs the tokens too; use one of the two")
+        weighting = supplied if supplied is not None else self.token_weighting
+        if weighting is None:
+            return None
+        weights = weighting(completions, mask) if callable(weighting) else weighting
+        return checked(weights, tuple(mask.shape), f"batch['{TOKEN_WEIGHTS}']" if supplied is not None
+                       else "objective.grpo.decoupled_alpha", mask.device)
+
     def loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
-             advantages: torch.Tensor, mask: torch.Tensor, entropy: Optional[torch.Tensor]) -> tuple[Any, dict]:
-        global_tokens = global_token_count(mask, self.world_size) if self.loss_type == "dapo" else None
+             advantages: torch.Tensor, mask: torch.Tensor, entropy: Optional[torch.Tensor],
+             token_weights: Optional[torch.Tensor] = None) -> tuple[Any, dict]:
+        global_tokens = global_token_count(mask, self.world_size) \
+            if self.loss_type == "dapo" and token_weights is None else None
         return grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=self.beta,
                          epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                          max_new_tokens=self.max_new_tokens, global_tokens=global_tokens,
-                         world_size=self.world_size, entropy=entropy, entropy_coef=self.entropy_coef)
+                         world_size=self.world_size, entropy=entropy, entropy_coef=self.entropy_coef,
+                         token_weights=token_weights)
 
     # -------------------------------------------------------------------------------------------- the loss
     def __call__(self, model: Any, batch: dict[str, Any], state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -297,7 +332,8 @@ class GRPO:
         if self.beta != 0.0:
             with torch.no_grad():
                 ref_logps = self.logps(self.reference, ids, attention, width)
-        loss, stats = self.loss(logps, logps.detach(), ref_logps, advantages, mask, entropy)
+        weights = self.token_weights(batch, completions, mask)
+        loss, stats = self.loss(logps, logps.detach(), ref_logps, advantages, mask, entropy, weights)
         group_std = rewards.view(-1, self.group_size).std(dim=1).mean()
         metrics = {"reward": rewards.mean(), "reward_std": group_std, **reward_means,
                    "completion_tokens": lengths.float().mean()}
@@ -305,6 +341,7 @@ class GRPO:
             self.samples[slot] = {"ids": ids, "attention": attention, "mask": mask, "advantages": advantages,
                                   "old_logps": logps.detach(), "width": torch.tensor(width),
                                   **({"ref_logps": ref_logps} if ref_logps is not None else {}),
+                                  **({"token_weights": weights} if weights is not None else {}),
                                   **{f"metric.{k}": v.detach() for k, v in metrics.items()}}
         return loss, {**metrics, **stats}
 
@@ -312,7 +349,8 @@ class GRPO:
         """The loss on the samples of the cycle's first step, against the log-probabilities they were drawn with."""
         e = {k: v.to(device) for k, v in entry.items()}
         logps, entropy = self.policy_logps(model, e["ids"], e["attention"], int(e["width"]))
-        loss, stats = self.loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"], entropy)
+        loss, stats = self.loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"], entropy,
+                                e.get("token_weights"))
         metrics = {k.removeprefix("metric."): v for k, v in e.items() if k.startswith("metric.")}
         return loss, {**metrics, **stats}
 
@@ -335,4 +373,13 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
                 epsilon=params.epsilon, epsilon_high=params.epsilon_high, scale_rewards=params.scale_rewards,
                 loss_type=params.loss_type, seed=params.seed, iterations=params.iterations,
                 grad_accum=grad_accum, entropy_coef=params.entropy_coef, no_eos_reward=params.no_eos_reward,
-                world_size=world_size, sampler=sampler)
+                world_size=world_size, sampler=sampler, token_weighting=decoupled_weighting(params))
+
+
+def decoupled_weighting(params: Any) -> Optional[DecoupledControl]:
+    """DeGRPO's weights when ``objective.grpo.decoupled_alpha`` is set (the first completion token is the control
+    token), else None."""
+    alpha = getattr(params, "decoupled_alpha", None)
+    if alpha is None:
+        return None
+    return DecoupledControl(alpha, getattr(params, "decoupled_response", "sequence"))

@@ -28,6 +28,13 @@ answer can be extracted: a malformed response earns nothing).  Numbers compare a
   ``1 - 2 ((x - p) / (1 - p))^2`` above (falling to -1 at ``x = 1``); ``gated``: a response without a well-formed
   answer gets ``min(0, length)`` (their format-length score is ``format + length`` with an answer, ``min(0,
   length)`` without).  Their setting: ``max_tokens`` 3072, ``peak`` 0.5.
+
+``thinkless`` (Fang et al., "Thinkless: LLM Learns When to Think", 2505.13379; the authors' released reward,
+VainF/Thinkless ``deepscaler/rewards/math_reward.py``): the answer is read after ``</think>`` when the response holds
+``<think>`` and ``</think>``, else after ``<short>``; no such delimiter, or no ``\\boxed{}`` answer there, is a format
+error.  A right answer earns ``correct_short`` (1.0) in short mode and ``correct_think`` (0.5) in thinking mode
+(short is preferred when both are right); a wrong one ``wrong_short`` / ``wrong_think`` (-1.0 each); a format error
+``format_error`` (-1.0).  The mode is ``<short>`` if the response holds it, else ``<think>``, as the authors test it.
 """
 
 from __future__ import annotations
@@ -123,6 +130,32 @@ def build_length(params: Any, **context: Any) -> RewardFn:
             out.append(min(0.0, y) if params.gated and not well_formed_answer(r) else y)
         return out
     return length_reward
+
+
+def thinkless_score(response: str, reference: Optional[str], params: Any) -> float:
+    """One response's Thinkless reward (see the module's docstring) against the reference's answer."""
+    from effitrain.data.arithmetic_chat import SHORT, THINK, THINK_END
+
+    if THINK in response and THINK_END in response:
+        solution = response.split(THINK_END, 1)[1]
+    elif SHORT in response:
+        solution = response.split(SHORT, 1)[1]
+    else:
+        return params.format_error
+    answer = last_boxed(solution)
+    if answer is None:
+        return params.format_error
+    short = SHORT in response
+    if same_answer(answer, reference):
+        return params.correct_short if short else params.correct_think
+    return params.wrong_short if short else params.wrong_think
+
+
+def build_thinkless(params: Any, **context: Any) -> RewardFn:
+    def thinkless(responses: Sequence[str], references: Sequence[str], lengths: Sequence[int]) -> list[float]:
+        # the reference: its boxed answer (the built-in pairs box theirs), else the whole text (a bare number)
+        return [thinkless_score(r, last_boxed(ref) or ref.strip(), params) for r, ref in zip(responses, references)]
+    return thinkless
 
 
 def build_rewards(blocks: Sequence[Any]) -> list[tuple[str, float, RewardFn]]:

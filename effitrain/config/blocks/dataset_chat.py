@@ -34,11 +34,13 @@ class _ChatCommon:
 class ChatDemoParams(_ChatCommon):
     max_docs_per_domain: int = param(4000, ge=1, help="generated training conversations (one domain)")
     max_digits: int = param(2, ge=1, le=6, help="operands have 1..max_digits digits")
-    answer_style: Literal["plain", "think_boxed", "sentence", "plain_or_sentence"] = param(
+    answer_style: Literal["plain", "think_boxed", "sentence", "plain_or_sentence", "thinkless"] = param(
         "plain", help="plain: '82'; think_boxed: '<think>37+45</think> \\boxed{82}' (the format the format and "
                       "length rewards check); sentence: 'The answer is 82.'; plain_or_sentence: either, drawn per "
                       "example (a model that answers in both styles at random: what sami teaches to follow a "
-                      "constitution)")
+                      "constitution); thinkless: each question twice, '<think>37+45: 37+40=77, "
+                      "77+5=82</think> \\boxed{82}' and '<short>\\boxed{82}', with <think> and <short> added to "
+                      "the tokenizer (Thinkless's warm-up pairs)")
     domain_by: Literal["one", "operation", "digits", "operation_digits"] = param(
         "one", help="the domains (data distributions) of the questions: one ('arithmetic_chat'), by operation "
                     "(add, sub, mul), by the digits of the longer operand (1d, 2d, ...: difficulty) or by both "

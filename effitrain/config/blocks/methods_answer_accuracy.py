@@ -20,6 +20,9 @@ class AnswerAccuracyParams:
     extract: Literal["full", "boxed", "last_number"] = param(
         "full", help="full: the whole answer is the number; boxed: the last \\boxed{...}; last_number: the last "
                      "number in the answer")
+    control_tokens: list[str] = param(
+        default_factory=list, help="log eval_share_NAME, the share of answers that begin with each of these tokens "
+                                   "(NAME: the token without <>; Thinkless: [<short>, <think>])")
 
 
 @rule("answer_accuracy_needs_chat_demo", "methods.answer_accuracy asks the built-in arithmetic questions: it needs "

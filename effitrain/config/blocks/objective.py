@@ -265,11 +265,28 @@ class GRPOParams:
         None, help="what samples the completions: null or {backend: transformers} = the policy's own generate; "
                    "{backend: vllm, gpu_memory_utilization: 0.3, ...} = a vLLM engine beside the policy on its GPU, "
                    "given the policy's weights after every optimizer step")
+    decoupled_alpha: Optional[float] = param(
+        None, gt=0, help="decoupled GRPO (Thinkless, 2505.13379): the first completion token (the control token "
+                         "<short>/<think>) weighs alpha / completions and the response tokens are normalised apart "
+                         "(decoupled_response), instead of loss_type's normalisation; the authors' alpha: 0.001; "
+                         "null = off")
+    decoupled_response: Literal["sequence", "token"] = param(
+        "sequence", help="with decoupled_alpha, the response tokens' normalisation: sequence = mean over each "
+                         "completion's tokens, then over completions (the paper's formula); token = mean over all "
+                         "response tokens of the micro-batch (the authors' verl code)")
 
     def validate(self, path: str) -> None:
         from effitrain.registry import REGISTRY
 
         self.generator_block = grpo_generator(self.generator, f"{path}.generator")
+        if self.decoupled_alpha is not None and self.loss_type != "grpo":
+            # the decoupled weights are the whole reduction: a second one would silently be ignored
+            raise ConfigError(f"{path}.loss_type: '{self.loss_type}' does not apply with {path}.decoupled_alpha, "
+                              f"whose weights replace it; keep loss_type=grpo and pick the response tokens' "
+                              f"normalisation with {path}.decoupled_response=sequence|token")
+        if self.decoupled_alpha is None and self.decoupled_response != "sequence":
+            raise ConfigError(f"{path}.decoupled_response: only applies with {path}.decoupled_alpha (decoupled "
+                              f"GRPO); set decoupled_alpha, e.g. 0.001, or drop decoupled_response")
 
         if not self.rewards:
             raise ConfigError(f"{path}.rewards: empty; name at least one reward block, e.g. [{{name: exact_answer}}]")

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
+from effitrain.config.rules import rule
 from effitrain.registry import ConfigError, param, register
 
 Extract = Literal["full", "boxed", "last_number"]
@@ -54,3 +55,44 @@ class LengthParams(_Weighted):
     peak: float = param(0.5, gt=0, lt=1, help="the reward is 1 at peak x max_tokens (authors: 0.5)")
     gated: bool = param(True, help="without a well-formed \\boxed{} answer the reward is min(0, length), as the "
                                    "authors' format-length score")
+
+
+@register("reward", "thinkless", builder="effitrain.objectives.rewards:build_thinkless",
+          summary="Thinkless's mode-aware reward: right and short 1.0 > right after <think> 0.5 > wrong or malformed "
+                  "-1.0 (Fang et al., 2505.13379)")
+@dataclass
+class ThinklessParams(_Weighted):
+    #: compares with the prompt's reference answer
+    reads_reference: ClassVar[bool] = True
+    correct_short: float = param(1.0, help="a right answer after <short> (the authors' correct_short_reward: 1.0)")
+    correct_think: float = param(0.5, help="a right answer after <think>...</think> (the authors': 0.5)")
+    wrong_short: float = param(-1.0, help="a wrong answer after <short> (the authors': -1.0)")
+    wrong_think: float = param(-1.0, help="a wrong answer after <think>...</think> (the authors': -1.0)")
+    format_error: float = param(-1.0, help="no <short> or <think>...</think>, or no \\boxed{} answer after it (the "
+                                           "authors' format_error_reward: -1.0)")
+
+    def validate(self, path: str) -> None:
+        # the method's point: a right short answer is worth at least a right long one (equal: the ablation without
+        # a preference for short), and any right answer more than a wrong one
+        if not self.correct_short >= self.correct_think > max(self.wrong_short, self.wrong_think):
+            raise ConfigError(f"{path}: needs correct_short >= correct_think > wrong_short, wrong_think (got "
+                              f"{self.correct_short}, {self.correct_think}, {self.wrong_short}, {self.wrong_think}); "
+                              f"the authors' 1.0, 0.5, -1.0, -1.0")
+
+
+@rule("thinkless_needs_control_tokens", "the thinkless reward and objective.grpo.decoupled_alpha read the control "
+                                        "token an answer begins with: on chat_demo they need answer_style=thinkless")
+def _thinkless_needs_control_tokens(spec, env) -> Optional[str]:
+    objective = spec.block("objective")
+    if objective.name != "grpo":
+        return None
+    uses = [f"the {b.name} reward" for b in objective.params.reward_blocks if b.name == "thinkless"]
+    if objective.params.decoupled_alpha is not None:
+        uses.append("objective.grpo.decoupled_alpha")
+    dataset = spec.block("dataset")
+    if not uses or dataset.name != "chat_demo" or dataset.params.answer_style == "thinkless":
+        return None
+    # other data: the user's answers carry their own control tokens, which their tokenizer must hold
+    return (f"{' and '.join(uses)} read the control token (<short> / <think>) an answer begins with, but "
+            f"dataset.answer_style={dataset.params.answer_style} teaches none and adds none to the tokenizer; set "
+            f"dataset.answer_style=thinkless (SFT warm-up pairs with both tokens)")
