@@ -89,7 +89,8 @@ def test_the_environments_message_is_inserted_as_the_template_renders_it_and_mas
         message = chat.follow_up_ids(tokenizer, SCORE_MESSAGE)
         assert sum(1 for label in labels if label == IGNORE_INDEX) == prompt + len(message)
         # turn 2 was asked with the conversation up to the second assistant header
-        assert obj.follow_up.contexts[row] == chat.prompt_ids(tokenizer, convo[:3])
+        second = tokenizer(a2, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[-len(second):] == second and obj.follow_up.contexts[row] == ids[:-len(second)]
 
 
 @pytest.fixture
