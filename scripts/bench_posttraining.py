@@ -9,7 +9,10 @@ stage's training throughput and peak memory.
 * ``format_length_grpo``: a short SFT, then GRPO on the format reward, then on format + length (no answers read);
 * ``tulu3``: SFT, DPO, then GRPO with the verifiable reward (10 when right);
 * ``dump``: SFT, then GRPO over six arithmetic distributions drawn by DUMP's UCB sampler (``curriculum: dump``); its
-  uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled).
+  uniform baseline is the same command with ``'~stages.1.curriculum'`` (the stage's rows then shuffled);
+* ``score``: SFT, then SCoRe's two multi-turn stages (answer, a scripted "there might be an error" message, answer
+  again); its stages also print a second table: held-out accuracy at turn 1 and turn 2 and the shares of questions
+  turned wrong -> right and right -> wrong (``eval_accuracy_t2``, ``eval_wrong_to_right``, ``eval_right_to_wrong``).
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump"]
+RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "score"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -71,7 +74,16 @@ def stage_figures(run: Path) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if sampled is None else sampled,
             "sampled": sampled is not None,
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
-            "steps": summary.get("steps")}
+            "steps": summary.get("steps"), "turns": turn_figures(evals)}
+
+
+def turn_figures(evals: list[dict]) -> Optional[dict]:
+    """A multi-turn stage's held-out figures at its first and last evaluation (None for one turn): accuracy at
+    turn 1 and turn 2, and the shares turned wrong -> right and right -> wrong."""
+    if "eval_accuracy_t2" not in evals[-1]:
+        return None
+    keys = ("eval_accuracy", "eval_accuracy_t2", "eval_wrong_to_right", "eval_right_to_wrong")
+    return {"before": {k: evals[0][k] for k in keys}, "after": {k: evals[-1][k] for k in keys}}
 
 
 def run_recipe(recipe: str, seed: int, out: Path, extra: list[str], reuse: bool = False) -> dict[str, dict]:
@@ -112,6 +124,15 @@ def main() -> None:
               f"{reward} | {f['len_before']:.1f} -> {f['len_after']:.1f} | "
               f"{f['loss_before']:.3f} -> {f['loss_after']:.3f} | {f['step_time_s']:.3f} | "
               f"{f['tokens_per_s']:.0f}{' sampled' if f['sampled'] else ''} | {f['peak_memory_mib']:.0f} |")
+    turns = [(recipe, seed, stage, f["turns"]) for recipe, seed, stage, f in rows if f["turns"]]
+    if turns:
+        print("\n| recipe | seed | stage | accuracy turn 1 before -> after | accuracy turn 2 before -> after | "
+              "wrong -> right before -> after | right -> wrong before -> after |")
+        print("|---|---|---|---|---|---|---|")
+        for recipe, seed, stage, t in turns:
+            cells = " | ".join(f"{t['before'][k]:.3f} -> {t['after'][k]:.3f}" for k in (
+                "eval_accuracy", "eval_accuracy_t2", "eval_wrong_to_right", "eval_right_to_wrong"))
+            print(f"| {recipe} | {seed} | {stage} | {cells} |")
 
 
 if __name__ == "__main__":
