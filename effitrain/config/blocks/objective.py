@@ -304,6 +304,8 @@ class GRPOParams:
         return (f"{rows} prompts per step, each answered {self.group_size} times: {rows * self.group_size} sampled "
                 f"completions of up to {self.max_new_tokens} new tokens after prompts of up to {seq_len} tokens"
                 + (f", each sampled batch reused for {self.iterations} steps" if self.iterations > 1 else "")
+                + (f"; each conversation goes on for {self.turns} policy turns, the environment "
+                   f"{self.environment_block.name} answering between them" if self.turns > 1 else "")
                 + f"; the tokens column counts {seq_len} per prompt, as the run's log does")
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
