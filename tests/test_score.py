@@ -257,7 +257,7 @@ def test_sigkill_in_a_multi_turn_stage_then_resume_repeats_the_losses(tmp_path):
 
     tiny = [o for o in TINY if not o.startswith(("train.max_steps=", "train.micro_batch_size="))]
     run_args = [*tiny, "objective=grpo", "dataset=chat_demo", "dataset.format=prompts", "train.micro_batch_size=2",
-                "train.max_steps=6", "+train.save_every=3", "train.keep_checkpoints=3", "objective.group_size=2",
+                "train.max_steps=6", "train.save_every=3", "train.keep_checkpoints=3", "objective.group_size=2",
                 "objective.max_new_tokens=3", "+objective.turns=2", "+objective.environment={name:scripted_user}",
                 "+objective.turn_betas=[0.01,0.01]", "+objective.progress_bonus=10.0",
                 # a model this small never answers right: the length reward gives the groups differing rewards
