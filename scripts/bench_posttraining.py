@@ -21,6 +21,9 @@ stage's training throughput and peak memory.
 * ``thinkless``: SFT on paired ``<think>``/``<short>`` answers, then decoupled GRPO with the mode-aware reward; the
   share of held-out answers that begin with ``<short>`` (``eval_share_short``) and the accuracy of each mode are
   printed in a second table; plain GRPO's is the same command with ``'~stages.1.objective.decoupled_alpha'``.
+* ``score``: SFT, then SCoRe's two multi-turn stages (answer, a scripted "there might be an error" message, answer
+  again); its stages also print a second table: held-out accuracy at turn 1 and turn 2 and the shares of questions
+  turned wrong -> right and right -> wrong (``eval_accuracy_t2``, ``eval_wrong_to_right``, ``eval_right_to_wrong``).
 
 Every number is read from the runs' own ``metrics.jsonl`` / ``summary.json`` (``eval_accuracy`` from the
 ``answer_accuracy`` method: greedy answers to the held-out questions; ``eval_reward``: the RL stage's own rewards
@@ -48,7 +51,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["sft", "dpo", "sft_then_grpo", "format_length_grpo", "tulu3", "dump", "relift", "sasr", "sami",
-           "mix_cpt", "thinkless"]
+           "mix_cpt", "thinkless", "score"]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -83,10 +86,11 @@ def stage_figures(run: Path) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in train) if sampled is None else sampled,
             "sampled": sampled is not None,
             "peak_memory_mib": max(m.get("peak_memory_bytes", 0) for m in train) / 2**20,
-            "steps": summary.get("steps"), **follow_share(train),
+            "steps": summary.get("steps"), **follow_share(train), "turns": turn_figures(evals),
             # control-token recipes (thinkless): which mode the greedy held-out answers chose, and how well
             "modes": {key: (evals[0][key], evals[-1][key]) for key in evals[-1]
-                      if key.startswith(("eval_share_", "eval_accuracy_")) and key in evals[0]}}
+                      if key.startswith(("eval_share_", "eval_accuracy_")) and key in evals[0]}
+            if any(key.startswith("eval_share_") for key in evals[-1]) else {}}
 
 
 def follow_share(train: list[dict]) -> dict:
@@ -96,6 +100,15 @@ def follow_share(train: list[dict]) -> dict:
     if not follow:
         return {}
     return {"follow_before": statistics.mean(follow[:5]), "follow_after": statistics.mean(follow[-5:])}
+
+
+def turn_figures(evals: list[dict]) -> Optional[dict]:
+    """A multi-turn stage's held-out figures at its first and last evaluation (None for one turn): accuracy at
+    turn 1 and turn 2, and the shares turned wrong -> right and right -> wrong."""
+    if "eval_accuracy_t2" not in evals[-1]:
+        return None
+    keys = ("eval_accuracy", "eval_accuracy_t2", "eval_wrong_to_right", "eval_right_to_wrong")
+    return {"before": {k: evals[0][k] for k in keys}, "after": {k: evals[-1][k] for k in keys}}
 
 
 def run_recipe(recipe: str, seed: int, out: Path, extra: list[str], reuse: bool = False) -> dict[str, dict]:
@@ -147,6 +160,15 @@ def main() -> None:
         for recipe, seed, stage, f in moded:
             cells = [f"{f['modes'][k][0]:.3f} -> {f['modes'][k][1]:.3f}" if k in f["modes"] else "-" for k in keys]
             print(f"| {recipe} | {seed} | {stage} | " + " | ".join(cells) + " |")
+    turns = [(recipe, seed, stage, f["turns"]) for recipe, seed, stage, f in rows if f["turns"]]
+    if turns:
+        print("\n| recipe | seed | stage | accuracy turn 1 before -> after | accuracy turn 2 before -> after | "
+              "wrong -> right before -> after | right -> wrong before -> after |")
+        print("|---|---|---|---|---|---|---|")
+        for recipe, seed, stage, t in turns:
+            cells = " | ".join(f"{t['before'][k]:.3f} -> {t['after'][k]:.3f}" for k in (
+                "eval_accuracy", "eval_accuracy_t2", "eval_wrong_to_right", "eval_right_to_wrong"))
+            print(f"| {recipe} | {seed} | {stage} | {cells} |")
 
 
 if __name__ == "__main__":

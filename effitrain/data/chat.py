@@ -116,6 +116,25 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     return ids
 
 
+def follow_up_ids(tokenizer: Any, message: str) -> list[int]:
+    """The ids that follow a finished assistant answer (its EOS included in the answer) when the user says
+    ``message`` and the assistant is to answer again: what the template renders between the end of an assistant
+    message and the start of the next one's content (for the default template ``\\n<|user|>\\nMESSAGE\\n`` and the
+    ``<|assistant|>\\n`` header), tokenized span by span as :func:`encode_conversation` does -- so a multi-turn
+    rollout's conversation is token for token the rendering of its messages.  The spans are read off a stand-in
+    conversation; a template that renders each message on its own gives the same text whatever that holds."""
+    convo = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"},
+             {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    pieces = spans(tokenizer, convo)
+    first_answer = next(i for i, (_, trained) in enumerate(pieces) if trained)
+    ids: list[int] = []
+    for text, trained in pieces[first_answer + 1:]:
+        if trained:
+            break
+        ids.extend(_encode(tokenizer, text))
+    return ids
+
+
 @dataclass
 class Packed:
     rows: np.ndarray          # int64 [N, 3, seq_len]: input_ids, labels, position_ids

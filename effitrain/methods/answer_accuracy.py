@@ -16,6 +16,12 @@ held-out reference answers in the dataset's ``answer_style``), logged as ``eval_
 averaged over the questions), ``eval_reward_std`` and ``eval_reward_NAME`` per reward, so an RL stage's held-out
 reward is on the same curve as its training reward.
 
+Multi-turn stages (``objective.grpo.turns`` > 1): after the greedy first answers the stage's environment replies to
+each (with the held-out reference) and the model answers again greedily in the same conversation, for every turn:
+``eval_accuracy_tN`` (``eval_accuracy`` stays the first answer's), ``eval_wrong_to_right`` and
+``eval_right_to_wrong`` (shares of the questions whose last answer is right where the first was wrong, and the
+reverse) -- SCoRe's Accuracy@t1, Accuracy@t2, Delta^{i->c} and Delta^{c->i}.
+
 Prompts are left-padded into batches with an attention mask (transformers derives the positions from it), so a
 prompt's answer does not depend on the other prompts of its batch.  Every rank answers all questions (they are few);
 the model's parameters must be whole (ZeRO <= 2, refused under ZeRO-3 by a rule).
@@ -49,6 +55,7 @@ class AnswerAccuracy(Hook):
         self.answers: list[int] = []
         self.references: list[str] = []
         self.rewards: list = []
+        self.turns, self.environment = 1, None   # set from a multi-turn grpo objective (objective.grpo.turns)
 
     def _questions(self, state: Any) -> None:
         from effitrain.data import arithmetic_chat, chat
@@ -66,6 +73,8 @@ class AnswerAccuracy(Hook):
             from effitrain.objectives.rewards import build_rewards
 
             self.rewards = build_rewards(objective.params.reward_blocks)
+            if getattr(objective.params, "turns", 1) > 1:  # a multi-turn stage: its environment answers turn 1
+                self.turns, self.environment = objective.params.turns, objective.params.environment_block.build()
 
     def is_right(self, text: str, answer: int) -> bool:
         if self.extract == "full":
@@ -92,6 +101,35 @@ class AnswerAccuracy(Hook):
     @torch.no_grad()
     def responses(self, model: Any, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
         """Greedy answers (decoded, special tokens dropped) and their lengths in tokens."""
+        answers = self.answer_ids(model, prompts)
+        return [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers], [len(a) for a in answers]
+
+    def later_turns(self, model: Any, first: list[list[int]], texts: list[str]) -> dict[str, float]:
+        """A multi-turn stage's held-out figures: after each greedy answer its environment replies (the reference is
+        the held-out answer) and the model answers again, greedily; the accuracy of every turn and the shares of
+        questions turned from wrong to right and from right to wrong between the first and the last turn."""
+        from effitrain.data import chat
+
+        contexts = [list(p) for p in self.prompts]
+        answers, right = first, [self.is_right(t, a) for t, a in zip(texts, self.answers)]
+        first_right = right
+        out: dict[str, float] = {}
+        for turn in range(2, self.turns + 1):
+            for j, (answer, text) in enumerate(zip(answers, texts)):
+                reply = self.environment.reply(text, self.references[j], turn - 1)
+                contexts[j] += list(answer) + chat.follow_up_ids(self.tokenizer, reply)
+            answers = self.answer_ids(model, contexts)
+            texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            right = [self.is_right(t, a) for t, a in zip(texts, self.answers)]
+            out[f"eval_accuracy_t{turn}"] = sum(right) / max(len(right), 1)
+        count = max(len(right), 1)
+        out["eval_wrong_to_right"] = sum(not a and b for a, b in zip(first_right, right)) / count
+        out["eval_right_to_wrong"] = sum(a and not b for a, b in zip(first_right, right)) / count
+        return out
+
+    @torch.no_grad()
+    def answer_ids(self, model: Any, prompts: list[list[int]]) -> list[list[int]]:
+        """Greedy answers as token ids, each up to and including its first EOS."""
         from effitrain.objectives.generation import generate_plainly, plain_generation_config
 
         device = next(model.parameters()).device
@@ -100,7 +138,7 @@ class AnswerAccuracy(Hook):
         # decoder than the one GRPO trains
         config = plain_generation_config(do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad,
                                          eos_token_id=eos)
-        texts, lengths = [], []
+        answers = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             width = max(map(len, chunk))
@@ -110,9 +148,8 @@ class AnswerAccuracy(Hook):
             for row in out[:, width:].tolist():
                 if eos in row:
                     row = row[:row.index(eos) + 1]
-                lengths.append(len(row))
-                texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts, lengths
+                answers.append(row)
+        return answers
 
     def on_eval_end(self, state: Any) -> None:
         if self.prompts is None:
@@ -121,7 +158,11 @@ class AnswerAccuracy(Hook):
         was_training = model.training
         model.eval()
         try:
-            texts, lengths = self.responses(model, self.prompts)
+            first = self.answer_ids(model, self.prompts)
+            texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in first]
+            lengths = [len(a) for a in first]
+            if self.turns > 1:
+                state.eval_metrics.update(self.later_turns(model, first, texts))
         finally:
             model.train(was_training)
         right = sum(self.is_right(t, a) for t, a in zip(texts, self.answers))

@@ -100,14 +100,16 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
     ``entropy`` (``[N, T]``, the policy's per-token entropy) with ``entropy_coef`` > 0 subtracts ``entropy_coef``
     times its masked token mean (verl's entropy bonus; TRL's ``entropy_coef``).  ``token_weights`` (``[N, T]``)
     replace the ``loss_type`` reduction: the loss is ``sum_t w_t loss_t`` over the completion tokens
-    (:mod:`effitrain.objectives.token_weights`)."""
+    (:mod:`effitrain.objectives.token_weights`).  ``advantages`` may be per token (``[N, T]``) and ``beta`` a
+    ``[N, T]`` tensor of per-token KL coefficients: a multi-turn rollout gives each turn's tokens that turn's
+    advantage and KL weight (:mod:`effitrain.objectives.grpo_turns`)."""
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     per_token = -torch.min(ratio * adv, clipped * adv)
     kl = None
-    if beta != 0.0:
+    if isinstance(beta, torch.Tensor) or beta != 0.0:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
@@ -291,10 +293,10 @@ class GRPO:
 
     def loss(self, logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
              advantages: torch.Tensor, mask: torch.Tensor, entropy: Optional[torch.Tensor],
-             token_weights: Optional[torch.Tensor] = None) -> tuple[Any, dict]:
+             token_weights: Optional[torch.Tensor] = None, beta: Any = None) -> tuple[Any, dict]:
         global_tokens = global_token_count(mask, self.world_size) \
             if self.loss_type == "dapo" and token_weights is None else None
-        return grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=self.beta,
+        return grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta=self.beta if beta is None else beta,
                          epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                          max_new_tokens=self.max_new_tokens, global_tokens=global_tokens,
                          world_size=self.world_size, entropy=entropy, entropy_coef=self.entropy_coef,
@@ -350,7 +352,7 @@ class GRPO:
         e = {k: v.to(device) for k, v in entry.items()}
         logps, entropy = self.policy_logps(model, e["ids"], e["attention"], int(e["width"]))
         loss, stats = self.loss(logps, e["old_logps"], e.get("ref_logps"), e["advantages"], e["mask"], entropy,
-                                e.get("token_weights"))
+                                e.get("token_weights"), beta=e.get("beta"))
         metrics = {k.removeprefix("metric."): v for k, v in e.items() if k.startswith("metric.")}
         return loss, {**metrics, **stats}
 
@@ -361,7 +363,7 @@ def build(params: Any, *, model: Any, tokenizer: Any = None, device: Any = "cpu"
     from effitrain.objectives.rewards import build_rewards
 
     reference = None
-    if params.beta != 0.0:
+    if params.beta != 0.0 or any(getattr(params, "turn_betas", None) or ()):
         reference = reference_model(params.reference, model, torch.device(device), bf16_supported, tokenizer)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
         else 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from effitrain.config.rules import rule
-from effitrain.registry import ConfigError, param, register
+from effitrain.registry import ConfigError, choices_text, param, register
 
 
 @register("objective", "causal_lm", builder="effitrain.objectives.causal_lm:build",
@@ -229,7 +229,7 @@ class SimPOParams:
     step_description = _pairs_per_step
 
 
-@register("objective", "grpo", builder="effitrain.objectives.grpo:build",
+@register("objective", "grpo", builder="effitrain.objectives.grpo_turns:build",
           summary="GRPO: sampled groups per prompt, group-normalised verifiable rewards, clipped ratio, KL to a "
                   "frozen reference (Shao et al., 2402.03300)")
 @dataclass
@@ -274,6 +274,20 @@ class GRPOParams:
         "sequence", help="with decoupled_alpha, the response tokens' normalisation: sequence = mean over each "
                          "completion's tokens, then over completions (the paper's formula); token = mean over all "
                          "response tokens of the micro-batch (the authors' verl code)")
+    # multi-turn rollouts (effitrain.objectives.grpo_turns); the defaults are the single-turn GRPO above
+    turns: int = param(1, ge=1, help="policy turns per conversation: after each but the last the environment "
+                                     "answers and the policy answers again; loss only on the policy's tokens")
+    environment: Optional[dict[str, Any]] = param(
+        None, help="what answers between the turns (needed when turns > 1): {name: scripted_user} (a fixed "
+                   "message, SCoRe's self-correction prompt by default) or {name: verifier} (says right or wrong)")
+    turn_reward_weights: Optional[list[float]] = param(
+        None, help="one weight per turn on that turn's reward (null: 1 each); SCoRe's stage I: [0, 1] (only the "
+                   "second attempt is rewarded)")
+    turn_betas: Optional[list[float]] = param(
+        None, help="one KL coefficient per turn (null: beta on every turn); SCoRe's stage I: [beta2, 0] (the first "
+                   "attempt kept near the reference), stage II: [beta1, beta1]")
+    progress_bonus: float = param(0.0, ge=0, help="alpha: turn t > 1 earns alpha x (r_t - r_(t-1)) on top, "
+                                                  "SCoRe's reward shaping for self-correction (the paper: 10)")
 
     def validate(self, path: str) -> None:
         from effitrain.registry import REGISTRY
@@ -287,6 +301,11 @@ class GRPOParams:
         if self.decoupled_alpha is None and self.decoupled_response != "sequence":
             raise ConfigError(f"{path}.decoupled_response: only applies with {path}.decoupled_alpha (decoupled "
                               f"GRPO); set decoupled_alpha, e.g. 0.001, or drop decoupled_response")
+        self.environment_block = _grpo_environment(self, path)
+        if self.turns > 1 and self.decoupled_alpha is not None:
+            # the decoupled weights address one completion's first token; a conversation has one per turn
+            raise ConfigError(f"{path}.decoupled_alpha: decoupled GRPO weighs the first token of a single answer and "
+                              f"does not apply to multi-turn rollouts ({path}.turns={self.turns}); drop one of them")
 
         if not self.rewards:
             raise ConfigError(f"{path}.rewards: empty; name at least one reward block, e.g. [{{name: exact_answer}}]")
@@ -306,6 +325,8 @@ class GRPOParams:
         return (f"{rows} prompts per step, each answered {self.group_size} times: {rows * self.group_size} sampled "
                 f"completions of up to {self.max_new_tokens} new tokens after prompts of up to {seq_len} tokens"
                 + (f", each sampled batch reused for {self.iterations} steps" if self.iterations > 1 else "")
+                + (f"; each conversation goes on for {self.turns} policy turns, the environment "
+                   f"{self.environment_block.name} answering between them" if self.turns > 1 else "")
                 + f"; the tokens column counts {seq_len} per prompt, as the run's log does")
 
     def check_inputs(self, path: str, *, spec, deep: bool) -> None:
@@ -321,6 +342,40 @@ class GRPOParams:
             if not _gpu_count():
                 raise ConfigError(f"{where}: vllm runs beside the policy on its GPU and this machine has none; use "
                                   f"backend: transformers (the policy's own generate, the default)")
+
+
+def _grpo_environment(params: "GRPOParams", path: str) -> Any:
+    """The validated environment block of a multi-turn GRPO (None for one turn) and the per-turn lists checked."""
+    from effitrain.registry import REGISTRY
+
+    multi = params.turns > 1
+    if not multi:
+        for key in ("environment", "turn_reward_weights", "turn_betas"):
+            if getattr(params, key) is not None:
+                raise ConfigError(f"{path}.{key}: only used when {path}.turns > 1 (now {params.turns}); set turns: 2 "
+                                  f"or more, or remove it")
+        if params.progress_bonus:
+            raise ConfigError(f"{path}.progress_bonus: rewards the change between turns, so it needs {path}.turns "
+                              f"> 1; set turns: 2 or more, or remove it")
+        return None
+    if params.environment is None:
+        raise ConfigError(f"{path}.environment: turns: {params.turns} needs an environment to answer between the "
+                          f"turns; valid: {choices_text(REGISTRY.names('environment'))} (e.g. "
+                          f"{{name: scripted_user}})")
+    block = REGISTRY.parse("environment", params.environment, f"{path}.environment")
+    for key in ("turn_reward_weights", "turn_betas"):
+        values = getattr(params, key)
+        if values is None:
+            continue
+        if len(values) != params.turns:
+            raise ConfigError(f"{path}.{key}: {list(values)} has {len(values)} values for {params.turns} turns; "
+                              f"give one per turn")
+        if min(values) < 0:
+            raise ConfigError(f"{path}.{key}: {list(values)} must all be >= 0")
+    if params.generator_block is not None:
+        raise ConfigError(f"{path}.generator.backend: multi-turn rollouts (turns: {params.turns}) sample with the "
+                          f"policy's own generate; use backend: transformers (the default)")
+    return block
 
 
 # the sampling keys of a generator block that GRPO sets itself: its samples must be draws from softmax(logits / T)
