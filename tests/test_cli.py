@@ -58,6 +58,8 @@ REQUIRED_CONTEXT = {"curriculum/dataset_decomposition": ["dataset.packing=decomp
                     "objective/dpo": ["dataset=chat_demo", "dataset.format=preference"],
                     "objective/simpo": ["dataset=chat_demo", "dataset.format=preference"],
                     "objective/grpo": ["dataset=chat_demo", "dataset.format=prompts"],
+                    "objective/lssd": ["dataset=chat_demo"],
+                    "objective/sami": ["dataset=chat_demo", "dataset.format=prompts"],
                     # dump draws GRPO prompts by distribution: the arithmetic split into several
                     "curriculum/dump": ["objective=grpo", "dataset=chat_demo", "dataset.format=prompts",
                                         "+dataset.domain_by=operation"],
