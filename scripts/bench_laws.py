@@ -139,23 +139,29 @@ def cmr_arms(cmr: float, multiples: Sequence[float]) -> list[tuple[float, str]]:
 
 
 def arm_overrides(ratio: float, shares: dict[str, float], domain: str, base_model: str, warmup: int, steps: int,
-                  common: list[str]) -> list[str]:
+                  common: list[str], model_keys: Optional[dict[str, Any]] = None) -> list[str]:
     """A plain run continuing the base at ``ratio`` (the general domains sharing the rest by token share), as the
-    recipe's main stage continues it at the CMR."""
+    recipe's main stage continues it at the CMR.  ``model_keys``: the main stage's other model settings (the stage
+    that continues the base sets e.g. ``attn_implementation`` from it), so the arms load the base the same way."""
     weights = {d: (1 - ratio) * w for d, w in shares.items()}
     weights[domain] = ratio
     value = {d: round(w, 6) for d, w in sorted(weights.items()) if round(w, 6) > 0}
     top = max(value, key=value.get)
     value[top] = round(1 - sum(w for d, w in value.items() if d != top), 6)
-    return ["model=pretrained", f"model.path={base_model}", "curriculum=mixture",
+    model = [f"model.{k}={v}" for k, v in sorted((model_keys or {}).items())
+             if k not in ("name", "path") and v is not None]
+    return ["model=pretrained", f"model.path={base_model}", *model, "curriculum=mixture",
             "+timeline.mixture=" + _flow({"unit": "step", "points": [{"at": 0, "value": value}]}),
             f"scheduler.warmup_steps={warmup}", f"train.max_steps={steps}", *common]
 
 
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """The dotted keys in which two resolved configs differ."""
+    """The dotted keys in which two resolved configs differ.  A key one side lacks and the other sets to null or
+    false is no difference: a block that does not declare a switch runs as if it were off."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(a) | set(b))
+                if not ((k not in a and b[k] in (None, False)) or (k not in b and a[k] in (None, False)))
+                for d in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 
@@ -314,7 +320,7 @@ def bench_cmr(args, out: Path) -> dict:
     for ratio, label in cmr_arms(cmr, args.arms):
         d = out / f"cmr-ratio-{ratio:.4f}"
         overrides = arm_overrides(ratio, shares, domain, main_cfg["model"]["path"],
-                                  main_cfg["scheduler"]["warmup_steps"], steps, common)
+                                  main_cfg["scheduler"]["warmup_steps"], steps, common, main_cfg["model"])
         run(overrides, d, out / f"cmr-ratio-{ratio:.4f}.log", args.reuse)
         extra = _diff_beyond(main_dir, d, ("timeline.mixture", "run_dir", *NOT_TRAINING))
         if extra:

@@ -62,6 +62,12 @@ def test_config_differences_name_the_dotted_keys():
          "run_dir": "y", "timeline": {"lr": {"unit": "step"}}}
     assert bench_laws.config_differences(a, b) == ["run_dir", "scheduler.decay_fraction", "scheduler.name",
                                                    "timeline"]
+    # a switch one block lacks and the other leaves off (false or null) is not a difference; one that is on is
+    stage = {"model": {"name": "pretrained", "attn_implementation": "sdpa"}}
+    plain = {"model": {"name": "pretrained", "attn_implementation": "sdpa", "liger_kernels": False, "revision": None}}
+    assert bench_laws.config_differences(stage, plain) == []
+    assert bench_laws.config_differences(stage, {"model": {**plain["model"], "liger_kernels": True}}) == \
+        ["model.liger_kernels"]
 
 
 def test_the_multistep_schedule_and_the_override_grammar():
@@ -99,6 +105,11 @@ def test_the_cmr_arms_and_their_mixtures():
     assert ov == ["model=pretrained", "model.path=/m", "curriculum=mixture",
                   "+timeline.mixture={unit:step,points:[{at:0,value:{arithmetic:0.4,code:0.2,prose:0.4}}]}",
                   "scheduler.warmup_steps=5", "train.max_steps=60", "train.seed=0"]
+    # the main stage's other model settings are the arms' too (not its name or path, nor what it leaves null)
+    ov = bench_laws.arm_overrides(0.2, shares, "code", "/m", 5, 60, [], {"name": "pretrained", "path": "/x",
+                                                                         "attn_implementation": "sdpa",
+                                                                         "revision": None})
+    assert ov[:3] == ["model=pretrained", "model.path=/m", "model.attn_implementation=sdpa"]
     # all general: the domain is left out of the mixture (a zero weight is no weight)
     assert "value:{arithmetic:0.5,prose:0.5}" in bench_laws.arm_overrides(0.0, shares, "code", "/m", 5, 60, [])[3]
 
