@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +127,30 @@ def measure(block_raw: dict, model_path: Path | None, prompts: list[str], cache_
             "second_run_cached": second["cached"]}
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One backend's figures over the rounds: the median of each time and rate, the first run's spread."""
+    med = {key: statistics.median(r[key] for r in runs) for key in ("seconds", "requests_per_s", "tokens",
+                                                                      "tokens_per_s", "second_run_seconds")}
+    return {"requests": runs[0]["requests"], "seconds": round(med["seconds"], 3),
+            "seconds_range": f"{min(r['seconds'] for r in runs):.3f}–{max(r['seconds'] for r in runs):.3f}",
+            "requests_per_s": round(med["requests_per_s"], 2), "tokens": int(med["tokens"]),
+            "tokens_per_s": round(med["tokens_per_s"], 1), "second_run_seconds": round(med["second_run_seconds"], 4),
+            "second_run_sent": max(r["second_run_sent"] for r in runs),
+            "second_run_cached": min(r["second_run_cached"] for r in runs), "rounds": len(runs)}
+
+
+def load_sentence(before: str, after: str, cpus: int) -> str:
+    """What the load said about the times: a one-minute load average below one busy core before the run means the
+    machine was otherwise idle and the times are this machine's; above it they are this moment's only."""
+    idle = float(before.split()[0]) < 1.0
+    if idle:
+        return (f"Measured on an otherwise idle {cpus}-CPU machine (`uptime` load averages {before} before and "
+                f"{after} after the run; the larger 5- and 15-minute figures are earlier jobs).")
+    return (f"**Measured under load** on a shared {cpus}-CPU machine: `uptime` load averages {before} before and "
+            f"{after} after the run. The times are this moment's, not the backends' speed: only the second-run "
+            f"columns (nothing sent, every answer from the cache) do not depend on the load.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -135,6 +160,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds in which the backends alternate, each on a fresh cache; medians reported")
     parser.add_argument("--write", type=Path, help="replace this script's section of the markdown file")
     args = parser.parse_args()
 
@@ -149,24 +176,28 @@ def main() -> None:
         folder, texts = make_model(Path(tmp) / "model", args.hidden, args.layers)
         prompts = prompts_from(texts, args.prompts, args.prompt_words)
         sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens, "seed": 0}
-        rows.append({"backend": "transformers", **measure(
-            {"backend": "transformers", "model": str(folder), "batch_size": args.batch_size, "device": "cpu",
-             "dtype": "float32", **sampling}, folder, prompts, Path(tmp) / "cache-transformers")})
         server = TinyServer(str(folder)).start()
+        reason = vllm_skip_reason()
+        backends = {
+            "transformers": ({"backend": "transformers", "model": str(folder), "batch_size": args.batch_size,
+                              "device": "cpu", "dtype": "float32", **sampling}, folder),
+            "openai (test server, localhost)": ({"backend": "openai", "model": "tiny", "base_url": server.base_url,
+                                                 "concurrency": args.concurrency, "batch_size": args.batch_size,
+                                                 **sampling}, None)}
+        if reason is None:
+            backends["vllm"] = ({"backend": "vllm", "model": str(folder), "batch_size": args.batch_size,
+                                 **sampling}, folder)
+        rounds: dict[str, list[dict]] = {name: [] for name in backends}
         try:
-            rows.append({"backend": "openai (test server, localhost)", **measure(
-                {"backend": "openai", "model": "tiny", "base_url": server.base_url,
-                 "concurrency": args.concurrency, "batch_size": args.batch_size, **sampling}, None, prompts,
-                Path(tmp) / "cache-openai")})
-            rows[-1]["server_answered"] = len(server.answered)  # the second run reached the server not once
+            for r in range(args.rounds):   # alternating rounds: drift on a shared machine hits every backend alike
+                for i, (name, (block, model)) in enumerate(backends.items()):
+                    rounds[name].append(measure(block, model, prompts, Path(tmp) / f"cache-{i}-{r}"))
+            answered = len(server.answered)   # every round's second run reached the server not once
         finally:
             server.stop()
-        reason = vllm_skip_reason()
-        if reason is None:
-            rows.append({"backend": "vllm", **measure(
-                {"backend": "vllm", "model": str(folder), "batch_size": args.batch_size, **sampling}, folder,
-                prompts, Path(tmp) / "cache-vllm")})
-        else:
+        rows = [{"backend": name, **median_row(runs)} for name, runs in rounds.items()]
+        rows[1]["server_answered"] = answered
+        if reason is not None:
             rows.append({"backend": "vllm", "skipped": reason})
     load_after = load()
     setup = (f"{args.prompts} prompts of {args.prompt_words} words (the demo corpus's prose), {args.max_new_tokens} "
@@ -178,27 +209,28 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.write:
         command = " ".join(["python scripts/bench_generation.py", *sys.argv[1:]])
-        lines = ["| backend | requests | first run (s) | requests/s | generated tokens | tokens/s | second run (s) "
-                 "| second run: sent / cached |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines = ["| backend | requests | first run (s), median | min–max (s) | requests/s | generated tokens | "
+                 "tokens/s | second run (s) | second run: sent / cached (every round) |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in rows:
             if "skipped" in row:
-                lines.append(f"| {row['backend']} | skipped: {row['skipped']} | | | | | | |")
+                lines.append(f"| {row['backend']} | skipped: {row['skipped']} | | | | | | | |")
                 continue
-            lines.append(f"| {row['backend']} | {row['requests']} | {row['seconds']} | {row['requests_per_s']} | "
+            lines.append(f"| {row['backend']} | {row['requests']} | {row['seconds']} | {row['seconds_range']} | "
+                         f"{row['requests_per_s']} | "
                          f"{row['tokens']} | {row['tokens_per_s']} | {row['second_run_seconds']} | "
                          f"{row['second_run_sent']} / {row['second_run_cached']} |")
         body = "\n".join([
             f"{HEADING}\n\n{SECTION_START}",
-            f"`{command}` ({args.prompts} requests through each backend on one fresh request cache, twice). "
+            f"`{command}` ({args.prompts} requests through each backend on a fresh request cache, twice, in "
+            f"{args.rounds} rounds in which the backends alternate; medians). "
             f"{setup}.",
             "",
             *lines,
             "",
-            f"**Measured under load** on a shared {os.cpu_count()}-CPU machine: `uptime` load averages "
-            f"{load_before} before and {load_after} after the run. The times are this moment's, not the backends' "
-            f"speed: only the second-run columns (nothing sent, every answer from the cache) do not depend on the "
-            f"load. The openai row includes the HTTP round trips to a one-model-call-at-a-time test server, so it "
-            f"measures the client and the cache path, not a serving engine's batching.",
+            load_sentence(load_before, load_after, os.cpu_count() or 1)
+            + " The openai row includes the HTTP round trips to a one-model-call-at-a-time test server, so it "
+            "measures the client and the cache path, not a serving engine's batching.",
             SECTION_END,
         ])
         replace_marked_section(args.write, f"{HEADING}\n\n{SECTION_START}", SECTION_END, body)
