@@ -288,6 +288,41 @@ def test_sigkill_in_the_relift_stage_then_resume_repeats_the_losses(tmp_path):
             assert resumed[m["step"]][key] == pytest.approx(m[key], abs=1e-6), (m["step"], key)
 
 
+@pytest.mark.slow
+def test_sigkill_in_a_sasr_stage_then_resume_repeats_its_draws_and_losses(tmp_path):
+    """sasr's one stage, tiny: a 2-step SFT warm-up, then SFT or GRPO drawn per step from the SFT gradient norms.
+    Killed after its step-3 checkpoint and resumed, steps 4-6 draw the same components with the same p (G_warmup and
+    G_last come back from the checkpoint) and log the uninterrupted run's losses."""
+    from conftest import TINY, effitrain_cli, sigkill_at
+
+    tiny = [o for o in TINY if not o.startswith(("train.max_steps=", "dataset.max_docs"))]
+    run_args = [*tiny, "+recipe=sasr", "dataset.max_docs_per_domain=200", "train.max_steps=6", "train.save_every=3",
+                "objective.controller.warmup_steps=2", "objective.components.rl.objective.group_size=4",
+                "objective.components.rl.objective.max_new_tokens=4", "methods.answer_accuracy.examples=4",
+                "train.keep_checkpoints=3"]
+
+    def metrics(run_dir):
+        return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = effitrain_cli(*run_args, f"run_dir={full}", timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = metrics(full)
+    assert [m["mix_weight/sft"] for m in expected[:2]] == [1.0, 1.0]          # the warm-up
+    assert {m["mix_weight/sft"] for m in expected[2:]} == {0.0, 1.0}          # both kinds drawn after it
+    assert all(0 < m["sasr/p"] < 1 for m in expected[2:])
+
+    sigkill_at([*run_args, f"run_dir={killed}"], killed / "checkpoints" / "step_00000003" / "COMPLETE",
+               timeout=1800)
+    result = effitrain_cli("resume", str(killed), timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = {m["step"]: m for m in metrics(killed)}
+    assert sorted(resumed) == [m["step"] for m in expected] == list(range(1, 7))
+    for m in expected[3:]:
+        for key in [k for k in m if k == "loss" or k.startswith(("mix_weight/", "sasr/", "sft/", "rl/"))]:
+            assert resumed[m["step"]][key] == pytest.approx(m[key], abs=1e-6), (m["step"], key)
+
+
 def test_a_mixed_stage_resumed_from_its_state_repeats_the_uninterrupted_losses(tmp_path):
     """The objective's own state in process (no DeepSpeed): real grpo and sft components on a tiny Llama, relift's
     buffer and a third component on a stream of its own every second step.  Stopped after 3 steps, its state, the
