@@ -61,8 +61,10 @@ SMALL_PREPARATION = {
     "entigraph": ["stages.1.synthesis.max_documents=2", "stages.1.synthesis.generator.max_new_tokens=16"],
     "iterative_resampling": [f"stages.{i}.synthesis.{k}" for i in (1, 3)
                              for k in ("max_documents=4", "generator.max_new_tokens=16", "generator.n=2")],
+    # min_words=1: a 2-step base writes noise, and at 16 tokens a class may get no candidate of 5 words (CI saw
+    # arithmetic_aug empty once; the finetune stage's mixture then refuses, rightly, in one line)
     "peft_augmentation": ["stages.1.dataset.max_docs_per_domain=10", "stages.1.synthesis.rollout.per_example=1",
-                          "stages.1.synthesis.generator.max_new_tokens=16"],
+                          "stages.1.synthesis.generator.max_new_tokens=16", "stages.1.synthesis.rollout.min_words=1"],
     "struct_tuning": [f"stages.{i}.synthesis.{k}" for i in (1, 2)
                       for k in ("max_documents=2", "generator.max_new_tokens=16")],
 }
