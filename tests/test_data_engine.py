@@ -410,3 +410,18 @@ def _memory_mapped(array) -> bool:
             return True
         array = array.base
     return False
+
+
+def test_the_tokenize_tasks_read_each_files_records_from_sorted_keys(tmp_path):
+    """The kept and held-out (file, record) pairs are read as sorted int64 keys, and each file gets a set of its own
+    records only (a Python set of every pair grew each tokenize task by ~150 bytes a kept document)."""
+    from effitrain.data.engine import document_keys, records_of
+
+    pairs = np.array([[2, 7], [0, 3], [2, 1], [0, 0], [1, 2**31 + 5], [3, 0]], dtype=np.int64)
+    np.save(tmp_path / "pairs.npy", pairs)
+    keys = document_keys(str(tmp_path / "pairs.npy"))
+    assert keys.dtype == np.int64 and list(keys) == sorted(keys)
+    assert records_of(keys, 0) == {0, 3} and records_of(keys, 1) == {2**31 + 5}
+    assert records_of(keys, 2) == {1, 7} and records_of(keys, 3) == {0} and records_of(keys, 4) == set()
+    np.save(tmp_path / "none.npy", np.zeros((0, 2), dtype=np.int64))
+    assert records_of(document_keys(str(tmp_path / "none.npy")), 0) == set()

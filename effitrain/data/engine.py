@@ -195,6 +195,18 @@ class DocumentIndex(PipelineStep):
         return iter(())
 
 
+def document_keys(path: str) -> np.ndarray:
+    """The ``(file, record)`` pairs of an ``.npy`` as sorted int64 keys ``file << 32 | record``."""
+    pairs = np.load(path).astype(np.int64).reshape(-1, 2)
+    return np.sort((pairs[:, 0] << 32) | pairs[:, 1])
+
+
+def records_of(keys: np.ndarray, file_index: int) -> set[int]:
+    """The records of one file among sorted :func:`document_keys` (a set the size of that file's share only)."""
+    lo, hi = np.searchsorted(keys, [file_index << 32, (file_index + 1) << 32])
+    return set((keys[lo:hi] & 0xFFFFFFFF).tolist())
+
+
 class TokenStreams(PipelineStep):
     """Per file ``tokens/NNNNNN/``: ``{train,eval}-<k>.bin`` token streams (documents in file order, EOS after
     each) for the file's domain number ``k``, and ``meta.json`` with the domain names and token counts.  A document
@@ -229,14 +241,17 @@ class TokenStreams(PipelineStep):
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
         encode = self._encoder()
         eos = self.eos_id
-        eval_set = set(map(tuple, np.load(self.eval_docs).tolist()))
+        # the (file, record) lists as sorted int64 keys (16 bytes a pair: a Python set of tuples took ~150 bytes, so
+        # a selection keeping 1M documents grew every task by ~150 MB); each file reads its own records from them
+        eval_keys = document_keys(self.eval_docs)
         # a selection's kept train documents (None: all); the others are neither trained on nor evaluated
-        keep = None if self.train_docs is None else set(map(tuple, np.load(self.train_docs).tolist()))
+        keep_keys = None if self.train_docs is None else document_keys(self.train_docs)
         dtype = np.dtype(self.dtype)
         for file_index, docs in _per_file(data):
-            if keep is not None:
-                docs = (d for d in docs if (file_index, d.metadata["record"]) in eval_set
-                        or (file_index, d.metadata["record"]) in keep)
+            eval_set = records_of(eval_keys, file_index)
+            if keep_keys is not None:
+                keep = records_of(keep_keys, file_index)
+                docs = (d for d in docs if d.metadata["record"] in eval_set or d.metadata["record"] in keep)
             final = Path(self.out_dir) / "tokens" / f"{file_index:06d}"
             tmp = _atomic_dir(final)
             # streams are opened as their domains appear and renamed to their sorted codes when the file is done
@@ -249,7 +264,7 @@ class TokenStreams(PipelineStep):
                         encoded = encode([d.text for d in batch])
                     streams: dict[tuple[str, str], list[int]] = {}  # one write per stream and batch
                     for doc, ids in zip(batch, encoded):
-                        split = "eval" if (file_index, doc.metadata["record"]) in eval_set else "train"
+                        split = "eval" if doc.metadata["record"] in eval_set else "train"
                         domain = doc.metadata["domain"]
                         seen.setdefault(domain, len(seen))
                         stream = streams.setdefault((split, domain), [])
