@@ -15,3 +15,10 @@ def replace_marked_section(path: Path, start: str, end: str, section: str) -> No
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text)
+
+
+def with_reading(body: str, script: str) -> str:
+    """``body``, then the script's reading after a blank line: ``docs/readings/<the script's stem>.md``, prose
+    tracked in git that a rerun of the script keeps (no such file: ``body`` alone)."""
+    reading = Path(script).resolve().parents[1] / "docs" / "readings" / f"{Path(script).stem}.md"
+    return body + ("\n" + reading.read_text().rstrip() + "\n" if reading.exists() else "")

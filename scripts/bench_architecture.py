@@ -34,7 +34,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 SECTION_START = "<!-- bench_architecture:start -->"
 SECTION_END = "<!-- bench_architecture:end -->"
@@ -203,9 +203,7 @@ def main() -> int:
                 f"last stage evaluates (spdf's dense stage fine-tunes and evaluates on `code` only). Machine: "
                 f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.\n\n"
                 f"```\n{cmd}\n```\n\n{table}\n")
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text().rstrip() + "\n"
+        body = with_reading(body, __file__)
         body += f"{SECTION_END}\n"
         replace_marked_section(args.write, f"{TITLE}\n\n{SECTION_START}", SECTION_END, body)
         print(f"wrote {args.write}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 SECTION_START = "<!-- bench_curriculum:start -->"
 SECTION_END = "<!-- bench_curriculum:end -->"
@@ -179,9 +179,7 @@ def main() -> int:
                 f"is the shuffled baseline's final eval loss. Per-domain columns: mean token loss on the eval split "
                 f"at the end of the (last stage of the) run. Machine: {platform.machine()}, {os.cpu_count()} CPU "
                 f"cores, Python {platform.python_version()}.\n\n```\n{cmd}\n```\n\n{table}\n")
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text().rstrip() + "\n"
+        body = with_reading(body, __file__)
         body += f"{SECTION_END}\n"
         replace_marked_section(args.write, f"## Curricula and mixtures\n\n{SECTION_START}", SECTION_END, body)
         print(f"wrote {args.write}")

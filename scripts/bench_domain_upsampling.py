@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 SECTION_START = "<!-- bench_domain_upsampling:start -->"
 SECTION_END = "<!-- bench_domain_upsampling:end -->"
@@ -122,9 +122,7 @@ def main() -> int:
                 f"Mixture sampler host time per step against the shuffle sampler's (median of 7 alternating rounds "
                 f"of {args.steps * 10} steps, 20,000 rows, 8 rows per step): {ratio:.2f}x, "
                 f"{per_step * 1e6:.0f} µs per step.\n")
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text().rstrip() + "\n"
+        body = with_reading(body, __file__)
         body += f"{SECTION_END}\n"
         replace_marked_section(args.write, f"## Domain upsampling\n\n{SECTION_START}", SECTION_END, body)
         print(f"wrote {args.write}")

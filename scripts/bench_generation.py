@@ -171,7 +171,6 @@ def main() -> None:
 
     load_builtin_blocks()
     load_before = load()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder, texts = make_model(Path(tmp) / "model", args.hidden, args.layers)
         prompts = prompts_from(texts, args.prompts, args.prompt_words)

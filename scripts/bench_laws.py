@@ -48,7 +48,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 SECTION_TITLE = "## Fitted laws: anneal_law and cmr_law"
 SECTION_START = "<!-- bench_laws:start -->"
@@ -415,9 +415,7 @@ def main() -> int:
                 f"it did not see train with the same config; one seed. Machine: {platform.machine()}, "
                 f"{os.cpu_count()} CPU cores, Python {platform.python_version()}.\n\n```\n{cmd}\n```\n\n"
                 + "\n".join(parts))
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text().rstrip() + "\n"
+        body = with_reading(body, __file__)
         body += f"{SECTION_END}\n"
         replace_marked_section(args.write, f"{SECTION_TITLE}\n\n{SECTION_START}", SECTION_END, body)
         print(f"wrote {args.write}")

@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 SECTION_START = "<!-- bench_merge_ablation:start -->"
 SECTION_END = "<!-- bench_merge_ablation:end -->"
@@ -252,9 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"correlation: Spearman's rho (scipy) between the two perplexities over the candidates. Machine: "
                 f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.\n\n"
                 f"```\n{cmd}\n```\n\n{text}\n")
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text().rstrip() + "\n"
+        body = with_reading(body, __file__)
         body += f"{SECTION_END}\n"
         replace_marked_section(args.write, f"{HEADING}\n\n{SECTION_START}", SECTION_END, body)
         print(f"wrote {args.write}")

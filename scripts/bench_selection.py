@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from _sections import with_reading  # noqa: E402
+
 METHODS = ("random", "dsir", "zip_fit", "quality_classifier", "less", "s2l", "perplexity", "diversity_kmeans", "dedup",
            "rds_plus", "ingenious", "got_d")
 NEEDS_REFERENCE = ("perplexity", "diversity_kmeans")
@@ -166,9 +169,7 @@ def main() -> int:
                 f"mean token losses on the untouched eval split. Machine: {platform.machine()}, "
                 f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n\n"
                 f"```\n{cmd}\n```\n\n{tab}\n")
-        notes = REPO / "docs" / "readings" / f"{Path(__file__).stem}.md"  # the reading, tracked in git
-        if notes.exists():
-            body += "\n" + notes.read_text()
+        body = with_reading(body, __file__)
         write_section(args.write, body)
         print(f"wrote {args.write}")
     return 0

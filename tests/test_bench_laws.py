@@ -12,7 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_laws  # noqa: E402  (scripts/ is not a package)
-from _sections import replace_marked_section  # noqa: E402
+from _sections import replace_marked_section, with_reading  # noqa: E402
 
 
 def test_window_errors_are_the_last_windows_signed_error_and_the_mean_absolute_error():
@@ -122,3 +122,13 @@ def test_the_anchored_prediction_cancels_noise_common_to_both_runs():
     anchored = bench_laws.anchored_prediction(law_decay, law_constant, measured_constant)
     assert bench_laws.window_errors(anchored, measured_decay)["mae"] == pytest.approx(0, abs=1e-12)
     assert bench_laws.window_errors(law_decay, measured_decay)["mae"] > 0.1   # the law alone carries the noise
+
+
+def test_a_scripts_reading_in_docs_readings_follows_its_section_body(tmp_path):
+    """Every benchmark script's --write appends docs/readings/<its stem>.md (prose kept across reruns) the same way."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "docs" / "readings").mkdir(parents=True)
+    script = tmp_path / "scripts" / "bench_x.py"
+    assert with_reading("| table |\n", str(script)) == "| table |\n"          # no reading: the body alone
+    (tmp_path / "docs" / "readings" / "bench_x.md").write_text("Reading: what the table says.\n\n")
+    assert with_reading("| table |\n", str(script)) == "| table |\n\nReading: what the table says.\n"

@@ -414,7 +414,7 @@ def _memory_mapped(array) -> bool:
 
 def test_the_tokenize_tasks_read_each_files_records_from_sorted_keys(tmp_path):
     """The kept and held-out (file, record) pairs are read as sorted int64 keys, and each file gets a set of its own
-    records only (a Python set of every pair grew each tokenize task by ~150 bytes a kept document)."""
+    records only (a Python set of every pair made each tokenize task grow with the selection)."""
     from effitrain.data.engine import document_keys, records_of
 
     pairs = np.array([[2, 7], [0, 3], [2, 1], [0, 0], [1, 2**31 + 5], [3, 0]], dtype=np.int64)

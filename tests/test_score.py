@@ -50,6 +50,20 @@ def _objective(tok, model, *, first: list[str], second: list[str], group_size: i
 STATE = SimpleNamespace(micro_step=0, rank=0, step=1)
 
 
+def _record_policy_inputs(obj: grpo.GRPO) -> dict:
+    """The sequences the policy's log-probabilities are computed on (ids, attention, prompt width), recorded as the
+    objective computes them."""
+    seen: dict = {}
+    original = obj.policy_logps
+
+    def spy(model, ids, attention, width):
+        seen.update(ids=ids, attention=attention, width=width)
+        return original(model, ids, attention, width)
+
+    obj.policy_logps = spy
+    return seen
+
+
 def test_one_turn_is_grpo_as_before(tokenizer):
     block = REGISTRY.parse("objective", {"name": "grpo"})
     obj = grpo_turns.build(block.params, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer)
@@ -65,14 +79,7 @@ def test_the_environments_message_is_inserted_as_the_template_renders_it_and_mas
     obj = _objective(tokenizer, model, first=["12", "7"], second=["13", "7"], group_size=2,
                      turn_betas=[0.0, 0.0])
     batch, examples = _prompt_batch(tokenizer, 1)
-    seen = {}
-    original = obj.policy_logps
-
-    def spy(model, ids, attention, width):
-        seen.update(ids=ids, attention=attention, width=width)
-        return original(model, ids, attention, width)
-
-    obj.policy_logps = spy
+    seen = _record_policy_inputs(obj)
     loss, metrics = obj(model, batch, STATE)
     question = examples[0]["messages"][0]
     for row, (a1, a2) in enumerate([("12", "13"), ("7", "7")]):
@@ -174,14 +181,7 @@ def test_stage_one_puts_the_kl_on_the_first_turn_only(tokenizer, layout):
     obj = _objective(tokenizer, model, first=["5", "6"], second=["7", "8"], group_size=2,
                      turn_reward_weights=[0.0, 1.0], turn_betas=[0.1, 0.0])
     obj.reference = tiny_llama(len(tokenizer), seed=4)          # a reference that differs from the policy
-    seen = {}
-    original = obj.policy_logps
-
-    def spy(model, ids, attention, width):
-        seen.update(ids=ids, attention=attention, width=width)
-        return original(model, ids, attention, width)
-
-    obj.policy_logps = spy
+    seen = _record_policy_inputs(obj)
     loss, metrics = obj(model, batch, STATE)
     with torch.no_grad():
         pol = obj.logps(model, seen["ids"], seen["attention"], seen["width"])
