@@ -140,8 +140,9 @@ _BUILD = textwrap.dedent("""
     from effitrain.data.sharded import build_sharded_splits
     load_builtin_blocks()
     dataset = LocalParams(path=[sys.argv[1]], domain_field="domain", eval_examples_per_domain=4, seq_len=64)
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     _, shards, _ = build_sharded_splits(dataset, LlamaParams(vocab_size=512),
-                                        EngineSettings("local", tasks=4, workers=1), cache_dir=sys.argv[2])
+                                        EngineSettings("local", tasks=4, workers=workers), cache_dir=sys.argv[2])
     print("shards:", shards.folder)
 """)
 
@@ -159,10 +160,33 @@ def _tokenize_stage(cache: Path) -> Path | None:
     return None
 
 
-def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_the_same_shards(tmp_path):
-    corpus = _corpus(tmp_path / "corpus", docs=1600, files=8)
-    cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(corpus), str(cache)], cwd=REPO,
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the live processes (not zombies) that mention ``text``: a killed launch's children carry
+    its arguments."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # it ended while read
+            continue
+        if text in cmdline and state != "Z":
+            found.append(f"{proc_dir.name}: {cmdline[:120]}")
+    return found
+
+
+def _assert_no_process_outlives(proc: subprocess.Popen, text: str) -> None:
+    """After the launch ``proc`` was SIGKILLed, none of its processes (datatrove's manager, the pool workers) runs on
+    for more than a moment (they are killed with it; a worker left running would finish its task beside the
+    relaunch)."""
+    deadline = time.time() + 10
+    while (left := _processes_naming(text)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes outlived the killed launch {proc.pid}: {left}"
+
+
+def _kill_once_a_tokenize_task_is_done(corpus: Path, cache: Path, workers: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(corpus), str(cache), str(workers)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     done: list[str] = []
@@ -175,6 +199,14 @@ def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    return proc
+
+
+def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_the_same_shards(tmp_path):
+    corpus = _corpus(tmp_path / "corpus", docs=1600, files=8)
+    cache = tmp_path / "cache"
+    proc = _kill_once_a_tokenize_task_is_done(corpus, cache, workers=1)
+    _assert_no_process_outlives(proc, str(corpus))  # datatrove's manager process, forked even for one worker
     stage = _tokenize_stage(cache)
     done = sorted(int(p.name) for p in (stage / "logs" / "completions").glob("*"))
     missing = [r for r in range(4) if r not in done]
@@ -204,6 +236,22 @@ def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_t
     assert names == sorted(p.name for p in relaunched.iterdir()) and "train-00000.npy" in names
     for name in names:
         assert (relaunched / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+def test_the_pool_workers_of_a_killed_launch_die_with_it_and_mark_no_task_after_it(tmp_path):
+    """With 2 workers the tasks run in a forked pool: SIGKILL of the launch kills them too, so no task of the killed
+    launch finishes (and marks itself) after it -- the relaunch alone redoes them."""
+    corpus = _corpus(tmp_path / "corpus", docs=1600, files=8)
+    cache = tmp_path / "cache"
+    proc = _kill_once_a_tokenize_task_is_done(corpus, cache, workers=2)
+    stage = _tokenize_stage(cache)
+    marked = sorted(p.name for p in (stage / "logs" / "completions").glob("*"))
+    _assert_no_process_outlives(proc, str(corpus))
+    time.sleep(1.0)  # a surviving worker would go on to mark its task
+    assert sorted(p.name for p in (stage / "logs" / "completions").glob("*")) == marked
+    relaunch = _build(corpus, cache)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert f"data: tokenize: {4 - len(marked)} of 4 tasks to run" in relaunch.stdout
 
 
 def test_a_bad_line_found_by_a_task_is_one_line_and_nothing_is_trained(tmp_path):

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -329,6 +330,57 @@ class SlurmArray(SlurmPipelineExecutor):
             os.environ.update(saved)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``); exit at once if the parent is
+    already gone.  Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died between the fork and the prctl
+        os._exit(1)
+
+
+def _children_die_with(executor: Any) -> None:
+    """multiprocess's after-fork hook, in the child: die with the process that forked it.  The child's copy of the
+    executor then names the child, so a process it forks in turn (a step's own pool) dies with it, not with the
+    driver."""
+    die_with_parent(executor.parent_pid)
+    executor.parent_pid = os.getpid()
+
+
+try:
+    from datatrove.executor import LocalPipelineExecutor as _LocalPipelineExecutor
+except ImportError:  # pragma: no cover - without the `data` extra
+    _LocalPipelineExecutor = object
+
+
+class LocalTasks(_LocalPipelineExecutor):
+    """datatrove's local executor, whose processes die with the launch that started them.
+
+    datatrove forks a ``multiprocess`` Manager (even for one worker) and a pool of workers; a launch killed with
+    SIGKILL (the OOM killer, ``kill -9``, a preempted node) left them running: the manager sleeping forever, and a
+    worker finishing its task -- writing outputs and a completion marker -- beside the relaunch that redoes the same
+    task.  Each forked child (manager, fork workers) now asks for SIGKILL at its parent's death in multiprocess's
+    after-fork hook; a spawned worker asks when it starts a task."""
+
+    def run(self) -> Any:
+        import multiprocess.util
+
+        self.parent_pid = os.getpid()  # the process whose forks die with it (see _children_die_with)
+        multiprocess.util.register_after_fork(self, _children_die_with)
+        return super().run()
+
+    def _launch_run_for_rank(self, rank: int, ranks_q: Any, completed: Any = None, completed_lock: Any = None):
+        if os.getpid() != self.parent_pid:  # a spawned pool worker: it has run no after-fork hook
+            die_with_parent(self.parent_pid)
+            self.parent_pid = os.getpid()
+        return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Where a stage's tasks run, in this layer's own terms: the run's validated ``data:`` section turns itself into
@@ -348,15 +400,13 @@ def make_executor(params: EngineSettings, pipeline: list[Any], logging_dir: Path
     except ImportError:
         raise ConfigError(f"data.executor={params.executor}: needs datatrove; {INSTALL}") from None
     if params.executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
         workers = params.workers or min(params.tasks, os.cpu_count() or 1)
         # fork, not datatrove's default forkserver: the workers inherit the imported steps (seconds saved per
         # task), and this process holds no threads while a stage runs.  A step that runs CUDA (a reference model on
         # the GPU) asks for fresh processes instead: CUDA, once initialized here, cannot be used in a forked child
         spawn = any(getattr(step, "needs_fresh_process", False) for step in pipeline)
-        return LocalPipelineExecutor(pipeline, tasks=params.tasks, workers=workers, logging_dir=str(logging_dir),
-                                     start_method="spawn" if spawn else "fork")
+        return LocalTasks(pipeline, tasks=params.tasks, workers=workers, logging_dir=str(logging_dir),
+                          start_method="spawn" if spawn else "fork")
     if params.executor == "slurm":
         res = params.slurm
         sbatch = {key: res[key] for key in ("account",) if res.get(key)}
