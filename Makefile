@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[loggers,methods,eval,plot,cluster,sweep,data,dev]"
+	$(PY) -m pip install --quiet -e ".[loggers,methods,eval,plot,cluster,sweep,data,ray,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

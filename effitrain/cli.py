@@ -15,6 +15,8 @@
     effitrain plan [OVERRIDES] [--plot F.png] [--law FILE]  the run's timeline: lr, seq_len, mixture, phases at
                                                each breakpoint (--law: a fitted anneal_law's predicted loss)
     effitrain select [OVERRIDES]          run the data-selection stage alone and write its manifest
+    effitrain prepare [OVERRIDES]         build the run's data (selection, tokenizer, packed rows or token shards)
+                                          and stop; the training run with the same overrides starts from the cache
     effitrain export CKPT|RUN_DIR [--out DIR] [--merge-adapters]
                                           a Hugging Face folder from any checkpoint (ZeRO-3 gathered); a run dir:
                                           its newest checkpoint (a multi-stage run: its last stage's)
@@ -272,6 +274,12 @@ def _verb_select(args: list[str]) -> int:
     return select_main(args)
 
 
+def _verb_prepare(args: list[str]) -> int:
+    from effitrain.prepare import prepare_main
+
+    return prepare_main(args, lambda overrides: preflight(overrides, multirun=False, check_dir=False)[0])
+
+
 def _verb_evaluate(args: list[str]) -> int:
     from effitrain.evaluation import evaluate_main
 
@@ -362,7 +370,7 @@ def _remembered_resume(overrides: list[str]) -> Optional[list[str]]:
 
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _verb_recipes, "show": _verb_show, "check": _verb_check, "diff": _verb_diff, "rules": _verb_rules,
-    "select": _verb_select, "resume": _verb_resume, "export": _verb_export,
+    "select": _verb_select, "prepare": _verb_prepare, "resume": _verb_resume, "export": _verb_export,
     "evaluate": _verb_evaluate, "plan": _verb_plan, "report": _verb_report, "explain": _verb_explain,
     "lock": _verb_lock,
 }

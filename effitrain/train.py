@@ -166,37 +166,13 @@ class Data:
 
 
 def _build_data(spec: RunSpec, launch: Launch) -> Data:
-    """source -> selection -> tokenizer (trained on the whole pool) -> packing."""
-    from datasets import DatasetDict
-
+    """source -> selection -> tokenizer (trained on the whole pool) -> packing (``effitrain prepare`` builds the same,
+    and the run then finds it in the caches)."""
     from effitrain.data.packing import to_numpy
-    from effitrain.data.splits import build_packed_splits
-    from effitrain.paths import cache_dir
-
-    def build():
-        if getattr(spec.data, "executor", None) is not None:  # a corpus of files as sharded jobs -> token shards
-            from effitrain.data.sharded import build_sharded_splits, shards_info
-            from effitrain.selection.base import Selection
-
-            from effitrain.selection.sharded import sharded_selection
-
-            block = spec.block("selection")  # check refuses the selections without a sharded form
-            selection = sharded_selection(block.name, block.params, seed=spec.train.seed)
-            tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params,
-                                                                spec.block("model").params,
-                                                                spec.data.engine_settings(), selection=selection)
-            info = shards_info(shards, spec.data, None if selection is None else selection.info)
-            return Selection(None, None, info), (tokenizer, shards, eval_rows)
-        pool = spec.block("dataset").build()
-        selection = spec.block("selection").build(pool, cache_dir=cache_dir("selection"), seed=spec.train.seed)
-        # one tokenizer for every selection of a pool, so that per-token losses stay comparable between methods
-        packed = build_packed_splits(spec.block("dataset").params, spec.block("model").params,
-                                     DatasetDict(train=selection.train, eval=pool["eval"]),
-                                     tokenizer_corpus=pool["train"])
-        return selection, packed
+    from effitrain.prepare import build_run_data
 
     start = time.perf_counter()
-    selection, (tokenizer, packed_train, packed_eval) = launch.main_first(build)
+    selection, (tokenizer, packed_train, packed_eval) = launch.main_first(lambda: build_run_data(spec))
     train_ids = to_numpy(packed_train)
     global_batch = spec.train.micro_batch_size * spec.train.grad_accum * launch.data_parallel_size
     if len(train_ids) < global_batch:

@@ -103,15 +103,13 @@ def table(rows: list[dict], target: str) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
+    """The marked section (under the "Data selection" heading when the file has none yet)."""
+    from _sections import replace_marked_section
+
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip() + "\n\n## Data selection\n\n" + section + "\n"
-    path.write_text(text)
+    if SECTION_START not in text:  # the heading the section lives under, for a file that has neither
+        path.write_text(text.rstrip() + "\n\n## Data selection\n")
+    replace_marked_section(path, SECTION_START, SECTION_END, f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}")
 
 
 def main() -> int:

@@ -101,6 +101,44 @@ def test_sharded_rows_equal_the_in_memory_rows_and_a_second_build_reuses_the_sha
     assert "data:" not in capsys.readouterr().out  # no stage ran: the scan and the shards came from the cache
 
 
+def test_decomposed_shards_hold_the_in_memory_pieces_row_for_row(tmp_path):
+    """dataset.packing=decompose (dataset decomposition) with data.executor: every train row is the in-memory path's
+    -- the same pieces of the same documents (each cut by its own seeded generator, numbered within its domain
+    across files), in the same seeded order per bucket, with the same domain and piece length -- rebuilt by the
+    pack reduce from the token streams and each document's length; the eval rows stay concatenated rows."""
+    from datasets import DatasetDict
+
+    from effitrain.data.build import build_local
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.packing import domain_array, to_numpy
+    from effitrain.data.sharded import build_sharded_splits
+    from effitrain.data.splits import build_packed_splits
+
+    folder = _corpus(tmp_path / "corpus", docs=300, files=5)
+    dataset, model = _params(str(folder), packing="decompose", min_piece_len=8)
+    pool = build_local(dataset, cache_dir=tmp_path / "memory")
+    tokenizer, train, eval_rows = build_packed_splits(dataset, model, DatasetDict(train=pool["train"],
+                                                                                   eval=pool["eval"]),
+                                                      cache_dir=tmp_path / "memory", tokenizer_corpus=pool["train"])
+    rows, piece_len = to_numpy(train), np.asarray(train["piece_len"])
+
+    _, shards, sharded_eval = build_sharded_splits(dataset, model, EngineSettings("local", tasks=3),
+                                                   cache_dir=tmp_path / "sharded")
+    assert shards.column_names == ("input_ids", "domain", "piece_len")
+    assert np.array_equal(shards.rows[np.arange(len(shards))], rows) and len(rows) > 50
+    assert np.array_equal(shards.domains(), domain_array(train))
+    assert np.array_equal(shards.piece_len(), piece_len)
+    assert set(piece_len.tolist()) >= {8, 16, 32, 64}  # real buckets, not one length
+    for domain, expected in eval_rows.items():
+        assert np.array_equal(sharded_eval[domain], np.asarray(to_numpy(expected))), domain
+    # the mechanism, whatever the in-memory path does: a piece is one document's tokens, so an end-of-text token
+    # can only be a piece's last token
+    eos = tokenizer.eos_token_id
+    for row, length in zip(shards.rows[np.arange(len(shards))], shards.piece_len()):
+        pieces = row.reshape(-1, int(length))
+        assert not (pieces[:, :-1] == eos).any()
+
+
 def test_rows_written_across_shard_boundaries_read_back_in_order(tmp_path):
     """Blocks of rows that straddle shards (7 rows a shard) come back row for row, by index, slice and gather,
     with their domains; a vocabulary over 16 bits is stored as uint32."""
@@ -141,15 +179,27 @@ _BUILD = textwrap.dedent("""
     load_builtin_blocks()
     dataset = LocalParams(path=[sys.argv[1]], domain_field="domain", eval_examples_per_domain=4, seq_len=64)
     workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    executor = sys.argv[4] if len(sys.argv) > 4 else "local"
     _, shards, _ = build_sharded_splits(dataset, LlamaParams(vocab_size=512),
-                                        EngineSettings("local", tasks=4, workers=workers), cache_dir=sys.argv[2])
+                                        EngineSettings(executor, tasks=4, workers=workers), cache_dir=sys.argv[2])
     print("shards:", shards.folder)
 """)
 
 
-def _build(corpus: Path, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _BUILD, str(corpus), str(cache)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+def _build(corpus: Path, cache: Path, *, workers: int = 1, executor: str = "local") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _BUILD, str(corpus), str(cache), str(workers), executor], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _same_shards(one: subprocess.CompletedProcess, other: subprocess.CompletedProcess) -> None:
+    """Two builds' printed shard folders: the same content address and the same bytes in every file."""
+    a = Path(one.stdout.split("shards: ")[1].split()[0])
+    b = Path(other.stdout.split("shards: ")[1].split()[0])
+    assert a.name == b.name
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "train-00000.npy" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def _tokenize_stage(cache: Path) -> Path | None:
@@ -229,13 +279,7 @@ def test_a_launch_killed_mid_stage_reruns_only_the_unfinished_tasks_and_writes_t
 
     clean = _build(corpus, tmp_path / "clean_cache")
     assert clean.returncode == 0, clean.stderr[-3000:]
-    relaunched = Path(relaunch.stdout.split("shards: ")[1].split()[0])
-    uninterrupted = Path(clean.stdout.split("shards: ")[1].split()[0])
-    assert relaunched.name == uninterrupted.name  # the same content address
-    names = sorted(p.name for p in uninterrupted.iterdir())
-    assert names == sorted(p.name for p in relaunched.iterdir()) and "train-00000.npy" in names
-    for name in names:
-        assert (relaunched / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    _same_shards(relaunch, clean)
 
 
 def test_the_pool_workers_of_a_killed_launch_die_with_it_and_mark_no_task_after_it(tmp_path):
@@ -252,6 +296,22 @@ def test_the_pool_workers_of_a_killed_launch_die_with_it_and_mark_no_task_after_
     relaunch = _build(corpus, cache)
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"data: tokenize: {4 - len(marked)} of 4 tasks to run" in relaunch.stdout
+
+
+def test_the_ray_executor_writes_the_bytes_of_the_local_one(tmp_path):
+    """data.executor=ray: with no RAY_ADDRESS and no `ray start` here, the launch starts a Ray of this machine (as
+    on a laptop) and the 4 tasks of each stage run as Ray tasks; the shards are those the local executor writes."""
+    corpus = _corpus(tmp_path / "corpus", docs=400, files=8)
+    env_has_cluster = os.environ.get("RAY_ADDRESS")
+    assert not env_has_cluster, "this test starts its own Ray"
+    on_ray = _build(corpus, tmp_path / "ray_cache", workers=2, executor="ray")
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    assert "data: tokenize: 4 of 4 tasks to run on ray" in on_ray.stdout
+    ray_logs = [p for p in (tmp_path / "ray_cache" / "data_engine").glob("*/logs/logs/task_00003.log")]
+    assert ray_logs, "datatrove's Ray executor wrote no task log"
+    local = _build(corpus, tmp_path / "local_cache", workers=2)
+    assert local.returncode == 0, local.stderr[-3000:]
+    _same_shards(on_ray, local)
 
 
 def test_a_bad_line_found_by_a_task_is_one_line_and_nothing_is_trained(tmp_path):

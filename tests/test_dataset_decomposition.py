@@ -184,6 +184,44 @@ def test_a_decomposition_run_stopped_mid_cycle_resumes_with_the_same_lengths_and
     assert len({length for _, length in lines(full).values()}) > 1  # the run did change its sequence length
 
 
+@pytest.mark.slow
+def test_the_recipe_on_token_shards_trains_the_steps_of_the_in_memory_path(tmp_path):
+    """`+recipe=dataset_decomposition` on a corpus of files with `data.executor=local data.tasks=2`: the shards hold
+    the in-memory path's decomposed rows with their piece lengths (tests/test_data_engine.py), so the curriculum
+    draws the same bucket at every step and the run logs the same lengths and losses."""
+    import sys
+
+    from conftest import REPO, TINY
+    from effitrain.pipeline import run as train
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_corpus
+
+    def train_in_process(overrides, run_dir):  # TINY without the demo corpus's key
+        composed = compose_config([*(o for o in TINY if not o.startswith("dataset.max_docs")), *overrides,
+                                   f"run_dir={run_dir}"])
+        return train(composed.cfg, run_dir=run_dir, argv=["effitrain", *overrides], recipes=composed.recipes)
+
+    corpus = tmp_path / "corpus"
+    make_corpus.generate(corpus, docs=300, files=4, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:3])
+    run = ["+recipe=dataset_decomposition", "curriculum.cycles=2", "scheduler=constant", "train.max_steps=6",
+           "dataset=local", f"dataset.path={corpus}", "dataset.domain_field=domain"]
+
+    def lines(run_dir):
+        return {l["step"]: (l["loss"], l["seq_len"]) for l in
+                map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in l}
+
+    in_memory, sharded = tmp_path / "memory", tmp_path / "sharded"
+    assert train_in_process(run, in_memory)["finished"]
+    assert train_in_process([*run, "data.executor=local", "data.tasks=2"], sharded)["finished"]
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["selection"]["token_shards"]  # it did train from shards
+    expected, got = lines(in_memory), lines(sharded)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6] and len({length for _, length in got.values()}) > 1
+    assert [got[s][1] for s in got] == [expected[s][1] for s in got]
+    assert [got[s][0] for s in got] == pytest.approx([expected[s][0] for s in got], abs=1e-6)
+
+
 def test_plan_marks_the_cycles_and_says_the_length_varies():
     from effitrain.plan import format_section, plan_sections
 

@@ -138,7 +138,9 @@ def build_decomposition(params: Any, packed: Any, *, seed: int, micro_batch_size
     if timeline is not None and timeline.declares("seq_len"):
         raise ConfigError("timeline.seq_len: dataset_decomposition sets the sequence length of every step itself; "
                           "remove timeline.seq_len")
-    piece_len = arrow_column(packed, "piece_len").to_numpy(zero_copy_only=False)
+    # token shards (data.executor) keep the column as an array of their own; a datasets table as an arrow column
+    piece_len = packed.piece_len() if callable(getattr(packed, "piece_len", None)) else \
+        arrow_column(packed, "piece_len").to_numpy(zero_copy_only=False)
     sampler = DecompositionSampler(piece_len, max_steps=timeline.max_steps if timeline is not None else 1,
                                    cycles=params.cycles, odds_base=params.odds_base, seed=seed,
                                    micro_batch_size=micro_batch_size, grad_accum=grad_accum,

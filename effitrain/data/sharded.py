@@ -54,19 +54,14 @@ def _files_identity(files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
-                         cache_dir: Optional[str | Path] = None, selection: Any = None):
-    """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
-
-    ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
-    ``selection(out, corpus, eval_docs, data_params, work)`` it writes ``out/selected.npy``, the ``(file, record)``
-    pairs of the train documents to keep, and ``out/info.json``; its ``key_parts()`` name what it depends on.  The
-    tokenizer is still trained on the whole pool, as in memory; only the kept documents are tokenized and packed."""
+def scan_and_select(dataset_params: Any, data_params: Any, *, selection: Any = None, bpe: bool = False,
+                    cache_dir: Optional[str | Path] = None) -> tuple["_Corpus", Path, Optional[Path]]:
+    """The corpus checked and scanned (hold-out, BPE sample when ``bpe``) and, with a ``selection`` hook, its kept
+    documents: ``(corpus, scan folder, selected.npy or None)``, each cached by content.  The first half of
+    :func:`build_sharded_splits`, on its own for what needs no tokenizer (a selection's benchmark)."""
     from effitrain.data import sources
     from effitrain.data.inspect import SMALL_BYTES, inspect_files
-    from effitrain.data.engine import finish_stage
-    from effitrain.data.shards import TokenShards, token_dtype
-    from effitrain.data.tokenizer import BPE_SAMPLE_DOCS, build_tokenizer
+    from effitrain.data.tokenizer import BPE_SAMPLE_DOCS
 
     files = corpus_files(dataset_params.path)
     fmt = sources.file_format(files, "dataset.path")
@@ -82,7 +77,6 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     inspect_files(files, fmt, key="dataset.path", text_field=dataset_params.text_field,
                   domain_field=dataset_params.domain_field, deep=small)
     root = cache_root(cache_dir)
-    bpe = getattr(model_params, "tokenizer", None) == "bpe"
     holdout = 0 if dataset_params.eval_path else dataset_params.eval_examples_per_domain
     corpus = _Corpus(files, fmt, dataset_params.text_field, dataset_params.domain_field, dataset_params.domains)
     scan_key = ContentHash("scan", _VERSION, _files_identity(files), corpus.text_field, corpus.domain_field,
@@ -92,7 +86,6 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
                                                                   holdout=holdout,
                                                                   sample_docs=BPE_SAMPLE_DOCS if bpe else 0),
                          cache_root=root)
-
     selected = None
     if selection is not None:
         select_key = ContentHash("selection", _VERSION, scan_key, *selection.key_parts()).hexdigest()
@@ -102,7 +95,26 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
                             cache_root=root)
         selection.info = {**json.loads((chosen / "info.json").read_text()), "manifest": str(chosen)}
         selected = chosen / "selected.npy"
+    return corpus, scanned, selected
 
+
+def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
+                         cache_dir: Optional[str | Path] = None, selection: Any = None):
+    """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
+
+    ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
+    ``selection(out, corpus, eval_docs, data_params, work)`` it writes ``out/selected.npy``, the ``(file, record)``
+    pairs of the train documents to keep, and ``out/info.json``; its ``key_parts()`` name what it depends on.  The
+    tokenizer is still trained on the whole pool, as in memory; only the kept documents are tokenized and packed."""
+    from effitrain.data.engine import finish_stage
+    from effitrain.data.shards import TokenShards, token_dtype
+    from effitrain.data.tokenizer import build_tokenizer
+
+    root = cache_root(cache_dir)
+    bpe = getattr(model_params, "tokenizer", None) == "bpe"
+    corpus, scanned, selected = scan_and_select(dataset_params, data_params, selection=selection, bpe=bpe,
+                                                cache_dir=cache_dir)
+    files = corpus.files
     sample = None
     if bpe:
         import datasets
@@ -114,18 +126,26 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
 
     seq_len = dataset_params.seq_len
     dtype = token_dtype(len(tokenizer))
-    shards_key = ContentHash("token_shards", _VERSION, scan_key, tokenizer_fingerprint(tokenizer), seq_len,
-                             dtype.name, selected.parent.name if selected is not None else "all").hexdigest()
+    # dataset.packing=decompose (dataset decomposition): the train rows are power-of-two pieces of single documents
+    decompose = (dataset_params.min_piece_len, getattr(dataset_params, "seed", 0)) \
+        if getattr(dataset_params, "packing", "concatenate") == "decompose" else None
+    shards_key = ContentHash("token_shards", _VERSION, scanned.name, tokenizer_fingerprint(tokenizer), seq_len,
+                             dtype.name, selected.parent.name if selected is not None else "all",
+                             *(("decompose", *decompose) if decompose else ())).hexdigest()
 
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
-        _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected)
+        _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected,
+                  lengths=decompose is not None)
         start = time.perf_counter()
-        _pack(out, work, len(files), seq_len, dtype)
+        _pack(out, work, len(files), seq_len, dtype, decompose)
         say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
         finish_stage(work)  # the token streams: as big as the corpus's tokens
 
     shards = TokenShards(build_once("token_shards", shards_key, pack_into, cache_root=root))
+    if len(shards) == 0 and decompose:
+        raise ConfigError(f"dataset.min_piece_len: no bucket of the train split fills one row of {seq_len} tokens "
+                          f"with pieces of at least {decompose[0]}; add documents or lower seq_len")
     if len(shards) == 0:
         raise ConfigError(f"dataset.seq_len: the train split has fewer than {seq_len} tokens in every domain; "
                           f"lower seq_len or add documents")
@@ -244,7 +264,7 @@ def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs
 
 # ------------------------------------------------------------------------------------------- tokenize + pack
 def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eval_docs: Path,
-              dtype: np.dtype, train_docs: Optional[Path] = None) -> None:
+              dtype: np.dtype, train_docs: Optional[Path] = None, *, lengths: bool = False) -> None:
     from effitrain.data.engine import TokenStreams, run_stage
 
     tokenizer_dir = work / "tokenizer"
@@ -257,12 +277,15 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
     run_stage(data_params, [corpus.reader(), TokenStreams(str(work), tokenizer_dir=str(tokenizer_dir),
                                                           eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
                                                           dtype=dtype.name,
-                                                          train_docs=None if train_docs is None else str(train_docs))],
+                                                          train_docs=None if train_docs is None else str(train_docs),
+                                                          lengths=lengths)],
               work, job_name="tokenize")
 
 
-def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype) -> None:
-    """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards."""
+def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
+          decompose: Optional[tuple[int, int]] = None) -> None:
+    """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards; with
+    ``decompose`` (``(min_piece_len, seed)``) the train rows are decomposed instead (:func:`_decomposed_pieces`)."""
     from effitrain.data.shards import ShardWriter
 
     metas: dict[int, dict] = {}
@@ -276,10 +299,20 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype) ->
         for split in totals:
             for d, n in zip(m["domains"], m["tokens"][split]):
                 totals[split][d] += n
-    writer = ShardWriter(out, seq_len=seq_len, dtype=dtype, domains=domains,
-                         rows=sum(n // seq_len for n in totals["train"].values()),
-                         eval_rows=sum(n // seq_len for n in totals["eval"].values()))
+    buckets = None
+    if decompose is None:
+        train_rows = sum(n // seq_len for n in totals["train"].values())
+    else:
+        train_domains = [d for d in domains if totals["train"][d]]  # numbered as the in-memory path numbers them
+        buckets = _decomposed_pieces(work, metas, train_domains, seq_len, *decompose)
+        train_rows = sum(len(files) // (seq_len // length) for (_, length), (files, _) in buckets.items())
+    writer = ShardWriter(out, seq_len=seq_len, dtype=dtype, domains=domains, rows=train_rows,
+                         eval_rows=sum(n // seq_len for n in totals["eval"].values()),
+                         piece_lengths=decompose is not None)
     for split in ("train", "eval"):
+        if split == "train" and buckets is not None:
+            _write_decomposed(writer, work, metas, buckets, train_domains, seq_len, dtype, decompose[1])
+            continue
         for d in domains:
             carry = np.zeros(0, dtype=dtype)
             for f, m in metas.items():  # file order
@@ -301,6 +334,71 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype) ->
                             writer.add(block[:n * seq_len].reshape(n, seq_len), d, split=split)
                         carry = block[n * seq_len:].copy()
     writer.close()
+
+
+def _decomposed_pieces(work: Path, metas: dict[int, dict], domains: list[str], seq_len: int, min_len: int,
+                       seed: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Dataset decomposition's cut of every train document, exactly :func:`effitrain.data.decompose.pack_decomposed`'s:
+    the ``i``-th document of domain number ``d_index`` (pool order: files in order, records in order) is cut with
+    ``default_rng([seed, d_index, i])``.  Returns ``{(domain, piece length): (file of each piece, its offset in
+    the file's train stream of that domain)}``, domains sorted, lengths ascending -- 12 bytes a piece, no tokens."""
+    from array import array
+
+    from effitrain.data.decompose import decompose
+
+    out: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for d_index, d in enumerate(domains):
+        pieces: dict[int, tuple[array, array]] = {}
+        i = 0
+        for f, m in metas.items():
+            path = work / "tokens" / f"{f:06d}" / f"train-{m['domains'].index(d)}.len" if d in m["domains"] else None
+            if path is None or not path.is_file():
+                continue
+            lengths = np.fromfile(path, dtype=np.uint32)
+            starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) if len(lengths) else lengths
+            for n, offset in zip(lengths.tolist(), starts.tolist()):
+                rng = np.random.default_rng([seed % 2**63, d_index, i])
+                for length in decompose(n, min_len=min_len, max_len=seq_len, rng=rng):
+                    files, offsets = pieces.setdefault(length, (array("i"), array("q")))
+                    files.append(f)
+                    offsets.append(offset)
+                    offset += length
+                i += 1
+        for length in sorted(pieces):
+            files, offsets = pieces[length]
+            out[(d, length)] = (np.frombuffer(files, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64))
+    return out
+
+
+def _write_decomposed(writer: Any, work: Path, metas: dict[int, dict], buckets: dict, domains: list[str],
+                      seq_len: int, dtype: np.dtype, seed: int) -> None:
+    """Each bucket's pieces in the in-memory path's order (a seeded permutation per domain and length), ``seq_len /
+    length`` of them side by side in a row, the incomplete last row dropped; pieces are read with ``pread`` from
+    the token streams (random access, no map kept resident), a block of rows at a time."""
+    d_index = {d: k for k, d in enumerate(domains)}  # every train domain, pieces or not
+    handles: dict[tuple[int, str], int] = {}
+    try:
+        for (d, length), (files, offsets) in buckets.items():
+            per_row = seq_len // length
+            order = np.random.default_rng([seed % 2**63, d_index[d], length]).permutation(len(files))
+            n = len(files) // per_row
+            rows_per_block = max(1, _READ_BLOCK // seq_len)
+            for first in range(0, n, rows_per_block):
+                chosen = order[first * per_row:min(n, first + rows_per_block) * per_row]
+                block = np.empty(len(chosen) * length, dtype=dtype)
+                for k, j in enumerate(chosen.tolist()):
+                    f = int(files[j])
+                    fd = handles.get((f, d))
+                    if fd is None:
+                        m = metas[f]
+                        fd = handles[(f, d)] = os.open(work / "tokens" / f"{f:06d}" /
+                                                       f"train-{m['domains'].index(d)}.bin", os.O_RDONLY)
+                    raw = os.pread(fd, length * dtype.itemsize, int(offsets[j]) * dtype.itemsize)
+                    block[k * length:(k + 1) * length] = np.frombuffer(raw, dtype=dtype)
+                writer.add(block.reshape(-1, seq_len), d, piece_len=length)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
 
 
 def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[str | Path]) -> dict[str, np.ndarray]:

@@ -6,6 +6,8 @@ A folder of token shards holds
   else ``uint32`` (half the disk and page cache of int32 for most vocabularies);
 * ``train-domains.npy`` -- the domain of every row, as a code into the index's ``domains`` (2 bytes a row);
 * ``eval.npy`` / ``eval-domains.npy`` -- the held-out rows, the same way;
+* ``train-piece_len.npy`` (``dataset.packing=decompose`` only) -- the piece length of every row's bucket
+  (:mod:`effitrain.data.decompose`: a row holds ``seq_len / piece_len`` pieces of one document each);
 * ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard.
 
 Rows, not token streams, are stored because rows are what the samplers index: row ``i`` is one slice of one memory
@@ -82,8 +84,6 @@ class ShardRows:
 class TokenShards:
     """A folder of token shards: the packed training rows (``rows``), their domains and the eval rows."""
 
-    column_names = ("input_ids", "domain")
-
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.index = json.loads((self.folder / INDEX).read_text())
@@ -93,6 +93,8 @@ class TokenShards:
         self.domain_names = np.asarray(self.index["domains"], dtype=str)
         self.rows = ShardRows([_open(self.folder / s["file"]) for s in self.index["shards"]], self.seq_len)
         self._domain_codes = _open(self.folder / "train-domains.npy")
+        # the columns a datasets table of the same rows has (the decomposition curriculum asks for piece_len)
+        self.column_names = ("input_ids", "domain", *(("piece_len",) if self.index.get("piece_len") else ()))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -104,6 +106,10 @@ class TokenShards:
     def domain_codes(self) -> np.ndarray:
         """Every training row's domain as an index into ``domain_names``, memory-mapped (read it in blocks)."""
         return self._domain_codes
+
+    def piece_len(self) -> np.ndarray:
+        """Every training row's piece length (``dataset.packing=decompose``; 4 bytes a row)."""
+        return np.asarray(_open(self.folder / "train-piece_len.npy"), dtype=np.int64)
 
     def eval_by_domain(self) -> dict[str, np.ndarray]:
         """``{domain: int32 rows}`` of the held-out rows, domains sorted."""
@@ -121,7 +127,7 @@ class ShardWriter:
     corpus (a 1M-document corpus is about a gigabyte of rows), while written file pages belong to the page cache."""
 
     def __init__(self, folder: Path, *, seq_len: int, dtype: np.dtype, rows: int, eval_rows: int,
-                 domains: Sequence[str], shard_rows: Optional[int] = None) -> None:
+                 domains: Sequence[str], shard_rows: Optional[int] = None, piece_lengths: bool = False) -> None:
         self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
         self.domains = list(domains)
         if len(self.domains) > 2**16:
@@ -134,14 +140,20 @@ class ShardWriter:
         self._room = 0        # rows it still takes
         self._out = None
         self._codes = _NpyAppender(self.folder / "train-domains.npy", np.dtype(np.uint16), (rows,))
+        self._piece_len = _NpyAppender(self.folder / "train-piece_len.npy", np.dtype(np.int32), (rows,)) \
+            if piece_lengths else None
         self._eval = np.zeros((eval_rows, seq_len), dtype=self.dtype)
         self._eval_codes = np.zeros(eval_rows, dtype=np.uint16)
         self._next = 0       # next training row
         self._next_eval = 0
 
-    def add(self, rows: np.ndarray, domain: str, *, split: str = "train") -> None:
-        """Append ``rows`` (``[n, seq_len]``) of ``domain`` to the training rows or (``split='eval'``) the eval rows."""
+    def add(self, rows: np.ndarray, domain: str, *, split: str = "train", piece_len: Optional[int] = None) -> None:
+        """Append ``rows`` (``[n, seq_len]``) of ``domain`` to the training rows or (``split='eval'``) the eval rows;
+        ``piece_len``: their bucket's piece length, for a writer of decomposed rows."""
         code = self.domains.index(domain)
+        if split == "train" and (piece_len is None) != (self._piece_len is None):
+            raise ValueError("token shards: piece_len is given for every train row of decomposed shards, and only "
+                             "for those")
         if split == "eval":
             end = self._next_eval + len(rows)
             self._eval[self._next_eval:end] = rows
@@ -151,6 +163,8 @@ class ShardWriter:
         if self._next + len(rows) > self._rows:
             raise RuntimeError(f"token shards: more than the {self._rows} train rows announced")
         self._codes.write(np.full(len(rows), code, dtype=np.uint16))
+        if self._piece_len is not None:
+            self._piece_len.write(np.full(len(rows), piece_len, dtype=np.int32))
         done = 0
         while done < len(rows):  # a block of rows may straddle two shards
             if self._room == 0:
@@ -177,10 +191,13 @@ class ShardWriter:
         if self._out is not None:
             self._out.close()
         self._codes.close()
+        if self._piece_len is not None:
+            self._piece_len.close()
         np.save(self.folder / "eval.npy", self._eval, allow_pickle=False)
         np.save(self.folder / "eval-domains.npy", self._eval_codes, allow_pickle=False)
         index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "dtype": self.dtype.name,
-                 "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval)}
+                 "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval),
+                 **({"piece_len": True} if self._piece_len is not None else {})}
         (self.folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 

@@ -122,14 +122,13 @@ def _executor_needs_files(spec, env) -> Optional[str]:
     return None
 
 
-@rule("data_executor_text_packing_only", "data.executor packs plain documents: no generated, conditioned or "
-                                         "decomposed rows")
+@rule("data_executor_text_packing_only", "data.executor packs plain documents (concatenated or decomposed): no "
+                                         "generated or conditioned rows")
 def _executor_plain_packing(spec, env) -> Optional[str]:
     if not _sharded(spec):
         return None
     p = spec.block("dataset").params
-    for key, on in (("packing", getattr(p, "packing", "concatenate") != "concatenate"),
-                    ("procedural_docs", getattr(p, "procedural_docs", 0) > 0),
+    for key, on in (("procedural_docs", getattr(p, "procedural_docs", 0) > 0),
                     ("control_tokens", getattr(p, "control_tokens", None) is not None)):
         if on:
             return f"dataset.{key} is not built by the sharded data engine yet {_LATER}; drop it or data.executor"
