@@ -360,12 +360,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _children_die_with(executor: Any) -> None:
-    """multiprocess's after-fork hook, in the child: die with the process that forked it.  The child's copy of the
-    executor then names the child, so a process it forks in turn (a step's own pool) dies with it, not with the
-    driver."""
-    die_with_parent(executor.parent_pid)
-    executor.parent_pid = os.getpid()
+class _DieWithParent:
+    """multiprocess's after-fork hook while a stage runs: a forked child dies with the process that forked it.  The
+    child's copy then names the child, so a process it forks in turn (a step's own pool) dies with it, not with the
+    driver.  Registered for the stage only (the registry holds it weakly): ``PR_SET_PDEATHSIG`` follows the thread
+    that forked, and a later fork from a short-lived thread would be killed when that thread ends."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def after_fork(self) -> None:
+        die_with_parent(self.pid)
+        self.pid = os.getpid()
 
 
 try:
@@ -386,8 +392,9 @@ class LocalTasks(_LocalPipelineExecutor):
     def run(self) -> Any:
         import multiprocess.util
 
-        self.parent_pid = os.getpid()  # the process whose forks die with it (see _children_die_with)
-        multiprocess.util.register_after_fork(self, _children_die_with)
+        hook = _DieWithParent()  # alive for this call only: then the registry's weak entry is gone
+        multiprocess.util.register_after_fork(hook, _DieWithParent.after_fork)
+        self.parent_pid = hook.pid
         return super().run()
 
     def _launch_run_for_rank(self, rank: int, ranks_q: Any, completed: Any = None, completed_lock: Any = None):
