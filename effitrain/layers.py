@@ -51,8 +51,9 @@ LAYERS: tuple[Layer, ...] = (
           "generator backends, the request cache and the rollouts"),
     Layer("engine", ("engine", "memory", "timeline_hooks"),
           "the DeepSpeed loop, checkpoints, run directories, metrics"),
-    Layer("run", ("train", "export", "evaluation"),
-          "one run: builds the blocks, runs the engine, exports and evaluates its model"),
+    Layer("run", ("train", "export", "evaluation", "prepare"),
+          "one run: builds the blocks, runs the engine, exports and evaluates its model; prepare builds its data "
+          "alone (the data stage the run itself calls)"),
     Layer("pipeline", ("pipeline", "selection.stage", "generation.synthesis", "cluster", "cluster.job", "cluster.launcher", "cluster.manifest"),
           "several runs: stages, selection as a stage of its own, the synthesis stage (a dataset made with a "
           "generator), cluster jobs and their sweep manifests"),
