@@ -22,3 +22,10 @@ def with_reading(body: str, script: str) -> str:
     tracked in git that a rerun of the script keeps (no such file: ``body`` alone)."""
     reading = Path(script).resolve().parents[1] / "docs" / "readings" / f"{Path(script).stem}.md"
     return body + ("\n" + reading.read_text().rstrip() + "\n" if reading.exists() else "")
+
+
+def load_average() -> str:
+    """The one-minute load average as ``/proc/loadavg`` gives it ("?" where there is none)."""
+    import os
+
+    return open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"

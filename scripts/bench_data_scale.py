@@ -50,6 +50,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from _sections import load_average, replace_marked_section  # noqa: E402
 VOCAB = 8192
 SEQ_LEN = 512
 FILES = 16
@@ -269,10 +271,6 @@ def _run_one(kind: str, corpus: Path, tasks: int, tokenizer_file: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- the table
-def _load() -> str:
-    return open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
-
-
 def _row(name: str, docs: int, tasks: int, r: dict) -> str:
     per_core = docs / r["wall_s"] / min(tasks, os.cpu_count() or 1)
     stages = r.get("stages") or {}
@@ -302,7 +300,7 @@ def _selection_section(args: argparse.Namespace, argv: list[str], workdir: Path)
         corpus = workdir / f"corpus-{docs}"
         if not corpus.exists():
             make_corpus.generate(corpus, docs=docs, files=FILES, fmt="jsonl", seed=0, ids=True)
-        loads.append(f"{docs:,} docs: load {_load()}")
+        loads.append(f"{docs:,} docs: load {load_average()}")
         for tasks in args.tasks:
             for method in args.selection:
                 ours, peer = SELECTION_KINDS[method]
@@ -343,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="replace the data-scale section of this markdown file")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "scripts"))
     import make_corpus
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-scale-"))
@@ -355,8 +352,6 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
         print(section)
         if args.write:
-            from _sections import replace_marked_section
-
             replace_marked_section(args.write, SELECT_START, SELECT_END, section)
         return 0
     lines = []
@@ -367,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             if not corpus.exists():
                 make_corpus.generate(corpus, docs=docs, files=FILES, fmt="jsonl", seed=0, ids=True)
             size = sum(p.stat().st_size for p in corpus.iterdir()) / 2**20
-            loads.append(f"{docs:,} docs ({size:,.0f} MiB): load {_load()}")
+            loads.append(f"{docs:,} docs ({size:,.0f} MiB): load {load_average()}")
             tokenizer_file = workdir / f"tokenizer-{docs}.json"
             if docs <= args.in_memory_max:
                 lines.append(_row("in-memory (today)", docs, 1, _run_one("in-memory", corpus, 1, tokenizer_file)))
@@ -397,8 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         *lines, END, ""])
     print(section)
     if args.write:
-        from _sections import replace_marked_section
-
         replace_marked_section(args.write, START, END, section)
     return 0
 

@@ -26,16 +26,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from _sections import replace_marked_section, with_reading  # noqa: E402
+from _sections import load_average, replace_marked_section, with_reading  # noqa: E402
 
 START = "<!-- bench_shard_training:start -->"
 END = "<!-- bench_shard_training:end -->"
 ARMS = {"in-memory (datasets table)": [], "token shards (data.executor=local, 2 tasks)":
         ["data.executor=local", "data.tasks=2"]}
-
-
-def _load() -> str:
-    return open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
 
 
 def _train(common: list[str], arm: list[str], run_dir: Path, env: dict) -> dict:
@@ -71,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, arm in ARMS.items():  # warm-up: the caches (pool, tokenizer, rows, shards) filled once
             sequences[name] = _train(common, arm, workdir / "warm", env)["train_sequences"]
-        load_before = _load()
+        load_before = load_average()
         for r in range(args.rounds):
             for name, arm in (ARMS.items() if r % 2 == 0 else reversed(ARMS.items())):
                 summary = _train(common, arm, workdir / "run", env)
                 rows[name].append(summary["tokens_per_s"])
                 print(f"round {r}: {name}: {summary['tokens_per_s']:,.0f} tokens/s", flush=True)
-        load_after = _load()
+        load_after = load_average()
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -307,7 +307,7 @@ def test_the_ray_executor_writes_the_bytes_of_the_local_one(tmp_path):
     on_ray = _build(corpus, tmp_path / "ray_cache", workers=2, executor="ray")
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     assert "data: tokenize: 4 of 4 tasks to run on ray" in on_ray.stdout
-    ray_logs = [p for p in (tmp_path / "ray_cache" / "data_engine").glob("*/logs/logs/task_00003.log")]
+    ray_logs = list((tmp_path / "ray_cache" / "data_engine").glob("*/logs/logs/task_00003.log"))
     assert ray_logs, "datatrove's Ray executor wrote no task log"
     local = _build(corpus, tmp_path / "local_cache", workers=2)
     assert local.returncode == 0, local.stderr[-3000:]
