@@ -33,9 +33,13 @@ def build_run_data(spec: Any) -> tuple[Any, tuple[Any, Any, Any]]:
 
         block = spec.block("selection")  # check refuses the selections without a sharded form
         selection = sharded_selection(block.name, block.params, seed=spec.train.seed)
+        order = _sharded_order(spec.block("curriculum").params)
         tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params, spec.block("model").params,
-                                                            spec.data.engine_settings(), selection=selection)
+                                                            spec.data.engine_settings(), selection=selection,
+                                                            order=order)
         info = shards_info(shards, spec.data, None if selection is None else selection.info)
+        if order is not None:
+            info["order"] = {"curriculum": order.kind, **(order.info or {})}
         return Selection(None, None, info), (tokenizer, shards, eval_rows)
     from datasets import DatasetDict
 
@@ -49,6 +53,18 @@ def build_run_data(spec: Any) -> tuple[Any, tuple[Any, Any, Any]]:
                                  DatasetDict(train=selection.train, eval=pool["eval"]),
                                  tokenizer_corpus=pool["train"])
     return selection, packed
+
+
+def _sharded_order(params: Any) -> Any:
+    """The curriculum's order hook for the data engine (``sharded_order``: ``module:Class`` taking its params), or
+    None: a curriculum that orders rows does so in the loop."""
+    target = getattr(params, "sharded_order", None)
+    if not target:
+        return None
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(params)
 
 
 def _summary(spec: Any, selection: Any, tokenizer: Any, train: Any, eval_sets: dict, seconds: float) -> dict:

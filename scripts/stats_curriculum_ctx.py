@@ -3,7 +3,7 @@
 
 In-context chains: how many paths the traversal makes, how many documents the duplicate filter drops, how long each
 phase takes, and how related neighbouring documents are in chain order compared with a shuffled order (cosine
-similarity of the TF-IDF vectors of consecutive documents; share of consecutive pairs from one domain).  MeCo: the
+similarity of the TF-IDF vectors of consecutive documents -- not the embeddings the chains are built from; share of consecutive pairs from one domain).  MeCo: the
 rows of both packings and the share of metadata tokens (which carry no loss).
 
     python scripts/stats_curriculum_ctx.py                          # the default demo corpus, seq_len 128
@@ -46,7 +46,7 @@ def main() -> None:
 
     from effitrain.config.compose import compose_config
     from effitrain.config.spec import validate
-    from effitrain.curriculum.in_context import document_features, drop_near_duplicates, knn_graph, traverse
+    from effitrain.curriculum.in_context import chain_order, embed_documents, in_batches
     from effitrain.curriculum.meco import conditioned_rows
     from effitrain.data.splits import build_packed_splits
     from datasets import DatasetDict
@@ -62,15 +62,15 @@ def main() -> None:
     texts, domains = docs["text"], np.asarray(docs["domain"])
 
     t0 = time.perf_counter()
-    features = document_features(texts, params.n_features)
+    features, vectors, embedding = embed_documents(texts, n_features=params.n_features, embed_dims=params.embed_dims)
     t1 = time.perf_counter()
-    graph = knn_graph(features, params.neighbors)
+    kept, path_of, spec = chain_order(in_batches(vectors), len(texts), embedding.dims, texts,
+                                      neighbors=params.neighbors, index=params.index, nprobe=params.nprobe,
+                                      dedup_threshold=params.dedup_threshold)
     t2 = time.perf_counter()
-    paths = traverse(graph)
-    t3 = time.perf_counter()
-    chain = [i for p in paths for i in p]
-    kept = drop_near_duplicates(chain, texts, params.dedup_threshold)
-    lengths = np.array([len(p) for p in paths])
+    kept = kept.tolist()
+    lengths = np.bincount(path_of)
+    chain = range(len(texts))  # every document is on one path
     names, counts = np.unique(domains[sorted(set(chain) - set(kept))], return_counts=True)
     dropped_by_domain = ", ".join(f"{n} {c}" for n, c in zip(names.tolist(), counts.tolist())) or "none"
     shuffled = [np.random.default_rng(s).permutation(len(texts)) for s in range(5)]
@@ -94,10 +94,11 @@ def main() -> None:
         "| quantity | value |",
         "|---|---|",
         f"| training documents | {len(texts)} |",
-        f"| in-context: paths (chains) | {len(paths)} (length median {int(np.median(lengths))}, max "
+        f"| in-context: paths (chains) | {len(lengths)} (length median {int(np.median(lengths))}, max "
         f"{int(lengths.max())}; {int((lengths == 1).sum())} single documents) |",
         f"| in-context: documents dropped as near-duplicates | {len(chain) - len(kept)} ({dropped_by_domain}) |",
-        f"| in-context: features / kNN / traversal seconds | {t1 - t0:.2f} / {t2 - t1:.2f} / {t3 - t2:.2f} |",
+        f"| in-context: features + embeddings / kNN ({spec}) + traversal + filter seconds | {t1 - t0:.2f} / "
+        f"{t2 - t1:.2f} |",
         f"| in-context: cosine similarity of consecutive documents, chain order vs shuffled (median of 5) | "
         f"{sim_chain:.3f} vs {sim_random:.3f} |",
         f"| in-context: consecutive documents from one domain, chain order vs shuffled | "

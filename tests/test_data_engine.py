@@ -351,6 +351,10 @@ def _check(args: list[str], capsys) -> tuple[int, str]:
     (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=s2l"],
      ["selection=s2l stays on one node", "use selection=none, dsir, dedup"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=meco"],
+     ["curriculum=meco re-packs the documents", "in_context"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=in_context_pretraining",
+      "dataset.packing=decompose"], ["[curriculum_reads_its_data]", "(curriculum is in_context)"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=slurm", "data.slurm_preset=slurm_gpus"],
      ["data.slurm_preset: unknown launcher preset 'slurm_gpus'", "did you mean 'slurm_gpu'"]),
 ])

@@ -212,8 +212,9 @@ class TokenStreams(PipelineStep):
     """Per file ``tokens/NNNNNN/``: ``{train,eval}-<k>.bin`` token streams (documents in file order, EOS after
     each) for the file's domain number ``k``, and ``meta.json`` with the domain names and token counts.  A document
     is in ``eval`` when its ``(file, record)`` is in ``eval_docs`` (an ``.npy`` of pairs).  With ``lengths``, also
-    ``train-<k>.len``: each train document's token count with its EOS (``uint32``), where dataset decomposition
-    cuts the stream back into documents."""
+    ``train-<k>.len``: each train document's token count with its EOS (``uint32``), and ``train-<k>.rec``: its
+    record number (``uint32``) -- where dataset decomposition cuts the stream back into documents and in-context
+    chains find a document's tokens."""
 
     name = "effitrain tokenize"
     type = "🔢 - TOKENIZER"
@@ -265,12 +266,14 @@ class TokenStreams(PipelineStep):
             counts: dict[tuple[str, str], int] = {}
             handles: dict[tuple[str, str], Any] = {}
             length_handles: dict[str, Any] = {}  # domain -> its train documents' lengths (with `lengths`)
+            record_handles: dict[str, Any] = {}  # domain -> their record numbers (with `lengths`)
             try:
                 for batch in batched(docs, self.batch_size):
                     with self.track_time("batch"):
                         encoded = encode([d.text for d in batch])
                     streams: dict[tuple[str, str], list[int]] = {}  # one write per stream and batch
                     doc_lengths: dict[str, list[int]] = {}
+                    doc_records: dict[str, list[int]] = {}
                     for doc, ids in zip(batch, encoded):
                         split = "eval" if doc.metadata["record"] in eval_set else "train"
                         domain = doc.metadata["domain"]
@@ -280,6 +283,7 @@ class TokenStreams(PipelineStep):
                         stream.append(eos)
                         if self.lengths and split == "train":
                             doc_lengths.setdefault(domain, []).append(len(ids) + 1)
+                            doc_records.setdefault(domain, []).append(doc.metadata["record"])
                     for key, ids in streams.items():
                         fh = handles.get(key)
                         if fh is None:
@@ -292,14 +296,20 @@ class TokenStreams(PipelineStep):
                         if fh is None:
                             fh = length_handles[domain] = open(tmp / f".train-{seen[domain]}.len.part", "wb")
                         fh.write(np.asarray(values, dtype=np.uint32).tobytes())
+                    for domain, values in doc_records.items():
+                        fh = record_handles.get(domain)
+                        if fh is None:
+                            fh = record_handles[domain] = open(tmp / f".train-{seen[domain]}.rec.part", "wb")
+                        fh.write(np.asarray(values, dtype=np.uint32).tobytes())
             finally:
-                for fh in [*handles.values(), *length_handles.values()]:
+                for fh in [*handles.values(), *length_handles.values(), *record_handles.values()]:
                     fh.close()
             names = sorted(seen)
             for split, domain in handles:
                 os.replace(tmp / f".{split}-{seen[domain]}.part", tmp / f"{split}-{names.index(domain)}.bin")
             for domain in length_handles:
                 os.replace(tmp / f".train-{seen[domain]}.len.part", tmp / f"train-{names.index(domain)}.len")
+                os.replace(tmp / f".train-{seen[domain]}.rec.part", tmp / f"train-{names.index(domain)}.rec")
             tokens = {split: [counts.get((split, d), 0) for d in names] for split in ("train", "eval")}
             (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": tokens, "dtype": dtype.name}))
             _publish(tmp, final)

@@ -99,13 +99,19 @@ def scan_and_select(dataset_params: Any, data_params: Any, *, selection: Any = N
 
 
 def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
-                         cache_dir: Optional[str | Path] = None, selection: Any = None):
+                         cache_dir: Optional[str | Path] = None, selection: Any = None, order: Any = None):
     """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
 
     ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
     ``selection(out, corpus, eval_docs, data_params, work)`` it writes ``out/selected.npy``, the ``(file, record)``
     pairs of the train documents to keep, and ``out/info.json``; its ``key_parts()`` name what it depends on.  The
-    tokenizer is still trained on the whole pool, as in memory; only the kept documents are tokenized and packed."""
+    tokenizer is still trained on the whole pool, as in memory; only the kept documents are tokenized and packed.
+
+    ``order``, from the curriculum layer (e.g. :class:`effitrain.curriculum.sharded_in_context.ShardedChains`):
+    called as ``order(out, corpus, eval_docs, selected_or_None, data_params, work)`` it writes ``out/order.npy``,
+    the train documents' ``(file, record)`` pairs in the order to pack them (one stream across domains, a row's
+    domain that of the document it starts in), and ``out/info.json``; ``order.kind`` names the order in the
+    shards' index, where the curriculum finds it."""
     from effitrain.data.engine import finish_stage
     from effitrain.data.shards import TokenShards, token_dtype
     from effitrain.data.tokenizer import build_tokenizer
@@ -129,16 +135,30 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     # dataset.packing=decompose (dataset decomposition): the train rows are power-of-two pieces of single documents
     decompose = (dataset_params.min_piece_len, getattr(dataset_params, "seed", 0)) \
         if getattr(dataset_params, "packing", "concatenate") == "decompose" else None
+    if decompose and order is not None:
+        raise ConfigError(f"dataset.packing=decompose: the curriculum packs its own order ({order.kind}); drop one")
+    ordered = None
+    if order is not None:
+        order_key = ContentHash("data_order", _VERSION, scanned.name,
+                                selected.parent.name if selected is not None else "all", *order.key_parts()).hexdigest()
+        done = build_once("data_order", order_key,
+                          lambda out: order(out, corpus, scanned / "eval_docs.npy", selected, data_params,
+                                            root / "data_engine" / f"{order_key}-{data_params.tasks}t"),
+                          cache_root=root)
+        order.info = json.loads((done / "info.json").read_text())
+        ordered = done / "order.npy"
     shards_key = ContentHash("token_shards", _VERSION, scanned.name, tokenizer_fingerprint(tokenizer), seq_len,
                              dtype.name, selected.parent.name if selected is not None else "all",
-                             *(("decompose", *decompose) if decompose else ())).hexdigest()
+                             *(("decompose", *decompose) if decompose else ()),
+                             *(("order", ordered.parent.name) if ordered is not None else ())).hexdigest()
 
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
         _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected,
-                  lengths=decompose is not None)
+                  lengths=decompose is not None or ordered is not None)
         start = time.perf_counter()
-        _pack(out, work, len(files), seq_len, dtype, decompose)
+        _pack(out, work, len(files), seq_len, dtype, decompose, ordered=ordered,
+              order_kind=None if order is None else order.kind)
         say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
         finish_stage(work)  # the token streams: as big as the corpus's tokens
 
@@ -283,9 +303,11 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
 
 
 def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
-          decompose: Optional[tuple[int, int]] = None) -> None:
+          decompose: Optional[tuple[int, int]] = None, *, ordered: Optional[Path] = None,
+          order_kind: Optional[str] = None) -> None:
     """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards; with
-    ``decompose`` (``(min_piece_len, seed)``) the train rows are decomposed instead (:func:`_decomposed_pieces`)."""
+    ``decompose`` (``(min_piece_len, seed)``) the train rows are decomposed instead (:func:`_decomposed_pieces`);
+    with ``ordered`` (an ``.npy`` of ``(file, record)`` pairs) they are packed in that order (:func:`_chained`)."""
     from effitrain.data.shards import ShardWriter
 
     metas: dict[int, dict] = {}
@@ -299,8 +321,11 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
         for split in totals:
             for d, n in zip(m["domains"], m["tokens"][split]):
                 totals[split][d] += n
-    buckets = None
-    if decompose is None:
+    buckets = chain = None
+    if ordered is not None:
+        chain = _chain_locations(work, metas, np.load(ordered))
+        train_rows = int(chain[3].sum()) // seq_len
+    elif decompose is None:
         train_rows = sum(n // seq_len for n in totals["train"].values())
     else:
         train_domains = [d for d in domains if totals["train"][d]]  # numbered as the in-memory path numbers them
@@ -308,8 +333,11 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
         train_rows = sum(len(files) // (seq_len // length) for (_, length), (files, _) in buckets.items())
     writer = ShardWriter(out, seq_len=seq_len, dtype=dtype, domains=domains, rows=train_rows,
                          eval_rows=sum(n // seq_len for n in totals["eval"].values()),
-                         piece_lengths=decompose is not None)
+                         piece_lengths=decompose is not None, order=order_kind)
     for split in ("train", "eval"):
+        if split == "train" and chain is not None:
+            _write_chained(writer, work, metas, chain, seq_len, dtype, domains)
+            continue
         if split == "train" and buckets is not None:
             _write_decomposed(writer, work, metas, buckets, train_domains, seq_len, dtype, decompose[1])
             continue
@@ -396,6 +424,82 @@ def _write_decomposed(writer: Any, work: Path, metas: dict[int, dict], buckets: 
                     raw = os.pread(fd, length * dtype.itemsize, int(offsets[j]) * dtype.itemsize)
                     block[k * length:(k + 1) * length] = np.frombuffer(raw, dtype=dtype)
                 writer.add(block.reshape(-1, seq_len), d, piece_len=length)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _chain_locations(work: Path, metas: dict[int, dict], pairs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Where each ``(file, record)`` of ``pairs`` lies in the token streams: ``(file, domain name code into the
+    file's own domains, token offset in that stream, length with its EOS)``, in the order of ``pairs`` -- from the
+    tokenize stage's ``train-<k>.rec`` and ``.len`` (about 24 bytes a document)."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    n = len(pairs)
+    out_file, out_k = pairs[:, 0].copy(), np.full(n, -1, np.int32)
+    out_offset, out_len = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for f in np.unique(out_file).tolist():
+        m = metas.get(f)
+        mine = np.flatnonzero(out_file == f)
+        if m is None:
+            raise RuntimeError(f"token streams: file {f} of the order has no streams")
+        recs, ks, offs, lens = [], [], [], []
+        for k in range(len(m["domains"])):
+            rec_path = work / "tokens" / f"{f:06d}" / f"train-{k}.rec"
+            if not rec_path.is_file():
+                continue
+            length = np.fromfile(rec_path.with_suffix(".len"), np.uint32).astype(np.int64)
+            recs.append(np.fromfile(rec_path, np.uint32).astype(np.int64))
+            ks.append(np.full(len(length), k, np.int32))
+            offs.append(np.concatenate([[0], np.cumsum(length[:-1])]).astype(np.int64))
+            lens.append(length)
+        rec, k_of, off, ln = (np.concatenate(a) for a in (recs, ks, offs, lens))
+        by_rec = np.argsort(rec, kind="stable")
+        at = np.searchsorted(rec[by_rec], pairs[mine, 1])
+        if (at >= len(rec)).any() or (rec[by_rec][np.minimum(at, len(rec) - 1)] != pairs[mine, 1]).any():
+            raise RuntimeError(f"token streams: a document of the order is missing from file {f}'s train streams")
+        j = by_rec[at]
+        out_k[mine], out_offset[mine], out_len[mine] = k_of[j], off[j], ln[j]
+    return out_file, out_k, out_offset, out_len
+
+
+def _write_chained(writer: Any, work: Path, metas: dict[int, dict], chain: tuple[np.ndarray, ...], seq_len: int,
+                   dtype: np.dtype, domains: list[str]) -> None:
+    """The documents in chain order as one stream (each with its EOS), cut into rows of ``seq_len``, the last
+    partial row dropped; a row's domain is that of the document its first token belongs to
+    (:func:`effitrain.data.repack.pack_stream`).  Documents are read with ``pread``, a block at a time."""
+    files, ks, offsets, lengths = chain
+    names = {f: m["domains"] for f, m in metas.items()}
+    handles: dict[tuple[int, int], int] = {}
+    carry = np.zeros(0, dtype=dtype)
+    carry_starts = np.zeros(0, np.int64)  # token positions (in carry) where its documents start
+    carry_domains: list[str] = []
+    block_docs = max(1, _READ_BLOCK // max(1, seq_len))
+    try:
+        for lo in range(0, len(files), block_docs):
+            parts, starts, doc_domains = [carry], [carry_starts], list(carry_domains)
+            position = len(carry)
+            new_starts = []
+            for f, k, off, ln in zip(files[lo:lo + block_docs].tolist(), ks[lo:lo + block_docs].tolist(),
+                                     offsets[lo:lo + block_docs].tolist(), lengths[lo:lo + block_docs].tolist()):
+                fd = handles.get((f, k))
+                if fd is None:
+                    fd = handles[(f, k)] = os.open(work / "tokens" / f"{f:06d}" / f"train-{k}.bin", os.O_RDONLY)
+                parts.append(np.frombuffer(os.pread(fd, ln * dtype.itemsize, off * dtype.itemsize), dtype=dtype))
+                new_starts.append(position)
+                doc_domains.append(names[f][k])
+                position += ln
+            block = np.concatenate(parts)
+            doc_starts = np.concatenate([*starts, np.asarray(new_starts, np.int64)])
+            n = len(block) // seq_len
+            if n:
+                first = np.searchsorted(doc_starts, np.arange(n, dtype=np.int64) * seq_len, side="right") - 1
+                writer.add(block[:n * seq_len].reshape(n, seq_len), np.asarray(doc_domains, dtype=object)[first])
+            # what is left: the tail, and the documents that reach into it (the first may start before it)
+            cut = n * seq_len
+            keep_from = max(0, int(np.searchsorted(doc_starts, cut, side="right")) - 1)
+            carry = block[cut:].copy()
+            carry_starts = doc_starts[keep_from:] - cut
+            carry_domains = doc_domains[keep_from:]
     finally:
         for fd in handles.values():
             os.close(fd)

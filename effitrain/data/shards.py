@@ -8,7 +8,8 @@ A folder of token shards holds
 * ``eval.npy`` / ``eval-domains.npy`` -- the held-out rows, the same way;
 * ``train-piece_len.npy`` (``dataset.packing=decompose`` only) -- the piece length of every row's bucket
   (:mod:`effitrain.data.decompose`: a row holds ``seq_len / piece_len`` pieces of one document each);
-* ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard.
+* ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard, and
+  ``order`` when the train rows are packed in a curriculum's document order (``in_context``: its chains).
 
 Rows, not token streams, are stored because rows are what the samplers index: row ``i`` is one slice of one memory
 map, so a random batch costs ``micro_batch_size`` reads and the exact resume of a sampler (it saves a position in
@@ -95,6 +96,8 @@ class TokenShards:
         self._domain_codes = _open(self.folder / "train-domains.npy")
         # the columns a datasets table of the same rows has (the decomposition curriculum asks for piece_len)
         self.column_names = ("input_ids", "domain", *(("piece_len",) if self.index.get("piece_len") else ()))
+        # the curriculum whose document order the train rows were packed in (e.g. in_context's chains), or None
+        self.packed_order: Optional[str] = self.index.get("order")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,8 +130,10 @@ class ShardWriter:
     corpus (a 1M-document corpus is about a gigabyte of rows), while written file pages belong to the page cache."""
 
     def __init__(self, folder: Path, *, seq_len: int, dtype: np.dtype, rows: int, eval_rows: int,
-                 domains: Sequence[str], shard_rows: Optional[int] = None, piece_lengths: bool = False) -> None:
+                 domains: Sequence[str], shard_rows: Optional[int] = None, piece_lengths: bool = False,
+                 order: Optional[str] = None) -> None:
         self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
+        self.order = order  # the curriculum whose order the train rows are packed in (None: domains in turn)
         self.domains = list(domains)
         if len(self.domains) > 2**16:
             raise ValueError("more than 65536 domains")
@@ -147,10 +152,14 @@ class ShardWriter:
         self._next = 0       # next training row
         self._next_eval = 0
 
-    def add(self, rows: np.ndarray, domain: str, *, split: str = "train", piece_len: Optional[int] = None) -> None:
-        """Append ``rows`` (``[n, seq_len]``) of ``domain`` to the training rows or (``split='eval'``) the eval rows;
-        ``piece_len``: their bucket's piece length, for a writer of decomposed rows."""
-        code = self.domains.index(domain)
+    def add(self, rows: np.ndarray, domain: Any, *, split: str = "train", piece_len: Optional[int] = None) -> None:
+        """Append ``rows`` (``[n, seq_len]``) of ``domain`` (a name, or one name a row) to the training rows or
+        (``split='eval'``) the eval rows; ``piece_len``: their bucket's piece length, for decomposed rows."""
+        if isinstance(domain, str):
+            code: Any = self.domains.index(domain)
+        else:
+            lookup = {d: c for c, d in enumerate(self.domains)}
+            code = np.array([lookup[d] for d in domain], dtype=np.uint16)
         if split == "train" and (piece_len is None) != (self._piece_len is None):
             raise ValueError("token shards: piece_len is given for every train row of decomposed shards, and only "
                              "for those")
@@ -162,7 +171,7 @@ class ShardWriter:
             return
         if self._next + len(rows) > self._rows:
             raise RuntimeError(f"token shards: more than the {self._rows} train rows announced")
-        self._codes.write(np.full(len(rows), code, dtype=np.uint16))
+        self._codes.write(np.broadcast_to(np.asarray(code, dtype=np.uint16), (len(rows),)))
         if self._piece_len is not None:
             self._piece_len.write(np.full(len(rows), piece_len, dtype=np.int32))
         done = 0
@@ -197,7 +206,8 @@ class ShardWriter:
         np.save(self.folder / "eval-domains.npy", self._eval_codes, allow_pickle=False)
         index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "dtype": self.dtype.name,
                  "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval),
-                 **({"piece_len": True} if self._piece_len is not None else {})}
+                 **({"piece_len": True} if self._piece_len is not None else {}),
+                 **({"order": self.order} if self.order else {})}
         (self.folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 

@@ -29,8 +29,16 @@ class MecoParams:
 @dataclass
 class InContextParams:
     needs_documents: ClassVar[bool] = True  # chains the documents by similarity (data_engine's rules)
+    # ... and has a sharded form: with data.executor the chains are built over the files and packed into token shards
+    sharded_order: ClassVar[str] = "effitrain.curriculum.sharded_in_context:ShardedChains"
     neighbors: int = param(9, ge=1, help="k of the kNN graph (the authors walk knn[1:10]: 9 neighbours)")
-    n_features: int = param(2**18, ge=16, help="hashed n-gram dimensions of the TF-IDF document vectors")
+    n_features: int = param(2**17, ge=16, help="hashed n-gram dimensions of the TF-IDF document vectors")
+    embed_dims: int = param(128, ge=1, le=4096, help="dense dimensions of the document embeddings (a truncated "
+                                                    "SVD of the TF-IDF vectors; the paper: 768-dim Contriever)")
+    index: Literal["auto", "flat", "ivfpq"] = param("auto", help="the FAISS index of the kNN search: flat (exact), "
+                                                   "ivfpq (the authors' IVF-PQ, scaled to the corpus) or auto "
+                                                   "(flat up to 100k documents)")
+    nprobe: int = param(32, ge=1, help="inverted lists an ivfpq search probes (the authors: 64 of 32768)")
     dedup_threshold: Optional[float] = param(0.85, ge=0, le=1, help="drop a document whose first 100 characters' "
                                              "3-gram Jaccard similarity with the previous one exceeds this; null "
                                              "keeps all")
