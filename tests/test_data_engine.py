@@ -351,6 +351,8 @@ def _check(args: list[str], capsys) -> tuple[int, str]:
     (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=s2l"],
      ["selection=s2l stays on one node", "use selection=none, dsir, dedup"]),
+    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=delt"],
+     ["curriculum=delt scores every row with its own proxy model", "difficulty or scored_order"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=meco"],
      ["curriculum=meco re-packs the documents", "in_context"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=in_context_pretraining",
@@ -366,6 +368,15 @@ def test_data_keys_are_checked_in_one_line(args, expected, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("effitrain: error: "), err
     for text in expected:
         assert text in lines[0], (text, lines[0])
+
+
+@pytest.mark.parametrize("recipe", ["difficulty_curriculum", "quality_curriculum_avg", "in_context_pretraining"])
+def test_curricula_with_a_sharded_form_pass_check_with_data_executor(recipe, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(50)))
+    code, err = _check(["dataset=local", f"dataset.path={corpus}", "dataset.eval_examples_per_domain=4",
+                        "data.executor=local", f"+recipe={recipe}"], capsys)
+    assert code == 0, err
 
 
 # ------------------------------------------------------------------------------------ training from shards
@@ -513,6 +524,61 @@ def test_a_domain_order_over_token_shards_is_the_in_memory_curriculum_order(tmp_
         assert np.array_equal(on_disk.order, in_ram.order)
         first = set(np.asarray(in_memory["domain"])[np.asarray(in_ram.order[:10])].tolist())
         assert first == {"code" if params.get("order") == "descending" else "math"}
+    assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
+
+
+@pytest.mark.parametrize("curriculum, params", [
+    ("scored_order", {"order": "ascending", "fit_to_run": False}),
+    ("difficulty", {"direction": "easy_first", "mode": "weight"}),
+])
+def test_a_scorer_over_token_shards_orders_the_rows_as_in_memory(tmp_path, monkeypatch, curriculum, params):
+    """A curriculum.scorer (the perplexity scorer's pool proxy, trained on the rows' texts) on token shards: the rows
+    are decoded a block at a time into an Arrow file that datasets memory-maps, and the order is sorted on disk --
+    the same scores, the same order and the same batches as the same rows in memory."""
+    import datasets
+
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.curriculum import row_scores
+    from effitrain.data import external_order
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.packing import domain_array
+    from effitrain.data.sharded import build_sharded_splits
+    from effitrain.registry import REGISTRY
+    from effitrain.timeline import parse_timeline
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(row_scores, "_ROW_BLOCK", 64)  # several decode blocks
+    monkeypatch.setattr(external_order, "ORDER_BUDGET_BYTES", 56 * 100)  # several runs
+    load_builtin_blocks()
+    dataset, model = _params(str(_corpus(tmp_path / "corpus", docs=200, files=2)))
+    tokenizer, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=2),
+                                                cache_dir=tmp_path / "cache")
+    rows = shards.rows[np.arange(len(shards))]
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=rows.shape[1]),
+                                  "domain": datasets.Value("string")})
+    in_memory = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "domain": shards.domains().tolist()},
+                                           features=features)
+    scorer = {"name": "perplexity", "proxy_steps": 3, "proxy_hidden_size": 16, "proxy_layers": 1, "batch_size": 8}
+    block = REGISTRY.parse("curriculum", {"name": curriculum, **params, "scorer": scorer}, "curriculum")
+    timeline = parse_timeline({"competence": {"pacing": {"function": "linear", "start": 0.2, "until": 0.5}}}) \
+        .resolve(max_steps=50, tokens_per_step=256)
+    layout = dict(seed=5, micro_batch_size=2, grad_accum=2, world_size=1, rank=0, timeline=timeline,
+                  tokenizer=tokenizer)
+    on_disk = block.build(shards, **layout)
+    scored = tmp_path / "cache" / "curriculum"
+    assert not list(scored.glob(".row-texts-*"))  # the texts went with the scoring
+    (first_scores,) = scored.glob("row-scores-*.npy")
+    shutil.move(scored, tmp_path / "scored_from_shards")  # no cached scores or proxy: in memory scores afresh
+    in_ram = block.build(in_memory, **layout)
+    (second_scores,) = scored.glob("row-scores-*.npy")
+    assert second_scores.name == first_scores.name  # the same cache key: the same rows and scorer settings
+    assert np.array_equal(np.load(second_scores), np.load(tmp_path / "scored_from_shards" / first_scores.name))
+    assert len(rows) > 100 and np.array_equal(domain_array(in_memory), shards.domains())
+    if params.get("mode") == "weight":
+        assert np.array_equal(on_disk.difficulty, in_ram.difficulty)
+        assert len(set(np.round(on_disk.difficulty, 6).tolist())) == len(rows)  # real scores, not ties
+    else:
+        assert _memory_mapped(on_disk.order) and np.array_equal(on_disk.order, in_ram.order)
     assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
 
 

@@ -194,16 +194,19 @@ def in_batches(embeddings: np.ndarray) -> Callable[[], Iterable[np.ndarray]]:
 
 def undirected(neighbours: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The undirected kNN graph as CSR ``(indptr, indices, weights)``: an edge where either end lists the other, its
-    weight the larger of the two similarities; each row's neighbours sorted by index."""
+    weight the larger of the two similarities (float32, as FAISS gives them); each row's neighbours sorted by
+    index."""
     n = len(neighbours)
-    src = np.repeat(np.arange(n, dtype=np.int64), neighbours.shape[1] if neighbours.ndim == 2 else 0)
+    ids = np.int32 if n < 2**31 else np.int64  # 4 bytes an id: the arrays here are a few per edge, for every edge
+    src = np.repeat(np.arange(n, dtype=ids), neighbours.shape[1] if neighbours.ndim == 2 else 0)
     dst = neighbours.reshape(-1)
-    w = sims.reshape(-1).astype(np.float64)
     ok = dst >= 0
-    src, dst, w = src[ok], dst[ok], w[ok]
+    src, dst, w = src[ok], dst[ok].astype(ids), sims.reshape(-1)[ok].astype(np.float32)
     a, b, w = np.concatenate([src, dst]), np.concatenate([dst, src]), np.concatenate([w, w])
+    del src, dst
     order = np.lexsort((-w, b, a))  # per (a, b) the largest weight first
     a, b, w = a[order], b[order], w[order]
+    del order
     first = np.ones(len(a), bool)
     first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     a, b, w = a[first], b[first], w[first]

@@ -55,12 +55,68 @@ def whole_row_scorer(scorer: dict[str, Any], texts: Sequence[str], key: str) -> 
 
     if scorer.get("max_length") is not None:
         return dict(scorer)
+    return _covering(scorer, max((_utf8_len(text) for text in texts), default=0), key)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _covering(scorer: dict[str, Any], longest: int, key: str) -> dict[str, Any]:
+    """``scorer`` (without a user's ``max_length``) with ``max_length`` raised to cover ``longest`` bytes."""
+    from effitrain.registry import REGISTRY
+
+    if scorer.get("max_length") is not None:
+        return dict(scorer)
     scorer = {k: v for k, v in scorer.items() if k != "max_length"}
     block = REGISTRY.parse("scorer", dict(scorer), key)
     if not hasattr(block.params, "max_length"):
         return scorer
-    longest = max((len(text.encode("utf-8", "surrogatepass")) for text in texts), default=0)
     return {**scorer, "max_length": max(block.params.max_length, longest + SPECIAL_TOKEN_ALLOWANCE)}
+
+
+_ROW_BLOCK = 4096  # rows decoded (and hashed) at a time from token shards
+
+
+def sharded_row_scores(scorer: dict[str, Any], shards: Any, tokenizer: Any, *, seed: int,
+                       key: str = "curriculum.scorer") -> np.ndarray:
+    """:func:`scorer_row_scores` of token shards, without their texts in memory: the rows are hashed and decoded a
+    block at a time into an Arrow file that ``datasets`` memory-maps, which the scorer reads in its own batches (its
+    ``datasets.map``).  The texts, the scorer, its batches and the cache key are the in-memory path's, so the scores
+    are too; what is held is 8 bytes a row (the scores)."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    from effitrain.paths import cache_dir
+
+    _target_free_scorer(scorer, key, "a curriculum")
+    rows = shards.rows
+    n = len(rows)
+    digest = hashlib.sha256()  # the in-memory digest: the int32 rows' bytes, row after row
+    folder = cache_dir("curriculum")
+    texts_path = folder / f".row-texts-{shards.folder.name}-{os.getpid()}.arrow"
+    longest = 0
+    writer = ArrowWriter(features=datasets.Features({"text": datasets.Value("string")}), path=str(texts_path))
+    try:
+        for lo in range(0, n, _ROW_BLOCK):
+            block = np.ascontiguousarray(rows[lo:lo + _ROW_BLOCK], dtype=np.int32)
+            digest.update(block.tobytes())
+            texts = tokenizer.batch_decode(block.tolist(), skip_special_tokens=True)
+            longest = max([longest, *map(_utf8_len, texts)])
+            writer.write_batch({"text": texts})
+        writer.finalize()
+    finally:
+        writer.close()
+    full = _covering(scorer, longest, key)
+    block = _target_free_scorer(full, key, "a curriculum")
+    candidates = datasets.Dataset.from_file(str(texts_path))
+    try:
+        return _cached_scores(block, full, digest, lambda: candidates, n, seed=seed, group="curriculum",
+                              prefix="row-scores")
+    finally:
+        candidates.cleanup_cache_files()  # the scorer's map outputs beside the texts
+        del candidates
+        texts_path.unlink(missing_ok=True)
 
 
 def scorer_text_scores(scorer: dict[str, Any], texts: Sequence[str], *, seed: int, key: str, group: str,
@@ -102,7 +158,9 @@ def _cached_scores(block: Any, scorer: dict[str, Any], digest: Any, texts: Any, 
     from effitrain.console import say
 
     say(f"{prefix}: scoring {count:,} rows with the {block.name} scorer (once; cached in {folder})")
-    candidates = datasets.Dataset.from_dict({"text": texts()})
+    candidates = texts()
+    if not isinstance(candidates, datasets.Dataset):  # a list of texts (a Dataset: token shards' texts on disk)
+        candidates = datasets.Dataset.from_dict({"text": candidates})
     ctx = Context(target=None, seed=seed, work_dir=str(folder), candidates_hash=key_hex)
     scores = np.asarray(block.build().score(candidates, ctx).scores, dtype=np.float64)
     if scores.shape != (count,):
@@ -155,6 +213,13 @@ def row_order(source_scorer: Optional[dict], domain_order: Optional[list], packe
     order are sorted on disk in runs (memory of a budget, not of the corpus) and come back memory-mapped."""
     if domain_order and is_token_shards(packed):
         return sharded_domain_order(packed, domain_order, seed=seed, key=f"{key}.domain_order")
+    if source_scorer and is_token_shards(packed):
+        if tokenizer is None:
+            raise ConfigError(f"{key}.scorer: scoring rows needs the run's tokenizer (this builder was called "
+                              f"without one)")
+        scores = sharded_row_scores(source_scorer, packed, tokenizer, seed=seed, key=f"{key}.scorer")
+        return _sorted_on_disk(scores, ("scores", hashlib.sha256(scores.tobytes()).hexdigest(), packed.folder.name),
+                               seed)
     return rank_difficulty(row_scores(source_scorer, domain_order, packed, tokenizer, seed=seed, key=key), seed)[0]
 
 
@@ -184,6 +249,23 @@ def sharded_domain_order(shards: Any, order: Sequence[str], *, seed: int, key: s
 
     folder = build_once("curriculum_orders", ContentHash("domain_order", _ORDER_VERSION, shards.folder.name,
                                                          list(order), seed).hexdigest(), build)
+    return np.load(folder / "order.npy", mmap_mode="r")
+
+
+def _sorted_on_disk(scores: np.ndarray, identity: tuple, seed: int) -> np.ndarray:
+    """:func:`rank_difficulty`'s order of ``scores``, sorted in runs on disk (:mod:`effitrain.data.external_order`)
+    and memory-mapped; cached by ``identity`` and the seed."""
+    from effitrain.data.cache import ContentHash, build_once
+    from effitrain.data.external_order import sorted_order
+
+    block = 1 << 20
+
+    def build(out) -> None:
+        sorted_order((scores[s:s + block] for s in range(0, len(scores), block)), len(scores), seed,
+                     out / "order.npy")
+
+    folder = build_once("curriculum_orders", ContentHash("score_order", _ORDER_VERSION, *identity, seed).hexdigest(),
+                        build)
     return np.load(folder / "order.npy", mmap_mode="r")
 
 

@@ -178,9 +178,9 @@ def _executor_selection(spec, env) -> Optional[str]:
     return sharded_refusal(selection.name, selection.params)
 
 
-@rule("data_executor_row_curricula", "data.executor: curricula that order rows by index or domain, and in-context "
-                                     "chains (built as sharded jobs); the others that need the documents or score "
-                                     "every row's tokens stay in-process")
+@rule("data_executor_row_curricula", "data.executor: curricula that order rows by index, domain or a scorer's "
+                                     "score, and in-context chains (built as sharded jobs); the others that need "
+                                     "the documents or score rows with their own proxy stay in-process")
 def _executor_curricula(spec, env) -> Optional[str]:
     curriculum = spec.block("curriculum")
     if not _sharded(spec):
@@ -188,9 +188,11 @@ def _executor_curricula(spec, env) -> Optional[str]:
     params = curriculum.params
     # a curriculum with a sharded form (in-context chains) builds its order in the data engine
     reads_documents = getattr(params, "needs_documents", False) and not getattr(params, "sharded_order", False)
-    scores_rows = hasattr(params, "scorer") and not getattr(params, "domain_order", None)
-    if reads_documents or scores_rows or getattr(params, "scores_every_row", False):
-        what = "re-packs the documents" if reads_documents else "scores every row's tokens"
+    # a curriculum.scorer scores the shards' rows a block at a time (curriculum/row_scores.py); what stays refused
+    # is a curriculum with its own proxy model over every row (DELT: scores_every_row)
+    if reads_documents or getattr(params, "scores_every_row", False):
+        what = "re-packs the documents" if reads_documents else "scores every row with its own proxy model"
         return (f"curriculum={curriculum.name} {what}, which the sharded data engine does not do yet {_LATER}; "
-                f"use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context or a domain_order")
+                f"use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context, difficulty or "
+                f"scored_order")
     return None
