@@ -41,8 +41,8 @@ import numpy as np
 from effitrain.curriculum.samplers import ShuffleSampler
 from effitrain.registry import ConfigError
 
-_VERSION = 2  # bump when features, graph, traversal or packing change, so old caches are not reused
-# 2: LSA embeddings and a FAISS index (was: exact cosine on the sparse TF-IDF vectors)
+_VERSION = 3  # bump when features, graph, traversal or packing change, so old caches are not reused
+# 2: LSA embeddings and a FAISS index (was: exact cosine on the sparse TF-IDF vectors); 3: the SVD in float32
 _FIT_DOCS = 10_000     # documents the SVD is fitted on (the lowest text hashes): a fixed cost, whatever the corpus
 _EXACT_DOCS = 100_000  # up to this many documents the index is exact (Flat: 4 * embed_dims bytes a document)
 _SEARCH_BATCH = 16_384  # queries per FAISS search call
@@ -112,7 +112,8 @@ class Embedding:
         dims = max(1, min(dims, sample.shape[0], len(columns)))
         if len(columns) == 0:
             return cls(columns, np.zeros((1, 0), np.float32))
-        _, _, vt = randomized_svd(sample[:, columns], dims, n_iter=5, random_state=seed)
+        # float32: half the memory and time of the float64 factorisation, on vectors that are float32 after it anyway
+        _, _, vt = randomized_svd(sample[:, columns].astype(np.float32), dims, n_iter=5, random_state=seed)
         # the sign of a singular vector is arbitrary; fix it (largest entry positive) so a refit agrees
         signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
         return cls(columns.astype(np.int64), (vt * signs[:, None]).astype(np.float32))

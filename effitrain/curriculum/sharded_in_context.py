@@ -180,10 +180,13 @@ class ShardedChains:
                   job_name="icp-stats")
         fit = work / "fit"
         if not (fit / "embedding.npz").is_file():
+            fit_start = time.perf_counter()
+            say(f"data: in-context: fitting the embedding (a truncated SVD of at most {_FIT_DOCS:,} documents) ...")
             self._fit(work, fit, len(corpus.files))
+            say(f"data: in-context: embedding fitted in {time.perf_counter() - fit_start:.1f} s")
         run_stage(data_params, [corpus.reader(), ChainEmbeddings(str(work), fit=str(fit), **common)],
                   work / "embed_stage", job_name="icp-embed")
-        say(f"data: in-context: embedded in {time.perf_counter() - start:.1f} s")
+        say(f"data: in-context: embedded in {time.perf_counter() - start:.1f} s; searching the neighbours ...")
         start = time.perf_counter()
         folders = [work / "embed" / f"{f:06d}" for f in range(len(corpus.files))]
         folders = [f for f in folders if f.is_dir()]
