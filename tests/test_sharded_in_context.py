@@ -12,6 +12,7 @@ and the train rows packed in chain order into token shards.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,3 +163,22 @@ def test_a_run_trains_from_the_chained_shards(tmp_path):
     index = json.loads((Path(selection["token_shards"]) / "index.json").read_text())
     assert index["order"] == "in_context" and summary["train_sequences"] == index["rows"]
     assert summary["steps"] == 3
+
+
+def test_random_reads_over_many_token_streams_hold_a_bounded_number_of_files_open(tmp_path):
+    """Chain order jumps between files; a corpus of thousands of files has more streams than ``ulimit -n``, so the
+    pack reduce keeps at most ``limit`` of them open, the least recently used closed first."""
+    from effitrain.data.sharded import _Preads
+
+    paths = []
+    for k in range(5):
+        paths.append(tmp_path / f"s{k}.bin")
+        paths[-1].write_bytes(bytes(range(k * 10, k * 10 + 10)))
+    before = len(os.listdir("/proc/self/fd"))
+    reads = _Preads(limit=2)
+    got = [reads.read(paths[k], 2, 3)[0] for k in (0, 1, 2, 0, 4, 3)]
+    assert got == [3, 13, 23, 3, 43, 33]
+    assert list(reads.open) == [paths[4], paths[3]]  # the two most recently read
+    assert len(os.listdir("/proc/self/fd")) - before == 2
+    reads.close()
+    assert len(os.listdir("/proc/self/fd")) == before

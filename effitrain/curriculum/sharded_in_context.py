@@ -141,19 +141,27 @@ class ChainEmbeddings(_Step):
 
 
 class _Prefixes:
-    """``prefixes[i]``: the first 100 characters of document ``i`` of the concatenated files, read from disk."""
+    """``prefixes[i]``: the first 100 characters of document ``i`` of the concatenated files.  The files' prefix
+    blobs are copied into one (``prefixes.bin``, with 8 bytes a document of offsets), so one memory map serves every
+    file -- a map per file would hold a descriptor per file, and a corpus may have more files than a process may
+    open."""
 
-    def __init__(self, folders: list[Path], counts: np.ndarray) -> None:
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.blobs = [np.memmap(f / "prefix.bin", np.uint8, mode="r") if (f / "prefix.bin").stat().st_size else
-                      np.zeros(0, np.uint8) for f in folders]
-        self.offsets = [np.fromfile(f / "prefix.u64", np.uint64).astype(np.int64) for f in folders]
+    def __init__(self, folders: list[Path], out: Path) -> None:
+        import shutil
+
+        ends, base = [np.zeros(1, np.int64)], 0
+        with open(out, "wb") as blob:
+            for f in folders:
+                with open(f / "prefix.bin", "rb") as part:
+                    shutil.copyfileobj(part, blob)
+                offsets = np.fromfile(f / "prefix.u64", np.uint64).astype(np.int64)
+                ends.append(offsets[1:] + base)
+                base += int(offsets[-1])
+        self.offsets = np.concatenate(ends)
+        self.blob = np.memmap(out, np.uint8, mode="r") if base else np.zeros(0, np.uint8)
 
     def __getitem__(self, i: int) -> str:
-        f = int(np.searchsorted(self.starts, i, side="right")) - 1
-        j = i - int(self.starts[f])
-        lo, hi = self.offsets[f][j], self.offsets[f][j + 1]
-        return bytes(self.blobs[f][lo:hi]).decode("utf-8")
+        return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8")
 
 
 class ShardedChains:
@@ -216,7 +224,7 @@ class ShardedChains:
             if held:
                 yield np.concatenate(pending)
 
-        kept, path_of, spec = chain_order(embeddings, n, dims, _Prefixes(folders, counts),
+        kept, path_of, spec = chain_order(embeddings, n, dims, _Prefixes(folders, work / "prefixes.bin"),
                                           neighbors=s["neighbors"], index=s["index"], nprobe=s["nprobe"],
                                           dedup_threshold=s["dedup_threshold"])
         file_of = np.repeat([int(f.name) for f in folders], counts).astype(np.int64)

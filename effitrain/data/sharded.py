@@ -398,13 +398,37 @@ def _decomposed_pieces(work: Path, metas: dict[int, dict], domains: list[str], s
     return out
 
 
+class _Preads:
+    """``pread`` from many files with at most ``limit`` of them open (least recently used closed first): a corpus of
+    thousands of files has more token streams than a process may hold descriptors (``ulimit -n``: often 1,024)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        from collections import OrderedDict
+
+        self.limit, self.open = limit, OrderedDict()
+
+    def read(self, path: Path, size: int, offset: int) -> bytes:
+        fd = self.open.pop(path, None)
+        if fd is None:
+            if len(self.open) >= self.limit:
+                os.close(self.open.popitem(last=False)[1])
+            fd = os.open(path, os.O_RDONLY)
+        self.open[path] = fd  # most recently used last
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
+
+
 def _write_decomposed(writer: Any, work: Path, metas: dict[int, dict], buckets: dict, domains: list[str],
                       seq_len: int, dtype: np.dtype, seed: int) -> None:
     """Each bucket's pieces in the in-memory path's order (a seeded permutation per domain and length), ``seq_len /
     length`` of them side by side in a row, the incomplete last row dropped; pieces are read with ``pread`` from
     the token streams (random access, no map kept resident), a block of rows at a time."""
     d_index = {d: k for k, d in enumerate(domains)}  # every train domain, pieces or not
-    handles: dict[tuple[int, str], int] = {}
+    reads = _Preads()
     try:
         for (d, length), (files, offsets) in buckets.items():
             per_row = seq_len // length
@@ -416,17 +440,12 @@ def _write_decomposed(writer: Any, work: Path, metas: dict[int, dict], buckets: 
                 block = np.empty(len(chosen) * length, dtype=dtype)
                 for k, j in enumerate(chosen.tolist()):
                     f = int(files[j])
-                    fd = handles.get((f, d))
-                    if fd is None:
-                        m = metas[f]
-                        fd = handles[(f, d)] = os.open(work / "tokens" / f"{f:06d}" /
-                                                       f"train-{m['domains'].index(d)}.bin", os.O_RDONLY)
-                    raw = os.pread(fd, length * dtype.itemsize, int(offsets[j]) * dtype.itemsize)
+                    path = work / "tokens" / f"{f:06d}" / f"train-{metas[f]['domains'].index(d)}.bin"
+                    raw = reads.read(path, length * dtype.itemsize, int(offsets[j]) * dtype.itemsize)
                     block[k * length:(k + 1) * length] = np.frombuffer(raw, dtype=dtype)
                 writer.add(block.reshape(-1, seq_len), d, piece_len=length)
     finally:
-        for fd in handles.values():
-            os.close(fd)
+        reads.close()
 
 
 def _chain_locations(work: Path, metas: dict[int, dict], pairs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -469,7 +488,7 @@ def _write_chained(writer: Any, work: Path, metas: dict[int, dict], chain: tuple
     (:func:`effitrain.data.repack.pack_stream`).  Documents are read with ``pread``, a block at a time."""
     files, ks, offsets, lengths = chain
     names = {f: m["domains"] for f, m in metas.items()}
-    handles: dict[tuple[int, int], int] = {}
+    reads = _Preads()
     carry = np.zeros(0, dtype=dtype)
     carry_starts = np.zeros(0, np.int64)  # token positions (in carry) where its documents start
     carry_domains: list[str] = []
@@ -481,10 +500,9 @@ def _write_chained(writer: Any, work: Path, metas: dict[int, dict], chain: tuple
             new_starts = []
             for f, k, off, ln in zip(files[lo:lo + block_docs].tolist(), ks[lo:lo + block_docs].tolist(),
                                      offsets[lo:lo + block_docs].tolist(), lengths[lo:lo + block_docs].tolist()):
-                fd = handles.get((f, k))
-                if fd is None:
-                    fd = handles[(f, k)] = os.open(work / "tokens" / f"{f:06d}" / f"train-{k}.bin", os.O_RDONLY)
-                parts.append(np.frombuffer(os.pread(fd, ln * dtype.itemsize, off * dtype.itemsize), dtype=dtype))
+                raw = reads.read(work / "tokens" / f"{f:06d}" / f"train-{k}.bin", ln * dtype.itemsize,
+                                 off * dtype.itemsize)
+                parts.append(np.frombuffer(raw, dtype=dtype))
                 new_starts.append(position)
                 doc_domains.append(names[f][k])
                 position += ln
@@ -501,8 +519,7 @@ def _write_chained(writer: Any, work: Path, metas: dict[int, dict], chain: tuple
             carry_starts = doc_starts[keep_from:] - cut
             carry_domains = doc_domains[keep_from:]
     finally:
-        for fd in handles.values():
-            os.close(fd)
+        reads.close()
 
 
 def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[str | Path]) -> dict[str, np.ndarray]:
