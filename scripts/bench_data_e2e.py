@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.extra or (["selection.target.domain=science"] if args.recipe == "dsir" else [])
     print(f"| documents | load before | wall | stage: seconds / peak task RSS | peak RSS (driver) | driver by phase |")
     print("|---|---|---|---|---|---|")
+    notes = []
     for docs in args.docs:
         corpus = workdir / f"corpus-{docs}"
         if not corpus.exists():
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         phases = "; ".join(f"{s} {v / 2**20:,.0f} MB" for s, v in r["driver_by"].items())
         print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB | {phases} |",
               flush=True)
+        notes.append((docs, [line for line in r["lines"] if line.startswith("data: ") and not STAGE.match(line)]))
+    for docs, lines in notes:  # what the reduces said (a selection's counts, the chains' index and timing)
+        print(f"\n{docs:,} documents:\n" + "\n".join(f"    {line}" for line in lines))
     return 0
 
 
