@@ -104,13 +104,17 @@ def test_the_index_scales_with_the_corpus_as_the_authors_did():
     assert index_spec(1_000, 128, "ivfpq") == "IVF128,PQ32" and index_spec(10**9, 64, "flat") == "Flat"
 
 
-def test_the_sharded_chain_drops_a_near_duplicate_read_back_from_disk(tmp_path):
+def test_the_sharded_chain_drops_a_near_duplicate_read_back_from_disk(tmp_path, monkeypatch):
     """A document that repeats another's first 100 characters (non-ASCII, so byte and character offsets differ)
     is its nearest neighbour, follows it in the chain and is dropped by the filter; every other train document is
-    packed exactly once, and a row's domain is that of the document its first token belongs to."""
+    packed exactly once, and a row's domain is that of the document its first token belongs to -- read three
+    documents a block, so rows and documents straddle the blocks."""
     from effitrain.curriculum.sharded_in_context import ShardedChains
+    from effitrain.data import sharded
     from effitrain.data.engine import EngineSettings
     from effitrain.data.sharded import build_sharded_splits
+
+    monkeypatch.setattr(sharded, "_READ_BLOCK", 64 * 3)  # 3 documents a block in the chain-order pack
 
     folder = tmp_path / "corpus"
     make_corpus.generate(folder, docs=200, files=3, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
