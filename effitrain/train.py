@@ -505,9 +505,10 @@ def _run(spec: RunSpec, cfg: dict[str, Any], argv: Optional[list[str]], run_dir:
         "device": launch.device_type,
         "global_batch_size": ds_config["train_batch_size"],
         "seq_len": int(data.train_ids.shape[-1]),
-        # how often the run went through its training rows: tokens trained / tokens in the packed training split
-        "train_sequences": int(data.train_ids.shape[0]),
-        "data_passes": state.tokens / max(1, int(data.train_ids.shape[0]) * int(data.train_ids.shape[-1])),
+        # how often the run went through its training rows: tokens trained / tokens in the rows the loop gathers
+        # from (a curriculum that re-packs the documents -- MeCo, in-context chains -- has its own)
+        "train_sequences": int(len(train_rows)),
+        "data_passes": state.tokens / max(1, int(len(train_rows)) * int(data.train_ids.shape[-1])),
         "skipped_steps": guard.total_skipped,
         "finished": outcome["finished"],
         "stopped_by": outcome["stopped_by"],

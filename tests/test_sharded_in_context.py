@@ -186,3 +186,20 @@ def test_random_reads_over_many_token_streams_hold_a_bounded_number_of_files_ope
     assert len(os.listdir("/proc/self/fd")) - before == 2
     reads.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_run_summary_counts_the_chained_rows_it_trained_on(tmp_path, monkeypatch):
+    """In memory the curriculum re-packs the documents into its own rows; the summary's training sequences (and
+    so its data passes) are those rows, not the plain packing's."""
+    from effitrain.config.compose import compose_config
+    from effitrain.pipeline import run as train
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    overrides = [*TINY, "+recipe=in_context_pretraining", "curriculum.n_features=4096", "curriculum.embed_dims=16",
+                 "train.max_steps=2", f"run_dir={tmp_path / 'run'}"]
+    composed = compose_config(overrides)
+    summary = train(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *overrides], recipes=composed.recipes)
+    (chained,) = (tmp_path / "cache" / "in_context").glob("*/rows.npy")
+    rows = len(np.load(chained, mmap_mode="r"))
+    assert summary["train_sequences"] == rows
+    assert summary["data_passes"] == pytest.approx(summary["tokens"] / (rows * 64))
