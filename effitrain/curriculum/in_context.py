@@ -16,7 +16,7 @@ Related documents are put into the same training contexts, so that a model reads
 4. **Traversal** (the paper's Algorithm 1, an approximate maximum travelling-salesman path): start at an unvisited
    document of minimum degree, repeatedly walk to the most similar unvisited neighbour; when none is left, start a
    new path at the next minimum-degree unvisited document.  Every document is visited exactly once.  The graph is
-   held as arrays (CSR, 12 bytes an edge), not as Python objects.
+   held as arrays (CSR, 8 bytes an edge), not as Python objects.
 5. **Near-duplicate filter** (the authors' ``sort.py``): walking the final order, a document whose first 100
    characters share more than ``dedup_threshold`` of their character 3-grams (Jaccard) with the previous kept
    document is dropped.

@@ -11,12 +11,14 @@ train documents, without the corpus in one process.
    document), its record number and its first 100 characters (for the near-duplicate filter).
 4. **chain** (reduce, this process): the FAISS index fed file by file from memory maps (an ``IVF,PQ`` index holds
    ``embed_dims / 4`` bytes a document, not the vectors), the kNN search in blocks, the traversal on the CSR graph
-   (12 bytes an edge) and the filter reading prefixes from disk; out comes ``order.npy``, the ``(file, record)``
+   (8 bytes an edge) and the filter reading prefixes from disk; out comes ``order.npy``, the ``(file, record)``
    pairs in chain order.  The data engine then packs the token streams in that order
    (:func:`effitrain.data.sharded.build_sharded_splits`).
 
 What grows with the corpus is the reduce's arrays: the index's codes, the kNN lists and the CSR graph -- about
-``embed_dims / 4 + 12 * neighbors * 3`` bytes a document (roughly 350 MB at 1M documents with the defaults), never
+``embed_dims / 4 + 8`` bytes a document of index, ``8 * neighbors`` of kNN lists and up to ``16 * neighbors`` of
+graph (about 260 bytes with the defaults, and about 360 more while the graph is sorted; 1,191 MB peak at 1M
+documents, docs/benchmarks.md), never
 the texts or the vectors.  The authors' own search of 635M documents was a sharded FAISS job (``offline_ivf``); a
 corpus of that size needs it too.
 """
