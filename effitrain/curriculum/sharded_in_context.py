@@ -18,8 +18,7 @@ train documents, without the corpus in one process.
 What grows with the corpus is the reduce's arrays: the index's codes, the kNN lists and the CSR graph -- about
 ``embed_dims / 4 + 8`` bytes a document of index, ``8 * neighbors`` of kNN lists and up to ``16 * neighbors`` of
 graph (about 260 bytes with the defaults, and about 360 more while the graph is sorted; 1,191 MB peak at 1M
-documents, docs/benchmarks.md), never
-the texts or the vectors.  The authors' own search of 635M documents was a sharded FAISS job (``offline_ivf``); a
+documents, docs/benchmarks.md), never the texts or the vectors.  The authors' own search of 635M documents was a sharded FAISS job (``offline_ivf``); a
 corpus of that size needs it too.
 """
 
