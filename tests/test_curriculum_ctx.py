@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from effitrain.curriculum.in_context import (InContextSampler, chained_rows, document_features,
-                                             drop_near_duplicates, knn_graph, traverse)
+from effitrain.curriculum.in_context import (InContextSampler, chain_settings, chained_rows, document_features,
+                                             drop_near_duplicates, in_batches, knn_arrays, traverse_csr, undirected)
 from effitrain.curriculum.meco import MecoSampler, conditioned_rows
 from effitrain.registry import ConfigError
 from effitrain.timeline import parse_timeline
@@ -180,6 +180,25 @@ def test_a_cooldown_phase_missing_from_the_timeline_is_a_one_line_error():
 
 
 # ============================================================================================== in-context
+def knn_graph(features, k):
+    """The curriculum's undirected kNN graph (exact index) of few vectors, as ``graph[i] = {j: similarity}``."""
+    dense = np.asarray(features.todense(), dtype=np.float32)
+    neighbours, sims, _ = knn_arrays(in_batches(dense), len(dense), dense.shape[1], k, index="flat")
+    indptr, indices, weights = undirected(neighbours, sims)
+    return [dict(zip(indices[indptr[i]:indptr[i + 1]].tolist(), weights[indptr[i]:indptr[i + 1]].tolist()))
+            for i in range(len(dense))]
+
+
+def traverse(graph):
+    """The curriculum's traversal (:func:`traverse_csr`) of a graph of dicts, as paths."""
+    indptr = np.concatenate([[0], np.cumsum([len(g) for g in graph])]).astype(np.int64)
+    indices = np.array([j for g in graph for j in sorted(g)], np.int64)
+    weights = np.array([g[j] for g in graph for j in sorted(g)], np.float64)
+    order, is_start = traverse_csr(indptr, indices, weights)
+    cuts = np.flatnonzero(is_start).tolist() + [len(order)]
+    return [order[a:b].tolist() for a, b in zip(cuts, cuts[1:])]
+
+
 def test_the_traversal_walks_to_the_most_similar_unvisited_neighbour():
     """Degrees: 0:1, 1:3, 2:2, 3:2, 4:1, 5:1.  Start at 0 (min degree, lowest index) -> 1 (only neighbour) ->
     3 (0.9 beats 2's 0.5) -> 2 -> no unvisited neighbour; next start 4 (degree 1) -> 5."""
@@ -227,7 +246,10 @@ def test_near_duplicates_of_the_previous_kept_document_are_dropped():
 def test_documents_are_packed_in_chain_order_across_domains():
     docs = _documents([("a", "apples and bananas", "prose"), ("b", "def python(): return", "code"),
                        ("c", "bananas and apples", "prose"), ("d", "return python() def", "code")])
-    chained = chained_rows(docs, ByteTokenizer(), 8, neighbors=1, n_features=2**10, dedup_threshold=None)
+    from effitrain.config.blocks.curriculum_repacked import InContextParams
+
+    settings = chain_settings(InContextParams(neighbors=1, n_features=2**10, dedup_threshold=None))
+    chained = chained_rows(docs, ByteTokenizer(), 8, **settings)
     order = np.asarray(chained["order"]).tolist()
     assert sorted(order) == [0, 1, 2, 3] and {tuple(sorted(order[:2])), tuple(sorted(order[2:]))} == {(0, 2), (1, 3)}
     stream = [t for i in order for t in _bytes(docs[i]["text"]) + [EOS]]

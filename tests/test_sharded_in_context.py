@@ -52,7 +52,6 @@ def test_sharded_chains_are_the_in_memory_chains_row_for_row(tmp_path, monkeypat
     from effitrain.curriculum.sharded_in_context import ShardedChains
     from effitrain.data.build import build_local
     from effitrain.data.engine import EngineSettings
-    from effitrain.data.packing import to_numpy
     from effitrain.data.sharded import build_sharded_splits
     from effitrain.data.splits import build_packed_splits
 

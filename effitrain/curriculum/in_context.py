@@ -148,8 +148,8 @@ def index_spec(n_docs: int, dims: int, index: str) -> str:
 
 def knn_arrays(batches: Callable[[], Iterable[np.ndarray]], n_docs: int, dims: int, k: int, *, index: str = "auto",
                nprobe: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """Every document's ``k`` nearest others by inner product: ``(neighbours [n, k] int64, similarities [n, k]
-    float32, index spec)``, -1 where the index found fewer.  ``batches()`` yields the embeddings in document order
+    """Every document's ``k`` nearest others by inner product: ``(neighbours [n, k] int32 -- int64 past 2^31
+    documents --, similarities [n, k] float32, index spec)``, -1 where the index found fewer.  ``batches()`` yields the embeddings in document order
     (called once to train an IVF index, once to add, once to search): the index is the only copy held."""
     import faiss
 
@@ -251,28 +251,6 @@ def traverse_csr(indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray) -
     return order, is_start
 
 
-def knn_graph(features: Any, k: int) -> list[dict[int, float]]:
-    """The undirected kNN graph of (few) vectors as ``graph[i] = {j: cosine similarity}``, by an exact index."""
-    dense = np.asarray(features.todense() if hasattr(features, "todense") else features, dtype=np.float32)
-    neighbours, sims, _ = knn_arrays(in_batches(dense), len(dense), dense.shape[1], min(k, max(len(dense) - 1, 0)),
-                                     index="flat")
-    indptr, indices, weights = undirected(neighbours, sims)
-    return [dict(zip(indices[indptr[i]:indptr[i + 1]].tolist(), weights[indptr[i]:indptr[i + 1]].tolist()))
-            for i in range(len(dense))]
-
-
-def traverse(graph: Sequence[dict[int, float]]) -> list[list[int]]:
-    """:func:`traverse_csr` on a graph of dicts, as paths."""
-    n = len(graph)
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum([len(g) for g in graph], out=indptr[1:])
-    indices = np.array([j for g in graph for j in sorted(g)], np.int64)
-    weights = np.array([g[j] for g in graph for j in sorted(g)], np.float64)
-    order, is_start = traverse_csr(indptr, indices, weights)
-    cuts = np.flatnonzero(is_start[:len(order)])
-    return [order[a:b].tolist() for a, b in zip(cuts, list(cuts[1:]) + [len(order)])]
-
-
 def _trigrams(text: str) -> set[str]:
     return {text[i:i + 3] for i in range(len(text) - 2)}
 
@@ -313,8 +291,7 @@ def chain_order(embeddings: Callable[[], Iterable[np.ndarray]], n_docs: int, dim
 
 def embed_documents(texts: Sequence[str], *, n_features: int, embed_dims: int) -> tuple[Any, np.ndarray, Embedding]:
     """Steps 1-2 on documents in memory: ``(TF-IDF vectors, float32 embeddings, the fitted Embedding)``."""
-    counts = hashed_counts(texts, n_features)
-    features = tfidf(counts, idf(document_frequencies(counts), counts.shape[0]))
+    features = document_features(texts, n_features)
     sample = fit_sample(np.array([text_rank(t) for t in texts], dtype=np.uint64))
     embedding = Embedding.fit(features[sample], embed_dims)
     return features, embedding.embed(features), embedding
@@ -334,7 +311,7 @@ def chained_rows(documents: Any, tokenizer: Any, seq_len: int, **settings: Any) 
     from effitrain.data.packing import tokenizer_fingerprint
     from effitrain.data.repack import cached_arrays, pack_stream, tokenize_documents
 
-    s = {"embed_dims": 128, "index": "auto", "nprobe": 32, **settings}
+    s = settings
     key = ContentHash("in_context", _VERSION, dataset_content_hash(documents, ("text", "domain")),
                       tokenizer_fingerprint(tokenizer), seq_len, *sorted((k, repr(v)) for k, v in s.items()))\
         .hexdigest()

@@ -51,8 +51,6 @@ def whole_row_scorer(scorer: dict[str, Any], texts: Sequence[str], key: str) -> 
     the byte-level pool proxy) would rank a demo row of about 400 bytes by its first 127.  A byte-level tokenizer
     never gives more tokens than bytes, so the longest row's byte count (plus a few special tokens) bounds every
     encoder's length; the batches are padded to their own longest row, not to this bound."""
-    from effitrain.registry import REGISTRY
-
     if scorer.get("max_length") is not None:
         return dict(scorer)
     return _covering(scorer, max((_utf8_len(text) for text in texts), default=0), key)
@@ -115,7 +113,6 @@ def sharded_row_scores(scorer: dict[str, Any], shards: Any, tokenizer: Any, *, s
                               prefix="row-scores")
     finally:
         candidates.cleanup_cache_files()  # the scorer's map outputs beside the texts
-        del candidates
         texts_path.unlink(missing_ok=True)
 
 
@@ -218,8 +215,9 @@ def row_order(source_scorer: Optional[dict], domain_order: Optional[list], packe
             raise ConfigError(f"{key}.scorer: scoring rows needs the run's tokenizer (this builder was called "
                               f"without one)")
         scores = sharded_row_scores(source_scorer, packed, tokenizer, seed=seed, key=f"{key}.scorer")
-        return _sorted_on_disk(scores, ("scores", hashlib.sha256(scores.tobytes()).hexdigest(), packed.folder.name),
-                               seed)
+        block = 1 << 20
+        return _sorted_on_disk(lambda: (scores[s:s + block] for s in range(0, len(scores), block)), len(scores),
+                               ("score_order", hashlib.sha256(scores.tobytes()).hexdigest(), packed.folder.name), seed)
     return rank_difficulty(row_scores(source_scorer, domain_order, packed, tokenizer, seed=seed, key=key), seed)[0]
 
 
@@ -230,9 +228,6 @@ def sharded_domain_order(shards: Any, order: Sequence[str], *, seed: int, key: s
                          budget_bytes: Optional[int] = None) -> np.ndarray:
     """:func:`rank_difficulty` of :func:`domain_order_scores` for token shards, read a block of domain codes at a
     time and sorted in runs (:mod:`effitrain.data.external_order`); cached by the shards, the order and the seed."""
-    from effitrain.data.cache import ContentHash, build_once
-    from effitrain.data.external_order import ORDER_BUDGET_BYTES, sorted_order
-
     codes, names = shards.domain_codes(), [str(n) for n in shards.domain_names]
     block = 1 << 20
     counts = np.zeros(len(names), dtype=np.int64)
@@ -241,31 +236,20 @@ def sharded_domain_order(shards: Any, order: Sequence[str], *, seed: int, key: s
     present = np.asarray([n for n, c in zip(names, counts) if c], dtype=str)
     domain_order_scores(present, order, key=key)  # the same refusal as in memory: every training domain, once
     rank = np.array([order.index(n) if n in order else -1 for n in names], dtype=np.float64)
-    budget = ORDER_BUDGET_BYTES if budget_bytes is None else budget_bytes
-
-    def build(out) -> None:
-        blocks = (rank[np.asarray(codes[s:s + block])] for s in range(0, len(codes), block))
-        sorted_order(blocks, len(codes), seed, out / "order.npy", budget_bytes=budget)
-
-    folder = build_once("curriculum_orders", ContentHash("domain_order", _ORDER_VERSION, shards.folder.name,
-                                                         list(order), seed).hexdigest(), build)
-    return np.load(folder / "order.npy", mmap_mode="r")
+    return _sorted_on_disk(lambda: (rank[np.asarray(codes[s:s + block])] for s in range(0, len(codes), block)),
+                           len(codes), ("domain_order", shards.folder.name, list(order)), seed, budget_bytes)
 
 
-def _sorted_on_disk(scores: np.ndarray, identity: tuple, seed: int) -> np.ndarray:
-    """:func:`rank_difficulty`'s order of ``scores``, sorted in runs on disk (:mod:`effitrain.data.external_order`)
-    and memory-mapped; cached by ``identity`` and the seed."""
+def _sorted_on_disk(blocks: Any, n_rows: int, identity: tuple, seed: int,
+                    budget_bytes: Optional[int] = None) -> np.ndarray:
+    """:func:`rank_difficulty`'s order of the scores ``blocks()`` yields (consecutive rows), sorted in runs on disk
+    (:mod:`effitrain.data.external_order`) and memory-mapped; cached by ``identity`` and the seed."""
     from effitrain.data.cache import ContentHash, build_once
-    from effitrain.data.external_order import sorted_order
+    from effitrain.data.external_order import ORDER_BUDGET_BYTES, sorted_order
 
-    block = 1 << 20
-
-    def build(out) -> None:
-        sorted_order((scores[s:s + block] for s in range(0, len(scores), block)), len(scores), seed,
-                     out / "order.npy")
-
-    folder = build_once("curriculum_orders", ContentHash("score_order", _ORDER_VERSION, *identity, seed).hexdigest(),
-                        build)
+    budget = ORDER_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    folder = build_once("curriculum_orders", ContentHash(identity[0], _ORDER_VERSION, *identity[1:], seed).hexdigest(),
+                        lambda out: sorted_order(blocks(), n_rows, seed, out / "order.npy", budget_bytes=budget))
     return np.load(folder / "order.npy", mmap_mode="r")
 
 

@@ -24,7 +24,6 @@ corpus of that size needs it too.
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import time
@@ -37,8 +36,8 @@ from effitrain.console import say
 from effitrain.curriculum.in_context import (_FIT_DOCS, _SEARCH_BATCH, _VERSION, Embedding, chain_order,
                                              chain_settings, document_frequencies, hashed_counts, idf, text_rank,
                                              tfidf)
-from effitrain.data.engine import PipelineStep, _per_file, batched, document_keys, finish_stage, records_of, \
-    run_stage
+from effitrain.data.engine import (PipelineStep, _per_file, batched, document_keys, finish_stage, lowest_candidates,
+                                   offer_candidate, records_of, run_stage, write_candidates)
 
 _BATCH = 1000  # documents hashed and embedded at a time in a task
 
@@ -71,32 +70,22 @@ class ChainStatistics(_Step):
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
         n_features = self.settings["n_features"]
-        for folder in ("stats", "sample"):
-            (Path(self.out_dir) / folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.out_dir) / "stats").mkdir(parents=True, exist_ok=True)
         for file_index, docs in self._files(data):
             df = np.zeros(n_features, np.int64)
-            best: list[tuple[int, int, str]] = []  # a max-heap by rank (negated) of the file's best candidates
+            best: list = []  # the file's best candidates for the fitting sample
             n = 0
             for batch in batched(docs, _BATCH):
                 texts = [d.text for d in batch]
                 df += document_frequencies(hashed_counts(texts, n_features))
                 n += len(batch)
                 for d, text in zip(batch, texts):
-                    item = (-text_rank(text), -d.metadata["record"], text)
-                    if len(best) < _FIT_DOCS:
-                        heapq.heappush(best, item)
-                    elif item > best[0]:
-                        heapq.heapreplace(best, item)
+                    offer_candidate(best, text_rank(text), file_index, d.metadata["record"], text, _FIT_DOCS)
             nz = np.flatnonzero(df)
             stem = f"{file_index:06d}"
             tmp = Path(self.out_dir) / "stats" / f".{stem}.tmp{os.getpid()}.npz"
             np.savez(tmp, features=nz.astype(np.int64), df=df[nz], documents=np.int64(n))
-            lines = sorted((-r, -rec, text) for r, rec, text in best)
-            sample_tmp = Path(self.out_dir) / "sample" / f".{stem}.tmp{os.getpid()}"
-            with open(sample_tmp, "w", encoding="utf-8") as fh:
-                for r, rec, text in lines:
-                    fh.write(json.dumps({"rank": r, "file": file_index, "record": rec, "text": text}) + "\n")
-            os.replace(sample_tmp, Path(self.out_dir) / "sample" / f"{stem}.jsonl")
+            write_candidates(Path(self.out_dir) / "sample" / f"{stem}.jsonl", best)
             os.replace(tmp, Path(self.out_dir) / "stats" / f"{stem}.npz")  # last: the file's statistics are whole
             self.stat_update("files")
         return iter(())
@@ -251,19 +240,7 @@ class ShardedChains:
                     df[z["features"]] += z["df"]
                     n += int(z["documents"])
 
-        def candidates(part: Path) -> Iterator[tuple[int, int, int, str]]:
-            with open(part, encoding="utf-8") as fh:
-                for line in fh:
-                    c = json.loads(line)
-                    yield c["rank"], c["file"], c["record"], c["text"]
-
-        parts = sorted((work / "sample").glob("*.jsonl"))
-        best = []
-        for _, f, r, text in heapq.merge(*(candidates(p) for p in parts)):  # (rank, file, record): pool order on ties
-            if len(best) == _FIT_DOCS:
-                break
-            best.append((f, r, text))
-        chosen = sorted(best)  # pool order, as the in-memory sample (positions ascending)
+        chosen = lowest_candidates(work / "sample", _FIT_DOCS)  # in pool order, as the in-memory sample
         idf_values = idf(df, n)
         sample = tfidf(hashed_counts([t for _, _, t in chosen], n_features), idf_values)
         embedding = Embedding.fit(sample, self.settings["embed_dims"])

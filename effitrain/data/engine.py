@@ -131,6 +131,46 @@ def domain_codes(domains: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return names, codes.astype(np.int32)
 
 
+def offer_candidate(heap: list, rank: int, file_index: int, record: int, text: str, cap: int) -> None:
+    """Keep in ``heap`` the ``cap`` documents of lowest ``(rank, file, record)`` offered so far (a max-heap of
+    negated keys: the worst kept candidate on top)."""
+    item = (-rank, -file_index, -record, text)
+    if len(heap) < cap:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def write_candidates(path: Path, heap: list) -> None:
+    """``heap``'s candidates as JSON lines sorted by ``(rank, file, record)`` (what :func:`lowest_candidates`
+    merges), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for neg_rank, neg_file, neg_record, text in sorted(heap, reverse=True):
+            fh.write(json.dumps({"rank": -neg_rank, "file": -neg_file, "record": -neg_record, "text": text}) + "\n")
+    os.replace(tmp, path)
+
+
+def lowest_candidates(folder: Path, k: int, skip: Any = frozenset()) -> list[tuple[int, int, str]]:
+    """The ``k`` candidates of lowest ``(rank, file, record)`` among the sorted files of ``folder`` -- a streaming
+    merge that holds only the chosen -- without the ``(file, record)`` pairs in ``skip``; as ``(file, record,
+    text)`` in corpus order."""
+    def read(part: Path) -> Iterator[tuple[int, int, int, str]]:
+        with open(part, encoding="utf-8") as fh:
+            for line in fh:
+                c = json.loads(line)
+                yield c["rank"], c["file"], c["record"], c["text"]
+
+    chosen = []
+    for _, file_index, record, text in heapq.merge(*(read(p) for p in sorted(folder.glob("*.jsonl")))):
+        if len(chosen) == k:
+            break
+        if (file_index, record) not in skip:
+            chosen.append((file_index, record, text))
+    return sorted(chosen)
+
+
 class DocumentIndex(PipelineStep):
     """Per file ``index/NNNNNN.npz``: ``record``, ``domain`` (codes into ``domains``), ``has_id`` and ``id_rank``
     (the hold-out rank of the record's own id; positional ids are ranked in the reduce, which knows the record
@@ -163,12 +203,8 @@ class DocumentIndex(PipelineStep):
                     # the cap only grows (domains are added): a candidate pushed out had `cap` better ones among the
                     # documents seen so far, all of the domains seen so far, of which at most `holdout` a domain are
                     # held out -- so `sample_docs` better train documents remain and it cannot be in the sample
-                    cap = self.sample_docs + self.holdout * len(domains_seen)
-                    item = (-ranks[-1], -file_index, -records[-1], doc.text)
-                    if len(heap) < cap:
-                        heapq.heappush(heap, item)
-                    elif item > heap[0]:
-                        heapq.heapreplace(heap, item)
+                    offer_candidate(heap, ranks[-1], file_index, records[-1], doc.text,
+                                    self.sample_docs + self.holdout * len(domains_seen))
             names, codes = domain_codes(domains)
             domains_seen.update(names.tolist())
             arrays = {
@@ -185,14 +221,7 @@ class DocumentIndex(PipelineStep):
             os.replace(tmp, out / "index" / f"{file_index:06d}.npz")
             self.stat_update("files")
         if self.sample_docs:
-            path = out / "sample" / f"{rank:05d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for neg_rank, neg_file, neg_record, text in sorted(heap, reverse=True):
-                    fh.write(json.dumps({"rank": -neg_rank, "file": -neg_file, "record": -neg_record,
-                                         "text": text}) + "\n")
-            os.replace(tmp, path)
+            write_candidates(out / "sample" / f"{rank:05d}.jsonl", heap)
         return iter(())
 
 

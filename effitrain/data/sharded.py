@@ -260,25 +260,11 @@ def _top_k(new: tuple[np.ndarray, ...], old: Optional[tuple[np.ndarray, ...]], k
 
 def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs: int) -> None:
     """The BPE sample: the ``sample_docs`` train documents of lowest sample rank among the tasks' candidates, written
-    in corpus order (the in-memory path's :func:`effitrain.data.tokenizer.bpe_sample`).  Each task's candidates are
-    sorted by (rank, file, record), so a streaming merge holds only the sample, not every task's candidates."""
-    import heapq
+    in corpus order (the in-memory path's :func:`effitrain.data.tokenizer.bpe_sample`)."""
+    from effitrain.data.engine import lowest_candidates
 
-    def candidates(part: Path):
-        with open(part, encoding="utf-8") as fh:
-            for line in fh:
-                c = json.loads(line)
-                yield c["rank"], c["file"], c["record"], c["text"]
-
-    chosen = []
-    parts = sorted(candidates_dir.glob("*.jsonl"))
-    for _, file_index, record, text in heapq.merge(*(candidates(p) for p in parts)):
-        if len(chosen) == sample_docs:
-            break
-        if (file_index, record) not in eval_pairs:
-            chosen.append((file_index, record, text))
     with open(path, "w", encoding="utf-8") as fh:
-        for file_index, record, text in sorted(chosen):
+        for file_index, record, text in lowest_candidates(candidates_dir, sample_docs, eval_pairs):
             fh.write(json.dumps({"file": file_index, "record": record, "text": text}) + "\n")
 
 
