@@ -260,7 +260,7 @@ def test_the_cached_scores_are_reused_and_scorer_fills_unannotated_rows(tmp_path
     from effitrain.curriculum.lqs import cached_lqs
     rng = np.random.default_rng(0)
     ids = np.concatenate([rng.integers(0, 8, (16, 12)), rng.integers(8, 16, (16, 12))])
-    domains = np.array(["a"] * 16 + ["b"] * 16)
+    domains = (np.array([0] * 16 + [1] * 16), np.array(["a", "b"]))
     params = DeltParams(target_domain="a", target_rows=6, annotate_rows=12, proxy_steps=6, ct_states=3,
                         proxy_batch_size=4, proxy_lr=1e-2, proxy_hidden_size=16, proxy_layers=1)
     scores, info = cached_lqs(ids, domains, params, seed=0, cache=str(tmp_path))

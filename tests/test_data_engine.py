@@ -351,10 +351,8 @@ def _check(args: list[str], capsys) -> tuple[int, str]:
     (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=s2l"],
      ["selection=s2l stays on one node", "use selection=none, dsir, dedup"]),
-    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=delt"],
-     ["curriculum=delt scores every row with its own proxy model", "difficulty or scored_order"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=meco"],
-     ["curriculum=meco re-packs the documents", "in_context"]),
+     ["curriculum=meco re-packs the documents", "scored_order or delt"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=in_context_pretraining",
       "dataset.packing=decompose"], ["[curriculum_reads_its_data]", "(curriculum is in_context)"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=slurm", "data.slurm_preset=slurm_gpus"],
@@ -370,7 +368,7 @@ def test_data_keys_are_checked_in_one_line(args, expected, tmp_path, capsys):
         assert text in lines[0], (text, lines[0])
 
 
-@pytest.mark.parametrize("recipe", ["difficulty_curriculum", "quality_curriculum_avg", "in_context_pretraining"])
+@pytest.mark.parametrize("recipe", ["difficulty_curriculum", "quality_curriculum_avg", "in_context_pretraining", "delt"])
 def test_curricula_with_a_sharded_form_pass_check_with_data_executor(recipe, tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(50)))
@@ -579,6 +577,52 @@ def test_a_scorer_over_token_shards_orders_the_rows_as_in_memory(tmp_path, monke
         assert len(set(np.round(on_disk.difficulty, 6).tolist())) == len(rows)  # real scores, not ties
     else:
         assert _memory_mapped(on_disk.order) and np.array_equal(on_disk.order, in_ram.order)
+    assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
+
+
+def test_delt_scores_token_shards_in_blocks_and_orders_them_as_in_memory(tmp_path, monkeypatch):
+    """curriculum=delt on token shards: the LQS proxy, its annotated rows and the ridge scorer read the shards' rows
+    a block at a time (reading them whole fails here), and the scores, the folding order and the batches equal
+    those of the same rows in memory (the same cache key: the rows' bytes and domains hash alike)."""
+    import datasets
+
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.sharded import build_sharded_splits
+    from effitrain.data.shards import ShardRows
+    from effitrain.registry import REGISTRY
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    load_builtin_blocks()
+    dataset, model = _params(str(_corpus(tmp_path / "corpus", docs=200, files=2)))
+    tokenizer, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=2),
+                                                cache_dir=tmp_path / "cache")
+    rows = shards.rows[np.arange(len(shards))]
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=rows.shape[1]),
+                                  "domain": datasets.Value("string")})
+    in_memory = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "domain": shards.domains().tolist()},
+                                           features=features)
+    block = REGISTRY.parse("curriculum", {"name": "delt", "select_ratio": 0.75, "layers": 2, "target_domain": "news",
+                                          "target_rows": 8, "annotate_rows": 24, "proxy_steps": 4, "ct_states": 2,
+                                          "proxy_batch_size": 4, "proxy_hidden_size": 16, "proxy_layers": 1},
+                           "curriculum")
+    layout = dict(seed=5, micro_batch_size=2, grad_accum=2, world_size=1, rank=0)
+
+    def whole(self, dtype=None, copy=None):
+        raise AssertionError("the shards' rows were read whole")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ShardRows, "__array__", whole)
+        on_disk = block.build(shards, **layout)
+    lqs_cache = tmp_path / "cache" / "curriculum" / "lqs"
+    (first,) = lqs_cache.glob("*.npz")
+    shutil.move(lqs_cache, tmp_path / "lqs_from_shards")  # no cached scores: in memory scores afresh
+    in_ram = block.build(in_memory, **layout)
+    (second,) = lqs_cache.glob("*.npz")
+    assert second.name == first.name
+    assert len(rows) > 100 and len(set(np.round(on_disk.scores, 9).tolist())) == len(rows)  # predicted, not ties
+    assert np.array_equal(on_disk.scores, in_ram.scores)
+    assert len(on_disk.order) == int(0.75 * len(rows)) and np.array_equal(on_disk.order, in_ram.order)
     assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
 
 

@@ -47,9 +47,10 @@ def build_delt(params: Any, packed: Any, *, seed: int, micro_batch_size: int, gr
     import logging
 
     from effitrain.curriculum.lqs import cached_lqs
-    from effitrain.data.packing import domain_array, to_numpy
+    from effitrain.data.packing import domain_codes, to_numpy
 
-    scores, info = rank0_scores(lambda: cached_lqs(to_numpy(packed), domain_array(packed), params, seed=seed),
+    # token shards are read in blocks (the rows' memory maps); what is held is 8 bytes a row of scores and order
+    scores, info = rank0_scores(lambda: cached_lqs(to_numpy(packed), domain_codes(packed), params, seed=seed),
                                 len(packed))
     order = delt_order(scores, select_ratio=params.select_ratio, ordering=params.ordering, layers=params.layers,
                        seed=seed)

@@ -121,7 +121,7 @@ def lqs_scores(ids: np.ndarray, target: np.ndarray, *, proxy_steps: int, states:
 
     annotate = np.arange(len(ids)) if annotate is None else np.asarray(annotate)
 
-    vocab = int(max(ids.max(), target.max())) + 1
+    vocab = max(_max_token(ids), int(np.max(target))) + 1
     model = _proxy(vocab, ids.shape[1], hidden, layers, seed, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -170,45 +170,86 @@ def lqs_scores(ids: np.ndarray, target: np.ndarray, *, proxy_steps: int, states:
                    "ct_states": sorted(saved), "target_rows": len(target)}
 
 
-def mean_hidden(model: Any, ids: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Mean-pooled last hidden state of every row (the authors' scorer encodes with ``data_scorer_encoding: mean``)."""
+def mean_hidden(model: Any, rows: np.ndarray) -> np.ndarray:
+    """Mean-pooled last hidden state of ``rows`` (the authors' scorer encodes with ``data_scorer_encoding: mean``)."""
     import torch
-    out = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(ids), batch):
-            x = torch.as_tensor(np.array(ids[start:start + batch]), dtype=torch.long, device=model.device)
-            out.append(model.model(input_ids=x).last_hidden_state.float().mean(1).cpu().numpy())
-    return np.concatenate(out)
+        x = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=model.device)
+        return model.model(input_ids=x).last_hidden_state.float().mean(1).cpu().numpy()
 
 
-def fit_scorer(features: np.ndarray, annotated: np.ndarray, scores: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """A linear scorer on ``features`` fitted to the annotated rows' scores (ridge), predicting every row."""
+def predicted_scores(model: Any, ids: Any, annotate: np.ndarray, annotated: np.ndarray, *, batch: int = 64,
+                     alpha: float = 1.0) -> np.ndarray:
+    """Every row's score from a linear scorer (ridge) on the proxy's mean hidden state, fitted to the ``annotated``
+    scores of rows ``annotate`` (sorted).  Read ``batch`` rows at a time, twice (the batches holding annotated rows
+    to fit, then every batch to predict), so what is held is the scores, not a feature row per row; a row's features
+    come from the same batch in both passes, so the fit sees exactly the features it predicts from."""
     from sklearn.linear_model import Ridge
-    return Ridge(alpha=alpha).fit(features[annotated], scores).predict(features)
+
+    n = len(ids)
+    features = np.empty((len(annotate), model.config.hidden_size), dtype=np.float32)
+    for b in np.unique(annotate // batch):
+        lo = int(b) * batch
+        inside = (annotate >= lo) & (annotate < lo + batch)
+        features[inside] = mean_hidden(model, ids[lo:min(lo + batch, n)])[annotate[inside] - lo]
+    scorer = Ridge(alpha=alpha).fit(features, annotated)
+    scores = np.empty(n, dtype=np.float64)
+    for lo in range(0, n, batch):
+        scores[lo:lo + batch] = scorer.predict(mean_hidden(model, ids[lo:min(lo + batch, n)]))
+    return scores
 
 
-def target_rows(domains: np.ndarray, domain: Optional[str], count: int, seed: int) -> np.ndarray:
-    """Row indices of the target: ``count`` random rows of ``domain`` (every domain when None)."""
+def target_rows(domains: tuple[np.ndarray, np.ndarray], domain: Optional[str], count: int, seed: int) -> np.ndarray:
+    """Row indices of the target: ``count`` random rows of ``domain`` (every domain when None); ``domains`` is
+    ``(codes, names)`` (:func:`effitrain.data.packing.domain_codes`)."""
     from effitrain.registry import ConfigError, choices_text
-    pool = np.arange(len(domains)) if domain is None else np.flatnonzero(domains == domain)
+    codes, names = domains
+    if domain is None:
+        pool = np.arange(len(codes))
+    else:
+        hits = np.flatnonzero(names == domain)
+        pool = np.flatnonzero(np.asarray(codes) == hits[0]) if len(hits) else np.zeros(0, dtype=np.int64)
     if len(pool) == 0:
+        present = names[np.bincount(np.asarray(codes), minlength=len(names))[:len(names)] > 0] if len(codes) else names[:0]
         raise ConfigError(f"curriculum.target_domain: '{domain}' has no packed training rows; the training data's "
-                          f"domains: {choices_text(sorted(set(domains.tolist())))}")
+                          f"domains: {choices_text(sorted(present.tolist()))}")
     return np.sort(np.random.default_rng([seed % 2**63, 11]).permutation(pool)[:count])
 
 
-def cached_lqs(ids: np.ndarray, domains: np.ndarray, params: Any, *, seed: int,
+_BLOCK = 4096  # rows read at a time (from token shards: through their memory maps)
+
+
+def _max_token(ids: Any) -> int:
+    return max((int(np.max(ids[lo:lo + _BLOCK])) for lo in range(0, len(ids), _BLOCK)), default=0)
+
+
+def _content_digest(ids: Any, domains: tuple[np.ndarray, np.ndarray]) -> Any:
+    """sha256 of the rows' bytes, row after row, then of the rows' domain names joined by ``|``: read a block at a
+    time, so token shards are hashed without being loaded (an in-memory array of the same rows hashes the same)."""
+    h = hashlib.sha256()
+    for lo in range(0, len(ids), _BLOCK):
+        h.update(np.ascontiguousarray(ids[lo:lo + _BLOCK]).tobytes())
+    codes, names = domains
+    block = 1 << 16
+    for lo in range(0, len(codes), block):
+        h.update((("|" if lo else "") + "|".join(names[np.asarray(codes[lo:lo + block])].tolist())).encode())
+    return h
+
+
+def cached_lqs(ids: Any, domains: tuple[np.ndarray, np.ndarray], params: Any, *, seed: int,
                cache: Optional[str] = None) -> tuple[np.ndarray, dict]:
-    """Standardised LQS of every packed row, computed once per (rows, parameters, seed) and cached."""
+    """Standardised LQS of every packed row, computed once per (rows, parameters, seed) and cached.
+
+    ``ids`` is an ``[N, S]`` array of token ids or token shards' rows (read in blocks, never whole: what grows with
+    the rows is 8 bytes a row of scores); ``domains`` is ``(codes, names)``."""
     import torch
 
     from effitrain.paths import cache_dir
 
     keyed = {k: getattr(params, k) for k in ("target_domain", "target_rows", "annotate_rows", "proxy_steps", "ct_states",
                                               "proxy_batch_size", "proxy_lr", "proxy_hidden_size", "proxy_layers")}
-    h = hashlib.sha256(np.ascontiguousarray(ids).tobytes())
-    h.update("|".join(domains.tolist()).encode())
+    h = _content_digest(ids, domains)
     h.update(json.dumps({**keyed, "seed": seed, "version": VERSION}, sort_keys=True).encode())
     folder = cache_dir("curriculum", "lqs") if cache is None else cache
     path = os.path.join(str(folder), f"{h.hexdigest()[:24]}.npz")
@@ -233,7 +274,7 @@ def cached_lqs(ids: np.ndarray, domains: np.ndarray, params: Any, *, seed: int,
     if len(annotate) == len(ids):
         scores = annotated
     else:
-        scores = fit_scorer(mean_hidden(model, ids), annotate, annotated)
+        scores = predicted_scores(model, ids, annotate, annotated)
         info["scorer_fit_corr"] = round(float(np.corrcoef(scores[annotate], annotated)[0, 1]), 4)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, scores=scores, raw=raw, annotated=annotate)

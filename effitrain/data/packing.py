@@ -135,14 +135,21 @@ def to_numpy(packed) -> np.ndarray:
     return column_numpy(packed, "input_ids") if rows is None else rows
 
 
-def domain_array(packed) -> np.ndarray:
-    """The ``domain`` label of every packed row, as a numpy array of str."""
+def domain_codes(packed) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, names)``: every packed row's domain as an index into ``names`` (numpy str).  Token shards give their
+    memory-mapped per-row codes (read them in blocks), a ``datasets`` table its dictionary encoding."""
     from effitrain.data.sources import arrow_column
 
-    if hasattr(packed, "rows") and hasattr(packed, "domains"):  # token shards keep a small per-row index
-        return packed.domains()
+    if hasattr(packed, "rows") and hasattr(packed, "domain_codes"):
+        return packed.domain_codes(), packed.domain_names
     if len(packed) == 0:
-        return np.zeros(0, dtype=str)
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=str)
     encoded = arrow_column(packed, "domain").dictionary_encode()
-    names = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
-    return names[encoded.indices.to_numpy(zero_copy_only=False)]
+    return (encoded.indices.to_numpy(zero_copy_only=False),
+            np.asarray(encoded.dictionary.to_pylist(), dtype=str))
+
+
+def domain_array(packed) -> np.ndarray:
+    """The ``domain`` label of every packed row, as a numpy array of str."""
+    codes, names = domain_codes(packed)
+    return names[np.asarray(codes)] if len(codes) else np.zeros(0, dtype=str)

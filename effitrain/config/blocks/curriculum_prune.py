@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 from effitrain.config.rules import rule
 from effitrain.registry import param, register
@@ -29,7 +29,6 @@ class SetaParams:
                   "(low-to-high score repeated `layers` times)")
 @dataclass
 class DeltParams:
-    scores_every_row: ClassVar[bool] = True  # a proxy model reads every row's tokens (data_engine's rules)
     select_ratio: float = param(1.0, gt=0, le=1, help="share of the rows kept, highest LQS first (authors' top-r "
                                                       "config: r = 1.0)")
     ordering: Literal["folding", "sorting", "shuffle"] = param("folding", help="folding (paper), sorting "

@@ -178,21 +178,18 @@ def _executor_selection(spec, env) -> Optional[str]:
     return sharded_refusal(selection.name, selection.params)
 
 
-@rule("data_executor_row_curricula", "data.executor: curricula that order rows by index, domain or a scorer's "
-                                     "score, and in-context chains (built as sharded jobs); the others that need "
-                                     "the documents or score rows with their own proxy stay in-process")
+@rule("data_executor_row_curricula", "data.executor: curricula that order rows by index, domain or a score (a "
+                                     "scorer's, DELT's proxy), and in-context chains (built as sharded jobs); "
+                                     "those that re-pack the documents stay in-process")
 def _executor_curricula(spec, env) -> Optional[str]:
     curriculum = spec.block("curriculum")
     if not _sharded(spec):
         return None
     params = curriculum.params
-    # a curriculum with a sharded form (in-context chains) builds its order in the data engine
-    reads_documents = getattr(params, "needs_documents", False) and not getattr(params, "sharded_order", False)
-    # a curriculum.scorer scores the shards' rows a block at a time (curriculum/row_scores.py); what stays refused
-    # is a curriculum with its own proxy model over every row (DELT: scores_every_row)
-    if reads_documents or getattr(params, "scores_every_row", False):
-        what = "re-packs the documents" if reads_documents else "scores every row with its own proxy model"
-        return (f"curriculum={curriculum.name} {what}, which the sharded data engine does not do yet {_LATER}; "
-                f"use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context, difficulty or "
-                f"scored_order")
+    # a curriculum with a sharded form (in-context chains) builds its order in the data engine; one that scores
+    # rows (a curriculum.scorer, DELT's LQS proxy) reads the shards' rows a block at a time
+    if getattr(params, "needs_documents", False) and not getattr(params, "sharded_order", False):
+        return (f"curriculum={curriculum.name} re-packs the documents, which the sharded data engine does not do yet "
+                f"{_LATER}; use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context, difficulty, "
+                f"scored_order or delt")
     return None
