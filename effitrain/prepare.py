@@ -33,10 +33,13 @@ def build_run_data(spec: Any) -> tuple[Any, tuple[Any, Any, Any]]:
 
         block = spec.block("selection")  # check refuses the selections without a sharded form
         selection = sharded_selection(block.name, block.params, seed=spec.train.seed)
-        order = _sharded_order(spec.block("curriculum").params)
+        curriculum = spec.block("curriculum").params
+        order = _sharded_order(curriculum)
+        # a curriculum that trains on rows conditioned on the documents' metadata (MeCo) names its header
+        condition = curriculum.sharded_condition() if hasattr(curriculum, "sharded_condition") else None
         tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params, spec.block("model").params,
                                                             spec.data.engine_settings(), selection=selection,
-                                                            order=order)
+                                                            order=order, condition=condition)
         info = shards_info(shards, spec.data, None if selection is None else selection.info)
         if order is not None:
             info["order"] = {"curriculum": order.kind, **(order.info or {})}

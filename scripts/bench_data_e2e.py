@@ -29,6 +29,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 EFFITRAIN = str(Path(sys.executable).parent / "effitrain")
+# the lines worth keeping beside the table: the data engine's reduces, a curriculum's scoring, the run's last line
+SAID = ("data: ", "LQS: ", "delt: ", "finished: ")
 STAGE = re.compile(r"^data: ([\w-]+): (\d+ of \d+ tasks to run|done in ([\d.]+) s)")
 
 
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = "; ".join(f"{s} {v / 2**20:,.0f} MB" for s, v in r["driver_by"].items())
         print(f"| {docs:,} | {load} | {r['wall']:.0f} s | {stages} | {r['driver'] / 2**20:,.0f} MB | {phases} |",
               flush=True)
-        notes.append((docs, [line for line in r["lines"] if line.startswith("data: ") and not STAGE.match(line)]))
-    for docs, lines in notes:  # what the reduces said (a selection's counts, the chains' index and timing)
+        notes.append((docs, [line for line in r["lines"] if line.startswith(SAID) and not STAGE.match(line)]))
+    for docs, lines in notes:  # what the reduces said (a selection's counts, the chains' index) and the run's end
         print(f"\n{docs:,} documents:\n" + "\n".join(f"    {line}" for line in lines))
     return 0
 

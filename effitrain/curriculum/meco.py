@@ -209,11 +209,14 @@ def build_meco(params: Any, packed: Any, *, seed: int, micro_batch_size: int, gr
         raise ConfigError(f"curriculum.cooldown_phase: '{params.cooldown_phase}' is not a phase of "
                           f"timeline.phases (declared: {choices_text(phases) or 'none'}); declare it, e.g. "
                           f"{{unit: fraction, intervals: {{{params.cooldown_phase}: [0.9, 1.0]}}}}")
-    if documents is None or tokenizer is None:
-        raise ConfigError("curriculum: 'meco' needs the training documents and the tokenizer")
     plain = to_numpy(packed)
-    conditioned = conditioned_rows(documents, tokenizer, plain.shape[1], metadata_field=params.metadata_field,
-                                   prefix=params.prefix, suffix=params.suffix)
+    # token shards built for this curriculum (data.executor) hold the conditioned rows beside the plain ones
+    conditioned = packed.conditioned() if hasattr(packed, "conditioned") else None
+    if conditioned is None:
+        if documents is None or tokenizer is None:
+            raise ConfigError("curriculum: 'meco' needs the training documents and the tokenizer")
+        conditioned = conditioned_rows(documents, tokenizer, plain.shape[1], metadata_field=params.metadata_field,
+                                       prefix=params.prefix, suffix=params.suffix)
     return MecoSampler(conditioned, plain, timeline, cooldown_phase=params.cooldown_phase,
                        mask_metadata_loss=params.mask_metadata_loss, seed=seed, micro_batch_size=micro_batch_size,
                        grad_accum=grad_accum, world_size=world_size, rank=rank)

@@ -243,16 +243,20 @@ class TokenStreams(PipelineStep):
     is in ``eval`` when its ``(file, record)`` is in ``eval_docs`` (an ``.npy`` of pairs).  With ``lengths``, also
     ``train-<k>.len``: each train document's token count with its EOS (``uint32``), and ``train-<k>.rec``: its
     record number (``uint32``) -- where dataset decomposition cuts the stream back into documents and in-context
-    chains find a document's tokens."""
+    chains find a document's tokens.  With ``condition`` (``(field, prefix, suffix)``, MeCo's metadata conditioning),
+    also ``cond-<k>.bin``: each train document again, after the tokens of ``prefix + metadata[field] + suffix``, and
+    ``cond-<k>.msk``: one byte a token of it, 0 on those header tokens (no loss on them) and 1 on the document's."""
 
     name = "effitrain tokenize"
     type = "🔢 - TOKENIZER"
 
     def __init__(self, out_dir: str, *, tokenizer_dir: str, eos_id: int, eval_docs: str, dtype: str,
-                 batch_size: int = 1000, train_docs: Optional[str] = None, lengths: bool = False) -> None:
+                 batch_size: int = 1000, train_docs: Optional[str] = None, lengths: bool = False,
+                 condition: Optional[tuple[str, str, str]] = None) -> None:
         super().__init__()
         self.out_dir, self.tokenizer_dir, self.eos_id, self.eval_docs = out_dir, tokenizer_dir, eos_id, eval_docs
         self.dtype, self.batch_size, self.train_docs, self.lengths = dtype, batch_size, train_docs, lengths
+        self.condition = None if condition is None else tuple(condition)
 
     def _encoder(self):
         """``texts -> [ids]`` without special tokens (packing places its own EOS).  A fast tokenizer's
@@ -283,6 +287,7 @@ class TokenStreams(PipelineStep):
         # a selection's kept train documents (None: all); the others are neither trained on nor evaluated
         keep_keys = None if self.train_docs is None else document_keys(self.train_docs)
         dtype = np.dtype(self.dtype)
+        headers: dict[str, list[int]] = {}  # a header's tokens, once per distinct metadata value
         for file_index, docs in _per_file(data):
             eval_set = records_of(eval_keys, file_index)
             if keep_keys is not None:
@@ -296,6 +301,7 @@ class TokenStreams(PipelineStep):
             handles: dict[tuple[str, str], Any] = {}
             length_handles: dict[str, Any] = {}  # domain -> its train documents' lengths (with `lengths`)
             record_handles: dict[str, Any] = {}  # domain -> their record numbers (with `lengths`)
+            mask_handles: dict[str, Any] = {}  # domain -> the conditioned stream's loss mask (with `condition`)
             try:
                 for batch in batched(docs, self.batch_size):
                     with self.track_time("batch"):
@@ -303,6 +309,7 @@ class TokenStreams(PipelineStep):
                     streams: dict[tuple[str, str], list[int]] = {}  # one write per stream and batch
                     doc_lengths: dict[str, list[int]] = {}
                     doc_records: dict[str, list[int]] = {}
+                    doc_masks: dict[str, list[np.ndarray]] = {}
                     for doc, ids in zip(batch, encoded):
                         split = "eval" if doc.metadata["record"] in eval_set else "train"
                         domain = doc.metadata["domain"]
@@ -313,13 +320,26 @@ class TokenStreams(PipelineStep):
                         if self.lengths and split == "train":
                             doc_lengths.setdefault(domain, []).append(len(ids) + 1)
                             doc_records.setdefault(domain, []).append(doc.metadata["record"])
+                        if self.condition is not None and split == "train":
+                            field, prefix, suffix = self.condition
+                            text = f"{prefix}{doc.metadata[field]}{suffix}"
+                            header = headers.get(text)
+                            if header is None:
+                                header = headers[text] = encode([text])[0]
+                            conditioned = streams.setdefault(("cond", domain), [])
+                            conditioned.extend(header)
+                            conditioned.extend(ids)
+                            conditioned.append(eos)
+                            doc_masks.setdefault(domain, []).extend(
+                                (np.zeros(len(header), np.uint8), np.ones(len(ids) + 1, np.uint8)))
                     for key, ids in streams.items():
                         fh = handles.get(key)
                         if fh is None:
                             fh = handles[key] = open(tmp / f".{key[0]}-{seen[key[1]]}.part", "wb")
                         fh.write(np.asarray(ids, dtype=dtype).tobytes())
                         counts[key] = counts.get(key, 0) + len(ids)
-                        self.stat_update("tokens", value=len(ids))
+                        if key[0] != "cond":  # the documents' tokens, once
+                            self.stat_update("tokens", value=len(ids))
                     for domain, values in doc_lengths.items():
                         fh = length_handles.get(domain)
                         if fh is None:
@@ -330,8 +350,14 @@ class TokenStreams(PipelineStep):
                         if fh is None:
                             fh = record_handles[domain] = open(tmp / f".train-{seen[domain]}.rec.part", "wb")
                         fh.write(np.asarray(values, dtype=np.uint32).tobytes())
+                    for domain, values in doc_masks.items():
+                        fh = mask_handles.get(domain)
+                        if fh is None:
+                            fh = mask_handles[domain] = open(tmp / f".cond-{seen[domain]}.msk.part", "wb")
+                        fh.write(np.concatenate(values).tobytes())
             finally:
-                for fh in [*handles.values(), *length_handles.values(), *record_handles.values()]:
+                for fh in [*handles.values(), *length_handles.values(), *record_handles.values(),
+                           *mask_handles.values()]:
                     fh.close()
             names = sorted(seen)
             for split, domain in handles:
@@ -339,7 +365,10 @@ class TokenStreams(PipelineStep):
             for domain in length_handles:
                 os.replace(tmp / f".train-{seen[domain]}.len.part", tmp / f"train-{names.index(domain)}.len")
                 os.replace(tmp / f".train-{seen[domain]}.rec.part", tmp / f"train-{names.index(domain)}.rec")
-            tokens = {split: [counts.get((split, d), 0) for d in names] for split in ("train", "eval")}
+            for domain in mask_handles:
+                os.replace(tmp / f".cond-{seen[domain]}.msk.part", tmp / f"cond-{names.index(domain)}.msk")
+            splits = ("train", "eval", "cond") if self.condition is not None else ("train", "eval")
+            tokens = {split: [counts.get((split, d), 0) for d in names] for split in splits}
             (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": tokens, "dtype": dtype.name}))
             _publish(tmp, final)
         return iter(())

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -116,38 +116,80 @@ def knotted_rows(docs: Sequence[np.ndarray], seq_len: int, *, markers: Markers, 
     start in the row, length, document, piece index in the document, offset in the document; a tail prefix has
     piece index -1) and ``summaries`` (int64 ``[k, 4]``: row, start, length, document).
     """
+    rows, masks, knotted, first_doc, pieces, summaries = [], [], [], [], [], []
+    for row in knotted_row_stream([len(d) for d in docs], docs.__getitem__, seq_len, markers=markers,
+                                  chunks_per_doc=chunks_per_doc, knot_probability=knot_probability,
+                                  preserve_partial_order=preserve_partial_order, pad_id=pad_id, seed=seed):
+        rows.append(row.tokens)
+        masks.append(row.mask)
+        knotted.append(row.knotted)
+        first_doc.append(row.first_doc)
+        pieces += row.pieces
+        summaries += row.summaries
+    return {"rows": np.stack(rows) if rows else np.zeros((0, seq_len), np.int32),
+            "mask": np.stack(masks) if masks else np.zeros((0, seq_len), bool),
+            "knotted": np.asarray(knotted, bool), "first_doc": np.asarray(first_doc, np.int64),
+            "pieces": np.asarray(pieces, np.int64).reshape(-1, 6),
+            "summaries": np.asarray(summaries, np.int64).reshape(-1, 4)}
+
+
+@dataclass
+class KnottedRow:
+    """One row of :func:`knotted_row_stream`: its ``tokens`` and target ``mask`` (``seq_len`` each), whether it is
+    ``knotted``, the document its first piece comes from (``first_doc``, -1 for none) and its rows of the
+    ``pieces`` and ``summaries`` tables (:func:`knotted_rows`)."""
+    tokens: np.ndarray
+    mask: np.ndarray
+    knotted: bool
+    first_doc: int
+    pieces: list
+    summaries: list
+
+
+def knotted_row_stream(lengths: Sequence[int], read: Callable[[int], np.ndarray], seq_len: int, *,
+                       markers: Markers, chunks_per_doc: int, knot_probability: float,
+                       preserve_partial_order: bool, pad_id: int, seed: int) -> Iterator[KnottedRow]:
+    """:func:`knotted_rows` a row at a time, for documents known by their token counts (``lengths``, EOS included)
+    and read on demand (``read(d)``: document ``d``'s tokens) -- so a corpus on disk is knotted reading only the
+    documents of the row being built (the sharded data engine reads them from its token streams).  What is held
+    is the seeded document order (8 bytes a document) and one row's documents."""
     if seq_len < 1 or chunks_per_doc < 1:
         raise ValueError("seq_len and chunks_per_doc must be positive")
     rng = np.random.default_rng([seed % 2**63, 0x4b4e4f54])
-    order = rng.permutation(len(docs)).tolist()
-    # (document, offset of the remaining part in it): a document cut by a row boundary continues the next row
-    queue: list[tuple[int, int]] = [(d, 0) for d in order]
-    queue.reverse()  # pop() from the end
-    rows, masks, knotted, first_doc, pieces, summaries = [], [], [], [], [], []
-    while queue:
-        writer = _RowWriter(len(rows))
+    order = rng.permutation(len(lengths))
+    # the documents in order, front first; a document cut by a row boundary goes back to the front with the offset
+    # of its remaining part, and continues the next row
+    front: Optional[tuple[int, int]] = None
+    position = 0
+    row_number = 0
+    while front is not None or position < len(order):
+        writer = _RowWriter(row_number)
         knot = bool(rng.random() < knot_probability)
         whole: list[tuple[int, int, list[int], list[np.ndarray]]] = []  # doc, offset, piece starts, piece ids
         budget = seq_len
         tail = None
-        while queue and budget > 0:
-            doc, offset = queue[-1]
-            length = len(docs[doc]) - offset
+        while (front is not None or position < len(order)) and budget > 0:
+            doc, offset = front if front is not None else (int(order[position]), 0)
+            length = int(lengths[doc]) - offset
             starts = split_points(length, chunks_per_doc) if knot else [0]
             ids = [markers.doc_id(rng) for _ in starts] if len(starts) > 1 else []
             overhead = sum(len(markers.doc_open) + len(i) + len(markers.doc_close) for i in ids)
             if ids:
                 overhead += len(markers.sum_open) + len(markers.sum_close) + \
                     sum(len(i) for i in ids) + len(markers.sum_sep) * (len(ids) - 1)
-            queue.pop()
+            if front is not None:
+                front = None
+            else:
+                position += 1
             if length + overhead <= budget:
                 whole.append((doc, offset, starts, ids))
                 budget -= length + overhead
             else:  # its prefix closes the row, the rest starts the next one
                 tail = (doc, offset, budget)
                 if budget < length:
-                    queue.append((doc, offset + budget))
+                    front = (doc, offset + budget)
                 budget = 0
+        tokens_of = {doc: read(doc) for doc in dict.fromkeys([w[0] for w in whole] + ([tail[0]] if tail else []))}
         entries = [(w, p) for w in range(len(whole)) for p in range(len(whole[w][2]))]
         if knot:
             placement = rng.permutation(len(entries))
@@ -161,11 +203,11 @@ def knotted_rows(docs: Sequence[np.ndarray], seq_len: int, *, markers: Markers, 
         for i, (w, p) in enumerate(entries):
             doc, offset, starts, ids = whole[w]
             begin = offset + starts[p]
-            end = offset + (starts[p + 1] if p + 1 < len(starts) else len(docs[doc]) - offset)
+            end = offset + (starts[p + 1] if p + 1 < len(starts) else int(lengths[doc]) - offset)
             if ids:
                 writer.put(np.concatenate([markers.doc_open, ids[p], markers.doc_close]), False)
                 writer.untrain_next()
-            start = writer.put_text(docs[doc][begin:end])
+            start = writer.put_text(tokens_of[doc][begin:end])
             writer.pieces.append((writer.row, start, end - begin, doc, p, begin))
             if ids and i == last_of[w]:
                 body = [markers.sum_open]
@@ -180,19 +222,11 @@ def knotted_rows(docs: Sequence[np.ndarray], seq_len: int, *, markers: Markers, 
                 writer.untrain_next()
         if tail is not None:
             doc, offset, n = tail
-            n = min(n, len(docs[doc]) - offset)
-            start = writer.put_text(docs[doc][offset:offset + n])
+            n = min(n, int(lengths[doc]) - offset)
+            start = writer.put_text(tokens_of[doc][offset:offset + n])
             writer.pieces.append((writer.row, start, n, doc, -1, offset))
         if writer.used < seq_len:  # only the last row: padding that is never a target
             writer.put(np.full(seq_len - writer.used, pad_id, np.int32), False)
-        rows.append(np.concatenate(writer.tokens))
-        masks.append(np.concatenate(writer.mask))
-        knotted.append(knot)
-        first_doc.append(writer.pieces[0][3] if writer.pieces else -1)
-        pieces += writer.pieces
-        summaries += writer.summaries
-    return {"rows": np.stack(rows) if rows else np.zeros((0, seq_len), np.int32),
-            "mask": np.stack(masks) if masks else np.zeros((0, seq_len), bool),
-            "knotted": np.asarray(knotted, bool), "first_doc": np.asarray(first_doc, np.int64),
-            "pieces": np.asarray(pieces, np.int64).reshape(-1, 6),
-            "summaries": np.asarray(summaries, np.int64).reshape(-1, 4)}
+        yield KnottedRow(np.concatenate(writer.tokens), np.concatenate(writer.mask), knot,
+                         writer.pieces[0][3] if writer.pieces else -1, writer.pieces, writer.summaries)
+        row_number += 1

@@ -26,8 +26,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -99,7 +100,8 @@ def scan_and_select(dataset_params: Any, data_params: Any, *, selection: Any = N
 
 
 def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
-                         cache_dir: Optional[str | Path] = None, selection: Any = None, order: Any = None):
+                         cache_dir: Optional[str | Path] = None, selection: Any = None, order: Any = None,
+                         condition: Optional[tuple[str, str, str]] = None):
     """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
 
     ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
@@ -111,7 +113,12 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     called as ``order(out, corpus, eval_docs, selected_or_None, data_params, work)`` it writes ``out/order.npy``,
     the train documents' ``(file, record)`` pairs in the order to pack them (one stream across domains, a row's
     domain that of the document it starts in), and ``out/info.json``; ``order.kind`` names the order in the
-    shards' index, where the curriculum finds it."""
+    shards' index, where the curriculum finds it.
+
+    ``condition``, ``(field, prefix, suffix)`` from the curriculum's params (MeCo's metadata conditioning): the
+    shards also hold the *conditioned* train rows -- every train document after the tokens of ``prefix +
+    document[field] + suffix``, packed per domain as the plain rows -- with their loss mask (False on those header
+    tokens), read with :meth:`TokenShards.conditioned`."""
     from effitrain.data.engine import finish_stage
     from effitrain.data.shards import TokenShards, token_dtype
     from effitrain.data.tokenizer import build_tokenizer
@@ -150,12 +157,13 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     shards_key = ContentHash("token_shards", _VERSION, scanned.name, tokenizer_fingerprint(tokenizer), seq_len,
                              dtype.name, selected.parent.name if selected is not None else "all",
                              *(("decompose", *decompose) if decompose else ()),
-                             *(("order", ordered.parent.name) if ordered is not None else ())).hexdigest()
+                             *(("order", ordered.parent.name) if ordered is not None else ()),
+                             *(("condition", *condition) if condition is not None else ())).hexdigest()
 
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
         _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected,
-                  lengths=decompose is not None or ordered is not None)
+                  lengths=decompose is not None or ordered is not None, condition=condition)
         start = time.perf_counter()
         _pack(out, work, len(files), seq_len, dtype, decompose, ordered=ordered,
               order_kind=None if order is None else order.kind)
@@ -270,7 +278,8 @@ def _write_sample(path: Path, candidates_dir: Path, eval_pairs: set, sample_docs
 
 # ------------------------------------------------------------------------------------------- tokenize + pack
 def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eval_docs: Path,
-              dtype: np.dtype, train_docs: Optional[Path] = None, *, lengths: bool = False) -> None:
+              dtype: np.dtype, train_docs: Optional[Path] = None, *, lengths: bool = False,
+              condition: Optional[tuple[str, str, str]] = None) -> None:
     from effitrain.data.engine import TokenStreams, run_stage
 
     tokenizer_dir = work / "tokenizer"
@@ -284,7 +293,7 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
                                                           eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
                                                           dtype=dtype.name,
                                                           train_docs=None if train_docs is None else str(train_docs),
-                                                          lengths=lengths)],
+                                                          lengths=lengths, condition=condition)],
               work, job_name="tokenize")
 
 
@@ -302,11 +311,12 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
         if meta.is_file():
             metas[f] = json.loads(meta.read_text())
     domains = sorted({d for m in metas.values() for d in m["domains"]})
-    totals = {split: {d: 0 for d in domains} for split in ("train", "eval")}
+    totals = {split: {d: 0 for d in domains} for split in ("train", "eval", "cond")}
     for m in metas.values():
         for split in totals:
-            for d, n in zip(m["domains"], m["tokens"][split]):
+            for d, n in zip(m["domains"], m["tokens"].get(split, ())):
                 totals[split][d] += n
+    conditioned = any(m["tokens"].get("cond") is not None for m in metas.values())
     buckets = chain = None
     if ordered is not None:
         chain = _chain_locations(work, metas, np.load(ordered))
@@ -319,7 +329,10 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
         train_rows = sum(len(files) // (seq_len // length) for (_, length), (files, _) in buckets.items())
     writer = ShardWriter(out, seq_len=seq_len, dtype=dtype, domains=domains, rows=train_rows,
                          eval_rows=sum(n // seq_len for n in totals["eval"].values()),
-                         piece_lengths=decompose is not None, order=order_kind)
+                         piece_lengths=decompose is not None, order=order_kind,
+                         conditioned_rows=sum(n // seq_len for n in totals["cond"].values()) if conditioned else None)
+    if conditioned:
+        _write_conditioned(writer, work, metas, domains, seq_len, dtype)
     for split in ("train", "eval"):
         if split == "train" and chain is not None:
             _write_chained(writer, work, metas, chain, seq_len, dtype, domains)
@@ -328,26 +341,52 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
             _write_decomposed(writer, work, metas, buckets, train_domains, seq_len, dtype, decompose[1])
             continue
         for d in domains:
-            carry = np.zeros(0, dtype=dtype)
-            for f, m in metas.items():  # file order
-                if d not in m["domains"]:
-                    continue
-                path = work / "tokens" / f"{f:06d}" / f"{split}-{m['domains'].index(d)}.bin"
-                if not path.is_file() or path.stat().st_size == 0:
-                    continue
-                # read in blocks, not through a memory map: a map's pages stay resident while it is open, and a
-                # file's stream grows with the corpus
-                with open(path, "rb") as fh:
-                    while True:
-                        part = np.fromfile(fh, dtype=dtype, count=_READ_BLOCK)
-                        if not len(part):
-                            break
-                        block = np.concatenate([carry, part])
-                        n = len(block) // seq_len
-                        if n:
-                            writer.add(block[:n * seq_len].reshape(n, seq_len), d, split=split)
-                        carry = block[n * seq_len:].copy()
+            for rows, _ in _cut_rows(_domain_streams(work, metas, d, split), seq_len, dtype):
+                writer.add(rows, d, split=split)
     writer.close()
+
+
+def _domain_streams(work: Path, metas: dict[int, dict], domain: str, name: str) -> Iterator[Path]:
+    """The non-empty ``<name>-<k>.bin`` token streams of ``domain``, in file order."""
+    for f, m in metas.items():
+        if domain in m["domains"]:
+            path = work / "tokens" / f"{f:06d}" / f"{name}-{m['domains'].index(domain)}.bin"
+            if path.is_file() and path.stat().st_size:
+                yield path
+
+
+def _cut_rows(streams: Iterable[Path], seq_len: int, dtype: np.dtype,
+              masked: bool = False) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+    """``(rows, mask)``: the streams concatenated and cut into rows of ``seq_len`` (the incomplete tail dropped),
+    with ``masked`` the loss mask of each stream's ``.msk`` beside it (else None).  Read in blocks, not through a
+    memory map: a map's pages stay resident while it is open, and a file's stream grows with the corpus."""
+    carry, carry_mask = np.zeros(0, dtype=dtype), np.zeros(0, dtype=bool)
+    for path in streams:
+        with open(path, "rb") as tokens, (open(path.with_suffix(".msk"), "rb") if masked else nullcontext()) as masks:
+            while True:
+                part = np.fromfile(tokens, dtype=dtype, count=_READ_BLOCK)
+                if not len(part):
+                    break
+                block = np.concatenate([carry, part])
+                n = len(block) // seq_len
+                if masked:
+                    block_mask = np.concatenate([carry_mask, np.fromfile(masks, dtype=np.uint8,
+                                                                         count=len(part)).astype(bool)])
+                    carry_mask = block_mask[n * seq_len:].copy()
+                if n:
+                    yield (block[:n * seq_len].reshape(n, seq_len),
+                           block_mask[:n * seq_len].reshape(n, seq_len) if masked else None)
+                carry = block[n * seq_len:].copy()
+
+
+def _write_conditioned(writer: Any, work: Path, metas: dict[int, dict], domains: list[str], seq_len: int,
+                       dtype: np.dtype) -> None:
+    """The conditioned train rows: every domain's ``cond`` streams (header, document, EOS) in file order, cut into
+    rows of ``seq_len`` with their loss mask, as :func:`effitrain.curriculum.meco.conditioned_rows` packs them in
+    memory (domains sorted, the tail of each domain dropped)."""
+    for d in domains:
+        for rows, mask in _cut_rows(_domain_streams(work, metas, d, "cond"), seq_len, dtype, masked=True):
+            writer.add_conditioned(rows, mask, d)
 
 
 def _decomposed_pieces(work: Path, metas: dict[int, dict], domains: list[str], seq_len: int, min_len: int,

@@ -8,6 +8,9 @@ A folder of token shards holds
 * ``eval.npy`` / ``eval-domains.npy`` -- the held-out rows, the same way;
 * ``train-piece_len.npy`` (``dataset.packing=decompose`` only) -- the piece length of every row's bucket
   (:mod:`effitrain.data.decompose`: a row holds ``seq_len / piece_len`` pieces of one document each);
+* ``conditioned.npy`` / ``conditioned-mask.npy`` / ``conditioned-domains.npy`` (MeCo's metadata conditioning
+  only) -- the train documents packed again after their metadata header, the loss mask of those rows (``False`` on
+  the header tokens) and their domains;
 * ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard, and
   ``order`` when the train rows are packed in a curriculum's document order (``in_context``: its chains).
 
@@ -48,13 +51,12 @@ def _open(path: Path) -> np.ndarray:
 
 
 class ShardRows:
-    """The rows of several shards seen as one ``(rows, seq_len)`` array of ``int32``; indexing by an int, a slice
-    or an array of indices reads only the rows asked for."""
+    """The rows of several shards seen as one ``(rows, seq_len)`` array of ``dtype`` (``int32``: token ids as the
+    loop reads them); indexing by an int, a slice or an array of indices reads only the rows asked for."""
 
-    dtype = np.dtype(np.int32)
-
-    def __init__(self, parts: Sequence[np.ndarray], seq_len: int) -> None:
+    def __init__(self, parts: Sequence[np.ndarray], seq_len: int, dtype: Any = np.int32) -> None:
         self.parts = list(parts)
+        self.dtype = np.dtype(dtype)
         self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
         self.shape = (int(self.offsets[-1]), int(seq_len))
         self.ndim = 2
@@ -71,7 +73,7 @@ class ShardRows:
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
             raise IndexError(f"row index out of range [0, {self.shape[0]})")
         part = np.searchsorted(self.offsets, idx, side="right") - 1
-        out = np.empty((*idx.shape, self.shape[1]), dtype=np.int32)
+        out = np.empty((*idx.shape, self.shape[1]), dtype=self.dtype)
         for k in np.unique(part):
             sel = part == k
             out[sel] = self.parts[int(k)][idx[sel] - self.offsets[k]]
@@ -114,6 +116,16 @@ class TokenShards:
         """Every training row's piece length (``dataset.packing=decompose``; 4 bytes a row)."""
         return np.asarray(_open(self.folder / "train-piece_len.npy"), dtype=np.int64)
 
+    def conditioned(self) -> Optional[dict[str, Any]]:
+        """MeCo's conditioned train rows as the in-memory packing gives them -- ``rows`` (int32), ``mask`` (bool,
+        False on the metadata tokens), ``domain_codes`` (into ``domain_names``) -- read through memory maps; None
+        when these shards were built without a metadata condition."""
+        if "conditioned_rows" not in self.index:
+            return None
+        return {"rows": ShardRows([_open(self.folder / "conditioned.npy")], self.seq_len),
+                "mask": ShardRows([_open(self.folder / "conditioned-mask.npy")], self.seq_len, dtype=bool),
+                "domain_codes": _open(self.folder / "conditioned-domains.npy")}
+
     def eval_by_domain(self) -> dict[str, np.ndarray]:
         """``{domain: int32 rows}`` of the held-out rows, domains sorted."""
         rows = np.asarray(_open(self.folder / "eval.npy"), dtype=np.int32)
@@ -131,7 +143,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, *, seq_len: int, dtype: np.dtype, rows: int, eval_rows: int,
                  domains: Sequence[str], shard_rows: Optional[int] = None, piece_lengths: bool = False,
-                 order: Optional[str] = None) -> None:
+                 order: Optional[str] = None, conditioned_rows: Optional[int] = None) -> None:
         self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
         self.order = order  # the curriculum whose order the train rows are packed in (None: domains in turn)
         self.domains = list(domains)
@@ -151,6 +163,11 @@ class ShardWriter:
         self._eval_codes = np.zeros(eval_rows, dtype=np.uint16)
         self._next = 0       # next training row
         self._next_eval = 0
+        self._conditioned = None if conditioned_rows is None else (
+            _NpyAppender(self.folder / "conditioned.npy", self.dtype, (conditioned_rows, seq_len)),
+            _NpyAppender(self.folder / "conditioned-mask.npy", np.dtype(bool), (conditioned_rows, seq_len)),
+            _NpyAppender(self.folder / "conditioned-domains.npy", np.dtype(np.uint16), (conditioned_rows,)))
+        self._conditioned_rows = conditioned_rows
 
     def add(self, rows: np.ndarray, domain: Any, *, split: str = "train", piece_len: Optional[int] = None) -> None:
         """Append ``rows`` (``[n, seq_len]``) of ``domain`` (a name, or one name a row) to the training rows or
@@ -184,6 +201,13 @@ class ShardWriter:
             done += take
         self._next += len(rows)
 
+    def add_conditioned(self, rows: np.ndarray, mask: np.ndarray, domain: str) -> None:
+        """Append conditioned train rows of ``domain`` with their loss mask (shards built with ``conditioned_rows``)."""
+        tokens, masks, codes = self._conditioned
+        tokens.write(rows)
+        masks.write(mask)
+        codes.write(np.full(len(rows), self.domains.index(domain), dtype=np.uint16))
+
     def _next_shard(self) -> None:
         if self._out is not None:
             self._out.close()
@@ -202,12 +226,15 @@ class ShardWriter:
         self._codes.close()
         if self._piece_len is not None:
             self._piece_len.close()
+        for appender in self._conditioned or ():
+            appender.close()  # raises when a row announced was never written
         np.save(self.folder / "eval.npy", self._eval, allow_pickle=False)
         np.save(self.folder / "eval-domains.npy", self._eval_codes, allow_pickle=False)
         index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "dtype": self.dtype.name,
                  "domains": self.domains, "shards": self.shards, "rows": expected, "eval_rows": len(self._eval),
                  **({"piece_len": True} if self._piece_len is not None else {}),
-                 **({"order": self.order} if self.order else {})}
+                 **({"order": self.order} if self.order else {}),
+                 **({"conditioned_rows": self._conditioned_rows} if self._conditioned is not None else {})}
         (self.folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 

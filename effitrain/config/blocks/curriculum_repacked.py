@@ -23,6 +23,11 @@ class MecoParams:
     suffix: str = param("\n\n", help="text between the metadata and the document")
     mask_metadata_loss: bool = param(True, help="no loss on metadata tokens (the authors' --add_metadata_mask)")
 
+    def sharded_condition(self) -> tuple[str, str, str]:
+        """The header the data engine writes before every train document of the conditioned rows (``data.executor``:
+        ``(field, prefix, suffix)``)."""
+        return (self.metadata_field, self.prefix, self.suffix)
+
 
 @register("curriculum", "in_context", builder="effitrain.curriculum.in_context:build_in_context",
           summary="In-Context Pretraining: kNN chains of related documents packed into the same contexts")

@@ -1,0 +1,131 @@
+"""MeCo's metadata conditioning on the sharded corpus (issue 24, ``curriculum=meco`` with ``data.executor``): the
+tokenize tasks write every train document a second time after its header (``prefix + domain + suffix``) with a loss
+mask, and the pack reduce cuts those streams into the *conditioned* rows beside the plain ones.
+
+* on a small pool the conditioned rows, their mask and domains equal the in-memory packing's
+  (:func:`effitrain.curriculum.meco.conditioned_rows`), and the sampler built on the shards hands out the same
+  batches and loss masks as the one built in memory;
+* a run trains from the shards' two packings;
+* ``check`` lets MeCo through with ``data.executor`` when it conditions on the domain, and says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_corpus  # noqa: E402  (scripts/ is not a package)
+
+HEADER = ("domain", "URL: ", "\n\n")
+
+
+def _params(path: str):
+    from effitrain.config.blocks import load_builtin_blocks
+    from effitrain.config.blocks.dataset import LocalParams
+    from effitrain.config.blocks.model import LlamaParams
+
+    load_builtin_blocks()
+    return (LocalParams(path=[path], domain_field="domain", eval_examples_per_domain=4, seq_len=64),
+            LlamaParams(vocab_size=512))
+
+
+def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, monkeypatch):
+    """400 documents in 3 files, 3 tasks, the pack reduce reading 100 tokens a block (rows and documents straddle
+    the blocks): the same conditioned rows, masks and domains, the same plain rows, the same batches."""
+    from datasets import DatasetDict
+
+    from effitrain.curriculum.meco import MecoSampler, conditioned_rows
+    from effitrain.data import sharded
+    from effitrain.data.build import build_local
+    from effitrain.data.engine import EngineSettings
+    from effitrain.data.packing import to_numpy
+    from effitrain.data.sharded import build_sharded_splits
+    from effitrain.data.splits import build_packed_splits
+    from effitrain.timeline import parse_timeline
+
+    monkeypatch.setattr(sharded, "_READ_BLOCK", 100)
+    folder = tmp_path / "corpus"
+    make_corpus.generate(folder, docs=400, files=3, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:3])
+    dataset, model = _params(str(folder))
+
+    pool = build_local(dataset, cache_dir=tmp_path / "memory")
+    tokenizer, packed, _ = build_packed_splits(dataset, model, DatasetDict(train=pool["train"], eval=pool["eval"]),
+                                               cache_dir=tmp_path / "memory", tokenizer_corpus=pool["train"])
+    field, prefix, suffix = HEADER
+    expected = conditioned_rows(pool["train"], tokenizer, 64, metadata_field=field, prefix=prefix, suffix=suffix,
+                                cache_root=tmp_path / "memory")
+
+    _, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=3),
+                                        cache_dir=tmp_path / "sharded", condition=HEADER)
+    got = shards.conditioned()
+    n = len(got["rows"])
+    assert n == len(expected["rows"]) > len(shards) > 100  # the headers add tokens, so rows
+    assert np.array_equal(got["rows"][np.arange(n)], np.asarray(expected["rows"]))
+    assert np.array_equal(got["mask"][np.arange(n)], np.asarray(expected["mask"]))
+    assert np.array_equal(shards.domain_names[np.asarray(got["domain_codes"])], np.asarray(expected["domain"]))
+    assert np.array_equal(shards.rows[np.arange(len(shards))], to_numpy(packed))
+    # the mask is False exactly on the header tokens: a row that starts a document starts with "URL: <domain>"
+    header = tokenizer(f"{prefix}{shards.domain_names[got['domain_codes'][0]]}{suffix}",
+                       add_special_tokens=False)["input_ids"]
+    first = got["rows"][0]
+    assert first[:len(header)].tolist() == header and not got["mask"][0][:len(header)].any()
+    assert got["mask"][0][len(header)]  # the document's first token is a target
+
+    timeline = parse_timeline({"phases": {"unit": "fraction", "intervals": {"conditioning": [0, 0.5],
+                                                                            "cooldown": [0.5, 1.0]}}}) \
+        .resolve(max_steps=8, tokens_per_step=4 * 64)
+    layout = dict(cooldown_phase="cooldown", mask_metadata_loss=True, seed=3, micro_batch_size=2, grad_accum=2,
+                  world_size=1, rank=0)
+    on_disk = MecoSampler(got, shards.rows, timeline, **layout)
+    in_ram = MecoSampler(expected, to_numpy(packed), timeline, **layout)
+    for a, b in zip(itertools.islice(iter(on_disk), 16), itertools.islice(iter(in_ram), 16)):
+        assert a == b
+        assert np.array_equal(on_disk.train_rows[a], in_ram.train_rows[b])
+        mask_a, mask_b = on_disk.target_mask(a), in_ram.target_mask(b)
+        assert (mask_a is None) == (mask_b is None) and (mask_a is None or np.array_equal(mask_a, mask_b))
+    assert on_disk.drawn == [8, 8]  # 4 conditioned steps, then 4 plain ones
+
+
+def test_a_meco_run_trains_from_the_shards_conditioned_then_plain(tmp_path):
+    from effitrain.config.compose import compose_config
+    from effitrain.pipeline import run as train
+    from pathlib import Path
+
+    folder = tmp_path / "corpus"
+    make_corpus.generate(folder, docs=300, files=2, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
+    overrides = [*(o for o in TINY if not o.startswith("dataset.max_docs")), "+recipe=meco", "dataset=local",
+                 f"dataset.path={folder}", "dataset.domain_field=domain", "data.executor=local", "data.tasks=2",
+                 "train.max_steps=4", f"run_dir={tmp_path / 'run'}"]
+    composed = compose_config(overrides)
+    summary = train(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *overrides], recipes=composed.recipes)
+    index = json.loads((Path(summary["selection"]["token_shards"]) / "index.json").read_text())
+    assert index["conditioned_rows"] > index["rows"] > 0 and summary["steps"] == 4
+    assert summary["train_sequences"] == index["conditioned_rows"] + index["rows"]
+
+
+@pytest.mark.parametrize("extra, error", [
+    ([], None),
+    (["curriculum.metadata_field=id"], "curriculum.metadata_field=id: with data.executor the conditioned rows are "
+                                       "built in the data engine"),
+])
+def test_check_lets_meco_through_with_data_executor_when_it_conditions_on_the_domain(extra, error, tmp_path, capsys):
+    from effitrain.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30, "id": f"d{i}"}) + "\n" for i in range(50)))
+    capsys.readouterr()
+    code = main(["check", "dataset=local", f"dataset.path={corpus}", "dataset.eval_examples_per_domain=4",
+                 "data.executor=local", "+recipe=meco", *extra])
+    err = capsys.readouterr().err
+    if error is None:
+        assert code == 0, err
+    else:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and error in lines[0], err
