@@ -37,9 +37,11 @@ def build_run_data(spec: Any) -> tuple[Any, tuple[Any, Any, Any]]:
         order = _sharded_order(curriculum)
         # a curriculum that trains on rows conditioned on the documents' metadata (MeCo) names its header
         condition = curriculum.sharded_condition() if hasattr(curriculum, "sharded_condition") else None
+        # ... or on knotted rows (Untie the Knots), drawn with the run's seed as in memory
+        knots = (*curriculum.sharded_knots(), spec.train.seed) if hasattr(curriculum, "sharded_knots") else None
         tokenizer, shards, eval_rows = build_sharded_splits(spec.block("dataset").params, spec.block("model").params,
                                                             spec.data.engine_settings(), selection=selection,
-                                                            order=order, condition=condition)
+                                                            order=order, condition=condition, knots=knots)
         info = shards_info(shards, spec.data, None if selection is None else selection.info)
         if order is not None:
             info["order"] = {"curriculum": order.kind, **(order.info or {})}

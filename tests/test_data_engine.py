@@ -351,8 +351,6 @@ def _check(args: list[str], capsys) -> tuple[int, str]:
     (["data.executor=local"], ["data.executor=local runs over the files of dataset=local", "dataset=demo"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "selection=s2l"],
      ["selection=s2l stays on one node", "use selection=none, dsir, dedup"]),
-    (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=untie_knots"],
-     ["curriculum=untie_knots re-packs the documents", "in_context, meco, difficulty"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=local", "+recipe=in_context_pretraining",
       "dataset.packing=decompose"], ["[curriculum_reads_its_data]", "(curriculum is in_context)"]),
     (["dataset=local", "dataset.path=CORPUS", "data.executor=slurm", "data.slurm_preset=slurm_gpus"],
@@ -368,7 +366,8 @@ def test_data_keys_are_checked_in_one_line(args, expected, tmp_path, capsys):
         assert text in lines[0], (text, lines[0])
 
 
-@pytest.mark.parametrize("recipe", ["difficulty_curriculum", "quality_curriculum_avg", "in_context_pretraining", "delt"])
+@pytest.mark.parametrize("recipe", ["difficulty_curriculum", "quality_curriculum_avg", "in_context_pretraining", "delt",
+                                    "meco", "untie_knots"])
 def test_curricula_with_a_sharded_form_pass_check_with_data_executor(recipe, tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(50)))

@@ -86,11 +86,15 @@ class UntieKnotsSampler(ShuffleSampler):
 def build_untie_knots(params: Any, packed: Any, *, seed: int, micro_batch_size: int, grad_accum: int,
                       world_size: int, rank: int, documents: Any = None, tokenizer: Any = None) -> UntieKnotsSampler:
     """The ``curriculum: untie_knots`` builder (``packed`` gives the sequence length; the rows are rebuilt)."""
-    if documents is None or tokenizer is None:
-        raise ConfigError("curriculum: 'untie_knots' needs the training documents and the tokenizer")
-    seq_len = int(packed.features["input_ids"].length)
-    built = knotted(documents, tokenizer, seq_len, chunks_per_doc=params.chunks_per_doc,
-                    knot_probability=params.knot_probability,
-                    preserve_partial_order=params.preserve_partial_order, seed=seed)
+    if getattr(packed, "packed_order", None) == "untie_knots":  # token shards knotted by the data engine
+        built = {"rows": packed.rows, "mask": packed.row_mask(), "domain": packed.domains(),
+                 "knotted": packed.knotted()}
+    else:
+        if documents is None or tokenizer is None:
+            raise ConfigError("curriculum: 'untie_knots' needs the training documents and the tokenizer")
+        seq_len = int(packed.features["input_ids"].length)
+        built = knotted(documents, tokenizer, seq_len, chunks_per_doc=params.chunks_per_doc,
+                        knot_probability=params.knot_probability,
+                        preserve_partial_order=params.preserve_partial_order, seed=seed)
     return UntieKnotsSampler(built, seed=seed, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                              world_size=world_size, rank=rank)

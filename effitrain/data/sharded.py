@@ -101,7 +101,8 @@ def scan_and_select(dataset_params: Any, data_params: Any, *, selection: Any = N
 
 def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: Any, *,
                          cache_dir: Optional[str | Path] = None, selection: Any = None, order: Any = None,
-                         condition: Optional[tuple[str, str, str]] = None):
+                         condition: Optional[tuple[str, str, str]] = None,
+                         knots: Optional[tuple[int, float, bool, int]] = None):
     """``(tokenizer, TokenShards, {domain: int32 eval rows})`` for ``dataset=local`` with ``data.executor`` set.
 
     ``selection``, from a layer above (e.g. :class:`effitrain.selection.sharded_dsir.ShardedDSIR`): called as
@@ -118,7 +119,12 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     ``condition``, ``(field, prefix, suffix)`` from the curriculum's params (MeCo's metadata conditioning): the
     shards also hold the *conditioned* train rows -- every train document after the tokens of ``prefix +
     document[field] + suffix``, packed per domain as the plain rows -- with their loss mask (False on those header
-    tokens), read with :meth:`TokenShards.conditioned`."""
+    tokens), read with :meth:`TokenShards.conditioned`.
+
+    ``knots``, ``(chunks_per_doc, knot_probability, preserve_partial_order, seed)`` from the curriculum's params
+    (Untie the Knots): the train rows are the knotted rows of :func:`effitrain.data.knots.knotted_rows` over the
+    train documents in pool order, with their loss mask (:meth:`TokenShards.row_mask`); the shards' ``order`` is
+    ``untie_knots``."""
     from effitrain.data.engine import finish_stage
     from effitrain.data.shards import TokenShards, token_dtype
     from effitrain.data.tokenizer import build_tokenizer
@@ -142,8 +148,9 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
     # dataset.packing=decompose (dataset decomposition): the train rows are power-of-two pieces of single documents
     decompose = (dataset_params.min_piece_len, getattr(dataset_params, "seed", 0)) \
         if getattr(dataset_params, "packing", "concatenate") == "decompose" else None
-    if decompose and order is not None:
-        raise ConfigError(f"dataset.packing=decompose: the curriculum packs its own order ({order.kind}); drop one")
+    if decompose and (order is not None or knots is not None):
+        raise ConfigError(f"dataset.packing=decompose: the curriculum packs its own rows "
+                          f"({order.kind if order is not None else 'untie_knots'}); drop one")
     ordered = None
     if order is not None:
         order_key = ContentHash("data_order", _VERSION, scanned.name,
@@ -158,15 +165,17 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
                              dtype.name, selected.parent.name if selected is not None else "all",
                              *(("decompose", *decompose) if decompose else ()),
                              *(("order", ordered.parent.name) if ordered is not None else ()),
-                             *(("condition", *condition) if condition is not None else ())).hexdigest()
+                             *(("condition", *condition) if condition is not None else ()),
+                             *(("knots", *knots) if knots is not None else ())).hexdigest()
 
     def pack_into(out: Path) -> None:
         work = root / "data_engine" / f"{shards_key}-{data_params.tasks}t"
         _tokenize(work, corpus, data_params, tokenizer, scanned / "eval_docs.npy", dtype, selected,
-                  lengths=decompose is not None or ordered is not None, condition=condition)
+                  lengths=decompose is not None or ordered is not None or knots is not None, condition=condition)
         start = time.perf_counter()
         _pack(out, work, len(files), seq_len, dtype, decompose, ordered=ordered,
-              order_kind=None if order is None else order.kind)
+              order_kind=None if order is None else order.kind,
+              knotting=None if knots is None else _Knotting(*knots, tokenizer=tokenizer))
         say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
         finish_stage(work)  # the token streams: as big as the corpus's tokens
 
@@ -299,10 +308,11 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
 
 def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
           decompose: Optional[tuple[int, int]] = None, *, ordered: Optional[Path] = None,
-          order_kind: Optional[str] = None) -> None:
+          order_kind: Optional[str] = None, knotting: Optional["_Knotting"] = None) -> None:
     """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards; with
     ``decompose`` (``(min_piece_len, seed)``) the train rows are decomposed instead (:func:`_decomposed_pieces`);
-    with ``ordered`` (an ``.npy`` of ``(file, record)`` pairs) they are packed in that order (:func:`_chained`)."""
+    with ``ordered`` (an ``.npy`` of ``(file, record)`` pairs) they are packed in that order (:func:`_chained`);
+    with ``knotting`` they are Untie the Knots' rows (:func:`_knot_to_scratch`)."""
     from effitrain.data.shards import ShardWriter
 
     metas: dict[int, dict] = {}
@@ -317,8 +327,11 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
             for d, n in zip(m["domains"], m["tokens"].get(split, ())):
                 totals[split][d] += n
     conditioned = any(m["tokens"].get("cond") is not None for m in metas.values())
-    buckets = chain = None
-    if ordered is not None:
+    buckets = chain = knotted = None
+    if knotting is not None:
+        knotted = _knot_to_scratch(out / ".knotted", work, metas, domains, seq_len, dtype, knotting)
+        train_rows, order_kind = knotted, "untie_knots"
+    elif ordered is not None:
         chain = _chain_locations(work, metas, np.load(ordered))
         train_rows = int(chain[3].sum()) // seq_len
     elif decompose is None:
@@ -334,6 +347,9 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
     if conditioned:
         _write_conditioned(writer, work, metas, domains, seq_len, dtype)
     for split in ("train", "eval"):
+        if split == "train" and knotted is not None:
+            _copy_knotted(writer, out / ".knotted", knotted, seq_len, dtype, domains)
+            continue
         if split == "train" and chain is not None:
             _write_chained(writer, work, metas, chain, seq_len, dtype, domains)
             continue
@@ -344,6 +360,85 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
             for rows, _ in _cut_rows(_domain_streams(work, metas, d, split), seq_len, dtype):
                 writer.add(rows, d, split=split)
     writer.close()
+
+
+class _Knotting:
+    """Untie the Knots' settings for the pack reduce, with the markers spelled by the run's tokenizer."""
+
+    def __init__(self, chunks_per_doc: int, knot_probability: float, preserve_partial_order: bool, seed: int, *,
+                 tokenizer: Any) -> None:
+        from effitrain.data.knots import Markers
+
+        self.settings = dict(chunks_per_doc=chunks_per_doc, knot_probability=knot_probability,
+                             preserve_partial_order=preserve_partial_order, seed=seed,
+                             markers=Markers.of(tokenizer), pad_id=tokenizer.eos_token_id)
+
+
+_KNOTTED_FILES = ("rows", "mask", "domain", "knotted")
+
+
+def _knot_to_scratch(scratch: Path, work: Path, metas: dict[int, dict], domains: list[str], seq_len: int,
+                     dtype: np.dtype, knotting: _Knotting) -> int:
+    """Untie the Knots' rows over the train documents in pool order ((file, record), as the in-memory documents),
+    each document read from its token stream (``pread``) when its row is built; written to flat files in
+    ``scratch`` (their number is known only at the end); returns the number of rows."""
+    from effitrain.data.knots import knotted_row_stream
+
+    pairs = []
+    for f, m in metas.items():  # every train document's (file, record), in pool order
+        recs = [np.fromfile(work / "tokens" / f"{f:06d}" / f"train-{k}.rec", np.uint32)
+                for k in range(len(m["domains"])) if (work / "tokens" / f"{f:06d}" / f"train-{k}.rec").is_file()]
+        if recs:
+            rec = np.sort(np.concatenate(recs)).astype(np.int64)
+            pairs.append(np.stack([np.full(len(rec), f, np.int64), rec], axis=1))
+    files, ks, offsets, lengths = _chain_locations(work, metas, np.concatenate(pairs) if pairs
+                                                   else np.zeros((0, 2), np.int64))
+    reads = _Preads()
+    codes = {f: [domains.index(d) for d in m["domains"]] for f, m in metas.items()}
+
+    def read(doc: int) -> np.ndarray:
+        f, k = int(files[doc]), int(ks[doc])
+        raw = reads.read(work / "tokens" / f"{f:06d}" / f"train-{k}.bin", int(lengths[doc]) * dtype.itemsize,
+                         int(offsets[doc]) * dtype.itemsize)
+        return np.frombuffer(raw, dtype=dtype).astype(np.int32)
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    outs = {name: open(scratch / name, "wb") for name in _KNOTTED_FILES}
+    count = 0
+    try:
+        for row in knotted_row_stream(lengths, read, seq_len, **knotting.settings):
+            first = max(row.first_doc, 0)
+            outs["rows"].write(row.tokens.astype(dtype).tobytes())
+            outs["mask"].write(row.mask.astype(np.uint8).tobytes())
+            outs["domain"].write(np.uint16(codes[int(files[first])][int(ks[first])]).tobytes())
+            outs["knotted"].write(np.uint8(row.knotted).tobytes())
+            count += 1
+    finally:
+        reads.close()
+        for fh in outs.values():
+            fh.close()
+    return count
+
+
+def _copy_knotted(writer: Any, scratch: Path, count: int, seq_len: int, dtype: np.dtype,
+                  domains: list[str]) -> None:
+    """The knotted rows from ``scratch`` into the shards, a block at a time, with ``train-mask.npy`` and
+    ``train-knotted.npy`` beside them."""
+    from effitrain.data.shards import _NpyAppender
+
+    block = max(1, _READ_BLOCK // seq_len)
+    mask_out = _NpyAppender(writer.folder / "train-mask.npy", np.dtype(bool), (count, seq_len))
+    with open(scratch / "rows", "rb") as rows, open(scratch / "mask", "rb") as masks, \
+            open(scratch / "domain", "rb") as codes:
+        for lo in range(0, count, block):
+            n = min(block, count - lo)
+            part = np.fromfile(rows, dtype=dtype, count=n * seq_len).reshape(n, seq_len)
+            writer.add(part, np.asarray(domains, dtype=object)[np.fromfile(codes, np.uint16, count=n)])
+            mask_out.write(np.fromfile(masks, np.uint8, count=n * seq_len).astype(bool))
+    mask_out.close()
+    np.save(writer.folder / "train-knotted.npy", np.fromfile(scratch / "knotted", np.uint8).astype(bool))
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _domain_streams(work: Path, metas: dict[int, dict], domain: str, name: str) -> Iterator[Path]:

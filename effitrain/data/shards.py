@@ -11,6 +11,8 @@ A folder of token shards holds
 * ``conditioned.npy`` / ``conditioned-mask.npy`` / ``conditioned-domains.npy`` (MeCo's metadata conditioning
   only) -- the train documents packed again after their metadata header, the loss mask of those rows (``False`` on
   the header tokens) and their domains;
+* ``train-mask.npy`` / ``train-knotted.npy`` (Untie the Knots only, ``order: untie_knots``) -- the train rows'
+  loss mask (``False`` on the markers and padding) and whether each row is knotted;
 * ``index.json`` -- the format version, ``seq_len``, the dtype, the domain names and the rows of every shard, and
   ``order`` when the train rows are packed in a curriculum's document order (``in_context``: its chains).
 
@@ -125,6 +127,16 @@ class TokenShards:
         return {"rows": ShardRows([_open(self.folder / "conditioned.npy")], self.seq_len),
                 "mask": ShardRows([_open(self.folder / "conditioned-mask.npy")], self.seq_len, dtype=bool),
                 "domain_codes": _open(self.folder / "conditioned-domains.npy")}
+
+    def row_mask(self) -> Optional[ShardRows]:
+        """The train rows' loss mask (bool rows, True = a training target) of rows packed with one (Untie the Knots),
+        else None."""
+        path = self.folder / "train-mask.npy"
+        return ShardRows([_open(path)], self.seq_len, dtype=bool) if path.is_file() else None
+
+    def knotted(self) -> np.ndarray:
+        """Whether each train row is knotted (Untie the Knots' shards), memory-mapped."""
+        return _open(self.folder / "train-knotted.npy")
 
     def eval_by_domain(self) -> dict[str, np.ndarray]:
         """``{domain: int32 rows}`` of the held-out rows, domains sorted."""

@@ -76,3 +76,7 @@ class UntieKnotsParams:
                                                          "[0.7, 0.3])")
     preserve_partial_order: bool = param(False, help="keep each document's pieces in their order when shuffling "
                                                     "(the authors' option; off: the summary must recover the order)")
+
+    def sharded_knots(self) -> tuple[int, float, bool]:
+        """What the data engine knots the train rows with (``data.executor``; the run's seed is added)."""
+        return (self.chunks_per_doc, self.knot_probability, self.preserve_partial_order)

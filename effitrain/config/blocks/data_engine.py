@@ -179,9 +179,8 @@ def _executor_selection(spec, env) -> Optional[str]:
 
 
 @rule("data_executor_row_curricula", "data.executor: curricula that order rows by index, domain or a score (a "
-                                     "scorer's, DELT's proxy), in-context chains and MeCo's domain-conditioned "
-                                     "rows (built as sharded jobs); those that re-pack the documents otherwise "
-                                     "stay in-process")
+                                     "scorer's, DELT's proxy); in-context chains, MeCo's domain-conditioned rows "
+                                     "and Untie the Knots' rows are built as sharded jobs")
 def _executor_curricula(spec, env) -> Optional[str]:
     curriculum = spec.block("curriculum")
     if not _sharded(spec):
@@ -190,11 +189,12 @@ def _executor_curricula(spec, env) -> Optional[str]:
     # a curriculum with a sharded form builds its rows in the data engine: in-context chains (an order of the
     # documents), MeCo (a header before every document); one that scores rows (a curriculum.scorer, DELT's LQS
     # proxy) reads the shards' rows a block at a time
-    sharded_form = getattr(params, "sharded_order", False) or hasattr(params, "sharded_condition")
+    sharded_form = getattr(params, "sharded_order", False) or hasattr(params, "sharded_condition") or \
+        hasattr(params, "sharded_knots")
     if getattr(params, "needs_documents", False) and not sharded_form:
         return (f"curriculum={curriculum.name} re-packs the documents, which the sharded data engine does not do yet "
                 f"{_LATER}; use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context, meco, "
-                f"difficulty, scored_order or delt")
+                f"untie_knots, difficulty, scored_order or delt")
     if hasattr(params, "sharded_condition") and params.metadata_field != "domain":
         return (f"curriculum.metadata_field={params.metadata_field}: with data.executor the conditioned rows are "
                 f"built in the data engine, which conditions on the documents' domain; use metadata_field=domain "
