@@ -122,3 +122,24 @@ def ctrl_c_after(args: list[str], metrics: Path, lines: int, *, cwd: Path | None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train_on_token_shards(tmp_path: Path, recipe: str, *overrides: str, steps: int = 3) -> tuple[dict, dict]:
+    """``(summary, shards index)`` of ``+recipe=RECIPE`` trained in this process for ``steps`` steps from the token
+    shards of a 300-document make_corpus folder (2 files, 2 domains) built with ``data.executor=local data.tasks=2``."""
+    import json
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_corpus
+
+    from effitrain.config.compose import compose_config
+    from effitrain.pipeline import run
+
+    folder = tmp_path / "corpus"
+    make_corpus.generate(folder, docs=300, files=2, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
+    args = [*(o for o in TINY if not o.startswith("dataset.max_docs")), f"+recipe={recipe}", "dataset=local",
+            f"dataset.path={folder}", "dataset.domain_field=domain", "data.executor=local", "data.tasks=2",
+            f"train.max_steps={steps}", f"run_dir={tmp_path / 'run'}", *overrides]
+    composed = compose_config(args)
+    summary = run(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *args], recipes=composed.recipes)
+    return summary, json.loads((Path(summary["selection"]["token_shards"]) / "index.json").read_text())

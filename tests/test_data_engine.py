@@ -524,28 +524,15 @@ def test_a_domain_order_over_token_shards_is_the_in_memory_curriculum_order(tmp_
     assert list(itertools.islice(iter(on_disk), 8)) == list(itertools.islice(iter(in_ram), 8))
 
 
-@pytest.mark.parametrize("curriculum, params", [
-    ("scored_order", {"order": "ascending", "fit_to_run": False}),
-    ("difficulty", {"direction": "easy_first", "mode": "weight"}),
-])
-def test_a_scorer_over_token_shards_orders_the_rows_as_in_memory(tmp_path, monkeypatch, curriculum, params):
-    """A curriculum.scorer (the perplexity scorer's pool proxy, trained on the rows' texts) on token shards: the rows
-    are decoded a block at a time into an Arrow file that datasets memory-maps, and the order is sorted on disk --
-    the same scores, the same order and the same batches as the same rows in memory."""
+def _shards_and_the_same_rows_in_memory(tmp_path: Path):
+    """``(tokenizer, shards, rows, in_memory)``: token shards of a 200-document corpus (2 tasks) and a ``datasets``
+    table of the same rows and domains, as the in-memory packing gives a curriculum."""
     import datasets
 
     from effitrain.config.blocks import load_builtin_blocks
-    from effitrain.curriculum import row_scores
-    from effitrain.data import external_order
     from effitrain.data.engine import EngineSettings
-    from effitrain.data.packing import domain_array
     from effitrain.data.sharded import build_sharded_splits
-    from effitrain.registry import REGISTRY
-    from effitrain.timeline import parse_timeline
 
-    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(row_scores, "_ROW_BLOCK", 64)  # several decode blocks
-    monkeypatch.setattr(external_order, "ORDER_BUDGET_BYTES", 56 * 100)  # several runs
     load_builtin_blocks()
     dataset, model = _params(str(_corpus(tmp_path / "corpus", docs=200, files=2)))
     tokenizer, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=2),
@@ -555,6 +542,27 @@ def test_a_scorer_over_token_shards_orders_the_rows_as_in_memory(tmp_path, monke
                                   "domain": datasets.Value("string")})
     in_memory = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "domain": shards.domains().tolist()},
                                            features=features)
+    return tokenizer, shards, rows, in_memory
+
+
+@pytest.mark.parametrize("curriculum, params", [
+    ("scored_order", {"order": "ascending", "fit_to_run": False}),
+    ("difficulty", {"direction": "easy_first", "mode": "weight"}),
+])
+def test_a_scorer_over_token_shards_orders_the_rows_as_in_memory(tmp_path, monkeypatch, curriculum, params):
+    """A curriculum.scorer (the perplexity scorer's pool proxy, trained on the rows' texts) on token shards: the rows
+    are decoded a block at a time into an Arrow file that datasets memory-maps, and the order is sorted on disk --
+    the same scores, the same order and the same batches as the same rows in memory."""
+    from effitrain.curriculum import row_scores
+    from effitrain.data import external_order
+    from effitrain.data.packing import domain_array
+    from effitrain.registry import REGISTRY
+    from effitrain.timeline import parse_timeline
+
+    monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(row_scores, "_ROW_BLOCK", 64)  # several decode blocks
+    monkeypatch.setattr(external_order, "ORDER_BUDGET_BYTES", 56 * 100)  # several runs
+    tokenizer, shards, rows, in_memory = _shards_and_the_same_rows_in_memory(tmp_path)
     scorer = {"name": "perplexity", "proxy_steps": 3, "proxy_hidden_size": 16, "proxy_layers": 1, "batch_size": 8}
     block = REGISTRY.parse("curriculum", {"name": curriculum, **params, "scorer": scorer}, "curriculum")
     timeline = parse_timeline({"competence": {"pacing": {"function": "linear", "start": 0.2, "until": 0.5}}}) \
@@ -583,24 +591,11 @@ def test_delt_scores_token_shards_in_blocks_and_orders_them_as_in_memory(tmp_pat
     """curriculum=delt on token shards: the LQS proxy, its annotated rows and the ridge scorer read the shards' rows
     a block at a time (reading them whole fails here), and the scores, the folding order and the batches equal
     those of the same rows in memory (the same cache key: the rows' bytes and domains hash alike)."""
-    import datasets
-
-    from effitrain.config.blocks import load_builtin_blocks
-    from effitrain.data.engine import EngineSettings
-    from effitrain.data.sharded import build_sharded_splits
     from effitrain.data.shards import ShardRows
     from effitrain.registry import REGISTRY
 
     monkeypatch.setenv("EFFITRAIN_CACHE", str(tmp_path / "cache"))
-    load_builtin_blocks()
-    dataset, model = _params(str(_corpus(tmp_path / "corpus", docs=200, files=2)))
-    tokenizer, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=2),
-                                                cache_dir=tmp_path / "cache")
-    rows = shards.rows[np.arange(len(shards))]
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=rows.shape[1]),
-                                  "domain": datasets.Value("string")})
-    in_memory = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "domain": shards.domains().tolist()},
-                                           features=features)
+    tokenizer, shards, rows, in_memory = _shards_and_the_same_rows_in_memory(tmp_path)
     block = REGISTRY.parse("curriculum", {"name": "delt", "select_ratio": 0.75, "layers": 2, "target_domain": "news",
                                           "target_rows": 8, "annotate_rows": 24, "proxy_steps": 4, "ct_states": 2,
                                           "proxy_batch_size": 4, "proxy_hidden_size": 16, "proxy_layers": 1},

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, train_on_token_shards
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_corpus  # noqa: E402  (scripts/ is not a package)
@@ -149,21 +148,10 @@ def test_the_sharded_chain_drops_a_near_duplicate_read_back_from_disk(tmp_path, 
 def test_a_run_trains_from_the_chained_shards(tmp_path):
     """The recipe with data.executor: its contexts come from the token shards packed in chain order, and the run
     summary says how the chains were built."""
-    from effitrain.config.compose import compose_config
-    from effitrain.pipeline import run as train
-
-    folder = tmp_path / "corpus"
-    make_corpus.generate(folder, docs=300, files=2, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
-    overrides = [*(o for o in TINY if not o.startswith("dataset.max_docs")), "+recipe=in_context_pretraining",
-                 "dataset=local", f"dataset.path={folder}", "dataset.domain_field=domain", "data.executor=local",
-                 "data.tasks=2", "curriculum.n_features=4096", "curriculum.embed_dims=16", "train.max_steps=3",
-                 f"run_dir={tmp_path / 'run'}"]
-    composed = compose_config(overrides)
-    summary = train(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *overrides],
-                    recipes=composed.recipes)
+    summary, index = train_on_token_shards(tmp_path, "in_context_pretraining", "curriculum.n_features=4096",
+                                           "curriculum.embed_dims=16")
     selection = summary["selection"]
     assert selection["order"]["curriculum"] == "in_context" and selection["order"]["index"] == "Flat"
-    index = json.loads((Path(selection["token_shards"]) / "index.json").read_text())
     assert index["order"] == "in_context" and summary["train_sequences"] == index["rows"]
     assert summary["steps"] == 3
 

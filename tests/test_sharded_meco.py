@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, train_on_token_shards
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_corpus  # noqa: E402  (scripts/ is not a package)
@@ -94,18 +94,7 @@ def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, m
 
 
 def test_a_meco_run_trains_from_the_shards_conditioned_then_plain(tmp_path):
-    from effitrain.config.compose import compose_config
-    from effitrain.pipeline import run as train
-    from pathlib import Path
-
-    folder = tmp_path / "corpus"
-    make_corpus.generate(folder, docs=300, files=2, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
-    overrides = [*(o for o in TINY if not o.startswith("dataset.max_docs")), "+recipe=meco", "dataset=local",
-                 f"dataset.path={folder}", "dataset.domain_field=domain", "data.executor=local", "data.tasks=2",
-                 "train.max_steps=4", f"run_dir={tmp_path / 'run'}"]
-    composed = compose_config(overrides)
-    summary = train(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *overrides], recipes=composed.recipes)
-    index = json.loads((Path(summary["selection"]["token_shards"]) / "index.json").read_text())
+    summary, index = train_on_token_shards(tmp_path, "meco", steps=4)
     assert index["conditioned_rows"] > index["rows"] > 0 and summary["steps"] == 4
     assert summary["train_sequences"] == index["conditioned_rows"] + index["rows"]
 

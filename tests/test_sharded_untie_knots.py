@@ -11,15 +11,13 @@ reduce knots the train documents row by row, reading each from its token stream 
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, train_on_token_shards
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_corpus  # noqa: E402  (scripts/ is not a package)
@@ -83,17 +81,7 @@ def test_sharded_knotted_rows_are_the_in_memory_rows_and_batches(tmp_path, monke
 
 
 def test_a_run_trains_from_the_knotted_shards(tmp_path):
-    from effitrain.config.compose import compose_config
-    from effitrain.pipeline import run as train
-
-    folder = tmp_path / "corpus"
-    make_corpus.generate(folder, docs=300, files=2, fmt="jsonl", seed=0, ids=True, domains=make_corpus.DOMAINS[:2])
-    overrides = [*(o for o in TINY if not o.startswith("dataset.max_docs")), "+recipe=untie_knots", "dataset=local",
-                 f"dataset.path={folder}", "dataset.domain_field=domain", "data.executor=local", "data.tasks=2",
-                 "train.max_steps=3", f"run_dir={tmp_path / 'run'}"]
-    composed = compose_config(overrides)
-    summary = train(composed.cfg, run_dir=tmp_path / "run", argv=["effitrain", *overrides], recipes=composed.recipes)
-    index = json.loads((Path(summary["selection"]["token_shards"]) / "index.json").read_text())
+    summary, index = train_on_token_shards(tmp_path, "untie_knots", steps=3)
     assert index["order"] == "untie_knots" and summary["train_sequences"] == index["rows"] > 0
     assert summary["steps"] == 3
 
