@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -36,9 +37,11 @@ def _params(path: str):
             LlamaParams(vocab_size=512))
 
 
-def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["domain", "id"])
+def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, monkeypatch, field):
     """400 documents in 3 files, 3 tasks, the pack reduce reading 100 tokens a block (rows and documents straddle
-    the blocks): the same conditioned rows, masks and domains, the same plain rows, the same batches."""
+    the blocks): the same conditioned rows, masks and domains, the same plain rows, the same batches -- with the
+    domain as metadata, and with the documents' own ids."""
     from datasets import DatasetDict
 
     from effitrain.curriculum.meco import MecoSampler, conditioned_rows
@@ -58,12 +61,12 @@ def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, m
     pool = build_local(dataset, cache_dir=tmp_path / "memory")
     tokenizer, packed, _ = build_packed_splits(dataset, model, DatasetDict(train=pool["train"], eval=pool["eval"]),
                                                cache_dir=tmp_path / "memory", tokenizer_corpus=pool["train"])
-    field, prefix, suffix = HEADER
+    _, prefix, suffix = HEADER
     expected = conditioned_rows(pool["train"], tokenizer, 64, metadata_field=field, prefix=prefix, suffix=suffix,
                                 cache_root=tmp_path / "memory")
 
     _, shards, _ = build_sharded_splits(dataset, model, EngineSettings("local", tasks=3),
-                                        cache_dir=tmp_path / "sharded", condition=HEADER)
+                                        cache_dir=tmp_path / "sharded", condition=(field, prefix, suffix))
     got = shards.conditioned()
     n = len(got["rows"])
     assert n == len(expected["rows"]) > len(shards) > 100  # the headers add tokens, so rows
@@ -71,9 +74,11 @@ def test_sharded_conditioned_rows_are_the_in_memory_rows_and_batches(tmp_path, m
     assert np.array_equal(got["mask"][np.arange(n)], np.asarray(expected["mask"]))
     assert np.array_equal(shards.domain_names[np.asarray(got["domain_codes"])], np.asarray(expected["domain"]))
     assert np.array_equal(shards.rows[np.arange(len(shards))], to_numpy(packed))
-    # the mask is False exactly on the header tokens: a row that starts a document starts with "URL: <domain>"
-    header = tokenizer(f"{prefix}{shards.domain_names[got['domain_codes'][0]]}{suffix}",
-                       add_special_tokens=False)["input_ids"]
+    # the mask is False exactly on the header tokens: the first row starts with the header of the first document of
+    # the first domain (domains are packed in sorted order)
+    domains = pool["train"]["domain"]
+    first_doc = pool["train"][domains.index(min(domains))]
+    header = tokenizer(f"{prefix}{first_doc[field]}{suffix}", add_special_tokens=False)["input_ids"]
     first = got["rows"][0]
     assert first[:len(header)].tolist() == header and not got["mask"][0][:len(header)].any()
     assert got["mask"][0][len(header)]  # the document's first token is a target
@@ -99,12 +104,8 @@ def test_a_meco_run_trains_from_the_shards_conditioned_then_plain(tmp_path):
     assert summary["train_sequences"] == index["conditioned_rows"] + index["rows"]
 
 
-@pytest.mark.parametrize("extra, error", [
-    ([], None),
-    (["curriculum.metadata_field=id"], "curriculum.metadata_field=id: with data.executor the conditioned rows are "
-                                       "built in the data engine"),
-])
-def test_check_lets_meco_through_with_data_executor_when_it_conditions_on_the_domain(extra, error, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["curriculum.metadata_field=id"]])
+def test_check_lets_meco_through_with_data_executor(extra, tmp_path, capsys):
     from effitrain.cli import main
 
     corpus = tmp_path / "corpus.jsonl"
@@ -112,9 +113,22 @@ def test_check_lets_meco_through_with_data_executor_when_it_conditions_on_the_do
     capsys.readouterr()
     code = main(["check", "dataset=local", f"dataset.path={corpus}", "dataset.eval_examples_per_domain=4",
                  "data.executor=local", "+recipe=meco", *extra])
-    err = capsys.readouterr().err
-    if error is None:
-        assert code == 0, err
-    else:
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2 and len(lines) == 1 and error in lines[0], err
+    assert code == 0, capsys.readouterr().err
+
+
+def test_a_record_without_an_id_stops_an_id_conditioned_run_in_one_line(tmp_path):
+    """In memory a record without an id is numbered by its position in the whole corpus, which a tokenize task does
+    not know: the task that meets one stops the launch with the file and record, exit 2, nothing trained."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = [{"text": f"document {i} " * 20, "id": f"d{i}"} for i in range(60)]
+    del records[41]["id"]
+    (corpus / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["+recipe=meco", "dataset=local", f"dataset.path={corpus}", "dataset.eval_examples_per_domain=4",
+            "data.executor=local", "curriculum.metadata_field=id", "train.max_steps=1", f"run_dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "effitrain.cli", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(err) == 1, result.stderr[-3000:]
+    assert err[0].startswith("effitrain: error: curriculum.metadata_field=id: ") and "record 42 has no 'id'" in err[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -252,8 +252,9 @@ class TokenStreams(PipelineStep):
 
     def __init__(self, out_dir: str, *, tokenizer_dir: str, eos_id: int, eval_docs: str, dtype: str,
                  batch_size: int = 1000, train_docs: Optional[str] = None, lengths: bool = False,
-                 condition: Optional[tuple[str, str, str]] = None) -> None:
+                 condition: Optional[tuple[str, str, str]] = None, files: Sequence[str] = ()) -> None:
         super().__init__()
+        self.files = list(files)  # the corpus's paths, for an error that names one
         self.out_dir, self.tokenizer_dir, self.eos_id, self.eval_docs = out_dir, tokenizer_dir, eos_id, eval_docs
         self.dtype, self.batch_size, self.train_docs, self.lengths = dtype, batch_size, train_docs, lengths
         self.condition = None if condition is None else tuple(condition)
@@ -322,7 +323,7 @@ class TokenStreams(PipelineStep):
                             doc_records.setdefault(domain, []).append(doc.metadata["record"])
                         if self.condition is not None and split == "train":
                             field, prefix, suffix = self.condition
-                            text = f"{prefix}{doc.metadata[field]}{suffix}"
+                            text = f"{prefix}{self._metadata(doc, field)}{suffix}"
                             header = headers.get(text)
                             if header is None:
                                 header = headers[text] = encode([text])[0]
@@ -372,6 +373,20 @@ class TokenStreams(PipelineStep):
             (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": tokens, "dtype": dtype.name}))
             _publish(tmp, final)
         return iter(())
+
+    def _metadata(self, doc: Any, field: str) -> str:
+        """A document's ``domain``, or its own ``id`` -- the in-memory builder numbers a record without one by its
+        position in the whole corpus, which a task does not know: such a record stops the run in one line."""
+        if field != "id":
+            return doc.metadata[field]
+        if doc.metadata["source_id"] is None:
+            from effitrain.data.inspect import short_path
+
+            where = self.files[doc.metadata["file"]] if self.files else f"file #{doc.metadata['file']}"
+            raise ConfigError(f"curriculum.metadata_field=id: '{short_path(where)}' record "
+                              f"{doc.metadata['record'] + 1} has no 'id'; with data.executor MeCo conditions on "
+                              f"the documents' own ids: give every record an 'id' or use metadata_field=domain")
+        return doc.metadata["source_id"]
 
 
 # ------------------------------------------------------------------------------------------------------ executors

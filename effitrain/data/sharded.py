@@ -302,7 +302,8 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
                                                           eos_id=tokenizer.eos_token_id, eval_docs=str(eval_docs),
                                                           dtype=dtype.name,
                                                           train_docs=None if train_docs is None else str(train_docs),
-                                                          lengths=lengths, condition=condition)],
+                                                          lengths=lengths, condition=condition,
+                                                          files=corpus.files if condition else ())],
               work, job_name="tokenize")
 
 

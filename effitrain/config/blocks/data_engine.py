@@ -179,7 +179,7 @@ def _executor_selection(spec, env) -> Optional[str]:
 
 
 @rule("data_executor_row_curricula", "data.executor: curricula that order rows by index, domain or a score (a "
-                                     "scorer's, DELT's proxy); in-context chains, MeCo's domain-conditioned rows "
+                                     "scorer's, DELT's proxy); in-context chains, MeCo's conditioned rows "
                                      "and Untie the Knots' rows are built as sharded jobs")
 def _executor_curricula(spec, env) -> Optional[str]:
     curriculum = spec.block("curriculum")
@@ -195,8 +195,4 @@ def _executor_curricula(spec, env) -> Optional[str]:
         return (f"curriculum={curriculum.name} re-packs the documents, which the sharded data engine does not do yet "
                 f"{_LATER}; use shuffle, sequential, mixture, domain_phases, skill_it, seta, in_context, meco, "
                 f"untie_knots, difficulty, scored_order or delt")
-    if hasattr(params, "sharded_condition") and params.metadata_field != "domain":
-        return (f"curriculum.metadata_field={params.metadata_field}: with data.executor the conditioned rows are "
-                f"built in the data engine, which conditions on the documents' domain; use metadata_field=domain "
-                f"or drop data.executor")
     return None
