@@ -152,9 +152,12 @@ def card_block(name: str, refused: dict[str, str], result: Any = None) -> str:
     rows = benchmark_rows(name)
     if rows:
         lines += ["", "Latest figures in docs/benchmarks.md:", ""]
+        tables: dict[tuple[str, tuple[str, ...]], list[list[str]]] = {}  # a table's rows together, in file order
         for section, header, cells in rows:
+            tables.setdefault((section, tuple(header)), []).append(cells)
+        for (section, header), table in tables.items():
             lines += [f"*{section}*", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      "| " + " | ".join(cells) + " |", ""]
+                      *("| " + " | ".join(cells) + " |" for cells in table), ""]
         lines.pop()
     lines.append(END)
     return "\n".join(lines)
