@@ -128,6 +128,6 @@ def test_the_recipe_trains_with_the_tokens_in_its_tokenizer_and_embedding(tmp_pa
     ids = tokenizer.convert_tokens_to_ids(["<|good|>", "<|bad|>"])
     assert ids == [len(tokenizer) - 2, len(tokenizer) - 1] and ids[0] >= 512   # after TINY's 512 BPE entries
     assert AutoConfig.from_pretrained(str(run_dir / "final_model")).vocab_size == len(tokenizer)
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_bytes().splitlines()]
     assert {s["prompt"] for s in samples} >= {"<|good|>", "<|bad|>", "<|good|>The purpose of this module is"}
     assert all("<|good|>" not in s["completion"] and "<|bad|>" not in s["completion"] for s in samples)

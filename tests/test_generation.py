@@ -239,7 +239,7 @@ def test_openai_backend_against_a_server_and_a_second_run_sends_nothing(server, 
     record = summary["synthesis"]
     sent = len(server.answered)
     assert sent == record["requests_sent"] == record["pieces"] * 2 and record["requests_cached"] == 0
-    rows = [json.loads(line) for line in (tmp_path / "one" / "dataset.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "one" / "dataset.jsonl").read_bytes().splitlines()]
     # a row per answer the rollout keeps: the tiny model's sample may be empty (then the piece has no row for it),
     # and whether one is depends on the CPU's float reductions, not on the plumbing under test
     from effitrain.generation.rollouts import WrapRollout

@@ -259,7 +259,7 @@ def test_round_k_trains_on_samples_of_round_k_minus_1s_model(tmp_path, monkeypat
         stage_dir = Path(stages[sample]["run_dir"])
         record = json.loads((stage_dir / "dataset.json").read_text())
         assert record["model"] == models[source] and record["rows"] > 0
-        written = [json.loads(line) for line in (stage_dir / "chunks" / "000000.jsonl").read_text().splitlines()]
+        written = [json.loads(line) for line in (stage_dir / "chunks" / "000000.jsonl").read_bytes().splitlines()]
 
         def rows_from(model: str) -> list:
             raw = json.loads(json.dumps(composed.cfg["stages"][index]["synthesis"]))
