@@ -104,15 +104,15 @@ def test_a_meco_run_trains_from_the_shards_conditioned_then_plain(tmp_path):
     assert summary["train_sequences"] == index["conditioned_rows"] + index["rows"]
 
 
-@pytest.mark.parametrize("extra", [[], ["curriculum.metadata_field=id"]])
-def test_check_lets_meco_through_with_data_executor(extra, tmp_path, capsys):
+def test_check_lets_an_id_conditioned_meco_through_with_data_executor(tmp_path, capsys):
+    """(With the domain as metadata: tests/test_data_engine.py, every curriculum with a sharded form.)"""
     from effitrain.cli import main
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30, "id": f"d{i}"}) + "\n" for i in range(50)))
     capsys.readouterr()
     code = main(["check", "dataset=local", f"dataset.path={corpus}", "dataset.eval_examples_per_domain=4",
-                 "data.executor=local", "+recipe=meco", *extra])
+                 "data.executor=local", "+recipe=meco", "curriculum.metadata_field=id"])
     assert code == 0, capsys.readouterr().err
 
 

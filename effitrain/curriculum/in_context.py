@@ -149,8 +149,9 @@ def index_spec(n_docs: int, dims: int, index: str) -> str:
 def knn_arrays(batches: Callable[[], Iterable[np.ndarray]], n_docs: int, dims: int, k: int, *, index: str = "auto",
                nprobe: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """Every document's ``k`` nearest others by inner product: ``(neighbours [n, k] int32 -- int64 past 2^31
-    documents --, similarities [n, k] float32, index spec)``, -1 where the index found fewer.  ``batches()`` yields the embeddings in document order
-    (called once to train an IVF index, once to add, once to search): the index is the only copy held."""
+    documents --, similarities [n, k] float32, index spec)``, -1 where the index found fewer.  ``batches()`` yields
+    the embeddings in document order (called once to train an IVF index, once to add, once to search): the index is
+    the only copy held."""
     import faiss
 
     spec = index_spec(n_docs, dims, index)
@@ -311,17 +312,17 @@ def chained_rows(documents: Any, tokenizer: Any, seq_len: int, **settings: Any) 
     from effitrain.data.packing import tokenizer_fingerprint
     from effitrain.data.repack import cached_arrays, pack_stream, tokenize_documents
 
-    s = settings
     key = ContentHash("in_context", _VERSION, dataset_content_hash(documents, ("text", "domain")),
-                      tokenizer_fingerprint(tokenizer), seq_len, *sorted((k, repr(v)) for k, v in s.items()))\
-        .hexdigest()
+                      tokenizer_fingerprint(tokenizer), seq_len,
+                      *sorted((k, repr(v)) for k, v in settings.items())).hexdigest()
 
     def build() -> dict[str, np.ndarray]:
         texts = documents["text"]
-        _, vectors, embedding = embed_documents(texts, n_features=s["n_features"], embed_dims=s["embed_dims"])
+        _, vectors, embedding = embed_documents(texts, n_features=settings["n_features"],
+                                                embed_dims=settings["embed_dims"])
         order, path_of, _ = chain_order(in_batches(vectors), len(texts), embedding.dims, texts,
-                                        neighbors=s["neighbors"], index=s["index"], nprobe=s["nprobe"],
-                                        dedup_threshold=s["dedup_threshold"])
+                                        neighbors=settings["neighbors"], index=settings["index"],
+                                        nprobe=settings["nprobe"], dedup_threshold=settings["dedup_threshold"])
         ids = tokenize_documents([texts[i] for i in order.tolist()], tokenizer)
         packed = pack_stream(ids, seq_len)
         domains = np.asarray(documents["domain"], dtype=str)[order[packed["first_doc"]]]

@@ -114,14 +114,15 @@ def row_gradients(model: Any, rows: Any, chunk: int = 16):
 
 def lqs_scores(ids: np.ndarray, target: np.ndarray, *, proxy_steps: int, states: int, batch_size: int, lr: float,
                hidden: int, layers: int, seed: int, device: str = "cpu",
-               annotate: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict]:
+               annotate: Optional[np.ndarray] = None, max_token: Optional[int] = None) -> tuple[np.ndarray, dict]:
     """Raw (unstandardised) LQS of rows ``annotate`` (default: all) of ``ids`` (``[N, S]`` token ids) against the
     target rows ``target``; ``info["model"]`` is the trained proxy (its final state), for a scorer fitted on it."""
     import torch
 
     annotate = np.arange(len(ids)) if annotate is None else np.asarray(annotate)
 
-    vocab = max(_max_token(ids), int(np.max(target))) + 1
+    # the proxy's vocabulary: the largest id of the rows (``max_token`` when the caller has read them already)
+    vocab = max(_max_token(ids) if max_token is None else max_token, int(np.max(target))) + 1
     model = _proxy(vocab, ids.shape[1], hidden, layers, seed, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -211,7 +212,8 @@ def target_rows(domains: tuple[np.ndarray, np.ndarray], domain: Optional[str], c
         hits = np.flatnonzero(names == domain)
         pool = np.flatnonzero(np.asarray(codes) == hits[0]) if len(hits) else np.zeros(0, dtype=np.int64)
     if len(pool) == 0:
-        present = names[np.bincount(np.asarray(codes), minlength=len(names))[:len(names)] > 0] if len(codes) else names[:0]
+        from effitrain.data.shards import code_counts
+        present = names[code_counts(codes, len(names)) > 0]
         raise ConfigError(f"curriculum.target_domain: '{domain}' has no packed training rows; the training data's "
                           f"domains: {choices_text(sorted(present.tolist()))}")
     return np.sort(np.random.default_rng([seed % 2**63, 11]).permutation(pool)[:count])
@@ -224,17 +226,21 @@ def _max_token(ids: Any) -> int:
     return max((int(np.max(ids[lo:lo + _BLOCK])) for lo in range(0, len(ids), _BLOCK)), default=0)
 
 
-def _content_digest(ids: Any, domains: tuple[np.ndarray, np.ndarray]) -> Any:
-    """sha256 of the rows' bytes, row after row, then of the rows' domain names joined by ``|``: read a block at a
-    time, so token shards are hashed without being loaded (an in-memory array of the same rows hashes the same)."""
+def _content_digest(ids: Any, domains: tuple[np.ndarray, np.ndarray]) -> tuple[Any, int]:
+    """``(sha256, largest token id)``: the hash of the rows' bytes, row after row, then of the rows' domain names
+    joined by ``|``.  Read a block at a time, once, so token shards are hashed without being loaded (an in-memory
+    array of the same rows hashes the same)."""
     h = hashlib.sha256()
+    largest = 0
     for lo in range(0, len(ids), _BLOCK):
-        h.update(np.ascontiguousarray(ids[lo:lo + _BLOCK]).tobytes())
+        block = np.ascontiguousarray(ids[lo:lo + _BLOCK])
+        h.update(block.tobytes())
+        largest = max(largest, int(block.max()))
     codes, names = domains
     block = 1 << 16
     for lo in range(0, len(codes), block):
         h.update((("|" if lo else "") + "|".join(names[np.asarray(codes[lo:lo + block])].tolist())).encode())
-    return h
+    return h, largest
 
 
 def cached_lqs(ids: Any, domains: tuple[np.ndarray, np.ndarray], params: Any, *, seed: int,
@@ -249,7 +255,7 @@ def cached_lqs(ids: Any, domains: tuple[np.ndarray, np.ndarray], params: Any, *,
 
     keyed = {k: getattr(params, k) for k in ("target_domain", "target_rows", "annotate_rows", "proxy_steps", "ct_states",
                                               "proxy_batch_size", "proxy_lr", "proxy_hidden_size", "proxy_layers")}
-    h = _content_digest(ids, domains)
+    h, max_token = _content_digest(ids, domains)
     h.update(json.dumps({**keyed, "seed": seed, "version": VERSION}, sort_keys=True).encode())
     folder = cache_dir("curriculum", "lqs") if cache is None else cache
     path = os.path.join(str(folder), f"{h.hexdigest()[:24]}.npz")
@@ -268,7 +274,8 @@ def cached_lqs(ids: Any, domains: tuple[np.ndarray, np.ndarray], params: Any, *,
         f"at {params.ct_states} states; once, then cached in {folder}")
     raw, info = lqs_scores(ids, ids[target], proxy_steps=params.proxy_steps, states=params.ct_states,
                            batch_size=params.proxy_batch_size, lr=params.proxy_lr, hidden=params.proxy_hidden_size,
-                           layers=params.proxy_layers, seed=seed, device=device, annotate=annotate)
+                           layers=params.proxy_layers, seed=seed, device=device, annotate=annotate,
+                           max_token=max_token)
     model = info.pop("model")
     annotated = standardise(raw)   # the authors standardise the annotations, then train the scorer on them
     if len(annotate) == len(ids):

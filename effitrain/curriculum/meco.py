@@ -11,7 +11,7 @@ Two packings of the same training documents exist from the start:
 
 Steps in the timeline phase ``cooldown_phase`` draw plain rows, every other step conditioned rows, so the switch
 happens exactly at the phase's first step (``effitrain plan`` shows it).  Nothing is re-packed mid-run: the loop
-gathers from both arrays through :class:`~effitrain.data.repack.StackedRows` (conditioned rows first).
+gathers from both arrays through :class:`~effitrain.data.shards.ShardRows` (conditioned rows first).
 
 The loss on metadata tokens is masked, as the authors' packer does with ``--add_metadata_mask`` (their
 ``data.py``: ``labels[~mask] = -100``; a row whose every token is metadata keeps its last 10 labels so the loss is
@@ -105,9 +105,10 @@ class MecoSampler(ResumableBatchSampler):
     def __init__(self, conditioned: dict[str, np.ndarray], plain_rows: np.ndarray, timeline: Any, *,
                  cooldown_phase: str, mask_metadata_loss: bool, seed: int, micro_batch_size: int, grad_accum: int,
                  world_size: int, rank: int) -> None:
-        from effitrain.data.repack import StackedRows
+        from effitrain.data.shards import ShardRows
 
-        self.train_rows = StackedRows([conditioned["rows"], plain_rows])
+        # the two packings seen as one index space, without copying either
+        self.train_rows = ShardRows([conditioned["rows"], plain_rows], plain_rows.shape[1])
         super().__init__(len(self.train_rows), seed=seed, micro_batch_size=micro_batch_size,
                          grad_accum=grad_accum, world_size=world_size, rank=rank)
         self.sizes = (len(conditioned["rows"]), len(plain_rows))
@@ -121,7 +122,7 @@ class MecoSampler(ResumableBatchSampler):
         self.mask_metadata_loss = mask_metadata_loss
         self.micro = 0                          # micro-batches this rank has taken since the start
         self.drawn = [0, 0]                     # ... of them from each variant's stream
-        self.last_batch: list[int] = []         # the rows (StackedRows indices) of the micro-batch handed out last
+        self.last_batch: list[int] = []         # the rows (``train_rows`` indices) of the micro-batch handed out last
         self.hook = MetadataLossMask(self)
 
     # -- the schedule ------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class MecoSampler(ResumableBatchSampler):
         return int(self.timeline.phase(step) == self.cooldown_phase)
 
     def stream_batch(self, variant: int, count: int) -> list[int]:
-        """Micro-batch ``count`` of a variant's stream (rank-local), as StackedRows indices."""
+        """Micro-batch ``count`` of a variant's stream (rank-local), as ``train_rows`` indices."""
         per_epoch = (self.sizes[variant] // self.global_batch_size) * self.grad_accum
         epoch, position = divmod(count, per_epoch)
         order = self._variant_order(variant, epoch)

@@ -228,11 +228,11 @@ def sharded_domain_order(shards: Any, order: Sequence[str], *, seed: int, key: s
                          budget_bytes: Optional[int] = None) -> np.ndarray:
     """:func:`rank_difficulty` of :func:`domain_order_scores` for token shards, read a block of domain codes at a
     time and sorted in runs (:mod:`effitrain.data.external_order`); cached by the shards, the order and the seed."""
+    from effitrain.data.shards import code_counts
+
     codes, names = shards.domain_codes(), [str(n) for n in shards.domain_names]
     block = 1 << 20
-    counts = np.zeros(len(names), dtype=np.int64)
-    for start in range(0, len(codes), block):
-        counts += np.bincount(np.asarray(codes[start:start + block]), minlength=len(names))[:len(names)]
+    counts = code_counts(codes, len(names), block)
     present = np.asarray([n for n, c in zip(names, counts) if c], dtype=str)
     domain_order_scores(present, order, key=key)  # the same refusal as in memory: every training domain, once
     rank = np.array([order.index(n) if n in order else -1 for n in names], dtype=np.float64)

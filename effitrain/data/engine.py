@@ -237,6 +237,10 @@ def records_of(keys: np.ndarray, file_index: int) -> set[int]:
     return set((keys[lo:hi] & 0xFFFFFFFF).tolist())
 
 
+#: the dtype of each side file of a token stream (``bin``, the tokens, takes the vocabulary's)
+_SIDE_DTYPES = {"len": np.uint32, "rec": np.uint32, "msk": np.uint8}
+
+
 class TokenStreams(PipelineStep):
     """Per file ``tokens/NNNNNN/``: ``{train,eval}-<k>.bin`` token streams (documents in file order, EOS after
     each) for the file's domain number ``k``, and ``meta.json`` with the domain names and token counts.  A document
@@ -299,75 +303,54 @@ class TokenStreams(PipelineStep):
             # streams are opened as their domains appear and renamed to their sorted codes when the file is done
             seen: dict[str, int] = {}  # domain -> order of first appearance
             counts: dict[tuple[str, str], int] = {}
-            handles: dict[tuple[str, str], Any] = {}
-            length_handles: dict[str, Any] = {}  # domain -> its train documents' lengths (with `lengths`)
-            record_handles: dict[str, Any] = {}  # domain -> their record numbers (with `lengths`)
-            mask_handles: dict[str, Any] = {}  # domain -> the conditioned stream's loss mask (with `condition`)
+            # every file of a stream: (stream, extension, domain) -> its open part file, renamed to the domain's sorted
+            # code when the input file is done.  Extensions: bin (tokens), len and rec (a train document's length and
+            # record, with `lengths`), msk (the conditioned stream's loss mask, with `condition`)
+            parts: dict[tuple[str, str, str], Any] = {}
             try:
                 for batch in batched(docs, self.batch_size):
                     with self.track_time("batch"):
                         encoded = encode([d.text for d in batch])
-                    streams: dict[tuple[str, str], list[int]] = {}  # one write per stream and batch
-                    doc_lengths: dict[str, list[int]] = {}
-                    doc_records: dict[str, list[int]] = {}
-                    doc_masks: dict[str, list[np.ndarray]] = {}
+                    pending: dict[tuple[str, str, str], list[int]] = {}  # one write per file and batch
                     for doc, ids in zip(batch, encoded):
                         split = "eval" if doc.metadata["record"] in eval_set else "train"
                         domain = doc.metadata["domain"]
                         seen.setdefault(domain, len(seen))
-                        stream = streams.setdefault((split, domain), [])
+                        stream = pending.setdefault((split, "bin", domain), [])
                         stream.extend(ids)
                         stream.append(eos)
                         if self.lengths and split == "train":
-                            doc_lengths.setdefault(domain, []).append(len(ids) + 1)
-                            doc_records.setdefault(domain, []).append(doc.metadata["record"])
+                            pending.setdefault(("train", "len", domain), []).append(len(ids) + 1)
+                            pending.setdefault(("train", "rec", domain), []).append(doc.metadata["record"])
                         if self.condition is not None and split == "train":
                             field, prefix, suffix = self.condition
                             text = f"{prefix}{self._metadata(doc, field)}{suffix}"
                             header = headers.get(text)
                             if header is None:
                                 header = headers[text] = encode([text])[0]
-                            conditioned = streams.setdefault(("cond", domain), [])
+                            conditioned = pending.setdefault(("cond", "bin", domain), [])
                             conditioned.extend(header)
                             conditioned.extend(ids)
                             conditioned.append(eos)
-                            doc_masks.setdefault(domain, []).extend(
-                                (np.zeros(len(header), np.uint8), np.ones(len(ids) + 1, np.uint8)))
-                    for key, ids in streams.items():
-                        fh = handles.get(key)
+                            mask = pending.setdefault(("cond", "msk", domain), [])
+                            mask.extend([0] * len(header))
+                            mask.extend([1] * (len(ids) + 1))
+                    for key, values in pending.items():
+                        stream, ext, domain = key
+                        fh = parts.get(key)
                         if fh is None:
-                            fh = handles[key] = open(tmp / f".{key[0]}-{seen[key[1]]}.part", "wb")
-                        fh.write(np.asarray(ids, dtype=dtype).tobytes())
-                        counts[key] = counts.get(key, 0) + len(ids)
-                        if key[0] != "cond":  # the documents' tokens, once
-                            self.stat_update("tokens", value=len(ids))
-                    for domain, values in doc_lengths.items():
-                        fh = length_handles.get(domain)
-                        if fh is None:
-                            fh = length_handles[domain] = open(tmp / f".train-{seen[domain]}.len.part", "wb")
-                        fh.write(np.asarray(values, dtype=np.uint32).tobytes())
-                    for domain, values in doc_records.items():
-                        fh = record_handles.get(domain)
-                        if fh is None:
-                            fh = record_handles[domain] = open(tmp / f".train-{seen[domain]}.rec.part", "wb")
-                        fh.write(np.asarray(values, dtype=np.uint32).tobytes())
-                    for domain, values in doc_masks.items():
-                        fh = mask_handles.get(domain)
-                        if fh is None:
-                            fh = mask_handles[domain] = open(tmp / f".cond-{seen[domain]}.msk.part", "wb")
-                        fh.write(np.concatenate(values).tobytes())
+                            fh = parts[key] = open(tmp / f".{stream}-{seen[domain]}.{ext}.part", "wb")
+                        fh.write(np.asarray(values, dtype=_SIDE_DTYPES.get(ext, dtype)).tobytes())
+                        if ext == "bin":
+                            counts[(stream, domain)] = counts.get((stream, domain), 0) + len(values)
+                            if stream != "cond":  # the documents' tokens, once
+                                self.stat_update("tokens", value=len(values))
             finally:
-                for fh in [*handles.values(), *length_handles.values(), *record_handles.values(),
-                           *mask_handles.values()]:
+                for fh in parts.values():
                     fh.close()
             names = sorted(seen)
-            for split, domain in handles:
-                os.replace(tmp / f".{split}-{seen[domain]}.part", tmp / f"{split}-{names.index(domain)}.bin")
-            for domain in length_handles:
-                os.replace(tmp / f".train-{seen[domain]}.len.part", tmp / f"train-{names.index(domain)}.len")
-                os.replace(tmp / f".train-{seen[domain]}.rec.part", tmp / f"train-{names.index(domain)}.rec")
-            for domain in mask_handles:
-                os.replace(tmp / f".cond-{seen[domain]}.msk.part", tmp / f"cond-{names.index(domain)}.msk")
+            for stream, ext, domain in parts:
+                os.replace(tmp / f".{stream}-{seen[domain]}.{ext}.part", tmp / f"{stream}-{names.index(domain)}.{ext}")
             splits = ("train", "eval", "cond") if self.condition is not None else ("train", "eval")
             tokens = {split: [counts.get((split, d), 0) for d in names] for split in splits}
             (tmp / "meta.json").write_text(json.dumps({"domains": names, "tokens": tokens, "dtype": dtype.name}))

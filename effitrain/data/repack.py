@@ -11,7 +11,6 @@ rows here and hands them to the loop as the sampler's ``train_rows`` (``effitrai
   incomplete tail is dropped, as in packing), with the loss mask and the document each row starts in;
 * :func:`cached_arrays` -- build a dict of arrays once per content key under ``<cache>/<kind>/<key>`` and
   memory-map it afterwards (every rank, every later run);
-* :class:`StackedRows` -- several row arrays seen as one index space, without copying (MeCo's two variants).
 """
 
 from __future__ import annotations
@@ -78,30 +77,3 @@ def _load(path: Path) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError:  # an array with no element cannot be memory-mapped
         return np.load(path, allow_pickle=False)
-
-
-class StackedRows:
-    """Row arrays of one width seen as one: index ``i`` of part ``k`` is ``offsets[k] + i``.  Gathering a batch
-    (``rows[[i, j, ...]]``) reads the parts without concatenating them."""
-
-    def __init__(self, parts: Sequence[np.ndarray]) -> None:
-        widths = {p.shape[1] for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"stacked row arrays must have one width, got {sorted(widths)}")
-        self.parts = list(parts)
-        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        self.shape = (int(self.offsets[-1]), widths.pop())
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, indices: Any) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64)
-        part = np.searchsorted(self.offsets, idx, side="right") - 1
-        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range [0, {self.shape[0]})")
-        out = np.empty((*idx.shape, self.shape[1]), dtype=self.parts[0].dtype)
-        for k in np.unique(part):
-            sel = part == k
-            out[sel] = self.parts[int(k)][idx[sel] - self.offsets[k]]
-        return out

@@ -175,7 +175,7 @@ def build_sharded_splits(dataset_params: Any, model_params: Any, data_params: An
         start = time.perf_counter()
         _pack(out, work, len(files), seq_len, dtype, decompose, ordered=ordered,
               order_kind=None if order is None else order.kind,
-              knotting=None if knots is None else _Knotting(*knots, tokenizer=tokenizer))
+              knotting=None if knots is None else _knot_settings(*knots, tokenizer=tokenizer))
         say(f"data: pack: done in {time.perf_counter() - start:.1f} s")
         finish_stage(work)  # the token streams: as big as the corpus's tokens
 
@@ -309,7 +309,7 @@ def _tokenize(work: Path, corpus: _Corpus, data_params: Any, tokenizer: Any, eva
 
 def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
           decompose: Optional[tuple[int, int]] = None, *, ordered: Optional[Path] = None,
-          order_kind: Optional[str] = None, knotting: Optional["_Knotting"] = None) -> None:
+          order_kind: Optional[str] = None, knotting: Optional[dict[str, Any]] = None) -> None:
     """Concatenate every domain's streams in file order and cut rows of ``seq_len`` into token shards; with
     ``decompose`` (``(min_piece_len, seed)``) the train rows are decomposed instead (:func:`_decomposed_pieces`);
     with ``ordered`` (an ``.npy`` of ``(file, record)`` pairs) they are packed in that order (:func:`_chained`);
@@ -363,37 +363,32 @@ def _pack(out: Path, work: Path, n_files: int, seq_len: int, dtype: np.dtype,
     writer.close()
 
 
-class _Knotting:
-    """Untie the Knots' settings for the pack reduce, with the markers spelled by the run's tokenizer."""
+def _knot_settings(chunks_per_doc: int, knot_probability: float, preserve_partial_order: bool, seed: int, *,
+                   tokenizer: Any) -> dict[str, Any]:
+    """Untie the Knots' settings for :func:`effitrain.data.knots.knotted_row_stream`, with the markers spelled by the
+    run's tokenizer."""
+    from effitrain.data.knots import Markers
 
-    def __init__(self, chunks_per_doc: int, knot_probability: float, preserve_partial_order: bool, seed: int, *,
-                 tokenizer: Any) -> None:
-        from effitrain.data.knots import Markers
-
-        self.settings = dict(chunks_per_doc=chunks_per_doc, knot_probability=knot_probability,
-                             preserve_partial_order=preserve_partial_order, seed=seed,
-                             markers=Markers.of(tokenizer), pad_id=tokenizer.eos_token_id)
+    return dict(chunks_per_doc=chunks_per_doc, knot_probability=knot_probability,
+                preserve_partial_order=preserve_partial_order, seed=seed, markers=Markers.of(tokenizer),
+                pad_id=tokenizer.eos_token_id)
 
 
 _KNOTTED_FILES = ("rows", "mask", "domain", "knotted")
 
 
 def _knot_to_scratch(scratch: Path, work: Path, metas: dict[int, dict], domains: list[str], seq_len: int,
-                     dtype: np.dtype, knotting: _Knotting) -> int:
+                     dtype: np.dtype, knotting: dict[str, Any]) -> int:
     """Untie the Knots' rows over the train documents in pool order ((file, record), as the in-memory documents),
     each document read from its token stream (``pread``) when its row is built; written to flat files in
     ``scratch`` (their number is known only at the end); returns the number of rows."""
     from effitrain.data.knots import knotted_row_stream
 
-    pairs = []
-    for f, m in metas.items():  # every train document's (file, record), in pool order
-        recs = [np.fromfile(work / "tokens" / f"{f:06d}" / f"train-{k}.rec", np.uint32)
-                for k in range(len(m["domains"])) if (work / "tokens" / f"{f:06d}" / f"train-{k}.rec").is_file()]
-        if recs:
-            rec = np.sort(np.concatenate(recs)).astype(np.int64)
-            pairs.append(np.stack([np.full(len(rec), f, np.int64), rec], axis=1))
-    files, ks, offsets, lengths = _chain_locations(work, metas, np.concatenate(pairs) if pairs
-                                                   else np.zeros((0, 2), np.int64))
+    per_file = [(f, *_file_locations(work, f, m)) for f, m in metas.items()]  # pool order: file, then record
+    files = np.concatenate([np.zeros(0, np.int64)] + [np.full(len(rec), f, np.int64) for f, rec, *_ in per_file])
+    ks, offsets, lengths = (np.concatenate([np.zeros(0, dt)] + [loc[i] for loc in per_file])
+                            for i, dt in ((2, np.int32), (3, np.int64), (4, np.int64)))
+    del per_file
     reads = _Preads()
     codes = {f: [domains.index(d) for d in m["domains"]] for f, m in metas.items()}
 
@@ -408,7 +403,7 @@ def _knot_to_scratch(scratch: Path, work: Path, metas: dict[int, dict], domains:
     outs = {name: open(scratch / name, "wb") for name in _KNOTTED_FILES}
     count = 0
     try:
-        for row in knotted_row_stream(lengths, read, seq_len, **knotting.settings):
+        for row in knotted_row_stream(lengths, read, seq_len, **knotting):
             first = max(row.first_doc, 0)
             outs["rows"].write(row.tokens.astype(dtype).tobytes())
             outs["mask"].write(row.mask.astype(np.uint8).tobytes())
@@ -569,10 +564,29 @@ def _write_decomposed(writer: Any, work: Path, metas: dict[int, dict], buckets: 
         reads.close()
 
 
+def _file_locations(work: Path, f: int, m: dict) -> tuple[np.ndarray, ...]:
+    """File ``f``'s train documents sorted by record: ``(record, domain code into the file's own domains, token
+    offset in that stream, length with its EOS)``, from the tokenize stage's ``train-<k>.rec`` and ``.len``."""
+    recs, ks, offs, lens = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)], [np.zeros(0, np.int64)], \
+        [np.zeros(0, np.int64)]
+    for k in range(len(m["domains"])):
+        rec_path = work / "tokens" / f"{f:06d}" / f"train-{k}.rec"
+        if not rec_path.is_file():
+            continue
+        length = np.fromfile(rec_path.with_suffix(".len"), np.uint32).astype(np.int64)
+        recs.append(np.fromfile(rec_path, np.uint32).astype(np.int64))
+        ks.append(np.full(len(length), k, np.int32))
+        offs.append(np.concatenate([[0], np.cumsum(length[:-1])]).astype(np.int64))
+        lens.append(length)
+    rec, k_of, off, ln = (np.concatenate(a) for a in (recs, ks, offs, lens))
+    by_rec = np.argsort(rec, kind="stable")
+    return rec[by_rec], k_of[by_rec], off[by_rec], ln[by_rec]
+
+
 def _chain_locations(work: Path, metas: dict[int, dict], pairs: np.ndarray) -> tuple[np.ndarray, ...]:
     """Where each ``(file, record)`` of ``pairs`` lies in the token streams: ``(file, domain name code into the
-    file's own domains, token offset in that stream, length with its EOS)``, in the order of ``pairs`` -- from the
-    tokenize stage's ``train-<k>.rec`` and ``.len`` (about 24 bytes a document)."""
+    file's own domains, token offset in that stream, length with its EOS)``, in the order of ``pairs`` (about 24
+    bytes a document)."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     n = len(pairs)
     out_file, out_k = pairs[:, 0].copy(), np.full(n, -1, np.int32)
@@ -582,23 +596,11 @@ def _chain_locations(work: Path, metas: dict[int, dict], pairs: np.ndarray) -> t
         mine = np.flatnonzero(out_file == f)
         if m is None:
             raise RuntimeError(f"token streams: file {f} of the order has no streams")
-        recs, ks, offs, lens = [], [], [], []
-        for k in range(len(m["domains"])):
-            rec_path = work / "tokens" / f"{f:06d}" / f"train-{k}.rec"
-            if not rec_path.is_file():
-                continue
-            length = np.fromfile(rec_path.with_suffix(".len"), np.uint32).astype(np.int64)
-            recs.append(np.fromfile(rec_path, np.uint32).astype(np.int64))
-            ks.append(np.full(len(length), k, np.int32))
-            offs.append(np.concatenate([[0], np.cumsum(length[:-1])]).astype(np.int64))
-            lens.append(length)
-        rec, k_of, off, ln = (np.concatenate(a) for a in (recs, ks, offs, lens))
-        by_rec = np.argsort(rec, kind="stable")
-        at = np.searchsorted(rec[by_rec], pairs[mine, 1])
-        if (at >= len(rec)).any() or (rec[by_rec][np.minimum(at, len(rec) - 1)] != pairs[mine, 1]).any():
+        rec, k_of, off, ln = _file_locations(work, f, m)
+        at = np.searchsorted(rec, pairs[mine, 1])
+        if (at >= len(rec)).any() or (rec[np.minimum(at, len(rec) - 1)] != pairs[mine, 1]).any():
             raise RuntimeError(f"token streams: a document of the order is missing from file {f}'s train streams")
-        j = by_rec[at]
-        out_k[mine], out_offset[mine], out_len[mine] = k_of[j], off[j], ln[j]
+        out_k[mine], out_offset[mine], out_len[mine] = k_of[at], off[at], ln[at]
     return out_file, out_k, out_offset, out_len
 
 
@@ -672,10 +674,9 @@ def _eval_from_files(dataset_params: Any, tokenizer: Any, cache_dir: Optional[st
 def shards_info(shards: Any, data_params: Any, selection_info: Optional[dict] = None) -> dict[str, Any]:
     """The run summary's ``selection`` entry for the sharded path: the selection's own figures (``none``: every
     train document) and the token shards."""
-    codes, block = shards.domain_codes(), 1 << 20
-    per_code = np.zeros(len(shards.domain_names), np.int64)
-    for lo in range(0, len(codes), block):  # 2 bytes a row, read in blocks (not a name a row)
-        per_code += np.bincount(np.asarray(codes[lo:lo + block]), minlength=len(per_code))[:len(per_code)]
+    from effitrain.data.shards import code_counts
+
+    per_code = code_counts(shards.domain_codes(), len(shards.domain_names))
     counts = {str(d): int(n) for d, n in zip(shards.domain_names, per_code) if n}
     return {"method": "none", "engine": f"datatrove {data_params.executor}, {data_params.tasks} tasks",
             "token_shards": str(shards.folder), "kept_rows": len(shards), "kept_domains": counts,

@@ -52,11 +52,22 @@ def _open(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
 
 
+def code_counts(codes: Any, n_names: int, block: int = 1 << 20) -> np.ndarray:
+    """How many rows have each domain code (``int64 [n_names]``), the codes read a block at a time (token shards keep
+    them memory-mapped, 2 bytes a row: never a name a row)."""
+    counts = np.zeros(n_names, np.int64)
+    for lo in range(0, len(codes), block):
+        counts += np.bincount(np.asarray(codes[lo:lo + block]), minlength=n_names)[:n_names]
+    return counts
+
+
 class ShardRows:
     """The rows of several shards seen as one ``(rows, seq_len)`` array of ``dtype`` (``int32``: token ids as the
     loop reads them); indexing by an int, a slice or an array of indices reads only the rows asked for."""
 
     def __init__(self, parts: Sequence[np.ndarray], seq_len: int, dtype: Any = np.int32) -> None:
+        if any(len(p) and p.shape[1] != seq_len for p in parts):
+            raise ValueError(f"shard rows must all have {seq_len} columns, got {sorted({p.shape[1] for p in parts})}")
         self.parts = list(parts)
         self.dtype = np.dtype(dtype)
         self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
